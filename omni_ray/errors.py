@@ -1,0 +1,103 @@
+"""One exception hierarchy for omni-ray.
+
+Every error carries the HTTP status and the OpenAI error ``type`` that the ingress
+answers with, so that mapping an exception to a response is one lookup::
+
+    OmniError                      500 internal_error
+    ├── ConfigError                500 config_error
+    ├── InvalidRequestError        400 invalid_request_error
+    │   └── ModelNotFoundError     404 not_found_error
+    ├── AuthenticationError        401 authentication_error
+    ├── SchedulerError             503 scheduler_error
+    │   └── QueueFullError         429 rate_limit_error   (carries retry_after seconds)
+    ├── RequestCancelledError      499 cancelled
+    ├── RequestTimeoutError        504 timeout_error
+    ├── CacheError                 500 cache_error
+    ├── ResourceError              503 resource_error
+    └── EngineError                503 engine_error
+"""
+
+from __future__ import annotations
+
+
+class OmniError(Exception):
+    http_status: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_openai(self) -> dict:
+        """The OpenAI-style error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "param": self.param, "code": self.code}}
+
+    def __reduce__(self):  # survive Ray / pickle round trips with keyword fields
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.__dict__))
+
+
+def _rebuild(cls, message, param, code, state):
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class ConfigError(OmniError):
+    error_type = "config_error"
+
+
+class InvalidRequestError(OmniError):
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(InvalidRequestError):
+    http_status = 404
+    error_type = "not_found_error"
+
+
+class AuthenticationError(OmniError):
+    http_status = 401
+    error_type = "authentication_error"
+
+
+class SchedulerError(OmniError):
+    http_status = 503
+    error_type = "scheduler_error"
+
+
+class QueueFullError(SchedulerError):
+    http_status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class RequestCancelledError(OmniError):
+    http_status = 499
+    error_type = "cancelled"
+
+
+class RequestTimeoutError(OmniError):
+    http_status = 504
+    error_type = "timeout_error"
+
+
+class CacheError(OmniError):
+    error_type = "cache_error"
+
+
+class ResourceError(OmniError):
+    http_status = 503
+    error_type = "resource_error"
+
+
+class EngineError(OmniError):
+    http_status = 503
+    error_type = "engine_error"

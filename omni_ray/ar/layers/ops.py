@@ -1,0 +1,80 @@
+"""Small elementwise ops (norm, activation, rotary), written once in plain PyTorch.
+
+The model runner may wrap them in ``torch.compile`` on CUDA so each becomes one fused kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(norm(x + residual), x + residual) -- the residual add fused into the norm."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, -1)
+    return nn.functional.silu(gate) * up
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, D]; cos/sin [N, D/2] (neox / rotate-half layout, as HF Llama/Qwen)."""
+    half = x.shape[-1] // 2
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Ops:
+    """The op set a model uses; ``compile()`` swaps in torch.compile'd versions."""
+
+    def __init__(self):
+        self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
+        self.silu_and_mul, self.apply_rotary = silu_and_mul, apply_rotary
+
+    def compile(self) -> "Ops":
+        for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "apply_rotary"):
+            setattr(self, name, torch.compile(getattr(self, name), dynamic=True))
+        return self
+
+
+# ----------------------------------------------------------------------------- rotary tables
+def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
+    theta = float(rope.get("rope_theta", 10000.0))
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(rope["factor"])
+    if kind == "llama3":
+        factor, lo, hi = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        old = float(rope["original_max_position_embeddings"])
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        scaled = torch.where(wl > lo_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+        return torch.where(medium, smoothed, scaled)
+    from omni_ray.errors import ConfigError
+    raise ConfigError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
+
+
+def rope_cos_sin(head_dim: int, max_pos: int, rope: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_pos, head_dim/2] in fp32."""
+    inv = rope_inv_freq(head_dim, rope)
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
+    return freqs.cos(), freqs.sin()

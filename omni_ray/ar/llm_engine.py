@@ -1,0 +1,252 @@
+"""The offline engine: requests in, steps of continuous batching, outputs out (nano-vllm's API).
+
+    llm = LLM("tiny:qwen3", enforce_eager=True)
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
+    outs[0]["text"], outs[0]["token_ids"]
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from omni_ray.ar.block_manager import BlockManager
+from omni_ray.ar.detokenizer import find_stop, update_text
+from omni_ray.ar.loader import read_hf_config
+from omni_ray.ar.model_runner import ModelRunner
+from omni_ray.ar.models import ArchConfig
+from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
+from omni_ray.ar.scheduler import Scheduler
+from omni_ray.ar.sequence import Sequence
+from omni_ray.config import AREngineConfig, ModelConfig
+from omni_ray.errors import InvalidRequestError
+from omni_ray.models import resolve_model
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    max_batch_size: int = 0
+    decode_steps: int = 0
+    decode_context_tokens: int = 0     # sum over decode rows of their context length (KV read)
+    batch_size_hist: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, model: str | ModelConfig | AREngineConfig, **kwargs):
+        cfg = model if isinstance(model, AREngineConfig) else AREngineConfig.from_kwargs(model, **kwargs)
+        self.config = cfg
+        self.model_path = resolve_model(cfg.model.path)
+        self.arch = ArchConfig.from_hf(read_hf_config(self.model_path))
+        from transformers import AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), trust_remote_code=False)
+        self.runner = self._make_runner()
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size,
+                                          cfg.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg.scheduler, self.block_manager)
+        self.eos_ids = set(self.arch.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.stats = EngineStats()
+        self.seqs: dict[str, Sequence] = {}
+
+    def _make_runner(self) -> ModelRunner:
+        if self.config.parallel.tensor_parallel_size > 1:
+            from omni_ray.parallel.tp_runner import TPModelRunner
+            return TPModelRunner(self.config, self.model_path, self.arch)
+        return ModelRunner(self.config, self.model_path, self.arch)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model.served_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    # ------------------------------------------------------------------ requests
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty", param="prompt")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string or list of token ids", param="prompt")
+        ids = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InvalidRequestError("token ids must be integers", param="prompt")
+        bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})",
+                                      param="prompt")
+        return ids
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams | EncodeParams,
+                      request_id: str | None = None) -> Sequence:
+        """Validate and build a Sequence (raises InvalidRequestError, touches no engine state)."""
+        ids = self.tokenize(prompt)
+        limit = self.max_model_len
+        if len(ids) > limit or (len(ids) == limit and not isinstance(params, EncodeParams)):
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_model_len is {limit}", param="prompt")
+        if isinstance(params, SamplingParams):
+            params.validate()
+            if len(ids) + params.max_tokens > limit:
+                raise InvalidRequestError(
+                    f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
+                    f"({limit})", param="max_tokens")
+        elif isinstance(params, EncodeParams):
+            if params.layer is not None and not -self.arch.num_layers - 1 <= params.layer <= self.arch.num_layers:
+                raise InvalidRequestError(f"layer must be in [-{self.arch.num_layers + 1}, {self.arch.num_layers}]",
+                                          param="layer")
+        else:
+            raise InvalidRequestError("params must be SamplingParams or EncodeParams")
+        if request_id is not None and request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        seq = Sequence(ids, params, request_id, self.config.cache.block_size)
+        if isinstance(params, SamplingParams) and params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        return seq
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | EncodeParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        seq = self.make_sequence(prompt, params or SamplingParams(), request_id)
+        self.add_sequence(seq)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        self.seqs.pop(request_id, None)
+        return seq is not None
+
+    def is_finished(self) -> bool:
+        return not self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[Sequence]:
+        """One forward of the next batch. Returns the sequences that changed (new token / finished)."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        out = self.runner.run(batch)
+        s = self.stats
+        s.steps += 1
+        s.max_batch_size = max(s.max_batch_size, len(batch))
+        s.batch_size_hist[len(batch)] = s.batch_size_hist.get(len(batch), 0) + 1
+        if batch.num_decodes == len(batch):
+            s.decode_steps += 1
+            s.decode_context_tokens += sum(q.num_computed_tokens + 1 for q in batch.seqs)
+        changed: list[Sequence] = []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            seq.num_computed_tokens += n
+            if n == 1 and seq.num_output_tokens > 0:
+                s.decode_tokens += 1
+            else:
+                s.prefill_tokens += n
+            if seq.is_encode:
+                seq.hidden_chunks.append(out.hidden[seq.seq_id])
+                if seq.num_computed_tokens == len(seq):
+                    self._finish(seq, "stop")
+                    changed.append(seq)
+            self.block_manager.register_full_blocks(seq)
+        for seq, tok, i in zip(out.sampled, out.token_ids, range(len(out.sampled))):
+            if out.logprobs is not None and seq.params.logprobs:
+                seq.logprobs.append(out.logprobs[i])
+            seq.append_token(tok)
+            self._check_finish(seq)
+            changed.append(seq)
+        return changed
+
+    def _check_finish(self, seq: Sequence) -> None:
+        p: SamplingParams = seq.params
+        tok = seq.token_ids[-1]
+        if seq.stream_text or p.stop:
+            before = len(seq.output_text)
+            update_text(seq, self.tokenizer, p.skip_special_tokens)
+            if p.stop:
+                i = find_stop(seq, p.stop, len(seq.output_text) - before)
+                if i != -1:
+                    seq.output_text = seq.output_text[:i]
+                    return self._finish(seq, "stop")
+        if (not p.ignore_eos and tok in self.eos_ids) or (p.stop_token_ids and tok in p.stop_token_ids):
+            return self._finish(seq, "stop")
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            return self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.seqs.pop(seq.request_id, None)
+
+    # ------------------------------------------------------------------ offline API
+    def output_of(self, seq: Sequence) -> dict:
+        if seq.is_encode:
+            return {"hidden_states": torch.cat(seq.hidden_chunks), "token_ids": seq.token_ids}
+        ids = seq.output_token_ids
+        if seq.params.stop:
+            text = seq.output_text
+        else:
+            text = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+        out = {"text": text, "token_ids": ids, "finish_reason": seq.finish_reason}
+        if seq.params.logprobs:
+            out["logprobs"] = list(seq.logprobs)
+        return out
+
+    def generate(self, prompts: list[str] | list[list[int]] | str, sampling_params=None,
+                 use_tqdm: bool = True) -> list[dict]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]  # validate all first
+        for seq in seqs:
+            self.add_sequence(seq)
+        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        while not self.is_finished():
+            t0 = time.perf_counter()
+            p0, d0 = self.stats.prefill_tokens, self.stats.decode_tokens
+            done = [s for s in self.step() if s.is_finished]
+            dt = time.perf_counter() - t0
+            if self.stats.prefill_tokens > p0:
+                prefill_tps = (self.stats.prefill_tokens - p0) / dt
+            if self.stats.decode_tokens > d0:
+                decode_tps = (self.stats.decode_tokens - d0) / dt
+            bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
+            bar.update(len(done))
+        bar.close()
+        return [self.output_of(s) for s in seqs]
+
+    def encode(self, prompts: list[str] | str, layer: int | None = None) -> list[torch.Tensor]:
+        """Prompt hidden states [T, H] for each prompt (batched with whatever else is queued)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        seqs = [self.make_sequence(p, EncodeParams(layer)) for p in prompts]
+        for seq in seqs:
+            self.add_sequence(seq)
+        while not all(s.is_finished for s in seqs):
+            self.step()
+        return [torch.cat(s.hidden_chunks) for s in seqs]
+
+    def engine_stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_blocks": bm.num_blocks, "num_free_blocks": bm.num_free_blocks,
+            "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+            "steps": self.stats.steps, "max_batch_size": self.stats.max_batch_size,
+            "prefill_tokens": self.stats.prefill_tokens, "decode_tokens": self.stats.decode_tokens,
+            "prefix_cache_hit_tokens": bm.prefix_hits, "prefix_cache_query_tokens": bm.prefix_queries,
+            "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks,
+        }
+
+
+LLM = LLMEngine

@@ -1,0 +1,170 @@
+"""Llama-family decoder (Llama 3, Qwen2/2.5, Qwen3) in plain PyTorch, tensor-parallel ready.
+
+The three differ only in small switches read from config.json: Qwen2 has q/k/v biases,
+Qwen3 normalises q and k per head before rotary, Llama 3 scales its rotary frequencies.
+Activations are flat over the step's tokens: x [N, hidden], no batch/padding dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from omni_ray.ar.layers.attention import Attention, AttnMetadata
+from omni_ray.ar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead,
+                                       QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+from omni_ray.ar.layers.ops import Ops, rope_cos_sin
+from omni_ray.ar.layers.parallel import TP1, TPContext
+from omni_ray.errors import ConfigError
+
+
+@dataclass
+class ArchConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    rope: dict = field(default_factory=dict)
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: str | None = None
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ArchConfig":
+        mt = cfg.get("model_type")
+        if mt not in ("qwen3", "qwen2", "llama"):
+            raise ConfigError(f"unsupported architecture model_type={mt!r} "
+                              f"(architectures={cfg.get('architectures')}); supported: qwen3, qwen2, llama")
+        if cfg.get("use_sliding_window") and mt == "qwen2":
+            raise ConfigError("sliding-window attention is not supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"unsupported hidden_act {cfg.get('hidden_act')!r}")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        return cls(
+            model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), max_position=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=mt == "qwen3", rope=rope,
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: Ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps, self.ops = eps, ops
+
+    def forward(self, x, residual=None):
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, c: ArchConfig, ops: Ops, tp: TPContext, backend: str):
+        super().__init__()
+        self.ops = ops
+        self.qkv_proj = QKVParallelLinear(c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.qkv_bias, tp)
+        self.nh, self.nkv, self.d = self.qkv_proj.n_heads, self.qkv_proj.n_kv_heads, c.head_dim
+        self.o_proj = RowParallelLinear(c.num_heads * c.head_dim, c.hidden_size, False, tp)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, ops)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, ops)
+        self.qk_norm = c.qk_norm
+        self.attn = Attention(self.nh, self.nkv, self.d, c.head_dim ** -0.5, backend)
+
+    def forward(self, x, cos, sin, meta: AttnMetadata):
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], -1)
+        q, k, v = q.view(n, self.nh, self.d), k.view(n, self.nkv, self.d), v.view(n, self.nkv, self.d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.ops.apply_rotary(q, cos, sin), self.ops.apply_rotary(k, cos, sin)
+        o = self.attn(q, k, v.contiguous(), meta)                    # [N, Hq, D]
+        return self.o_proj(o.view(n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ArchConfig, ops: Ops, tp: TPContext):
+        super().__init__()
+        self.ops = ops
+        self.gate_up_proj = MergedColumnParallelLinear(c.hidden_size, [c.intermediate_size] * 2, False, tp)
+        self.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, False, tp)
+
+    def forward(self, x):
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ArchConfig, ops: Ops, tp: TPContext, backend: str):
+        super().__init__()
+        self.self_attn = DecoderAttention(c, ops, tp, backend)
+        self.mlp = MLP(c, ops, tp)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
+
+    def forward(self, x, residual, cos, sin, meta):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderForCausalLM(nn.Module):
+    # checkpoint name -> (our parameter name, shard id)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, c: ArchConfig, tp: TPContext = TP1, backend: str = "torch", ops: Ops | None = None):
+        super().__init__()
+        self.config = c
+        self.ops = ops or Ops()
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(c, self.ops, tp, backend) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.ops)
+        self.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size, tp)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_cos_sin(c.head_dim, c.max_position, c.rope)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """input_ids, positions [N] -> final hidden states [N, hidden] (normed), and the residual
+        stream after each layer in ``capture_layers`` (HF ``hidden_states`` indexing)."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x, residual = self.embed_tokens(input_ids), None
+        captured = {0: x} if 0 in capture_layers else {}
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, cos, sin, meta)
+            if i + 1 in capture_layers and i + 1 < len(self.layers):
+                captured[i + 1] = x + residual
+        x, _ = self.norm(x, residual)
+        return x, captured
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,88 @@
+"""A request's state inside the engine: its tokens, its blocks, its progress."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+_counter = itertools.count()
+
+
+class Sequence:
+    def __init__(self, token_ids: list[int], params: SamplingParams | EncodeParams,
+                 request_id: str | None = None, block_size: int = 256):
+        self.seq_id = next(_counter)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.status = SeqStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.params = params
+        self.block_size = block_size
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0       # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0         # of which came from the prefix cache (last admission)
+        self.num_hashed_blocks = 0         # leading full blocks registered in the prefix cache
+        self.finish_reason: str | None = None
+        self.logprobs: list[float] = []
+        self.hidden_chunks: list[torch.Tensor] = []   # encode requests: [n, H] per prefill chunk
+        self.generator: torch.Generator | None = None  # per-request seed
+        self.arrival = next(_counter)
+        # detokenizer state (omni_ray.ar.detokenizer)
+        self.output_text = ""
+        self.prefix_offset = max(0, len(token_ids) - 5)
+        self.read_offset = len(token_ids)
+        self.stream_text = False
+
+    # ------------------------------------------------------------------ sizes
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_encode(self) -> bool:
+        return isinstance(self.params, EncodeParams)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_blocks(self) -> int:
+        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed_tokens < len(self.token_ids) - 1 or self.num_computed_tokens == 0
+
+    def block_tokens(self, i: int) -> list[int]:
+        return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def reset_for_recompute(self) -> None:
+        """Preemption: drop all cache state; the whole sequence is recomputed later."""
+        self.block_table = []
+        self.num_computed_tokens = 0
+        self.num_hashed_blocks = 0
+        self.hidden_chunks = []
+        self.status = SeqStatus.WAITING

@@ -170,6 +170,9 @@ class DeploymentConfig(Strict):
     num_gpus: float = Field(0.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per replica (ray_actor_options.resources), "
+        "e.g. {ar_gpu: 1} to pin a stage to the KubeRay worker group that offers it")
 
 
 class ARStageConfig(Strict):

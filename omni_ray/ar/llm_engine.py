@@ -141,14 +141,13 @@ class LLMEngine:
         s.steps += 1
         s.max_batch_size = max(s.max_batch_size, len(batch))
         s.batch_size_hist[len(batch)] = s.batch_size_hist.get(len(batch), 0) + 1
-        if batch.num_decodes == len(batch):
-            s.decode_steps += 1
-            s.decode_context_tokens += sum(q.num_computed_tokens + 1 for q in batch.seqs)
+        s.decode_steps += batch.num_decodes == len(batch)
         changed: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed_tokens += n
             if n == 1 and seq.num_output_tokens > 0:
                 s.decode_tokens += 1
+                s.decode_context_tokens += seq.num_computed_tokens
             else:
                 s.prefill_tokens += n
             if seq.is_encode:

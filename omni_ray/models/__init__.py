@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from omni_ray.errors import ConfigError
 
 BUILDER_VERSION = "1"
@@ -30,14 +32,18 @@ def _builders() -> dict[str, Callable[[Path], None]]:
     out: dict[str, Callable[[Path], None]] = {}
     for name in tiny_ar.TINY_AR:
         out[f"tiny:{name}"] = lambda p, n=name: tiny_ar.build_ar(p, n)
-    for name in tiny_ar.SHAPES:
-        out[f"shape:{name}"] = lambda p, n=name: tiny_ar.build_ar(p, n)
+    for name in tiny_ar.SHAPES:  # real sizes: bf16, built on the GPU when there is one
+        out[f"shape:{name}"] = lambda p, n=name: tiny_ar.build_ar(p, n, dtype=torch.bfloat16, device=_fast_device())
     try:  # DiT families register themselves in tiny_dit
         from omni_ray.models import tiny_dit
         out.update(tiny_dit.builders())
     except ImportError:
         pass
     return out
+
+
+def _fast_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def available() -> list[str]:

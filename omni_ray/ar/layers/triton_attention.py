@@ -20,7 +20,7 @@ LOG2E = 1.4426950408889634
 def _decode_kernel(Q, K, V, BT, CL, O, LSE, qk_scale,
                    s_qb, s_qh, s_kb, s_kt, s_kh, s_btb, s_ob, s_os, s_oh, s_lb, s_ls,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -41,13 +41,13 @@ def _decode_kernel(Q, K, V, BT, CL, O, LSE, qk_scale,
         blk = tl.load(BT + b * s_btb + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
         off = blk * s_kb + (offs_n % BS) * s_kt + h * s_kh
         k = tl.load(K + off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale                          # [G_PAD, BLOCK_N], log2 units
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale                          # [G_PAD, BLOCK_N], log2 units
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         v = tl.load(V + off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -73,6 +73,10 @@ def _merge_kernel(OP, LSE, O, s_pb, s_ps, s_ph, s_lb, s_ls, s_ob, s_oh,
     parts = tl.load(OP + b * s_pb + offs_s[:, None] * s_ps + h * s_ph + offs_d[None, :]).to(tl.float32)
     out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
     tl.store(O + b * s_ob + h * s_oh + offs_d, out.to(O.dtype.element_ty))
+
+
+def _prec(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def decode_splits(batch: int, n_kv_heads: int, max_context: int, num_sms: int) -> int:
@@ -103,7 +107,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, splits:
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), s_ob, s_os, s_oh,
         lse.stride(0) if splits > 1 else 0, lse.stride(1) if splits > 1 else 0,
-        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=block_n, SPLITS=splits,
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=block_n, SPLITS=splits, PREC=_prec(q),
         num_warps=4, num_stages=2)
     if splits > 1:
         _merge_kernel[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2),
@@ -116,7 +120,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, splits:
 def _prefill_kernel(Q, K, V, BT, CL, CU, O, qk_scale,
                     s_qt, s_qh, s_kb, s_kt, s_kh, s_btb, s_ot, s_oh,
                     G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     mb = tl.program_id(0)
     i = tl.program_id(1)
     hq = tl.program_id(2)
@@ -141,14 +145,14 @@ def _prefill_kernel(Q, K, V, BT, CL, CU, O, qk_scale,
         blk = tl.load(BT + i * s_btb + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
         off = blk * s_kb + (offs_n % BS) * s_kt + hk * s_kh
         k = tl.load(K + off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         causal = (offs_n[None, :] <= pos_m[:, None]) & mask_n[None, :]
         qk = tl.where(causal, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         v = tl.load(V + off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -168,5 +172,5 @@ def paged_prefill(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        G=hq // hk, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+        G=hq // hk, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, PREC=_prec(q), num_warps=4, num_stages=2)
     return out

@@ -1,0 +1,125 @@
+"""AR engine throughput and latency against HF transformers, with the memory-bandwidth ceiling.
+
+    python benchmarks/bench_ar.py                       # GPU: Qwen3-0.6B shape, random weights
+    python benchmarks/bench_ar.py --quick               # CPU smoke run on a tiny checkpoint
+
+Ceiling: every decode step reads the weights once and each sequence's KV cache once, so
+    ceiling_time = sum over steps (weight_bytes) + sum over decode rows (context * kv_bytes_per_token)
+                   ---------------------------------------------------------------------------
+                                    device copy bandwidth (measured in this run)
+and ratio = ceiling_time / measured_time (1.0 = at the roofline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import Timer, copy_bandwidth, table, write_result  # noqa: E402
+from omni_ray.ar import LLM, SamplingParams  # noqa: E402
+from omni_ray.models import resolve_model  # noqa: E402
+
+
+def hf_generate(path, batch: int, prompt_len: int, new: int, vocab: int) -> float:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    ids = torch.randint(0, vocab, (batch, prompt_len), device="cuda")
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    model.generate(ids[:, :16], **kw | dict(max_new_tokens=4, min_new_tokens=4))   # warm up
+    with Timer() as t:
+        model.generate(ids, **kw)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return batch * new / t.s
+
+
+def run_engine(llm, prompts, params, bw: float) -> dict:
+    st = llm.stats
+    s0, d0, c0 = st.steps, st.decode_tokens, st.decode_context_tokens
+    with Timer() as t:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    n_out = sum(len(o["token_ids"]) for o in outs)
+    steps, ctx = st.steps - s0, st.decode_context_tokens - c0
+    w = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
+    kv_tok = llm.runner.block_bytes / llm.runner.block_size
+    ceiling_s = (steps * w + ctx * kv_tok) / bw
+    return {"output_tokens": n_out, "seconds": t.s, "tok_per_s": n_out / t.s, "steps": steps,
+            "ceiling_tok_per_s": n_out / ceiling_s, "ratio_to_ceiling": ceiling_s / t.s,
+            "decode_tokens": st.decode_tokens - d0}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="shape:qwen3-0.6b")
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--min-len", type=int, default=100)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run on tiny:qwen3")
+    ap.add_argument("--enforce-eager", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.num_seqs, args.min_len, args.max_len, args.skip_hf = "tiny:qwen3", 8, 8, 32, True
+    cuda = torch.cuda.is_available()
+    path = resolve_model(args.model)
+    bw = copy_bandwidth() if cuda else 20e9
+    print(f"copy bandwidth: {bw / 1e12:.2f} TB/s")
+    res = {"model": args.model, "copy_bandwidth_Bps": bw}
+    rows = []
+
+    fixed = (64, 256, 256) if not args.quick else (4, 16, 16)
+    b1 = (128, 256) if not args.quick else (16, 16)
+    if not args.skip_hf and cuda:
+        from omni_ray.ar.loader import read_hf_config
+        vocab = read_hf_config(path)["vocab_size"]
+        res["hf_batch1_tok_per_s"] = hf_generate(path, 1, b1[0], 64, vocab)
+        res["hf_fixed_tok_per_s"] = hf_generate(path, fixed[0], fixed[1], fixed[2], vocab)
+        print("HF:", res["hf_batch1_tok_per_s"], res["hf_fixed_tok_per_s"])
+
+    llm = LLM(str(path), max_model_len=4096, enforce_eager=args.enforce_eager or not cuda,
+              device="cuda" if cuda else "cpu", **({} if cuda else {"num_kvcache_blocks": 512, "kvcache_block_size": 16}))
+    vocab = llm.arch.vocab_size
+    rng = random.Random(0)
+    ignore = dict(temperature=0.0, ignore_eos=True)
+    # warm up (compile, autotune)
+    llm.generate([[rng.randrange(vocab) for _ in range(32)]] * 2, SamplingParams(max_tokens=8, **ignore), use_tqdm=False)
+
+    # 1) batch-1 decode
+    prompt = [[rng.randrange(vocab) for _ in range(b1[0])]]
+    r1 = run_engine(llm, prompt, SamplingParams(max_tokens=b1[1], **ignore), bw)
+    res["batch1"] = r1
+    rows.append({"figure": f"batch-1 decode ({b1[0]} prompt, {b1[1]} new)", "omni-ray tok/s": r1["tok_per_s"],
+                 "HF tok/s": res.get("hf_batch1_tok_per_s", ""), "ceiling tok/s": r1["ceiling_tok_per_s"],
+                 "ratio to ceiling": r1["ratio_to_ceiling"]})
+
+    # 2) fixed shape, as the HF anchor
+    prompts = [[rng.randrange(vocab) for _ in range(fixed[1])] for _ in range(fixed[0])]
+    rf = run_engine(llm, prompts, SamplingParams(max_tokens=fixed[2], **ignore), bw)
+    res["fixed"] = rf
+    rows.append({"figure": f"batch {fixed[0]}, {fixed[1]} prompt, {fixed[2]} new", "omni-ray tok/s": rf["tok_per_s"],
+                 "HF tok/s": res.get("hf_fixed_tok_per_s", ""), "ceiling tok/s": rf["ceiling_tok_per_s"],
+                 "ratio to ceiling": rf["ratio_to_ceiling"]})
+
+    # 3) nano-vllm throughput shape
+    prompts = [[rng.randrange(min(vocab, 10000)) for _ in range(rng.randint(args.min_len, args.max_len))] for _ in range(args.num_seqs)]
+    params = [SamplingParams(max_tokens=rng.randint(args.min_len, args.max_len), **ignore) for _ in range(args.num_seqs)]
+    rt = run_engine(llm, prompts, params, bw)
+    res["throughput"] = rt
+    res["engine_stats"] = llm.engine_stats()
+    rows.append({"figure": f"nano-vllm shape ({args.num_seqs} seqs, {args.min_len}-{args.max_len})",
+                 "omni-ray tok/s": rt["tok_per_s"], "HF tok/s": "", "ceiling tok/s": rt["ceiling_tok_per_s"],
+                 "ratio to ceiling": rt["ratio_to_ceiling"]})
+    out = write_result(f"ar_{'cuda' if cuda else 'cpu'}{'_quick' if args.quick else ''}.json", res)
+    print(table(rows, ["figure", "omni-ray tok/s", "HF tok/s", "ceiling tok/s", "ratio to ceiling"]))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

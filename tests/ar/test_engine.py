@@ -1,0 +1,137 @@
+"""Engine behaviour: prefix caching, preemption, chunked prefill, mixed batches, stops, seeds, abort."""
+
+import pytest
+import torch
+
+from omni_ray.ar import EncodeParams, SamplingParams
+from omni_ray.errors import InvalidRequestError
+from tests.ar.conftest import PROMPTS, make_llm
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+SHARED = "Scientists study the stars to learn how galaxies form and how the universe has changed over billions of years. "
+PREFIXED = [SHARED + s for s in ("Red", "A cup of tea", "The train left the station", "Bees carry pollen")]
+
+
+def reference(prompts, **kw):
+    return [o["token_ids"] for o in make_llm(enable_prefix_caching=False, **kw).generate(prompts, GREEDY, use_tqdm=False)]
+
+
+def test_prefix_caching_same_output_and_hits():
+    want = reference(PREFIXED)
+    llm = make_llm(enable_prefix_caching=True)
+    first = [o["token_ids"] for o in llm.generate(PREFIXED[:1], GREEDY, use_tqdm=False)]
+    rest = [o["token_ids"] for o in llm.generate(PREFIXED[1:], GREEDY, use_tqdm=False)]
+    assert first + rest == want
+    stats = llm.engine_stats()
+    shared_blocks = len(llm.tokenizer.encode(SHARED)) // 16
+    assert shared_blocks >= 1
+    assert stats["prefix_cache_hit_tokens"] >= 3 * shared_blocks * 16
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_preemption_under_tiny_kv_budget():
+    want = reference(PROMPTS)
+    llm = make_llm(num_kvcache_blocks=10, max_model_len=128, enable_prefix_caching=False)
+    got = [o["token_ids"] for o in llm.generate(PROMPTS * 3, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)]
+    assert llm.scheduler.num_preemptions > 0
+    assert got == want * 3
+    assert llm.block_manager.num_free_blocks == 10
+
+
+def test_chunked_prefill_same_output_and_decodes_keep_running():
+    want = reference(PROMPTS)
+    llm = make_llm(max_num_batched_tokens=8)
+    got = [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert got == want
+    # a long prompt admitted while another sequence decodes: both progress in the same steps
+    llm.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), "short")
+    for _ in range(3):
+        llm.step()
+    long = llm.add_request(PROMPTS[3] * 3, GREEDY, "long")
+    mixed = 0
+    while not long.num_computed_tokens >= long.num_prompt_tokens:
+        before = llm.seqs["short"].num_output_tokens if "short" in llm.seqs else None
+        llm.step()
+        if before is not None and "short" in llm.seqs and llm.seqs["short"].num_output_tokens > before:
+            mixed += 1
+    assert mixed >= 2   # the decode kept producing tokens while the long prompt was prefilled in chunks
+    while not llm.is_finished():
+        llm.step()
+
+
+def test_mixed_hidden_state_and_generation_batch():
+    llm = make_llm()
+    want = reference(PROMPTS)
+    alone = llm.encode(PROMPTS[:2])
+    seqs = [llm.add_request(p, GREEDY) for p in PROMPTS]
+    enc = [llm.add_request(p, EncodeParams()) for p in PROMPTS[:2]]
+    while not llm.is_finished():
+        llm.step()
+    assert [s.output_token_ids for s in seqs] == want
+    for e, a in zip(enc, alone):
+        torch.testing.assert_close(torch.cat(e.hidden_chunks), a)
+    assert llm.stats.batch_size_hist.get(6)   # one step ran all four generations and both encodes
+
+
+def test_stop_strings_and_stop_tokens(qwen3):
+    base = qwen3.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)[0]
+    text = base["text"]
+    cut = text[5:9]
+    assert cut
+    out = qwen3.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[cut]),
+                         use_tqdm=False)[0]
+    assert out["finish_reason"] == "stop"
+    assert out["text"] == text[: text.find(cut)]
+    tok = base["token_ids"][3]
+    out = qwen3.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[tok]),
+                         use_tqdm=False)[0]
+    assert out["token_ids"][-1] == tok and len(out["token_ids"]) == base["token_ids"].index(tok) + 1
+
+
+def test_seeds_reproducible_alone_and_in_batch(qwen3):
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=16, ignore_eos=True, seed=1234)
+    alone = qwen3.generate([PROMPTS[0]], p, use_tqdm=False)[0]["token_ids"]
+    other = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    batch = qwen3.generate([PROMPTS[2], PROMPTS[0], PROMPTS[1]], [other, p, other], use_tqdm=False)
+    assert batch[1]["token_ids"] == alone
+    different = qwen3.generate([PROMPTS[0]], SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=99),
+                               use_tqdm=False)[0]["token_ids"]
+    assert different != alone
+
+
+def test_abort_returns_every_block(qwen3):
+    total = qwen3.block_manager.num_blocks
+    for i, prompt in enumerate(PROMPTS):
+        qwen3.add_request(prompt * 4, SamplingParams(max_tokens=100, ignore_eos=True), f"a{i}")
+    for _ in range(3):
+        qwen3.step()
+    assert qwen3.block_manager.num_free_blocks < total
+    for i in range(len(PROMPTS)):
+        assert qwen3.abort(f"a{i}")
+    assert qwen3.is_finished()
+    assert qwen3.block_manager.num_free_blocks == total
+    assert all(b.ref_count == 0 for b in qwen3.block_manager.blocks)
+
+
+@pytest.mark.parametrize("prompt,params,param", [
+    ("", SamplingParams(), "prompt"),
+    ([], SamplingParams(), "prompt"),
+    ([1, 2, 10 ** 6], SamplingParams(), "prompt"),
+    ("x " * 600, SamplingParams(), "prompt"),
+    ("hi", SamplingParams(max_tokens=600), "max_tokens"),
+])
+def test_bad_requests_raise_and_do_not_disturb(qwen3, prompt, params, param):
+    good = qwen3.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    with pytest.raises(InvalidRequestError) as err:
+        qwen3.add_request(prompt, params)
+    assert err.value.param == param and err.value.http_status == 400
+    while not qwen3.is_finished():
+        qwen3.step()
+    assert good.num_output_tokens == 4
+
+
+@pytest.mark.parametrize("kw", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
+                                dict(top_k=-5), dict(min_p=2.0), dict(seed=-1)])
+def test_bad_sampling_values(kw):
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(**kw)

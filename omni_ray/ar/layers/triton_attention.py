@@ -81,7 +81,7 @@ def _prec(q: torch.Tensor) -> str:
 
 def decode_splits(batch: int, n_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Split-K factor: enough programs to cover the SMs twice, each >= 256 keys."""
-    if batch * n_kv_heads >= num_sms:
+    if batch == 0 or batch * n_kv_heads >= num_sms:
         return 1
     want = triton.cdiv(2 * num_sms, batch * n_kv_heads)
     cap = max(1, max_context // 256)

@@ -55,6 +55,34 @@ def run_engine(llm, prompts, params, bw: float) -> dict:
             "decode_tokens": st.decode_tokens - d0}
 
 
+def profile_decode(llm, prompt, ignore) -> None:
+    """Where a batch-1 decode step's time goes: the graph on the GPU vs the host around it."""
+    import time
+    from torch.profiler import ProfilerActivity, profile
+    llm.add_request(prompt, SamplingParams(max_tokens=200, **ignore), "prof")
+    for _ in range(10):
+        llm.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        llm.step()
+    step_ms = (time.perf_counter() - t0) / 50 * 1e3
+    g = llm.runner.graphs[1]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        g.replay()
+    torch.cuda.synchronize()
+    graph_ms = (time.perf_counter() - t0) / 50 * 1e3
+    print(f"batch-1 decode: engine step {step_ms:.3f} ms, graph replay alone {graph_ms:.3f} ms")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            llm.step()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    llm.abort("prof")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="shape:qwen3-0.6b")
@@ -64,6 +92,7 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run on tiny:qwen3")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile batch-1 decode steps")
     args = ap.parse_args()
     if args.quick:
         args.model, args.num_seqs, args.min_len, args.max_len, args.skip_hf = "tiny:qwen3", 8, 8, 32, True
@@ -98,6 +127,9 @@ def main():
     rows.append({"figure": f"batch-1 decode ({b1[0]} prompt, {b1[1]} new)", "omni-ray tok/s": r1["tok_per_s"],
                  "HF tok/s": res.get("hf_batch1_tok_per_s", ""), "ceiling tok/s": r1["ceiling_tok_per_s"],
                  "ratio to ceiling": r1["ratio_to_ceiling"]})
+
+    if args.profile and cuda:
+        profile_decode(llm, prompt[0], ignore)
 
     # 2) fixed shape, as the HF anchor
     prompts = [[rng.randrange(vocab) for _ in range(fixed[1])] for _ in range(fixed[0])]

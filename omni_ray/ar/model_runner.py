@@ -195,28 +195,59 @@ class ModelRunner:
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepOutput:
+        n = len(batch.seqs)
+        if self.graphs and batch.num_decodes == n and n <= self.max_graph_bs and not any(s.is_encode for s in batch.seqs):
+            return self._run_graph(batch)
         ids, pos, meta, cu = self.prepare(batch)
         encode = [i for i, s in enumerate(batch.seqs) if s.is_encode]
         layers = tuple(sorted({self._layer_index(batch.seqs[i]) for i in encode} - {self.arch.num_layers}))
-        n = len(batch.seqs)
-        if not encode and batch.num_decodes == n and self.graphs and n <= self.max_graph_bs:
-            hidden, captured = self._replay(ids, pos, meta), {}
-        else:
-            hidden, captured = self.model(ids, pos, meta, layers)
+        hidden, captured = self.model(ids, pos, meta, layers)
         # rows that produce a token: sequences whose known tokens are all computed after this step
         sampled = [i for i, (s, k) in enumerate(zip(batch.seqs, batch.num_new))
                    if not s.is_encode and s.num_computed_tokens + k == len(s)]
         out = StepOutput([], None, [batch.seqs[i] for i in sampled], {})
         if sampled:
             rows = torch.as_tensor(cu[1:][sampled] - 1, device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
-            tokens, logprobs = sample(logits, self._sampling_tensors(out.sampled))
-            out.token_ids = tokens.tolist()
-            out.logprobs = logprobs.tolist() if logprobs is not None else None
+            self._sample(self.model.compute_logits(hidden[rows]), out)
         for i in encode:
             seq, layer = batch.seqs[i], self._layer_index(batch.seqs[i])
             src = hidden if layer == self.arch.num_layers else captured[layer]
             out.hidden[seq.seq_id] = src[cu[i]:cu[i + 1]].float().cpu()
+        return out
+
+    def _sample(self, logits: torch.Tensor, out: StepOutput) -> None:
+        ps = [s.params for s in out.sampled]
+        if all(p.temperature == 0 and not p.logprobs for p in ps):
+            out.token_ids = logits.argmax(-1).tolist()          # greedy fast path: no sampling tensors
+            return
+        tokens, logprobs = sample(logits, self._sampling_tensors(out.sampled))
+        out.token_ids = tokens.tolist()
+        out.logprobs = logprobs.tolist() if logprobs is not None else None
+
+    def _run_graph(self, batch: ScheduledBatch) -> StepOutput:
+        """Pure decode step: one packed host->device copy, one graph replay (logits included)."""
+        seqs, bsz = batch.seqs, self.block_size
+        n = len(seqs)
+        pos = [len(s) - 1 for s in seqs]
+        packed = ([s.token_ids[-1] for s in seqs] + pos
+                  + [s.block_table[p // bsz] * bsz + p % bsz for s, p in zip(seqs, pos)] + [p + 1 for p in pos])
+        dev = torch.tensor(packed, dtype=torch.int64).pin_memory().to(self.device, non_blocking=True).view(4, n)
+        width = max(len(s.block_table) for s in seqs)
+        table = np.zeros((n, width), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            table[i, : len(s.block_table)] = s.block_table
+        bs = next(b for b in self.graph_sizes if b >= n)
+        self.g_ids[:n] = dev[0]
+        self.g_pos[:n] = dev[1]
+        self.g_slots[:n] = dev[2]
+        self.g_ctx[:n] = dev[3]
+        if bs > n:
+            self.g_slots[n:bs].fill_(self.scratch_slot)
+            self.g_ctx[n:bs].zero_()
+        self.g_bt[:n, :width] = torch.from_numpy(table).pin_memory().to(self.device, non_blocking=True)
+        self.graphs[bs].replay()
+        out = StepOutput([], None, list(seqs), {})
+        self._sample(self.g_logits[:n], out)
         return out
 
     def _layer_index(self, seq: Sequence) -> int:
@@ -241,7 +272,8 @@ class ModelRunner:
         self.g_ctx = torch.zeros(mb, dtype=torch.int32, device=dev)
         self.g_bt = torch.zeros(mb, self.max_blocks, dtype=torch.int32, device=dev)
         self.g_cu = torch.arange(mb + 1, dtype=torch.int32, device=dev)
-        self.g_out = torch.zeros(mb, self.arch.hidden_size, dtype=self.dtype, device=dev)
+        self.g_logits = torch.zeros(mb, self.arch.vocab_size, dtype=self.dtype, device=dev)
+        self.graph_sizes = sizes
         self.g_splits: dict[int, int] = {}
         pool = None
         with torch.inference_mode():
@@ -250,32 +282,22 @@ class ModelRunner:
                 self.g_splits[bs] = splits
                 meta = self._graph_meta(bs, splits)
                 for _ in range(2):  # warm up (compiles kernels outside the capture)
-                    self.g_out[:bs] = self.model(self.g_ids[:bs], self.g_pos[:bs], meta)[0]
+                    self._graph_body(bs, meta)
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    self.g_out[:bs] = self.model(self.g_ids[:bs], self.g_pos[:bs], meta)[0]
+                    self._graph_body(bs, meta)
                 pool = g.pool()
                 self.graphs[bs] = g
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (batch sizes up to %d)", len(sizes), mb)
+
+    def _graph_body(self, bs: int, meta: AttnMetadata) -> None:
+        hidden = self.model(self.g_ids[:bs], self.g_pos[:bs], meta)[0]
+        self.g_logits[:bs] = self.model.compute_logits(hidden)
 
     def _graph_meta(self, bs: int, splits: int) -> AttnMetadata:
         return AttnMetadata(slot_mapping=self.g_slots[:bs], context_lens=self.g_ctx[:bs],
                             block_tables=self.g_bt[:bs], cu_seqlens_q=self.g_cu[: bs + 1],
                             num_decodes=bs, max_query_len=1, max_context_len=self.max_model_len,
                             decode_splits=splits)
-
-    def _replay(self, ids, pos, meta: AttnMetadata) -> torch.Tensor:
-        n = ids.shape[0]
-        bs = next(s for s in sorted(self.graphs) if s >= n)
-        self.g_ids[:n] = ids
-        self.g_pos[:n] = pos
-        self.g_slots.fill_(self.scratch_slot)
-        self.g_slots[:n] = meta.slot_mapping
-        self.g_ctx.zero_()
-        self.g_ctx[:n] = meta.context_lens
-        w = meta.block_tables.shape[1]
-        self.g_bt[:n, :w] = meta.block_tables
-        self.graphs[bs].replay()
-        return self.g_out[:n]

@@ -231,7 +231,7 @@ class ModelRunner:
         pos = [len(s) - 1 for s in seqs]
         packed = ([s.token_ids[-1] for s in seqs] + pos
                   + [s.block_table[p // bsz] * bsz + p % bsz for s, p in zip(seqs, pos)] + [p + 1 for p in pos])
-        dev = torch.tensor(packed, dtype=torch.int64).pin_memory().to(self.device, non_blocking=True).view(4, n)
+        dev = torch.tensor(packed, dtype=torch.int64).to(self.device, non_blocking=True).view(4, n)
         width = max(len(s.block_table) for s in seqs)
         table = np.zeros((n, width), dtype=np.int32)
         for i, s in enumerate(seqs):
@@ -244,7 +244,7 @@ class ModelRunner:
         if bs > n:
             self.g_slots[n:bs].fill_(self.scratch_slot)
             self.g_ctx[n:bs].zero_()
-        self.g_bt[:n, :width] = torch.from_numpy(table).pin_memory().to(self.device, non_blocking=True)
+        self.g_bt[:n, :width] = torch.from_numpy(table).to(self.device, non_blocking=True)
         self.graphs[bs].replay()
         out = StepOutput([], None, list(seqs), {})
         self._sample(self.g_logits[:n], out)

@@ -62,3 +62,18 @@ def test_cuda_graph_engine_matches_cpu_engine():
     assert gpu.runner.graphs, "decode CUDA graphs were not captured"
     got = [o["token_ids"] for o in gpu.generate(PROMPTS, params, use_tqdm=False)]
     assert got == cpu
+
+
+def test_triton_store_kv_matches_index_copy():
+    from omni_ray.ar.layers.attention import store_kv
+    from omni_ray.ar.layers.triton_attention import store_kv as triton_store_kv
+    k = torch.randn(37, 3, 40, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    slots = torch.randperm(10 * 16, device="cuda")[:37]
+    ref_k, ref_v = torch.zeros(10, 16, 3, 40, device="cuda", dtype=torch.bfloat16), None
+    ref_v = torch.zeros_like(ref_k)
+    got_k, got_v = torch.full_like(ref_k, 7.0), torch.full_like(ref_k, 7.0)
+    ref_k.fill_(7.0), ref_v.fill_(7.0)
+    store_kv(k, v, ref_k, ref_v, slots)
+    triton_store_kv(k, v, got_k, got_v, slots)
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)

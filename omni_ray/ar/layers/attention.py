@@ -97,7 +97,11 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]"""
         if self.k_cache.numel():
-            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            if self.backend == "torch":
+                store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            else:
+                from omni_ray.ar.layers.triton_attention import store_kv as triton_store_kv
+                triton_store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         nd = meta.num_decodes
         n_seqs = meta.context_lens.shape[0]
         out = torch.empty_like(q)

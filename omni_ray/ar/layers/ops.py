@@ -37,15 +37,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def qkv_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int,
+                  q_w: torch.Tensor | None, k_w: torch.Tensor | None, eps: float):
+    """qkv [N, (nh + 2 nkv) d] -> q [N, nh, d], k, v [N, nkv, d]: split, per-head norm (Qwen3), rotary.
+    One function so that torch.compile fuses it into a couple of kernels."""
+    n = qkv.shape[0]
+    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], -1)
+    q, k, v = q.reshape(n, nh, d), k.reshape(n, nkv, d), v.reshape(n, nkv, d)
+    if q_w is not None:
+        q, k = rms_norm(q, q_w, eps), rms_norm(k, k_w, eps)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
+
+
 class Ops:
     """The op set a model uses; ``compile()`` swaps in torch.compile'd versions."""
 
     def __init__(self):
         self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
         self.silu_and_mul, self.apply_rotary = silu_and_mul, apply_rotary
+        self.qkv_norm_rope = qkv_norm_rope
 
     def compile(self) -> "Ops":
-        for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "apply_rotary"):
+        for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "apply_rotary", "qkv_norm_rope"):
             setattr(self, name, torch.compile(getattr(self, name), dynamic=True))
         return self
 

@@ -174,3 +174,26 @@ def paged_prefill(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=hq // hk, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, PREC=_prec(q), num_warps=4, num_stages=2)
     return out
+
+
+@triton.jit
+def _store_kv_kernel(K, V, KC, VC, SLOT, s_kn, s_kh, s_vn, s_vh, s_cs, s_ch,
+                     D: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    slot = tl.load(SLOT + i).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < HD
+    h, d = offs // D, offs % D
+    k = tl.load(K + i * s_kn + h * s_kh + d, mask=mask)
+    v = tl.load(V + i * s_vn + h * s_vh + d, mask=mask)
+    tl.store(KC + slot * s_cs + h * s_ch + d, k, mask=mask)
+    tl.store(VC + slot * s_cs + h * s_ch + d, v, mask=mask)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """k, v [N, Hkv, D] -> cache slots, K and V in one launch."""
+    n, hk, d = k.shape
+    kc, vc = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
+    _store_kv_kernel[(n,)](k, v, kc, vc, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                           kc.stride(0), kc.stride(1), D=d, HD=hk * d, BLOCK=triton.next_power_of_2(hk * d),
+                           num_warps=4)

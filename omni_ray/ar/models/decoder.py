@@ -93,12 +93,9 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttnMetadata):
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], -1)
-        q, k, v = q.view(n, self.nh, self.d), k.view(n, self.nkv, self.d), v.view(n, self.nkv, self.d)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.ops.apply_rotary(q, cos, sin), self.ops.apply_rotary(k, cos, sin)
-        o = self.attn(q, k, v.contiguous(), meta)                    # [N, Hq, D]
+        qw, kw, eps = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
+        q, k, v = self.ops.qkv_norm_rope(self.qkv_proj(x), cos, sin, self.nh, self.nkv, self.d, qw, kw, eps)
+        o = self.attn(q, k, v, meta)                                  # [N, Hq, D]
         return self.o_proj(o.view(n, -1))
 
 

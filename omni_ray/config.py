@@ -123,6 +123,11 @@ class DiTEngineConfig(Strict):
     max_images_per_prompt: int = Field(4, ge=1)
     compile: bool = Field(False, description="torch.compile the transformer")
     parallel: DiTParallelConfig = DiTParallelConfig()
+    fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "
+                                   "helpers (layer norm + modulation, gated residual) into fused kernels")
+    max_sequence_length: int | None = Field(
+        None, ge=1, description="caption tokens per prompt (text-encoder truncation and prompt_embeds limit); "
+        "None = the family's default (PixArt 300, LLM-conditioned PixArt 1024, SD3 256 T5 tokens)")
 
 
 # ----------------------------------------------------------------------------- cluster services
@@ -139,6 +144,16 @@ class OmniSchedulerConfig(Strict):
     max_queue_size: int = Field(1024, ge=0, description="queued (not yet running) requests before 429")
     default_stage_capacity: int = Field(64, ge=1, description="concurrency per stage until replicas report")
     retry_after_s: float = Field(1.0, ge=0)
+    # issue 6 (scheduler) additions
+    detached: bool = Field(True, description="detached actor: outlives the replica that created it")
+    flush_interval_s: float = Field(0.002, ge=0, description="longest a client keeps a report (stage "
+                                    "done, finished) waiting to ride along with an admission")
+    unavailable_wait_s: float = Field(2.0, ge=0, description="while the actor is down, admissions wait "
+                                      "this long for it, then are admitted locally (fail open)")
+    call_timeout_s: float = Field(5.0, gt=0, description="a client call to the actor fails after this")
+    owner_timeout_s: float = Field(30.0, gt=0, description="requests of a client silent this long are dropped")
+    stuck_after_s: float = Field(600.0, gt=0, description="a stage held this long is reported as stuck")
+    history_size: int = Field(10000, ge=1, description="finished requests kept for lookups and metrics")
 
 
 class DiTCacheConfig(Strict):
@@ -148,6 +163,9 @@ class DiTCacheConfig(Strict):
     ttl_s: float = Field(3600.0, gt=0)
     cache_images: bool = True
     cache_conditioning: bool = True
+    # issue 6 (dit cache) additions
+    detached: bool = Field(True, description="detached actor: outlives the replica that created it")
+    call_timeout_s: float = Field(5.0, gt=0, description="a client call slower than this counts as a miss")
 
 
 # ----------------------------------------------------------------------------- serve

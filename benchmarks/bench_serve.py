@@ -1,0 +1,314 @@
+"""Serving overhead of the omni app: HTTP vs the engine, streaming throughput, pipeline stage split.
+
+    python benchmarks/bench_serve.py                 # GPU: shape:qwen3-0.6b + tiny:pixart on cuda
+    python benchmarks/bench_serve.py --quick         # CPU smoke run on the tiny checkpoints
+
+Three measurements, each against its own baseline:
+  1. latency of a 16-token completion (greedy, ignore_eos), one request at a time:
+     the AsyncLLM engine called directly vs POST /v1/completions through Serve (p50 / p99);
+     target: <= 10 ms added at p50;
+  2. output tokens/s of C concurrent streaming clients (/v1/completions, stream) vs the offline
+     engine (LLM.generate) on the same prompts and parameters; target: >= 85 %;
+  3. a text2image pipeline's end-to-end latency and its split by stage (llm, image, the rest).
+The direct-engine baselines run first in this process and are freed before Serve starts, so the
+two never share the GPU. Writes benchmarks/results/serve_<device>.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def ms(x: float) -> float:
+    return round(1000 * x, 2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- config
+def bench_config(a) -> dict:
+    gpu = a.device == "cuda"
+    llm_dep = {"num_replicas": 1, "max_ongoing_requests": 4 * a.clients, "num_cpus": 1 if gpu else 0.5,
+               "num_gpus": 0.5 if gpu else 0}
+    dit_dep = {"num_replicas": 1, "max_ongoing_requests": 64, "num_cpus": 1 if gpu else 0.5,
+               "num_gpus": 0.5 if gpu else 0}
+    return {
+        "app": {"name": "omni-bench", "ingress": {"num_cpus": 1 if gpu else 0.25, "max_ongoing_requests": 4096}},
+        "stages": {
+            "llm": {"kind": "ar", "deployment": llm_dep, "engine": {
+                "model": {"path": a.ar_model, "name": "llm"}, "device": a.device, "enforce_eager": not gpu,
+                "cache": {"block_size": 16 if not gpu else 256, "num_blocks": 1024 if not gpu else -1,
+                          "gpu_memory_utilization": 0.5},
+                "scheduler": {"max_num_seqs": max(64, 2 * a.clients), "max_model_len": 2048,
+                              "max_num_batched_tokens": 8192}}},
+            "image": {"kind": "dit", "deployment": dit_dep, "engine": {
+                "model": {"path": a.dit_model, "name": "image"}, "device": a.device, "max_batch_size": 8}},
+        },
+        "pipelines": {"text2image": {"steps": [
+            {"stage": "llm", "input": "prompt", "output": "text", "max_tokens": a.rewrite_tokens,
+             "system_prompt": "Rewrite the user's request as a detailed image description."},
+            {"stage": "image", "input": "text", "output": "images"}]}},
+        "scheduler": {"enabled": not a.no_scheduler, "max_queue_size": 4096, "detached": False},
+        "dit_cache": {"enabled": True, "detached": False},
+    }
+
+
+def prompts(n: int) -> list[str]:
+    return [f"{PROMPT} Story number {i}." for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- baselines
+async def direct_latency(cfg, n: int, max_tokens: int) -> list[float]:
+    from omni_ray.ar import AsyncLLM, SamplingParams
+
+    engine = AsyncLLM(cfg)
+    params = lambda: SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    lat = []
+    for i in range(n + 3):
+        t0 = time.perf_counter()
+        async for out in engine.generate(PROMPT, params(), f"direct-{i}"):
+            pass
+        if i >= 3:                                   # 3 warm-ups
+            lat.append(time.perf_counter() - t0)
+    await engine.shutdown()
+    return lat
+
+
+def offline_throughput(cfg, ps: list[str], max_tokens: int) -> dict:
+    from omni_ray.ar import LLM, SamplingParams
+
+    llm = LLM(cfg)
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate(ps[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(ps, sp, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    tokens = sum(len(o["token_ids"]) for o in outs)
+    del llm
+    return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt}
+
+
+def free_accelerator() -> None:
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+# ----------------------------------------------------------------------------- through Serve
+async def http_latency(url: str, n: int, max_tokens: int) -> list[float]:
+    import httpx
+
+    body = {"model": "llm", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    lat = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        for i in range(n + 3):
+            t0 = time.perf_counter()
+            r = await c.post("/v1/completions", json=body)
+            r.raise_for_status()
+            assert r.json()["usage"]["completion_tokens"] == max_tokens
+            if i >= 3:
+                lat.append(time.perf_counter() - t0)
+    return lat
+
+
+async def stream_throughput(url: str, ps: list[str], max_tokens: int) -> dict:
+    import httpx
+
+    async def one(c, p):
+        body = {"model": "llm", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        tokens, first = 0, None
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    ev = json.loads(line[6:])
+                    if first is None and ev["choices"]:
+                        first = time.perf_counter()
+                    if ev.get("usage"):
+                        tokens = ev["usage"]["completion_tokens"]
+        return tokens, first
+
+    limits = httpx.Limits(max_connections=len(ps) + 8, max_keepalive_connections=len(ps) + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as c:
+        await asyncio.gather(*(one(c, p) for p in ps[:4]))          # warm-up
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(one(c, p) for p in ps))
+        dt = time.perf_counter() - t0
+    tokens = sum(t for t, _ in res)
+    ttft = [f - t0 for _, f in res if f is not None]
+    return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "ttft_p50_ms": ms(pct(ttft, 50))}
+
+
+async def pipeline_split(url: str, n: int, a) -> dict:
+    import httpx
+
+    e2e, llm, img, rest = [], [], [], []
+    async with httpx.AsyncClient(base_url=url, timeout=900) as c:
+        for i in range(n + 1):
+            body = {"prompt": f"a lighthouse at dusk, take {i}", "max_tokens": a.rewrite_tokens,
+                    "size": f"{a.image_size}x{a.image_size}", "num_inference_steps": a.steps}  # no seed: no cache hit
+            t0 = time.perf_counter()
+            r = await c.post("/v1/pipelines/text2image", json=body)
+            dt = time.perf_counter() - t0
+            r.raise_for_status()
+            st = {s["stage"]: s["elapsed_s"] for s in r.json()["stages"]}
+            if i >= 1:
+                e2e.append(dt), llm.append(st["llm"]), img.append(st["image"])
+                rest.append(dt - st["llm"] - st["image"])
+    return {k: {"p50_ms": ms(pct(v, 50)), "p99_ms": ms(pct(v, 99))}
+            for k, v in {"end_to_end": e2e, "llm": llm, "image": img, "serving_and_handoff": rest}.items()}
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run on tiny checkpoints")
+    ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda unless --quick)")
+    ap.add_argument("--ar-model", default=None)
+    ap.add_argument("--dit-model", default="tiny:pixart")
+    ap.add_argument("--latency-requests", type=int, default=None)
+    ap.add_argument("--clients", type=int, default=None)
+    ap.add_argument("--stream-tokens", type=int, default=None)
+    ap.add_argument("--pipeline-requests", type=int, default=None)
+    ap.add_argument("--rewrite-tokens", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--no-scheduler", action="store_true", help="admit without the omni scheduler (to see its cost)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    q = a.quick
+    a.device = a.device or ("cpu" if q else "cuda")
+    a.ar_model = a.ar_model or ("tiny:qwen3" if q else "shape:qwen3-0.6b")
+    a.latency_requests = a.latency_requests or (10 if q else 100)
+    a.clients = a.clients or (8 if q else 64)
+    a.stream_tokens = a.stream_tokens or (32 if q else 256)
+    a.pipeline_requests = a.pipeline_requests or (3 if q else 10)
+    a.image_size = a.image_size or (64 if q else 512)
+    a.steps = a.steps or (2 if q else 20)
+    if q:
+        a.rewrite_tokens = min(a.rewrite_tokens, 8)
+
+    import ray
+    import torch
+    from ray import serve
+
+    from deployments.app import build_app
+    from omni_ray.config import OmniConfig, load_config
+
+    cfg_dict = bench_config(a)
+    cfg: OmniConfig = load_config(cfg_dict)
+    ar_cfg = cfg.stages["llm"].engine
+    ps = prompts(a.clients)
+
+    print(f"[1/5] direct engine latency ({a.latency_requests} x 16 tokens) ...", flush=True)
+    direct = asyncio.run(direct_latency(ar_cfg, a.latency_requests, 16))
+    free_accelerator()
+    print(f"[2/5] offline throughput ({a.clients} prompts x {a.stream_tokens} tokens) ...", flush=True)
+    offline = offline_throughput(ar_cfg, ps, a.stream_tokens)
+    free_accelerator()
+
+    print("[3/5] starting Serve ...", flush=True)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    t0 = time.perf_counter()
+    serve.run(build_app({"config": cfg_dict}), name="omni-bench", route_prefix="/")
+    startup = time.perf_counter() - t0
+    url = f"http://127.0.0.1:{port}"
+    try:
+        print("[3/5] HTTP latency ...", flush=True)
+        http = asyncio.run(http_latency(url, a.latency_requests, 16))
+        print(f"[4/5] {a.clients} streaming clients ...", flush=True)
+        online = asyncio.run(stream_throughput(url, ps, a.stream_tokens))
+        print(f"[5/5] text2image x {a.pipeline_requests} ...", flush=True)
+        split = asyncio.run(pipeline_split(url, a.pipeline_requests, a))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    lat = {"direct": {"p50_ms": ms(pct(direct, 50)), "p99_ms": ms(pct(direct, 99)), "n": len(direct)},
+           "http": {"p50_ms": ms(pct(http, 50)), "p99_ms": ms(pct(http, 99)), "n": len(http)}}
+    lat["added_p50_ms"] = round(lat["http"]["p50_ms"] - lat["direct"]["p50_ms"], 2)
+    lat["added_p99_ms"] = round(lat["http"]["p99_ms"] - lat["direct"]["p99_ms"], 2)
+    ratio = online["tokens_per_s"] / offline["tokens_per_s"]
+    gpu = torch.cuda.get_device_name(0) if a.device == "cuda" and torch.cuda.is_available() else None
+    result = {
+        "device": a.device, "gpu": gpu, "quick": q, "ar_model": a.ar_model, "dit_model": a.dit_model,
+        "scheduler": not a.no_scheduler,
+        "host": platform.node(), "cpus": os.cpu_count(), "serve_startup_s": round(startup, 1),
+        "latency_16_tokens": lat | {"target_added_p50_ms": 10, "meets_target": lat["added_p50_ms"] <= 10},
+        "streaming": {"clients": a.clients, "max_tokens": a.stream_tokens,
+                      "offline_tokens_per_s": round(offline["tokens_per_s"], 1),
+                      "serve_tokens_per_s": round(online["tokens_per_s"], 1),
+                      "serve_ttft_p50_ms": online["ttft_p50_ms"],
+                      "ratio": round(ratio, 3), "target_ratio": 0.85, "meets_target": ratio >= 0.85},
+        "text2image": {"requests": a.pipeline_requests, "size": a.image_size, "steps": a.steps,
+                       "rewrite_tokens": a.rewrite_tokens, **split},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    out = Path(a.out or ROOT / "benchmarks" / "results" / f"serve_{a.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"\nwrote {out}")
+
+
+def table(r: dict) -> str:
+    lat, st, t2i = r["latency_16_tokens"], r["streaming"], r["text2image"]
+    rows = [
+        f"## omni-ray serving ({r['device']}{', ' + r['gpu'] if r['gpu'] else ''}; {r['ar_model']} + {r['dit_model']}"
+        f"{'; quick' if r['quick'] else ''})",
+        "",
+        "| measurement | baseline | through Serve | difference | target |",
+        "| --- | --- | --- | --- | --- |",
+        f"| 16-token completion p50 | {lat['direct']['p50_ms']} ms (engine) | {lat['http']['p50_ms']} ms (HTTP) "
+        f"| +{lat['added_p50_ms']} ms | <= +10 ms {'OK' if lat['meets_target'] else 'MISSED'} |",
+        f"| 16-token completion p99 | {lat['direct']['p99_ms']} ms | {lat['http']['p99_ms']} ms "
+        f"| +{lat['added_p99_ms']} ms | |",
+        f"| output tok/s, {st['clients']} streams x {st['max_tokens']} | {st['offline_tokens_per_s']} (offline LLM) "
+        f"| {st['serve_tokens_per_s']} (TTFT p50 {st['serve_ttft_p50_ms']} ms) | {100 * st['ratio']:.1f} % "
+        f"| >= 85 % {'OK' if st['meets_target'] else 'MISSED'} |",
+        "",
+        f"text2image ({t2i['size']}x{t2i['size']}, {t2i['steps']} steps, rewrite <= {t2i['rewrite_tokens']} tokens), "
+        f"{t2i['requests']} requests:",
+        "",
+        "| part | p50 ms | p99 ms |",
+        "| --- | --- | --- |",
+    ]
+    for k in ("llm", "image", "serving_and_handoff", "end_to_end"):
+        rows.append(f"| {k} | {t2i[k]['p50_ms']} | {t2i[k]['p99_ms']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Build the Serve application from an ``OmniConfig``.
+
+    serve run serve_config.yaml                       # args: {config: {...}} inline
+    serve run deployments.app:build_app config_path=my.yaml
+    serve.run(build_app({"config": cfg_dict}), name="omni")
+
+One deployment per stage, named by its stage key (``llm``, ``image``, ...), plus ``Ingress``.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from deployments.ar import ARDeployment
+from deployments.dit import DiTDeployment
+from deployments.ingress import Ingress
+from deployments.options import deployment_options, stage_options
+from omni_ray.config import ARStageConfig, OmniConfig, load_config
+from omni_ray.errors import ConfigError
+
+
+def resolve_config(args: dict) -> OmniConfig:
+    if "config" in args and args["config"] is not None:
+        cfg = args["config"]
+        return cfg if isinstance(cfg, OmniConfig) else load_config(cfg)
+    if "config_path" in args:
+        return load_config(str(args["config_path"]))
+    raise ConfigError("build_app needs args.config (an OmniConfig mapping) or args.config_path (a YAML file)")
+
+
+def build_app(args: dict) -> Application:
+    cfg = resolve_config(args or {})
+    limits = cfg.app.limits.model_dump()
+    services = {"app": cfg.app.name, "scheduler": cfg.scheduler.model_dump(), "dit_cache": cfg.dit_cache.model_dump()}
+    stages = {}
+    for key, stage in cfg.stages.items():
+        opts = stage_options(key, stage)
+        if isinstance(stage, ARStageConfig):
+            stages[key] = ARDeployment.options(**opts).bind(key, stage.model_dump(), limits, services)
+        else:
+            stages[key] = DiTDeployment.options(**opts).bind(key, stage.model_dump(), services)
+    ingress = Ingress.options(**deployment_options("Ingress", cfg.app.ingress))
+    return ingress.bind(cfg.model_dump(), stages)

@@ -1,0 +1,147 @@
+"""asyncio helpers for the ingress: run several stage streams as one, cancel on the way out."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Awaitable, Iterable, TypeVar
+
+T = TypeVar("T")
+_END = object()
+_CANCEL = object()
+_TIMEOUT = object()
+
+
+async def gather_or_cancel(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather`` that cancels the siblings when one fails or the caller is cancelled."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def merge(streams: list[tuple[int, AsyncIterator[T]]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave keyed streams as items arrive; cancels the unfinished ones when closed early."""
+    if len(streams) == 1:
+        key, it = streams[0]
+        try:
+            async for item in it:
+                yield key, item
+        finally:
+            await aclose(it)
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(key, it):
+        try:
+            async for item in it:
+                queue.put_nowait((key, item))
+            queue.put_nowait((key, _END))
+        except BaseException as err:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((key, err))
+
+    tasks = [asyncio.ensure_future(pump(k, it)) for k, it in streams]
+    live = len(tasks)
+    try:
+        while live:
+            key, item = await queue.get()
+            if item is _END:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield key, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def aclose(it) -> None:
+    """Close an async generator early (runs its ``finally``: the stage call is cancelled)."""
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        await close()
+
+
+def _cancelled_error() -> Exception:
+    from omni_ray.errors import RequestCancelledError
+    return RequestCancelledError("request was cancelled")
+
+
+async def run_cancellable(coro: Awaitable[T], cancelled: asyncio.Event | None) -> T:
+    """Await ``coro``; if ``cancelled`` is set first, cancel it (downstream handle calls with it)
+    and raise RequestCancelledError."""
+    if cancelled is None:
+        return await coro
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(cancelled.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise _cancelled_error()
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def cancellable(it: AsyncIterator[T], cancelled: asyncio.Event | None = None,
+                      timeout_s: float | None = None) -> AsyncIterator[T]:
+    """Iterate ``it`` (in its own task) until it ends, ``cancelled`` is set (RequestCancelledError)
+    or ``timeout_s`` passes (RequestTimeoutError); either way ``it`` is stopped, which cancels
+    the stage calls it is waiting on."""
+    from omni_ray.errors import RequestTimeoutError
+
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump():
+        try:
+            async for item in it:
+                queue.put_nowait(item)
+            queue.put_nowait(_END)
+        except BaseException as err:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait(err)
+
+    task = asyncio.ensure_future(pump())
+    waiter = asyncio.ensure_future(cancelled.wait()) if cancelled is not None else None
+    if waiter is not None:
+        waiter.add_done_callback(lambda f: None if f.cancelled() else queue.put_nowait(_CANCEL))
+    timer = (asyncio.get_running_loop().call_later(timeout_s, queue.put_nowait, _TIMEOUT)
+             if timeout_s is not None else None)
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if item is _CANCEL:
+                raise _cancelled_error()
+            if item is _TIMEOUT:
+                raise RequestTimeoutError(f"request exceeded {timeout_s:g}s")
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        for h in (waiter, timer):
+            if h is not None:
+                h.cancel()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await aclose(it)
+
+
+async def prepend_all(head: list[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    try:
+        for item in head:
+            yield item
+        async for item in rest:
+            yield item
+    finally:
+        await aclose(rest)

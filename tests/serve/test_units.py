@@ -1,0 +1,136 @@
+"""Serve pieces without Ray: deployment options, request parsing, stream helpers, error mapping."""
+
+import asyncio
+
+import pytest
+
+from deployments.http import as_omni, error_response
+from deployments.options import stage_options
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest, parse_size
+from deployments.streams import cancellable, merge
+from omni_ray.config import ARStageConfig, DiTStageConfig, validate
+from omni_ray.errors import InvalidRequestError, QueueFullError, RequestCancelledError, RequestTimeoutError
+from omni_ray.pipeline import merge_deltas, split_stage_args
+
+
+def ar_stage(**kw) -> ARStageConfig:
+    return validate(ARStageConfig, {"engine": {"model": {"path": "tiny:qwen3"}, **kw.pop("engine", {})}, **kw})
+
+
+def test_options_single_rank():
+    o = stage_options("llm", ar_stage(deployment={"num_replicas": 2, "num_cpus": 0.5, "num_gpus": 1,
+                                                  "max_ongoing_requests": 7, "resources": {"ar_gpu": 1}}))
+    assert o["name"] == "llm" and o["num_replicas"] == 2 and o["max_ongoing_requests"] == 7
+    assert o["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1, "resources": {"ar_gpu": 1}}
+    assert "placement_group_bundles" not in o
+
+
+def test_options_tensor_parallel_bundles():
+    o = stage_options("llm", ar_stage(engine={"device": "cuda", "parallel": {"tensor_parallel_size": 4,
+                                                                            "placement_strategy": "PACK"}},
+                                      deployment={"num_gpus": 1}))
+    assert o["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1.0}] * 4
+    assert o["placement_group_strategy"] == "PACK"
+    assert o["ray_actor_options"]["num_gpus"] == 1.0          # the replica is rank 0, in bundle 0
+
+
+def test_options_autoscaling_and_dit_ranks():
+    dit = validate(DiTStageConfig, {"engine": {"model": {"path": "tiny:pixart"}, "device": "cpu",
+                                               "parallel": {"cfg_parallel": True, "sequence_parallel_size": 2}},
+                                    "deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}}})
+    o = stage_options("image", dit)
+    assert "num_replicas" not in o and o["autoscaling_config"]["max_replicas"] == 3
+    assert o["placement_group_bundles"] == [{"CPU": 1.0}] * 4   # cfg halves x 2 sequence ranks, CPU only
+
+
+@pytest.mark.parametrize("size,hw", [("64x32", (32, 64)), ("auto", (None, None)), (None, (None, None))])
+def test_parse_size(size, hw):
+    assert parse_size(size) == hw
+
+
+@pytest.mark.parametrize("size", ["64", "64x", "x64", "63x64", "0x0", "64X64"])
+def test_parse_size_rejects(size):
+    with pytest.raises(InvalidRequestError) as e:
+        parse_size(size)
+    assert e.value.param == "size"
+
+
+def test_requests_parse():
+    c = CompletionRequest(prompt=[1, 2, 3], stop="x", max_tokens=4, unknown_field=1)
+    assert c.prompts() == [[1, 2, 3]] and c.stop == ["x"]
+    chat = ChatCompletionRequest(messages=[{"role": "developer", "content": [{"type": "text", "text": "a"},
+                                                                             {"type": "text", "text": "b"}]}],
+                                 max_completion_tokens=9)
+    assert chat.chat_messages() == [{"role": "system", "content": "ab"}] and chat.max_new_tokens == 9
+    img = ImageGenerationRequest(prompt="p", size="64x32", n=2, seed=3)
+    assert img.diffusion() == {"height": 32, "width": 64, "seed": 3, "num_images_per_prompt": 2}
+    with pytest.raises(ValueError):
+        CompletionRequest(prompt="x", echo=True)
+    with pytest.raises(ValueError):
+        ImageGenerationRequest(prompt="x", response_format="url")
+
+
+def test_split_stage_args():
+    a = split_stage_args({"max_tokens": 5, "size": "64x32", "seed": 1, "n": 2, "stage_args": {"llm": {"top_p": 0.5}}})
+    assert a.text == {"max_tokens": 5, "seed": 1}
+    assert a.image == {"height": 32, "width": 64, "seed": 1, "num_images_per_prompt": 2}
+    assert a.per_stage == {"llm": {"top_p": 0.5}}
+    with pytest.raises(InvalidRequestError):
+        split_stage_args({"bogus": 1})
+
+
+def test_merge_deltas():
+    d = lambda t, ids, fin: {"text": t, "token_ids": ids, "logprobs": [-1.0] * len(ids), "tokens": [t] * len(ids),
+                             "finished": fin, "finish_reason": "length" if fin else None,
+                             "num_prompt_tokens": 3, "num_output_tokens": 0}
+    m = merge_deltas([d("a", [1], False), d("b", [2, 3], True)])
+    assert m["text"] == "ab" and m["token_ids"] == [1, 2, 3] and m["logprobs"] == [-1.0] * 3
+    assert m["finished"] and m["finish_reason"] == "length" and len(m["tokens"]) == 3
+
+
+def test_error_mapping():
+    r = error_response(QueueFullError("busy", retry_after=2.4))
+    assert r.status_code == 429 and r.headers["retry-after"] == "2"
+    assert as_omni(ValueError("x")).http_status == 500
+
+
+async def _gen(n, log):
+    try:
+        for i in range(n):
+            await asyncio.sleep(0.001)
+            yield i
+    finally:
+        log.append("closed")
+
+
+def test_cancellable_stops_the_source():
+    async def main():
+        log, ev = [], asyncio.Event()
+        got = []
+        with pytest.raises(RequestCancelledError):
+            async for x in cancellable(_gen(10_000, log), ev):
+                got.append(x)
+                if x == 3:
+                    ev.set()
+        assert got[:4] == [0, 1, 2, 3] and log == ["closed"]
+        with pytest.raises(RequestTimeoutError):
+            async for _ in cancellable(_gen(10_000, log), None, timeout_s=0.01):
+                pass
+        assert log == ["closed", "closed"]
+        assert [x async for x in cancellable(_gen(3, log), asyncio.Event())] == [0, 1, 2]
+
+    asyncio.run(main())
+
+
+def test_merge_interleaves_and_closes():
+    async def main():
+        log = []
+        out = [x async for x in merge([(0, _gen(2, log)), (1, _gen(3, log))])]
+        assert sorted(out) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)] and log == ["closed", "closed"]
+        log.clear()
+        agen = merge([(0, _gen(100, log)), (1, _gen(100, log))])
+        await agen.__anext__()
+        await agen.aclose()
+        assert log == ["closed", "closed"]
+
+    asyncio.run(main())

@@ -125,6 +125,8 @@ class DiTEngineConfig(Strict):
     parallel: DiTParallelConfig = DiTParallelConfig()
     fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "
                                    "helpers (layer norm + modulation, gated residual) into fused kernels")
+    cuda_graphs: bool = Field(True, description="on CUDA, capture runs of transformer blocks as CUDA graphs "
+                              "(per row / caption-length bucket and resolution) and replay them")
     max_sequence_length: int | None = Field(
         None, ge=1, description="caption tokens per prompt (text-encoder truncation and prompt_embeds limit); "
         "None = the family's default (PixArt 300, LLM-conditioned PixArt 1024, SD3 256 T5 tokens)")

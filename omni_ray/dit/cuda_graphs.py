@@ -1,0 +1,128 @@
+"""CUDA graphs for runs of transformer blocks (without them the engine loop is bound by the host
+launching a few thousand small kernels per step).
+
+The runner asks for block ranges: ``[0, L)`` on uncached steps, ``[0, 1)`` and ``[1, L)`` on
+step-cached ones (whose row subsets vary per step). A graph is captured lazily per (range, row
+bucket, caption bucket, shapes) the first time it is seen, then replayed. Rows are padded up to a
+bucket (1, 2, 4, 8, then multiples of 8) and, for families with caption masks, caption tokens
+up to a multiple of 64; padded caption positions are masked out (-10000, as diffusers masks),
+padded rows are computed and dropped. Graphs of the same shapes share their input buffers and
+all graphs share one memory pool; outputs are copied out right after each replay. A shape whose
+capture fails runs eagerly from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from omni_ray.dit.families.base import BlockState, DiTFamily
+
+log = logging.getLogger(__name__)
+
+CAPTION_MULTIPLE = 64
+
+
+def row_bucket(rows: int, max_rows: int) -> int | None:
+    for b in (1, 2, 4, 8):
+        if rows <= b:
+            return b if b <= max_rows else None
+    b = -(-rows // 8) * 8
+    return b if b <= max_rows else None
+
+
+@dataclass
+class _IO:
+    x: torch.Tensor                  # [R, N, D]
+    ctx: torch.Tensor                # [R, T, D]
+    bias: torch.Tensor | None        # [R, 1, T]
+    temb: torch.Tensor               # [R, *]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    io: _IO
+    x: torch.Tensor                  # outputs
+    ctx: torch.Tensor
+
+
+class GraphedBlocks:
+    def __init__(self, family: DiTFamily, max_rows: int):
+        self.family = family
+        self.max_rows = max_rows
+        self.ios: dict[tuple, _IO] = {}
+        self.graphs: dict[tuple, _Graph] = {}
+        self.failed: set[tuple] = set()
+        self.pool = None
+        self.replays = 0
+
+    def run(self, st: BlockState, lo: int, hi: int) -> bool:
+        """Run blocks ``[lo, hi)`` on ``st`` in place through a graph; False: the caller runs them."""
+        rows, T = st.x.shape[0], st.ctx.shape[1]
+        R = row_bucket(rows, self.max_rows)
+        if R is None or rows == 0:
+            return False
+        Tp = -(-T // CAPTION_MULTIPLE) * CAPTION_MULTIPLE if st.ctx_bias is not None else T
+        io_key = (R, Tp, *st.x.shape[1:], *st.ctx.shape[2:], *st.temb.shape[1:], st.ctx_bias is not None,
+                  st.grid)
+        key = (lo, hi, *io_key)
+        if key in self.failed:
+            return False
+        io = self.ios.get(io_key) or self._io(io_key, st, R, Tp)
+        io.x[:rows].copy_(st.x)
+        io.ctx[:rows, :T].copy_(st.ctx)
+        io.temb[:rows].copy_(st.temb)
+        if io.bias is not None:
+            io.bias[:rows, :, :T].copy_(st.ctx_bias)
+            io.bias[:rows, :, T:].fill_(-10000.0)
+        g = self.graphs.get(key) or self._capture(key, io, st.grid, lo, hi)
+        if g is None:
+            return False
+        g.graph.replay()
+        self.replays += 1
+        st.x = g.x[:rows].clone()
+        if g.ctx is not io.ctx:                      # blocks that update the caption stream (MMDiT)
+            st.ctx = g.ctx[:rows, :T].clone()
+        return True
+
+    def _io(self, io_key, st: BlockState, R: int, Tp: int) -> _IO:
+        def z(shape, like):
+            return torch.zeros(shape, dtype=like.dtype, device=like.device)
+        io = _IO(x=z((R, *st.x.shape[1:]), st.x), ctx=z((R, Tp, *st.ctx.shape[2:]), st.ctx),
+                 bias=None if st.ctx_bias is None else z((R, 1, Tp), st.ctx_bias),
+                 temb=z((R, *st.temb.shape[1:]), st.temb))
+        self.ios[io_key] = io
+        return io
+
+    def _capture(self, key, io: _IO, grid, lo: int, hi: int) -> _Graph | None:
+        fam = self.family
+
+        def body():
+            s = BlockState(x=io.x, ctx=io.ctx, ctx_bias=io.bias, temb=io.temb, emb=io.temb, grid=grid)
+            for i in range(lo, hi):
+                fam.run_block(i, s)
+            return s.x, s.ctx
+
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):              # compile / autotune / allocate outside the capture
+                    body()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads' CUDA work (an AR engine in the same process) stays legal
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), torch.no_grad():
+                x, ctx = body()
+        except Exception as err:                # this shape stays eager
+            log.warning("CUDA graph capture failed for %s, running it eagerly: %r", key, err)
+            self.failed.add(key)
+            return None
+        if self.pool is None:
+            self.pool = graph.pool()
+        g = _Graph(graph=graph, io=io, x=x, ctx=ctx)
+        self.graphs[key] = g
+        return g

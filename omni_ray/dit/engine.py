@@ -1,0 +1,339 @@
+"""The offline DiT engine: requests in, step-level continuous batching, images out.
+
+    engine = DiTEngine("tiny:pixart")
+    images = engine.generate(["a red fox"], DiffusionParams(num_inference_steps=20, seed=0))
+
+Every ``step()`` admits waiting requests (text encoding, initial noise, their own scheduler),
+runs one transformer forward for the next group of compatible requests, steps each one's
+scheduler, and VAE-decodes (in batches) the requests that just finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+
+import torch
+from tqdm.auto import tqdm
+
+from omni_ray.config import DiTEngineConfig, ModelConfig, validate
+from omni_ray.dit.batcher import Batcher
+from omni_ray.dit.cuda_graphs import GraphedBlocks
+from omni_ray.dit.families import Cond, load_family
+from omni_ray.dit.images import decode_outputs
+from omni_ray.dit.params import DiffusionParams
+from omni_ray.dit.request import DiTRequest, Status
+from omni_ray.dit.runner import DiTRunner
+from omni_ray.dit.validation import build_request
+from omni_ray.errors import InvalidRequestError
+from omni_ray.models import resolve_model
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _resolve_device(cfg: DiTEngineConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _resolve_dtype(cfg: DiTEngineConfig, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[cfg.model.dtype]
+
+
+def _bad(param: str, msg: str):
+    raise InvalidRequestError(msg, param=param)
+
+
+class DiTEngine:
+    def __init__(self, model: str | ModelConfig | DiTEngineConfig, **kwargs):
+        if isinstance(model, DiTEngineConfig):
+            cfg = model
+        else:
+            m = model.model_dump() if isinstance(model, ModelConfig) else {"path": str(model)}
+            if "dtype" in kwargs:
+                m["dtype"] = kwargs.pop("dtype")
+            cfg = validate(DiTEngineConfig, {"model": m, **kwargs})
+        self.config = cfg
+        self.device = _resolve_device(cfg)
+        self.dtype = _resolve_dtype(cfg, self.device)
+        self.model_path = resolve_model(cfg.model.path)
+        self.family = load_family(self.model_path, self.device, self.dtype, cfg.max_sequence_length,
+                                  cfg.model.allow_pickle)
+        if cfg.fuse_elementwise and self.device.type == "cuda":
+            self.family.fuse_elementwise()
+        if cfg.compile:
+            self.family.compile()
+        graphs = None
+        if cfg.cuda_graphs and self.device.type == "cuda":
+            graphs = GraphedBlocks(self.family, max_rows=2 * cfg.max_batch_size)
+        self.runner = DiTRunner(self.family, graphs)
+        self.batcher = Batcher(cfg.max_batch_size)
+        self.requests: dict[str, DiTRequest] = {}
+        # step() may run in a worker thread while add()/abort() come from another: the lock guards
+        # the bookkeeping (never held during GPU work); requests in _in_flight are being computed on
+        # outside it, so an abort leaves their tensors to the step that holds them
+        self._lock = threading.RLock()
+        self._gpu = threading.Lock()             # one thread at a time on the models (step / encode_prompt)
+        self._in_flight: set[DiTRequest] = set()
+        self._arrivals = itertools.count()
+        self._neg_conds: OrderedDict[str, Cond] = OrderedDict()   # negative prompt -> projected conditioning
+        self.counts = {"added": 0, "finished": 0, "aborted": 0, "images": 0, "vae_batches": 0}
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model.served_name
+
+    # ------------------------------------------------------------------ requests
+    def make_request(self, prompt: str | None, params: DiffusionParams | None = None, request_id: str | None = None,
+                     prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+                     output_type: str = "pil") -> DiTRequest:
+        """Validate and build a request (raises InvalidRequestError; touches no engine state or GPU)."""
+        if request_id is not None and request_id in self.requests:
+            _bad("request_id", f"request id {request_id!r} is already in use")
+        return build_request(self.family, self.config, prompt, params, request_id, prompt_embeds, prompt_mask,
+                             output_type)
+
+    def add_request(self, prompt: str | None, params: DiffusionParams | None = None, request_id: str | None = None,
+                    prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+                    output_type: str = "pil") -> DiTRequest:
+        req = self.make_request(prompt, params, request_id, prompt_embeds, prompt_mask, output_type)
+        self.add(req)
+        return req
+
+    def add(self, req: DiTRequest) -> None:
+        with self._lock:
+            if req.request_id in self.requests:
+                _bad("request_id", f"request id {req.request_id!r} is already in use")
+            req.arrival = next(self._arrivals)
+            self.requests[req.request_id] = req
+            self.batcher.add(req)
+            self.counts["added"] += 1
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request at once (thread-safe; its slot is free for the next step)."""
+        with self._lock:
+            req = self.requests.pop(request_id, None)
+            if req is None:
+                return False
+            self.batcher.remove(req)
+            req.status = Status.ABORTED
+            if req not in self._in_flight:
+                self._release(req)
+            self.counts["aborted"] += 1
+            return True
+
+    @staticmethod
+    def _release(req: DiTRequest) -> None:
+        req.latents = req.cond = req.neg_cond = req.cache_state = req.scheduler = None
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.batcher.has_work()
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text -> (embeds [B, T, H] float32 CPU, mask [B, T] long CPU), ready to pass back as
+        ``prompt_embeds=embeds[i]`` / ``prompt_mask=mask[i]`` (skips the text encoder)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not self.family.has_text_encoder:
+            _bad("prompt", f"model {self.model_name!r} has no text encoder")
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            _bad("prompt", "prompts must be non-empty strings")
+        with self._gpu:                           # safe to call from any thread, between steps
+            embeds, mask = self.family.encode_prompt(prompts)
+        return embeds.float().cpu(), mask.long().cpu()
+
+    def _cond(self, embeds: torch.Tensor, mask: torch.Tensor | None) -> Cond:
+        if mask is None:
+            mask = torch.ones(embeds.shape[0], dtype=torch.long)
+        if self.family.supports_caption_mask:     # drop right padding: it is masked anyway
+            keep = int(mask.nonzero().max()) + 1
+            embeds, mask = embeds[:keep], mask[:keep]
+        return self.family.project(embeds, mask)
+
+    def _negative(self, text: str, encoded: dict) -> Cond:
+        if text in self._neg_conds:
+            self._neg_conds.move_to_end(text)
+            return self._neg_conds[text]
+        if self.family.has_text_encoder:
+            embeds, mask = encoded[text] if text in encoded else self.family.encode_prompt([text])
+            cond = self._cond(embeds.squeeze(0) if embeds.dim() == 3 else embeds,
+                              mask.squeeze(0) if mask.dim() == 2 else mask)
+        else:
+            cond = self._cond(*self.family.null_embeds())
+        self._neg_conds[text] = cond
+        if len(self._neg_conds) > 64:
+            self._neg_conds.popitem(last=False)
+        return cond
+
+    # ------------------------------------------------------------------ admission
+    @torch.no_grad()
+    def _admit(self, reqs: list[DiTRequest]) -> None:
+        fam = self.family
+        texts = {r.prompt for r in reqs if r.prompt_embeds is None}
+        if fam.has_text_encoder:
+            texts |= {r.negative_prompt for r in reqs if r.do_cfg and r.negative_prompt not in self._neg_conds}
+        encoded: dict = {}
+        if texts:
+            order = sorted(texts)
+            embeds, mask = fam.encode_prompt(order)
+            encoded = {t: (embeds[i], mask[i]) for i, t in enumerate(order)}
+        for r in reqs:
+            if r.prompt_embeds is not None:
+                r.cond = self._cond(r.prompt_embeds.to(self.device, self.dtype),
+                                    None if r.prompt_mask is None else r.prompt_mask.to(self.device))
+            else:
+                r.cond = self._cond(*encoded[r.prompt])
+            r.neg_cond = self._negative(r.negative_prompt, encoded) if r.do_cfg else None
+            r.generator = torch.Generator(device=self.device).manual_seed(r.seed)
+            r.scheduler = fam.new_scheduler(r.num_steps, r.height, r.width)
+            r.timesteps = r.scheduler.timesteps
+            r.latents = fam.prepare_latents(r.num_images, r.height, r.width, r.generator, r.scheduler)
+            caption = () if fam.supports_caption_mask else (r.cond.tokens.shape[0],)
+            r.key = (r.height // fam.vae_scale_factor, r.width // fam.vae_scale_factor, *caption)
+            with self._lock:
+                if r.status is Status.ABORTED:
+                    self._release(r)
+                else:
+                    self.batcher.start(r)
+
+    # ------------------------------------------------------------------ one engine step
+    def step(self) -> list[tuple[DiTRequest, str]]:
+        """Admit, run one batched denoising step, decode the finished. Returns ``(request, kind)``
+        events: ``"progress"`` for each request stepped, ``"done"`` for each one finished."""
+        with self._gpu:
+            return self._step()
+
+    def _step(self) -> list[tuple[DiTRequest, str]]:
+        with self._lock:
+            new = self.batcher.admit()
+            self._in_flight.update(new)
+        try:
+            if new:
+                self._admit(new)
+        finally:
+            with self._lock:
+                self._in_flight.difference_update(new)
+        with self._lock:
+            batch = self.batcher.schedule()
+            self._in_flight.update(batch)
+        if not batch:
+            return []
+        try:
+            self.runner.step(batch)
+            with self._lock:
+                live = [r for r in batch if r.status is Status.RUNNING]
+                done = [r for r in live if r.is_done]
+                for r in done:
+                    self.batcher.remove(r)
+            events = [(r, "progress") for r in live]
+            if done:
+                self.counts["vae_batches"] += decode_outputs(self.family, done, self.config.vae_batch_size)
+                with self._lock:
+                    done = [r for r in done if r.status is Status.RUNNING]     # not aborted meanwhile
+                    for r in done:
+                        self._complete(r)
+                events += [(r, "done") for r in done]
+        finally:
+            with self._lock:
+                self._in_flight.difference_update(batch)
+                for r in batch:
+                    if r.status is Status.ABORTED:
+                        self._release(r)
+        return events
+
+    def _complete(self, r: DiTRequest) -> None:
+        r.status = Status.FINISHED
+        self._release(r)
+        self.requests.pop(r.request_id, None)
+        self.counts["finished"] += 1
+        self.counts["images"] += r.num_images
+
+    # ------------------------------------------------------------------ offline API
+    def generate(self, prompts: str | list[str] | None = None,
+                 params: DiffusionParams | list[DiffusionParams] | None = None,
+                 prompt_embeds: torch.Tensor | list[torch.Tensor] | None = None,
+                 prompt_mask: torch.Tensor | list[torch.Tensor] | None = None,
+                 use_tqdm: bool = True, output_type: str = "pil") -> list:
+        """Images for each prompt (``num_images_per_prompt`` each, in prompt order): PIL images,
+        or float [H, W, 3] arrays in [0, 1] (``output_type="np"``), or latents (``"latent"``)."""
+        n = self._num_prompts(prompts, prompt_embeds)
+        prompts = [prompts] * n if prompts is None or isinstance(prompts, str) else list(prompts)
+        plist = params if isinstance(params, list) else [params] * n
+        embeds = self._per_prompt(prompt_embeds, n, 3)
+        masks = self._per_prompt(prompt_mask, n, 2)
+        if len(prompts) != n or len(plist) != n:
+            _bad("params", "prompts, params and prompt_embeds must have the same length")
+        reqs = [self.make_request(p, sp, None, e, m, output_type)              # validate all first
+                for p, sp, e, m in zip(prompts, plist, embeds, masks)]
+        for r in reqs:
+            self.add(r)
+        bar = tqdm(total=sum(r.num_steps for r in reqs), desc="Denoising", unit="step", dynamic_ncols=True,
+                   disable=not use_tqdm)
+        try:
+            while not all(r.is_finished for r in reqs):
+                events = self.step()
+                bar.update(sum(1 for r, kind in events if kind == "progress" and r in reqs))
+        except BaseException:
+            for r in reqs:
+                self.abort(r.request_id)
+            raise
+        finally:
+            bar.close()
+        return [img for r in reqs for img in r.images]
+
+    @staticmethod
+    def _num_prompts(prompts, embeds) -> int:
+        if isinstance(prompts, list):
+            return len(prompts)
+        if prompts is not None:
+            return 1
+        if embeds is None:
+            _bad("prompt", "give prompts or prompt_embeds")
+        if isinstance(embeds, torch.Tensor):
+            return 1 if embeds.dim() == 2 else embeds.shape[0]
+        return len(embeds)
+
+    @staticmethod
+    def _per_prompt(x, n: int, batched_dim: int) -> list:
+        if x is None:
+            return [None] * n
+        if isinstance(x, torch.Tensor):
+            x = [x] if x.dim() == batched_dim - 1 else list(x)
+        if len(x) != n:
+            _bad("prompt_embeds", f"got {len(x)} prompt_embeds/prompt_mask entries for {n} prompts")
+        return list(x)
+
+    # ------------------------------------------------------------------ stats
+    def engine_stats(self) -> dict:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict:
+        s = self.runner.stats
+        return {
+            "active_requests": len(self.batcher.running),
+            "active_images": self.batcher.running_images,
+            "waiting_requests": len(self.batcher.waiting),
+            "steps": s.forwards,
+            "last_batch_size": s.last_batch_images,
+            "last_batch_requests": s.last_batch_requests,
+            "last_batch_rows": s.last_batch_rows,
+            "avg_batch_size": s.images / s.forwards if s.forwards else 0.0,
+            "max_batch_size": s.max_batch_images,
+            "block_evals": s.block_evals,
+            "block_evals_without_cache": s.block_evals_full,
+            "cache_skips": s.cache_skips,
+            "requests_added": self.counts["added"],
+            "requests_finished": self.counts["finished"],
+            "requests_aborted": self.counts["aborted"],
+            "images_generated": self.counts["images"],
+            "vae_batches": self.counts["vae_batches"],
+            "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs else 0,
+            "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
+        }

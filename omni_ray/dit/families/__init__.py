@@ -1,0 +1,31 @@
+"""DiT families: one adapter file each, picked by model_index.json's pipeline class.
+
+Adding a family = one module with a ``DiTFamily`` subclass, listed in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
+from omni_ray.dit.families.pixart import PixArtFamily
+from omni_ray.dit.families.sd3 import SD3Family
+from omni_ray.errors import ConfigError
+
+FAMILIES: dict[str, type[DiTFamily]] = {f.pipeline_class: f for f in (PixArtFamily, SD3Family)}
+
+
+def load_family(path: Path, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None = None,
+                allow_pickle: bool = False) -> DiTFamily:
+    from omni_ray.dit.loader import load_components, read_model_index
+
+    pipeline = read_model_index(path).get("_class_name", "")
+    if pipeline not in FAMILIES:
+        raise ConfigError(f"{path}: pipeline {pipeline!r} is not supported; omni-ray runs {sorted(FAMILIES)}")
+    _, comps = load_components(path, device, dtype, allow_pickle)
+    return FAMILIES[pipeline](comps, device, dtype, max_sequence_length)
+
+
+__all__ = ["FAMILIES", "BlockState", "Cond", "DiTFamily", "PixArtFamily", "SD3Family", "load_family"]

@@ -1,0 +1,192 @@
+"""The adapter interface one DiT family implements, and what the engine hands between its parts.
+
+An adapter owns the family's components (transformer, VAE, scheduler, text encoders) and splits
+the transformer's forward into pieces the engine drives: ``embed`` (patch embed, timestep and
+caption conditioning), ``run_block(i)`` for each block, ``final`` (output norm, projection,
+unpatchify). The engine runs the blocks itself so that the step cache can skip them per sample.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Cond:
+    """One prompt's conditioning, projected once per request (not once per step)."""
+
+    tokens: torch.Tensor                 # [T, D] caption tokens in the transformer's width
+    mask: torch.Tensor | None = None     # [T] 1 = attend, 0 = padding (families with caption masks)
+    pooled: torch.Tensor | None = None   # [D] pooled text embedding (SD3)
+
+
+@dataclass
+class BlockState:
+    """The transformer's running state for a batch of rows (a row = one CFG half of one image)."""
+
+    x: torch.Tensor                      # [B, N, D] image tokens
+    ctx: torch.Tensor                    # [B, T, D] caption tokens
+    ctx_bias: torch.Tensor | None        # [B, 1, T] additive caption mask (0 keep, -10000 drop) or None
+    temb: torch.Tensor                   # [B, *] the blocks' timestep conditioning
+    emb: torch.Tensor                    # [B, *] the final layer's conditioning
+    grid: tuple[int, int]                # (h, w) in patches
+
+    def select(self, idx: torch.Tensor) -> "BlockState":
+        """The rows ``idx`` (a LongTensor on the state's device), as a new state."""
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.index_select(0, idx) if isinstance(v, torch.Tensor) else v
+        return BlockState(**kw)
+
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, int], p: int, c: int) -> torch.Tensor:
+    """[B, h*w, p*p*c] -> [B, c, h*p, w*p] (diffusers' order: n h w p q c -> n c h p w q)."""
+    h, w = grid
+    x = x.reshape(x.shape[0], h, w, p, p, c)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], c, h * p, w * p)
+
+
+class DiTFamily(ABC):
+    """One model family. Subclasses set the class attributes and implement the abstract methods."""
+
+    pipeline_class: str = ""             # model_index.json's _class_name
+    default_steps: int = 20
+    default_guidance: float = 4.5
+    default_max_sequence_length: int = 300
+    supports_caption_mask: bool = True   # can pad captions of different lengths inside one batch
+
+    def __init__(self, comps: dict, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None):
+        self.device, self.dtype = device, dtype
+        self.transformer: nn.Module = comps["transformer"]
+        self.vae: nn.Module = comps["vae"]
+        self.base_scheduler = comps["scheduler"]
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.patch_size = self.transformer.config.patch_size
+        self.in_channels = self.transformer.config.in_channels
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.block_fns: list = list(self.transformer.transformer_blocks)   # what run_block calls
+
+    def fuse_elementwise(self) -> None:
+        """Compile the family's small elementwise helpers into fused kernels (if it has any)."""
+
+    def compile(self) -> None:
+        """torch.compile each block's forward (dynamic batch size); the modules stay untouched,
+        so a diffusers pipeline sharing them keeps running eagerly."""
+        self.block_fns = [torch.compile(f, dynamic=True) for f in self.block_fns]
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def stride(self) -> int:
+        """Image sizes must be multiples of this (VAE scale x patch size)."""
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def default_size(self) -> int:
+        return self.transformer.config.sample_size * self.vae_scale_factor
+
+    @property
+    def max_size(self) -> int | None:
+        """The largest height / width in pixels the transformer can embed (None: no limit)."""
+        return None
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.transformer_blocks
+
+    # ------------------------------------------------------------------ conditioning
+    @property
+    @abstractmethod
+    def has_text_encoder(self) -> bool: ...
+
+    @property
+    @abstractmethod
+    def caption_dim(self) -> int:
+        """Width of a ``prompt_embeds`` row this model accepts."""
+
+    @abstractmethod
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text -> (embeds [B, T, caption_dim], mask [B, T] of 0/1), on the device."""
+
+    @property
+    def max_embed_tokens(self) -> int:
+        """The most rows a request's ``prompt_embeds`` may have."""
+        return self.max_sequence_length
+
+    def check_embeds(self, embeds: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Family-specific checks of a request's ``prompt_embeds`` (raise InvalidRequestError)."""
+
+    def null_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional caption of a model without a text encoder: one zero token."""
+        return (torch.zeros(1, self.caption_dim, device=self.device, dtype=self.dtype),
+                torch.ones(1, dtype=torch.long, device=self.device))
+
+    @abstractmethod
+    def project(self, embeds: torch.Tensor, mask: torch.Tensor) -> Cond:
+        """One prompt's embeds [T, caption_dim] + mask [T] -> its step-independent conditioning."""
+
+    @abstractmethod
+    def batch_cond(self, conds: list[Cond]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Rows' conditionings -> (ctx [B, T, D], ctx_bias [B, 1, T] or None, pooled [B, D] or None)."""
+
+    # ------------------------------------------------------------------ sampling
+    def new_scheduler(self, steps: int, height: int, width: int):
+        """A fresh scheduler of the model's kind with its timesteps set (timesteps stay on the CPU:
+        the per-step scheduler arithmetic then never syncs with the GPU)."""
+        sched = copy.deepcopy(self.base_scheduler)
+        sched.set_timesteps(steps, device="cpu", **self.timestep_kwargs(height, width))
+        return sched
+
+    def timestep_kwargs(self, height: int, width: int) -> dict:
+        return {}
+
+    def prepare_latents(self, n: int, height: int, width: int, generator: torch.Generator,
+                        scheduler) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (n, self.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def step_kwargs(self, generator: torch.Generator) -> dict:
+        return {}
+
+    def model_output(self, pred: torch.Tensor) -> torch.Tensor:
+        """The part of the transformer's output the scheduler takes (drops a learned variance)."""
+        return pred
+
+    # ------------------------------------------------------------------ transformer
+    @abstractmethod
+    def embed(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, ctx_bias: torch.Tensor | None,
+              pooled: torch.Tensor | None) -> BlockState:
+        """Latents [B, C, H, W] + timesteps [B] + batched conditioning -> the state before block 0."""
+
+    @abstractmethod
+    def run_block(self, i: int, st: BlockState) -> None:
+        """Run block ``i`` on ``st`` in place."""
+
+    @abstractmethod
+    def modulated_input(self, st: BlockState) -> torch.Tensor:
+        """Block 0's timestep-modulated input [B, N, D] (what TeaCache watches)."""
+
+    @abstractmethod
+    def final(self, st: BlockState) -> torch.Tensor:
+        """State after the last block -> prediction [B, C_out, H, W]."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx, ctx_bias, pooled) -> torch.Tensor:
+        """The whole transformer over our pieces (equals the diffusers module's forward)."""
+        st = self.embed(x, t, ctx, ctx_bias, pooled)
+        for i in range(len(self.blocks)):
+            self.run_block(i, st)
+        return self.final(st)
+
+    # ------------------------------------------------------------------ VAE
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1]."""

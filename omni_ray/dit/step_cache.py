@@ -1,0 +1,64 @@
+"""Step caching: per-request state and the per-sample skip decisions.
+
+Both rules compare a cheap signal with the one from an earlier step, by relative L1
+(``mean|cur - prev| / mean|prev|``, per request over its rows):
+
+* fbcache (first-block cache, as ParaAttention's): the signal is block 0's residual. Under the
+  threshold, the remaining blocks are skipped and their residual from the last full step is
+  added instead. The reference signal only moves on full steps, so drift accumulates until a
+  recompute.
+* teacache: the signal is block 0's timestep-modulated input, compared step to step and
+  accumulated. While the sum stays under the threshold, every block is skipped (the residual of
+  all blocks from the last full step is added); a full step resets the sum.
+
+The first and last denoising steps always run in full. One host sync per rule per step reads the
+distances of all the batch's requests at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omni_ray.dit.params import StepCacheParams
+
+
+class StepCacheState:
+    __slots__ = ("method", "threshold", "prev", "residual", "accum")
+
+    def __init__(self, params: StepCacheParams):
+        self.method = params.method
+        self.threshold = params.threshold
+        self.prev: torch.Tensor | None = None       # the signal to compare with
+        self.residual: torch.Tensor | None = None   # [rows, N, D] the skipped blocks' residual
+        self.accum = 0.0                            # teacache: accumulated change since the last full step
+
+    def forced(self, step_idx: int, total: int) -> bool:
+        return step_idx == 0 or step_idx >= total - 1 or self.residual is None or self.prev is None
+
+
+def relative_l1(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """0-dim float32 tensor: mean |cur - prev| / mean |prev|."""
+    cur, prev = cur.float(), prev.float()
+    return (cur - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
+
+
+def decide(states: list[StepCacheState], signals: list[torch.Tensor], forced: list[bool]) -> list[bool]:
+    """Skip decisions (True = reuse) for requests of one method. Updates their state's reference
+    signal and accumulator (residuals are stored by the caller after the full rows ran)."""
+    dists = [relative_l1(sig, st.prev) for st, sig, f in zip(states, signals, forced) if not f]
+    values = iter(torch.stack(dists).tolist() if dists else [])    # the one host sync
+    skips = []
+    for st, sig, f in zip(states, signals, forced):
+        d = None if f else next(values)
+        if st.method == "teacache":
+            st.accum = 0.0 if f else st.accum + d
+            skip = not f and st.accum < st.threshold
+            if not skip:
+                st.accum = 0.0
+            st.prev = sig.clone()             # teacache compares consecutive steps
+        else:
+            skip = not f and d < st.threshold
+            if not skip:
+                st.prev = sig.clone()         # fbcache compares with the last full step
+        skips.append(skip)
+    return skips

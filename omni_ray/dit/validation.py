@@ -1,0 +1,97 @@
+"""Request validation: everything a request can get wrong raises InvalidRequestError (HTTP 400,
+naming the parameter) before the engine does any work for it."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import torch
+
+from omni_ray.config import DiTEngineConfig
+from omni_ray.dit.families.base import DiTFamily
+from omni_ray.dit.params import DiffusionParams
+from omni_ray.dit.request import DiTRequest
+from omni_ray.errors import InvalidRequestError
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+def _bad(param: str, msg: str):
+    raise InvalidRequestError(msg, param=param)
+
+
+def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: DiffusionParams | None,
+                  request_id: str | None, prompt_embeds, prompt_mask, output_type: str) -> DiTRequest:
+    """A validated request with the family's defaults filled in."""
+    params = params if params is not None else DiffusionParams()
+    if not isinstance(params, DiffusionParams):
+        _bad("params", f"params must be DiffusionParams, got {type(params).__name__}")
+    params.validate()
+    embeds, mask = check_conditioning(fam, cfg.model.served_name, prompt, prompt_embeds, prompt_mask)
+    h = params.height or fam.default_size
+    w = params.width or fam.default_size
+    for name, v in (("height", h), ("width", w)):
+        if v % fam.stride:
+            _bad(name, f"{name} must be a multiple of {fam.stride} (VAE scale x patch size), got {v}")
+        if fam.max_size is not None and v > fam.max_size:
+            _bad(name, f"{name} must be at most {fam.max_size} for this model, got {v}")
+    if h * w > cfg.max_pixels:
+        _bad("size", f"{h}x{w} = {h * w} pixels exceeds the limit of {cfg.max_pixels}")
+    steps = params.num_inference_steps or fam.default_steps
+    if steps > cfg.max_steps:
+        _bad("num_inference_steps", f"num_inference_steps must be at most {cfg.max_steps}, got {steps}")
+    n, n_max = params.num_images_per_prompt, min(cfg.max_images_per_prompt, cfg.max_batch_size)
+    if n > n_max:
+        _bad("num_images_per_prompt", f"num_images_per_prompt must be at most {n_max}, got {n}")
+    if params.negative_prompt and not fam.has_text_encoder:
+        _bad("negative_prompt", "this model has no text encoder, so it cannot take a negative_prompt")
+    if output_type not in OUTPUT_TYPES:
+        _bad("output_type", f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    g = fam.default_guidance if params.guidance_scale is None else float(params.guidance_scale)
+    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    return DiTRequest(
+        request_id=request_id or uuid.uuid4().hex, prompt=prompt, height=h, width=w, num_steps=steps,
+        guidance_scale=g, seed=seed, num_images=n, negative_prompt=params.negative_prompt or "",
+        cache=params.step_cache, prompt_embeds=embeds, prompt_mask=mask, output_type=output_type)
+
+
+def check_conditioning(fam: DiTFamily, model_name: str, prompt, embeds, mask):
+    """(embeds [T, W], mask [T] or None) after checks; (None, None) when the text encoder is used."""
+    if embeds is None:
+        if mask is not None:
+            _bad("prompt_mask", "prompt_mask was given without prompt_embeds")
+        if not fam.has_text_encoder:
+            _bad("prompt_embeds", f"model {model_name!r} has no text encoder: pass prompt_embeds "
+                 f"[T, {fam.caption_dim}] (e.g. the AR stage's prompt hidden states)")
+        if not isinstance(prompt, str) or not prompt.strip():
+            _bad("prompt", "prompt must be a non-empty string")
+        return None, None
+    if prompt is not None and not isinstance(prompt, str):
+        _bad("prompt", "prompt must be a string or None")
+    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+        _bad("prompt_embeds", "prompt_embeds must be a floating-point torch.Tensor [T, H]")
+    if embeds.dim() == 3 and embeds.shape[0] == 1:
+        embeds = embeds[0]
+    if embeds.dim() != 2 or embeds.shape[0] < 1:
+        _bad("prompt_embeds", f"prompt_embeds must have shape [T, H], got {list(embeds.shape)}")
+    if embeds.shape[1] != fam.caption_dim:
+        _bad("prompt_embeds", f"prompt_embeds hidden size is {embeds.shape[1]}; this model takes "
+             f"{fam.caption_dim}")
+    limit = fam.max_embed_tokens
+    if embeds.shape[0] > limit:
+        _bad("prompt_embeds", f"prompt_embeds has {embeds.shape[0]} tokens; the limit is {limit}")
+    if not bool(torch.isfinite(embeds).all()):
+        _bad("prompt_embeds", "prompt_embeds contains NaN or infinite values")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            _bad("prompt_mask", "prompt_mask must be a torch.Tensor [T]")
+        if mask.dim() == 2 and mask.shape[0] == 1:
+            mask = mask[0]
+        if mask.shape != embeds.shape[:1]:
+            _bad("prompt_mask", f"prompt_mask must have shape [{embeds.shape[0]}], got {list(mask.shape)}")
+        if not bool(((mask == 0) | (mask == 1)).all()) or not bool(mask.any()):
+            _bad("prompt_mask", "prompt_mask must hold 0/1 values with at least one 1")
+        mask = mask.long()
+    fam.check_embeds(embeds, mask)
+    return embeds.detach(), mask

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from omni_ray.config import DiTEngineConfig, ModelConfig
+from omni_ray.dit import DiTEngine
+
+
+def make_engine(model: str, **kw) -> DiTEngine:
+    return DiTEngine(DiTEngineConfig(model=ModelConfig(path=model), device="cpu", **kw))
+
+
+@pytest.fixture(scope="session")
+def pixart():
+    return make_engine("tiny:pixart")
+
+
+@pytest.fixture(scope="session")
+def sd3():
+    return make_engine("tiny:sd3", max_sequence_length=32)
+
+
+@pytest.fixture(scope="session")
+def pixart_llm():
+    return make_engine("tiny:pixart-llm")
+
+
+def fresh_scheduler(engine: DiTEngine):
+    base = engine.family.base_scheduler
+    return type(base).from_config(base.config)
+
+
+def pixart_pipeline(engine: DiTEngine):
+    from diffusers import PixArtSigmaPipeline
+
+    f = engine.family
+    pipe = PixArtSigmaPipeline(tokenizer=f.tokenizer, text_encoder=f.text_encoder, vae=f.vae,
+                               transformer=f.transformer, scheduler=fresh_scheduler(engine))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_pipeline(engine: DiTEngine):
+    from diffusers import StableDiffusion3Pipeline
+
+    f = engine.family
+    (tok1, enc1), (tok2, enc2) = f.clip
+    pipe = StableDiffusion3Pipeline(transformer=f.transformer, scheduler=fresh_scheduler(engine), vae=f.vae,
+                                    text_encoder=enc1, tokenizer=tok1, text_encoder_2=enc2, tokenizer_2=tok2,
+                                    text_encoder_3=f.t5[1], tokenizer_3=f.t5[0])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_one(engine: DiTEngine, prompt, params, **kw):
+    """Images (or latents) of one request run through ``engine.step()`` alone."""
+    req = engine.add_request(prompt, params, **kw)
+    while not req.is_finished:
+        engine.step()
+    return req
+
+
+def max_diff(a, b) -> float:
+    a = np.stack([np.asarray(x, dtype=np.float64) for x in a])
+    b = np.stack([np.asarray(x, dtype=np.float64) for x in b])
+    return float(np.abs(a - b).max())
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())

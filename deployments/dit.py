@@ -109,7 +109,7 @@ class DiTDeployment:
         hit = await self.cache.get(key)
         if hit is not None:
             return hit
-        embeds, mask = await asyncio.to_thread(self.engine.engine.encode_prompt, prompt)
+        embeds, mask = await self.engine.encode_prompt(prompt)
         value = (embeds[0], mask[0])
         await self.cache.put(key, value, model=self.model)
         return value

@@ -14,7 +14,6 @@ With ``dit_cache.enabled`` the replica consults the application's DiT cache:
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging

@@ -42,6 +42,7 @@ def autoscaling_config() -> dict:
     cfg["stages"] = {"llm": llm}
     cfg["pipelines"] = {"chat": cfg["pipelines"]["chat"]}
     cfg["app"]["ingress"] = {"num_replicas": 1, "num_cpus": 0.25, "max_ongoing_requests": 256}
+    cfg["app"]["name"] = APP   # its own scheduler and cache actors
     load_config(cfg)  # fail here, clearly, if the config tree moved
     return cfg
 
@@ -54,19 +55,23 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url():
+    """Its own app on its own route prefix; shares a Ray cluster and Serve instance that other
+    tests of the session already started (and leaves them running), or starts and stops its own."""
+    from ray.serve.context import _get_global_client
+
     from deployments.app import build_app
 
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})   # no-op if Serve runs
+    port = ray.get(_get_global_client()._controller.get_http_config.remote()).port
     cfg = autoscaling_config()
-    serve.run(build_app({"config": cfg}), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}", cfg["stages"]["llm"]["engine"]["model"]["name"]
+    serve.run(build_app({"config": cfg}), name=APP, route_prefix=f"/{APP}")
+    yield f"http://127.0.0.1:{port}/{APP}", cfg["stages"]["llm"]["engine"]["model"]["name"]
     serve.delete(APP)
-    serve.shutdown()
     if started:
+        serve.shutdown()
         ray.shutdown()
 
 

@@ -13,7 +13,6 @@ ends the engine generator, which aborts the request and frees its KV blocks.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -24,51 +23,14 @@ from ray import serve
 
 from omni_ray.config import ARStageConfig, LimitsConfig, validate
 from deployments.services import CapacityReporter
+from deployments.stage import StageReplica
+from deployments.streams import coalesce
 from omni_ray.pipeline import ar_encode, ar_generate, merge_deltas
 
 log = logging.getLogger("ray.serve")
 
-_END = object()
-
-
-async def coalesce(agen: AsyncIterator[dict]) -> AsyncIterator[dict]:
-    """Yield ``agen``'s deltas, merged when the consumer falls behind (one Serve message per batch
-    of engine steps instead of one per token under load)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump():
-        try:
-            async for item in agen:
-                queue.put_nowait(item)
-            queue.put_nowait(_END)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait(err)
-
-    task = asyncio.ensure_future(pump())
-    try:
-        while True:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            end = next((x for x in items if x is _END or isinstance(x, BaseException)), None)
-            deltas = [x for x in items if isinstance(x, dict)]
-            if deltas:
-                yield merge_deltas(deltas) if len(deltas) > 1 else deltas[0]
-            if end is _END:
-                return
-            if end is not None:
-                raise end
-    finally:
-        if not task.done():
-            task.cancel()          # -> CancelledError inside the engine generator -> engine.abort
-            try:
-                await task
-            except BaseException:  # noqa: BLE001
-                pass
-
-
 @serve.deployment
-class ARDeployment:
+class ARDeployment(StageReplica):
     def __init__(self, stage: str, config: dict, limits: dict | None = None, services: dict | None = None):
         from omni_ray.ar import AsyncLLM
 
@@ -81,7 +43,7 @@ class ARDeployment:
         log.info("AR stage %r ready: model %s", stage, self.engine.model_name)
 
     async def generate(self, req: dict) -> AsyncIterator[dict]:
-        async for delta in coalesce(ar_generate(self.engine, req, self.limits)):
+        async for delta in coalesce(ar_generate(self.engine, req, self.limits), merge_deltas):
             yield delta
 
     async def complete(self, req: dict) -> dict:
@@ -98,22 +60,7 @@ class ARDeployment:
         return {"ref": [ref], "shape": list(hs.shape), "dtype": str(hs.dtype).replace("torch.", ""),
                 "object_id": ref.hex(), "source": source}
 
-    def stats(self) -> dict:
-        return self.engine.stats()
-
     def info(self) -> dict:
         return {"stage": self.stage, "kind": "ar", "model": self.engine.model_name,
                 "path": self.config.engine.model.path, "max_model_len": self.engine.max_model_len,
                 "device": self.config.engine.device}
-
-    def check_health(self) -> None:      # Serve's periodic replica health check
-        self.engine.check_health()
-        self.capacity.refresh()
-
-    def health(self) -> dict:             # the ingress's /health
-        self.engine.check_health()
-        return {"stage": self.stage, "status": "ok"}
-
-    async def __del__(self):
-        self.capacity.leave()
-        await self.engine.shutdown()

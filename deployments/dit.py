@@ -25,6 +25,7 @@ import torch
 from ray import serve
 
 from deployments.services import CapacityReporter, dit_cache
+from deployments.stage import StageReplica
 from omni_ray.config import DiTStageConfig, validate
 from omni_ray.errors import InvalidRequestError
 from omni_ray.pipeline import dit_generate
@@ -50,7 +51,7 @@ async def fetch_hidden(hidden: dict) -> torch.Tensor:
 
 
 @serve.deployment
-class DiTDeployment:
+class DiTDeployment(StageReplica):
     def __init__(self, stage: str, config: dict, services: dict | None = None):
         from omni_ray.dit.async_engine import AsyncDiTEngine
 
@@ -114,22 +115,7 @@ class DiTDeployment:
         return value
 
     # ------------------------------------------------------------------ health and stats
-    def stats(self) -> dict:
-        return self.engine.stats()
-
     def info(self) -> dict:
         m = self.config.engine.model
         return {"stage": self.stage, "kind": "dit", "model": m.served_name, "path": m.path,
                 "device": self.config.engine.device, "cache": self.cache is not None}
-
-    def check_health(self) -> None:      # Serve's periodic replica health check
-        self.engine.check_health()
-        self.capacity.refresh()
-
-    def health(self) -> dict:             # the ingress's /health
-        self.engine.check_health()
-        return {"stage": self.stage, "status": "ok"}
-
-    async def __del__(self):
-        self.capacity.leave()
-        await self.engine.shutdown()

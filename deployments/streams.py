@@ -93,6 +93,41 @@ async def run_cancellable(coro: Awaitable[T], cancelled: asyncio.Event | None) -
             await asyncio.gather(task, return_exceptions=True)
 
 
+async def _pump(it: AsyncIterator[T], queue: asyncio.Queue) -> None:
+    """Move ``it``'s items into ``queue``, then ``_END`` or the exception that ended it."""
+    try:
+        async for item in it:
+            queue.put_nowait(item)
+        queue.put_nowait(_END)
+    except BaseException as err:  # noqa: BLE001 - re-raised by the consumer
+        queue.put_nowait(err)
+
+
+async def coalesce(it: AsyncIterator[T], merge_fn) -> AsyncIterator[T]:
+    """Yield ``it``'s items, merged with ``merge_fn(items)`` when the consumer falls behind (one
+    Serve message per batch of engine steps instead of one per token under load). Stopping the
+    consumer cancels ``it``."""
+    queue: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(_pump(it, queue))
+    try:
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            end = next((x for x in items if x is _END or isinstance(x, BaseException)), None)
+            values = [x for x in items if x is not _END and not isinstance(x, BaseException)]
+            if values:
+                yield merge_fn(values) if len(values) > 1 else values[0]
+            if end is _END:
+                return
+            if end is not None:
+                raise end
+    finally:
+        if not task.done():
+            task.cancel()          # -> CancelledError inside the engine generator -> engine.abort
+            await asyncio.gather(task, return_exceptions=True)
+
+
 async def cancellable(it: AsyncIterator[T], cancelled: asyncio.Event | None = None,
                       timeout_s: float | None = None) -> AsyncIterator[T]:
     """Iterate ``it`` (in its own task) until it ends, ``cancelled`` is set (RequestCancelledError)
@@ -101,16 +136,7 @@ async def cancellable(it: AsyncIterator[T], cancelled: asyncio.Event | None = No
     from omni_ray.errors import RequestTimeoutError
 
     queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump():
-        try:
-            async for item in it:
-                queue.put_nowait(item)
-            queue.put_nowait(_END)
-        except BaseException as err:  # noqa: BLE001 - re-raised by the consumer
-            queue.put_nowait(err)
-
-    task = asyncio.ensure_future(pump())
+    task = asyncio.ensure_future(_pump(it, queue))
     waiter = asyncio.ensure_future(cancelled.wait()) if cancelled is not None else None
     if waiter is not None:
         waiter.add_done_callback(lambda f: None if f.cancelled() else queue.put_nowait(_CANCEL))

@@ -42,11 +42,11 @@ def hf_generate(path, batch: int, prompt_len: int, new: int, vocab: int) -> floa
 
 def run_engine(llm, prompts, params, bw: float) -> dict:
     st = llm.stats
-    s0, d0, c0 = st.steps, st.decode_tokens, st.decode_context_tokens
+    s0, d0, c0 = st.forwards, st.decode_tokens, st.decode_context_tokens
     with Timer() as t:
         outs = llm.generate(prompts, params, use_tqdm=False)
     n_out = sum(len(o["token_ids"]) for o in outs)
-    steps, ctx = st.steps - s0, st.decode_context_tokens - c0
+    steps, ctx = st.forwards - s0, st.decode_context_tokens - c0    # device forwards: weights read once each
     w = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
     kv_tok = llm.runner.block_bytes / llm.runner.block_size
     ceiling_s = (steps * w + ctx * kv_tok) / bw
@@ -59,27 +59,50 @@ def profile_decode(llm, prompt, ignore) -> None:
     """Where a batch-1 decode step's time goes: the graph on the GPU vs the host around it."""
     import time
     from torch.profiler import ProfilerActivity, profile
-    llm.add_request(prompt, SamplingParams(max_tokens=200, **ignore), "prof")
+    llm.add_request(prompt, SamplingParams(max_tokens=400, **ignore), "prof")
     for _ in range(10):
         llm.step()
     torch.cuda.synchronize()
+    f0 = llm.stats.forwards
     t0 = time.perf_counter()
-    for _ in range(50):
+    for _ in range(40):
         llm.step()
-    step_ms = (time.perf_counter() - t0) / 50 * 1e3
+    step_ms = (time.perf_counter() - t0) / (llm.stats.forwards - f0) * 1e3
     g = llm.runner.graphs[1]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(50):
+        llm.runner.g_step.zero_()          # the graph writes its token at g_step (< decode_steps)
         g.replay()
     torch.cuda.synchronize()
     graph_ms = (time.perf_counter() - t0) / 50 * 1e3
-    print(f"batch-1 decode: engine step {step_ms:.3f} ms, graph replay alone {graph_ms:.3f} ms")
+    print(f"batch-1 decode: engine {step_ms:.3f} ms per token (decode_steps={llm.config.decode_steps}), "
+          f"graph replay alone {graph_ms:.3f} ms")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             llm.step()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    # the kernels of one decode forward, eager (the same launches the graph replays), per forward
+    r = llm.runner
+    meta = r._decode_meta(1, r._splits(1, r.max_model_len))
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            r.g_step.zero_()
+            r._decode_body(1, meta)
+        torch.cuda.synchronize()
+    try:
+        kern: dict[str, list[float]] = {}
+        for e in prof.events():
+            if getattr(e.device_type, "name", "") == "CUDA":
+                kern.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+        total = sum(sum(v) for v in kern.values()) / 10
+        print(f"one eager decode forward: {sum(len(v) for v in kern.values()) / 10:.0f} kernels, "
+              f"{total:.0f} us of kernel time")
+        for name, v in sorted(kern.items(), key=lambda kv: -sum(kv[1]))[:20]:
+            print(f"  {len(v) / 10:6.1f} x {sum(v) / len(v):7.2f} us  {name[:90]}")
+    except Exception as e:  # the breakdown is informative only
+        print("kernel breakdown unavailable:", e)
     llm.abort("prof")
 
 
@@ -93,6 +116,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="CPU smoke run on tiny:qwen3")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile batch-1 decode steps")
+    ap.add_argument("--decode-steps", type=int, default=None,
+                    help="greedy decode steps per schedule (engine default if unset)")
+    ap.add_argument("--compare-single-step", action="store_true",
+                    help="also run batch-1 decode with decode_steps=1 (the per-step host cost, unhidden)")
     args = ap.parse_args()
     if args.quick:
         args.model, args.num_seqs, args.min_len, args.max_len, args.skip_hf = "tiny:qwen3", 8, 8, 32, True
@@ -112,8 +139,12 @@ def main():
         res["hf_fixed_tok_per_s"] = hf_generate(path, fixed[0], fixed[1], fixed[2], vocab)
         print("HF:", res["hf_batch1_tok_per_s"], res["hf_fixed_tok_per_s"])
 
+    extra = {} if cuda else {"num_kvcache_blocks": 512, "kvcache_block_size": 16}
+    if args.decode_steps:
+        extra["decode_steps"] = args.decode_steps
     llm = LLM(str(path), max_model_len=4096, enforce_eager=args.enforce_eager or not cuda,
-              device="cuda" if cuda else "cpu", **({} if cuda else {"num_kvcache_blocks": 512, "kvcache_block_size": 16}))
+              device="cuda" if cuda else "cpu", **extra)
+    res["decode_steps"] = llm.config.decode_steps
     vocab = llm.arch.vocab_size
     rng = random.Random(0)
     ignore = dict(temperature=0.0, ignore_eos=True)
@@ -127,6 +158,17 @@ def main():
     rows.append({"figure": f"batch-1 decode ({b1[0]} prompt, {b1[1]} new)", "omni-ray tok/s": r1["tok_per_s"],
                  "HF tok/s": res.get("hf_batch1_tok_per_s", ""), "ceiling tok/s": r1["ceiling_tok_per_s"],
                  "ratio to ceiling": r1["ratio_to_ceiling"]})
+
+    print("batch-1:", {k: round(v, 4) if isinstance(v, float) else v for k, v in r1.items()}, flush=True)
+    if args.compare_single_step:
+        k = llm.config.decode_steps
+        llm.config.decode_steps = 1
+        r = run_engine(llm, prompt, SamplingParams(max_tokens=b1[1], **ignore), bw)
+        llm.config.decode_steps = k
+        res["batch1_single_step"] = r
+        print("batch-1, decode_steps=1:", r["tok_per_s"], flush=True)
+        rows.append({"figure": "batch-1 decode, decode_steps=1", "omni-ray tok/s": r["tok_per_s"], "HF tok/s": "",
+                     "ceiling tok/s": r["ceiling_tok_per_s"], "ratio to ceiling": r["ratio_to_ceiling"]})
 
     if args.profile and cuda:
         profile_decode(llm, prompt[0], ignore)

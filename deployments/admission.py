@@ -12,10 +12,14 @@ With the scheduler disabled every request is admitted at once and nothing is rep
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from contextlib import asynccontextmanager
 
 from omni_ray.config import OmniConfig
 from omni_ray.errors import OmniError, RequestCancelledError
+from omni_ray.logs import bind_request_id, install_request_id_filter
+from omni_ray.metrics import IngressMetrics, install_ingress
 
 
 def _status(error: BaseException | None, cancelled: bool) -> str:
@@ -33,6 +37,11 @@ class Ticket:
         self.request_id = request_id
         self.cancelled: asyncio.Event | None = None
         self.released = False
+        self.meter = None            # callable(error): the ingress's request metrics and log line
+
+    def _record(self, error: BaseException | None) -> None:
+        if self.meter is not None and not self.released:
+            self.meter(error)
 
     async def stage_started(self, stage: str) -> None:
         pass
@@ -49,6 +58,7 @@ class Ticket:
             await self.stage_finished(stage)
 
     async def release(self, error: BaseException | None = None) -> None:
+        self._record(error)
         self.released = True
 
 
@@ -69,6 +79,7 @@ class ScheduledTicket(Ticket):
     async def release(self, error: BaseException | None = None) -> None:
         if self.released:
             return
+        self._record(error)
         self.released = True
         status = _status(error, self.ticket.is_cancelled)
         msg = None if error is None else (error.message if isinstance(error, OmniError) else repr(error))
@@ -77,16 +88,28 @@ class ScheduledTicket(Ticket):
 
 class Admission:
     def __init__(self, config: OmniConfig):
+        from deployments.services import replica_id
+
         self.enabled = config.scheduler.enabled
         self.client = None
+        self.metrics = IngressMetrics(config.app.name, replica_id(), config.app.metrics)
+        install_ingress(self.metrics)                 # HTTP error responses are counted too
+        install_request_id_filter("ray.serve")
         if self.enabled:
             from omni_ray.scheduler import SchedulerClient
             self.client = SchedulerClient.connect(config.app.name, config.scheduler)
 
     async def admit(self, request_id: str, pipeline: str, stages: list[str], priority: str = "normal") -> Ticket:
-        if self.client is None:
-            return Ticket(request_id)
-        return ScheduledTicket(self.client, await self.client.admit(request_id, pipeline, stages, priority))
+        bind_request_id(request_id)                   # this task's log lines carry the id
+        started = time.perf_counter()
+        try:
+            ticket = (Ticket(request_id) if self.client is None else
+                      ScheduledTicket(self.client, await self.client.admit(request_id, pipeline, stages, priority)))
+        except OmniError as err:                      # e.g. 429
+            self.metrics.rejected(pipeline, err)
+            raise
+        ticket.meter = functools.partial(self.metrics.request_finished, request_id, pipeline, started)
+        return ticket
 
     async def cancel(self, request_id: str) -> bool:
         return bool(self.client and await self.client.cancel(request_id))

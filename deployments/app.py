@@ -31,7 +31,8 @@ def resolve_config(args: dict) -> OmniConfig:
 def build_app(args: dict) -> Application:
     cfg = resolve_config(args or {})
     limits = cfg.app.limits.model_dump()
-    services = {"app": cfg.app.name, "scheduler": cfg.scheduler.model_dump(), "dit_cache": cfg.dit_cache.model_dump()}
+    services = {"app": cfg.app.name, "scheduler": cfg.scheduler.model_dump(), "dit_cache": cfg.dit_cache.model_dump(),
+                "metrics": cfg.app.metrics.model_dump()}
     stages = {}
     for key, stage in cfg.stages.items():
         opts = stage_options(key, stage)

@@ -14,7 +14,6 @@ ends the engine generator, which aborts the request and frees its KV blocks.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from typing import AsyncIterator
 
@@ -23,7 +22,9 @@ from ray import serve
 
 from omni_ray.config import ARStageConfig, LimitsConfig, validate
 from deployments.services import CapacityReporter
+from deployments.pins import Pins
 from deployments.stage import StageReplica
+from omni_ray.dit_cache import hidden_states_input
 from deployments.streams import coalesce
 from omni_ray.pipeline import ar_encode, ar_generate, merge_deltas
 
@@ -38,24 +39,30 @@ class ARDeployment(StageReplica):
         self.config: ARStageConfig = validate(ARStageConfig, config)
         self.limits: LimitsConfig = validate(LimitsConfig, limits or {})
         self.engine = AsyncLLM(self.config.engine)
+        self.pins = Pins()
         capacity = min(self.config.deployment.max_ongoing_requests, self.config.engine.scheduler.max_num_seqs)
         self.capacity = CapacityReporter(services, stage, capacity)
+        self.start_metrics(services, self.engine.model_name)
         log.info("AR stage %r ready: model %s", stage, self.engine.model_name)
 
     async def generate(self, req: dict) -> AsyncIterator[dict]:
-        async for delta in coalesce(ar_generate(self.engine, req, self.limits), merge_deltas):
+        deltas = self.metrics.stream(ar_generate(self.engine, req, self.limits), req.get("request_id"))
+        async for delta in coalesce(deltas, merge_deltas):
             yield delta
 
     async def complete(self, req: dict) -> dict:
         """The whole generation as one delta (non-streaming callers: one message, not one per token)."""
-        deltas = [d async for d in ar_generate(self.engine, req, self.limits)]
+        deltas = [d async for d in self.metrics.stream(ar_generate(self.engine, req, self.limits),
+                                                       req.get("request_id"))]
         return merge_deltas(deltas)
 
     async def encode(self, req: dict) -> dict:
-        hs = await ar_encode(self.engine, req, self.limits)        # [T, H] float32 CPU
+        with self.metrics.track(req.get("request_id"), "encode"):
+            hs = await ar_encode(self.engine, req, self.limits)    # [T, H] float32 CPU
         ref = ray.put(hs.numpy())
+        self.pins.hold(ref, hs.numel() * hs.element_size())   # until the next stage has it (deployments/pins.py)
         # what the hidden states are a function of: lets the DiT cache key images conditioned on them
-        what = json.dumps([req.get(k) for k in ("prompt", "messages", "system_prompt", "layer")], sort_keys=True)
+        what = hidden_states_input(req)
         source = {"model": self.engine.model_name, "input": hashlib.sha256(what.encode()).hexdigest()[:32]}
         return {"ref": [ref], "shape": list(hs.shape), "dtype": str(hs.dtype).replace("torch.", ""),
                 "object_id": ref.hex(), "source": source}

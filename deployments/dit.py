@@ -62,13 +62,24 @@ class DiTDeployment(StageReplica):
         self.cache = dit_cache(services)
         capacity = min(self.config.deployment.max_ongoing_requests, self.config.engine.max_batch_size)
         self.capacity = CapacityReporter(services, stage, capacity)
+        self.start_metrics(services, self.model)
         log.info("DiT stage %r ready: model %s (cache %s)", stage, self.model, "on" if self.cache else "off")
 
     async def generate(self, req: dict, hidden: dict | None = None) -> AsyncIterator[dict]:
+        events = self._generate(req, hidden)
+        with self.metrics.track(req.get("request_id"), "images"):
+            try:
+                async for ev in events:
+                    yield ev
+            finally:
+                await events.aclose()
+
+    async def _generate(self, req: dict, hidden: dict | None) -> AsyncIterator[dict]:
         info: dict = {"received_object_id": hidden["ref"][0].hex()} if hidden else {}
         key = self._image_key(req, hidden)
         if key is not None:
             pngs = await self.cache.get(key)
+            self.metrics.cache_lookup("image", pngs is not None)
             if pngs is not None:
                 yield {"kind": "done", "images": list(pngs), "info": info | {"image_cache": "hit"}}
                 return
@@ -107,6 +118,7 @@ class DiTDeployment(StageReplica):
 
         key = conditioning_key(self.model, prompt, "text_encoder", max_len=self.config.engine.max_sequence_length)
         hit = await self.cache.get(key)
+        self.metrics.cache_lookup("conditioning", hit is not None)
         if hit is not None:
             return hit
         embeds, mask = await self.engine.encode_prompt(prompt)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from deployments.ingress_core import new_id
 from deployments.openai_format import usage
 from deployments.protocol import (ChatCompletionRequest, CompletionRequest, ImageGenerationRequest,
-                                  check_image_limits, check_text_limits)
+                                  check_pipeline_limits, check_text_limits)
 from deployments.streams import cancellable
 from omni_ray.errors import InvalidRequestError
 from omni_ray.pipeline import StageArgs, split_stage_args
@@ -116,7 +116,7 @@ class HandleAPI:
                           negative_prompt=negative_prompt, cache=cache, priority=priority)
         name, pipe = self._image_pipeline(model)
         args = StageArgs(image=body.diffusion())
-        check_image_limits(args.image, self.limits)
+        check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
         res = await self._run_collect(new_id("handle"), "images", pipe, prompt, args, priority)
         return {"model": name, "images": _images_as(res["images"], output_format), "stages": res["stages"]}
 
@@ -130,7 +130,7 @@ class HandleAPI:
         if priority not in ("high", "normal", "low"):
             raise InvalidRequestError(f"priority must be high, normal or low, got {priority!r}", param="priority")
         args = split_stage_args(stage_args)
-        check_image_limits(args.image, self.limits)
+        check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
         res = await self._run_collect(new_id("handle"), name, pipe, prompt, args, priority)
         out = self._public(res, images=lambda pngs: _images_as(pngs, output_format)) | {"pipeline": name}
         out.pop("type")

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omni_ray.errors import (EngineError, InvalidRequestError, OmniError, QueueFullError,
                              RequestCancelledError)
+from omni_ray.metrics import record_http_error
 
 log = logging.getLogger("ray.serve")
 
@@ -47,6 +48,7 @@ def as_omni(err: BaseException) -> OmniError:
 
 
 def error_response(err: BaseException, request_id: str | None = None) -> JSONResponse:
+    record_http_error(err)                   # errors by kind (once per exception)
     e = as_omni(err)
     headers = {"X-Request-Id": request_id} if request_id else {}
     if isinstance(e, QueueFullError):
@@ -56,6 +58,7 @@ def error_response(err: BaseException, request_id: str | None = None) -> JSONRes
 
 def error_event(err: BaseException) -> str:
     """A mid-stream failure (headers already sent): one SSE event with the error body."""
+    record_http_error(err)
     e = as_omni(err)
     return sse(e.to_openai() | {"status": e.http_status})
 
@@ -76,6 +79,8 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, OmniError):      # e.g. the Gate's body limit, hit while FastAPI read the body
+            return error_response(exc.__cause__)
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
         body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
         return JSONResponse(body, status_code=exc.status_code)

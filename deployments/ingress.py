@@ -1,6 +1,8 @@
 """The ingress: OpenAI-compatible HTTP API and typed Python methods over the stage deployments.
 
-HTTP (FastAPI; /v1/* need ``Authorization: Bearer <key>`` when app.api_keys is set):
+HTTP (FastAPI; every path but /health needs ``Authorization: Bearer <key>`` when app.api_keys is
+set; keys, body size and stray exceptions are handled by the Gate middleware before FastAPI parses
+a body, the other limits by the routes before any stage is called):
     GET  /health  /info  /v1/models  /v1/pipelines
     POST /v1/completions  /v1/chat/completions  /v1/images/generations
     POST /v1/pipelines/{name}     (or /v1/pipelines/run with a "pipeline" field; "stream": true for SSE)
@@ -16,22 +18,26 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from ray import serve
 
+from deployments.gate import OPEN_PATHS, Gate, GateSettings
 from deployments.handle_api import HandleAPI
 from deployments.http import SSE_HEADERS, error_response, install_handlers
 from deployments.ingress_core import IngressCore, new_id
+from deployments.openapi_doc import install_openapi
 from deployments.openai_format import Chat, Completion, b64_images, usage
 from deployments.protocol import (ChatCompletionRequest, CompletionRequest, ImageGenerationRequest,
-                                  PipelineRequest, check_image_limits, check_text_limits)
+                                  PipelineRequest, check_pipeline_limits, check_text_limits)
 from deployments.streams import gather_or_cancel
 from omni_ray.errors import InvalidRequestError, RequestTimeoutError
 from omni_ray.pipeline import StageArgs
 
 app = FastAPI(title="omni-ray", description="OpenAI-compatible serving of multi-stage omni models")
 install_handlers(app)
+install_openapi(app, OPEN_PATHS)
+app.add_middleware(Gate)
 
 
 @serve.deployment
@@ -39,9 +45,13 @@ install_handlers(app)
 class Ingress(HandleAPI, IngressCore):
     """HTTP routes; the machinery is in IngressCore, the Python methods in HandleAPI."""
 
+    def __serve_build_asgi_app__(self):
+        """Called by Serve after __init__: hand this replica's keys and limits to the Gate."""
+        self.app.state.gate = GateSettings.from_app(self.config.app)
+        return self.app
+
     # ================================================================== text
-    async def _text(self, request: Request, body, prompts: list[dict], fmt_cls, max_new, logprobs: bool):
-        self._guard(request)
+    async def _text(self, body, prompts: list[dict], fmt_cls, max_new, logprobs: bool):
         stage = self._stage(body.model, "ar")
         check_text_limits(body, max_new, self.limits)
         rid = new_id("chatcmpl" if fmt_cls is Chat else "cmpl")
@@ -62,32 +72,27 @@ class Ingress(HandleAPI, IngressCore):
         return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
+    async def completions(self, body: CompletionRequest):
         prompts = [{"prompt": p} for p in body.prompts()]
-        return self._respond(await self._text(request, body, prompts, Completion, body.max_tokens,
+        return self._respond(await self._text(body, prompts, Completion, body.max_tokens,
                                               body.logprobs is not None))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+    async def chat_completions(self, body: ChatCompletionRequest):
         prompts = [{"messages": body.chat_messages()}]
-        return self._respond(await self._text(request, body, prompts, Chat, body.max_new_tokens,
+        return self._respond(await self._text(body, prompts, Chat, body.max_new_tokens,
                                               body.logprobs))
 
     # ================================================================== pipelines and images
     @app.post("/v1/pipelines/{name}")
-    async def pipelines_run(self, name: str, body: PipelineRequest, request: Request):
-        self._guard(request)
+    async def pipelines_run(self, name: str, body: PipelineRequest):
         if name == "run" and "run" not in self.config.pipelines:
             if not body.pipeline:
                 raise InvalidRequestError("POST /v1/pipelines/run needs a 'pipeline' field", param="pipeline")
             name = body.pipeline
         pipe = self._pipeline(name)
         args = StageArgs(text=body.text_args(), image=body.diffusion(), per_stage=body.stage_args)
-        check_image_limits(args.image, self.limits)
-        unknown = set(args.per_stage) - {s.stage for s in pipe.steps}
-        if unknown:
-            raise InvalidRequestError(f"stage_args names stages not in pipeline {name!r}: {sorted(unknown)}",
-                                      param="stage_args")
+        check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
         rid = new_id("pipe")
         if not body.stream:
             res = await self._run_collect(rid, name, pipe, body.prompt, args, body.priority)
@@ -102,34 +107,30 @@ class Ingress(HandleAPI, IngressCore):
             lambda events: self._render_pipeline(rid, name, events)))
 
     @app.post("/v1/images/generations")
-    async def images_generations(self, body: ImageGenerationRequest, request: Request):
-        self._guard(request)
+    async def images_generations(self, body: ImageGenerationRequest):
         name, pipe = self._image_pipeline(body.model)
         args = StageArgs(image=body.diffusion())
-        check_image_limits(args.image, self.limits)
+        check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
         res = await self._run_collect(new_id("img"), "images", pipe, body.prompt, args, body.priority)
         return {"created": int(time.time()), "data": b64_images(res["images"]), "model": name}
 
     @app.post("/v1/requests/{request_id}/cancel")
-    async def cancel_request(self, request_id: str, request: Request):
+    async def cancel_request(self, request_id: str):
         """Cancel a running request by id (the ``id`` of its response / stream chunks), through the
         scheduler, whichever ingress replica owns it."""
-        self._guard(request)
         if not self.admission.enabled:
             raise InvalidRequestError("cancellation by id needs the omni scheduler (scheduler.enabled)")
         return {"id": request_id, "cancelled": await self.admission.cancel(request_id)}
 
     # ================================================================== info
     @app.get("/v1/models")
-    async def models(self, request: Request):
-        self._guard(request)
+    async def models(self):
         return {"object": "list", "data": [
             {"id": self.names[k], "object": "model", "created": 0, "owned_by": "omni-ray",
              "stage": k, "kind": self.kinds[k]} for k in self.kinds]}
 
     @app.get("/v1/pipelines")
-    async def pipelines(self, request: Request):
-        self._guard(request)
+    async def pipelines(self):
         return {"object": "list", "data": [
             {"id": n, "object": "pipeline", "description": p.description,
              "steps": [s.model_dump(exclude_none=True) for s in p.steps]} for n, p in self.config.pipelines.items()]}

@@ -1,9 +1,11 @@
 """The ingress's machinery, shared by its HTTP routes (ingress.py) and its Python methods
 (handle_api.py): stage lookup, admission and the request lifecycle, text and pipeline runs.
 
-A request is admitted by the omni scheduler (a no-op ticket when it is disabled), runs under the
-app's deadline and scheduler cancellation, and releases its ticket with its outcome. Streams are
-buffered up to their first real output, so bad input fails the HTTP request instead of the stream.
+A request is admitted by the omni scheduler (a no-op ticket when it is disabled), runs under one
+deadline (``app.request_timeout_s`` from arrival, admission included; past it: 504 and the stage
+calls are cancelled, which aborts the request in its engines) and scheduler cancellation, and
+releases its ticket with its outcome. Streams are buffered up to their first real output, so bad
+input fails the HTTP request instead of the stream. Errors leave as OmniErrors (typed statuses).
 """
 
 import asyncio
@@ -11,17 +13,16 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import Request
 from ray.serve.handle import DeploymentHandle
 
 from deployments.admission import Admission
 from deployments.http import DONE, as_omni, error_event, sse
 from deployments.openai_format import Choice, b64_images, usage
 from deployments.pipeline import RemoteAR, RemoteDiT
+from deployments.services import dit_cache
 from deployments.streams import cancellable, gather_or_cancel, merge, prepend_all, run_cancellable
 from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep, validate
-from omni_ray.errors import (AuthenticationError, InvalidRequestError, ModelNotFoundError, OmniError,
-                             RequestTimeoutError)
+from omni_ray.errors import InvalidRequestError, ModelNotFoundError, OmniError, RequestTimeoutError
 from omni_ray.pipeline import StageArgs, run_pipeline
 
 
@@ -29,27 +30,24 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:20]}"
 
 
+def typed(err: Exception) -> OmniError:
+    """The OmniError to raise for ``err`` (itself if it is one), so routes answer with its status."""
+    return err if isinstance(err, OmniError) else as_omni(err)
+
+
 class IngressCore:
     def __init__(self, config: dict, stages: dict[str, DeploymentHandle]):
         self.config: OmniConfig = validate(OmniConfig, config)
         self.handles = stages
         self.kinds = {k: s.kind for k, s in self.config.stages.items()}
-        self.backends = {k: RemoteAR(h) if self.kinds[k] == "ar" else RemoteDiT(h) for k, h in stages.items()}
         self.names = {k: s.engine.model.served_name for k, s in self.config.stages.items()}
+        cache = dit_cache({"app": self.config.app.name, "dit_cache": self.config.dit_cache.model_dump()})
+        self.backends = {k: RemoteAR(h, cache, self.names[k]) if self.kinds[k] == "ar" else RemoteDiT(h)
+                         for k, h in stages.items()}
         self.limits = self.config.app.limits
-        self.api_keys = set(self.config.app.resolved_api_keys())
         self.admission = Admission(self.config)
 
     # ================================================================== lookups
-    def _guard(self, request: Request) -> None:
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > self.limits.max_body_bytes:
-            raise InvalidRequestError(f"request body is larger than {self.limits.max_body_bytes} bytes")
-        if self.api_keys:
-            auth = request.headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or auth[7:].strip() not in self.api_keys:
-                raise AuthenticationError("invalid or missing API key (Authorization: Bearer <key>)")
-
     def _stage(self, model: str | None, kind: str) -> str:
         """The stage key a ``model`` field names (served name or stage key); None = the first of ``kind``."""
         keys = [k for k, v in self.kinds.items() if v == kind]
@@ -84,28 +82,43 @@ class IngressCore:
                                      param="pipeline")
         return self.config.pipelines[name]
 
+    def _new_deadline(self) -> float:
+        """The loop time at which a request arriving now times out."""
+        return asyncio.get_running_loop().time() + self.config.app.request_timeout_s
+
     @asynccontextmanager
-    async def _deadline(self):
+    async def _deadline(self, when: float):
+        """Run the body until ``when``; past it, cancel the body (and the stage calls it awaits) and
+        raise RequestTimeoutError (504)."""
         try:
-            async with asyncio.timeout(self.config.app.request_timeout_s):
+            async with asyncio.timeout_at(when) as cm:
                 yield
         except TimeoutError:
-            raise RequestTimeoutError(f"request exceeded {self.config.app.request_timeout_s}s") from None
+            if not cm.expired():
+                raise
+            raise RequestTimeoutError(f"request exceeded {self.config.app.request_timeout_s:g}s") from None
 
     # ================================================================== request lifecycle
-    async def _admit(self, rid: str, pipeline: str, stages: list[str], priority: str):
-        """Wait for the scheduler's grant (QueueFullError -> 429), at most the request timeout."""
-        async with self._deadline():
-            return await self.admission.admit(rid, pipeline, stages, priority)
+    async def _admit(self, rid: str, pipeline: str, stages: list[str], priority: str, when: float | None = None):
+        """Wait for the scheduler's grant (QueueFullError -> 429), at most until the deadline."""
+        try:
+            async with self._deadline(when or self._new_deadline()):
+                return await self.admission.admit(rid, pipeline, stages, priority)
+        except Exception as e:
+            raise typed(e) from None
 
     async def _unary(self, rid: str, pipeline: str, stages: list[str], priority: str, work):
         """Admit, run ``work(ticket)`` under the deadline and scheduler cancellation, release."""
-        ticket = await self._admit(rid, pipeline, stages, priority)
+        when = self._new_deadline()
+        ticket = await self._admit(rid, pipeline, stages, priority, when)
         err = None
         try:
-            async with self._deadline():
+            async with self._deadline(when):
                 return await run_cancellable(work(ticket), ticket.cancelled)
-        except BaseException as e:
+        except Exception as e:
+            err = e
+            raise typed(e) from None
+        except BaseException as e:     # cancelled: the client went away
             err = e
             raise
         finally:
@@ -114,8 +127,10 @@ class IngressCore:
     async def _stream(self, rid: str, pipeline: str, stages: list[str], priority: str, events, ready, render):
         """Admit, open ``events(ticket)`` and buffer it up to the first ``ready`` item, so bad input
         fails the HTTP request (4xx) instead of the stream; then SSE-render the rest."""
-        ticket = await self._admit(rid, pipeline, stages, priority)
-        it = cancellable(events(ticket), ticket.cancelled, self.config.app.request_timeout_s)
+        when = self._new_deadline()
+        ticket = await self._admit(rid, pipeline, stages, priority, when)
+        left = max(0.0, when - asyncio.get_running_loop().time())
+        it = cancellable(events(ticket), ticket.cancelled, left)
         head = []
         try:
             async for ev in it:
@@ -125,7 +140,7 @@ class IngressCore:
         except BaseException as e:
             await it.aclose()
             await ticket.release(e)
-            raise
+            raise typed(e) if isinstance(e, Exception) else e from None
         return self._sse(ticket, prepend_all(head, it), render)
 
     async def _sse(self, ticket, events, render) -> AsyncIterator[str]:

@@ -8,6 +8,7 @@ on, unresolved, to the DiT stage. Streaming calls are cancelled when the consume
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
@@ -35,9 +36,14 @@ async def unary(resp):
 
 
 class RemoteAR:
-    def __init__(self, handle: DeploymentHandle):
+    """``cache`` (a DiTCacheClient) makes ``encode`` a cached call: a prompt whose hidden states are
+    in the object store already skips the AR stage (the DiT gets the cached reference)."""
+
+    def __init__(self, handle: DeploymentHandle, cache=None, model: str | None = None):
         self.unary = handle.options(stream=False)
         self.streaming = handle.options(stream=True)
+        self.cache, self.model = cache, model
+        self._puts: set[asyncio.Task] = set()
 
     def generate(self, req: dict) -> AsyncIterator[dict]:
         return stream(self.streaming.generate.remote(req))
@@ -46,7 +52,22 @@ class RemoteAR:
         return await unary(self.unary.complete.remote(req))
 
     async def encode(self, req: dict) -> dict:
-        return await unary(self.unary.encode.remote(req))   # {"ref": [ObjectRef], ...}: the ref stays unresolved
+        """{"ref": [ObjectRef], "shape", "dtype", "source", "cache": hit|miss|off}: the ref stays unresolved."""
+        key = None
+        if self.cache is not None:
+            from omni_ray.dit_cache import hidden_states_key
+            key = hidden_states_key(self.model, req)
+            hit = await self.cache.get_entry(key)
+            if hit is not None and hit[1]:
+                ref, meta = hit
+                return {**meta, "ref": [ref], "object_id": ref.hex(), "cache": "hit"}
+        out = await unary(self.unary.encode.remote(req))
+        if key is not None:           # index it in the background: the caller does not wait for the copy
+            meta = {k: out[k] for k in ("shape", "dtype", "source")}
+            task = asyncio.ensure_future(self.cache.put_ref(key, out["ref"][0], meta=meta, model=self.model))
+            self._puts.add(task)
+            task.add_done_callback(self._puts.discard)
+        return out | {"cache": "miss" if key else "off"}
 
 
 class RemoteDiT:

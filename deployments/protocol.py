@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from omni_ray.config import LimitsConfig
 from omni_ray.errors import InvalidRequestError
@@ -20,7 +20,37 @@ Priority = Literal["high", "normal", "low"]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    """Unknown fields are ignored; known ones are strict (no ``false`` as a token id, no ``1.0`` as
+    ``n``, no ``"2"`` as ``max_tokens``): a value of the wrong JSON type is a 400."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_only(cls, data: Any) -> Any:
+        bad = _first_non_utf8(data)
+        if bad is not None:
+            raise ValueError(f"{bad or 'value'}: text must be valid Unicode (a lone surrogate was sent)")
+        return data
+
+
+def _first_non_utf8(value: Any, path: str = "") -> str | None:
+    """The path of the first string (key or value) in ``value`` that cannot be UTF-8 encoded
+    (JSON allows lone surrogates like "\\ud800"; tokenizers do not), else None."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return p
+        elif isinstance(v, dict):
+            stack.extend((k, p) for k in v if isinstance(k, str))
+            stack.extend((x, f"{p}.{k}" if p else str(k)) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((x, f"{p}.{i}") for i, x in enumerate(v))
+    return None
 
 
 class StreamOptions(_Body):
@@ -211,20 +241,125 @@ class PipelineRequest(_ImageArgs):
         return {k: v for k, v in kw.items() if v is not None}
 
 
+# ----------------------------------------------------------------------------- per-stage overrides
+class ARStageArgs(_Body):
+    """``stage_args`` of an AR step: SamplingParams fields plus the step's system prompt / layer."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    ignore_eos: bool | None = None
+    logprobs: bool | None = None
+    system_prompt: str | None = None
+    layer: int | None = None
+
+
+class DiTStageArgs(_Body):
+    """``stage_args`` of a DiT step: DiffusionParams fields (``size`` "WxH" or height/width)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str | None = None
+    size: str | None = None
+    height: int | None = Field(None, ge=8, multiple_of=8)
+    width: int | None = Field(None, ge=8, multiple_of=8)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    negative_prompt: str | None = None
+    num_images_per_prompt: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+    cache: bool | str | dict | None = None
+
+
+def stage_kwargs(kind: str, raw: dict, prefix: str = "") -> dict:
+    """Validate stage arguments (one stage's overrides, or the request-wide text / image ones) into
+    plain kwargs; errors name ``<prefix><field>``."""
+    from pydantic import ValidationError
+
+    cls = ARStageArgs if kind == "ar" else DiTStageArgs
+    try:
+        m = cls.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = prefix + ".".join(str(p) for p in e["loc"])
+        raise InvalidRequestError(f"{loc}: {e['msg']}", param=loc or None) from None
+    out = m.model_dump(exclude_none=True)
+    if kind == "ar":
+        if isinstance(out.get("stop"), str):
+            out["stop"] = [out["stop"]]
+        return out
+    if "size" in out:
+        out["height"], out["width"] = parse_size(out.pop("size"))
+    if "n" in out:
+        out["num_images_per_prompt"] = out.pop("n")
+    return out
+
+
 # ----------------------------------------------------------------------------- limits
+def _check_stop(stop: list[str] | None, limits: LimitsConfig, param: str = "stop") -> None:
+    if stop and len(stop) > limits.max_stop_sequences:
+        raise InvalidRequestError(f"at most {limits.max_stop_sequences} stop sequences", param=param)
+
+
+def _check_max_tokens(max_new: int | None, limits: LimitsConfig, param: str = "max_tokens") -> None:
+    if max_new is not None and max_new > limits.max_tokens:
+        raise InvalidRequestError(f"max_tokens must be <= {limits.max_tokens}", param=param)
+
+
 def check_text_limits(req: _Sampling, max_new: int | None, limits: LimitsConfig) -> None:
+    """Ingress-side limits of a completion / chat request (token counts of text prompts are
+    checked by the AR replica right after tokenizing, before the engine sees the request)."""
     if req.n > limits.max_n:
         raise InvalidRequestError(f"n must be <= {limits.max_n}", param="n")
-    if max_new is not None and max_new > limits.max_tokens:
-        raise InvalidRequestError(f"max_tokens must be <= {limits.max_tokens}", param="max_tokens")
+    _check_max_tokens(max_new, limits)
+    _check_stop(req.stop, limits)
+    if isinstance(req, CompletionRequest):
+        prompts = req.prompts()
+        if len(prompts) > limits.max_prompts:
+            raise InvalidRequestError(f"at most {limits.max_prompts} prompts per request", param="prompt")
+        for p in prompts:
+            if isinstance(p, list) and len(p) > limits.max_prompt_tokens:
+                raise InvalidRequestError(f"prompt has {len(p)} tokens; the limit is {limits.max_prompt_tokens}",
+                                          param="prompt")
 
 
-def check_image_limits(args: dict, limits: LimitsConfig) -> None:
+def check_image_limits(args: dict, limits: LimitsConfig, prefix: str = "") -> None:
     h, w = args.get("height"), args.get("width")
     if h and w and h * w > limits.max_image_pixels:
-        raise InvalidRequestError(f"size {w}x{h} exceeds {limits.max_image_pixels} pixels", param="size")
-    if args.get("num_inference_steps", 0) > limits.max_steps:
+        raise InvalidRequestError(f"size {w}x{h} exceeds {limits.max_image_pixels} pixels", param=f"{prefix}size")
+    if (args.get("num_inference_steps") or 0) > limits.max_steps:
         raise InvalidRequestError(f"num_inference_steps must be <= {limits.max_steps}",
-                                  param="num_inference_steps")
-    if args.get("num_images_per_prompt", 1) > limits.max_images:
-        raise InvalidRequestError(f"n must be <= {limits.max_images}", param="n")
+                                  param=f"{prefix}num_inference_steps")
+    if (args.get("num_images_per_prompt") or 1) > limits.max_images:
+        raise InvalidRequestError(f"n must be <= {limits.max_images}", param=f"{prefix}n")
+
+
+def check_pipeline_limits(name: str, pipe, kinds: dict[str, str], args, limits: LimitsConfig) -> None:
+    """Validate ``args.per_stage`` (replaced by the validated kwargs) and check every step's
+    effective arguments, overrides included, against the limits."""
+    if not isinstance(args.per_stage, dict):
+        raise InvalidRequestError("stage_args must be an object {stage: {...}}", param="stage_args")
+    steps = {s.stage for s in pipe.steps}
+    unknown = set(args.per_stage) - steps
+    if unknown:
+        raise InvalidRequestError(f"stage_args names stages not in pipeline {name!r}: {sorted(unknown)}",
+                                  param="stage_args")
+    args.text, args.image = stage_kwargs("ar", args.text), stage_kwargs("dit", args.image)
+    for stage, raw in list(args.per_stage.items()):
+        if not isinstance(raw, dict):
+            raise InvalidRequestError(f"stage_args.{stage} must be an object", param=f"stage_args.{stage}")
+        args.per_stage[stage] = stage_kwargs(kinds[stage], raw, f"stage_args.{stage}.")
+    for step in pipe.steps:
+        kind = kinds[step.stage]
+        eff = args.for_step(step, kind)
+        prefix = f"stage_args.{step.stage}." if step.stage in args.per_stage else ""
+        if kind == "ar":
+            _check_max_tokens(eff.get("max_tokens"), limits, prefix + "max_tokens")
+            _check_stop(eff.get("stop"), limits, prefix + "stop")
+        else:
+            check_image_limits(eff, limits, prefix)

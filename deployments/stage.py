@@ -1,13 +1,29 @@
-"""What every stage replica shares: engine stats, Serve's health check, /health, shutdown.
+"""What every stage replica shares: engine stats, Serve's health check, /health, metrics, shutdown.
 
 A stage deployment sets ``self.stage``, ``self.engine`` (an async engine with ``stats``,
-``check_health`` and ``shutdown``) and ``self.capacity`` (its CapacityReporter).
+``check_health`` and ``shutdown``) and ``self.capacity`` (its CapacityReporter), then calls
+``self.start_metrics(services, model)`` (``self.metrics``: omni_ray.metrics.StageMetrics).
 """
 
 from __future__ import annotations
 
+from omni_ray.config import MetricsConfig, validate
+from omni_ray.logs import install_request_id_filter
+from omni_ray.metrics import StageMetrics
+
 
 class StageReplica:
+    def start_metrics(self, services: dict | None, model: str) -> StageMetrics:
+        """Per-request metrics and a thread sampling ``engine.stats()`` into gauges; request ids
+        in this replica's log lines."""
+        from deployments.services import replica_id
+
+        cfg = validate(MetricsConfig, (services or {}).get("metrics") or {})
+        install_request_id_filter("ray.serve")
+        self.metrics = StageMetrics(self.stage, model, replica_id(), cfg)
+        self.metrics.start_sampling(self.engine.stats)
+        return self.metrics
+
     def stats(self) -> dict:
         return self.engine.stats()
 
@@ -20,5 +36,7 @@ class StageReplica:
         return {"stage": self.stage, "status": "ok"}
 
     async def __del__(self):
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.stop()
         self.capacity.leave()
         await self.engine.shutdown()

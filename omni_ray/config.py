@@ -43,35 +43,52 @@ class ModelConfig(Strict):
 
 # ----------------------------------------------------------------------------- AR engine
 class KVCacheConfig(Strict):
+    """The paged KV cache of an AR engine: block size, how many blocks, prefix caching."""
+
     block_size: int = Field(256, ge=1, description="tokens per KV block (kvcache_block_size)")
     num_blocks: int = Field(-1, description="-1: size from gpu_memory_utilization (num_kvcache_blocks)")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description=
+        "fraction of GPU memory for weights, activations and KV blocks when num_blocks == -1")
     cpu_kv_bytes: int = Field(256 << 20, ge=1 << 20, description="KV budget on CPU when num_blocks == -1")
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of identical prompt prefixes")
 
 
 class ARSchedulerConfig(Strict):
-    max_num_batched_tokens: int = Field(16384, ge=1)
-    max_num_seqs: int = Field(512, ge=1)
-    max_model_len: int = Field(4096, ge=2)
-    enable_chunked_prefill: bool = True
+    """Continuous batching of an AR engine: per-step token budget, concurrent sequences, context length."""
+
+    max_num_batched_tokens: int = Field(16384, ge=1, description="tokens (prefill + decode) per engine step")
+    max_num_seqs: int = Field(512, ge=1, description="sequences in the running batch")
+    max_model_len: int = Field(4096, ge=2, description="prompt + output tokens of one sequence")
+    enable_chunked_prefill: bool = Field(True, description="split long prompts across steps, mixed with decodes")
 
 
 class ParallelConfig(Strict):
-    tensor_parallel_size: int = Field(1, ge=1)
-    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Tensor parallelism of an AR engine across Ray actors (one placement group per replica)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="ranks (GPUs) one replica's model is sharded over")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="placement group strategy of one replica's ranks")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description=
+        "collectives: auto = nccl on CUDA, gloo on CPU")
+    timeout_s: float = Field(60.0, gt=0, description="a collective between ranks that takes longer fails "
+                             "the engine (EngineError); a dead worker is noticed sooner, by its actor")
 
 
 class AREngineConfig(Strict):
+    """An AR (text) engine: model, device, KV cache, batching, parallelism."""
+
     model: ModelConfig
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    enforce_eager: bool = False
-    seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU")
+    enforce_eager: bool = Field(False, description="no CUDA graphs and no torch.compile (debugging, CPU)")
+    seed: int = Field(0, description="torch seed at engine start (per-request sampling seeds are separate)")
     cache: KVCacheConfig = KVCacheConfig()
     scheduler: ARSchedulerConfig = ARSchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
     hidden_states_layer: int = Field(-1, description="default layer returned by hidden-state requests")
+    decode_steps: int = Field(4, ge=1, le=64, description=(
+        "greedy decode steps run back to back on the device per schedule, each feeding its token to the "
+        "next (vLLM's num_scheduler_steps): the host's per-step work is paid once per run and overlaps "
+        "the GPU; tokens are identical to single steps; streams get up to this many tokens per delta"))
 
     @model_validator(mode="after")
     def _check(self):
@@ -107,20 +124,28 @@ class AREngineConfig(Strict):
 
 # ----------------------------------------------------------------------------- DiT engine
 class DiTParallelConfig(Strict):
+    """Parallelism of a DiT engine: CFG halves and sequence (Ulysses) parallel ranks."""
+
     cfg_parallel: bool = Field(False, description="conditional/unconditional halves on two ranks")
     sequence_parallel_size: int = Field(1, ge=1, description="Ulysses all-to-all over heads")
-    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="placement group strategy of one replica's ranks")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description=
+        "collectives: auto = nccl on CUDA, gloo on CPU")
+    timeout_s: float = Field(60.0, gt=0, description="a collective between ranks that takes longer fails "
+                             "the engine (EngineError); a dead worker is noticed sooner, by its actor")
 
 
 class DiTEngineConfig(Strict):
+    """A DiT (image) engine: model, device, batching and resolution limits, CUDA graphs."""
+
     model: ModelConfig
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU")
     max_batch_size: int = Field(16, ge=1, description="requests (before CFG doubling) per transformer forward")
-    vae_batch_size: int = Field(8, ge=1)
+    vae_batch_size: int = Field(8, ge=1, description="finished images VAE-decoded together")
     max_pixels: int = Field(1024 * 1024, ge=64, description="height*width limit per image")
-    max_steps: int = Field(100, ge=1)
-    max_images_per_prompt: int = Field(4, ge=1)
+    max_steps: int = Field(100, ge=1, description="num_inference_steps limit per request")
+    max_images_per_prompt: int = Field(4, ge=1, description="num_images_per_prompt limit per request")
     compile: bool = Field(False, description="torch.compile the transformer")
     parallel: DiTParallelConfig = DiTParallelConfig()
     fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "
@@ -134,18 +159,24 @@ class DiTEngineConfig(Strict):
 
 # ----------------------------------------------------------------------------- cluster services
 class PriorityWeights(Strict):
-    high: float = Field(4.0, gt=0)
-    normal: float = Field(2.0, gt=0)
-    low: float = Field(1.0, gt=0)
+    """Share of admissions each priority class gets while several wait (no class starves)."""
+
+    high: float = Field(4.0, gt=0, description="weight of priority high")
+    normal: float = Field(2.0, gt=0, description="weight of priority normal")
+    low: float = Field(1.0, gt=0, description="weight of priority low")
 
 
 class OmniSchedulerConfig(Strict):
-    enabled: bool = True
-    policy: Literal["fifo", "priority"] = "priority"
+    """The app's admission scheduler (a named Ray actor): queue bound, policy, client timings."""
+
+    enabled: bool = Field(True, description=
+        "admit requests through the scheduler (off: admitted at once, no cancellation by id)")
+    policy: Literal["fifo", "priority"] = Field("priority", description=
+        "admission order: arrival, or weighted by the request's priority")
     priority_weights: PriorityWeights = PriorityWeights()
     max_queue_size: int = Field(1024, ge=0, description="queued (not yet running) requests before 429")
     default_stage_capacity: int = Field(64, ge=1, description="concurrency per stage until replicas report")
-    retry_after_s: float = Field(1.0, ge=0)
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After of a 429 when the queue is full")
     # issue 6 (scheduler) additions
     detached: bool = Field(True, description="detached actor: outlives the replica that created it")
     flush_interval_s: float = Field(0.002, ge=0, description="longest a client keeps a report (stage "
@@ -159,12 +190,15 @@ class OmniSchedulerConfig(Strict):
 
 
 class DiTCacheConfig(Strict):
-    enabled: bool = True
-    strategy: Literal["lru", "lfu", "ttl"] = "lru"
-    max_bytes: int = Field(1 << 30, ge=0)
-    ttl_s: float = Field(3600.0, gt=0)
-    cache_images: bool = True
-    cache_conditioning: bool = True
+    """The app's DiT cache (a named Ray actor holding object-store refs): images and text conditioning."""
+
+    enabled: bool = Field(True, description="use the DiT cache in DiT replicas")
+    strategy: Literal["lru", "lfu", "ttl"] = Field("lru", description=
+        "eviction: least recent, least hit, or soonest to expire")
+    max_bytes: int = Field(1 << 30, ge=0, description="bytes of cached values (object store) before eviction")
+    ttl_s: float = Field(3600.0, gt=0, description="an entry expires this long after it was put")
+    cache_images: bool = Field(True, description="cache the PNGs of seeded (deterministic) image requests")
+    cache_conditioning: bool = Field(True, description="cache text-encoder outputs per prompt")
     # issue 6 (dit cache) additions
     detached: bool = Field(True, description="detached actor: outlives the replica that created it")
     call_timeout_s: float = Field(5.0, gt=0, description="a client call slower than this counts as a miss")
@@ -172,37 +206,51 @@ class DiTCacheConfig(Strict):
 
 # ----------------------------------------------------------------------------- serve
 class AutoscalingConfig(Strict):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    initial_replicas: int | None = None
-    target_ongoing_requests: float = Field(32, gt=0)
-    upscale_delay_s: float = Field(30.0, ge=0)
-    downscale_delay_s: float = Field(600.0, ge=0)
-    metrics_interval_s: float = Field(10.0, gt=0)
-    look_back_period_s: float = Field(30.0, gt=0)
+    """Serve autoscaling of a deployment (maps onto Serve's autoscaling_config)."""
+
+    min_replicas: int = Field(1, ge=0, description="fewest replicas")
+    max_replicas: int = Field(1, ge=1, description="most replicas")
+    initial_replicas: int | None = Field(None, description="replicas at start (None: min_replicas)")
+    target_ongoing_requests: float = Field(32, gt=0, description=
+        "requests in flight per replica the autoscaler aims at")
+    upscale_delay_s: float = Field(30.0, ge=0, description="load must call for more replicas this long first")
+    downscale_delay_s: float = Field(600.0, ge=0, description="load must call for fewer replicas this long first")
+    metrics_interval_s: float = Field(10.0, gt=0, description="how often replicas report their load")
+    look_back_period_s: float = Field(30.0, gt=0, description="window the load is averaged over")
 
 
 class DeploymentConfig(Strict):
-    num_replicas: int | Literal["auto"] = 1
-    max_ongoing_requests: int = Field(256, ge=1)
-    autoscaling: AutoscalingConfig | None = None
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    health_check_period_s: float = Field(10.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    """How Serve runs a deployment: replicas or autoscaling, concurrency, resources, health checks."""
+
+    num_replicas: int | Literal["auto"] = Field(1, description=
+        "fixed replicas, or auto (Serve's default autoscaling); ignored when autoscaling is set")
+    max_ongoing_requests: int = Field(256, ge=1, description=
+        "requests one replica takes at once; more wait in the caller's handle")
+    autoscaling: AutoscalingConfig | None = Field(None, description=
+        "autoscale between bounds instead of num_replicas")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
+    health_check_period_s: float = Field(10.0, gt=0, description=
+        "Serve checks the replica (its engine loop) this often")
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description=
+        "a stopping replica gets this long to finish its requests")
     resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per replica (ray_actor_options.resources), "
         "e.g. {ar_gpu: 1} to pin a stage to the KubeRay worker group that offers it")
 
 
 class ARStageConfig(Strict):
-    kind: Literal["ar"] = "ar"
+    """An AR stage: one Serve deployment whose replicas each run an AR engine."""
+
+    kind: Literal["ar"] = Field("ar", description="an AR (text) stage")
     engine: AREngineConfig
     deployment: DeploymentConfig = DeploymentConfig()
 
 
 class DiTStageConfig(Strict):
-    kind: Literal["dit"] = "dit"
+    """A DiT stage: one Serve deployment whose replicas each run a DiT engine."""
+
+    kind: Literal["dit"] = Field("dit", description="a DiT (image) stage")
     engine: DiTEngineConfig
     deployment: DeploymentConfig = DeploymentConfig()
 
@@ -211,36 +259,71 @@ StageConfig = Annotated[Union[ARStageConfig, DiTStageConfig], Field(discriminato
 
 
 class PipelineStep(Strict):
+    """One step of a pipeline: which stage runs, what it takes and what it gives the next step."""
+
     stage: str = Field(description="a key of `stages`")
     input: Literal["prompt", "text", "hidden_states"] = Field(
         "prompt", description="what this stage takes: the request's prompt, the previous stage's text, or its prompt hidden states")
-    output: Literal["text", "hidden_states", "images"] = "text"
+    output: Literal["text", "hidden_states", "images"] = Field("text", description=
+        "what this stage gives the next: generated text, prompt hidden states (AR), or images (DiT)")
     system_prompt: str | None = Field(None, description="AR stages: a system message to wrap the input with")
     max_tokens: int | None = Field(None, ge=1, description="AR text stages: a default max_tokens")
 
 
 class PipelineConfig(Strict):
-    steps: list[PipelineStep] = Field(min_length=1)
-    description: str = ""
+    """A named pipeline: stages run in order, each fed by the previous one's output."""
+
+    steps: list[PipelineStep] = Field(min_length=1, description="the stages in order")
+    description: str = Field("", description="shown by GET /v1/pipelines")
 
 
 class LimitsConfig(Strict):
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    max_prompt_tokens: int = Field(8192, ge=1)
-    max_tokens: int = Field(4096, ge=1)
-    max_n: int = Field(8, ge=1)
-    max_image_pixels: int = Field(1024 * 1024, ge=64)
-    max_steps: int = Field(100, ge=1)
-    max_images: int = Field(4, ge=1)
+    """Per-request limits, enforced by the ingress before any stage is called (each violation is
+    a 400 naming the field); prompt tokens of text prompts are counted by the AR replica right
+    after tokenizing, before its engine sees the request."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP body bytes (Content-Length or counted)")
+    max_prompt_tokens: int = Field(8192, ge=1, description="tokens of one prompt (after the chat template)")
+    max_tokens: int = Field(4096, ge=1, description="max_tokens / max_completion_tokens, stage_args included")
+    max_n: int = Field(8, ge=1, description="choices per prompt (text n)")
+    max_prompts: int = Field(16, ge=1, description="prompts in one completions request (a list of prompts)")
+    max_stop_sequences: int = Field(4, ge=0, description="stop strings per request")
+    max_image_pixels: int = Field(1024 * 1024, ge=64, description="height * width of one image")
+    max_steps: int = Field(100, ge=1, description="num_inference_steps")
+    max_images: int = Field(4, ge=1, description="images per request (image n)")
+
+
+class MetricsConfig(Strict):
+    """Prometheus metrics (`ray_omni_*`, through Ray's metrics API) and per-request log lines."""
+
+    enabled: bool = Field(True, description="record metrics (omni_ray/metrics.py) in the ingress and stage replicas")
+    interval_s: float = Field(5.0, gt=0, description="how often a stage replica samples its engine's stats "
+                              "(queue, running, KV usage, cache rates) into gauges")
+    log_requests: bool = Field(True, description="one INFO line per finished request at the ingress and per "
+                               "stage request at each stage, carrying the request id")
 
 
 class AppConfig(Strict):
-    name: str = "omni"
-    route_prefix: str = "/"
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; also OMNI_RAY_API_KEYS (comma-separated)")
-    request_timeout_s: float = Field(600.0, gt=0)
+    """The HTTP application: name, route, API keys, deadline, limits, the ingress deployment, metrics."""
+
+    name: str = Field("omni", description="Serve application name (also names its scheduler and cache actors)")
+    route_prefix: str = Field("/", description="HTTP route prefix of the application")
+    api_keys: list[str] = Field(default_factory=list, description=(
+        "Bearer keys for every HTTP path but /health (none: open); also OMNI_RAY_API_KEYS (comma-separated)"))
+    request_timeout_s: float = Field(600.0, gt=0, description=(
+        "end-to-end deadline of a request, admission included: past it the client gets 504 and the "
+        "request is aborted in its engines"))
     limits: LimitsConfig = LimitsConfig()
     ingress: DeploymentConfig = DeploymentConfig(num_replicas=1, max_ongoing_requests=1024)
+    metrics: MetricsConfig = MetricsConfig()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            if not k.strip() or k != k.strip() or len(k) < 8:
+                raise ValueError("API keys must be at least 8 characters, without surrounding whitespace")
+        return keys
 
     def resolved_api_keys(self) -> list[str]:
         env = [k.strip() for k in os.environ.get("OMNI_RAY_API_KEYS", "").split(",") if k.strip()]
@@ -252,7 +335,8 @@ class OmniConfig(Strict):
 
     app: AppConfig = AppConfig()
     stages: dict[str, StageConfig]
-    pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
+    pipelines: dict[str, PipelineConfig] = Field(default_factory=dict, description=
+        "named pipelines over the stages (POST /v1/pipelines/<name>)")
     scheduler: OmniSchedulerConfig = OmniSchedulerConfig()
     dit_cache: DiTCacheConfig = DiTCacheConfig()
 
@@ -292,8 +376,8 @@ def validate(cls: type[BaseModel], data: Any) -> Any:
         raise ConfigError(f"invalid {cls.__name__}: {_format(err)}") from None
 
 
-def load_config(source: str | Path | dict, cls: type[BaseModel] = OmniConfig) -> Any:
-    """Load a config from a YAML file path, a YAML string, or a dict."""
+def read_mapping(source: str | Path | dict) -> dict:
+    """A YAML file path, a YAML string, or a dict, as a dict."""
     if isinstance(source, dict):
         data = source
     else:
@@ -309,4 +393,30 @@ def load_config(source: str | Path | dict, cls: type[BaseModel] = OmniConfig) ->
             raise ConfigError(f"config is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError("config must be a mapping at the top level")
-    return validate(cls, data)
+    return data
+
+
+def load_config(source: str | Path | dict, cls: type[BaseModel] = OmniConfig) -> Any:
+    """Load a config from a YAML file path, a YAML string, or a dict."""
+    return validate(cls, read_mapping(source))
+
+
+def load_app_config(source: str | Path | dict | OmniConfig, app: str | None = None) -> OmniConfig:
+    """An OmniConfig from a bare OmniConfig (file, YAML text, dict) or from a Serve config file
+    (``serve_config.yaml``): the application named ``app`` (default: the first), its ``args.config``
+    or ``args.config_path``."""
+    if isinstance(source, OmniConfig):
+        return source
+    data = read_mapping(source)
+    if "applications" not in data:
+        return validate(OmniConfig, data)
+    apps = data["applications"] or []
+    chosen = [a for a in apps if app is None or a.get("name") == app]
+    if not chosen:
+        raise ConfigError(f"no application {app!r} in the Serve config; it has {[a.get('name') for a in apps]}")
+    args = chosen[0].get("args") or {}
+    if args.get("config") is not None:
+        return validate(OmniConfig, args["config"])
+    if args.get("config_path"):
+        return load_config(str(args["config_path"]))
+    raise ConfigError(f"application {chosen[0].get('name')!r} has no args.config or args.config_path")

@@ -68,6 +68,16 @@ def image_key(model: str, prompt: str, params: dict) -> str | None:
     return f"img/{_digest({'model': model, 'prompt': prompt, 'params': params})}/{model}"
 
 
+def hidden_states_key(model: str, req: dict) -> str:
+    """Key of an AR stage's prompt hidden states: what they are a function of (model, prompt or
+    messages, system prompt, layer)."""
+    return conditioning_key(model, hidden_states_input(req), "hidden_states")
+
+
+def hidden_states_input(req: dict) -> str:
+    return json.dumps([req.get(k) for k in ("prompt", "messages", "system_prompt", "layer")], sort_keys=True)
+
+
 def key_model(key: str) -> str | None:
     parts = key.split("/", 2)
     return parts[2] if len(parts) == 3 and parts[0] in ("cond", "img") else None
@@ -108,6 +118,7 @@ class Entry:
     expires: float
     last: int = 0
     hits: int = 0
+    meta: dict | None = None       # small metadata kept beside the ref (shape, dtype, source)
 
 
 class CacheIndex:
@@ -135,7 +146,8 @@ class CacheIndex:
         self.entries.move_to_end(key)
         return e
 
-    def put(self, key: str, ref: Any, nbytes: int, model: str | None, ttl_s: float | None = None) -> list[str]:
+    def put(self, key: str, ref: Any, nbytes: int, model: str | None, ttl_s: float | None = None,
+            meta: dict | None = None) -> list[str]:
         """Insert (or replace); returns the evicted keys. Raises CacheError if it can never fit."""
         if nbytes > self.cfg.max_bytes:
             self.counts["rejected"] += 1
@@ -145,7 +157,7 @@ class CacheIndex:
         now = self.clock()
         ttl = ttl_s if ttl_s is not None else (self.cfg.ttl_s if self.cfg.strategy == "ttl" else float("inf"))
         self.tick += 1
-        self.entries[key] = Entry(ref, nbytes, model, now, now + ttl, last=self.tick)
+        self.entries[key] = Entry(ref, nbytes, model, now, now + ttl, last=self.tick, meta=meta)
         self.bytes += nbytes
         self.counts["puts"] += 1
         self.expire()
@@ -209,7 +221,7 @@ class DiTCache:
         self.copies = asyncio.Semaphore(8)        # bounds concurrent copy tasks
 
     async def put(self, key: str, refs: list, model: str | None = None, ttl_s: float | None = None,
-                  nbytes_hint: int | None = None) -> bool:
+                  nbytes_hint: int | None = None, meta: dict | None = None) -> bool:
         """Adopt ``refs[0]`` (a producer's ray.put) under ``key``. The ref comes wrapped in a list
         so Ray passes the reference, not the value."""
         if nbytes_hint is not None and nbytes_hint > self.index.cfg.max_bytes:
@@ -223,15 +235,15 @@ class DiTCache:
                 log.warning("dit cache: could not adopt %s: %s", key, e)
                 return False
         try:
-            self.index.put(key, ref, nbytes, model or key_model(key), ttl_s)
+            self.index.put(key, ref, nbytes, model or key_model(key), ttl_s, meta)
         except CacheError:
             return False
         return True
 
     async def get(self, key: str) -> list | None:
-        """``[ref]`` on a hit (the caller fetches from the object store), None on a miss."""
+        """``[ref, meta]`` on a hit (the caller fetches from the object store), None on a miss."""
         e = self.index.get(key)
-        return None if e is None else [e.ref]
+        return None if e is None else [e.ref, e.meta]
 
     async def contains(self, key: str) -> bool:
         e = self.index.entries.get(key)
@@ -314,6 +326,21 @@ class DiTCacheClient:
             return None
         reply = await self._call("get", key)
         return reply[0] if reply else None
+
+    async def get_entry(self, key: str | None):
+        """(ObjectRef, meta) on a hit, without fetching the value; None on a miss."""
+        if not self.enabled_for(key):
+            return None
+        reply = await self._call("get", key)
+        return (reply[0], reply[1] if len(reply) > 1 else None) if reply else None
+
+    async def put_ref(self, key: str | None, ref, *, meta: dict | None = None, model: str | None = None,
+                      ttl_s: float | None = None, nbytes: int | None = None) -> bool:
+        """Index a value another process already put in the object store (the cache actor adopts a
+        copy, so the entry outlives its producer); ``meta`` comes back with every hit."""
+        if not self.enabled_for(key):
+            return False
+        return bool(await self._call("put", key, [ref], model, ttl_s, nbytes, meta))
 
     async def put(self, key: str | None, value: Any, *, model: str | None = None, ttl_s: float | None = None) -> bool:
         if not self.enabled_for(key):

@@ -36,7 +36,7 @@ from typing import Any, AsyncIterator, Mapping
 
 import torch
 
-from omni_ray.config import ARStageConfig, LimitsConfig, OmniConfig, PipelineConfig, PipelineStep, load_config
+from omni_ray.config import ARStageConfig, LimitsConfig, OmniConfig, PipelineConfig, PipelineStep, load_app_config
 from omni_ray.errors import EngineError, InvalidRequestError, ModelNotFoundError
 
 
@@ -217,7 +217,7 @@ async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], ki
                 value, info["fallback"] = prompt, "empty rewrite; the next stage got the original prompt"
         elif kind == "ar":
             value = result["hidden_states"] = await backend.encode(req)
-            info = {"shape": list(value["shape"])} | ({"object_id": value["object_id"]} if "object_id" in value else {})
+            info = {"shape": list(value["shape"])} | {k: value[k] for k in ("object_id", "cache") if k in value}
         else:
             hidden = value if isinstance(value, dict) else None
             images, extra = None, {}
@@ -303,7 +303,7 @@ class OmniLLM:
     prompts is batched by the engines exactly as concurrent HTTP requests are."""
 
     def __init__(self, config: OmniConfig | str | Path | dict):
-        self.config = config if isinstance(config, OmniConfig) else load_config(config)
+        self.config = load_app_config(config)          # an OmniConfig, its YAML/dict, or a Serve config file
         self._engines: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()

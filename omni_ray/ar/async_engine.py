@@ -62,6 +62,7 @@ class AsyncLLM:
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._error: BaseException | None = None
+        self._watching = False
 
     @property
     def model_name(self) -> str:
@@ -90,10 +91,21 @@ class AsyncLLM:
                 self._wake.set()
 
     def stats(self) -> dict:
-        return self.engine.engine_stats() | {"num_streams": len(self._streams), "healthy": self._error is None}
+        out = self.engine.engine_stats() | {"num_streams": len(self._streams), "healthy": self._error is None}
+        describe = getattr(self.engine.runner, "describe", None)      # tensor parallel: the ranks
+        if describe is not None:
+            out["parallel"] = describe()
+        return out
 
     def check_health(self) -> None:
+        if self._error is None:
+            try:
+                self.engine.check_health()            # tensor parallel: every worker still there?
+            except OmniError as err:
+                self._fail_all(err)
         if self._error is not None:
+            if isinstance(self._error, EngineError):
+                raise EngineError(self._error.message)
             raise EngineError(f"AR engine loop died: {self._error!r}")
 
     async def shutdown(self) -> None:
@@ -104,6 +116,7 @@ class AsyncLLM:
             except (asyncio.CancelledError, Exception):
                 pass
         self._executor.shutdown(wait=True)
+        self.engine.shutdown()
 
     # ------------------------------------------------------------------ plumbing
     async def _submit(self, prompt, params, request_id: str, stream_text: bool):
@@ -140,8 +153,24 @@ class AsyncLLM:
 
     def _ensure_loop(self) -> None:
         if self._task is None or self._task.done():
+            loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())
+            if not self._watching:                    # a worker that dies fails requests at once,
+                self._watching = True                 # even while a step is stuck waiting on it
+                self.engine.add_failure_callback(lambda err: loop.call_soon_threadsafe(self._fail_all, err))
+
+    def _fail_all(self, err: BaseException) -> None:
+        """The engine is broken: every open request gets ``err``; the engine reports unhealthy."""
+        if self._error is None:
+            self._error = err
+        exc = err if isinstance(err, OmniError) else EngineError(f"AR engine failed: {err!r}")
+        for stream in self._streams.values():
+            stream.queue.put_nowait(exc)
+        self._streams.clear()
+        self._to_add.clear()
+        if self._wake is not None:
+            self._wake.set()
 
     def _apply_pending(self) -> None:
         adds, self._to_add = self._to_add, []
@@ -160,7 +189,7 @@ class AsyncLLM:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while True:
+            while self._error is None:
                 self._apply_pending()
                 if self.engine.is_finished():
                     self._wake.clear()
@@ -173,11 +202,7 @@ class AsyncLLM:
             raise
         except BaseException as err:  # the engine is broken: fail everyone, report unhealthy
             log.exception("AR engine loop died")
-            self._error = err
-            exc = err if isinstance(err, OmniError) else EngineError(f"AR engine failed: {err!r}")
-            for stream in self._streams.values():
-                stream.queue.put_nowait(exc)
-            self._streams.clear()
+            self._fail_all(err)
 
     def _emit(self, seq: Sequence) -> None:
         stream = self._streams.get(seq.request_id)

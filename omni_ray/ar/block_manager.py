@@ -73,9 +73,10 @@ class BlockManager:
         return need <= self.num_free_blocks  # conservative: ignores cache hits
 
     def admit(self, seq: Sequence) -> None:
-        """First scheduling of a waiting sequence: take its cached prefix blocks."""
+        """First scheduling of a waiting sequence: take its cached prefix blocks. Encode (hidden-state)
+        requests take none: they need every position's hidden state, which the cache does not hold."""
         assert not seq.block_table
-        hits = self._lookup(seq)
+        hits = [] if seq.is_encode else self._lookup(seq)
         for bid in hits:
             block = self.blocks[bid]
             if block.ref_count == 0:

@@ -28,7 +28,8 @@ from omni_ray.models import resolve_model
 
 @dataclass
 class EngineStats:
-    steps: int = 0
+    steps: int = 0                     # host steps (schedule + run)
+    forwards: int = 0                  # model forwards on the device (> steps with multi-step decode)
     prefill_tokens: int = 0
     decode_tokens: int = 0
     max_batch_size: int = 0
@@ -130,15 +131,36 @@ class LLMEngine:
     def is_finished(self) -> bool:
         return not self.scheduler.has_work()
 
+    # ------------------------------------------------------------------ health (tensor parallel: workers)
+    def check_health(self) -> None:
+        """Raises EngineError when the runner cannot work (a tensor-parallel rank died)."""
+        check = getattr(self.runner, "check_health", None)
+        if check is not None:
+            check()
+
+    def add_failure_callback(self, fn) -> None:
+        """``fn(err)`` runs (from another thread) when the runner fails on its own, e.g. a worker died."""
+        add = getattr(self.runner, "add_failure_callback", None)
+        if add is not None:
+            add(fn)
+
+    def shutdown(self) -> None:
+        """Release what the runner holds outside this process (tensor-parallel worker actors)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+
     # ------------------------------------------------------------------ step
     def step(self) -> list[Sequence]:
         """One forward of the next batch. Returns the sequences that changed (new token / finished)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        out = self.runner.run(batch)
+        k = self._decode_steps(batch)
+        out = self.runner.run(batch, k) if k > 1 else self.runner.run(batch)
         s = self.stats
         s.steps += 1
+        s.forwards += k
         s.max_batch_size = max(s.max_batch_size, len(batch))
         s.batch_size_hist[len(batch)] = s.batch_size_hist.get(len(batch), 0) + 1
         s.decode_steps += batch.num_decodes == len(batch)
@@ -150,19 +172,53 @@ class LLMEngine:
                 s.decode_context_tokens += seq.num_computed_tokens
             else:
                 s.prefill_tokens += n
+            self.block_manager.register_full_blocks(seq)     # before an encode finishes and frees them
             if seq.is_encode:
                 seq.hidden_chunks.append(out.hidden[seq.seq_id])
                 if seq.num_computed_tokens == len(seq):
                     self._finish(seq, "stop")
                     changed.append(seq)
-            self.block_manager.register_full_blocks(seq)
         for seq, tok, i in zip(out.sampled, out.token_ids, range(len(out.sampled))):
             if out.logprobs is not None and seq.params.logprobs:
                 seq.logprobs.append(out.logprobs[i])
             seq.append_token(tok)
             self._check_finish(seq)
             changed.append(seq)
+        if out.multi is not None:
+            self._apply_extra_steps(out)
         return changed
+
+    def _decode_steps(self, batch) -> int:
+        """How many greedy decode steps to run for ``batch`` in one go: only pure decode batches of
+        greedy requests without logprobs; never past a sequence's max_tokens, max_model_len or its
+        last allocated block (so that no step needs a block the scheduler has not given)."""
+        k = self.config.decode_steps
+        if k == 1 or batch.num_decodes != len(batch.seqs):
+            return 1
+        bs = self.config.cache.block_size
+        for seq in batch.seqs:
+            p = seq.params
+            if seq.is_encode or p.temperature > 0 or p.logprobs:
+                return 1
+            k = min(k, p.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq),
+                    len(seq.block_table) * bs - len(seq) + 1)
+        return max(k, 1)
+
+    def _apply_extra_steps(self, out) -> None:
+        """Tokens 2..k of a multi-step run, as if each came from its own step; a sequence that
+        finishes drops the rest (their K/V sit in its own blocks, which are freed)."""
+        s = self.stats
+        for seq, toks in zip(out.sampled, out.multi):
+            for tok in toks[1:]:
+                if seq.is_finished:
+                    break
+                seq.num_computed_tokens += 1
+                s.decode_tokens += 1
+                s.decode_context_tokens += seq.num_computed_tokens
+                seq.append_token(tok)
+                self._check_finish(seq)
+            if not seq.is_finished:
+                self.block_manager.register_full_blocks(seq)
 
     def _check_finish(self, seq: Sequence) -> None:
         p: SamplingParams = seq.params

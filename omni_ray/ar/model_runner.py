@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from omni_ray.ar.layers.attention import AttnMetadata, pick_backend
 from omni_ray.ar.layers.ops import Ops
 from omni_ray.ar.layers.parallel import TP1, TPContext
 from omni_ray.ar.layers.sampler import SamplingTensors, sample
-from omni_ray.ar.loader import load_weights
+from omni_ray.ar.loader import ReadStats, load_weights
 from omni_ray.ar.models import ArchConfig, DecoderForCausalLM
 from omni_ray.ar.scheduler import ScheduledBatch
 from omni_ray.ar.sequence import Sequence
@@ -50,6 +51,7 @@ class StepOutput:
     logprobs: list[float] | None
     sampled: list[Sequence]                  # sequences that got a token
     hidden: dict[int, torch.Tensor]          # seq_id -> [n, H] hidden states of this step's rows
+    multi: list[list[int]] | None = None     # multi-step decode: each sampled sequence's tokens
 
 
 class ModelRunner:
@@ -66,19 +68,45 @@ class ModelRunner:
             model = DecoderForCausalLM(arch, tp, self.backend, ops)
         self.model = model.to(self.dtype).eval()
         self.model.rope_cos, self.model.rope_sin = self.model.rope_cos.float(), self.model.rope_sin.float()
-        load_weights(self.model, path, cfg.model.allow_pickle)
+        self.load_stats = ReadStats()                 # what this rank read from the checkpoint
+        load_weights(self.model, path, cfg.model.allow_pickle, self.load_stats)
+        if self.use_graphs and self.backend == "triton":
+            ops.small_m = self._pick_small_gemv()
+        self.peers = None     # tensor parallel: rank 0's link to the other ranks (omni_ray.parallel.tp_runner)
         self.block_size = cfg.cache.block_size
         self.max_model_len = cfg.scheduler.max_model_len
         self.max_blocks = -(-self.max_model_len // self.block_size)
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
-        self.num_blocks = self._num_blocks()
+        self.num_blocks = self._agree_num_blocks(self._num_blocks())
         if self.num_blocks * self.block_size < self.max_model_len:
             raise ConfigError(f"KV cache holds {self.num_blocks * self.block_size} tokens, less than "
                               f"max_model_len={self.max_model_len}; lower max_model_len or raise the KV budget")
         self._allocate_kv(self.num_blocks)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_sizes = self._graph_sizes() if self.use_graphs else []
+        self._alloc_decode_buffers()
         if self.use_graphs:
             self._capture_graphs()
+
+    def _pick_small_gemv(self) -> int:
+        """Use the fused Triton GEMVs for decode batches of <= MAX_M rows only where they beat cuBLAS
+        on this GPU, timed on this model's own projections at batch 1."""
+        from triton.testing import do_bench
+
+        from omni_ray.ar.layers.triton_gemv import MAX_M, gemv
+        layer = self.model.layers[0]
+        ws = [layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
+              layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight]
+        t_triton = t_cublas = 0.0
+        for w in ws:
+            x = torch.randn(1, w.shape[1], device=self.device, dtype=self.dtype)
+            t_cublas += do_bench(lambda: torch.nn.functional.linear(x, w), warmup=5, rep=20)
+            t_triton += do_bench(lambda: gemv(x, w), warmup=5, rep=20)
+        use = t_triton < t_cublas
+        log.info("batch-1 projections: Triton GEMV %.1f us vs cuBLAS %.1f us per layer -> %s", t_triton * 1e3,
+                 t_cublas * 1e3, "Triton (fused norm/activation)" if use else "cuBLAS")
+        self.gemv_timing = {"triton_us": t_triton * 1e3, "cublas_us": t_cublas * 1e3, "use_triton": use}
+        return MAX_M if use else 0
 
     # ------------------------------------------------------------------ KV cache
     @property
@@ -103,6 +131,15 @@ class ModelRunner:
         if n < 1:
             raise ResourceError(f"no GPU memory left for the KV cache (available {avail / 2**30:.2f} GiB)")
         return n
+
+    def _agree_num_blocks(self, n: int) -> int:
+        """Tensor-parallel ranks must hold the same number of blocks: the smallest (also brings the
+        NCCL communicator up before any CUDA graph capture)."""
+        if self.tp.size == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
+        return int(t.item())
 
     def _profile_forward(self) -> None:
         """A forward of max_num_batched_tokens prompt tokens (and a full batch of logits)."""
@@ -194,26 +231,37 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> StepOutput:
+    def run(self, batch: ScheduledBatch, num_steps: int = 1) -> StepOutput:
+        """One step of ``batch`` (``num_steps`` greedy decode steps when the engine asks for them)."""
         n = len(batch.seqs)
-        if self.graphs and batch.num_decodes == n and n <= self.max_graph_bs and not any(s.is_encode for s in batch.seqs):
-            return self._run_graph(batch)
+        if batch.num_decodes == n and n <= self.max_graph_bs and not any(s.is_encode for s in batch.seqs):
+            return self._run_decode(batch, num_steps)
+        assert num_steps == 1, "multi-step runs are for pure decode batches"
         ids, pos, meta, cu = self.prepare(batch)
         encode = [i for i, s in enumerate(batch.seqs) if s.is_encode]
         layers = tuple(sorted({self._layer_index(batch.seqs[i]) for i in encode} - {self.arch.num_layers}))
-        hidden, captured = self.model(ids, pos, meta, layers)
         # rows that produce a token: sequences whose known tokens are all computed after this step
         sampled = [i for i, (s, k) in enumerate(zip(batch.seqs, batch.num_new))
                    if not s.is_encode and s.num_computed_tokens + k == len(s)]
+        rows = torch.as_tensor(cu[1:][sampled] - 1, device=self.device) if sampled else None
+        if self.peers is not None:
+            self.peers.forward(ids, pos, meta, rows)
+        hidden, captured, logits = self._forward(ids, pos, meta, layers, rows)
         out = StepOutput([], None, [batch.seqs[i] for i in sampled], {})
         if sampled:
-            rows = torch.as_tensor(cu[1:][sampled] - 1, device=self.device)
-            self._sample(self.model.compute_logits(hidden[rows]), out)
+            self._sample(logits, out)
         for i in encode:
             seq, layer = batch.seqs[i], self._layer_index(batch.seqs[i])
             src = hidden if layer == self.arch.num_layers else captured[layer]
             out.hidden[seq.seq_id] = src[cu[i]:cu[i + 1]].float().cpu()
         return out
+
+    def _forward(self, ids, pos, meta: AttnMetadata, layers: tuple[int, ...], rows: torch.Tensor | None):
+        """The eager forward (every tensor-parallel rank runs it): hidden [N, H], captured layers,
+        logits of ``rows`` (None when no row samples)."""
+        hidden, captured = self.model(ids, pos, meta, layers)
+        logits = self.model.compute_logits(hidden[rows]) if rows is not None else None
+        return hidden, captured, logits
 
     def _sample(self, logits: torch.Tensor, out: StepOutput) -> None:
         ps = [s.params for s in out.sampled]
@@ -224,31 +272,51 @@ class ModelRunner:
         out.token_ids = tokens.tolist()
         out.logprobs = logprobs.tolist() if logprobs is not None else None
 
-    def _run_graph(self, batch: ScheduledBatch) -> StepOutput:
-        """Pure decode step: one packed host->device copy, one graph replay (logits included)."""
+    def _run_decode(self, batch: ScheduledBatch, num_steps: int) -> StepOutput:
+        """A pure-decode batch: one packed host->device copy of the inputs, then ``num_steps`` forwards
+        back to back (CUDA-graph replays on GPU), each feeding its greedy token to the next on the
+        device. The host waits once, at the end. num_steps > 1 only for greedy sequences (the engine
+        checks), so the k tokens are exactly what k single steps would give."""
         seqs, bsz = batch.seqs, self.block_size
         n = len(seqs)
-        pos = [len(s) - 1 for s in seqs]
-        packed = ([s.token_ids[-1] for s in seqs] + pos
-                  + [s.block_table[p // bsz] * bsz + p % bsz for s, p in zip(seqs, pos)] + [p + 1 for p in pos])
-        dev = torch.tensor(packed, dtype=torch.int64).to(self.device, non_blocking=True).view(4, n)
-        width = max(len(s.block_table) for s in seqs)
-        table = np.zeros((n, width), dtype=np.int32)
+        bs = next(b for b in self.graph_sizes if b >= n) if self.graphs else n
+        rows = self.h_in_np[:bs]
+        rows[n:bs] = 0
+        rows[n:bs, 3] = self.num_blocks                      # padding rows write to the scratch block
         for i, s in enumerate(seqs):
-            table[i, : len(s.block_table)] = s.block_table
-        bs = next(b for b in self.graph_sizes if b >= n)
-        self.g_ids[:n] = dev[0]
-        self.g_pos[:n] = dev[1]
-        self.g_slots[:n] = dev[2]
-        self.g_ctx[:n] = dev[3]
-        if bs > n:
-            self.g_slots[n:bs].fill_(self.scratch_slot)
-            self.g_ctx[n:bs].zero_()
-        self.g_bt[:n, :width] = torch.from_numpy(table).to(self.device, non_blocking=True)
-        self.graphs[bs].replay()
+            p = len(s) - 1
+            row = rows[i]
+            row[0], row[1], row[2] = s.token_ids[-1], p, p + 1
+            row[3:3 + len(s.block_table)] = s.block_table
+        self.g_in[:bs].copy_(self.h_in[:bs], non_blocking=True)
+        splits = 0 if self.graphs else self._splits(n, max(len(s) for s in seqs) + num_steps)
+        if self.peers is not None:
+            self.peers.decode(bs, num_steps, splits)
+        self._decode_forwards(bs, num_steps, splits)
         out = StepOutput([], None, list(seqs), {})
-        self._sample(self.g_logits[:n], out)
+        if num_steps == 1 and not all(s.params.temperature == 0 and not s.params.logprobs for s in seqs):
+            self._sample(self.g_logits[:n], out)
+            return out
+        toks = self.h_tokens[:num_steps, :n]
+        toks.copy_(self.g_tokens[:num_steps, :n], non_blocking=True)
+        if self.device.type == "cuda":
+            self.copy_done.record()
+            self.copy_done.synchronize()
+        if num_steps == 1:
+            out.token_ids = toks[0].tolist()
+        else:
+            out.multi = toks.t().tolist()                      # [n][num_steps]
+            out.token_ids = [t[0] for t in out.multi]
         return out
+
+    def _decode_forwards(self, bs: int, num_steps: int, splits: int) -> None:
+        """``num_steps`` decode forwards on g_in[:bs] (graph replays on GPU); every TP rank runs this."""
+        self.g_step.zero_()
+        for _ in range(num_steps):
+            if self.graphs:
+                self.graphs[bs].replay()
+            else:
+                self._decode_body(bs, self._decode_meta(bs, splits))
 
     def _layer_index(self, seq: Sequence) -> int:
         layer = seq.params.layer
@@ -256,48 +324,66 @@ class ModelRunner:
             layer = self.cfg.hidden_states_layer
         return layer % (self.arch.num_layers + 1)
 
-    # ------------------------------------------------------------------ CUDA graphs (decode)
+    # ------------------------------------------------------------------ decode steps (CUDA graphs)
     def _graph_sizes(self) -> list[int]:
         top = min(self.cfg.scheduler.max_num_seqs, 512)
         sizes = [1, 2, 4, 8] + list(range(16, top + 1, 16))
         return sorted({s for s in sizes if s <= top} | {top})
 
-    def _capture_graphs(self) -> None:
-        sizes = self._graph_sizes()
-        self.max_graph_bs = mb = sizes[-1]
-        dev = self.device
-        self.g_ids = torch.zeros(mb, dtype=torch.int64, device=dev)
-        self.g_pos = torch.zeros(mb, dtype=torch.int64, device=dev)
-        self.g_slots = torch.full((mb,), self.scratch_slot, dtype=torch.int64, device=dev)
-        self.g_ctx = torch.zeros(mb, dtype=torch.int32, device=dev)
-        self.g_bt = torch.zeros(mb, self.max_blocks, dtype=torch.int32, device=dev)
-        self.g_cu = torch.arange(mb + 1, dtype=torch.int32, device=dev)
+    def _alloc_decode_buffers(self) -> None:
+        """Persistent inputs/outputs of decode steps (what the graphs read and write).
+        g_in rows: [token, position, context length, block table ...] (int32), filled from a pinned
+        host copy in one transfer; g_tokens[step, row]: each step's greedy token."""
+        mb = self.max_graph_bs = max(self.graph_sizes) if self.graph_sizes else self.cfg.scheduler.max_num_seqs
+        dev, cuda = self.device, self.device.type == "cuda"
+        cols = 3 + self.max_blocks
+        self.h_in = torch.zeros(mb, cols, dtype=torch.int32, pin_memory=cuda)
+        self.h_in_np = self.h_in.numpy()
+        self.g_in = torch.zeros(mb, cols, dtype=torch.int32, device=dev)
+        steps = self.cfg.decode_steps
+        self.g_tokens = torch.zeros(steps, mb, dtype=torch.int64, device=dev)
+        self.h_tokens = torch.zeros(steps, mb, dtype=torch.int64, pin_memory=cuda)
+        self.g_step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.g_logits = torch.zeros(mb, self.arch.vocab_size, dtype=self.dtype, device=dev)
-        self.graph_sizes = sizes
-        self.g_splits: dict[int, int] = {}
+        self.copy_done = torch.cuda.Event() if cuda else None
+
+    def _capture_graphs(self) -> None:
+        sizes = self.graph_sizes
         pool = None
         with torch.inference_mode():
             for bs in reversed(sizes):
-                splits = self._splits(bs, self.max_model_len)
-                self.g_splits[bs] = splits
-                meta = self._graph_meta(bs, splits)
+                meta = self._decode_meta(bs, self._splits(bs, self.max_model_len))
                 for _ in range(2):  # warm up (compiles kernels outside the capture)
-                    self._graph_body(bs, meta)
+                    self.g_step.zero_()
+                    self._decode_body(bs, meta)
+                self.g_step.zero_()
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    self._graph_body(bs, meta)
+                    self._decode_body(bs, meta)
                 pool = g.pool()
                 self.graphs[bs] = g
         torch.cuda.synchronize()
-        log.info("captured %d decode CUDA graphs (batch sizes up to %d)", len(sizes), mb)
+        log.info("captured %d decode CUDA graphs (batch sizes up to %d)", len(sizes), sizes[-1])
 
-    def _graph_body(self, bs: int, meta: AttnMetadata) -> None:
-        hidden = self.model(self.g_ids[:bs], self.g_pos[:bs], meta)[0]
-        self.g_logits[:bs] = self.model.compute_logits(hidden)
+    def _decode_meta(self, bs: int, splits: int) -> AttnMetadata:
+        inp = self.g_in[:bs]
+        return AttnMetadata(slot_mapping=None, context_lens=inp[:, 2], block_tables=inp[:, 3:],
+                            cu_seqlens_q=None, num_decodes=bs, max_query_len=1,
+                            max_context_len=self.max_model_len, decode_splits=splits)
 
-    def _graph_meta(self, bs: int, splits: int) -> AttnMetadata:
-        return AttnMetadata(slot_mapping=self.g_slots[:bs], context_lens=self.g_ctx[:bs],
-                            block_tables=self.g_bt[:bs], cu_seqlens_q=self.g_cu[: bs + 1],
-                            num_decodes=bs, max_query_len=1, max_context_len=self.max_model_len,
-                            decode_splits=splits)
+    def _decode_body(self, bs: int, meta: AttnMetadata) -> None:
+        """One decode step on rows [:bs] of g_in, then advance g_in to the next step on the device."""
+        inp = self.g_in[:bs]                                              # [bs, 3 + max_blocks] int32
+        ids, pos = inp[:, 0].contiguous(), inp[:, 1].contiguous()
+        meta.context_lens = inp[:, 2].contiguous()
+        blk = inp[:, 3:].gather(1, (pos // self.block_size).long().unsqueeze(1)).squeeze(1)
+        meta.slot_mapping = blk.long() * self.block_size + (pos % self.block_size).long()
+        hidden = self.model(ids, pos, meta)[0]
+        logits = self.model.compute_logits(hidden)
+        self.g_logits[:bs] = logits
+        nxt = logits.argmax(-1)                                           # greedy token [bs]
+        self.g_tokens[:, :bs].index_copy_(0, self.g_step, nxt.unsqueeze(0))
+        self.g_step.add_(1)
+        inp[:, 0] = nxt.to(torch.int32)
+        inp[:, 1:3] += 1

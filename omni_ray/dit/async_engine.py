@@ -108,6 +108,7 @@ class AsyncDiTEngine:
     def check_health(self) -> None:
         if self._error is not None:
             raise EngineError(f"DiT engine loop died: {self._error!r}")
+        self.engine.check_health()                     # parallel worker ranks
 
     async def shutdown(self) -> None:
         self._closed = True
@@ -121,6 +122,7 @@ class AsyncDiTEngine:
             queue.put_nowait(EngineError("the DiT engine shut down"))
         self._queues.clear()
         self._executor.shutdown(wait=True)
+        self.engine.shutdown()
 
     # ------------------------------------------------------------------ plumbing
     def _ensure_loop(self) -> None:

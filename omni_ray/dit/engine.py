@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from omni_ray.config import DiTEngineConfig, ModelConfig, validate
 from omni_ray.dit.batcher import Batcher
-from omni_ray.dit.cuda_graphs import GraphedBlocks
 from omni_ray.dit.families import Cond, load_family
 from omni_ray.dit.images import decode_outputs
+from omni_ray.dit.parallel import Layout, ParallelRunner, build_parallel_runner, make_layout
+from omni_ray.dit.parallel.rank import prepare_family
 from omni_ray.dit.params import DiffusionParams
 from omni_ray.dit.request import DiTRequest, Status
 from omni_ray.dit.runner import DiTRunner
@@ -61,16 +62,15 @@ class DiTEngine:
         self.device = _resolve_device(cfg)
         self.dtype = _resolve_dtype(cfg, self.device)
         self.model_path = resolve_model(cfg.model.path)
-        self.family = load_family(self.model_path, self.device, self.dtype, cfg.max_sequence_length,
-                                  cfg.model.allow_pickle)
-        if cfg.fuse_elementwise and self.device.type == "cuda":
-            self.family.fuse_elementwise()
-        if cfg.compile:
-            self.family.compile()
-        graphs = None
-        if cfg.cuda_graphs and self.device.type == "cuda":
-            graphs = GraphedBlocks(self.family, max_rows=2 * cfg.max_batch_size)
-        self.runner = DiTRunner(self.family, graphs)
+        layout = make_layout(cfg)
+        self.parallel: ParallelRunner | None = None   # cfg / sequence parallel: ranks as Ray actors
+        if layout is not None:                        # each rank (rank 0: here) loads the model on its device
+            self.runner = self.parallel = build_parallel_runner(cfg, self.model_path, self.dtype, layout)
+            self.family, self.device = self.runner.family, self.runner.family.device
+        else:
+            self.family = load_family(self.model_path, self.device, self.dtype, cfg.max_sequence_length,
+                                      cfg.model.allow_pickle)
+            self.runner = DiTRunner(self.family, prepare_family(self.family, cfg, Layout(1, 1)))
         self.batcher = Batcher(cfg.max_batch_size)
         self.requests: dict[str, DiTRequest] = {}
         # step() may run in a worker thread while add()/abort() come from another: the lock guards
@@ -94,8 +94,11 @@ class DiTEngine:
         """Validate and build a request (raises InvalidRequestError; touches no engine state or GPU)."""
         if request_id is not None and request_id in self.requests:
             _bad("request_id", f"request id {request_id!r} is already in use")
-        return build_request(self.family, self.config, prompt, params, request_id, prompt_embeds, prompt_mask,
-                             output_type)
+        req = build_request(self.family, self.config, prompt, params, request_id, prompt_embeds, prompt_mask,
+                            output_type)
+        if self.parallel is not None:
+            self.parallel.check_request(req)      # no step caching; EngineError once a rank died
+        return req
 
     def add_request(self, prompt: str | None, params: DiffusionParams | None = None, request_id: str | None = None,
                     prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
@@ -129,6 +132,16 @@ class DiTEngine:
     @staticmethod
     def _release(req: DiTRequest) -> None:
         req.latents = req.cond = req.neg_cond = req.cache_state = req.scheduler = None
+
+    def check_health(self) -> None:
+        """Raise EngineError if a parallel worker rank died (a single-process engine is always fine)."""
+        if self.parallel is not None:
+            self.parallel.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the parallel worker ranks, if any (idempotent)."""
+        if self.parallel is not None:
+            self.parallel.shutdown()
 
     def has_work(self) -> bool:
         with self._lock:
@@ -336,4 +349,6 @@ class DiTEngine:
             "vae_batches": self.counts["vae_batches"],
             "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs else 0,
             "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
+            "parallel_ranks": self.parallel.layout.world if self.parallel is not None else 1,
+            **({"parallel": self.parallel.describe()} if self.parallel is not None else {}),
         }

@@ -13,6 +13,7 @@ small enough for CPU tests; ``shape:*`` entries have a real model's transformer 
                         hidden size, 64); no text encoder, requests bring ``prompt_embeds``
     shape:pixart-sigma-xl   PixArt-Sigma-XL-2 (28 layers, 1152 wide, caption 4096 x 300), real SD VAE
     shape:sd3-medium        SD3-medium (24 layers, 1536 wide), real SD3 VAE
+    shape:pixart-sigma-llm-0.6b  PixArt-Sigma-XL conditioned on shape:qwen3-0.6b hidden states (1024)
 """
 
 from __future__ import annotations
@@ -185,5 +186,8 @@ def builders() -> dict[str, Callable[[Path], None]]:
         "shape:pixart-sigma-xl": lambda p: build_pixart(p, PIXART_SIGMA_XL, SD_VAE, t5_dim=4096,
                                                         dtype=torch.bfloat16),
         "shape:sd3-medium": lambda p: build_sd3(p, SD3_MEDIUM, SD3_VAE, dtype=torch.bfloat16),
+        # PixArt-Sigma-XL conditioned on Qwen3-0.6B's hidden states (1024 wide), as Qwen-Image / Sana do
+        "shape:pixart-sigma-llm-0.6b": lambda p: build_pixart(p, dict(PIXART_SIGMA_XL, caption_channels=1024), SD_VAE,
+                                                              t5_dim=None, dtype=torch.bfloat16),
     }
 

@@ -14,6 +14,7 @@ import uuid
 import ray
 
 from omni_ray.config import OmniSchedulerConfig
+from omni_ray.metrics import SchedulerMetrics
 from omni_ray.scheduler.core import SchedulerCore
 
 NAMESPACE = "omni_ray"
@@ -34,6 +35,7 @@ class OmniScheduler:
         self.wake: dict[str, asyncio.Event] = {}
         self.reaper: asyncio.Task | None = None
         self.cache = None
+        self.metrics = SchedulerMetrics(app_name, scheduler_name(app_name))
 
     # ------------------------------------------------------------------ client protocol
     async def sync(self, client_id: str, events: list) -> dict:
@@ -77,6 +79,7 @@ class OmniScheduler:
             await asyncio.sleep(REAP_EVERY_S)
             if self.core.reap():
                 self._wake_dirty()
+            self.metrics.record(self.core.queue_depth())     # Prometheus gauge per stage
             for c in [c for c in self.wake if c not in self.core.seen]:
                 self.wake.pop(c).set()
 

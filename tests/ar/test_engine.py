@@ -135,3 +135,37 @@ def test_bad_requests_raise_and_do_not_disturb(qwen3, prompt, params, param):
 def test_bad_sampling_values(kw):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**kw)
+
+
+def test_multi_step_decode_equals_single_steps():
+    """decode_steps=k runs k greedy steps per schedule on the device: tokens, stops, lengths and the
+    blocks freed must be what single steps give, across block boundaries (block_size 16)."""
+    def run(k):
+        llm = make_llm(decode_steps=k)
+        outs = llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (37, 5, 1, 50)],
+                            use_tqdm=False)
+        stop = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                         stop_token_ids=[outs[0]["token_ids"][0]]), use_tqdm=False)
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+        return [(o["token_ids"], o["finish_reason"]) for o in outs + stop], llm.stats
+    want, single = run(1)
+    for k in (3, 8):
+        got, stats = run(k)
+        assert got == want
+        assert stats.steps < single.steps                      # fewer host steps for the same tokens
+    assert [len(t) for t, _ in want[:4]] == [37, 5, 1, 50]
+
+
+def test_encode_of_a_prompt_longer_than_a_block():
+    """An encode request whose prompt fills KV blocks: its full blocks go to the prefix cache before
+    the request finishes (regression: they were registered after being freed); a repeated encode
+    still returns every position (it does not take prefix hits), and generation can reuse them."""
+    llm = make_llm()
+    long_prompt = PROMPTS[3] * 3                              # several 16-token blocks
+    first = llm.encode(long_prompt)[0]
+    again = llm.encode(long_prompt)[0]
+    assert first.shape[0] == len(llm.tokenize(long_prompt))
+    torch.testing.assert_close(first, again)
+    llm.generate([long_prompt], GREEDY, use_tqdm=False)
+    assert llm.block_manager.prefix_hits > 0                  # the encode's blocks served the generation
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks

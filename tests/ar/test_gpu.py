@@ -77,3 +77,64 @@ def test_triton_store_kv_matches_index_copy():
     store_kv(k, v, ref_k, ref_v, slots)
     triton_store_kv(k, v, got_k, got_v, slots)
     assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_fused_qkv_norm_rope_store_matches_ops(dtype, tol, qk_norm):
+    from omni_ray.ar.layers.attention import store_kv
+    from omni_ray.ar.layers.ops import qkv_norm_rope, rope_cos_sin
+    from omni_ray.ar.layers.triton_qkv import qkv_norm_rope_store
+    torch.manual_seed(0)
+    nh, nkv, d, n = 16, 8, 128, 37
+    cos, sin = (t.cuda() for t in rope_cos_sin(d, 4096, {"rope_theta": 1e6}))
+    pos = torch.randint(0, 4096, (n,), device="cuda")
+    qkv = torch.randn(n, (nh + 2 * nkv) * d, device="cuda", dtype=dtype)
+    qw, kw = (torch.rand(d, device="cuda", dtype=dtype) + 0.5 for _ in range(2)) if qk_norm else (None, None)
+    slots = torch.randperm(20 * 16, device="cuda")[:n]
+    q_ref, k_ref, v_ref = qkv_norm_rope(qkv, cos[pos], sin[pos], nh, nkv, d, qw, kw, 1e-6)
+    kc_ref, vc_ref = torch.zeros(20, 16, nkv, d, device="cuda", dtype=dtype), None
+    vc_ref = torch.zeros_like(kc_ref)
+    store_kv(k_ref, v_ref, kc_ref, vc_ref, slots)
+    kc, vc = torch.zeros_like(kc_ref), torch.zeros_like(kc_ref)
+    q = qkv_norm_rope_store(qkv, pos.int(), cos, sin, nh, nkv, d, qw, kw, 1e-6, kc, vc, slots.int())
+    torch.testing.assert_close(q.float(), q_ref.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(kc.float(), kc_ref.float(), atol=tol, rtol=tol)
+    assert torch.equal(vc, vc_ref)
+
+
+@pytest.mark.parametrize("steps", [1, 6])
+def test_cuda_graph_multi_step_matches_cpu(steps):
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (24, 3, 40, 9)]
+    cpu = [o["token_ids"] for o in make_llm("tiny:qwen3").generate(PROMPTS, params, use_tqdm=False)]
+    gpu = make_llm("tiny:qwen3", device="cuda", dtype="float32", enforce_eager=False, decode_steps=steps)
+    got = [o["token_ids"] for o in gpu.generate(PROMPTS, params, use_tqdm=False)]
+    assert got == cpu
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("m", [1, 3, 4])
+@pytest.mark.parametrize("prologue", ["none", "norm", "norm_residual", "silu_mul"])
+def test_small_gemv_matches_reference(dtype, tol, m, prologue):
+    import torch.nn.functional as F
+    from omni_ray.ar.layers.ops import add_rms_norm, rms_norm, silu_and_mul
+    from omni_ray.ar.layers.triton_gemv import gemv
+    torch.manual_seed(0)
+    n, k = 1000, 1040                                   # not multiples of the tiles
+    x = torch.randn(m, 2 * k if prologue == "silu_mul" else k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    nw = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+    r = torch.randn(m, k, device="cuda", dtype=dtype)
+    if prologue == "none":
+        got, want = gemv(x, w, b), F.linear(x, w, b)
+    elif prologue == "norm":
+        got, want = gemv(x, w, prologue="norm", norm_w=nw, eps=1e-6), F.linear(rms_norm(x, nw, 1e-6), w)
+    elif prologue == "norm_residual":
+        got, res = gemv(x, w, prologue="norm", residual=r, norm_w=nw, eps=1e-6)
+        h, want_res = add_rms_norm(x, r, nw, 1e-6)
+        want = F.linear(h, w)
+        assert torch.equal(res, want_res)
+    else:
+        got, want = gemv(x, w, prologue="silu_mul"), F.linear(silu_and_mul(x), w)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

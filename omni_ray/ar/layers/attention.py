@@ -95,8 +95,8 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])   # set by the model runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]"""
-        if self.k_cache.numel():
+        """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]; k = v = None when they are already in the cache."""
+        if k is not None and self.k_cache.numel():
             if self.backend == "torch":
                 store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             else:
@@ -104,6 +104,8 @@ class Attention(nn.Module):
                 triton_store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         nd = meta.num_decodes
         n_seqs = meta.context_lens.shape[0]
+        if nd == n_seqs:                      # pure decode (CUDA-graph steps): no output copy
+            return self._decode(q, meta)
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], meta)

@@ -104,14 +104,19 @@ class RowParallelLinear(Linear):
         super().__init__(in_features // tp.size, out_features, bias, tp)
 
     def weight_loader(self, param, source, shard_id=None) -> None:
-        if param.dim() == 1:  # bias: added once, on rank 0
-            param.data.copy_(_read(source) if self.tp.rank == 0 else torch.zeros_like(param))
+        if param.dim() == 1:  # bias: whole on every rank, added after the all-reduce (``reduce``)
+            param.data.copy_(_read(source))
             return
         n = param.shape[1]
         param.data.copy_(_read(source, None, (self.tp.rank * n, (self.tp.rank + 1) * n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight, self.bias))
+        return self.reduce(F.linear(x, self.weight))
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum the ranks' partial products, then add the bias once."""
+        y = self.tp.all_reduce(partial)
+        return y if self.bias is None else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -50,17 +51,50 @@ def qkv_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: i
 
 
 class Ops:
-    """The op set a model uses; ``compile()`` swaps in torch.compile'd versions."""
+    """The op set a model uses; ``compile()`` swaps in torch.compile'd versions and, for batches of
+    at most ``small_m`` rows (decode of a few sequences), Triton GEMVs with the norm / activation
+    in front of each projection fused in (``triton_gemv.py``)."""
 
     def __init__(self):
         self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
         self.silu_and_mul, self.apply_rotary = silu_and_mul, apply_rotary
         self.qkv_norm_rope = qkv_norm_rope
+        self.small_m = 0
 
-    def compile(self) -> "Ops":
+    def compile(self, small_gemv: bool = False) -> "Ops":
         for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "apply_rotary", "qkv_norm_rope"):
             setattr(self, name, torch.compile(getattr(self, name), dynamic=True))
+        if small_gemv:
+            from omni_ray.ar.layers.triton_gemv import MAX_M
+            self.small_m = MAX_M
         return self
+
+    # projections with what precedes them: x [M, K] -> [M, N] (w [N, K], the local TP shard)
+    def norm_linear(self, x, residual, norm_w, eps, w, b=None):
+        """(linear(rms_norm(x + residual)), x + residual); without a residual, (linear(rms_norm(x)), x)."""
+        if x.shape[0] <= self.small_m:
+            from omni_ray.ar.layers.triton_gemv import gemv
+            if residual is None:
+                return gemv(x, w, b, prologue="norm", norm_w=norm_w, eps=eps), x
+            return gemv(x, w, b, prologue="norm", residual=residual, norm_w=norm_w, eps=eps)
+        if residual is None:
+            h, residual = self.rms_norm(x, norm_w, eps), x
+        else:
+            h, residual = self.add_rms_norm(x, residual, norm_w, eps)
+        return F.linear(h, w, b), residual
+
+    def silu_mul_linear(self, x, w):
+        """linear(silu(x[:, :K]) * x[:, K:])"""
+        if x.shape[0] <= self.small_m:
+            from omni_ray.ar.layers.triton_gemv import gemv
+            return gemv(x, w, prologue="silu_mul")
+        return F.linear(self.silu_and_mul(x), w)
+
+    def linear(self, x, w, b=None):
+        if x.shape[0] <= self.small_m:
+            from omni_ray.ar.layers.triton_gemv import gemv
+            return gemv(x, w, b)
+        return F.linear(x, w, b)
 
 
 # ----------------------------------------------------------------------------- rotary tables

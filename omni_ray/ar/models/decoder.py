@@ -90,13 +90,22 @@ class DecoderAttention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, ops)
         self.qk_norm = c.qk_norm
         self.attn = Attention(self.nh, self.nkv, self.d, c.head_dim ** -0.5, backend)
+        self.fused = backend != "torch"      # CUDA: norm + rotary + KV store in one Triton kernel
 
-    def forward(self, x, cos, sin, meta: AttnMetadata):
-        n = x.shape[0]
+    def forward(self, qkv, positions, cos, sin, meta: AttnMetadata):
+        """qkv [N, (Hq + 2 Hkv) D] (the projection is fused with the norm before it, in the layer);
+        cos/sin: per-token rows [N, D/2] (torch path) or the whole tables [max_pos, D/2] (fused)."""
+        n = qkv.shape[0]
         qw, kw, eps = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
-        q, k, v = self.ops.qkv_norm_rope(self.qkv_proj(x), cos, sin, self.nh, self.nkv, self.d, qw, kw, eps)
-        o = self.attn(q, k, v, meta)                                  # [N, Hq, D]
-        return self.o_proj(o.view(n, -1))
+        if self.fused:
+            from omni_ray.ar.layers.triton_qkv import qkv_norm_rope_store
+            q = qkv_norm_rope_store(qkv, positions, cos, sin, self.nh, self.nkv, self.d, qw, kw, eps,
+                                    self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
+            o = self.attn(q, None, None, meta)                        # K/V already in the cache
+        else:
+            q, k, v = self.ops.qkv_norm_rope(qkv, cos, sin, self.nh, self.nkv, self.d, qw, kw, eps)
+            o = self.attn(q, k, v, meta)                              # [N, Hq, D]
+        return self.o_proj.reduce(self.ops.linear(o.view(n, -1), self.o_proj.weight))
 
 
 class MLP(nn.Module):
@@ -106,8 +115,9 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(c.hidden_size, [c.intermediate_size] * 2, False, tp)
         self.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, False, tp)
 
-    def forward(self, x):
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, gate_up):
+        """gate_up [N, 2 I] (the projection is fused with the norm before it, in the layer)"""
+        return self.down_proj.reduce(self.ops.silu_mul_linear(gate_up, self.down_proj.weight))
 
 
 class DecoderLayer(nn.Module):
@@ -118,14 +128,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, ops)
 
-    def forward(self, x, residual, cos, sin, meta):
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+    def forward(self, x, residual, positions, cos, sin, meta):
+        """x, residual [N, hidden] -> this layer's output and the residual stream before it."""
+        ops, attn, mlp = self.self_attn.ops, self.self_attn, self.mlp
+        ln = self.input_layernorm
+        qkv, residual = ops.norm_linear(x, residual, ln.weight, ln.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        x = attn(qkv, positions, cos, sin, meta)
+        ln = self.post_attention_layernorm
+        gate_up, residual = ops.norm_linear(x, residual, ln.weight, ln.eps, mlp.gate_up_proj.weight)
+        return mlp(gate_up), residual
 
 
 class DecoderForCausalLM(nn.Module):
@@ -153,11 +164,14 @@ class DecoderForCausalLM(nn.Module):
                 capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """input_ids, positions [N] -> final hidden states [N, hidden] (normed), and the residual
         stream after each layer in ``capture_layers`` (HF ``hidden_states`` indexing)."""
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if self.layers[0].self_attn.fused:
+            cos, sin = self.rope_cos, self.rope_sin            # the kernel reads rows by position
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x, residual = self.embed_tokens(input_ids), None
         captured = {0: x} if 0 in capture_layers else {}
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, meta)
+            x, residual = layer(x, residual, positions, cos, sin, meta)
             if i + 1 in capture_layers and i + 1 < len(self.layers):
                 captured[i + 1] = x + residual
         x, _ = self.norm(x, residual)

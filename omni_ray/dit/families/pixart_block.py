@@ -39,6 +39,13 @@ def ln_modulate(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     return h.mul_(scale1).add_(shift)
 
 
+def sdpa_self_attention(qkv: torch.Tensor) -> torch.Tensor:
+    """qkv [B, N, 3, H, d] -> attention output [B, N, H*d] (sequence parallel swaps this for Ulysses)."""
+    B, N = qkv.shape[:2]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
+
+
 def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate * y (x first: the output keeps x's contiguous layout)."""
     return torch.addcmul(x, gate, y)
@@ -74,6 +81,7 @@ class PixArtBlock:
         self.block = block
         self.k = kernels
         self.fast = supported(block)
+        self.self_attention = sdpa_self_attention
         if self.fast:
             a1, a2 = block.attn1, block.attn2
             self.qkv_w, self.qkv_b = _fuse([a1.to_q, a1.to_k, a1.to_v])
@@ -96,9 +104,8 @@ class PixArtBlock:
         # self-attention
         n1, n2 = blk.norm1, blk.norm2
         h = k.ln_modulate(x, n1.weight, n1.bias, n1.eps, 1 + scale_msa, shift_msa)
-        qkv = F.linear(h, self.qkv_w, self.qkv_b).view(B, N, 3, self.heads1, -1).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])              # [B, H, N, d]
-        o = blk.attn1.to_out[0](o.transpose(1, 2).reshape(B, N, D))
+        qkv = F.linear(h, self.qkv_w, self.qkv_b).view(B, N, 3, self.heads1, -1)
+        o = blk.attn1.to_out[0](self.self_attention(qkv))                         # [B, N, D]
         x = k.gated_add(x, gate_msa, o)
 
         # cross-attention over the caption (no norm before it in PixArt)

@@ -1,0 +1,138 @@
+"""Prometheus metrics and request ids in logs, on the running app (``serve run serve_config.yaml``).
+
+A few requests of every kind go through the app; then the node's metrics endpoint (Ray's
+metrics agent, ``ray.nodes()[0]["MetricsExportPort"]``) is scraped until every metric of
+``omni_ray.metrics.SPECS`` is there with its labels, and the Serve log files are searched for one
+request's id at the ingress and at its stage.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import time
+import uuid
+
+import httpx
+import pytest
+
+from omni_ray.metrics import SPECS
+
+pytestmark = pytest.mark.ray
+
+WAIT_S = 120          # give-up time for Ray's exporter (it pushes every few seconds); not a speed check
+IMAGE = {"size": "64x64", "num_inference_steps": 3}
+LONG_PROMPT = " ".join(["the lighthouse keeper watched the grey sea roll in under the evening sky"] * 6)
+
+SERIES = re.compile(r"^(\w+?)(?:_bucket|_sum|_count)?\{(.*)\}\s+(\S+)$")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse(text: str) -> dict[str, list[dict]]:
+    """Prometheus text -> {metric name (histograms without suffix): [labels of each series]}."""
+    out: dict[str, list[dict]] = {}
+    for line in text.splitlines():
+        m = SERIES.match(line)
+        if m:
+            labels = dict(LABEL.findall(m.group(2))) | {"__value__": m.group(3)}
+            out.setdefault(m.group(1), []).append(labels)
+    return out
+
+
+def metrics_url() -> str:
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def scrape_until(url: str, done) -> dict[str, list[dict]]:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            got = parse(httpx.get(url, timeout=10).text)
+        except httpx.HTTPError:
+            got = {}
+        if done(got) or time.monotonic() > deadline:
+            return got
+        time.sleep(2.0)
+
+
+def series(got: dict, spec_name: str, **labels) -> list[dict]:
+    return [s for s in got.get(SPECS[spec_name].exported, []) if all(s.get(k) == v for k, v in labels.items())]
+
+
+@pytest.fixture(scope="module")
+def traffic(client):
+    """Requests that touch every metric; returns the id of one chat completion."""
+    chat = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 12,
+            "seed": 1}
+    first = client.post("/v1/chat/completions", json=chat)
+    assert first.status_code == 200, first.text
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200      # prefix-cache hit
+    with client.stream("POST", "/v1/chat/completions", json=chat | {"stream": True}) as r:
+        assert r.status_code == 200
+        r.read()
+    img = {"prompt": f"a red boat {uuid.uuid4().hex[:8]}", "seed": 3, "size": "64x64", "num_inference_steps": 8,
+           "cache": {"method": "teacache", "threshold": 1.0}}
+    for _ in range(2):                                                             # image-cache miss, then hit
+        assert client.post("/v1/images/generations", json=img).status_code == 200
+    r = client.post("/v1/pipelines/text2image", json={"prompt": "a fox", "max_tokens": 4, **IMAGE})
+    assert r.status_code == 200, r.text
+    assert client.post("/v1/chat/completions", json=chat | {"model": "no-such-model"}).status_code == 404
+    return first.json()["id"]
+
+
+def test_metrics_endpoint_has_every_metric_with_labels(traffic):
+    url = metrics_url()
+    names = [s.exported for s in SPECS.values()]
+
+    def complete(got):
+        return (all(n in got for n in names) and series(got, "omni_dit_cache_lookups_total", result="hit")
+                and series(got, "omni_errors_total", stage="ingress", kind="not_found_error")
+                and any(float(s["__value__"]) > 0 for s in series(got, "omni_dit_step_cache_skip_rate")))
+
+    got = scrape_until(url, complete)
+    missing = [n for n in names if n not in got]
+    assert not missing, f"not exported after {WAIT_S}s: {missing}"
+    for spec in SPECS.values():
+        for s in got[spec.exported]:
+            assert set(spec.tag_keys) <= set(s), f"{spec.exported} lacks labels: {s}"
+    # labelled by the stage that records them, with its served model name
+    for name in ("omni_time_to_first_token_seconds", "omni_inter_token_latency_seconds", "omni_kv_cache_usage",
+                 "omni_prefix_cache_hit_rate", "omni_generated_tokens_total"):
+        assert series(got, name, stage="llm", model="tiny-qwen3"), name
+    for name in ("omni_dit_batch_size", "omni_dit_steps_total", "omni_dit_step_cache_skip_rate"):
+        assert series(got, name, stage="image", model="tiny-pixart"), name
+    assert series(got, "omni_e2e_latency_seconds", stage="ingress", model="chat")
+    assert series(got, "omni_e2e_latency_seconds", stage="image", model="tiny-pixart")
+    assert series(got, "omni_requests_total", stage="llm", status="completed")
+    assert series(got, "omni_errors_total", stage="ingress", kind="not_found_error")
+    # values that the traffic must have made positive
+    hits = series(got, "omni_prefix_cache_hit_tokens_total", stage="llm")
+    assert sum(float(s["__value__"]) for s in hits) > 0
+    skipped = series(got, "omni_dit_step_cache_skip_rate", stage="image")
+    assert max(float(s["__value__"]) for s in skipped) > 0
+
+
+def test_request_id_in_logs_of_ingress_and_stage(traffic):
+    import ray
+
+    logs_dir = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve")
+    rid = traffic
+
+    def files_with_id() -> set[str]:
+        found = set()
+        for path in glob.glob(os.path.join(logs_dir, "replica_omni_*.log")):
+            with open(path, errors="replace") as f:
+                if rid in f.read():
+                    found.add(os.path.basename(path))
+        return found
+
+    deadline = time.monotonic() + 30
+    while not ({"Ingress", "llm"} <= {f.split("_")[2] for f in files_with_id()}) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    found = files_with_id()
+    assert any(f.startswith("replica_omni_Ingress_") for f in found), (rid, found)
+    assert any(f.startswith("replica_omni_llm_") for f in found), (rid, found)

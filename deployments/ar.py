@@ -25,7 +25,7 @@ from deployments.services import CapacityReporter
 from deployments.pins import Pins
 from deployments.stage import StageReplica
 from omni_ray.dit_cache import hidden_states_input
-from deployments.streams import coalesce
+from deployments.streams import OpenStreams
 from omni_ray.pipeline import ar_encode, ar_generate, merge_deltas
 
 log = logging.getLogger("ray.serve")
@@ -40,6 +40,7 @@ class ARDeployment(StageReplica):
         self.limits: LimitsConfig = validate(LimitsConfig, limits or {})
         self.engine = AsyncLLM(self.config.engine)
         self.pins = Pins()
+        self.streams = OpenStreams(self.config.streaming)
         capacity = min(self.config.deployment.max_ongoing_requests, self.config.engine.scheduler.max_num_seqs)
         self.capacity = CapacityReporter(services, stage, capacity)
         self.start_metrics(services, self.engine.model_name)
@@ -47,7 +48,7 @@ class ARDeployment(StageReplica):
 
     async def generate(self, req: dict) -> AsyncIterator[dict]:
         deltas = self.metrics.stream(ar_generate(self.engine, req, self.limits), req.get("request_id"))
-        async for delta in coalesce(deltas, merge_deltas):
+        async for delta in self.streams.stream(deltas, merge_deltas):
             yield delta
 
     async def complete(self, req: dict) -> dict:

@@ -46,8 +46,11 @@ class Ingress(HandleAPI, IngressCore):
     """HTTP routes; the machinery is in IngressCore, the Python methods in HandleAPI."""
 
     def __serve_build_asgi_app__(self):
-        """Called by Serve after __init__: hand this replica's keys and limits to the Gate."""
+        """Called by Serve after __init__: hand this replica's keys and limits to the Gate, and its
+        config to the OpenAPI document (limits and pipeline names)."""
         self.app.state.gate = GateSettings.from_app(self.config.app)
+        self.app.state.omni_config = self.config
+        self.app.openapi_schema = None
         return self.app
 
     # ================================================================== text

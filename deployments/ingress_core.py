@@ -20,7 +20,7 @@ from deployments.http import DONE, as_omni, error_event, sse
 from deployments.openai_format import Choice, b64_images, usage
 from deployments.pipeline import RemoteAR, RemoteDiT
 from deployments.services import dit_cache
-from deployments.streams import cancellable, gather_or_cancel, merge, prepend_all, run_cancellable
+from deployments.streams import OpenStreams, cancellable, gather_or_cancel, merge, prepend_all, run_cancellable
 from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep, validate
 from omni_ray.errors import InvalidRequestError, ModelNotFoundError, OmniError, RequestTimeoutError
 from omni_ray.pipeline import StageArgs, run_pipeline
@@ -46,6 +46,7 @@ class IngressCore:
                          for k, h in stages.items()}
         self.limits = self.config.app.limits
         self.admission = Admission(self.config)
+        self.open_streams = OpenStreams(self.config.app.streaming)
 
     # ================================================================== lookups
     def _stage(self, model: str | None, kind: str) -> str:
@@ -146,7 +147,7 @@ class IngressCore:
     async def _sse(self, ticket, events, render) -> AsyncIterator[str]:
         err = None
         try:
-            async for chunk in render(events):
+            async for chunk in self.open_streams.stream(render(events), "".join):   # events merged per message
                 yield chunk
             yield DONE
         except Exception as e:         # headers are sent: report in-band

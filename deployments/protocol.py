@@ -317,6 +317,7 @@ def check_text_limits(req: _Sampling, max_new: int | None, limits: LimitsConfig)
     if req.n > limits.max_n:
         raise InvalidRequestError(f"n must be <= {limits.max_n}", param="n")
     _check_max_tokens(max_new, limits)
+    _check_max_tokens(req.max_tokens, limits)       # also where max_completion_tokens overrides it
     _check_stop(req.stop, limits)
     if isinstance(req, CompletionRequest):
         prompts = req.prompts()
@@ -340,8 +341,9 @@ def check_image_limits(args: dict, limits: LimitsConfig, prefix: str = "") -> No
 
 
 def check_pipeline_limits(name: str, pipe, kinds: dict[str, str], args, limits: LimitsConfig) -> None:
-    """Validate ``args.per_stage`` (replaced by the validated kwargs) and check every step's
-    effective arguments, overrides included, against the limits."""
+    """Validate ``args.per_stage`` (replaced by the validated kwargs) and check the request-wide
+    arguments (whether or not the pipeline has a step that uses them: a limit is a limit) and every
+    step's effective arguments, overrides included, against the limits."""
     if not isinstance(args.per_stage, dict):
         raise InvalidRequestError("stage_args must be an object {stage: {...}}", param="stage_args")
     steps = {s.stage for s in pipe.steps}
@@ -350,6 +352,9 @@ def check_pipeline_limits(name: str, pipe, kinds: dict[str, str], args, limits: 
         raise InvalidRequestError(f"stage_args names stages not in pipeline {name!r}: {sorted(unknown)}",
                                   param="stage_args")
     args.text, args.image = stage_kwargs("ar", args.text), stage_kwargs("dit", args.image)
+    _check_max_tokens(args.text.get("max_tokens"), limits)
+    _check_stop(args.text.get("stop"), limits)
+    check_image_limits(args.image, limits)
     for stage, raw in list(args.per_stage.items()):
         if not isinstance(raw, dict):
             raise InvalidRequestError(f"stage_args.{stage} must be an object", param=f"stage_args.{stage}")

@@ -103,21 +103,32 @@ async def _pump(it: AsyncIterator[T], queue: asyncio.Queue) -> None:
         queue.put_nowait(err)
 
 
-async def coalesce(it: AsyncIterator[T], merge_fn) -> AsyncIterator[T]:
-    """Yield ``it``'s items, merged with ``merge_fn(items)`` when the consumer falls behind (one
-    Serve message per batch of engine steps instead of one per token under load). Stopping the
-    consumer cancels ``it``."""
+async def coalesce(it: AsyncIterator[T], merge_fn, interval_s=0.0) -> AsyncIterator[T]:
+    """Yield ``it``'s items, merged with ``merge_fn(items)``: whatever is waiting when the consumer
+    asks, and, with ``interval_s`` (seconds, or a callable giving them), whatever arrives until
+    that long after the previous yield (the first item and the end go out at once). One Serve
+    message per batch of engine steps instead of one per token under load. Stopping the consumer
+    cancels ``it``."""
+    interval = interval_s if callable(interval_s) else (lambda: interval_s)
     queue: asyncio.Queue = asyncio.Queue()
     task = asyncio.ensure_future(_pump(it, queue))
+    loop = asyncio.get_running_loop()
+    last = None
     try:
         while True:
             items = [await queue.get()]
+            iv = interval()
+            if iv > 0 and last is not None and not _ends(items[0]):
+                wait = last + iv - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             while not queue.empty():
                 items.append(queue.get_nowait())
-            end = next((x for x in items if x is _END or isinstance(x, BaseException)), None)
-            values = [x for x in items if x is not _END and not isinstance(x, BaseException)]
+            end = next((x for x in items if _ends(x)), None)
+            values = [x for x in items if not _ends(x)]
             if values:
                 yield merge_fn(values) if len(values) > 1 else values[0]
+                last = loop.time()
             if end is _END:
                 return
             if end is not None:
@@ -126,6 +137,30 @@ async def coalesce(it: AsyncIterator[T], merge_fn) -> AsyncIterator[T]:
         if not task.done():
             task.cancel()          # -> CancelledError inside the engine generator -> engine.abort
             await asyncio.gather(task, return_exceptions=True)
+
+
+class OpenStreams:
+    """A replica's open streams, each sent merged messages at the interval its ``StreamingConfig``
+    gives for the current count (the replica's messages per second stay within budget)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.count = 0
+
+    def interval(self) -> float:
+        return self.config.interval(self.count)
+
+    async def stream(self, it: AsyncIterator[T], merge_fn) -> AsyncIterator[T]:
+        self.count += 1
+        try:
+            async for item in coalesce(it, merge_fn, self.interval):
+                yield item
+        finally:
+            self.count -= 1
+
+
+def _ends(x) -> bool:
+    return x is _END or isinstance(x, BaseException)
 
 
 async def cancellable(it: AsyncIterator[T], cancelled: asyncio.Event | None = None,

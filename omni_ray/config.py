@@ -33,8 +33,17 @@ class ModelConfig(Strict):
     path: str = Field(description="HF-format directory, or tiny:<name> (see omni_ray.models)")
     name: str | None = Field(None, description="served model name (defaults to the path's last part)")
     dtype: DType = Field("auto", description="weights and activations dtype; auto = bf16 on CUDA, fp32 on CPU")
-    trust_remote_code: bool = Field(False, description="never needed by omni-ray's own model code")
+    trust_remote_code: bool = Field(False, description=(
+        "accepted for vLLM-style kwargs, must stay false: omni-ray never runs code shipped with a checkpoint "
+        "(its model code is its own; tokenizers load without remote code)"))
     allow_pickle: bool = Field(False, description="allow pickle-based weight files (.bin/.pt)")
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("omni-ray never runs code shipped with a checkpoint; trust_remote_code must be false")
+        return v
 
     @property
     def served_name(self) -> str:
@@ -89,6 +98,9 @@ class AREngineConfig(Strict):
         "greedy decode steps run back to back on the device per schedule, each feeding its token to the "
         "next (vLLM's num_scheduler_steps): the host's per-step work is paid once per run and overlaps "
         "the GPU; tokens are identical to single steps; streams get up to this many tokens per delta"))
+    core_process: Literal["auto", "on", "off"] = Field("auto", description=(
+        "AsyncLLM (serving): step the engine in its own child process, so the serving event loop never "
+        "shares a GIL with it (vLLM's EngineCore); auto: on for CUDA with tensor_parallel_size 1"))
 
     @model_validator(mode="after")
     def _check(self):
@@ -239,12 +251,29 @@ class DeploymentConfig(Strict):
         "e.g. {ar_gpu: 1} to pin a stage to the KubeRay worker group that offers it")
 
 
+class StreamingConfig(Strict):
+    """How often a replica sends each open stream a message. The first goes at once; what arrives
+    until the next is due is merged into one message. With N streams open, a stream's interval is
+    max(min_interval_s, N / messages_per_s): a replica's Serve messages per second stay bounded
+    however many clients stream, so the serving path keeps up with the engine."""
+
+    min_interval_s: float = Field(0.02, ge=0, le=1, description="shortest interval between a stream's messages")
+    messages_per_s: float = Field(1000.0, gt=0, description=(
+        "a replica's budget of stream messages per second, shared by its open streams"))
+    max_interval_s: float = Field(0.25, gt=0, le=5, description="longest interval between a stream's messages")
+
+    def interval(self, open_streams: int) -> float:
+        return min(self.max_interval_s, max(self.min_interval_s, open_streams / self.messages_per_s))
+
+
 class ARStageConfig(Strict):
     """An AR stage: one Serve deployment whose replicas each run an AR engine."""
 
     kind: Literal["ar"] = Field("ar", description="an AR (text) stage")
     engine: AREngineConfig
     deployment: DeploymentConfig = DeploymentConfig()
+    streaming: StreamingConfig = Field(default_factory=lambda: StreamingConfig(), description=(
+        "how often this stage's replicas send each stream's merged deltas"))
 
 
 class DiTStageConfig(Strict):
@@ -315,6 +344,8 @@ class AppConfig(Strict):
         "request is aborted in its engines"))
     limits: LimitsConfig = LimitsConfig()
     ingress: DeploymentConfig = DeploymentConfig(num_replicas=1, max_ongoing_requests=1024)
+    streaming: StreamingConfig = Field(default_factory=lambda: StreamingConfig(), description=(
+        "how often the ingress sends each SSE stream its merged events"))
     metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("api_keys")

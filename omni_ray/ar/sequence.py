@@ -44,6 +44,7 @@ class Sequence:
         self.prefix_offset = max(0, len(token_ids) - 5)
         self.read_offset = len(token_ids)
         self.stream_text = False
+        self.stream = None              # AsyncLLM: the caller's stream state
 
     # ------------------------------------------------------------------ sizes
     def __len__(self) -> int:

@@ -1,8 +1,12 @@
 """Load a diffusers-format directory: ``model_index.json`` + one folder per component.
 
-Models load with their library's ``from_pretrained`` from safetensors only (pickle weights are
-refused unless the config allows them); tokenizers load with ``AutoTokenizer``. Components listed
-as ``[null, null]`` come back as ``None`` (an LLM-conditioned model has no text encoder).
+Models load with their library's ``from_pretrained`` from safetensors only: pickle weights
+(.bin/.pt/.ckpt) are refused unless ``model.allow_pickle`` is set, and even then safetensors are
+preferred where both exist and pickles are read with ``torch.load(weights_only=True)`` (by
+diffusers / transformers). Classes come from the diffusers / transformers namespaces by name, and
+tokenizers load with ``AutoTokenizer(trust_remote_code=False)``: no code shipped with a checkpoint
+runs. Components listed as ``[null, null]`` come back as ``None`` (an LLM-conditioned model has no
+text encoder).
 """
 
 from __future__ import annotations
@@ -42,20 +46,22 @@ def load_component(path: Path, name: str, library: str, cls_name: str, device: t
         raise ConfigError(f"model_index.json lists {name!r} but {folder} does not exist")
     if "tokenizer" in name.lower() or cls_name.endswith("Tokenizer") or cls_name.endswith("TokenizerFast"):
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     if "scheduler" in name.lower() or cls_name.endswith("Scheduler"):
         import diffusers
         return getattr(diffusers, cls_name).from_pretrained(str(folder), local_files_only=True)
     _check_weights(folder, allow_pickle)
+    # True: safetensors or nothing; None: safetensors where present, else the (allowed) pickle files
+    use_safetensors = None if allow_pickle else True
     if library == "diffusers":
         import diffusers
         cls = getattr(diffusers, cls_name)
-        model = cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=not allow_pickle,
+        model = cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=use_safetensors,
                                     local_files_only=True)
     elif library == "transformers":
         import transformers
         cls = getattr(transformers, cls_name)
-        model = cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=not allow_pickle,
+        model = cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=use_safetensors,
                                     local_files_only=True)
     else:
         raise ConfigError(f"component {name!r}: unsupported library {library!r}")

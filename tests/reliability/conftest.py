@@ -20,6 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 420
 API_KEY = "omni-test-key-0123456789"
+GRACE_S = 30        # graceful_shutdown_timeout_s of every deployment of these apps
 
 
 def base_config() -> dict:
@@ -35,12 +36,12 @@ def small_stages(cfg: dict, keep: tuple[str, ...]) -> dict:
                         if all(s["stage"] in keep for s in p["steps"])}
     for st in cfg["stages"].values():
         st["deployment"] = {**st["deployment"], "num_cpus": 0.25, "health_check_period_s": 2,
-                            "graceful_shutdown_timeout_s": 30}
+                            "graceful_shutdown_timeout_s": GRACE_S}
     if "llm" in cfg["stages"]:
         eng = cfg["stages"]["llm"]["engine"]
         eng["scheduler"] = {**eng["scheduler"], "max_num_seqs": 64}
     cfg["app"]["ingress"] = {"num_replicas": 1, "num_cpus": 0.25, "max_ongoing_requests": 1024,
-                             "graceful_shutdown_timeout_s": 30}
+                             "graceful_shutdown_timeout_s": GRACE_S}
     return cfg
 
 
@@ -82,6 +83,7 @@ class App:
         from deployments.app import build_app
 
         if cfg is not None:
+            cfg["app"]["name"] = self.name       # its own scheduler and cache actors, not the default app's
             self.cfg = cfg
         _run(build_app({"config": self.cfg}), name=self.name, route_prefix=f"/{self.name}", _blocking=wait)
 

@@ -18,7 +18,8 @@ import httpx
 import pytest
 import ray
 
-from tests.reliability.conftest import App, base_config, replica_actor, replica_ids, small_stages, wait_until
+from tests.reliability.conftest import (GRACE_S, App, base_config, replica_actor, replica_ids, small_stages,
+                                       wait_until)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -186,26 +187,82 @@ def test_kill_a_cluster_service_actor(app, client, service):
 
 
 # ----------------------------------------------------------------------------- redeploy
+def scheduler_status(app_name: str) -> dict:
+    from omni_ray.scheduler.actor import NAMESPACE, scheduler_name
+
+    return ray.get(ray.get_actor(scheduler_name(app_name), namespace=NAMESPACE).get_status.remote(), timeout=10)
+
+
+def serve_details(app_name: str) -> dict | None:
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().get_serve_details()["applications"].get(app_name)
+
+
+def replica_states(app_name: str) -> dict[str, dict[str, str]]:
+    """{deployment: {replica id: state}} as the Serve controller reports them."""
+    d = serve_details(app_name) or {}
+    return {n: {r["replica_id"]: getattr(r["state"], "value", r["state"]) for r in dep["replicas"]}
+            for n, dep in (d.get("deployments") or {}).items()}
+
+
+class Watch(threading.Thread):
+    """Polls ``what()`` (a name -> bool map) until stopped; records when each name first read true."""
+
+    def __init__(self, what):
+        super().__init__(daemon=True)
+        self.what, self.first, self.stop = what, {}, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            now = time.monotonic()
+            for name, seen in self.what().items():
+                if seen:
+                    self.first.setdefault(name, now)
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.join(10)
+
+
 def test_redeploy_lets_in_flight_requests_finish(app, client):
-    """A new version (llm engine seed changed) rolls out while a stream is running: the stream
-    completes on the old replicas (the rollout waits for it), then the new ones serve."""
+    """A new version (llm engine seed changed) rolls out while a stream is running: the old llm and
+    ingress replicas are told to stop (STOPPING) while the stream still runs through them, the
+    stream completes on them within the grace period, then the new replicas serve."""
     old = replica_ids(APP)
-    n = 300
-    with client.stream("POST", "/v1/completions", json={**LONG1, "max_tokens": n, "stream": True}) as r:
+    before = replica_states(APP)
+    assert all(set(st.values()) == {"RUNNING"} for st in before.values()), before
+
+    def old_stopping():
+        now = replica_states(APP)
+        return {d: any(now.get(d, {}).get(rid) == "STOPPING" for rid in before[d]) for d in ("llm", "Ingress")}
+
+    with client.stream("POST", "/v1/completions", json={**LONG1, "stream": True}) as r, Watch(old_stopping) as w:
         lines = r.iter_lines()
         first = first_data(lines)
         t0 = time.monotonic()
         app.deploy(faults_config(llm_seed=1), wait=False)
-        t_submitted = time.monotonic()
         events = [first] + [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
         t_last = time.monotonic()
     assert all("error" not in e for e in events), events[-1]
     assert events[-1]["choices"][0]["finish_reason"] == "length"
-    assert t_last > t_submitted, "the stream was over before the redeploy: nothing was in flight"
+    assert sum(len(e["choices"][0]["text"]) > 0 for e in events) > 1
+    for d in ("llm", "Ingress"):
+        assert d in w.first and w.first[d] < t_last, f"the old {d} replica did not begin stopping while the " \
+                                                     f"stream was in flight: nothing tested the grace period"
+    assert t_last - t0 < GRACE_S, "the stream outlived the grace period (it may have been cut short)"
+    TIMES["in flight at redeploy, finished after"] = t_last - t0
     wait_until(lambda: (ids := replica_ids(APP)) and ids.get("llm") and ids.get("Ingress")
                and not (ids["llm"] & old["llm"]) and not (ids["Ingress"] & old["Ingress"])
                and len(ids["llm"]) == 1 and ids, RECOVERY_S, "the new version's replicas")
+    admitted = scheduler_status(APP)["processed"]["admitted"]
     recover(client, "redeploy (rolling update)", t0)
+    assert scheduler_status(APP)["processed"]["admitted"] > admitted, "the new ingress bypasses the app's scheduler"
 
 
 # ----------------------------------------------------------------------------- timeouts (omni-timeouts: 2 s)
@@ -235,11 +292,18 @@ def test_stream_timeout_ends_the_stream_with_504(slow_app, slow_client):
 
 def test_image_timeout_is_504_and_frees_the_slot(slow_app, slow_client):
     app, client = slow_app, slow_client
-    aborted = app.stats()["image"]["requests_aborted"]
+    # warm-up, same prompt: its text conditioning is now in the DiT cache, so the big request below
+    # reaches the engine well within the 2 s deadline (a cold text encoder on a busy CPU may not)
+    small = {"prompt": BIG_IMAGE["prompt"], "size": "32x32", "num_inference_steps": 1}
+    wait_until(lambda: client.post("/v1/images/generations", json=small).status_code == 200, 60,
+               "a small image within the 2 s deadline", interval=0.5)
+    counts = ("requests_added", "requests_aborted", "requests_finished")
+    before = app.stats()["image"]
     r = client.post("/v1/images/generations", json=BIG_IMAGE)
     assert r.status_code == 504, r.text
     s = wait_until(lambda: image_idle(app), 60, "image stage idle after the timeout")
-    assert s["requests_aborted"] == aborted + 1
+    added, aborted, finished = (s[k] - before[k] for k in counts)
+    assert (added, aborted, finished) == (1, 1, 0), "the engine must get the request and abort it"
 
 
 def test_pipeline_timeout_frees_every_stage(slow_app, slow_client):
@@ -252,22 +316,49 @@ def test_pipeline_timeout_frees_every_stage(slow_app, slow_client):
 
 
 # ----------------------------------------------------------------------------- shutdown
+def live_requests(app_name: str) -> int:
+    """Requests the app's scheduler has admitted and not yet seen finish (a direct actor call)."""
+    return scheduler_status(app_name)["live"]
+
+
 def test_shutdown_lets_in_flight_requests_finish(app):
+    """Serve stops the app with the config's grace period on every deployment (ingress included);
+    a unary request and a stream in flight when the shutdown starts (the app DELETING) both
+    complete, within that period."""
     from ray import serve
 
+    deps = serve_details(APP)["deployments"]
+    grace = {name: d["deployment_config"]["graceful_shutdown_timeout_s"] for name, d in deps.items()}
+    assert grace == {"Ingress": GRACE_S, "llm": GRACE_S, "image": GRACE_S}
     out: dict = {}
 
-    def call():
-        out["r"] = httpx.post(app.url + "/v1/completions", json={**LONG, "max_tokens": 200}, timeout=120)
+    def unary():
+        out["r"] = httpx.post(app.url + "/v1/completions", json=LONG, timeout=120)
         out["t"] = time.monotonic()
 
-    th = threading.Thread(target=call)
+    def deleting():
+        st = serve.status().applications.get(APP)
+        return {"app": st is None or st.status == "DELETING"}
+
+    th = threading.Thread(target=unary)
     th.start()
-    wait_until(lambda: app.stats()["llm"]["num_running"] > 0, 30, "the request running", interval=0.05)
-    t_delete = time.monotonic()
-    serve.delete(APP, _blocking=False)
-    th.join(120)
+    with httpx.Client(base_url=app.url, timeout=120) as c, \
+            c.stream("POST", "/v1/completions", json={**LONG1, "stream": True}) as r:
+        lines = r.iter_lines()
+        first = first_data(lines)                     # the engine is generating
+        wait_until(lambda: live_requests(APP) >= 2, 30, "both requests admitted", interval=0.05)
+        with Watch(deleting) as w:
+            t_delete = time.monotonic()
+            serve.delete(APP, _blocking=False)
+            events = [first] + [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+            t_stream = time.monotonic()
+            th.join(120)
     assert out["r"].status_code == 200, out["r"].text
-    assert out["r"].json()["usage"]["completion_tokens"] == 8 * 200
-    assert out["t"] > t_delete, "the request was over before the shutdown began"
+    assert out["r"].json()["usage"]["completion_tokens"] == 8 * 900
+    assert all("error" not in e for e in events), events[-1]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert "app" in w.first, "the app never showed as DELETING"
+    assert w.first["app"] < min(out["t"], t_stream), "a request was over before the shutdown began"
+    assert max(out["t"], t_stream) - t_delete < GRACE_S
+    TIMES["in flight at shutdown, finished after"] = max(out["t"], t_stream) - t_delete
     wait_until(lambda: APP not in serve.status().applications, 120, "the app gone")

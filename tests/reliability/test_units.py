@@ -3,6 +3,7 @@ stage_args checks, the OpenAPI document, pins, and safe model loading (pickle, r
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import shutil
@@ -114,6 +115,17 @@ def test_short_or_padded_keys_are_a_config_error():
             validate(AppConfig, {"api_keys": bad})
 
 
+def test_trust_remote_code_is_a_config_error():
+    from omni_ray.config import ModelConfig
+    from omni_ray.ar import LLM
+
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        validate(ModelConfig, {"path": "tiny:qwen3", "trust_remote_code": True})
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        LLM("tiny:qwen3", device="cpu", trust_remote_code=True)
+    assert validate(ModelConfig, {"path": "tiny:qwen3", "trust_remote_code": False}).trust_remote_code is False
+
+
 def test_body_limit_by_header_and_by_count():
     app = gate_app()
     keyed = {"authorization": f"Bearer {KEY}"}
@@ -189,10 +201,33 @@ def test_request_wide_args_are_checked_too():
     assert e.value.param == "num_inference_steps"
 
 
+@pytest.mark.parametrize("pipeline,text,image,param", [
+    ("chat", None, {"num_images_per_prompt": 9}, "n"),
+    ("chat", None, {"num_inference_steps": 5}, "num_inference_steps"),
+    ("chat", None, {"size": "128x128"}, "size"),
+    ("image", {"max_tokens": 17}, None, "max_tokens"),
+    ("image", {"stop": ["a"] * 5}, None, "stop"),
+])
+def test_request_wide_limits_hold_whatever_the_pipeline(pipeline, text, image, param):
+    """A request-wide value over a limit is a 400 even where no step of the pipeline uses it (the
+    OpenAPI document states these limits as bounds of the request body)."""
+    with pytest.raises(InvalidRequestError) as e:
+        check(pipeline, text=text, image=image)
+    assert e.value.param == param
+
+
 def test_valid_stage_args_pass_and_are_normalized():
     args = check("text2image", {"llm": {"max_tokens": 8, "stop": "x"}, "image": {"size": "64x32", "n": 2}})
     assert args.per_stage == {"llm": {"max_tokens": 8, "stop": ["x"]},
                               "image": {"height": 32, "width": 64, "num_images_per_prompt": 2}}
+
+
+def test_chat_max_tokens_is_checked_even_when_max_completion_tokens_wins():
+    from deployments.protocol import ChatCompletionRequest
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_tokens=17, max_completion_tokens=4)
+    with pytest.raises(InvalidRequestError) as e:
+        check_text_limits(req, req.max_new_tokens, limits())
+    assert e.value.param == "max_tokens"
 
 
 def test_text_limits():
@@ -233,6 +268,35 @@ def test_openapi_document_matches_the_errors():
             assert "422" not in op["responses"] and "400" in op["responses"]
             assert ("401" in op["responses"]) == (path != "/health")
             assert ("security" in op) == (path != "/health")
+
+
+def test_openapi_document_states_the_apps_limits_and_pipelines():
+    from deployments.ingress import app as ingress_app
+    from deployments.openapi_doc import apply_config
+
+    cfg = omni_config()
+    cfg.app.limits = limits(max_n=3, max_prompts=5, max_prompt_tokens=7, max_stop_sequences=2, max_images=2)
+    doc = apply_config(copy.deepcopy(ingress_app.openapi()), cfg)
+    s = doc["components"]["schemas"]
+
+    def alts(schema, field, kind):
+        p = s[schema]["properties"][field]
+        return [a for a in p.get("anyOf", [p]) if a.get("type") == kind]
+
+    for schema in ("CompletionRequest", "ChatCompletionRequest", "PipelineRequest"):
+        assert [a["maximum"] for a in alts(schema, "max_tokens", "integer")] == [16]
+        assert [a["maxItems"] for a in alts(schema, "stop", "array")] == [2]
+    assert [a["maximum"] for a in alts("ChatCompletionRequest", "max_completion_tokens", "integer")] == [16]
+    assert s["CompletionRequest"]["properties"]["n"]["maximum"] == 3
+    for schema in ("ImageGenerationRequest", "PipelineRequest"):
+        assert s[schema]["properties"]["n"]["maximum"] == 2
+        assert [a["maximum"] for a in alts(schema, "num_inference_steps", "integer")] == [4]
+    prompt = sorted((a["minItems"], a["maxItems"]) for a in alts("CompletionRequest", "prompt", "array"))
+    assert prompt == [(1, 5), (1, 5), (1, 7)]
+    assert [a["minLength"] for a in alts("CompletionRequest", "prompt", "string")] == [1]
+    (name,) = doc["paths"]["/v1/pipelines/{name}"]["post"]["parameters"]
+    assert name["schema"]["enum"] == sorted([*cfg.pipelines, "run"])
+    assert "maximum" not in ingress_app.openapi()["components"]["schemas"]["CompletionRequest"]["properties"]["n"]
 
 
 def test_pins_expire_and_respect_the_budget():
@@ -303,12 +367,104 @@ def test_allowed_pickle_still_runs_no_code(tiny_qwen3, tmp_path):
     assert not marker.exists()
 
 
-def test_dit_pickle_weights_refused_by_default(tmp_path):
-    from omni_ray.dit.loader import _check_weights
-    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="pickle"):
-        _check_weights(tmp_path, allow_pickle=False)
-    _check_weights(tmp_path, allow_pickle=True)
+# DiT: the two kinds of weighted component of a tiny PixArt (a diffusers transformer, a transformers
+# T5 encoder), loaded one by one through omni_ray.dit.loader (what the DiT engine calls)
+DIT_PARTS = {"transformer": ("diffusers", "PixArtTransformer2DModel", "diffusion_pytorch_model"),
+             "text_encoder": ("transformers", "T5EncoderModel", "model")}
+PICKLE_NAME = {"diffusion_pytorch_model": "diffusion_pytorch_model.bin", "model": "pytorch_model.bin"}
+
+
+@pytest.fixture(scope="module")
+def tiny_pixart() -> Path:
+    from omni_ray.models import resolve_model
+    return Path(resolve_model("tiny:pixart"))
+
+
+def dit_part(path: Path, name: str, allow_pickle: bool = False):
+    from omni_ray.dit.loader import load_component
+    library, cls, _ = DIT_PARTS[name]
+    return load_component(path, name, library, cls, torch.device("cpu"), torch.float32, allow_pickle)
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def pickle_dit_part(src: Path, dst: Path, name: str, keep_safetensors: bool = False, zero: bool = False) -> Path:
+    """``src`` copied to ``dst`` with component ``name``'s weights (also) as a torch.save pickle."""
+    from safetensors.torch import load_file
+    if not dst.exists():
+        shutil.copytree(src, dst)
+    stem = DIT_PARTS[name][2]
+    st = dst / name / f"{stem}.safetensors"
+    sd = load_file(str(st))
+    if not keep_safetensors:
+        st.unlink()
+    torch.save({k: torch.zeros_like(v) if zero else v for k, v in sd.items()}, dst / name / PICKLE_NAME[stem])
+    return dst
+
+
+def test_dit_pickle_weights_refused_unless_allowed_then_loaded(tiny_pixart, tmp_path):
+    for name in DIT_PARTS:
+        d = pickle_dit_part(tiny_pixart, tmp_path / "m", name)
+        with pytest.raises(ConfigError, match="pickle"):
+            dit_part(d, name)
+        assert same_weights(dit_part(d, name, allow_pickle=True), dit_part(tiny_pixart, name)), name
+
+
+def test_dit_prefers_safetensors_when_pickle_is_allowed(tiny_pixart, tmp_path):
+    """Both formats present (the pickle zeroed): allowing pickles must not switch away from safetensors."""
+    for name in DIT_PARTS:
+        d = pickle_dit_part(tiny_pixart, tmp_path / "m", name, keep_safetensors=True, zero=True)
+        assert same_weights(dit_part(d, name, allow_pickle=True), dit_part(tiny_pixart, name)), name
+
+
+def test_dit_allowed_pickle_still_runs_no_code(tiny_pixart, tmp_path):
+    marker = tmp_path / "pwned-by-pickle"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    for name in DIT_PARTS:
+        d = pickle_dit_part(tiny_pixart, tmp_path / "m", name)
+        with open(d / name / PICKLE_NAME[DIT_PARTS[name][2]], "wb") as f:
+            pickle.dump({"weight": Evil()}, f)
+        with pytest.raises(Exception):          # noqa: B017 - diffusers / transformers each raise their own
+            dit_part(d, name, allow_pickle=True)
+        assert not marker.exists(), name
+
+
+def test_dit_remote_code_in_a_checkpoint_is_never_run(tiny_pixart, tmp_path):
+    """A diffusers checkpoint whose tokenizer and text encoder configs point at custom code
+    (auto_map): the code is not imported; a component from an unknown library is refused."""
+    from omni_ray.dit.loader import load_components
+    d = tmp_path / "m"
+    shutil.copytree(tiny_pixart, d)
+    marker = d / "PWNED"
+    code = (f"open({str(marker)!r}, 'w').write('x')\n"
+            "from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel\n"
+            "class EvilTok(PreTrainedTokenizerFast):\n    pass\n"
+            "class EvilConfig(T5Config):\n    pass\n"
+            "class EvilModel(T5EncoderModel):\n    pass\n")
+    for sub, name, auto_map in (("tokenizer", "tokenizer_config.json", {"AutoTokenizer": [None, "evil.EvilTok"]}),
+                                ("text_encoder", "config.json", {"AutoConfig": "evil.EvilConfig",
+                                                                 "AutoModel": "evil.EvilModel"})):
+        (d / sub / "evil.py").write_text(code)
+        cfg = json.loads((d / sub / name).read_text())
+        cfg["auto_map"] = auto_map
+        (d / sub / name).write_text(json.dumps(cfg))
+    _, comps = load_components(d, torch.device("cpu"), torch.float32)
+    assert type(comps["tokenizer"]).__name__ != "EvilTok" and type(comps["text_encoder"]).__name__ == "T5EncoderModel"
+    assert not marker.exists()
+    index = json.loads((d / "model_index.json").read_text())
+    index["text_encoder"] = ["evil", "EvilModel"]
+    (d / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="unsupported library"):
+        load_components(d, torch.device("cpu"), torch.float32)
+    assert not marker.exists()
 
 
 def test_remote_code_in_a_checkpoint_is_never_run(tiny_qwen3, tmp_path):

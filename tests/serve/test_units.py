@@ -7,7 +7,7 @@ import pytest
 from deployments.http import as_omni, error_response
 from deployments.options import stage_options
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest, parse_size
-from deployments.streams import cancellable, merge
+from deployments.streams import OpenStreams, cancellable, coalesce, merge
 from omni_ray.config import ARStageConfig, DiTStageConfig, validate
 from omni_ray.errors import InvalidRequestError, QueueFullError, RequestCancelledError, RequestTimeoutError
 from omni_ray.pipeline import merge_deltas, split_stage_args
@@ -134,3 +134,47 @@ def test_merge_interleaves_and_closes():
         assert log == ["closed", "closed"]
 
     asyncio.run(main())
+
+
+def test_coalesce_sends_first_at_once_then_merges_per_interval():
+    async def main():
+        log = []
+        # 200 items 1 ms apart, 50 ms interval: the first alone, then ~5 merged messages, nothing lost
+        t0 = asyncio.get_running_loop().time()
+        out = []
+        async for batch in coalesce(_gen(200, log), lambda xs: xs, interval_s=0.05):
+            out.append((asyncio.get_running_loop().time() - t0, batch if isinstance(batch, list) else [batch]))
+        assert out[0][1] == [0] and out[0][0] < 0.05
+        assert [x for _, b in out for x in b] == list(range(200)) and log == ["closed"]
+        assert 2 <= len(out) <= 12, [len(b) for _, b in out]
+        gaps = [b - a for (a, _), (b, _) in zip(out[1:-1], out[2:])]
+        assert all(g >= 0.045 for g in gaps), gaps
+        # no interval: the consumer gets every item while it keeps up
+        assert [x async for x in coalesce(_gen(5, log), lambda xs: xs)] == [0, 1, 2, 3, 4]
+        # stopping the consumer closes the source
+        agen = coalesce(_gen(10_000, log), lambda xs: xs, interval_s=0.01)
+        await agen.__anext__()
+        await agen.aclose()
+        assert log == ["closed", "closed", "closed"]
+
+    asyncio.run(main())
+
+
+def test_stream_interval_grows_with_open_streams():
+    from omni_ray.config import StreamingConfig
+
+    cfg = StreamingConfig(min_interval_s=0.01, messages_per_s=100, max_interval_s=0.2)
+    assert [cfg.interval(n) for n in (0, 1, 5, 64)] == [0.01, 0.01, 0.05, 0.2]
+    streams = OpenStreams(cfg)
+    seen = []
+
+    async def main():
+        async def src():
+            for i in range(3):
+                seen.append(streams.count)
+                yield i
+        return [x async for x in streams.stream(src(), lambda xs: xs)]
+
+    out = asyncio.run(main())
+    assert [x for b in out for x in (b if isinstance(b, list) else [b])] == [0, 1, 2]
+    assert seen == [1, 1, 1] and streams.count == 0

@@ -1,0 +1,123 @@
+"""AsyncLLM on both engine cores (a thread of this process, a child process): the same tokens as the
+offline engine under concurrency, hidden states, bad input isolated, abort freeing blocks, a dead
+core process failing its requests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import torch
+
+from omni_ray.ar import LLM, AsyncLLM, SamplingParams
+from omni_ray.config import AREngineConfig
+from omni_ray.errors import EngineError, InvalidRequestError
+from tests.ar.conftest import PROMPTS
+
+ARGS = dict(enforce_eager=True, device="cpu", kvcache_block_size=16, num_kvcache_blocks=256, max_model_len=512)
+
+
+def config(core: str) -> AREngineConfig:
+    return AREngineConfig.from_kwargs("tiny:qwen3", core_process=core, **ARGS)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM("tiny:qwen3", **ARGS)
+
+
+@pytest.fixture(scope="module", params=["off", "on"], ids=["thread-core", "process-core"])
+def engine(request):
+    eng = AsyncLLM(config(request.param))
+    assert (eng.engine is None) == (request.param == "on")
+    yield eng
+    asyncio.run(eng.shutdown())
+
+
+async def collect(eng, prompt, params, rid):
+    outs = [o async for o in eng.generate(prompt, params, rid)]
+    return [t for o in outs for t in o.token_ids], "".join(o.text for o in outs), outs[-1]
+
+
+def test_concurrent_requests_equal_offline(engine, offline):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    want = offline.generate(PROMPTS, params, use_tqdm=False)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, params, f"eq-{i}") for i, p in enumerate(PROMPTS)))
+
+    got = asyncio.run(main())
+    for (ids, text, last), w in zip(got, want):
+        assert ids == w["token_ids"] and text == w["text"]
+        assert last.finished and last.finish_reason == "length" and last.num_output_tokens == 24
+    assert engine.stats()["max_batch_size"] > 1
+
+
+def test_encode_equals_offline_hidden_states(engine, offline):
+    from omni_ray.ar import EncodeParams
+
+    want = offline.generate([PROMPTS[0]], EncodeParams(), use_tqdm=False)[0]["hidden_states"]
+    got = asyncio.run(engine.encode(PROMPTS[0], "enc-0"))
+    assert isinstance(got, torch.Tensor) and got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
+def test_bad_request_fails_alone(engine):
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    async def main():
+        good = asyncio.ensure_future(collect(engine, PROMPTS[1], params, "ok-1"))
+        with pytest.raises(InvalidRequestError, match="empty"):
+            await collect(engine, "", params, "bad-1")
+        with pytest.raises(InvalidRequestError, match="vocab"):
+            await collect(engine, [10 ** 9], params, "bad-2")
+        ids, _, last = await good
+        return ids, last
+
+    ids, last = asyncio.run(main())
+    assert len(ids) == 8 and last.finish_reason == "length"
+
+
+def test_abort_returns_every_block(engine):
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    async def main():
+        agen = engine.generate(PROMPTS[3], params, "abort-1")
+        await agen.__anext__()
+        await agen.aclose()                       # the caller goes away mid-stream
+        for _ in range(500):
+            s = engine.stats()
+            if s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_blocks"]:
+                return s
+            await asyncio.sleep(0.01)
+        return engine.stats()
+
+    s = asyncio.run(main())
+    assert s["num_free_blocks"] == s["num_blocks"] and s["num_streams"] == 0 and s["num_running"] == 0
+
+
+def test_dead_core_process_fails_requests_and_reports_unhealthy():
+    eng = AsyncLLM(config("on"))
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    async def main():
+        task = asyncio.ensure_future(_drain(eng.generate(PROMPTS[0], params, "dies-1")))
+        await asyncio.sleep(0.05)                 # submitted, far from its 400 tokens
+        os.kill(eng.core.proc.pid, signal.SIGKILL)
+        with pytest.raises(EngineError, match="exited"):
+            await asyncio.wait_for(task, timeout=30)
+        with pytest.raises(EngineError):
+            eng.check_health()
+        with pytest.raises(EngineError):
+            await collect(eng, PROMPTS[1], params, "after-1")
+        await eng.shutdown()
+
+    asyncio.run(main())
+    assert eng.stats()["healthy"] is False
+
+
+async def _drain(agen):
+    async for _ in agen:
+        await asyncio.sleep(0.05)                 # slow reader: the kill lands mid-stream

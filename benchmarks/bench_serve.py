@@ -57,7 +57,8 @@ def bench_config(a) -> dict:
     dit_dep = {"num_replicas": 1, "max_ongoing_requests": 64, "num_cpus": 1 if gpu else 0.5,
                "num_gpus": 0.5 if gpu else 0}
     return {
-        "app": {"name": "omni-bench", "ingress": {"num_cpus": 1 if gpu else 0.25, "max_ongoing_requests": 4096}},
+        "app": {"name": "omni-bench", "ingress": {"num_cpus": 1 if gpu else 0.25, "max_ongoing_requests": 4096,
+                                                  "num_replicas": a.ingress_replicas}},
         "stages": {
             "llm": {"kind": "ar", "deployment": llm_dep, "engine": {
                 "model": {"path": a.ar_model, "name": "llm"}, "device": a.device, "enforce_eager": not gpu,
@@ -230,6 +231,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-scheduler", action="store_true", help="admit without the omni scheduler (to see its cost)")
+    ap.add_argument("--ingress-replicas", type=int, default=1, help="ingress replicas (HTTP/SSE work spread out)")
     ap.add_argument("--core-process", default="auto", choices=["auto", "on", "off"],
                     help="AR engine core in its own process (auto: on for CUDA)")
     ap.add_argument("--out", default=None)
@@ -279,6 +281,8 @@ def main() -> None:
         parts = asyncio.run(latency_parts(url, a.latency_requests))
         print(f"[4/5] {a.clients} streaming clients ...", flush=True)
         online = asyncio.run(stream_throughput(url, ps, a.stream_tokens))
+        print(f"      {online['tokens_per_s']:.0f} tok/s through Serve vs {offline['tokens_per_s']:.0f} offline, "
+              f"TTFT p50 {online['ttft_p50_ms']} ms", flush=True)
         print(f"[5/5] text2image x {a.pipeline_requests} ...", flush=True)
         split = asyncio.run(pipeline_split(url, a.pipeline_requests, a))
     finally:
@@ -293,7 +297,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if a.device == "cuda" and torch.cuda.is_available() else None
     result = {
         "device": a.device, "gpu": gpu, "quick": q, "ar_model": a.ar_model, "dit_model": a.dit_model,
-        "scheduler": not a.no_scheduler, "core_process": a.core_process,
+        "scheduler": not a.no_scheduler, "core_process": a.core_process, "ingress_replicas": a.ingress_replicas,
         "host": platform.node(), "cpus": os.cpu_count(), "serve_startup_s": round(startup, 1),
         "latency_16_tokens": lat | {"target_added_p50_ms": 10, "meets_target": lat["added_p50_ms"] <= 10,
                                     "parts_p50": parts},

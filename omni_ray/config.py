@@ -71,16 +71,21 @@ class ARSchedulerConfig(Strict):
     enable_chunked_prefill: bool = Field(True, description="split long prompts across steps, mixed with decodes")
 
 
-class ParallelConfig(Strict):
-    """Tensor parallelism of an AR engine across Ray actors (one placement group per replica)."""
+class RankGroupConfig(Strict):
+    """How one replica's ranks are placed and talk (rank 0 in the replica, the rest Ray actors)."""
 
-    tensor_parallel_size: int = Field(1, ge=1, description="ranks (GPUs) one replica's model is sharded over")
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="placement group strategy of one replica's ranks")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description=
         "collectives: auto = nccl on CUDA, gloo on CPU")
     timeout_s: float = Field(60.0, gt=0, description="a collective between ranks that takes longer fails "
                              "the engine (EngineError); a dead worker is noticed sooner, by its actor")
+
+
+class ParallelConfig(RankGroupConfig):
+    """Tensor parallelism of an AR engine across Ray actors (one placement group per replica)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="ranks (GPUs) one replica's model is sharded over")
 
 
 class AREngineConfig(Strict):
@@ -135,17 +140,11 @@ class AREngineConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- DiT engine
-class DiTParallelConfig(Strict):
+class DiTParallelConfig(RankGroupConfig):
     """Parallelism of a DiT engine: CFG halves and sequence (Ulysses) parallel ranks."""
 
     cfg_parallel: bool = Field(False, description="conditional/unconditional halves on two ranks")
     sequence_parallel_size: int = Field(1, ge=1, description="Ulysses all-to-all over heads")
-    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
-        "STRICT_PACK", description="placement group strategy of one replica's ranks")
-    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description=
-        "collectives: auto = nccl on CUDA, gloo on CPU")
-    timeout_s: float = Field(60.0, gt=0, description="a collective between ranks that takes longer fails "
-                             "the engine (EngineError); a dead worker is noticed sooner, by its actor")
 
 
 class DiTEngineConfig(Strict):

@@ -9,6 +9,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 has_cuda = torch.cuda.is_available()
 
 
+@pytest.fixture(scope="module")
+def ray_up():
+    """A local Ray cluster for the module (shared if one is already up)."""
+    from tests.helpers import local_ray
+
+    with local_ray():
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:

@@ -9,7 +9,7 @@ to one. Replica counts come from ``serve.status()``.
 from __future__ import annotations
 
 import copy
-import socket
+from tests.helpers import free_port
 import threading
 import time
 from pathlib import Path
@@ -47,12 +47,6 @@ def autoscaling_config() -> dict:
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url():
     """Its own app on its own route prefix; shares a Ray cluster and Serve instance that other
@@ -64,7 +58,7 @@ def app_url():
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})   # no-op if Serve runs
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})   # no-op if Serve runs
     port = ray.get(_get_global_client()._controller.get_http_config.remote()).port
     cfg = autoscaling_config()
     serve.run(build_app({"config": cfg}), name=APP, route_prefix=f"/{APP}")

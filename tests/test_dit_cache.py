@@ -103,16 +103,6 @@ def test_invalidate_and_stats():
 
 
 # ----------------------------------------------------------------------------- on Ray
-@pytest.fixture(scope="module")
-def ray_up():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 

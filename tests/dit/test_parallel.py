@@ -48,16 +48,6 @@ def assert_same(got: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_up():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference():
     """Single-process engines (the ground truth)."""
     return {m: DiTEngine(config(m, {})) for m in ("tiny:pixart", "tiny:sd3")}

@@ -6,13 +6,10 @@ from __future__ import annotations
 import pytest
 
 
+from tests.helpers import local_ray
+
+
 @pytest.fixture(scope="package")
 def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+    with local_ray():
+        yield

@@ -9,7 +9,7 @@ instance: the one a previous test package left running, or its own (stopped at t
 from __future__ import annotations
 
 import copy
-import socket
+from tests.helpers import free_port
 import time
 from pathlib import Path
 
@@ -45,12 +45,6 @@ def small_stages(cfg: dict, keep: tuple[str, ...]) -> dict:
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="package")
 def serve_port():
     """A running Serve instance (shared if one is up); yields its HTTP port."""
@@ -61,7 +55,7 @@ def serve_port():
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     yield ray.get(_get_global_client()._controller.get_http_config.remote()).port
     if started:
         serve.shutdown()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
+from tests.helpers import free_port
 import subprocess
 import sys
 import time
@@ -21,12 +21,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 420
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_config() -> dict:

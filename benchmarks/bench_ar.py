@@ -118,6 +118,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="profile batch-1 decode steps")
     ap.add_argument("--decode-steps", type=int, default=None,
                     help="greedy decode steps per schedule (engine default if unset)")
+    ap.add_argument("--small-gemv", choices=["auto", "on", "off"], default=None,
+                    help="fused Triton GEMVs for decode batches <= 4 (engine default: auto, timed at start-up)")
+    ap.add_argument("--only-batch1", action="store_true", help="stop after the batch-1 figure (and --profile)")
     ap.add_argument("--compare-single-step", action="store_true",
                     help="also run batch-1 decode with decode_steps=1 (the per-step host cost, unhidden)")
     args = ap.parse_args()
@@ -142,9 +145,13 @@ def main():
     extra = {} if cuda else {"num_kvcache_blocks": 512, "kvcache_block_size": 16}
     if args.decode_steps:
         extra["decode_steps"] = args.decode_steps
+    if args.small_gemv:
+        extra["small_gemv"] = args.small_gemv
     llm = LLM(str(path), max_model_len=4096, enforce_eager=args.enforce_eager or not cuda,
               device="cuda" if cuda else "cpu", **extra)
     res["decode_steps"] = llm.config.decode_steps
+    res["small_gemv"] = getattr(llm.runner, "gemv_timing", None)
+    print("batch-1 projections:", res["small_gemv"], flush=True)
     vocab = llm.arch.vocab_size
     rng = random.Random(0)
     ignore = dict(temperature=0.0, ignore_eos=True)
@@ -173,6 +180,9 @@ def main():
     if args.profile and cuda:
         profile_decode(llm, prompt[0], ignore)
 
+    if args.only_batch1:
+        print(f"batch-1 only: {r1['tok_per_s']:.0f} tok/s")
+        return
     # 2) fixed shape, as the HF anchor
     prompts = [[rng.randrange(vocab) for _ in range(fixed[1])] for _ in range(fixed[0])]
     rf = run_engine(llm, prompts, SamplingParams(max_tokens=fixed[2], **ignore), bw)

@@ -100,6 +100,54 @@ async def direct_latency(cfg, n: int, max_tokens: int) -> list[float]:
     return lat
 
 
+async def direct_stream(cfg, ps: list[str], max_tokens: int) -> dict:
+    """The AsyncLLM engine (as the AR replica holds it) with one concurrent caller per prompt."""
+    from omni_ray.ar import AsyncLLM, SamplingParams
+
+    engine = AsyncLLM(cfg)
+    params = lambda: SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)  # noqa: E731
+
+    async def one(i, p):
+        first, n = None, 0
+        async for out in engine.generate(p, params(), f"s-{i}-{time.monotonic_ns()}"):
+            first = first or time.perf_counter()
+            n += len(out.token_ids)
+        return n, first
+
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(ps[:4])))          # warm-up
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+    dt = time.perf_counter() - t0
+    await engine.shutdown()
+    tokens = sum(n for n, _ in res)
+    return {"tokens_per_s": round(tokens / dt, 1), "ttft_p50_ms": ms(pct([f - t0 for _, f in res], 50))}
+
+
+async def handle_stream(ps: list[str], max_tokens: int) -> dict:
+    """The AR replica's ``generate`` stream through a Serve handle from this process (no HTTP)."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("llm", "omni-bench").options(stream=True)
+
+    async def one(i, p):
+        req = {"request_id": f"hs-{i}-{time.monotonic_ns()}", "prompt": p,
+               "params": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+        first, n, msgs = None, 0, 0
+        async for d in h.generate.remote(req):
+            first = first or time.perf_counter()
+            n += len(d["token_ids"])
+            msgs += 1
+        return n, first, msgs
+
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(ps[:4])))
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": round(sum(r[0] for r in res) / dt, 1),
+            "ttft_p50_ms": ms(pct([r[1] - t0 for r in res], 50)),
+            "messages_per_stream": round(statistics.mean(r[2] for r in res), 1)}
+
+
 def offline_throughput(cfg, ps: list[str], max_tokens: int) -> dict:
     from omni_ray.ar import LLM, SamplingParams
 
@@ -182,7 +230,7 @@ async def stream_throughput(url: str, ps: list[str], max_tokens: int) -> dict:
                 chunks.append(chunk)
         events = b"".join(chunks).decode().split("\n\n")
         usage = next(json.loads(e[6:]) for e in reversed(events) if e.startswith("data: {") and '"usage":{' in e)
-        return usage["usage"]["completion_tokens"], first
+        return usage["usage"]["completion_tokens"], first, len(chunks)
 
     limits = httpx.Limits(max_connections=len(ps) + 8, max_keepalive_connections=len(ps) + 8)
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as c:
@@ -190,10 +238,11 @@ async def stream_throughput(url: str, ps: list[str], max_tokens: int) -> dict:
         cpu0, t0 = time.process_time(), time.perf_counter()
         res = await asyncio.gather(*(one(c, p) for p in ps))
         dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    tokens = sum(t for t, _ in res)
-    ttft = [f - t0 for _, f in res if f is not None]
+    tokens = sum(t for t, _, _ in res)
+    ttft = [f - t0 for _, f, _ in res if f is not None]
     return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "ttft_p50_ms": ms(pct(ttft, 50)),
-            "client_cpu_s": round(cpu, 3)}
+            "ttft_min_ms": ms(min(ttft)), "ttft_max_ms": ms(max(ttft)),
+            "chunks_per_stream": round(statistics.mean(c for _, _, c in res), 1), "client_cpu_s": round(cpu, 3)}
 
 
 async def pipeline_split(url: str, n: int, a) -> dict:
@@ -266,6 +315,10 @@ def main() -> None:
     print(f"[2/5] offline throughput ({a.clients} prompts x {a.stream_tokens} tokens) ...", flush=True)
     offline = offline_throughput(ar_cfg, ps, a.stream_tokens)
     free_accelerator()
+    print(f"      {offline['tokens_per_s']:.0f} tok/s offline; AsyncLLM with {a.clients} callers ...", flush=True)
+    engine_streams = asyncio.run(direct_stream(ar_cfg, ps, a.stream_tokens))
+    print(f"      {engine_streams}", flush=True)
+    free_accelerator()
 
     print("[3/5] starting Serve ...", flush=True)
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -280,9 +333,12 @@ def main() -> None:
         http = asyncio.run(http_latency(url, a.latency_requests, 16))
         parts = asyncio.run(latency_parts(url, a.latency_requests))
         print(f"[4/5] {a.clients} streaming clients ...", flush=True)
+        replica_streams = asyncio.run(handle_stream(ps, a.stream_tokens))
+        print(f"      AR replica via handle: {replica_streams}", flush=True)
         online = asyncio.run(stream_throughput(url, ps, a.stream_tokens))
         print(f"      {online['tokens_per_s']:.0f} tok/s through Serve vs {offline['tokens_per_s']:.0f} offline, "
-              f"TTFT p50 {online['ttft_p50_ms']} ms", flush=True)
+              f"TTFT p50 {online['ttft_p50_ms']} ms (min {online['ttft_min_ms']}, max {online['ttft_max_ms']}), "
+              f"{online['chunks_per_stream']} chunks per stream", flush=True)
         print(f"[5/5] text2image x {a.pipeline_requests} ...", flush=True)
         split = asyncio.run(pipeline_split(url, a.pipeline_requests, a))
     finally:
@@ -305,6 +361,9 @@ def main() -> None:
                       "offline_tokens_per_s": round(offline["tokens_per_s"], 1),
                       "serve_tokens_per_s": round(online["tokens_per_s"], 1),
                       "serve_ttft_p50_ms": online["ttft_p50_ms"], "client_cpu_s": online["client_cpu_s"],
+                      "serve_ttft_min_max_ms": [online["ttft_min_ms"], online["ttft_max_ms"]],
+                      "serve_chunks_per_stream": online["chunks_per_stream"],
+                      "parts": {"engine_async_callers": engine_streams, "ar_replica_handle": replica_streams},
                       "ratio": round(ratio, 3), "target_ratio": 0.85, "meets_target": ratio >= 0.85},
         "text2image": {"requests": a.pipeline_requests, "size": a.image_size, "steps": a.steps,
                        "rewrite_tokens": a.rewrite_tokens, **split},
@@ -332,6 +391,9 @@ def table(r: dict) -> str:
         f"| output tok/s, {st['clients']} streams x {st['max_tokens']} | {st['offline_tokens_per_s']} (offline LLM) "
         f"| {st['serve_tokens_per_s']} (TTFT p50 {st['serve_ttft_p50_ms']} ms) | {100 * st['ratio']:.1f} % "
         f"| >= 85 % {'OK' if st['meets_target'] else 'MISSED'} |",
+        "",
+        "Streaming parts: " + ", ".join(f"{k} {v['tokens_per_s']} tok/s (TTFT p50 {v['ttft_p50_ms']} ms)"
+                                        for k, v in st.get("parts", {}).items()),
         "",
         "Latency parts (p50): " + ", ".join(f"{k} {v}" for k, v in lat.get("parts_p50", {}).items()),
         "",

@@ -103,6 +103,10 @@ class AREngineConfig(Strict):
         "greedy decode steps run back to back on the device per schedule, each feeding its token to the "
         "next (vLLM's num_scheduler_steps): the host's per-step work is paid once per run and overlaps "
         "the GPU; tokens are identical to single steps; streams get up to this many tokens per delta"))
+    small_gemv: Literal["auto", "on", "off"] = Field("auto", description=(
+        "CUDA decode of <= 4 sequences: Triton GEMVs with the norm / activation before each projection "
+        "fused in, instead of cuBLAS plus separate elementwise kernels; auto: timed both ways on this "
+        "model's layers at start-up, the faster kept"))
     core_process: Literal["auto", "on", "off"] = Field("auto", description=(
         "AsyncLLM (serving): step the engine in its own child process, so the serving event loop never "
         "shares a GIL with it (vLLM's EngineCore); auto: on for CUDA with tensor_parallel_size 1"))

@@ -89,24 +89,65 @@ class ModelRunner:
             self._capture_graphs()
 
     def _pick_small_gemv(self) -> int:
-        """Use the fused Triton GEMVs for decode batches of <= MAX_M rows only where they beat cuBLAS
-        on this GPU, timed on this model's own projections at batch 1."""
-        from triton.testing import do_bench
-
-        from omni_ray.ar.layers.triton_gemv import MAX_M, gemv
-        layer = self.model.layers[0]
-        ws = [layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
-              layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight]
-        t_triton = t_cublas = 0.0
-        for w in ws:
-            x = torch.randn(1, w.shape[1], device=self.device, dtype=self.dtype)
-            t_cublas += do_bench(lambda: torch.nn.functional.linear(x, w), warmup=5, rep=20)
-            t_triton += do_bench(lambda: gemv(x, w), warmup=5, rep=20)
+        """Decode batches of <= MAX_M rows: the fused Triton GEMVs (norm / activation inside) or cuBLAS
+        with separate elementwise kernels. ``small_gemv`` on/off decides; auto times one decode step's
+        projections both ways, each as a CUDA graph over every layer's own weights (as a decode step
+        reads them: from HBM, not L2), and keeps the faster."""
+        from omni_ray.ar.layers.triton_gemv import MAX_M
+        mode = self.cfg.small_gemv
+        if mode != "auto":
+            self.gemv_timing = {"use_triton": mode == "on"}
+            return MAX_M if mode == "on" else 0
+        ops = self.model.ops
+        t_cublas = self._time_projections(ops, 0)
+        t_triton = self._time_projections(ops, MAX_M)
         use = t_triton < t_cublas
-        log.info("batch-1 projections: Triton GEMV %.1f us vs cuBLAS %.1f us per layer -> %s", t_triton * 1e3,
-                 t_cublas * 1e3, "Triton (fused norm/activation)" if use else "cuBLAS")
-        self.gemv_timing = {"triton_us": t_triton * 1e3, "cublas_us": t_cublas * 1e3, "use_triton": use}
+        log.info("batch-1 projections per step: fused Triton GEMVs %.0f us vs cuBLAS + elementwise %.0f us -> %s",
+                 t_triton, t_cublas, "Triton" if use else "cuBLAS")
+        self.gemv_timing = {"triton_us": t_triton, "cublas_us": t_cublas, "use_triton": use}
         return MAX_M if use else 0
+
+    @torch.inference_mode()
+    def _time_projections(self, ops, small_m: int) -> float:
+        """us per replay of a graph running every layer's four projections (with what precedes each)
+        at batch 1, with ``ops.small_m`` set to ``small_m``."""
+        ops.small_m = small_m
+        h = self.arch.hidden_size
+        x = torch.randn(1, h, device=self.device, dtype=self.dtype)
+        res = torch.randn_like(x)
+
+        def body():
+            for layer in self.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                ln = layer.input_layernorm
+                qkv, r = ops.norm_linear(x, res, ln.weight, ln.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
+                o = ops.linear(qkv[:, : attn.o_proj.weight.shape[1]], attn.o_proj.weight)
+                ln = layer.post_attention_layernorm
+                gu, r = ops.norm_linear(o, r, ln.weight, ln.eps, mlp.gate_up_proj.weight)
+                ops.silu_mul_linear(gu, mlp.down_proj.weight)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):                       # compile / first launches outside the graph
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            body()
+        g.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = float("inf")
+        for _ in range(5):
+            start.record()
+            for _ in range(10):
+                g.replay()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) * 100)      # ms per 10 replays -> us per replay
+        del g
+        return best
 
     # ------------------------------------------------------------------ KV cache
     @property

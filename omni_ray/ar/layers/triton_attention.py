@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from omni_ray.ar.layers.pdl import use_pdl
 
 LOG2E = 1.4426950408889634
 
@@ -20,11 +23,15 @@ LOG2E = 1.4426950408889634
 def _decode_kernel(Q, K, V, BT, CL, O, LSE, qk_scale,
                    s_qb, s_qh, s_kb, s_kt, s_kh, s_btb, s_ob, s_os, s_oh, s_lb, s_ls,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    ctx = tl.load(CL + b)
+    ctx = tl.load(CL + b)                      # context lengths and block tables: the step's inputs
+    if PDL:
+        gdc_wait()                             # q and this step's K/V: the previous kernel's output
     per = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
     start = s * per
     end = tl.minimum(start + per, ctx)
@@ -62,7 +69,10 @@ def _decode_kernel(Q, K, V, BT, CL, O, LSE, qk_scale,
 
 @triton.jit
 def _merge_kernel(OP, LSE, O, s_pb, s_ps, s_ph, s_lb, s_ls, s_ob, s_oh,
-                  SPLITS: tl.constexpr, D: tl.constexpr):
+                  SPLITS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS)
@@ -95,6 +105,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, splits:
     _, bs, hk, _ = k_cache.shape
     g = hq // hk
     out = torch.empty_like(q)
+    pdl = use_pdl(q)
     if splits > 1:
         part = torch.empty(b, splits, hq, d, device=q.device, dtype=torch.float32)
         lse = torch.empty(b, splits, hq, device=q.device, dtype=torch.float32)
@@ -108,11 +119,11 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, splits:
         block_tables.stride(0), s_ob, s_os, s_oh,
         lse.stride(0) if splits > 1 else 0, lse.stride(1) if splits > 1 else 0,
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=block_n, SPLITS=splits, PREC=_prec(q),
-        num_warps=4, num_stages=2)
+        PDL=pdl, num_warps=4, num_stages=2, launch_pdl=pdl)
     if splits > 1:
         _merge_kernel[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2),
                                lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-                               SPLITS=splits, D=d, num_warps=4)
+                               SPLITS=splits, D=d, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 

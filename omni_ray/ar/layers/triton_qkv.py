@@ -15,19 +15,29 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from omni_ray.ar.layers.pdl import use_pdl
 
 
 @triton.jit
 def _qkv_kernel(QKV, POS, COS, SIN, QW, KW, SLOT, Q, KC, VC, eps,
                 s_qkv, s_pos, s_slot, s_q, s_qh, s_cs, s_ch,
                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
-                STORE: tl.constexpr):
+                STORE: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
     t = tl.program_id(0)
     h = tl.program_id(1)                       # 0..HQ-1: a query head; HQ..HQ+HKV-1: a key/value head
     half = tl.arange(0, D // 2)
     is_q = h < HQ
     col = h * D                                # q heads, then k heads, then v heads in the packed row
     row = QKV + t * s_qkv
+    pos = tl.load(POS + t * s_pos).to(tl.int64)        # written by the step's input preparation
+    cos = tl.load(COS + pos * (D // 2) + half)
+    sin = tl.load(SIN + pos * (D // 2) + half)
+    if PDL:
+        gdc_wait()                                     # qkv is the previous kernel's output
     x1 = tl.load(row + col + half).to(tl.float32)
     x2 = tl.load(row + col + D // 2 + half).to(tl.float32)
     if NORM:
@@ -39,9 +49,6 @@ def _qkv_kernel(QKV, POS, COS, SIN, QW, KW, SLOT, Q, KC, VC, eps,
         x2 = (x2 * rstd).to(QKV.dtype.element_ty).to(tl.float32) * w2.to(tl.float32)
         x1 = x1.to(QKV.dtype.element_ty).to(tl.float32)
         x2 = x2.to(QKV.dtype.element_ty).to(tl.float32)
-    pos = tl.load(POS + t * s_pos).to(tl.int64)
-    cos = tl.load(COS + pos * (D // 2) + half)
-    sin = tl.load(SIN + pos * (D // 2) + half)
     o1 = (x1 * cos - x2 * sin).to(Q.dtype.element_ty)
     o2 = (x2 * cos + x1 * sin).to(Q.dtype.element_ty)
     if h < HQ:
@@ -74,8 +81,10 @@ def qkv_norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.T
     kc = k_cache.view(-1, nkv, d) if store else q
     vc = v_cache.view(-1, nkv, d) if store else q
     norm = q_w is not None
+    pdl = use_pdl(qkv)
     _qkv_kernel[(n, nh + (nkv if store else 0))](
         qkv, positions, cos, sin, q_w if norm else cos, k_w if norm else cos, slot_mapping, q, kc, vc, eps,
         qkv.stride(0), positions.stride(0), slot_mapping.stride(0), q.stride(0), q.stride(1),
-        kc.stride(0), kc.stride(1), HQ=nh, HKV=nkv, D=d, NORM=norm, STORE=store, num_warps=1)
+        kc.stride(0), kc.stride(1), HQ=nh, HKV=nkv, D=d, NORM=norm, STORE=store, PDL=pdl,
+        num_warps=1, launch_pdl=pdl)
     return q

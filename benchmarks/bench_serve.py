@@ -106,6 +106,7 @@ async def direct_stream(cfg, ps: list[str], max_tokens: int) -> dict:
 
     engine = AsyncLLM(cfg)
     params = lambda: SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)  # noqa: E731
+    held = gpu_bytes_held()
 
     async def one(i, p):
         first, n = None, 0
@@ -118,9 +119,12 @@ async def direct_stream(cfg, ps: list[str], max_tokens: int) -> dict:
     t0 = time.perf_counter()
     res = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
     dt = time.perf_counter() - t0
+    st = engine.stats()
     await engine.shutdown()
     tokens = sum(n for n, _ in res)
-    return {"tokens_per_s": round(tokens / dt, 1), "ttft_p50_ms": ms(pct([f - t0 for _, f in res], 50))}
+    return {"tokens_per_s": round(tokens / dt, 1), "ttft_p50_ms": ms(pct([f - t0 for _, f in res], 50)),
+            "kv_blocks": st.get("num_blocks"), "preemptions": st.get("num_preemptions"),
+            "gpu_bytes_held_by_bench": held}
 
 
 async def handle_stream(ps: list[str], max_tokens: int) -> dict:
@@ -160,6 +164,15 @@ def offline_throughput(cfg, ps: list[str], max_tokens: int) -> dict:
     tokens = sum(len(o["token_ids"]) for o in outs)
     del llm
     return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt}
+
+
+def gpu_bytes_held() -> int:
+    """GPU memory this process still holds (the baselines must leave the GPU to what runs next)."""
+    try:
+        import torch
+        return torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 def free_accelerator() -> None:
@@ -239,10 +252,13 @@ async def stream_throughput(url: str, ps: list[str], max_tokens: int) -> dict:
         res = await asyncio.gather(*(one(c, p) for p in ps))
         dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     tokens = sum(t for t, _, _ in res)
+    from ray import serve
+    engine = await serve.get_deployment_handle("llm", "omni-bench").stats.remote()
     ttft = [f - t0 for _, f, _ in res if f is not None]
     return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "ttft_p50_ms": ms(pct(ttft, 50)),
             "ttft_min_ms": ms(min(ttft)), "ttft_max_ms": ms(max(ttft)),
-            "chunks_per_stream": round(statistics.mean(c for _, _, c in res), 1), "client_cpu_s": round(cpu, 3)}
+            "chunks_per_stream": round(statistics.mean(c for _, _, c in res), 1), "client_cpu_s": round(cpu, 3),
+            "replica_kv_blocks": engine.get("num_blocks"), "replica_preemptions": engine.get("num_preemptions")}
 
 
 async def pipeline_split(url: str, n: int, a) -> dict:
@@ -315,6 +331,7 @@ def main() -> None:
     print(f"[2/5] offline throughput ({a.clients} prompts x {a.stream_tokens} tokens) ...", flush=True)
     offline = offline_throughput(ar_cfg, ps, a.stream_tokens)
     free_accelerator()
+    print(f"      GPU memory still held by this process: {gpu_bytes_held() / 2**30:.2f} GiB", flush=True)
     print(f"      {offline['tokens_per_s']:.0f} tok/s offline; AsyncLLM with {a.clients} callers ...", flush=True)
     engine_streams = asyncio.run(direct_stream(ar_cfg, ps, a.stream_tokens))
     print(f"      {engine_streams}", flush=True)

@@ -103,6 +103,9 @@ class AREngineConfig(Strict):
         "greedy decode steps run back to back on the device per schedule, each feeding its token to the "
         "next (vLLM's num_scheduler_steps): the host's per-step work is paid once per run and overlaps "
         "the GPU; tokens are identical to single steps; streams get up to this many tokens per delta"))
+    warmup: bool = Field(True, description=(
+        "CUDA: run a few throw-away requests at start-up (several prompt lengths and batch sizes, greedy "
+        "and sampled) so that kernel compilation and autotuning happen before the first real burst"))
     small_gemv: Literal["auto", "on", "off"] = Field("auto", description=(
         "CUDA decode of <= 4 sequences: Triton GEMVs with the norm / activation before each projection "
         "fused in, instead of cuBLAS plus separate elementwise kernels; auto: timed both ways on this "

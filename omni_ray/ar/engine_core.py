@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from omni_ray.ar.detokenizer import stream_safe_len
+from omni_ray.ar.detokenizer import stream_safe_len, update_text
 from omni_ray.ar.sequence import Sequence
 from omni_ray.config import AREngineConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
@@ -78,11 +78,12 @@ class CoreLoop:
     def step(self) -> list[tuple]:
         return [x for seq in self.engine.step() if (x := self.output(seq)) is not None]
 
-    @staticmethod
-    def output(seq: Sequence):
+    def output(self, seq: Sequence):
         """(request id, what its caller gets) for a sequence that changed in the last step, or None."""
         if seq.is_encode:
             return (seq.request_id, np.concatenate([h.numpy() for h in seq.hidden_chunks])) if seq.is_finished else None
+        if seq.stream_text and not seq.params.stop:       # all of this step's tokens in one decode
+            update_text(seq, self.engine.tokenizer, seq.params.skip_special_tokens)
         out_ids = seq.output_token_ids
         new_ids = out_ids[seq.sent_tokens:]
         safe = stream_safe_len(seq, seq.params.stop)

@@ -55,6 +55,36 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.stats = EngineStats()
         self.seqs: dict[str, Sequence] = {}
+        if cfg.warmup and self.runner.device.type == "cuda":
+            self.warmup()
+
+    def warmup(self) -> None:
+        """Throw-away requests that take every path a real mix takes (one and many prompts of odd
+        lengths in one prefill, mixed prefill + decode, multi-step and sampled decode, log-probs),
+        so that torch.compile and Triton compile their variants now, not during the first burst
+        of traffic (seen as a ~2 s stall). Engine state and counters are reset afterwards."""
+        import random
+        rng = random.Random(0)
+        vocab = min(self.arch.vocab_size, 1000)
+        longest = max(1, min(300, self.max_model_len - 16))
+        greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=1)
+        waves = [[(1, greedy)],
+                 [(n, p) for n, p in ((7, greedy), (33, sampled), (min(130, longest), greedy),
+                                      (longest, SamplingParams(temperature=0.0, max_tokens=3, logprobs=True)))],
+                 [(rng.randint(5, 40), greedy) for _ in range(min(32, self.config.scheduler.max_num_seqs))]]
+        for i, wave in enumerate(waves):
+            for j, (n, params) in enumerate(wave):
+                self.add_request([rng.randrange(vocab) for _ in range(n)], params, f"warmup-{i}-{j}")
+                if i == 1 and j == 0:
+                    self.step()                       # the rest joins a running decode: a mixed batch
+            while not self.is_finished():
+                self.step()
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.cache.block_size,
+                                          self.config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        self.stats = EngineStats()
+        self.seqs.clear()
 
     def _make_runner(self) -> ModelRunner:
         if self.config.parallel.tensor_parallel_size > 1:
@@ -223,7 +253,7 @@ class LLMEngine:
     def _check_finish(self, seq: Sequence) -> None:
         p: SamplingParams = seq.params
         tok = seq.token_ids[-1]
-        if seq.stream_text or p.stop:
+        if p.stop:                 # stop strings: text per token (streams without them: once per step, CoreLoop)
             before = len(seq.output_text)
             update_text(seq, self.tokenizer, p.skip_special_tokens)
             if p.stop:

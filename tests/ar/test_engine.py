@@ -169,3 +169,16 @@ def test_encode_of_a_prompt_longer_than_a_block():
     llm.generate([long_prompt], GREEDY, use_tqdm=False)
     assert llm.block_manager.prefix_hits > 0                  # the encode's blocks served the generation
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_warmup_leaves_a_clean_engine():
+    """warmup() runs throw-away requests through every path, then resets: same outputs after it,
+    every block free, no prefix-cache entries or counters left from the warm-up."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = [o["token_ids"] for o in make_llm().generate(PROMPTS, params, use_tqdm=False)]
+    llm = make_llm()
+    llm.warmup()
+    assert llm.is_finished() and not llm.seqs
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert llm.stats.steps == 0 and llm.block_manager.prefix_queries == 0
+    assert [o["token_ids"] for o in llm.generate(PROMPTS, params, use_tqdm=False)] == want

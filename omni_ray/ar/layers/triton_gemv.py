@@ -104,14 +104,12 @@ def _gemv_kernel(X, R, NW, W, B, Y, RES, N, eps,
 
 
 def default_config(n: int, k: int) -> dict:
-    """Tile sizes for an [n, k] weight (measured on H100 with benchmarks/bench_gemv.py): hundreds of
-    programs with 2-4 rows each, K in one or a few chunks of a power of two that divides it."""
-    block_k = 2048
-    while block_k > 256 and k % block_k:
-        block_k //= 2
-    if k % block_k:
-        block_k = min(1024, triton.next_power_of_2(k))
-    return {"BLOCK_N": 4 if n >= 2048 else 2, "BLOCK_K": block_k, "num_warps": 8 if block_k >= 2048 else 4}
+    """Tile sizes for an [n, k] weight, from the sweep in benchmarks/bench_gemv.py on an H100
+    (Qwen3-0.6B's projections): 8 rows per program (4 for small square-ish weights), K in chunks of
+    up to 2048, 8 warps once a program's tile reaches 16 K elements."""
+    block_k = min(2048, triton.next_power_of_2(k))
+    block_n = 4 if n <= 1024 and k <= 2048 else 8
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8 if block_n * block_k >= 16384 else 4}
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, prologue: str = "none",

@@ -67,12 +67,14 @@ class LLMEngine:
         rng = random.Random(0)
         vocab = min(self.arch.vocab_size, 1000)
         longest = max(1, min(300, self.max_model_len - 16))
+        most = min(256, self.config.scheduler.max_num_seqs)       # bursts of short prompts, up to this
         greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=1)
         waves = [[(1, greedy)],
                  [(n, p) for n, p in ((7, greedy), (33, sampled), (min(130, longest), greedy),
                                       (longest, SamplingParams(temperature=0.0, max_tokens=3, logprobs=True)))],
-                 [(rng.randint(5, 40), greedy) for _ in range(min(32, self.config.scheduler.max_num_seqs))]]
+                 *([(rng.randint(5, 40), greedy) for _ in range(b)] for b in sorted({
+                     min(32, most), most, max(1, most // 2 + 3)}))]
         for i, wave in enumerate(waves):
             for j, (n, params) in enumerate(wave):
                 self.add_request([rng.randrange(vocab) for _ in range(n)], params, f"warmup-{i}-{j}")

@@ -68,6 +68,7 @@ def main() -> None:
     del llm, outs
     free_accelerator()
     print(f"offline: {offline:.0f} tok/s ({clients} prompts x {tokens})", flush=True)
+    result = {"model": base["model"]["path"], "clients": clients, "tokens": tokens, "offline_tokens_per_s": round(offline, 1)}
     for core in ("on", "off"):           # the child process frees its GPU memory when it exits
         engine = AsyncLLM(AREngineConfig.model_validate(base | {"core_process": core}))
         steps = []
@@ -90,9 +91,15 @@ def main() -> None:
             worst = sorted(steps, reverse=True)[:5]
             print("  slowest steps (s, seqs, prefill tokens so far):",
                   [(round(d, 4), b, p) for d, b, p in worst], f"of {len(steps)}", flush=True)
+        result[f"core_process_{core}"] = {"rounds": res, "kv_blocks": st["num_blocks"],
+                                          "preemptions": st["num_preemptions"]}
         asyncio.run(engine.shutdown())
         del engine
         free_accelerator()
+
+
+    from benchmarks.common import write_result
+    print("wrote", write_result(f"async_{'cuda' if gpu else 'cpu_quick'}.json", result))
 
 
 if __name__ == "__main__":

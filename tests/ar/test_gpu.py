@@ -138,3 +138,28 @@ def test_small_gemv_matches_reference(dtype, tol, m, prologue):
     else:
         got, want = gemv(x, w, prologue="silu_mul"), F.linear(silu_and_mul(x), w)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 1, "BLOCK_K": 256, "num_warps": 2},
+                                    {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 8}])
+def test_small_gemv_tiles_and_pdl_agree(config):
+    """Any tile configuration, with and without programmatic dependent launch, inside a CUDA graph
+    (where PDL overlaps consecutive kernels): the same result as one plain launch."""
+    from omni_ray.ar.layers.triton_gemv import gemv
+    torch.manual_seed(0)
+    x = torch.randn(1, 3072, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(1024, 3072, device="cuda", dtype=torch.bfloat16) / 50 for _ in range(4)]
+    want = x[:, :1024].clone()
+    for w in ws:                        # a chain: each GEMV reads the previous one's output
+        want = torch.cat([want, want, want], 1) if want.shape[1] == 1024 else want
+        want = gemv(want, w, config=config, pdl=False)
+    g = torch.cuda.CUDAGraph()
+    y0 = x[:, :1024].clone()
+    gemv(torch.cat([y0] * 3, 1), ws[0], config=config, pdl=True)        # compile outside the graph
+    with torch.cuda.graph(g):
+        y = y0
+        for w in ws:
+            y = gemv(torch.cat([y, y, y], 1), w, config=config, pdl=True)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, want)

@@ -24,32 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import copy_bandwidth  # noqa: E402
 from omni_ray.ar.layers.ops import Ops  # noqa: E402
+from omni_ray.ar.layers.timing import graph_us  # noqa: E402
 from omni_ray.ar.layers.triton_gemv import default_config, gemv  # noqa: E402
-
-
-def graph_us(fn, reps: int = 20) -> float:
-    """us per call of ``fn`` (which runs ``calls`` ops) captured in a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        a.record()
-        for _ in range(reps):
-            g.replay()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / reps)
-    return best
 
 
 def main() -> None:

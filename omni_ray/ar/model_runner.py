@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from omni_ray.ar.layers.attention import AttnMetadata, pick_backend
 from omni_ray.ar.layers.ops import Ops
+from omni_ray.ar.layers.timing import graph_us
 from omni_ray.ar.layers.parallel import TP1, TPContext
 from omni_ray.ar.layers.sampler import SamplingTensors, sample
 from omni_ray.ar.loader import ReadStats, load_weights
@@ -126,28 +127,7 @@ class ModelRunner:
                 gu, r = ops.norm_linear(o, r, ln.weight, ln.eps, mlp.gate_up_proj.weight)
                 ops.silu_mul_linear(gu, mlp.down_proj.weight)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):                       # compile / first launches outside the graph
-                body()
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            body()
-        g.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        best = float("inf")
-        for _ in range(5):
-            start.record()
-            for _ in range(10):
-                g.replay()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) * 100)      # ms per 10 replays -> us per replay
-        del g
-        return best
+        return graph_us(body)
 
     # ------------------------------------------------------------------ KV cache
     @property

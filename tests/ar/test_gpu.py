@@ -39,6 +39,33 @@ def test_triton_decode_matches_torch(dtype, tol, bs, hq, hk, d, splits):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("splits", [2, 16])
+def test_triton_decode_merge_in_kernel(splits):
+    """The split merge done by the last split's program (``locks``) equals the two-kernel merge,
+    leaves the counters at zero, and stays right when replayed in a CUDA graph."""
+    from omni_ray.ar.layers.triton_attention import paged_decode
+    torch.manual_seed(0)
+    ctx, bs, hq, hk, d = [1, 17, 300, 1000, 5 * 256 + 3], 256, 16, 8, 128
+    k, v, table = _paged(ctx, bs, hk, d, torch.bfloat16)
+    cl = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(ctx), hq, d, device="cuda", dtype=torch.bfloat16)
+    want = paged_decode(q, k, v, table, cl, d ** -0.5, splits)
+    locks = torch.zeros(len(ctx) * hk, dtype=torch.int32, device="cuda")
+    for _ in range(2):
+        got = paged_decode(q, k, v, table, cl, d ** -0.5, splits, locks=locks)
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+        assert not locks.any()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = paged_decode(q, k, v, table, cl, d ** -0.5, splits, locks=locks)
+    for _ in range(3):
+        got.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+    assert not locks.any()
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bs,hq,hk,d", [(16, 4, 2, 32), (256, 16, 8, 128)])
 def test_triton_prefill_matches_torch(dtype, tol, bs, hq, hk, d):

@@ -20,10 +20,11 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, BT, CL, O, LSE, qk_scale,
-                   s_qb, s_qh, s_kb, s_kt, s_kh, s_btb, s_ob, s_os, s_oh, s_lb, s_ls,
+def _decode_kernel(Q, K, V, BT, CL, O, LSE, OUT, LOCK, qk_scale,
+                   s_qb, s_qh, s_kb, s_kt, s_kh, s_btb, s_ob, s_os, s_oh, s_lb, s_ls, s_fb, s_fh,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+                   MERGE: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
@@ -65,6 +66,37 @@ def _decode_kernel(Q, K, V, BT, CL, O, LSE, qk_scale,
     if SPLITS > 1:
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(LSE + b * s_lb + s * s_ls + heads, lse, mask=gmask)
+        if MERGE:
+            _merge_if_last(O, LSE, OUT, LOCK + b * tl.num_programs(1) + h, b, heads, gmask, offs_d,
+                           s_ob, s_os, s_oh, s_lb, s_ls, s_fb, s_fh, G_PAD, D, SPLITS)
+
+
+@triton.jit
+def _merge_if_last(O, LSE, OUT, lock, b, heads, gmask, offs_d, s_ob, s_os, s_oh, s_lb, s_ls, s_fb, s_fh,
+                   G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+    """The split merge in the decode kernel itself (no second launch): each split's program counts
+    itself in at ``lock`` once its partial result is stored; the last one to arrive merges every
+    split of this (sequence, KV head) and resets the counter for the next launch."""
+    tl.debug_barrier()                                    # this program's stores are all issued
+    arrived = tl.atomic_add(lock, 1, sem="acq_rel")       # release ours, acquire the others'
+    if arrived == SPLITS - 1:
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        for s2 in tl.static_range(SPLITS):
+            lse = tl.load(LSE + b * s_lb + s2 * s_ls + heads, mask=gmask, other=float("-inf"), cache_modifier=".cg")
+            m = tl.maximum(m, lse)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        den = tl.zeros([G_PAD], tl.float32)
+        for s2 in tl.static_range(SPLITS):
+            lse = tl.load(LSE + b * s_lb + s2 * s_ls + heads, mask=gmask, other=float("-inf"), cache_modifier=".cg")
+            w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
+            part = tl.load(O + b * s_ob + s2 * s_os + heads[:, None] * s_oh + offs_d[None, :], mask=gmask[:, None],
+                           other=0.0, cache_modifier=".cg")
+            acc += part * w[:, None]
+            den += w
+        out = acc / tl.where(den > 0, den, 1.0)[:, None]
+        tl.store(OUT + b * s_fb + heads[:, None] * s_fh + offs_d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=gmask[:, None])
+        tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -99,8 +131,10 @@ def decode_splits(batch: int, n_kv_heads: int, max_context: int, num_sms: int) -
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, splits: int = 1,
-                 block_n: int = 64):
-    """q [B, Hq, D] -> [B, Hq, D]"""
+                 block_n: int = 64, locks: torch.Tensor | None = None):
+    """q [B, Hq, D] -> [B, Hq, D]. With ``splits`` > 1 the partial results are merged by a second
+    kernel, or, given ``locks`` (int32 zeros, >= B * Hkv, kept between calls: each call leaves them
+    zero), by the last split's program of the decode kernel itself."""
     b, hq, d = q.shape
     _, bs, hk, _ = k_cache.shape
     g = hq // hk
@@ -113,14 +147,17 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, splits:
     else:
         lse = out  # unused
         o, s_ob, s_os, s_oh = out, out.stride(0), 0, out.stride(1)
+    merge = splits > 1 and locks is not None
+    if merge:
+        assert locks.dtype == torch.int32 and locks.numel() >= b * hk
     _decode_kernel[(b, hk, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, o, lse, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, context_lens, o, lse, out, locks if merge else out, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), s_ob, s_os, s_oh,
-        lse.stride(0) if splits > 1 else 0, lse.stride(1) if splits > 1 else 0,
+        lse.stride(0) if splits > 1 else 0, lse.stride(1) if splits > 1 else 0, out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=block_n, SPLITS=splits, PREC=_prec(q),
-        PDL=pdl, num_warps=4, num_stages=2, launch_pdl=pdl)
-    if splits > 1:
+        PDL=pdl, MERGE=merge, num_warps=4, num_stages=2, launch_pdl=pdl)
+    if splits > 1 and not merge:
         _merge_kernel[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2),
                                lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
                                SPLITS=splits, D=d, PDL=pdl, num_warps=4, launch_pdl=pdl)

@@ -26,7 +26,7 @@ from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep, load_app_c
 from omni_ray.errors import InvalidRequestError, OmniError
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES = ("ar", "dit", "serve", "scheduler")
+BENCHES = ("ar", "async", "cache", "dit", "dit_parallel", "gemv", "scheduler", "serve", "tp")
 
 
 # ----------------------------------------------------------------------------- config

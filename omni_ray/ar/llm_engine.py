@@ -47,14 +47,10 @@ class LLMEngine:
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), trust_remote_code=False)
         self.runner = self._make_runner()
-        self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size,
-                                          cfg.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg.scheduler, self.block_manager)
         self.eos_ids = set(self.arch.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.stats = EngineStats()
-        self.seqs: dict[str, Sequence] = {}
+        self._reset()
         if cfg.warmup and self.runner.device.type == "cuda":
             self.warmup()
 
@@ -82,11 +78,15 @@ class LLMEngine:
                     self.step()                       # the rest joins a running decode: a mixed batch
             while not self.is_finished():
                 self.step()
-        self.block_manager = BlockManager(self.runner.num_blocks, self.config.cache.block_size,
-                                          self.config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Empty KV-cache bookkeeping (no prefix-cache entries), queues, counters and requests."""
+        cfg = self.config
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg.scheduler, self.block_manager)
         self.stats = EngineStats()
-        self.seqs.clear()
+        self.seqs: dict[str, Sequence] = {}
 
     def _make_runner(self) -> ModelRunner:
         if self.config.parallel.tensor_parallel_size > 1:
@@ -258,11 +258,10 @@ class LLMEngine:
         if p.stop:                 # stop strings: text per token (streams without them: once per step, CoreLoop)
             before = len(seq.output_text)
             update_text(seq, self.tokenizer, p.skip_special_tokens)
-            if p.stop:
-                i = find_stop(seq, p.stop, len(seq.output_text) - before)
-                if i != -1:
-                    seq.output_text = seq.output_text[:i]
-                    return self._finish(seq, "stop")
+            i = find_stop(seq, p.stop, len(seq.output_text) - before)
+            if i != -1:
+                seq.output_text = seq.output_text[:i]
+                return self._finish(seq, "stop")
         if (not p.ignore_eos and tok in self.eos_ids) or (p.stop_token_ids and tok in p.stop_token_ids):
             return self._finish(seq, "stop")
         if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:

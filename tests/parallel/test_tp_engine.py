@@ -4,7 +4,6 @@ checkpoint reads, and a worker killed mid-generation."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import ray
@@ -12,6 +11,7 @@ import ray
 from omni_ray.ar import LLM, AsyncLLM, SamplingParams
 from omni_ray.config import AREngineConfig
 from omni_ray.errors import EngineError
+from tests.parallel.conftest import kill_worker_mid_decode
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -85,16 +85,7 @@ def test_each_rank_reads_only_its_slices(ray_local):
 def test_killed_worker_fails_requests_offline(ray_local):
     llm = LLM("tiny:qwen3", tensor_parallel_size=2, **KW)
     try:
-        for i, p in enumerate(PROMPTS[:2]):
-            llm.add_request(p, SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True), f"r{i}")
-        for _ in range(3):
-            llm.step()
-        ray.kill(llm.runner.group.actors[0], no_restart=True)
-        t0 = time.monotonic()
-        with pytest.raises(EngineError, match="tensor-parallel group: worker rank 1 of 2 is gone"):
-            while not llm.is_finished():
-                llm.step()
-        assert time.monotonic() - t0 < 30
+        assert kill_worker_mid_decode(llm, PROMPTS[:2], 200, "tensor-parallel group: worker rank 1 of 2 is gone") < 30
         with pytest.raises(EngineError, match="rank 1"):
             llm.check_health()
     finally:

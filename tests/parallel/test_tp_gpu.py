@@ -3,14 +3,11 @@ dead worker. Skipped without 2 CUDA devices.  python -m pytest tests/parallel/te
 
 from __future__ import annotations
 
-import time
-
 import pytest
-import ray
 import torch
 
 from omni_ray.ar import LLM, SamplingParams
-from omni_ray.errors import EngineError
+from tests.parallel.conftest import kill_worker_mid_decode
 from tests.parallel.test_tp_engine import PROMPTS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.ray, pytest.mark.timeout(600),
@@ -48,16 +45,8 @@ def test_tp2_cuda_graphs_equal_tp1(ray_local, model, decode_steps):
 def test_tp2_cuda_killed_worker_fails_fast(ray_local):
     llm = LLM("tiny:qwen3", tensor_parallel_size=2, **KW)
     try:
-        for i, p in enumerate(PROMPTS[:2]):
-            llm.add_request(p, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True), f"r{i}")
-        for _ in range(3):
-            llm.step()
-        ray.kill(llm.runner.group.actors[0], no_restart=True)
-        t0 = time.monotonic()
-        with pytest.raises(EngineError, match="rank 1 of 2 is gone"):
-            while not llm.is_finished():
-                llm.step()
-        assert time.monotonic() - t0 < 60          # the watchdog aborts NCCL; no collective timeout
+        # the watchdog aborts NCCL; no collective timeout
+        assert kill_worker_mid_decode(llm, PROMPTS[:2], 400, "rank 1 of 2 is gone") < 60
     finally:
         llm.shutdown()
     again = LLM("tiny:qwen3", tensor_parallel_size=2, **KW)

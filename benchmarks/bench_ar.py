@@ -120,6 +120,8 @@ def main():
                     help="greedy decode steps per schedule (engine default if unset)")
     ap.add_argument("--small-gemv", choices=["auto", "on", "off"], default=None,
                     help="fused Triton GEMVs for decode batches <= 4 (engine default: auto, timed at start-up)")
+    ap.add_argument("--decode-merge", choices=["kernel", "launch"], default=None,
+                    help="split merge of the decode attention: in-kernel or a second launch (engine default: kernel)")
     ap.add_argument("--only-batch1", action="store_true", help="stop after the batch-1 figure (and --profile)")
     ap.add_argument("--compare-single-step", action="store_true",
                     help="also run batch-1 decode with decode_steps=1 (the per-step host cost, unhidden)")
@@ -147,9 +149,12 @@ def main():
         extra["decode_steps"] = args.decode_steps
     if args.small_gemv:
         extra["small_gemv"] = args.small_gemv
+    if args.decode_merge:
+        extra["decode_merge"] = args.decode_merge
     llm = LLM(str(path), max_model_len=4096, enforce_eager=args.enforce_eager or not cuda,
               device="cuda" if cuda else "cpu", **extra)
     res["decode_steps"] = llm.config.decode_steps
+    res["decode_merge"] = llm.config.decode_merge
     res["small_gemv"] = getattr(llm.runner, "gemv_timing", None)
     print("batch-1 projections:", res["small_gemv"], flush=True)
     vocab = llm.arch.vocab_size

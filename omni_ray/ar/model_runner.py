@@ -83,6 +83,7 @@ class ModelRunner:
             raise ConfigError(f"KV cache holds {self.num_blocks * self.block_size} tokens, less than "
                               f"max_model_len={self.max_model_len}; lower max_model_len or raise the KV budget")
         self._allocate_kv(self.num_blocks)
+        self.decode_locks = self._decode_locks()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes = self._graph_sizes() if self.use_graphs else []
         self._alloc_decode_buffers()
@@ -198,6 +199,14 @@ class ModelRunner:
             a.v_cache = self.kv_cache[1, i] if num_blocks else torch.tensor([])
         self.scratch_slot = num_blocks * self.block_size
 
+    def _decode_locks(self) -> torch.Tensor | None:
+        """Arrival counters of the in-kernel split merge (decode_merge="kernel"): one per (sequence,
+        KV head), left at zero by every launch, so one buffer serves every layer and graph."""
+        if self.backend != "triton" or self.cfg.decode_merge != "kernel":
+            return None
+        n = self.cfg.scheduler.max_num_seqs * self.model.layers[0].self_attn.nkv
+        return torch.zeros(n, dtype=torch.int32, device=self.device)
+
     # ------------------------------------------------------------------ inputs
     def _splits(self, batch: int, max_ctx: int) -> int:
         if self.backend != "triton":
@@ -235,6 +244,7 @@ class ModelRunner:
             num_decodes=batch.num_decodes, max_query_len=max(q_lens), max_context_len=max(ctx_lens),
             q_lens=q_lens, ctx_lens=ctx_lens)
         meta.decode_splits = self._splits(batch.num_decodes, meta.max_context_len)
+        meta.decode_locks = self.decode_locks
         return t(ids, torch.int64), t(pos, torch.int64), meta, cu
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
@@ -391,7 +401,8 @@ class ModelRunner:
         inp = self.g_in[:bs]
         return AttnMetadata(slot_mapping=None, context_lens=inp[:, 2], block_tables=inp[:, 3:],
                             cu_seqlens_q=None, num_decodes=bs, max_query_len=1,
-                            max_context_len=self.max_model_len, decode_splits=splits)
+                            max_context_len=self.max_model_len, decode_splits=splits,
+                            decode_locks=self.decode_locks)
 
     def _decode_body(self, bs: int, meta: AttnMetadata) -> None:
         """One decode step on rows [:bs] of g_in, then advance g_in to the next step on the device."""

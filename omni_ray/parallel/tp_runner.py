@@ -99,7 +99,8 @@ class TPShard:
             ids, pos, slots, ctx, cu, table, rows = torch.split(buf, [n, n, n, b, b + 1, b * w, s])
             meta = AttnMetadata(slot_mapping=slots, context_lens=ctx.to(torch.int32),
                                 block_tables=table.view(b, w).to(torch.int32), cu_seqlens_q=cu.to(torch.int32),
-                                num_decodes=nd, max_query_len=max_q, max_context_len=max_ctx, decode_splits=splits)
+                                num_decodes=nd, max_query_len=max_q, max_context_len=max_ctx, decode_splits=splits,
+                                decode_locks=r.decode_locks)
             if r.backend == "torch":           # host copies the PyTorch attention reads (CPU: free)
                 meta.q_lens, meta.ctx_lens = cu.diff().tolist(), ctx.tolist()
             r._forward(ids, pos, meta, (), rows if s else None)

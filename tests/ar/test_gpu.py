@@ -82,11 +82,13 @@ def test_triton_prefill_matches_torch(dtype, tol, bs, hq, hk, d):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
-def test_cuda_graph_engine_matches_cpu_engine():
+@pytest.mark.parametrize("merge", ["kernel", "launch"])
+def test_cuda_graph_engine_matches_cpu_engine(merge):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     cpu = [o["token_ids"] for o in make_llm("tiny:qwen2").generate(PROMPTS, params, use_tqdm=False)]
-    gpu = make_llm("tiny:qwen2", device="cuda", dtype="float32", enforce_eager=False)
+    gpu = make_llm("tiny:qwen2", device="cuda", dtype="float32", enforce_eager=False, decode_merge=merge)
     assert gpu.runner.graphs, "decode CUDA graphs were not captured"
+    assert (gpu.runner.decode_locks is not None) == (merge == "kernel")
     got = [o["token_ids"] for o in gpu.generate(PROMPTS, params, use_tqdm=False)]
     assert got == cpu
 

@@ -32,6 +32,7 @@ class AttnMetadata:
     q_lens: list[int] = field(default_factory=list)     # host copies (torch backend)
     ctx_lens: list[int] = field(default_factory=list)
     decode_splits: int = 1              # split-K factor of the Triton decode kernel
+    decode_locks: torch.Tensor | None = None   # int32 zeros [>= B * Hkv]: merge splits in-kernel
 
 
 def pick_backend(device: torch.device) -> str:
@@ -118,7 +119,8 @@ class Attention(nn.Module):
         bt, cl = meta.block_tables[:nd], meta.context_lens[:nd]
         if self.backend == "triton":
             from omni_ray.ar.layers.triton_attention import paged_decode
-            return paged_decode(q, self.k_cache, self.v_cache, bt, cl, self.scale, meta.decode_splits)
+            return paged_decode(q, self.k_cache, self.v_cache, bt, cl, self.scale, meta.decode_splits,
+                                locks=meta.decode_locks)
         if self.backend == "flash":
             from flash_attn import flash_attn_with_kvcache
             return flash_attn_with_kvcache(q.unsqueeze(1), self.k_cache, self.v_cache, cache_seqlens=cl,

@@ -152,6 +152,30 @@ async def handle_stream(ps: list[str], max_tokens: int) -> dict:
             "messages_per_stream": round(statistics.mean(r[2] for r in res), 1)}
 
 
+async def ingress_handle_stream(ps: list[str], max_tokens: int) -> dict:
+    """The ingress's ``stream_text`` through the app handle from this process: admission, the
+    ingress replica and the AR replica, without the HTTP proxy. ``ignore_eos``: every stream
+    makes exactly ``max_tokens`` tokens."""
+    from ray import serve
+
+    h = serve.get_app_handle("omni-bench").options(stream=True)
+
+    async def one(p):
+        first, msgs = None, 0
+        async for _ in h.stream_text.remote(p, max_tokens=max_tokens, temperature=0, ignore_eos=True):
+            first = first or time.perf_counter()
+            msgs += 1
+        return first, msgs
+
+    await asyncio.gather(*(one(p) for p in ps[:4]))
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*(one(p) for p in ps))
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": round(len(ps) * max_tokens / dt, 1),
+            "ttft_p50_ms": ms(pct([r[0] - t0 for r in res], 50)),
+            "messages_per_stream": round(statistics.mean(r[1] for r in res), 1)}
+
+
 def offline_throughput(cfg, ps: list[str], max_tokens: int) -> dict:
     from omni_ray.ar import LLM, SamplingParams
 
@@ -299,6 +323,16 @@ def main() -> None:
     ap.add_argument("--ingress-replicas", type=int, default=1, help="ingress replicas (HTTP/SSE work spread out)")
     ap.add_argument("--core-process", default="auto", choices=["auto", "on", "off"],
                     help="AR engine core in its own process (auto: on for CUDA)")
+    ap.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="environment of the Ray cluster the benchmark starts (Serve's own knobs, e.g. "
+                         "RAY_SERVE_THROUGHPUT_OPTIMIZED=1); repeatable")
+    ap.add_argument("--only-streaming", action="store_true",
+                    help="only the streaming parts (baselines once, then each --variant's Serve app in turn); "
+                         "writes serve_streaming_<device>.json")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:OPTS",
+                    help="with --only-streaming: a Serve set-up to measure, e.g. 'tp:RAY_SERVE_THROUGHPUT_OPTIMIZED=1' "
+                         "or 'ingress4:ingress_replicas=4' (comma-separated; NAME=VALUE in upper case is cluster "
+                         "environment); repeatable, default: one run as configured")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     q = a.quick
@@ -313,11 +347,8 @@ def main() -> None:
     if q:
         a.rewrite_tokens = min(a.rewrite_tokens, 8)
 
-    import ray
     import torch
-    from ray import serve
 
-    from deployments.app import build_app
     from omni_ray.config import OmniConfig, load_config
 
     cfg_dict = bench_config(a)
@@ -325,9 +356,10 @@ def main() -> None:
     ar_cfg = cfg.stages["llm"].engine
     ps = prompts(a.clients)
 
-    print(f"[1/5] direct engine latency ({a.latency_requests} x 16 tokens) ...", flush=True)
-    direct = asyncio.run(direct_latency(ar_cfg, a.latency_requests, 16))
-    free_accelerator()
+    if not a.only_streaming:
+        print(f"[1/5] direct engine latency ({a.latency_requests} x 16 tokens) ...", flush=True)
+        direct = asyncio.run(direct_latency(ar_cfg, a.latency_requests, 16))
+        free_accelerator()
     print(f"[2/5] offline throughput ({a.clients} prompts x {a.stream_tokens} tokens) ...", flush=True)
     offline = offline_throughput(ar_cfg, ps, a.stream_tokens)
     free_accelerator()
@@ -337,14 +369,14 @@ def main() -> None:
     print(f"      {engine_streams}", flush=True)
     free_accelerator()
 
+    if a.only_streaming:
+        return streaming_variants(a, offline, engine_streams, ps)
+
     print("[3/5] starting Serve ...", flush=True)
-    ray.init(include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve_env = dict(kv.split("=", 1) for kv in a.serve_env)
     t0 = time.perf_counter()
-    serve.run(build_app({"config": cfg_dict}), name="omni-bench", route_prefix="/")
+    url = start_serve(a, serve_env)
     startup = time.perf_counter() - t0
-    url = f"http://127.0.0.1:{port}"
     try:
         print("[3/5] HTTP latency ...", flush=True)
         http = asyncio.run(http_latency(url, a.latency_requests, 16))
@@ -352,6 +384,8 @@ def main() -> None:
         print(f"[4/5] {a.clients} streaming clients ...", flush=True)
         replica_streams = asyncio.run(handle_stream(ps, a.stream_tokens))
         print(f"      AR replica via handle: {replica_streams}", flush=True)
+        ingress_streams = asyncio.run(ingress_handle_stream(ps, a.stream_tokens))
+        print(f"      ingress via app handle: {ingress_streams}", flush=True)
         online = asyncio.run(stream_throughput(url, ps, a.stream_tokens))
         print(f"      {online['tokens_per_s']:.0f} tok/s through Serve vs {offline['tokens_per_s']:.0f} offline, "
               f"TTFT p50 {online['ttft_p50_ms']} ms (min {online['ttft_min_ms']}, max {online['ttft_max_ms']}), "
@@ -362,8 +396,7 @@ def main() -> None:
         print(f"[5/5] text2image x {a.pipeline_requests} ...", flush=True)
         split = asyncio.run(pipeline_split(url, a.pipeline_requests, a))
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_serve(serve_env)
 
     lat = {"direct": {"p50_ms": ms(pct(direct, 50)), "p99_ms": ms(pct(direct, 99)), "n": len(direct)},
            "http": {"p50_ms": ms(pct(http, 50)), "p99_ms": ms(pct(http, 99)), "n": len(http)}}
@@ -374,6 +407,7 @@ def main() -> None:
     result = {
         "device": a.device, "gpu": gpu, "quick": q, "ar_model": a.ar_model, "dit_model": a.dit_model,
         "scheduler": not a.no_scheduler, "core_process": a.core_process, "ingress_replicas": a.ingress_replicas,
+        "serve_env": serve_env,
         "host": platform.node(), "cpus": os.cpu_count(), "serve_startup_s": round(startup, 1),
         "latency_16_tokens": lat | {"target_added_p50_ms": 10, "meets_target": lat["added_p50_ms"] <= 10,
                                     "parts_p50": parts},
@@ -385,7 +419,8 @@ def main() -> None:
                       "serve_chunks_per_stream": online["chunks_per_stream"],
                       "second_burst": {k: again[k] for k in ("tokens_per_s", "ttft_p50_ms", "ttft_min_ms",
                                                              "chunks_per_stream")},
-                      "parts": {"engine_async_callers": engine_streams, "ar_replica_handle": replica_streams},
+                      "parts": {"engine_async_callers": engine_streams, "ar_replica_handle": replica_streams,
+                                "ingress_handle": ingress_streams},
                       "ratio": round(ratio, 3), "target_ratio": 0.85, "meets_target": ratio >= 0.85},
         "text2image": {"requests": a.pipeline_requests, "size": a.image_size, "steps": a.steps,
                        "rewrite_tokens": a.rewrite_tokens, **split},
@@ -396,6 +431,82 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     print(table(result))
     print(f"\nwrote {out}")
+
+
+def start_serve(a, env: dict[str, str]) -> str:
+    """A fresh Ray cluster (with ``env``) running the benchmark app; returns its URL."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    os.environ.update(env)            # the processes ray.init starts inherit it; this one read its flags already
+    ray.init(include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": bench_config(a)}), name="omni-bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_serve(env: dict[str, str]) -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    for k in env:
+        os.environ.pop(k, None)
+
+
+def parse_variant(spec: str) -> tuple[str, dict, dict]:
+    """'name:KEY=V,opt=V' -> (name, cluster env, benchmark options)."""
+    name, _, opts = spec.partition(":")
+    env, args = {}, {}
+    for kv in filter(None, opts.split(",")):
+        k, v = kv.split("=", 1)
+        (env if k.isupper() else args)[k] = v
+    return name, env, args
+
+
+def streaming_variants(a, offline: dict, engine_streams: dict, ps: list[str]) -> None:
+    """Each variant: start Serve, stream through the AR replica handle, the ingress handle and HTTP
+    (twice), stop. Shows which hop loses what, and what Serve's knobs change."""
+    import copy
+
+    variants = [parse_variant(v) for v in a.variant] or [("as-configured", {}, {})]
+    out = {"device": a.device, "ar_model": a.ar_model, "clients": a.clients, "max_tokens": a.stream_tokens,
+           "cpus": os.cpu_count(), "offline_tokens_per_s": round(offline["tokens_per_s"], 1),
+           "engine_async_callers": engine_streams, "variants": {}}
+    for name, env, opts in variants:
+        va = copy.copy(a)
+        for k, v in opts.items():
+            setattr(va, k, type(getattr(a, k))(v))
+        print(f"== variant {name}: env {env}, options {opts}", flush=True)
+        url = start_serve(va, env)
+        try:
+            r = {"env": env, "options": opts,
+                 "ar_replica_handle": asyncio.run(handle_stream(ps, a.stream_tokens)),
+                 "ingress_handle": asyncio.run(ingress_handle_stream(ps, a.stream_tokens))}
+            for burst in ("http", "http_again"):
+                h = asyncio.run(stream_throughput(url, ps, a.stream_tokens))
+                r[burst] = {k: h[k] for k in ("tokens_per_s", "ttft_p50_ms", "ttft_min_ms", "ttft_max_ms",
+                                              "chunks_per_stream")}
+            for k in ("ar_replica_handle", "ingress_handle", "http", "http_again"):
+                r[k]["ratio"] = round(r[k]["tokens_per_s"] / offline["tokens_per_s"], 3)
+            print(f"   {json.dumps(r)}", flush=True)
+            out["variants"][name] = r
+        finally:
+            stop_serve(env)
+    out["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    path = Path(a.out or ROOT / "benchmarks" / "results" / f"serve_streaming_{a.device}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"| variant | AR replica handle | ingress handle | HTTP | HTTP again | HTTP TTFT p50 ms |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, r in out["variants"].items():
+        print(f"| {name} | {r['ar_replica_handle']['ratio']:.0%} | {r['ingress_handle']['ratio']:.0%} "
+              f"| {r['http']['ratio']:.0%} | {r['http_again']['ratio']:.0%} | {r['http']['ttft_p50_ms']} |")
+    print(f"\nwrote {path}")
 
 
 def table(r: dict) -> str:

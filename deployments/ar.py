@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import AsyncIterator
 
 import ray
@@ -47,15 +48,19 @@ class ARDeployment(StageReplica):
         log.info("AR stage %r ready: model %s", stage, self.engine.model_name)
 
     async def generate(self, req: dict) -> AsyncIterator[dict]:
-        deltas = self.metrics.stream(ar_generate(self.engine, req, self.limits), req.get("request_id"))
-        async for delta in self.streams.stream(deltas, merge_deltas):
-            yield delta
+        """Deltas paced by the engine itself (one Serve message per interval, what came meanwhile
+        merged before it reaches Python here): a busy replica's cost grows with its messages, not
+        with engine steps x streams."""
+        with self.streams.open():
+            deltas = ar_generate(self.engine, req, self.limits, interval=self.streams.interval)
+            async for delta in self.metrics.stream(deltas, req.get("request_id")):
+                yield delta
 
     async def complete(self, req: dict) -> dict:
-        """The whole generation as one delta (non-streaming callers: one message, not one per token)."""
-        deltas = [d async for d in self.metrics.stream(ar_generate(self.engine, req, self.limits),
-                                                       req.get("request_id"))]
-        return merge_deltas(deltas)
+        """The whole generation as one delta (non-streaming callers: one message, not one per token).
+        The engine hands over the first output (time to first token) and then the rest at the end."""
+        deltas = ar_generate(self.engine, req, self.limits, interval=math.inf)
+        return merge_deltas([d async for d in self.metrics.stream(deltas, req.get("request_id"))])
 
     async def encode(self, req: dict) -> dict:
         with self.metrics.track(req.get("request_id"), "encode"):

@@ -50,13 +50,14 @@ class HandleAPI:
     async def generate_text(self, prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
                             model: str | None = None, max_tokens: int | None = 64, temperature: float = 1.0,
                             top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                            n: int = 1, logprobs: bool = False, priority: str = "normal") -> dict:
+                            n: int = 1, logprobs: bool = False, ignore_eos: bool = False,
+                            priority: str = "normal") -> dict:
         """One text generation. ``messages`` uses the chat template; ``prompt`` is raw text or token ids.
         Returns ``{"text", "token_ids", "finish_reason", "usage", "model"}`` (plus ``choices`` when n > 1,
         ``logprobs`` when asked)."""
         body, prompts = self._handle_text_body(prompt, messages, model=model, max_tokens=max_tokens,
                                                temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
-                                               priority=priority)
+                                               ignore_eos=ignore_eos, priority=priority)
         stage = self._stage(model, "ar")
         check_text_limits(body, max_tokens, self.limits)
         rid = new_id("handle")
@@ -75,11 +76,11 @@ class HandleAPI:
     async def stream_text(self, prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
                           model: str | None = None, max_tokens: int | None = 64, temperature: float = 1.0,
                           top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                          priority: str = "normal") -> AsyncIterator[str]:
+                          ignore_eos: bool = False, priority: str = "normal") -> AsyncIterator[str]:
         """Text deltas as they are generated (call with ``handle.options(stream=True)``)."""
         body, prompts = self._handle_text_body(prompt, messages, model=model, max_tokens=max_tokens,
                                                temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                               priority=priority)
+                                               ignore_eos=ignore_eos, priority=priority)
         stage = self._stage(model, "ar")
         check_text_limits(body, max_tokens, self.limits)
         rid = new_id("handle")

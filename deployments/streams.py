@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import contextmanager
 from typing import AsyncIterator, Awaitable, Iterable, TypeVar
 
 T = TypeVar("T")
@@ -151,10 +152,17 @@ class OpenStreams:
         return self.config.interval(self.count)
 
     async def stream(self, it: AsyncIterator[T], merge_fn) -> AsyncIterator[T]:
-        self.count += 1
-        try:
+        """``it``'s items merged by ``merge_fn`` at this replica's current interval."""
+        with self.open():
             async for item in coalesce(it, merge_fn, self.interval):
                 yield item
+
+    @contextmanager
+    def open(self):
+        """Count a stream that paces itself (e.g. ``AsyncLLM.generate(interval=self.interval)``)."""
+        self.count += 1
+        try:
+            yield self
         finally:
             self.count -= 1
 

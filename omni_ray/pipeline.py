@@ -93,12 +93,13 @@ def sampling_params(params: Mapping, num_prompt_tokens: int, max_model_len: int,
         raise InvalidRequestError(f"bad sampling parameter: {err}") from None
 
 
-async def ar_generate(engine, req: Mapping, limits: LimitsConfig | None = None) -> AsyncIterator[dict]:
-    """Stream one AR request on an ``AsyncLLM``: dict deltas (text, token_ids, logprobs, tokens...)."""
+async def ar_generate(engine, req: Mapping, limits: LimitsConfig | None = None, interval=None) -> AsyncIterator[dict]:
+    """Stream one AR request on an ``AsyncLLM``: dict deltas (text, token_ids, logprobs, tokens...),
+    at most one per ``interval`` (``AsyncLLM.generate``: the engine merges what comes meanwhile)."""
     limits = limits or LimitsConfig()
     ids = prompt_ids(engine.tokenizer, req, limits.max_prompt_tokens)
     params = sampling_params(req.get("params") or {}, len(ids), engine.max_model_len, limits.max_tokens)
-    async for out in engine.generate(ids, params, req["request_id"]):
+    async for out in engine.generate(ids, params, req["request_id"], interval=interval):
         d = {"text": out.text, "token_ids": list(out.token_ids), "logprobs": out.logprobs,
              "finished": out.finished, "finish_reason": out.finish_reason,
              "num_prompt_tokens": out.num_prompt_tokens, "num_output_tokens": out.num_output_tokens}

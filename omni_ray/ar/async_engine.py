@@ -7,13 +7,17 @@
 An engine core (``omni_ray/ar/engine_core.py``) owns the engine: in its own process on CUDA (no
 GIL shared with the serving event loop), else in a thread of this one. It takes new requests and
 aborts between steps and hands each step's outputs to the event loop at once; each caller reads
-its own queue. ``abort`` (or a caller that stops iterating) frees the blocks before the next step.
+its own stream, where outputs it has not taken yet are merged (a caller slower than the engine
+gets one output with everything new, never a backlog of per-step items); ``interval`` paces a
+caller to one output per interval (the first and the last go at once). ``abort`` (or a caller
+that stops iterating) frees the blocks before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,12 +31,58 @@ __all__ = ["AsyncLLM", "RequestOutput"]
 log = logging.getLogger(__name__)
 
 
+def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one."""
+    lp = None if old.logprobs is None and new.logprobs is None else (old.logprobs or []) + (new.logprobs or [])
+    return RequestOutput(new.request_id, old.text + new.text, old.token_ids + new.token_ids, lp, new.finished,
+                         new.finish_reason, new.num_prompt_tokens, new.num_output_tokens)
+
+
+def _last(item) -> bool:
+    return not isinstance(item, RequestOutput) or item.finished
+
+
+class _Stream:
+    """One request's output not yet taken by its caller: outputs merge while they wait."""
+
+    __slots__ = ("item", "ready")
+
+    def __init__(self):
+        self.item = None
+        self.ready = asyncio.Event()
+
+    def put(self, item) -> None:
+        cur = self.item
+        if isinstance(cur, RequestOutput) and isinstance(item, RequestOutput):
+            self.item = _merge(cur, item)
+        elif cur is None or not isinstance(cur, BaseException):   # an error stays the last word
+            self.item = item
+        self.ready.set()
+
+    async def take(self, not_before: float, loop: asyncio.AbstractEventLoop):
+        """The pending item, once there is one and ``not_before`` (loop time) has passed; a final
+        item (finished, error, hidden states) does not wait for ``not_before``."""
+        while True:
+            item, timer = self.item, None
+            if item is not None:
+                if _last(item) or loop.time() >= not_before:
+                    self.item = None
+                    return item
+                timer = loop.call_at(not_before, self.ready.set)
+            self.ready.clear()
+            try:
+                await self.ready.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+
 class AsyncLLM:
     def __init__(self, config: AREngineConfig | str, **kwargs):
         cfg = config if isinstance(config, AREngineConfig) else AREngineConfig.from_kwargs(config, **kwargs)
         self.core = make_core(cfg)
         self.tokenizer = self.core.tokenizer
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
 
@@ -50,9 +100,12 @@ class AsyncLLM:
         return self.core.max_model_len
 
     # ------------------------------------------------------------------ public API
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None, request_id: str):
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None, request_id: str,
+                       interval: float | Callable[[], float] | None = None):
+        """RequestOutputs with the text and tokens new since the previous one. ``interval`` (seconds,
+        or a callable giving them): at most one output per interval, the rest merged into it."""
         params = params or SamplingParams()
-        async for out in self._submit(prompt, params, request_id, stream_text=True):
+        async for out in self._submit(prompt, params, request_id, stream_text=True, interval=interval):
             yield out
 
     async def encode(self, prompt: str | list[int], request_id: str, layer: int | None = None) -> torch.Tensor:
@@ -62,11 +115,11 @@ class AsyncLLM:
         raise EngineError(f"request {request_id} ended without hidden states")
 
     def abort(self, request_id: str) -> None:
-        if request_id in self._queues:
+        if request_id in self._streams:
             self.core.abort(request_id)
 
     def stats(self) -> dict:
-        out = self.core.stats() | {"num_streams": len(self._queues), "healthy": self._error is None}
+        out = self.core.stats() | {"num_streams": len(self._streams), "healthy": self._error is None}
         described = self.core.describe()
         if described is not None:
             out["parallel" if self.engine is not None else "core_process"] = described
@@ -87,48 +140,46 @@ class AsyncLLM:
         await asyncio.get_running_loop().run_in_executor(None, self.core.shutdown)
 
     # ------------------------------------------------------------------ plumbing
-    async def _submit(self, prompt, params, request_id: str, stream_text: bool):
+    async def _submit(self, prompt, params, request_id: str, stream_text: bool, interval=None):
         self.check_health()
-        if request_id in self._queues:
+        if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         loop = asyncio.get_running_loop()
         if loop is not self._loop:                    # first call, or the caller's loop changed
             self._loop = loop
             self.core.start(loop, self._deliver, self._fail_all)
-        queue = self._queues[request_id] = asyncio.Queue()
+        pace = interval if callable(interval) else (lambda: interval or 0.0)
+        stream = self._streams[request_id] = _Stream()
         self.core.add(request_id, prompt, params, stream_text)
-        finished = False
+        finished, not_before = False, 0.0
         try:
             while True:
-                item = await queue.get()
+                item = await stream.take(not_before, loop)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                if isinstance(item, np.ndarray):      # an encode request's hidden states
-                    finished = True
-                    yield item
-                    return
-                finished = item.finished
+                finished = _last(item)
                 yield item
                 if finished:
                     return
+                not_before = loop.time() + pace()
         finally:
-            if self._queues.get(request_id) is queue:
+            if self._streams.get(request_id) is stream:
                 if not finished:          # the caller went away (disconnect / cancellation)
                     self.core.abort(request_id)
-                del self._queues[request_id]
+                del self._streams[request_id]
 
     def _deliver(self, items: list) -> None:
         for rid, item in items:
-            queue = self._queues.get(rid)
-            if queue is not None:
-                queue.put_nowait(item)
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.put(item)
 
     def _fail_all(self, err: BaseException) -> None:
         """The engine is broken: every open request gets ``err``; the engine reports unhealthy."""
         if self._error is None:
             self._error = err
         exc = err if isinstance(err, OmniError) else EngineError(f"AR engine failed: {err!r}")
-        for queue in self._queues.values():
-            queue.put_nowait(exc)
-        self._queues.clear()
+        for stream in self._streams.values():
+            stream.put(exc)
+        self._streams.clear()

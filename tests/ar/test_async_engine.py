@@ -5,6 +5,7 @@ core process failing its requests."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 
@@ -53,6 +54,43 @@ def test_concurrent_requests_equal_offline(engine, offline):
         assert ids == w["token_ids"] and text == w["text"]
         assert last.finished and last.finish_reason == "length" and last.num_output_tokens == 24
     assert engine.stats()["max_batch_size"] > 1
+
+
+def test_slow_and_paced_callers_get_merged_outputs(engine, offline):
+    """A caller that falls behind gets everything new in one output (no backlog), and ``interval``
+    paces outputs; either way the tokens and text equal the offline engine's, logprobs included."""
+    params = lambda: SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=True)  # noqa: E731
+    want = offline.generate(PROMPTS[:2], params(), use_tqdm=False)
+
+    async def slow(prompt, rid):
+        outs = []
+        async for o in engine.generate(prompt, params(), rid):
+            outs.append(o)
+            await asyncio.sleep(0.15)                  # the engine makes several steps meanwhile
+        return outs
+
+    async def paced(prompt, rid, interval):
+        outs, times = [], []
+        async for o in engine.generate(prompt, params(), rid, interval=interval):
+            outs.append(o)
+            times.append(asyncio.get_running_loop().time())
+        gaps = [b - a for a, b in zip(times[:-2], times[1:-1])]       # the last output does not wait
+        assert all(g >= 0.0099 for g in gaps), gaps
+        return outs
+
+    async def main():
+        return await asyncio.gather(slow(PROMPTS[0], "slow-0"), paced(PROMPTS[1], "paced-1", math.inf),
+                                    paced(PROMPTS[0], "paced-0", lambda: 0.01))
+
+    slow_outs, inf_outs, paced_outs = asyncio.run(main())
+    for outs, w in ((slow_outs, want[0]), (inf_outs, want[1]), (paced_outs, want[0])):
+        assert [t for o in outs for t in o.token_ids] == w["token_ids"]
+        assert "".join(o.text for o in outs) == w["text"]
+        assert sum(len(o.logprobs) for o in outs) == 40 and outs[-1].finished
+        assert all(not o.finished for o in outs[:-1])
+    assert len(slow_outs) < 40 and max(len(o.token_ids) for o in slow_outs) > 1
+    assert len(inf_outs) == 2 and len(inf_outs[0].token_ids) == 1     # the first token at once, then the end
+    assert len(paced_outs) > 2
 
 
 def test_encode_equals_offline_hidden_states(engine, offline):
@@ -121,3 +159,22 @@ def test_dead_core_process_fails_requests_and_reports_unhealthy():
 async def _drain(agen):
     async for _ in agen:
         await asyncio.sleep(0.05)                 # slow reader: the kill lands mid-stream
+
+
+def test_pending_outputs_merge_and_an_error_stays_last():
+    from omni_ray.ar.async_engine import _Stream
+    from omni_ray.ar.engine_core import RequestOutput
+
+    async def main():
+        s, loop = _Stream(), asyncio.get_running_loop()
+        s.put(RequestOutput("r", "a", [1], None, False, None, 3, 1))
+        s.put(RequestOutput("r", "b", [2], None, False, None, 3, 2))
+        first = await s.take(0.0, loop)
+        s.put(RequestOutput("r", "c", [3], None, False, None, 3, 3))
+        s.put(EngineError("boom"))
+        s.put(RequestOutput("r", "d", [4], None, True, "length", 3, 4))
+        return first, await s.take(loop.time() + 60, loop)        # an error does not wait for the pace
+
+    first, last = asyncio.run(main())
+    assert (first.text, first.token_ids, first.num_output_tokens) == ("ab", [1, 2], 2)
+    assert isinstance(last, EngineError)

@@ -110,10 +110,10 @@ class AREngineConfig(Strict):
         "CUDA decode of <= 4 sequences: Triton GEMVs with the norm / activation before each projection "
         "fused in, instead of cuBLAS plus separate elementwise kernels; auto: timed both ways on this "
         "model's layers at start-up, the faster kept"))
-    decode_merge: Literal["kernel", "launch"] = Field("kernel", description=(
+    decode_merge: Literal["kernel", "launch"] = Field("launch", description=(
         "CUDA Triton decode attention split over the context (small batches): merge the splits in "
-        "the decode kernel itself (the last split's program, one launch per layer) or in a second "
-        "kernel launch"))
+        "the decode kernel itself (the last split's program, one launch per layer; checked under "
+        "Triton's interpreter, not yet measured on a GPU) or in a second kernel launch"))
     core_process: Literal["auto", "on", "off"] = Field("auto", description=(
         "AsyncLLM (serving): step the engine in its own child process, so the serving event loop never "
         "shares a GIL with it (vLLM's EngineCore); auto: on for CUDA with tensor_parallel_size 1"))

@@ -211,20 +211,32 @@ def free_accelerator() -> None:
 
 
 # ----------------------------------------------------------------------------- through Serve
-async def http_latency(url: str, n: int, max_tokens: int) -> list[float]:
+async def http_latency(url: str, n: int, max_tokens: int) -> tuple[list[float], dict]:
+    """Client-side latencies, and the p50 of each Server-Timing part (ms): ``admit``, ``work``
+    (the ingress's stage call), ``engine`` (inside the AR replica), ``total`` (the ingress), plus
+    ``proxy_and_network`` (client time - total) and ``ingress_to_replica`` (work - engine)."""
     import httpx
 
+    from deployments.timing import parse
+
     body = {"model": "llm", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    lat = []
+    lat, parts = [], []
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         for i in range(n + 3):
             t0 = time.perf_counter()
             r = await c.post("/v1/completions", json=body)
+            dt = time.perf_counter() - t0
             r.raise_for_status()
             assert r.json()["usage"]["completion_tokens"] == max_tokens
             if i >= 3:
-                lat.append(time.perf_counter() - t0)
-    return lat
+                lat.append(dt)
+                t = parse(r.headers.get("server-timing", ""))
+                t["proxy_and_network"] = 1000 * dt - t.get("total", 0.0)
+                if "engine" in t:
+                    t["ingress_to_replica"] = t["work"] - t["engine"]
+                parts.append(t)
+    split = {k: round(pct([p[k] for p in parts if k in p], 50), 2) for k in parts[0]} if parts else {}
+    return lat, split
 
 
 async def latency_parts(url: str, n: int) -> dict:
@@ -326,12 +338,15 @@ def main() -> None:
     ap.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
                     help="environment of the Ray cluster the benchmark starts (Serve's own knobs, e.g. "
                          "RAY_SERVE_THROUGHPUT_OPTIMIZED=1); repeatable")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for the cluster); "
+                         "HTTP goes straight to the ingress replica's own port, not through the proxy")
     ap.add_argument("--only-streaming", action="store_true",
                     help="only the streaming parts (baselines once, then each --variant's Serve app in turn); "
                          "writes serve_streaming_<device>.json")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:OPTS",
                     help="with --only-streaming: a Serve set-up to measure, e.g. 'tp:RAY_SERVE_THROUGHPUT_OPTIMIZED=1' "
-                         "or 'ingress4:ingress_replicas=4' (comma-separated; NAME=VALUE in upper case is cluster "
+                         "'direct:direct_ingress=1' or 'ingress4:ingress_replicas=4' (comma-separated; NAME=VALUE in upper case is cluster "
                          "environment); repeatable, default: one run as configured")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -379,7 +394,7 @@ def main() -> None:
     startup = time.perf_counter() - t0
     try:
         print("[3/5] HTTP latency ...", flush=True)
-        http = asyncio.run(http_latency(url, a.latency_requests, 16))
+        http, server_timing = asyncio.run(http_latency(url, a.latency_requests, 16))
         parts = asyncio.run(latency_parts(url, a.latency_requests))
         print(f"[4/5] {a.clients} streaming clients ...", flush=True)
         replica_streams = asyncio.run(handle_stream(ps, a.stream_tokens))
@@ -407,10 +422,10 @@ def main() -> None:
     result = {
         "device": a.device, "gpu": gpu, "quick": q, "ar_model": a.ar_model, "dit_model": a.dit_model,
         "scheduler": not a.no_scheduler, "core_process": a.core_process, "ingress_replicas": a.ingress_replicas,
-        "serve_env": serve_env,
+        "serve_env": serve_env, "direct_ingress": a.direct_ingress,
         "host": platform.node(), "cpus": os.cpu_count(), "serve_startup_s": round(startup, 1),
         "latency_16_tokens": lat | {"target_added_p50_ms": 10, "meets_target": lat["added_p50_ms"] <= 10,
-                                    "parts_p50": parts},
+                                    "parts_p50": parts, "server_timing_p50_ms": server_timing},
         "streaming": {"clients": a.clients, "max_tokens": a.stream_tokens,
                       "offline_tokens_per_s": round(offline["tokens_per_s"], 1),
                       "serve_tokens_per_s": round(online["tokens_per_s"], 1),
@@ -434,17 +449,27 @@ def main() -> None:
 
 
 def start_serve(a, env: dict[str, str]) -> str:
-    """A fresh Ray cluster (with ``env``) running the benchmark app; returns its URL."""
+    """A fresh Ray cluster (with ``env``) running the benchmark app; returns the URL the HTTP parts
+    use: the Serve proxy's, or with ``a.direct_ingress`` the ingress replica's own port."""
     import ray
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.endpoints import direct_ingress_urls
 
+    if a.direct_ingress:
+        env = env | {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     os.environ.update(env)            # the processes ray.init starts inherit it; this one read its flags already
     ray.init(include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": bench_config(a)}), name="omni-bench", route_prefix="/")
+    if a.direct_ingress:
+        urls = direct_ingress_urls("omni-bench")
+        if not urls:
+            raise SystemExit("--direct-ingress: Serve reports no direct ingress ports")
+        print(f"      direct ingress: {urls} (proxy: port {port})", flush=True)
+        return "http://127.0.0.1:" + urls[0].rsplit(":", 1)[1]   # one node: its servers bind to 127.0.0.1 here
     return f"http://127.0.0.1:{port}"
 
 
@@ -454,7 +479,7 @@ def stop_serve(env: dict[str, str]) -> None:
 
     serve.shutdown()
     ray.shutdown()
-    for k in env:
+    for k in list(env) + ["RAY_SERVE_THROUGHPUT_OPTIMIZED"]:
         os.environ.pop(k, None)
 
 
@@ -480,7 +505,8 @@ def streaming_variants(a, offline: dict, engine_streams: dict, ps: list[str]) ->
     for name, env, opts in variants:
         va = copy.copy(a)
         for k, v in opts.items():
-            setattr(va, k, type(getattr(a, k))(v))
+            kind = type(getattr(a, k))
+            setattr(va, k, v.lower() in ("1", "true", "yes") if kind is bool else kind(v))
         print(f"== variant {name}: env {env}, options {opts}", flush=True)
         url = start_serve(va, env)
         try:
@@ -529,6 +555,9 @@ def table(r: dict) -> str:
                                         for k, v in st.get("parts", {}).items()),
         "",
         "Latency parts (p50): " + ", ".join(f"{k} {v}" for k, v in lat.get("parts_p50", {}).items()),
+        "",
+        "HTTP request split by its Server-Timing header (p50 ms): "
+        + ", ".join(f"{k} {v}" for k, v in lat.get("server_timing_p50_ms", {}).items()),
         "",
         f"text2image ({t2i['size']}x{t2i['size']}, {t2i['steps']} steps, rewrite <= {t2i['rewrite_tokens']} tokens), "
         f"{t2i['requests']} requests:",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from typing import AsyncIterator
 
 import ray
@@ -59,8 +60,11 @@ class ARDeployment(StageReplica):
     async def complete(self, req: dict) -> dict:
         """The whole generation as one delta (non-streaming callers: one message, not one per token).
         The engine hands over the first output (time to first token) and then the rest at the end."""
+        t0 = time.perf_counter()
         deltas = ar_generate(self.engine, req, self.limits, interval=math.inf)
-        return merge_deltas([d async for d in self.metrics.stream(deltas, req.get("request_id"))])
+        out = merge_deltas([d async for d in self.metrics.stream(deltas, req.get("request_id"))])
+        out["replica_s"] = time.perf_counter() - t0          # the caller's Server-Timing "engine"
+        return out
 
     async def encode(self, req: dict) -> dict:
         with self.metrics.track(req.get("request_id"), "encode"):

@@ -11,6 +11,7 @@ For every HTTP request, in this order:
      once; a chunked body is counted as it arrives and refused as soon as it passes the limit.
   3. Anything the route raised that no handler turned into a response becomes an OpenAI error
      body (a dead replica: 503), never a bare 500 page.
+  4. A ``Server-Timing`` header on every response (deployments/timing.py).
 
 Settings come from the replica (the config tree); a Gate without them answers 503 (fail closed).
 """
@@ -22,6 +23,7 @@ import hmac
 import json
 from dataclasses import dataclass
 
+from deployments.timing import start as timing_start
 from omni_ray.config import AppConfig
 from omni_ray.errors import AuthenticationError, InvalidRequestError, OmniError, ResourceError
 
@@ -104,11 +106,13 @@ class Gate:
 
     async def _run(self, scope, receive, send):
         started = False
+        timing = timing_start()
 
         async def tracking_send(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                message = dict(message, headers=[*message.get("headers", ()), (b"server-timing", timing.header())])
             await send(message)
 
         try:

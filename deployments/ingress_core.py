@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments import timing
 from deployments.admission import Admission
 from deployments.http import DONE, as_omni, error_event, sse
 from deployments.openai_format import Choice, b64_images, usage
@@ -104,7 +105,8 @@ class IngressCore:
         """Wait for the scheduler's grant (QueueFullError -> 429), at most until the deadline."""
         try:
             async with self._deadline(when or self._new_deadline()):
-                return await self.admission.admit(rid, pipeline, stages, priority)
+                with timing.part("admit"):
+                    return await self.admission.admit(rid, pipeline, stages, priority)
         except Exception as e:
             raise typed(e) from None
 
@@ -115,7 +117,8 @@ class IngressCore:
         err = None
         try:
             async with self._deadline(when):
-                return await run_cancellable(work(ticket), ticket.cancelled)
+                with timing.part("work"):
+                    return await run_cancellable(work(ticket), ticket.cancelled)
         except Exception as e:
             err = e
             raise typed(e) from None
@@ -134,10 +137,11 @@ class IngressCore:
         it = cancellable(events(ticket), ticket.cancelled, left)
         head = []
         try:
-            async for ev in it:
-                head.append(ev)
-                if ready(ev):
-                    break
+            with timing.part("first_event"):
+                async for ev in it:
+                    head.append(ev)
+                    if ready(ev):
+                        break
         except BaseException as e:
             await it.aclose()
             await ticket.release(e)
@@ -186,7 +190,10 @@ class IngressCore:
 
         async def one(i: int, req: dict) -> Choice:
             c = Choice(i)
-            c.add(await backend.complete(req))
+            d = await backend.complete(req)
+            c.add(d)
+            if (t := timing.current()) is not None and "replica_s" in d:
+                t.longest("engine", d["replica_s"])
             return c
 
         async with ticket.stage(stage):

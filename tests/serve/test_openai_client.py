@@ -79,3 +79,21 @@ def test_openai_errors(oai):
     assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_server_timing_splits_a_request(client):
+    """Every response says where its time went (Server-Timing): admission, the stage calls, the
+    AR replica's own share, the total; the parts nest inside each other."""
+    from deployments.timing import parse
+
+    r = client.post("/v1/completions", json={"model": "tiny-qwen3", "prompt": "hello", "max_tokens": 4, "n": 2})
+    assert r.status_code == 200, r.text
+    t = parse(r.headers["server-timing"])
+    assert set(t) == {"admit", "work", "engine", "total"}, t
+    assert 0 < t["engine"] <= t["work"] and t["admit"] + t["work"] <= t["total"]
+    with client.stream("POST", "/v1/completions", json={"model": "tiny-qwen3", "prompt": "hi", "max_tokens": 4,
+                                                        "stream": True}) as s:
+        t = parse(s.headers["server-timing"])
+        s.read()
+    assert set(t) == {"admit", "first_event", "total"} and t["admit"] + t["first_event"] <= t["total"]
+    assert set(parse(client.get("/v1/models").headers["server-timing"])) == {"total"}

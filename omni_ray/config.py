@@ -209,6 +209,10 @@ class OmniSchedulerConfig(Strict):
     owner_timeout_s: float = Field(30.0, gt=0, description="requests of a client silent this long are dropped")
     stuck_after_s: float = Field(600.0, gt=0, description="a stage held this long is reported as stuck")
     history_size: int = Field(10000, ge=1, description="finished requests kept for lookups and metrics")
+    admission_lease: int = Field(8, ge=0, description=(
+        "slots of a stage lent to each ingress replica while nothing queues there (at most half the "
+        "free ones): it admits on them without a round trip to the actor; taken back when a queue "
+        "forms. 0: every admission asks the actor"))
 
 
 class DiTCacheConfig(Strict):

@@ -173,6 +173,44 @@ def test_core_capacity_reports_gate_admission():
     assert len(c.take("A")["granted"]) == 2 and c.status()["stages"]["s"]["capacity"] == 3
 
 
+def test_core_lends_free_slots_and_takes_them_back_when_a_queue_forms():
+    c, clock = core(default_stage_capacity=10, admission_lease=8)
+    c.handle("A", [("admit", "a0", "p", ("s",), "normal", clock.t)])
+    out = c.take("A")
+    assert out["granted"] == [("a0", "s")] and out["leased"] == [("s", 4)]      # half of the 9 free
+    assert c.take("B")["leased"] == []                  # B never admitted to s: nothing lent
+    c.handle("B", [("admit", "b0", "p", ("s",), "normal", clock.t)])
+    assert c.take("B")["leased"] == [("s", 2)]          # (10 - 2 running - 4 lent) // 2
+    lease_admit = ("lease_admit", "a1", "p", ("s",), "high", clock.t)
+    c.handle("A", [lease_admit, lease_admit])           # a replayed report counts once
+    st = c.status()["stages"]["s"]
+    assert (st["running"], st["leased"]) == (3, 5) and c.request("a1")["state"] == "running"
+    assert c.status()["processed"]["admitted"] == 3
+    # fill the stage: 3 running + 5 lent + 2 more = 10, the next one queues
+    c.handle("C", [("admit", f"c{i}", "p", ("s",), "normal", clock.t) for i in range(3)])
+    out = c.take("C")
+    assert [g[0] for g in out["granted"]] == ["c0", "c1"] and out["leased"] == []
+    assert c.take("A")["revoked"] == ["s"] and c.take("B")["revoked"] == ["s"]
+    assert c.take("A")["leased"] == []                  # nothing lent while a queue stands
+    c.handle("A", [("lease_admit", "a2", "p", ("s",), "normal", clock.t),     # used before it heard
+                   ("lease_return", "s", 2, clock.t)])
+    assert c.take("C")["granted"] == [("c2", "s")] and c.status()["stages"]["s"]["leased"] == 2
+    c.handle("B", [("resync", ["b0"])])                 # B starts over: its lease is dropped
+    assert c.status()["stages"]["s"]["leased"] == 0
+    for rid in ("a0", "a1", "a2", "b0", "c0", "c1", "c2"):
+        c.handle("A" if rid[0] == "a" else rid[0].upper(), [("finish", rid, "completed", None, clock.t)])
+    assert c.take("A")["leased"] == [("s", 5)] and c.status()["stages"]["s"]["running"] == 0
+    clock.t += 1000                                     # A goes silent: reaped, its lease with it
+    c.reap()
+    assert c.status()["stages"]["s"]["leased"] == 0
+
+
+def test_core_without_leases_asks_every_time():
+    c, clock = core(default_stage_capacity=10, admission_lease=0)
+    c.handle("A", [("admit", "a0", "p", ("s",), "normal", clock.t)])
+    assert c.take("A")["leased"] == [] and c.status()["stages"]["s"]["leased"] == 0
+
+
 # ----------------------------------------------------------------------------- on Ray
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
@@ -219,6 +257,50 @@ def test_full_queue_priorities_and_429(ray_up):
 
 async def _depth(c, n):
     return (await c.get_queue_depth()).get("s") == n
+
+
+@pytest.mark.ray
+def test_leased_admissions_skip_the_round_trip_and_stay_exact(ray_up):
+    """After its first admission a client admits on lent slots without calling the actor; the
+    actor still sees every request; when another client fills the stage and must queue, the
+    lease comes back and the queued request runs."""
+    async def main():
+        cfg = OmniSchedulerConfig(default_stage_capacity=8, admission_lease=2)
+        a, b = SchedulerClient.connect("t-lease", cfg), SchedulerClient.connect("t-lease", cfg)
+        await a.admit("a0", "p", ["s"])
+        await a.flush()
+        calls = a.stats["calls"]
+        for rid in ("a1", "a2"):                         # on the lease: no call waited for
+            await asyncio.wait_for(a.admit(rid, "p", ["s"]), 0.05)
+        assert a.stats["leased"] == 2 and a.stats["calls"] == calls
+        await a.flush()
+        st = (await a.get_status())["stages"]["s"]
+        assert st["running"] == 3 and (await a.get_request("a2"))["state"] == "running"
+        assert st["leased"] <= 2                         # topped up again, within the lease size
+        for i in range(8):                               # b fills what is left and queues
+            asyncio.create_task(b.admit(f"b{i}", "p", ["s"]))
+        await until(lambda: _queued_and_unlent(b))
+        for rid in ("a0", "a1", "a2"):
+            a.finished(rid)
+        await until(lambda: _all_running(b, 8))
+        for i in range(8):
+            b.finished(f"b{i}")
+        await b.flush()
+        await a.flush()
+        st = await b.get_status()
+        assert st["processed"]["completed"] == 11 and st["stages"]["s"]["running"] == 0
+        await a.close()
+        await b.close()
+    run(main())
+
+
+async def _queued_and_unlent(c):
+    st = (await c.get_status())["stages"]["s"]
+    return st["queued"] > 0 and st["leased"] == 0
+
+
+async def _all_running(c, n):
+    return sum(t.holding for t in c._tickets.values()) == n
 
 
 @pytest.mark.ray

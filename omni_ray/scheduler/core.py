@@ -15,6 +15,14 @@ Events (all idempotent, so a client may resend a batch after a failed call):
     ("capacity", stage, replica_id, capacity|None)     a replica's concurrency (None: replica gone)
     ("resync", [rids])                                 after a restart/failure: the client's live set
     ("register", rid, pipeline, stages, priority, stage, t_queued, t_admitted)   a live request
+    ("lease_admit", rid, pipeline, stages, priority, t)  admitted by the client on its lease
+    ("lease_return", stage, n, t)                      unused lease slots given back (on revoke)
+
+Leases (``admission_lease``): while a stage has no queue, each client that admits to it is lent
+a few of its free slots (never more than half of them) in every reply; it admits on them
+locally, with no round trip, and reports each ("lease_admit"). Lent slots count as taken. When a
+request has to queue at the stage, every client holding a lease there is told to give back
+what it has not used ("revoked"), and no more is lent until the queue is empty again.
 """
 
 from __future__ import annotations
@@ -33,20 +41,25 @@ class Stage:
         self.queue = queue
         self.replicas: dict[str, int] = {}
         self.running: set[str] = set()
+        self.leases: dict[str, int] = {}           # client -> slots lent to it, not yet used
+        self.revoking: set[str] = set()            # clients told to give their lease back
         self.processed = 0
 
     def capacity(self, default: int) -> int:
         return sum(self.replicas.values()) if self.replicas else default
 
+    def taken(self) -> int:
+        return len(self.running) + sum(self.leases.values())
+
 
 class Outbox:
-    __slots__ = ("granted", "rejected", "cancelled")
+    __slots__ = ("granted", "rejected", "cancelled", "revoked")
 
     def __init__(self):
-        self.granted, self.rejected, self.cancelled = [], [], []
+        self.granted, self.rejected, self.cancelled, self.revoked = [], [], [], []
 
     def __bool__(self) -> bool:
-        return bool(self.granted or self.rejected or self.cancelled)
+        return bool(self.granted or self.rejected or self.cancelled or self.revoked)
 
 
 class SchedulerCore:
@@ -60,6 +73,7 @@ class SchedulerCore:
         self.outbox: dict[str, Outbox] = {}
         self.dirty: set[str] = set()                 # clients with something in their outbox
         self.seen: dict[str, float] = {}             # client -> last contact
+        self.lease_stages: dict[str, set[str]] = {}  # client -> stages it admits to (lent slots there)
         self.queued = 0                              # not yet admitted (the bounded queue)
         self.counts = dict.fromkeys(("admitted", "rejected", "completed", "failed", "cancelled"), 0)
         self.metrics = Metrics(config.history_size)
@@ -71,10 +85,26 @@ class SchedulerCore:
             getattr(self, "_ev_" + ev[0])(client, *ev[1:])
 
     def take(self, client: str) -> dict:
-        """Drain a client's outbox."""
+        """Drain a client's outbox, and lend it slots where it admits and nothing queues."""
         box = self.outbox.pop(client, None) or Outbox()
         self.dirty.discard(client)
-        return {"granted": box.granted, "rejected": box.rejected, "cancelled": box.cancelled}
+        return {"granted": box.granted, "rejected": box.rejected, "cancelled": box.cancelled,
+                "revoked": box.revoked, "leased": self._lend(client)}
+
+    def _lend(self, client: str) -> list[tuple[str, int]]:
+        """Top the client's lease up to ``admission_lease`` on each stage it admits to, from at most
+        half the stage's free slots, while that stage has no queue."""
+        size, out = self.cfg.admission_lease, []
+        for name in self.lease_stages.get(client, ()) if size else ():
+            st = self.stages[name]
+            if len(st.queue) or client in st.revoking:
+                continue
+            held = st.leases.get(client, 0)
+            n = min(size - held, (st.capacity(self.cfg.default_stage_capacity) - st.taken()) // 2)
+            if n > 0:
+                st.leases[client] = held + n
+                out.append((name, n))
+        return out
 
     def _ev_admit(self, client, rid, pipeline, stages, priority, t):
         rec = self.live.get(rid)
@@ -94,7 +124,40 @@ class SchedulerCore:
             return
         self.live[rid] = rec
         self.queued += 1
+        self.lease_stages.setdefault(client, set()).add(stage.name)
         self._enqueue(rec, stage, t)
+
+    def _ev_lease_admit(self, client, rid, pipeline, stages, priority, t):
+        if rid in self.live or rid in self.done:             # a replay
+            return
+        stage = self._stage(stages[0])
+        held = stage.leases.get(client, 0)
+        if held > 1:
+            stage.leases[client] = held - 1
+        else:                   # its last lent slot (or one taken back meanwhile: admitted all the same)
+            stage.leases.pop(client, None)
+            stage.revoking.discard(client)
+        self.lease_stages.setdefault(client, set()).add(stage.name)
+        self._ev_register(client, rid, pipeline, stages, priority, stage.name, t, t)
+        self.counts["admitted"] += 1
+
+    def _ev_lease_return(self, client, stage_name, n, t):
+        stage = self._stage(stage_name)
+        left = stage.leases.get(client, 0) - n
+        if left > 0:
+            stage.leases[client] = left
+        else:
+            stage.leases.pop(client, None)
+            stage.revoking.discard(client)
+        self._pump(stage)
+
+    def _drop_leases(self, client: str) -> None:
+        """Forget what ``client`` was lent (it restarted, resynced or went silent)."""
+        self.lease_stages.pop(client, None)
+        for st in self.stages.values():
+            st.revoking.discard(client)
+            if st.leases.pop(client, None):
+                self._pump(st)
 
     def _ev_enter(self, client, rid, stage_name, t):
         rec = self.live.get(rid) or self._adopt(client, rid, stage_name, t)
@@ -140,6 +203,7 @@ class SchedulerCore:
         self.set_capacity(stage_name, replica_id, capacity)
 
     def _ev_resync(self, client, rids):
+        self._drop_leases(client)                            # the client starts over without one
         keep = set(rids)
         for rec in [r for r in self.live.values() if r.owner == client]:
             if rec.rid not in keep:
@@ -206,6 +270,7 @@ class SchedulerCore:
         for rec in recs:
             self._finalize(rec, "failed", "owner lost: its ingress replica stopped calling", now)
         for c in stale:
+            self._drop_leases(c)
             self.seen.pop(c, None)
             self.outbox.pop(c, None)
             self.dirty.discard(c)
@@ -230,7 +295,7 @@ class SchedulerCore:
 
     def _pump(self, stage: Stage) -> None:
         cap = stage.capacity(self.cfg.default_stage_capacity)
-        while len(stage.running) < cap:
+        while stage.taken() < cap:
             rid = stage.queue.pop()
             if rid is None:
                 return
@@ -244,6 +309,11 @@ class SchedulerCore:
                 self.counts["admitted"] += 1
             self._hold(rec, stage, now)
             self._box(rec.owner).granted.append((rid, stage.name))
+        if len(stage.queue):                                 # full with a queue: take the leases back
+            for client, n in stage.leases.items():
+                if n and client not in stage.revoking:
+                    stage.revoking.add(client)
+                    self._box(client).revoked.append(stage.name)
 
     def _hold(self, rec: Record, stage: Stage, t: float) -> None:
         rec.holds = stage.name
@@ -297,6 +367,7 @@ class SchedulerCore:
             "max_queue_size": self.cfg.max_queue_size,
             "live": len(self.live),
             "stages": {n: {"capacity": st.capacity(d), "running": len(st.running), "queued": len(st.queue),
+                           "leased": sum(st.leases.values()),
                            "queued_by_priority": st.queue.depth(), "replicas": dict(st.replicas),
                            "processed": st.processed} for n, st in self.stages.items()},
             "processed": dict(self.counts),

@@ -116,7 +116,8 @@ class AREngineConfig(Strict):
         "Triton's interpreter, not yet measured on a GPU) or in a second kernel launch"))
     core_process: Literal["auto", "on", "off"] = Field("auto", description=(
         "AsyncLLM (serving): step the engine in its own child process, so the serving event loop never "
-        "shares a GIL with it (vLLM's EngineCore); auto: on for CUDA with tensor_parallel_size 1"))
+        "shares a GIL with it (vLLM's EngineCore); auto: on with tensor_parallel_size 1 (on CPU "
+        "too: PyTorch's CPU kernels run up to 1.6x slower from a second thread of a process)"))
 
     @model_validator(mode="after")
     def _check(self):

@@ -320,7 +320,10 @@ class OmniLLM:
                 cfg = self.config.stages[stage]
                 if isinstance(cfg, ARStageConfig):
                     from omni_ray.ar import AsyncLLM
-                    self._engines[stage] = AsyncLLM(cfg.engine)
+                    eng = cfg.engine                  # offline: the engine in this process unless asked
+                    if eng.core_process == "auto":
+                        eng = eng.model_copy(update={"core_process": "off"})
+                    self._engines[stage] = AsyncLLM(eng)
                 else:
                     from omni_ray.dit.async_engine import AsyncDiTEngine
                     self._engines[stage] = AsyncDiTEngine(cfg.engine)

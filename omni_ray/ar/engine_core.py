@@ -321,12 +321,12 @@ def _serve_child(fd: int) -> None:
 
 
 def make_core(config: AREngineConfig):
-    """ProcessCore where ``config.core_process`` asks for it (auto: CUDA, one rank), else ThreadCore."""
+    """ProcessCore where ``config.core_process`` asks for it (auto: one rank), else ThreadCore.
+    On CPU the child's main thread also runs PyTorch's kernels faster than a second thread of the
+    serving process does (a 16-token request on the tiny Qwen3: 15 ms vs 22 ms; offline 14 ms)."""
     mode = config.core_process
     if mode == "auto":
-        import torch
-        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-        mode = "on" if cuda and config.parallel.tensor_parallel_size == 1 else "off"
+        mode = "on" if config.parallel.tensor_parallel_size == 1 else "off"
     if mode == "on" and config.parallel.tensor_parallel_size > 1:
         raise InvalidRequestError("core_process needs tensor_parallel_size 1 (rank 0 drives its Ray workers "
                                   "from the replica)", param="core_process")

@@ -263,7 +263,7 @@ async def _depth(c, n):
 def test_leased_admissions_skip_the_round_trip_and_stay_exact(ray_up):
     """After its first admission a client admits on lent slots without calling the actor; the
     actor still sees every request; when another client fills the stage and must queue, the
-    lease comes back and the queued request runs."""
+    lease comes back (from an idle holder too, at once) and the queued requests run."""
     async def main():
         cfg = OmniSchedulerConfig(default_stage_capacity=8, admission_lease=2)
         a, b = SchedulerClient.connect("t-lease", cfg), SchedulerClient.connect("t-lease", cfg)
@@ -277,12 +277,15 @@ def test_leased_admissions_skip_the_round_trip_and_stay_exact(ray_up):
         st = (await a.get_status())["stages"]["s"]
         assert st["running"] == 3 and (await a.get_request("a2"))["state"] == "running"
         assert st["leased"] <= 2                         # topped up again, within the lease size
-        for i in range(8):                               # b fills what is left and queues
-            asyncio.create_task(b.admit(f"b{i}", "p", ["s"]))
-        await until(lambda: _queued_and_unlent(b))
-        for rid in ("a0", "a1", "a2"):
+        for rid in ("a0", "a1", "a2"):                   # a goes idle, still holding its lease
             a.finished(rid)
-        await until(lambda: _all_running(b, 8))
+        await a.flush()
+        await until(lambda: _leased(a, 2))
+        await asyncio.sleep(1.5)                         # past a's last long poll with live requests
+        for i in range(8):                               # b needs every slot: a's lease must come back
+            asyncio.create_task(b.admit(f"b{i}", "p", ["s"]))
+        await until(lambda: _all_running(b, 8), timeout=10)      # well before a would be reaped (30 s)
+        assert (await b.get_status())["stages"]["s"]["leased"] == 0
         for i in range(8):
             b.finished(f"b{i}")
         await b.flush()
@@ -294,9 +297,8 @@ def test_leased_admissions_skip_the_round_trip_and_stay_exact(ray_up):
     run(main())
 
 
-async def _queued_and_unlent(c):
-    st = (await c.get_status())["stages"]["s"]
-    return st["queued"] > 0 and st["leased"] == 0
+async def _leased(c, n):
+    return (await c.get_status())["stages"]["s"]["leased"] == n
 
 
 async def _all_running(c, n):

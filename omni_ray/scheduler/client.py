@@ -6,7 +6,7 @@ Admissions and stage gates are urgent and go at once; reports (stage started/fin
 finished, capacity) ride along with the next call or go after ``flush_interval_s`` (2 ms), so
 a finish never delays the next admission by a round trip. A busy replica thus makes a few
 hundred actor calls a second however many requests it admits.
-A long ``poll`` (one per replica, only while it has live requests) brings back grants for queued
+A long ``poll`` (one per replica, while it has live requests or a lease) brings back grants for queued
 requests and cancellations made elsewhere. Only ids, names and numbers travel, never tensors.
 While a stage has no queue the actor lends the client a few of its slots (``admission_lease``):
 an admission to that stage then takes one at once, with no round trip, and is reported with the
@@ -317,6 +317,8 @@ class SchedulerClient:
             self._on_cancel(rid)
         for stage, n in reply.get("leased", ()):
             self._credits[stage] = self._credits.get(stage, 0) + n
+        if self._credits:
+            self._ensure_poll()                 # an idle holder must still hear a revoke at once
         for stage in reply.get("revoked", ()):
             n = self._credits.pop(stage, 0)
             if n:
@@ -404,7 +406,8 @@ class SchedulerClient:
             self._lazy = asyncio.get_running_loop().call_later(self.cfg.flush_interval_s, self._send_now)
 
     async def _poll(self) -> None:
-        while (self._waits or self._tickets) and self.down_since is None and self.handle is not None:
+        while ((self._waits or self._tickets or any(self._credits.values())) and self.down_since is None
+               and self.handle is not None):
             try:
                 reply = await _result(self.handle.poll.remote(self.client_id, POLL_S), POLL_S + self.cfg.call_timeout_s)
             except Exception as e:

@@ -4,8 +4,8 @@
     async for out in engine.generate("Hello", SamplingParams(max_tokens=32), "req-1"):
         print(out.text, end="")
 
-An engine core (``omni_ray/ar/engine_core.py``) owns the engine: in its own process on CUDA (no
-GIL shared with the serving event loop), else in a thread of this one. It takes new requests and
+An engine core (``omni_ray/ar/engine_core.py``) owns the engine: in its own process (no GIL
+shared with the serving event loop), or, under tensor parallelism, in a thread of this one. It takes new requests and
 aborts between steps and hands each step's outputs to the event loop at once; each caller reads
 its own stream, where outputs it has not taken yet are merged (a caller slower than the engine
 gets one output with everything new, never a backlog of per-step items); ``interval`` paces a
@@ -19,7 +19,6 @@ import asyncio
 import logging
 from typing import Callable
 
-import numpy as np
 import torch
 
 from omni_ray.ar.engine_core import RequestOutput, make_core

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -42,13 +43,15 @@ def _last(item) -> bool:
 
 
 class _Stream:
-    """One request's output not yet taken by its caller: outputs merge while they wait."""
+    """One request's output not yet taken by its caller: outputs merge while they wait. While the
+    caller waits out its pace, new outputs only merge (no wake-up per engine step)."""
 
-    __slots__ = ("item", "ready")
+    __slots__ = ("item", "ready", "pacing")
 
     def __init__(self):
         self.item = None
         self.ready = asyncio.Event()
+        self.pacing = False
 
     def put(self, item) -> None:
         cur = self.item
@@ -56,7 +59,8 @@ class _Stream:
             self.item = _merge(cur, item)
         elif cur is None or not isinstance(cur, BaseException):   # an error stays the last word
             self.item = item
-        self.ready.set()
+        if not self.pacing or _last(self.item):
+            self.ready.set()
 
     async def take(self, not_before: float, loop: asyncio.AbstractEventLoop):
         """The pending item, once there is one and ``not_before`` (loop time) has passed; a final
@@ -67,11 +71,14 @@ class _Stream:
                 if _last(item) or loop.time() >= not_before:
                     self.item = None
                     return item
-                timer = loop.call_at(not_before, self.ready.set)
+                self.pacing = True
+                if not_before != math.inf:
+                    timer = loop.call_at(not_before, self.ready.set)
             self.ready.clear()
             try:
                 await self.ready.wait()
             finally:
+                self.pacing = False
                 if timer is not None:
                     timer.cancel()
 

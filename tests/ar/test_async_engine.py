@@ -173,8 +173,17 @@ def test_pending_outputs_merge_and_an_error_stays_last():
         s.put(RequestOutput("r", "c", [3], None, False, None, 3, 3))
         s.put(EngineError("boom"))
         s.put(RequestOutput("r", "d", [4], None, True, "length", 3, 4))
-        return first, await s.take(loop.time() + 60, loop)        # an error does not wait for the pace
+        err = await s.take(loop.time() + 60, loop)                # an error does not wait for the pace
+        p = _Stream()
+        p.put(RequestOutput("r", "x", [5], None, False, None, 3, 1))
+        waiter = asyncio.ensure_future(p.take(loop.time() + 60, loop))
+        await asyncio.sleep(0)
+        p.put(RequestOutput("r", "y", [6], None, False, None, 3, 2))
+        woken = p.ready.is_set()                                   # pacing: merged, nobody woken
+        p.put(RequestOutput("r", "z", [7], None, True, "length", 3, 3))
+        return first, err, woken, await asyncio.wait_for(waiter, 5)
 
-    first, last = asyncio.run(main())
+    first, last, woken, paced = asyncio.run(main())
     assert (first.text, first.token_ids, first.num_output_tokens) == ("ab", [1, 2], 2)
     assert isinstance(last, EngineError)
+    assert not woken and (paced.text, paced.token_ids, paced.finished) == ("xyz", [5, 6, 7], True)

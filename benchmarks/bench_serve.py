@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+WARM_TOKENS = 8          # each streaming part first runs the same burst with this many tokens (compile, autotune)
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -105,17 +106,17 @@ async def direct_stream(cfg, ps: list[str], max_tokens: int) -> dict:
     from omni_ray.ar import AsyncLLM, SamplingParams
 
     engine = AsyncLLM(cfg)
-    params = lambda: SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)  # noqa: E731
     held = gpu_bytes_held()
 
-    async def one(i, p):
+    async def one(i, p, n_tokens=max_tokens):
         first, n = None, 0
-        async for out in engine.generate(p, params(), f"s-{i}-{time.monotonic_ns()}"):
+        sp = SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True)
+        async for out in engine.generate(p, sp, f"s-{i}-{time.monotonic_ns()}"):
             first = first or time.perf_counter()
             n += len(out.token_ids)
         return n, first
 
-    await asyncio.gather(*(one(i, p) for i, p in enumerate(ps[:4])))          # warm-up
+    await asyncio.gather(*(one(i, p, WARM_TOKENS) for i, p in enumerate(ps)))    # warm-up: the same batch shape
     t0 = time.perf_counter()
     res = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
     dt = time.perf_counter() - t0
@@ -133,9 +134,9 @@ async def handle_stream(ps: list[str], max_tokens: int) -> dict:
 
     h = serve.get_deployment_handle("llm", "omni-bench").options(stream=True)
 
-    async def one(i, p):
+    async def one(i, p, n_tokens=max_tokens):
         req = {"request_id": f"hs-{i}-{time.monotonic_ns()}", "prompt": p,
-               "params": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+               "params": {"max_tokens": n_tokens, "temperature": 0, "ignore_eos": True}}
         first, n, msgs = None, 0, 0
         async for d in h.generate.remote(req):
             first = first or time.perf_counter()
@@ -143,7 +144,7 @@ async def handle_stream(ps: list[str], max_tokens: int) -> dict:
             msgs += 1
         return n, first, msgs
 
-    await asyncio.gather(*(one(i, p) for i, p in enumerate(ps[:4])))
+    await asyncio.gather(*(one(i, p, WARM_TOKENS) for i, p in enumerate(ps)))
     t0 = time.perf_counter()
     res = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
     dt = time.perf_counter() - t0
@@ -160,19 +161,20 @@ async def ingress_handle_stream(ps: list[str], max_tokens: int) -> dict:
 
     h = serve.get_app_handle("omni-bench").options(stream=True)
 
-    async def one(p):
+    async def one(p, n_tokens=max_tokens):
         first, msgs = None, 0
-        async for _ in h.stream_text.remote(p, max_tokens=max_tokens, temperature=0, ignore_eos=True):
+        async for _ in h.stream_text.remote(p, max_tokens=n_tokens, temperature=0, ignore_eos=True):
             first = first or time.perf_counter()
             msgs += 1
         return first, msgs
 
-    await asyncio.gather(*(one(p) for p in ps[:4]))
+    await asyncio.gather(*(one(p, WARM_TOKENS) for p in ps))
     t0 = time.perf_counter()
     res = await asyncio.gather(*(one(p) for p in ps))
     dt = time.perf_counter() - t0
+    firsts = [r[0] - t0 for r in res if r[0] is not None]   # random weights: a stream's text can stay empty
     return {"tokens_per_s": round(len(ps) * max_tokens / dt, 1),
-            "ttft_p50_ms": ms(pct([r[0] - t0 for r in res], 50)),
+            "ttft_p50_ms": ms(pct(firsts, 50)) if firsts else None, "streams_without_text": len(ps) - len(firsts),
             "messages_per_stream": round(statistics.mean(r[1] for r in res), 1)}
 
 
@@ -181,7 +183,7 @@ def offline_throughput(cfg, ps: list[str], max_tokens: int) -> dict:
 
     llm = LLM(cfg)
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(ps[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=WARM_TOKENS, ignore_eos=True), use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate(ps, sp, use_tqdm=False)
     dt = time.perf_counter() - t0
@@ -262,13 +264,15 @@ async def latency_parts(url: str, n: int) -> dict:
     return out
 
 
-async def stream_throughput(url: str, ps: list[str], max_tokens: int) -> dict:
+async def stream_throughput(url: str | list[str], ps: list[str], max_tokens: int) -> dict:
     """Tokens/s of concurrent streaming clients. The client stays light (it keeps the bytes and
-    parses only the final usage event), so that it does not become the bottleneck it measures."""
+    parses only the final usage event), so that it does not become the bottleneck it measures.
+    Several URLs (direct ingress, one per ingress replica): clients spread round-robin over them,
+    as a load balancer in front of the replicas' target group would spread them."""
     import httpx
 
-    async def one(c, p):
-        body = {"model": "llm", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+    async def one(c, p, n_tokens=max_tokens):
+        body = {"model": "llm", "prompt": p, "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         first, chunks = None, []
         async with c.stream("POST", "/v1/completions", json=body) as r:
@@ -281,12 +285,17 @@ async def stream_throughput(url: str, ps: list[str], max_tokens: int) -> dict:
         usage = next(json.loads(e[6:]) for e in reversed(events) if e.startswith("data: {") and '"usage":{' in e)
         return usage["usage"]["completion_tokens"], first, len(chunks)
 
+    urls = [url] if isinstance(url, str) else url
     limits = httpx.Limits(max_connections=len(ps) + 8, max_keepalive_connections=len(ps) + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as c:
-        await asyncio.gather(*(one(c, p) for p in ps[:4]))          # warm-up
+    cs = [httpx.AsyncClient(base_url=u, timeout=900, limits=limits) for u in urls]
+    try:
+        await asyncio.gather(*(one(cs[i % len(cs)], p, WARM_TOKENS) for i, p in enumerate(ps)))   # warm-up: same shape
         cpu0, t0 = time.process_time(), time.perf_counter()
-        res = await asyncio.gather(*(one(c, p) for p in ps))
+        res = await asyncio.gather(*(one(cs[i % len(cs)], p) for i, p in enumerate(ps)))
         dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        for c in cs:
+            await c.aclose()
     tokens = sum(t for t, _, _ in res)
     from ray import serve
     engine = await serve.get_deployment_handle("llm", "omni-bench").stats.remote()
@@ -390,7 +399,8 @@ def main() -> None:
     print("[3/5] starting Serve ...", flush=True)
     serve_env = dict(kv.split("=", 1) for kv in a.serve_env)
     t0 = time.perf_counter()
-    url = start_serve(a, serve_env)
+    urls = start_serve(a, serve_env)
+    url = urls[0]
     startup = time.perf_counter() - t0
     try:
         print("[3/5] HTTP latency ...", flush=True)
@@ -401,11 +411,11 @@ def main() -> None:
         print(f"      AR replica via handle: {replica_streams}", flush=True)
         ingress_streams = asyncio.run(ingress_handle_stream(ps, a.stream_tokens))
         print(f"      ingress via app handle: {ingress_streams}", flush=True)
-        online = asyncio.run(stream_throughput(url, ps, a.stream_tokens))
+        online = asyncio.run(stream_throughput(urls, ps, a.stream_tokens))
         print(f"      {online['tokens_per_s']:.0f} tok/s through Serve vs {offline['tokens_per_s']:.0f} offline, "
               f"TTFT p50 {online['ttft_p50_ms']} ms (min {online['ttft_min_ms']}, max {online['ttft_max_ms']}), "
               f"{online['chunks_per_stream']} chunks per stream", flush=True)
-        again = asyncio.run(stream_throughput(url, ps, a.stream_tokens))      # the same burst once more
+        again = asyncio.run(stream_throughput(urls, ps, a.stream_tokens))     # the same burst once more
         print(f"      second burst: {again['tokens_per_s']:.0f} tok/s, TTFT p50 {again['ttft_p50_ms']} ms "
               f"(min {again['ttft_min_ms']}), {again['chunks_per_stream']} chunks per stream", flush=True)
         print(f"[5/5] text2image x {a.pipeline_requests} ...", flush=True)
@@ -448,9 +458,9 @@ def main() -> None:
     print(f"\nwrote {out}")
 
 
-def start_serve(a, env: dict[str, str]) -> str:
-    """A fresh Ray cluster (with ``env``) running the benchmark app; returns the URL the HTTP parts
-    use: the Serve proxy's, or with ``a.direct_ingress`` the ingress replica's own port."""
+def start_serve(a, env: dict[str, str]) -> list[str]:
+    """A fresh Ray cluster (with ``env``) running the benchmark app; returns the URLs the HTTP parts
+    use: the Serve proxy's, or with ``a.direct_ingress`` each ingress replica's own port."""
     import ray
     from ray import serve
 
@@ -465,12 +475,12 @@ def start_serve(a, env: dict[str, str]) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": bench_config(a)}), name="omni-bench", route_prefix="/")
     if a.direct_ingress:
-        urls = direct_ingress_urls("omni-bench")
+        urls = direct_ingress_urls("omni-bench", timeout_s=30, expect=a.ingress_replicas)
         if not urls:
             raise SystemExit("--direct-ingress: Serve reports no direct ingress ports")
         print(f"      direct ingress: {urls} (proxy: port {port})", flush=True)
-        return "http://127.0.0.1:" + urls[0].rsplit(":", 1)[1]   # one node: its servers bind to 127.0.0.1 here
-    return f"http://127.0.0.1:{port}"
+        return ["http://127.0.0.1:" + u.rsplit(":", 1)[1] for u in urls]   # one node: its servers bind to 127.0.0.1
+    return [f"http://127.0.0.1:{port}"]
 
 
 def stop_serve(env: dict[str, str]) -> None:
@@ -508,13 +518,13 @@ def streaming_variants(a, offline: dict, engine_streams: dict, ps: list[str]) ->
             kind = type(getattr(a, k))
             setattr(va, k, v.lower() in ("1", "true", "yes") if kind is bool else kind(v))
         print(f"== variant {name}: env {env}, options {opts}", flush=True)
-        url = start_serve(va, env)
+        urls = start_serve(va, env)
         try:
-            r = {"env": env, "options": opts,
+            r = {"env": env, "options": opts, "http_urls": len(urls),
                  "ar_replica_handle": asyncio.run(handle_stream(ps, a.stream_tokens)),
                  "ingress_handle": asyncio.run(ingress_handle_stream(ps, a.stream_tokens))}
             for burst in ("http", "http_again"):
-                h = asyncio.run(stream_throughput(url, ps, a.stream_tokens))
+                h = asyncio.run(stream_throughput(urls, ps, a.stream_tokens))
                 r[burst] = {k: h[k] for k in ("tokens_per_s", "ttft_p50_ms", "ttft_min_ms", "ttft_max_ms",
                                               "chunks_per_stream")}
             for k in ("ar_replica_handle", "ingress_handle", "http", "http_again"):

@@ -17,10 +17,10 @@ from __future__ import annotations
 import time
 
 
-def direct_ingress_urls(app_name: str, timeout_s: float = 5.0) -> list[str]:
+def direct_ingress_urls(app_name: str, timeout_s: float = 5.0, expect: int = 1) -> list[str]:
     """``http://ip:port`` of each ingress replica serving ``app_name`` directly; empty when Serve
     runs without direct ingress (every request then goes through the proxy). Waits up to
-    ``timeout_s`` for the replicas' servers to be registered."""
+    ``timeout_s`` for ``expect`` replicas' servers to be registered."""
     import ray
     from ray.serve.context import _get_global_client
 
@@ -30,6 +30,6 @@ def direct_ingress_urls(app_name: str, timeout_s: float = 5.0) -> list[str]:
         groups = ray.get(controller.get_target_groups.remote(app_name))
         urls = [f"http://{t.ip}:{t.port}" for g in groups
                 if g.protocol == "HTTP" and getattr(g, "ingress_deployment_name", "") for t in g.targets]
-        if urls or time.monotonic() > deadline:
+        if len(urls) >= expect or time.monotonic() > deadline:
             return urls
         time.sleep(0.5)

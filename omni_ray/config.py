@@ -112,8 +112,9 @@ class AREngineConfig(Strict):
         "model's layers at start-up, the faster kept"))
     decode_merge: Literal["kernel", "launch"] = Field("launch", description=(
         "CUDA Triton decode attention split over the context (small batches): merge the splits in "
-        "the decode kernel itself (the last split's program, one launch per layer; checked under "
-        "Triton's interpreter, not yet measured on a GPU) or in a second kernel launch"))
+        "the decode kernel itself (the last split's program, one launch per layer) or in a second "
+        "kernel launch; on an H100 batch-1 decode of the Qwen3-0.6B shape ran 1,033 tok/s with the "
+        "in-kernel merge and 1,072 with the second launch (median of 5), so launch is the default"))
     core_process: Literal["auto", "on", "off"] = Field("auto", description=(
         "AsyncLLM (serving): step the engine in its own child process, so the serving event loop never "
         "shares a GIL with it (vLLM's EngineCore); auto: on with tensor_parallel_size 1 (on CPU "

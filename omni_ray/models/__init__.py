@@ -19,7 +19,7 @@ import torch
 
 from omni_ray.errors import ConfigError
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"       # 2: shape checkpoints' tokenizers cover the whole vocabulary
 
 
 def cache_root() -> Path:

@@ -53,7 +53,7 @@ def build_ar(out: Path, name: str, seed: int = 0, dtype: torch.dtype = torch.flo
     from transformers import AutoModelForCausalLM
 
     cls_name, template, kw = TINY_AR.get(name) or SHAPES[name]
-    special = save_tokenizer(out, template)
+    special = save_tokenizer(out, template, fill_to=None if name in TINY_AR else kw.get("vocab_size"))
     eos = special["<|im_end|>"] if template == "chatml" else special["<|eot_id|>"]
     kw = dict(kw)
     kw.setdefault("vocab_size", 1024)

@@ -45,9 +45,30 @@ def train_tokenizer(vocab_size: int = 1024) -> Tokenizer:
     return tok
 
 
-def save_tokenizer(out: Path, template: str = "chatml", vocab_size: int = 1024) -> dict:
-    """Write tokenizer files into ``out``; returns ids of the special tokens."""
+def fill_vocab(tok: Tokenizer, size: int) -> Tokenizer:
+    """``tok`` with its BPE vocabulary padded to ``size`` ids by filler words (" w1234"): no merge
+    makes them, so encoding is unchanged, but every id a model of ``size`` logits can sample decodes
+    to text, as with a real tokenizer (a random-weight model at a real vocabulary size then
+    streams text for each token, not mostly empty deltas)."""
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    taken = set(vocab) | {t["content"] for t in data["added_tokens"]}
+    i = n = tok.get_vocab_size()
+    while n < size:
+        word = f"\u0120w{i}"                      # byte-level "Ġ" = a leading space
+        i += 1
+        if word not in taken:
+            vocab[word] = n
+            n += 1
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def save_tokenizer(out: Path, template: str = "chatml", vocab_size: int = 1024, fill_to: int | None = None) -> dict:
+    """Write tokenizer files into ``out``; returns ids of the special tokens. ``fill_to``: pad the
+    vocabulary to the model's size (``fill_vocab``)."""
     tok = train_tokenizer(vocab_size)
+    if fill_to and fill_to > tok.get_vocab_size():
+        tok = fill_vocab(tok, fill_to)
     tok.save(str(out / "tokenizer.json"))
     chat_template, eos, bos = TEMPLATES[template]
     cfg = {

@@ -59,7 +59,8 @@ def bench_config(a) -> dict:
                "num_gpus": 0.5 if gpu else 0}
     return {
         "app": {"name": "omni-bench", "ingress": {"num_cpus": 1 if gpu else 0.25, "max_ongoing_requests": 4096,
-                                                  "num_replicas": a.ingress_replicas}},
+                                                  "num_replicas": a.ingress_replicas},
+                "stage_call_batch": getattr(a, "stage_call_batch", 16)},
         "stages": {
             "llm": {"kind": "ar", "deployment": llm_dep, "engine": {
                 "model": {"path": a.ar_model, "name": "llm"}, "device": a.device, "enforce_eager": not gpu,
@@ -342,6 +343,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-scheduler", action="store_true", help="admit without the omni scheduler (to see its cost)")
     ap.add_argument("--ingress-replicas", type=int, default=1, help="ingress replicas (HTTP/SSE work spread out)")
+    ap.add_argument("--stage-call-batch", type=int, default=16,
+                    help="app.stage_call_batch: AR streams arriving together share one Serve call (1: one each)")
     ap.add_argument("--core-process", default="auto", choices=["auto", "on", "off"],
                     help="AR engine core in its own process (auto: on for CUDA)")
     ap.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
@@ -431,7 +434,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if a.device == "cuda" and torch.cuda.is_available() else None
     result = {
         "device": a.device, "gpu": gpu, "quick": q, "ar_model": a.ar_model, "dit_model": a.dit_model,
-        "scheduler": not a.no_scheduler, "core_process": a.core_process, "ingress_replicas": a.ingress_replicas,
+        "scheduler": not a.no_scheduler, "core_process": a.core_process, "ingress_replicas": a.ingress_replicas, "stage_call_batch": a.stage_call_batch,
         "serve_env": serve_env, "direct_ingress": a.direct_ingress,
         "host": platform.node(), "cpus": os.cpu_count(), "serve_startup_s": round(startup, 1),
         "latency_16_tokens": lat | {"target_added_p50_ms": 10, "meets_target": lat["added_p50_ms"] <= 10,

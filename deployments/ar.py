@@ -4,6 +4,10 @@ replica serves (continuous batching across HTTP requests).
     handle.options(stream=True).generate.remote(req)   -> dict deltas (text, token_ids, ...)
     await handle.complete.remote(req)                  -> the same deltas merged into one
     await handle.encode.remote(req)                    -> {"ref": [ObjectRef], "shape": [T, H], ...}
+    handle.options(stream=True).generate_batch.remote([req, ...])  -> lists of (index, delta)
+    await handle.abort.remote([request_id], replica=id)            -> aborts in a batched call
+
+``generate_batch`` carries the streams that reach an ingress replica together (deployments/call_batcher.py).
 
 ``encode`` puts the hidden states in the object store and returns the reference wrapped in a
 list, so neither Serve nor the ingress resolves it; the DiT replica that receives it does.
@@ -13,21 +17,23 @@ ends the engine generator, which aborts the request and frees its KV blocks.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import ray
 from ray import serve
 
 from omni_ray.config import ARStageConfig, LimitsConfig, validate
-from deployments.services import CapacityReporter
+from deployments.services import CapacityReporter, replica_id
 from deployments.pins import Pins
 from deployments.stage import StageReplica
 from omni_ray.dit_cache import hidden_states_input
 from deployments.streams import OpenStreams
+from omni_ray.errors import EngineError, OmniError
 from omni_ray.pipeline import ar_encode, ar_generate, merge_deltas
 
 log = logging.getLogger("ray.serve")
@@ -37,7 +43,7 @@ class ARDeployment(StageReplica):
     def __init__(self, stage: str, config: dict, limits: dict | None = None, services: dict | None = None):
         from omni_ray.ar import AsyncLLM
 
-        self.stage = stage
+        self.stage, self.replica = stage, replica_id()
         self.config: ARStageConfig = validate(ARStageConfig, config)
         self.limits: LimitsConfig = validate(LimitsConfig, limits or {})
         self.engine = AsyncLLM(self.config.engine)
@@ -56,6 +62,42 @@ class ARDeployment(StageReplica):
             deltas = ar_generate(self.engine, req, self.limits, interval=self.streams.interval)
             async for delta in self.metrics.stream(deltas, req.get("request_id")):
                 yield delta
+
+    async def generate_batch(self, reqs: list[dict]) -> AsyncIterator[list[tuple[int, Any]]]:
+        """Several streams in one Serve call (the ingress sends requests that arrive together this
+        way: Serve's per-call cost, ~1 ms of router and replica work, is paid once). Yields lists of
+        (index, delta), (index, OmniError) when one request fails (the others go on), (index, None)
+        when one ends; the first message is ``[(-1, {"replica": id})]``, for ``abort``. Closing
+        the call aborts every request in it."""
+        yield [(-1, {"replica": self.replica})]
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def one(i: int, req: dict) -> None:
+            try:
+                async for d in self.generate(req):
+                    queue.put_nowait((i, d))
+            except Exception as e:  # noqa: BLE001 - this request's error, for its caller only
+                queue.put_nowait((i, e if isinstance(e, OmniError) else EngineError(f"AR stage failed: {e!r}")))
+            queue.put_nowait((i, None))
+
+        tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(reqs)]
+        live = len(tasks)
+        try:
+            while live:
+                items = [await queue.get()]          # the engine wakes every stream in one turn: one message
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                live -= sum(d is None for _, d in items)
+                yield items
+        finally:
+            for t in tasks:
+                t.cancel()                            # -> each engine stream aborts its request
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def abort(self, request_ids: list[str], replica: str | None = None) -> None:
+        """Abort requests of a batched call (``replica``: routes this call to where they run)."""
+        for rid in request_ids:
+            self.engine.abort(rid)
 
     async def complete(self, req: dict) -> dict:
         """The whole generation as one delta (non-streaming callers: one message, not one per token).

@@ -43,7 +43,8 @@ class IngressCore:
         self.kinds = {k: s.kind for k, s in self.config.stages.items()}
         self.names = {k: s.engine.model.served_name for k, s in self.config.stages.items()}
         cache = dit_cache({"app": self.config.app.name, "dit_cache": self.config.dit_cache.model_dump()})
-        self.backends = {k: RemoteAR(h, cache, self.names[k]) if self.kinds[k] == "ar" else RemoteDiT(h)
+        batch = self.config.app.stage_call_batch
+        self.backends = {k: RemoteAR(h, cache, self.names[k], batch) if self.kinds[k] == "ar" else RemoteDiT(h)
                          for k, h in stages.items()}
         self.limits = self.config.app.limits
         self.admission = Admission(self.config)

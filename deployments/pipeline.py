@@ -13,6 +13,8 @@ from typing import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.call_batcher import StreamBatcher
+
 
 async def stream(call) -> AsyncIterator:
     """Iterate a streaming handle call; cancel it if the consumer goes away first."""
@@ -39,13 +41,17 @@ class RemoteAR:
     """``cache`` (a DiTCacheClient) makes ``encode`` a cached call: a prompt whose hidden states are
     in the object store already skips the AR stage (the DiT gets the cached reference)."""
 
-    def __init__(self, handle: DeploymentHandle, cache=None, model: str | None = None):
+    def __init__(self, handle: DeploymentHandle, cache=None, model: str | None = None, batch: int = 1):
         self.unary = handle.options(stream=False)
         self.streaming = handle.options(stream=True)
         self.cache, self.model = cache, model
         self._puts: set[asyncio.Task] = set()
+        self.batcher = StreamBatcher(self.streaming, self.unary, batch) if batch > 1 else None
 
     def generate(self, req: dict) -> AsyncIterator[dict]:
+        """``req``'s deltas: through the batcher (requests arriving together share a call), or one call."""
+        if self.batcher is not None:
+            return self.batcher.stream(req)
         return stream(self.streaming.generate.remote(req))
 
     async def complete(self, req: dict) -> dict:

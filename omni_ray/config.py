@@ -362,6 +362,10 @@ class AppConfig(Strict):
     ingress: DeploymentConfig = DeploymentConfig(num_replicas=1, max_ongoing_requests=1024)
     streaming: StreamingConfig = Field(default_factory=lambda: StreamingConfig(), description=(
         "how often the ingress sends each SSE stream its merged events"))
+    stage_call_batch: int = Field(16, ge=1, le=256, description=(
+        "AR streams that reach an ingress replica together go to the stage in one Serve call, at most "
+        "this many (Serve's ~1 ms per-call cost paid once per burst; Serve then counts the call as one "
+        "ongoing request); 1: one call per request"))
     metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("api_keys")

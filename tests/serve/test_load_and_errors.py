@@ -152,3 +152,41 @@ def test_health_and_info(client):
     assert set(info["pipelines"]) == {"chat", "image", "text2image", "text2image-llm-encoder"}
     assert "scheduler" in info
     assert info["stages"]["image"]["kind"] == "dit" and info["stages"]["llm"]["stats"]["healthy"]
+
+
+def test_a_batched_stream_that_leaves_is_aborted_on_its_replica(client, omni_url):
+    """The ingress's batched stage call through real Serve handles: three streams in one call; the
+    one whose caller leaves is aborted on the replica that runs it (``abort`` pinned there by
+    deployments.routing) while the other two finish."""
+    from ray import serve
+
+    from deployments.call_batcher import StreamBatcher
+
+    before = llm_stats(client)
+
+    async def take(b, i: int, max_tokens: int, stop_after: int | None = None) -> int:
+        req = {"request_id": f"pin-{i}-{time.monotonic_ns()}", "prompt": f"batched request {i}",
+               "params": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+        n = 0
+        async for d in b.stream(req):
+            n += len(d["token_ids"])
+            if stop_after is not None:
+                break
+        return n
+
+    async def main():
+        h = serve.get_deployment_handle("llm", "omni")
+        b = StreamBatcher(h.options(stream=True), h.options(stream=False))
+        got = await asyncio.gather(take(b, 0, 900, stop_after=1), take(b, 1, 12), take(b, 2, 12))
+        while b.aborts_in_flight:
+            await asyncio.sleep(0.05)
+        return b.calls, got
+
+    calls, (partial, a, c) = asyncio.run(main())
+    assert calls == 1 and a == c == 12 and 0 < partial < 900
+    deadline = time.monotonic() + 60
+    while (s := llm_stats(client))["num_running"] + s["num_waiting"] + s["num_streams"] > 0:
+        assert time.monotonic() < deadline, s
+        time.sleep(0.2)
+    assert s["decode_tokens"] - before["decode_tokens"] < 450      # the 900-token request stopped early
+    assert s["num_free_blocks"] == s["num_blocks"]

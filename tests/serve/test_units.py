@@ -178,3 +178,14 @@ def test_stream_interval_grows_with_open_streams():
     out = asyncio.run(main())
     assert [x for b in out for x in (b if isinstance(b, list) else [b])] == [0, 1, 2]
     assert seen == [1, 1, 1] and streams.count == 0
+
+
+def test_pinned_router_sends_a_call_with_a_replica_to_that_replica():
+    from types import SimpleNamespace as NS
+
+    from deployments.routing import PinnedRouter
+
+    replicas = [NS(replica_id=NS(unique_id=u)) for u in ("a", "b", "c")]
+    pending = NS(kwargs={"replica": "b"})
+    chosen = asyncio.run(PinnedRouter.choose_replicas(object(), replicas, pending))
+    assert chosen == [[replicas[1]]]

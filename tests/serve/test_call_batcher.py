@@ -1,0 +1,156 @@
+"""Batched AR stage calls without Ray: the ingress's StreamBatcher against the AR replica's own
+``generate_batch`` / ``abort`` (the replica class run in-process on the tiny Qwen3; the fake handle
+stands where Serve routes the calls)."""
+
+import asyncio
+
+import pytest
+
+from deployments.ar import ARDeployment
+from deployments.call_batcher import StreamBatcher
+from omni_ray.ar import LLM, SamplingParams
+from omni_ray.errors import InvalidRequestError
+
+STAGE = {"engine": {"model": {"path": "tiny:qwen3"}, "enforce_eager": True, "core_process": "off",
+                    "cache": {"block_size": 16, "num_blocks": 256}}}
+PROMPTS = ["the lighthouse keeper", "a message in a bottle", "waves", "the north wind", "at dusk", "gulls"]
+
+
+class FakeCall:
+    """A streaming call: iterates the replica's generator in the caller's task (as Serve's stream
+    would deliver it); ``cancel`` is what Serve's cancellation does to the replica side."""
+
+    def __init__(self, agen):
+        self.agen, self.cancelled = agen, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.agen.__anext__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeHandle:
+    def __init__(self, replica):
+        self.replica, self.calls, self.aborts = replica, [], []
+        self.generate_batch = self.abort = self
+
+    def remote(self, *args, **kw):
+        if kw:                                        # abort(ids, replica=...)
+            self.aborts.append((args[0], kw["replica"]))
+            assert kw["replica"] == self.replica.replica  # the router's pin names the right replica
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(self.replica.abort(*args, **kw))
+            return fut
+        call = FakeCall(self.replica.generate_batch(args[0]))
+        self.calls.append((args[0], call))
+        return call
+
+
+@pytest.fixture(scope="module")
+def replica():
+    r = ARDeployment.func_or_class("llm", STAGE)
+    yield r
+    asyncio.run(r.engine.shutdown())
+
+
+@pytest.fixture(scope="module")
+def expected():
+    llm = LLM("tiny:qwen3", enforce_eager=True, num_kvcache_blocks=256, kvcache_block_size=16)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    return [o["token_ids"] for o in outs]
+
+
+def req(i: int, max_tokens: int = 12, prompt: str | None = None) -> dict:
+    return {"request_id": f"b{i}-{max_tokens}", "prompt": prompt or PROMPTS[i],
+            "params": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+
+
+async def collect(batcher, r, stop_after: int | None = None) -> list[int]:
+    toks, n = [], 0
+    async for d in batcher.stream(r):
+        toks += d["token_ids"]
+        n += 1
+        if stop_after is not None and n >= stop_after:
+            break
+    return toks
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_burst_shares_one_call_and_each_gets_its_own_tokens(replica, expected):
+    async def main():
+        h = FakeHandle(replica)
+        b = StreamBatcher(h, h, max_batch=16)
+        got = await asyncio.gather(*(collect(b, req(i)) for i in range(len(PROMPTS))))
+        return h, got
+
+    h, got = run(main())
+    assert len(h.calls) == 1 and len(h.calls[0][0]) == len(PROMPTS)
+    assert got == expected
+
+
+def test_lone_requests_go_alone_and_max_batch_splits_a_burst(replica, expected):
+    async def main():
+        h = FakeHandle(replica)
+        b = StreamBatcher(h, h, max_batch=4)
+        first = await collect(b, req(0))
+        burst = await asyncio.gather(*(collect(b, req(i)) for i in range(len(PROMPTS))))
+        return h, first, burst
+
+    h, first, burst = run(main())
+    assert [len(reqs) for reqs, _ in h.calls] == [1, 4, 2]
+    assert first == expected[0] and burst == expected
+
+
+def test_a_bad_request_fails_alone(replica, expected):
+    async def main():
+        h = FakeHandle(replica)
+        b = StreamBatcher(h, h)
+        bad = req(1, prompt="x " * 5000)                  # longer than the model's context
+        return await asyncio.gather(collect(b, req(0)), collect(b, bad), collect(b, req(2)),
+                                    return_exceptions=True)
+
+    good0, err, good2 = run(main())
+    assert isinstance(err, InvalidRequestError)
+    assert good0 == expected[0] and good2 == expected[2]
+
+
+def test_a_caller_that_leaves_aborts_only_its_request(replica, expected):
+    async def main():
+        h = FakeHandle(replica)
+        b = StreamBatcher(h, h)
+        long = req(1, max_tokens=400)
+        res = await asyncio.gather(collect(b, req(0)), collect(b, long, stop_after=1), collect(b, req(2)))
+        for _ in range(50):                               # the abort is sent in the background
+            if h.aborts and replica.engine.stats()["num_streams"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return h, res, replica.engine.stats()
+
+    h, (a, partial, c), stats = run(main())
+    assert h.aborts == [([req(1, 400)["request_id"]], replica.replica)]
+    assert a == expected[0] and c == expected[2] and 0 < len(partial) < 400
+    assert stats["num_streams"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
+
+
+def test_when_every_caller_leaves_the_call_is_cancelled(replica):
+    async def main():
+        h = FakeHandle(replica)
+        b = StreamBatcher(h, h)
+        await asyncio.gather(*(collect(b, req(i, max_tokens=400), stop_after=1) for i in range(3)))
+        for _ in range(50):
+            if replica.engine.stats()["num_streams"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return h, replica.engine.stats()
+
+    h, stats = run(main())
+    assert len(h.calls) == 1 and h.calls[0][1].cancelled     # the last to leave cancels the call
+    assert len(h.aborts) == 2                                 # the first two are aborted one by one
+    assert stats["num_streams"] == 0 and stats["num_running"] == 0

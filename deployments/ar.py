@@ -5,6 +5,7 @@ replica serves (continuous batching across HTTP requests).
     await handle.complete.remote(req)                  -> the same deltas merged into one
     await handle.encode.remote(req)                    -> {"ref": [ObjectRef], "shape": [T, H], ...}
     handle.options(stream=True).generate_batch.remote([req, ...])  -> lists of (index, delta)
+        (a request with "unary": True is paced like ``complete``: first output, then the rest)
     await handle.abort.remote([request_id], replica=id)            -> aborts in a batched call
 
 ``generate_batch`` carries the streams that reach an ingress replica together (deployments/call_batcher.py).
@@ -74,7 +75,7 @@ class ARDeployment(StageReplica):
 
         async def one(i: int, req: dict) -> None:
             try:
-                async for d in self.generate(req):
+                async for d in (self._complete_deltas(req) if req.get("unary") else self.generate(req)):
                     queue.put_nowait((i, d))
             except Exception as e:  # noqa: BLE001 - this request's error, for its caller only
                 queue.put_nowait((i, e if isinstance(e, OmniError) else EngineError(f"AR stage failed: {e!r}")))
@@ -100,13 +101,18 @@ class ARDeployment(StageReplica):
             self.engine.abort(rid)
 
     async def complete(self, req: dict) -> dict:
-        """The whole generation as one delta (non-streaming callers: one message, not one per token).
-        The engine hands over the first output (time to first token) and then the rest at the end."""
+        """The whole generation as one delta (non-streaming callers: one message, not one per token)."""
+        return merge_deltas([d async for d in self._complete_deltas(req)])
+
+    async def _complete_deltas(self, req: dict) -> AsyncIterator[dict]:
+        """A non-streaming request's deltas: the engine hands over the first output (time to first
+        token) and then the rest at the end; the last carries ``replica_s`` (Server-Timing "engine")."""
         t0 = time.perf_counter()
         deltas = ar_generate(self.engine, req, self.limits, interval=math.inf)
-        out = merge_deltas([d async for d in self.metrics.stream(deltas, req.get("request_id"))])
-        out["replica_s"] = time.perf_counter() - t0          # the caller's Server-Timing "engine"
-        return out
+        async for d in self.metrics.stream(deltas, req.get("request_id")):
+            if d["finished"]:
+                d["replica_s"] = time.perf_counter() - t0
+            yield d
 
     async def encode(self, req: dict) -> dict:
         with self.metrics.track(req.get("request_id"), "encode"):

@@ -21,6 +21,7 @@ import logging
 from typing import AsyncIterator
 
 from omni_ray.errors import EngineError
+from omni_ray.pipeline import merge_deltas
 
 log = logging.getLogger("ray.serve")
 _END = None            # what the replica sends for a request that ended
@@ -34,7 +35,7 @@ class _Sub:
     def __init__(self, request_id: str):
         self.request_id = request_id
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.batch: _Batch | None = None
+        self.batch: _Batch | _Unary | None = None
         self.ended = False             # its last item (end or error) has been handed over
 
 
@@ -91,6 +92,35 @@ class _Batch:
             self.owner.abort(self, sub.request_id)
 
 
+class _Unary:
+    """A lone ``complete`` call, handed over as one delta and the end."""
+
+    def __init__(self, sub: _Sub, resp):
+        self.sub, self.resp = sub, resp
+        sub.batch = self
+        self.task = asyncio.ensure_future(self._wait())
+
+    async def _wait(self) -> None:
+        try:
+            out = await self.resp
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the caller's
+            out = e
+        if not self.sub.ended:
+            self.sub.ended = isinstance(out, BaseException)
+            self.sub.queue.put_nowait(out)
+            if not self.sub.ended:
+                self.sub.ended = True
+                self.sub.queue.put_nowait(_END)
+
+    def leave(self, sub: _Sub) -> None:
+        if not sub.ended:
+            sub.ended = True
+            self.resp.cancel()
+            self.task.cancel()
+
+
 class StreamBatcher:
     def __init__(self, streaming_handle, unary_handle, max_batch: int = 16):
         self.streaming, self.unary, self.max_batch = streaming_handle, unary_handle, max_batch
@@ -124,13 +154,22 @@ class StreamBatcher:
                 else:
                     sub.batch.leave(sub)
 
+    async def complete(self, req: dict) -> dict:
+        """``complete(req)``: a lone request makes the replica's ``complete`` call itself, one in a
+        burst rides a batched call (paced like ``complete``) and its deltas are merged here."""
+        return merge_deltas([d async for d in self.stream(req | {"unary": True})])
+
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
         for k in range(0, len(pending), self.max_batch):
             part = pending[k:k + self.max_batch]
-            call = self.streaming.generate_batch.remote([r for r, _ in part])
             self.calls += 1
+            if len(part) == 1 and part[0][0].get("unary"):     # a lone unary request: its own call
+                req, sub = part[0]
+                _Unary(sub, self.unary.complete.remote({k: v for k, v in req.items() if k != "unary"}))
+                continue
+            call = self.streaming.generate_batch.remote([r for r, _ in part])
             _Batch(self, [s for _, s in part], call)
 
     @property

@@ -55,6 +55,8 @@ class RemoteAR:
         return stream(self.streaming.generate.remote(req))
 
     async def complete(self, req: dict) -> dict:
+        if self.batcher is not None:
+            return await self.batcher.complete(req)
         return await unary(self.unary.complete.remote(req))
 
     async def encode(self, req: dict) -> dict:

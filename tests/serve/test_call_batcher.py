@@ -33,10 +33,22 @@ class FakeCall:
         self.cancelled = True
 
 
+class FakeComplete:
+    def __init__(self, replica, calls):
+        self.replica, self.calls = replica, calls
+
+    def remote(self, req):
+        self.calls.append(([req], "complete"))
+        task = asyncio.ensure_future(self.replica.complete(req))
+        task.cancel_call = task.cancel
+        return task
+
+
 class FakeHandle:
     def __init__(self, replica):
         self.replica, self.calls, self.aborts = replica, [], []
         self.generate_batch = self.abort = self
+        self.complete = FakeComplete(replica, self.calls)
 
     def remote(self, *args, **kw):
         if kw:                                        # abort(ids, replica=...)
@@ -154,3 +166,19 @@ def test_when_every_caller_leaves_the_call_is_cancelled(replica):
     assert len(h.calls) == 1 and h.calls[0][1].cancelled     # the last to leave cancels the call
     assert len(h.aborts) == 2                                 # the first two are aborted one by one
     assert stats["num_streams"] == 0 and stats["num_running"] == 0
+
+
+def test_unary_requests_batch_in_a_burst_and_go_alone_otherwise(replica, expected):
+    async def main():
+        h = FakeHandle(replica)
+        b = StreamBatcher(h, h)
+        lone = await b.complete(req(0))
+        burst = await asyncio.gather(*(b.complete(req(i)) for i in range(len(PROMPTS))))
+        return h, lone, burst
+
+    h, lone, burst = run(main())
+    assert h.calls[0][1] == "complete" and len(h.calls) == 2 and len(h.calls[1][0]) == len(PROMPTS)
+    assert all(r.get("unary") for r in h.calls[1][0])
+    assert lone["token_ids"] == expected[0] and lone["finished"] and lone["replica_s"] > 0
+    assert [o["token_ids"] for o in burst] == expected
+    assert all(o["finished"] and o["replica_s"] > 0 and o["num_output_tokens"] == 12 for o in burst)

@@ -60,7 +60,7 @@ def bench_config(a) -> dict:
     return {
         "app": {"name": "omni-bench", "ingress": {"num_cpus": 1 if gpu else 0.25, "max_ongoing_requests": 4096,
                                                   "num_replicas": a.ingress_replicas},
-                "stage_call_batch": getattr(a, "stage_call_batch", 16)},
+                "stage_call_batch": a.stage_call_batch},
         "stages": {
             "llm": {"kind": "ar", "deployment": llm_dep, "engine": {
                 "model": {"path": a.ar_model, "name": "llm"}, "device": a.device, "enforce_eager": not gpu,

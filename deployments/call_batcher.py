@@ -30,13 +30,22 @@ _END = None            # what the replica sends for a request that ended
 class _Sub:
     """One request of a batched call, as its caller sees it."""
 
-    __slots__ = ("request_id", "queue", "batch", "ended")
+    __slots__ = ("request_id", "unary", "queue", "batch", "ended")
 
-    def __init__(self, request_id: str):
-        self.request_id = request_id
+    def __init__(self, request_id: str, unary: bool):
+        self.request_id, self.unary = request_id, unary     # unary: paced like ``complete``
         self.queue: asyncio.Queue = asyncio.Queue()
         self.batch: _Batch | _Unary | None = None
         self.ended = False             # its last item (end or error) has been handed over
+
+
+def _hand(sub: _Sub, item) -> None:
+    """Give ``sub``'s caller ``item`` (a delta, ``_END`` or an exception), unless it has ended."""
+    if sub.ended:
+        return
+    if item is _END or isinstance(item, BaseException):
+        sub.ended = True
+    sub.queue.put_nowait(item)
 
 
 class _Batch:
@@ -51,7 +60,7 @@ class _Batch:
         self.task = asyncio.ensure_future(self._pump())
 
     async def _pump(self) -> None:
-        cancelled = False
+        err: BaseException = EngineError("AR stage call ended before its request did")
         try:
             async for items in self.call:
                 for i, d in items:
@@ -59,25 +68,16 @@ class _Batch:
                         self.replica = d["replica"]
                         self.replica_known.set()
                     else:
-                        self._hand(self.subs[i], d)
-            err: BaseException = EngineError("AR stage call ended before its request did")
+                        _hand(self.subs[i], d)
         except asyncio.CancelledError:  # leave() cancels once every request has ended
             err = EngineError("AR stage call was cancelled")
-            cancelled = True
+            raise
         except Exception as e:  # noqa: BLE001 - the whole call failed: each request gets it
             err = e
-        self.replica_known.set()
-        for s in self.subs:
-            self._hand(s, err)         # only the ones the call never ended
-        if cancelled:
-            raise asyncio.CancelledError
-
-    def _hand(self, sub: _Sub, item) -> None:
-        if sub.ended:
-            return
-        if item is _END or isinstance(item, BaseException):
-            sub.ended = True
-        sub.queue.put_nowait(item)
+        finally:
+            self.replica_known.set()
+            for s in self.subs:
+                _hand(s, err)          # only the ones the call never ended
 
     def leave(self, sub: _Sub) -> None:
         """``sub``'s caller stopped reading before its end: abort it on the replica, or cancel the
@@ -102,17 +102,10 @@ class _Unary:
 
     async def _wait(self) -> None:
         try:
-            out = await self.resp
-        except asyncio.CancelledError:
-            raise
+            _hand(self.sub, await self.resp)
+            _hand(self.sub, _END)
         except Exception as e:  # noqa: BLE001 - the caller's
-            out = e
-        if not self.sub.ended:
-            self.sub.ended = isinstance(out, BaseException)
-            self.sub.queue.put_nowait(out)
-            if not self.sub.ended:
-                self.sub.ended = True
-                self.sub.queue.put_nowait(_END)
+            _hand(self.sub, e)
 
     def leave(self, sub: _Sub) -> None:
         if not sub.ended:
@@ -129,9 +122,9 @@ class StreamBatcher:
         self._aborts: set[asyncio.Task] = set()
         self.calls = 0                 # batched calls made (stats, tests)
 
-    async def stream(self, req: dict) -> AsyncIterator[dict]:
+    async def stream(self, req: dict, unary: bool = False) -> AsyncIterator[dict]:
         """The deltas of ``req`` (a ``generate`` request dict), as the AR replica yields them."""
-        sub = _Sub(req["request_id"])
+        sub = _Sub(req["request_id"], unary)
         self._pending.append((req, sub))
         if not self._scheduled:
             self._scheduled = True
@@ -157,7 +150,7 @@ class StreamBatcher:
     async def complete(self, req: dict) -> dict:
         """``complete(req)``: a lone request makes the replica's ``complete`` call itself, one in a
         burst rides a batched call (paced like ``complete``) and its deltas are merged here."""
-        return merge_deltas([d async for d in self.stream(req | {"unary": True})])
+        return merge_deltas([d async for d in self.stream(req, unary=True)])
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -165,12 +158,11 @@ class StreamBatcher:
         for k in range(0, len(pending), self.max_batch):
             part = pending[k:k + self.max_batch]
             self.calls += 1
-            if len(part) == 1 and part[0][0].get("unary"):     # a lone unary request: its own call
-                req, sub = part[0]
-                _Unary(sub, self.unary.complete.remote({k: v for k, v in req.items() if k != "unary"}))
+            if len(part) == 1 and part[0][1].unary:             # a lone unary request: its own call
+                _Unary(part[0][1], self.unary.complete.remote(part[0][0]))
                 continue
-            call = self.streaming.generate_batch.remote([r for r, _ in part])
-            _Batch(self, [s for _, s in part], call)
+            reqs = [r | {"unary": True} if s.unary else r for r, s in part]
+            _Batch(self, [s for _, s in part], self.streaming.generate_batch.remote(reqs))
 
     @property
     def aborts_in_flight(self) -> int:

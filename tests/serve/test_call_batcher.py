@@ -66,7 +66,7 @@ class FakeHandle:
 def replica():
     r = ARDeployment.func_or_class("llm", STAGE)
     yield r
-    asyncio.run(r.engine.shutdown())
+    asyncio.run(r.__del__())          # Serve's shutdown hook: stops the metrics sampling thread too
 
 
 @pytest.fixture(scope="module")

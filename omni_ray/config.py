@@ -115,6 +115,16 @@ class AREngineConfig(Strict):
         "the decode kernel itself (the last split's program, one launch per layer) or in a second "
         "kernel launch; on an H100 batch-1 decode of the Qwen3-0.6B shape ran 1,033 tok/s with the "
         "in-kernel merge and 1,072 with the second launch (median of 5), so launch is the default"))
+    mixed_graph_tokens: int = Field(512, ge=0, le=2048, description=(
+        "CUDA: steps that carry prompt tokens (a prefill, or prompts joining running decodes) with at "
+        "most this many tokens replay a CUDA graph captured for their token bucket (16, 32, ... this), "
+        "instead of running eagerly, which is bound by the host (on an H100 ~13-20 ms a step for the "
+        "Qwen3-0.6B shape, against ~3 ms of device work); 0: eager. Single-GPU Triton attention only"))
+    elementwise: Literal["triton", "compile"] = Field("triton", description=(
+        "CUDA: the row-wise ops between projections (RMS norm with the residual add, SiLU-and-mul): "
+        "one Triton kernel each, or torch.compile'd functions. Eager steps (prefill, and decodes that "
+        "share a step with a prefill) are bound by the host's per-op cost, where a compiled region's "
+        "guards and wrappers cost more than a Triton launch"))
     core_process: Literal["auto", "on", "off"] = Field("auto", description=(
         "AsyncLLM (serving): step the engine in its own child process, so the serving event loop never "
         "shares a GIL with it (vLLM's EngineCore); auto: on with tensor_parallel_size 1 (on CPU "

@@ -21,6 +21,7 @@ from omni_ray.ar.layers.timing import graph_us
 from omni_ray.ar.layers.parallel import TP1, TPContext
 from omni_ray.ar.layers.sampler import SamplingTensors, sample
 from omni_ray.ar.loader import ReadStats, load_weights
+from omni_ray.ar.mixed_graphs import MixedStepGraphs
 from omni_ray.ar.models import ArchConfig, DecoderForCausalLM
 from omni_ray.ar.scheduler import ScheduledBatch
 from omni_ray.ar.sequence import Sequence
@@ -63,7 +64,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.backend = pick_backend(self.device)
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager
-        ops = Ops().compile() if self.use_graphs else Ops()
+        ops = Ops().for_cuda(cfg.elementwise) if self.use_graphs else Ops()
         torch.manual_seed(cfg.seed)
         with torch.device(self.device):
             model = DecoderForCausalLM(arch, tp, self.backend, ops)
@@ -87,8 +88,12 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes = self._graph_sizes() if self.use_graphs else []
         self._alloc_decode_buffers()
+        self.mixed: MixedStepGraphs | None = None     # graphs of steps with prompt tokens (mixed_graphs.py)
         if self.use_graphs:
-            self._capture_graphs()
+            pool = self._capture_graphs()
+            if cfg.mixed_graph_tokens > 0 and self.backend == "triton" and tp.size == 1:
+                self.mixed = MixedStepGraphs(self, cfg.mixed_graph_tokens)
+                self.mixed.capture(pool)
 
     def _pick_small_gemv(self) -> int:
         """Decode batches of <= MAX_M rows: the fused Triton GEMVs (norm / activation inside) or cuBLAS
@@ -268,6 +273,8 @@ class ModelRunner:
         if batch.num_decodes == n and n <= self.max_graph_bs and not any(s.is_encode for s in batch.seqs):
             return self._run_decode(batch, num_steps)
         assert num_steps == 1, "multi-step runs are for pure decode batches"
+        if self.mixed is not None and self.mixed.covers(batch) and not any(s.is_encode for s in batch.seqs):
+            return self._run_mixed(batch)
         ids, pos, meta, cu = self.prepare(batch)
         encode = [i for i, s in enumerate(batch.seqs) if s.is_encode]
         layers = tuple(sorted({self._layer_index(batch.seqs[i]) for i in encode} - {self.arch.num_layers}))
@@ -285,6 +292,15 @@ class ModelRunner:
             seq, layer = batch.seqs[i], self._layer_index(batch.seqs[i])
             src = hidden if layer == self.arch.num_layers else captured[layer]
             out.hidden[seq.seq_id] = src[cu[i]:cu[i + 1]].float().cpu()
+        return out
+
+    def _run_mixed(self, batch: ScheduledBatch) -> StepOutput:
+        """A step with prompt tokens, as a CUDA graph replay of its token bucket."""
+        t, idx = self.mixed.fill(batch)
+        self.mixed.replay(t)
+        out = StepOutput([], None, [batch.seqs[i] for i in idx], {})
+        if idx:
+            self._sample(self.g_logits[:len(idx)], out)
         return out
 
     def _forward(self, ids, pos, meta: AttnMetadata, layers: tuple[int, ...], rows: torch.Tensor | None):
@@ -378,7 +394,8 @@ class ModelRunner:
         self.g_logits = torch.zeros(mb, self.arch.vocab_size, dtype=self.dtype, device=dev)
         self.copy_done = torch.cuda.Event() if cuda else None
 
-    def _capture_graphs(self) -> None:
+    def _capture_graphs(self):
+        """Decode graphs, largest first, in one memory pool (returned, for the mixed-step graphs)."""
         sizes = self.graph_sizes
         pool = None
         with torch.inference_mode():
@@ -396,6 +413,7 @@ class ModelRunner:
                 self.graphs[bs] = g
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (batch sizes up to %d)", len(sizes), sizes[-1])
+        return pool
 
     def _decode_meta(self, bs: int, splits: int) -> AttnMetadata:
         inp = self.g_in[:bs]

@@ -132,6 +132,51 @@ def test_fused_qkv_norm_rope_store_matches_ops(dtype, tol, qk_norm):
     assert torch.equal(vc, vc_ref)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("h", [1024, 896, 128])
+def test_triton_row_ops_match_ops(dtype, tol, h):
+    """The Triton norm / add-norm / SiLU-and-mul against the plain PyTorch ops (HF's numerics);
+    odd sizes (896: not a power of two) and a strided input (a column slice) included."""
+    from omni_ray.ar.layers import ops, triton_norm
+    torch.manual_seed(0)
+    x = torch.randn(37, 2 * h, device="cuda", dtype=dtype)[:, :h]          # row stride 2h
+    r = torch.randn(37, h, device="cuda", dtype=dtype)
+    w = torch.rand(h, device="cuda", dtype=dtype) + 0.5
+    torch.testing.assert_close(triton_norm.rms_norm(x, w, 1e-6), ops.rms_norm(x, w, 1e-6), atol=tol, rtol=tol)
+    y, res = triton_norm.add_rms_norm(x, r, w, 1e-6)
+    y_ref, res_ref = ops.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(res, res_ref)
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    gu = torch.randn(37, 2 * h, device="cuda", dtype=dtype)
+    torch.testing.assert_close(triton_norm.silu_and_mul(gu), ops.silu_and_mul(gu), atol=tol, rtol=tol)
+    empty = torch.empty(0, h, device="cuda", dtype=dtype)
+    assert triton_norm.rms_norm(empty, w, 1e-6).shape == (0, h)
+
+
+@pytest.mark.parametrize("elementwise,mixed", [("triton", 512), ("triton", 0), ("compile", 32)])
+def test_prefill_and_mixed_steps_match_cpu(elementwise, mixed):
+    """Steps with prompt tokens, as CUDA graphs (mixed > 0; 32: the longest prompt's prefill stays
+    eager) or eagerly, with either choice of row ops: prompts join running decodes one step apart
+    (mixed prefill + decode steps), then decode graphs; greedy tokens and log-probs equal the CPU's."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=True)
+    want = make_llm("tiny:qwen3").generate(PROMPTS, params, use_tqdm=False)
+    gpu = make_llm("tiny:qwen3", device="cuda", dtype="float32", enforce_eager=False, elementwise=elementwise,
+                   mixed_graph_tokens=mixed)
+    seqs = {}
+    for i, p in enumerate(PROMPTS):
+        gpu.add_request(p, params, f"r{i}")
+        seqs[i] = gpu.seqs[f"r{i}"]
+        gpu.step()
+    while not gpu.is_finished():
+        gpu.step()
+    assert gpu.stats.max_batch_size > 1
+    assert [seqs[i].output_token_ids for i in range(len(PROMPTS))] == [o["token_ids"] for o in want]
+    for i, o in enumerate(want):
+        torch.testing.assert_close(torch.tensor(seqs[i].logprobs), torch.tensor(o["logprobs"]), atol=2e-3, rtol=0)
+    mixed_graphs = gpu.runner.mixed
+    assert (mixed_graphs is not None and mixed_graphs.replays >= len(PROMPTS) - 1) == (mixed > 0)
+
+
 @pytest.mark.parametrize("steps", [1, 6])
 def test_cuda_graph_multi_step_matches_cpu(steps):
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (24, 3, 40, 9)]

@@ -51,9 +51,10 @@ def qkv_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: i
 
 
 class Ops:
-    """The op set a model uses; ``compile()`` swaps in torch.compile'd versions and, for batches of
-    at most ``small_m`` rows (decode of a few sequences), Triton GEMVs with the norm / activation
-    in front of each projection fused in (``triton_gemv.py``)."""
+    """The op set a model uses. On CUDA ``for_cuda()`` swaps in one-launch versions of the row-wise
+    ops: Triton kernels (``triton_norm.py``) or torch.compile'd functions; and, for batches of at
+    most ``small_m`` rows (decode of a few sequences), Triton GEMVs with the norm / activation in
+    front of each projection fused in (``triton_gemv.py``)."""
 
     def __init__(self):
         self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
@@ -61,12 +62,16 @@ class Ops:
         self.qkv_norm_rope = qkv_norm_rope
         self.small_m = 0
 
-    def compile(self, small_gemv: bool = False) -> "Ops":
+    def for_cuda(self, elementwise: str = "triton") -> "Ops":
+        """elementwise: "triton" (a launch per op: cheapest on the host, which bounds eager steps)
+        or "compile" (torch.compile, dynamic shapes)."""
+        if elementwise == "triton":
+            from omni_ray.ar.layers import triton_norm
+            self.rms_norm, self.add_rms_norm = triton_norm.rms_norm, triton_norm.add_rms_norm
+            self.silu_and_mul = triton_norm.silu_and_mul
+            return self
         for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "apply_rotary", "qkv_norm_rope"):
             setattr(self, name, torch.compile(getattr(self, name), dynamic=True))
-        if small_gemv:
-            from omni_ray.ar.layers.triton_gemv import MAX_M
-            self.small_m = MAX_M
         return self
 
     # projections with what precedes them: x [M, K] -> [M, N] (w [N, K], the local TP shard)

@@ -5,7 +5,8 @@
         print(out.text, end="")
 
 An engine core (``omni_ray/ar/engine_core.py``) owns the engine: in its own process (no GIL
-shared with the serving event loop), or, under tensor parallelism, in a thread of this one. It takes new requests and
+shared with the serving event loop), or, under tensor parallelism, in a thread of this one.
+Stream text (without stop strings) is decoded here, as outputs arrive, from their token ids. It takes new requests and
 aborts between steps and hands each step's outputs to the event loop at once; each caller reads
 its own stream, where outputs it has not taken yet are merged (a caller slower than the engine
 gets one output with everything new, never a backlog of per-step items); ``interval`` paces a
@@ -22,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from omni_ray.ar.detokenizer import StreamText
 from omni_ray.ar.engine_core import RequestOutput, make_core
 from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
 from omni_ray.config import AREngineConfig
@@ -46,12 +48,13 @@ class _Stream:
     """One request's output not yet taken by its caller: outputs merge while they wait. While the
     caller waits out its pace, new outputs only merge (no wake-up per engine step)."""
 
-    __slots__ = ("item", "ready", "pacing")
+    __slots__ = ("item", "ready", "pacing", "text")
 
-    def __init__(self):
+    def __init__(self, text: StreamText | None = None):
         self.item = None
         self.ready = asyncio.Event()
         self.pacing = False
+        self.text = text                  # decodes the stream's text from its token ids (no stop strings)
 
     def put(self, item) -> None:
         cur = self.item
@@ -155,7 +158,10 @@ class AsyncLLM:
             self._loop = loop
             self.core.start(loop, self._deliver, self._fail_all)
         pace = interval if callable(interval) else (lambda: interval or 0.0)
-        stream = self._streams[request_id] = _Stream()
+        text = None
+        if stream_text and isinstance(params, SamplingParams) and not params.stop:
+            text = StreamText(self.tokenizer, params.skip_special_tokens)      # the engine core sends ids only
+        stream = self._streams[request_id] = _Stream(text)
         self.core.add(request_id, prompt, params, stream_text)
         finished, not_before = False, 0.0
         try:
@@ -179,6 +185,8 @@ class AsyncLLM:
         for rid, item in items:
             stream = self._streams.get(rid)
             if stream is not None:
+                if stream.text is not None and isinstance(item, RequestOutput):
+                    item.text = stream.text.feed(item.context_ids, item.token_ids)
                 stream.put(item)
 
     def _fail_all(self, err: BaseException) -> None:

@@ -18,18 +18,49 @@ def _decoder(tokenizer):
     return tokenizer
 
 
+def decode_window(dec, ids: list[int], prefix: int, read: int, skip_special: bool) -> tuple[str, int, int]:
+    """One incremental step over ``ids``: (new text, prefix, read offsets for the next step).
+    ids[prefix:read] were decoded already (kept as context, so that spaces and characters split
+    across tokens come out right); no text while the tail is an incomplete character."""
+    if read >= len(ids):
+        return "", prefix, read
+    before = dec.decode(ids[prefix:read], skip_special_tokens=skip_special)
+    full = dec.decode(ids[prefix:], skip_special_tokens=skip_special)
+    if len(full) > len(before) and not full.endswith("\ufffd"):
+        return full[len(before):], read, len(ids)
+    return "", prefix, read
+
+
 def update_text(seq: Sequence, tokenizer, skip_special: bool) -> None:
     """Extend ``seq.output_text`` with the text of the tokens generated since the last call (one
     token or several: the window decodes them together)."""
-    ids = seq.token_ids
-    if seq.read_offset >= len(ids):
-        return
-    dec = _decoder(tokenizer)
-    prefix = dec.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip_special)
-    full = dec.decode(ids[seq.prefix_offset:], skip_special_tokens=skip_special)
-    if len(full) > len(prefix) and not full.endswith("\ufffd"):
-        seq.output_text += full[len(prefix):]
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+    text, seq.prefix_offset, seq.read_offset = decode_window(_decoder(tokenizer), seq.token_ids, seq.prefix_offset,
+                                                             seq.read_offset, skip_special)
+    seq.output_text += text
+
+
+class StreamText:
+    """Incremental text of one stream from its token ids alone (AsyncLLM's side of a stream: the
+    engine core then only steps). Starts from the last prompt tokens (``context``), as
+    ``Sequence`` does; keeps only the window it still needs."""
+
+    __slots__ = ("dec", "ids", "prefix", "read", "skip")
+
+    def __init__(self, tokenizer, skip_special: bool):
+        self.dec, self.skip = _decoder(tokenizer), skip_special
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def feed(self, context: list[int] | None, new_ids: list[int]) -> str:
+        if context is not None:
+            self.ids, self.prefix, self.read = list(context), 0, len(context)
+        self.ids += new_ids
+        text, self.prefix, self.read = decode_window(self.dec, self.ids, self.prefix, self.read, self.skip)
+        if self.prefix:
+            del self.ids[:self.prefix]
+            self.read -= self.prefix
+            self.prefix = 0
+        return text
 
 
 def find_stop(seq: Sequence, stops: list[str], new_chars: int) -> int:

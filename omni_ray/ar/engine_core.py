@@ -7,7 +7,9 @@
 
 Either way one loop owns the ``LLMEngine``: it takes new requests and aborts, steps, and turns
 what changed into per-request items (a ``RequestOutput``, the hidden states of an encode request,
-or the ``InvalidRequestError`` of a request it refused), handed over once per step.
+or the ``InvalidRequestError`` of a request it refused), handed over once per step. Streams
+without stop strings carry token ids only: their text is decoded on the caller's side
+(``AsyncLLM``), off the loop that feeds the GPU.
 
 ``ProcessCore`` runs that loop in a child process (``python -m omni_ray.ar.engine_core``, over a
 socket pair), as vLLM's EngineCore does: the serving process's event loop (HTTP, Serve messages,
@@ -31,7 +33,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from omni_ray.ar.detokenizer import stream_safe_len, update_text
+from omni_ray.ar.detokenizer import stream_safe_len
 from omni_ray.ar.sequence import Sequence
 from omni_ray.config import AREngineConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
@@ -49,6 +51,7 @@ class RequestOutput:
     finish_reason: str | None       # "stop" | "length" | "abort" | None
     num_prompt_tokens: int
     num_output_tokens: int
+    context_ids: list[int] | None = None   # first output of a stream whose text the caller decodes: the prompt's tail
 
 
 class CoreLoop:
@@ -82,19 +85,24 @@ class CoreLoop:
         """(request id, what its caller gets) for a sequence that changed in the last step, or None."""
         if seq.is_encode:
             return (seq.request_id, np.concatenate([h.numpy() for h in seq.hidden_chunks])) if seq.is_finished else None
-        if seq.stream_text and not seq.params.stop:       # all of this step's tokens in one decode
-            update_text(seq, self.engine.tokenizer, seq.params.skip_special_tokens)
         out_ids = seq.output_token_ids
         new_ids = out_ids[seq.sent_tokens:]
-        safe = stream_safe_len(seq, seq.params.stop)
-        text = seq.output_text[seq.sent_chars:safe]
+        context = None
+        if seq.stream_text and not seq.params.stop:
+            # the caller decodes the text (AsyncLLM, StreamText): the engine loop only steps
+            text = ""
+            if seq.sent_tokens == 0:
+                context = seq.token_ids[seq.prefix_offset:seq.read_offset]
+        else:                                             # stop strings: text decoded as the engine checks them
+            safe = stream_safe_len(seq, seq.params.stop)
+            text = seq.output_text[seq.sent_chars:safe]
+            seq.sent_chars = max(seq.sent_chars, safe)
         if not new_ids and not text and not seq.is_finished:
             return None
         lp = seq.logprobs[seq.sent_tokens:] if seq.params.logprobs else None
         seq.sent_tokens = len(out_ids)
-        seq.sent_chars = max(seq.sent_chars, safe)
         return (seq.request_id, RequestOutput(seq.request_id, text, new_ids, lp, seq.is_finished, seq.finish_reason,
-                                              seq.num_prompt_tokens, seq.num_output_tokens))
+                                              seq.num_prompt_tokens, seq.num_output_tokens, context))
 
 
 # ============================================================================ in-process

@@ -21,3 +21,30 @@ def test_filled_vocabulary_decodes_every_id_and_encodes_as_before(tmp_path):
     assert all(w.startswith(" w") and len(w) > 2 for w in words)
     assert len(set(words)) == len(words)
     assert full.decode(plain(TEXT).input_ids) == TEXT
+
+
+def test_stream_text_from_ids_equals_the_engines_text(tmp_path):
+    """AsyncLLM decodes stream text from token ids (StreamText), fed one token or several at a time
+    after the prompt's tail: the same text as the engine's own incremental decode and as one
+    decode of all output ids, characters split across byte tokens included."""
+    from omni_ray.ar.detokenizer import StreamText, update_text
+    from omni_ray.ar.sampling_params import SamplingParams
+    from omni_ray.ar.sequence import Sequence
+
+    save_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    prompt = tok("Once upon a time").input_ids
+    out = tok(" the keeper wrote: héllo wörld, 你好 🦊 — done.").input_ids
+    assert any(tok.decode([i]).endswith("\ufffd") for i in out)          # some tokens are partial characters
+    for chunk in (1, 3):
+        seq = Sequence(list(prompt), SamplingParams(), block_size=16)
+        st = StreamText(tok, skip_special=True)
+        got, context = [], seq.token_ids[seq.prefix_offset:seq.read_offset]
+        for i in range(0, len(out), chunk):
+            for t in out[i:i + chunk]:
+                seq.append_token(t)
+            update_text(seq, tok, True)
+            got.append(st.feed(context, out[i:i + chunk]))
+            context = None
+        assert "".join(got) == seq.output_text == tok.decode(out, skip_special_tokens=True)
+        assert len(st.ids) <= 2 * chunk + 8                                  # only the window is kept

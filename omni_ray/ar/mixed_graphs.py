@@ -12,8 +12,8 @@ runner's largest graph batch; programs past a sequence's query rows, and padded 
 (query length 0), return at once. Padding tokens write their K/V to the scratch slot. The inputs
 travel in one packed int32 host->device copy:
 
-    ids [T_max] | positions [T_max] | slots [T_max] | cu_seqlens [S + 1] | context lens [S]
-    | rows to sample [S] | block tables [S, max_blocks]
+    ids [T] | positions [T] | slots [T] | cu_seqlens [S + 1] | context lens [S]
+    | rows to sample [S] | block tables [S, max_blocks]       (T: the largest bucket; parts 64-byte aligned)
 
 The graph ends with the logits of the rows to sample, in the runner's ``g_logits``; the runner
 samples from them as from an eager step's.
@@ -47,10 +47,13 @@ class MixedStepGraphs:
         self.sizes = bucket_sizes(min(limit, runner.cfg.scheduler.max_num_batched_tokens))
         self.t_max, self.s = self.sizes[-1], runner.max_graph_bs
         self.w = runner.max_blocks
-        t, s = self.t_max, self.s
-        # offsets of the packed input's parts
-        self.o_cu, self.o_ctx = 3 * t, 3 * t + s + 1
-        self.o_rows, self.o_bt = self.o_ctx + s, self.o_ctx + 2 * s
+        # offsets of the packed input's parts, each 64-byte aligned (Triton specializes on alignment)
+        up = lambda x: -(-x // 16) * 16                                  # noqa: E731
+        self.T = up(self.t_max)                                          # room per token part
+        s, t = self.s, self.T
+        self.o_cu = 3 * t
+        self.o_ctx = up(self.o_cu + s + 1)
+        self.o_rows, self.o_bt = up(self.o_ctx + s), up(self.o_ctx + s) + up(s)
         n = self.o_bt + s * self.w
         dev = runner.device
         self.h_in = torch.zeros(n, dtype=torch.int32, pin_memory=True)
@@ -83,13 +86,13 @@ class MixedStepGraphs:
 
     def _fill_empty(self) -> None:
         """No sequence (every query length 0); padding tokens aimed at the scratch slot."""
-        h, t = self.h, self.t_max
+        h, t = self.h, self.T
         h[:] = 0
         h[2 * t:3 * t] = self.r.scratch_slot
 
     def _body(self, t: int) -> None:
         """The forward of bucket ``t`` on the packed inputs; the logits of the rows to sample."""
-        g, T, s, r = self.g_in, self.t_max, self.s, self.r
+        g, T, s, r = self.g_in, self.T, self.s, self.r
         ids, pos, slots = g[:t].long(), g[T:T + t].long(), g[2 * T:2 * T + t].long()
         meta = AttnMetadata(slot_mapping=slots, context_lens=g[self.o_ctx:self.o_ctx + s],
                             block_tables=g[self.o_bt:].view(s, self.w), cu_seqlens_q=g[self.o_cu:self.o_cu + s + 1],
@@ -101,7 +104,7 @@ class MixedStepGraphs:
     # ------------------------------------------------------------------ replay
     def fill(self, batch: ScheduledBatch) -> tuple[int, list[int]]:
         """Pack ``batch`` into the host buffer; (bucket, indices of the sequences that sample)."""
-        h, T, s, bs = self.h, self.t_max, self.s, self.r.block_size
+        h, T, s, bs = self.h, self.T, self.s, self.r.block_size
         ids, pos, slots = h[:T], h[T:2 * T], h[2 * T:3 * T]
         cu, ctx = h[self.o_cu:self.o_cu + s + 1], h[self.o_ctx:self.o_ctx + s]
         rows, table = h[self.o_rows:self.o_rows + s], h[self.o_bt:].reshape(s, self.w)

@@ -250,6 +250,10 @@ class ModelRunner:
             q_lens=q_lens, ctx_lens=ctx_lens)
         meta.decode_splits = self._splits(batch.num_decodes, meta.max_context_len)
         meta.decode_locks = self.decode_locks
+        nd = batch.num_decodes
+        if 0 < nd < len(batch.seqs):                  # a mixed step: the prefill part's own (aligned) tensors
+            meta.prefill = (t(cu[nd:] - cu[nd], torch.int32), t(ctx_lens[nd:], torch.int32),
+                            torch.from_numpy(table[nd:]).to(dev, non_blocking=True))
         return t(ids, torch.int64), t(pos, torch.int64), meta, cu
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:

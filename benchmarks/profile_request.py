@@ -163,6 +163,32 @@ async def async_latency(a, core: str) -> dict:
             "output_gaps_ms_last_run": gaps[-1]}
 
 
+async def async_burst(a, n: int = 64, tokens: int = 256) -> dict:
+    """``n`` AsyncLLM callers at once (engine core process), after a warm-up burst of 8 tokens,
+    as bench_serve's baseline does; slow steps show in the engine core's log."""
+    from omni_ray.ar import AsyncLLM, SamplingParams
+    from omni_ray.config import AREngineConfig
+
+    engine = AsyncLLM(AREngineConfig.model_validate(engine_config(a, core_process="on")))
+
+    async def one(i, m):
+        t0, first = time.perf_counter(), None
+        async for _ in engine.generate(f"{PROMPT} Story number {i}.", SamplingParams(
+                temperature=0.0, max_tokens=m, ignore_eos=True), f"burst-{m}-{i}"):
+            first = first or time.perf_counter() - t0
+        return first
+
+    res = {}
+    for name, m in (("warm", 8), ("first", tokens), ("second", tokens)):
+        t0 = time.perf_counter()
+        firsts = await asyncio.gather(*(one(i, m) for i in range(n)))
+        res[name] = {"seconds": round(time.perf_counter() - t0, 3),
+                     "ttft_p50_ms": round(1000 * statistics.median(firsts), 1)}
+    await engine.shutdown()
+    print("AsyncLLM bursts:", res, flush=True)
+    return res
+
+
 def parse_variant(spec: str) -> tuple[str, dict]:
     name, _, rest = spec.partition(":")
     over = {}
@@ -193,6 +219,8 @@ def main() -> None:
         r[key] = offline_steps(a) | {"settings": over}
         print(f"{key}:", {k: v for k, v in r[key].items() if k != "trace"}, flush=True)
     a.engine_over = variants[0][1]
+    if not a.no_async:
+        r["async_bursts"] = asyncio.run(async_burst(a))
     for core in () if a.no_async else ("on", "off"):
         r[f"async_core_process_{core}"] = asyncio.run(async_latency(a, core))
         print(f"AsyncLLM core_process={core}:", r[f"async_core_process_{core}"], flush=True)

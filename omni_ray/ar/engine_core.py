@@ -39,6 +39,7 @@ from omni_ray.config import AREngineConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
 
 log = logging.getLogger(__name__)
+SLOW_STEP_S = 0.2          # a step slower than this is logged (a compile, an allocation, a stuck host)
 
 
 @dataclass
@@ -79,7 +80,14 @@ class CoreLoop:
         return items
 
     def step(self) -> list[tuple]:
-        return [x for seq in self.engine.step() if (x := self.output(seq)) is not None]
+        t0 = time.perf_counter()
+        out = [x for seq in self.engine.step() if (x := self.output(seq)) is not None]
+        dt = time.perf_counter() - t0
+        if dt > SLOW_STEP_S:
+            seqs, decodes, tokens, k = getattr(self.engine, "last_step", (0, 0, 0, 0))
+            log.warning("slow engine step: %.0f ms (%d sequences, %d of them decodes, %d tokens, %d forwards)",
+                        1000 * dt, seqs, decodes, tokens, k)
+        return out
 
     def output(self, seq: Sequence):
         """(request id, what its caller gets) for a sequence that changed in the last step, or None."""

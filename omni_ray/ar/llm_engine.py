@@ -62,7 +62,8 @@ class LLMEngine:
         import random
         rng = random.Random(0)
         vocab = min(self.arch.vocab_size, 1000)
-        longest = max(1, min(300, self.max_model_len - 16))
+        # past the prefill / mixed-step graphs' largest bucket, so that the eager path compiles now too
+        longest = max(1, min(max(300, self.config.mixed_graph_tokens + 1), self.max_model_len - 16))
         most = min(256, self.config.scheduler.max_num_seqs)       # bursts of short prompts, up to this
         greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=1)
@@ -189,6 +190,7 @@ class LLMEngine:
         if not batch.seqs:
             return []
         k = self._decode_steps(batch)
+        self.last_step = (len(batch), batch.num_decodes, batch.num_tokens, k)    # for slow-step logs
         out = self.runner.run(batch, k) if k > 1 else self.runner.run(batch)
         s = self.stats
         s.steps += 1

@@ -235,7 +235,8 @@ class ModelRunner:
                 slots.extend((np.asarray(bt)[p // bs] * bs + p % bs).tolist())
             q_lens.append(n)
             ctx_lens.append(start + n)
-        width = max(len(s.block_table) for s in batch.seqs)
+        # block-table width rounded up to 16 columns: one stride class for Triton's specialization
+        width = -(-max(len(s.block_table) for s in batch.seqs) // 16) * 16
         table = np.zeros((len(batch.seqs), width), dtype=np.int32)
         for i, seq in enumerate(batch.seqs):
             table[i, : len(seq.block_table)] = seq.block_table
@@ -250,10 +251,6 @@ class ModelRunner:
             q_lens=q_lens, ctx_lens=ctx_lens)
         meta.decode_splits = self._splits(batch.num_decodes, meta.max_context_len)
         meta.decode_locks = self.decode_locks
-        nd = batch.num_decodes
-        if 0 < nd < len(batch.seqs):                  # a mixed step: the prefill part's own (aligned) tensors
-            meta.prefill = (t(cu[nd:] - cu[nd], torch.int32), t(ctx_lens[nd:], torch.int32),
-                            torch.from_numpy(table[nd:]).to(dev, non_blocking=True))
         return t(ids, torch.int64), t(pos, torch.int64), meta, cu
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:

@@ -182,25 +182,3 @@ def test_warmup_leaves_a_clean_engine():
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     assert llm.stats.steps == 0 and llm.block_manager.prefix_queries == 0
     assert [o["token_ids"] for o in llm.generate(PROMPTS, params, use_tqdm=False)] == want
-
-
-def test_a_mixed_step_gives_the_prefill_part_its_own_aligned_tensors():
-    """Three decodes + one prefill: the prefill part's cu_seqlens / context lens / block tables are
-    tensors of their own (a view at offset 3 would be misaligned, and Triton compiles a kernel
-    variant per pointer alignment: a stall the first time), with the values of the slices."""
-    llm = make_llm()
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    for i, p in enumerate(PROMPTS[:3]):
-        llm.add_request(p, params, f"d{i}")
-    llm.step()
-    llm.add_request(PROMPTS[3], params, "p")
-    batch = llm.scheduler.schedule()
-    assert batch.num_decodes == 3 and len(batch.seqs) == 4
-    _, _, meta, _ = llm.runner.prepare(batch)
-    cu, cl, bt = meta.prefill
-    fulls = {x.untyped_storage().data_ptr() for x in (meta.cu_seqlens_q, meta.context_lens, meta.block_tables)}
-    for x in (cu, cl, bt):          # own storage, no offset (on CUDA: a fresh, 512-byte aligned allocation)
-        assert x.storage_offset() == 0 and x.untyped_storage().data_ptr() not in fulls
-    cu_all = meta.cu_seqlens_q
-    assert cu.tolist() == (cu_all[3:] - cu_all[3]).tolist()
-    assert cl.tolist() == meta.context_lens[3:].tolist() and torch.equal(bt, meta.block_tables[3:])

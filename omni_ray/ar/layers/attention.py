@@ -33,10 +33,6 @@ class AttnMetadata:
     ctx_lens: list[int] = field(default_factory=list)
     decode_splits: int = 1              # split-K factor of the Triton decode kernel
     decode_locks: torch.Tensor | None = None   # int32 zeros [>= B * Hkv]: merge splits in-kernel
-    # the prefill part's own tensors (sequences nd:), each allocated on its own: views at offset
-    # nd would be misaligned for odd nd, and Triton compiles a kernel variant per pointer
-    # alignment (a ~1 s stall the first time a step has such an nd)
-    prefill: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # cu_seqlens_q, context_lens, block_tables
 
 
 def pick_backend(device: torch.device) -> str:
@@ -111,6 +107,13 @@ class Attention(nn.Module):
         n_seqs = meta.context_lens.shape[0]
         if nd == n_seqs:                      # pure decode (CUDA-graph steps): no output copy
             return self._decode(q, meta)
+        if self.backend == "triton":
+            # prompts (and decodes, query length 1) in one prefill-kernel launch over whole, fresh
+            # tensors: no views at offset nd, whose alignment and strides vary step to step and
+            # would make Triton compile new kernel variants in the middle of serving (~1 s each)
+            from omni_ray.ar.layers.triton_attention import paged_prefill
+            return paged_prefill(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                 meta.cu_seqlens_q, meta.max_query_len, self.scale)
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], meta)
@@ -135,16 +138,8 @@ class Attention(nn.Module):
         nd = meta.num_decodes
         if self.backend == "torch":
             return _torch_prefill(q, self.k_cache, self.v_cache, meta, self.scale)
-        if meta.prefill is not None:
-            cu, cl, bt = meta.prefill
-        elif nd == 0:
-            cu, bt, cl = meta.cu_seqlens_q, meta.block_tables, meta.context_lens
-        else:
-            cu = meta.cu_seqlens_q[nd:] - meta.cu_seqlens_q[nd]
-            bt, cl = meta.block_tables[nd:].contiguous(), meta.context_lens[nd:].clone()
-        if self.backend == "triton":
-            from omni_ray.ar.layers.triton_attention import paged_prefill
-            return paged_prefill(q, self.k_cache, self.v_cache, bt, cl, cu, meta.max_query_len, self.scale)
+        cu = meta.cu_seqlens_q[nd:] - meta.cu_seqlens_q[nd]
+        bt, cl = meta.block_tables[nd:], meta.context_lens[nd:]
         from flash_attn import flash_attn_varlen_func
         cu_k = F.pad(cl.cumsum(0, dtype=torch.int32), (1, 0))
         return flash_attn_varlen_func(q, self.k_cache, self.v_cache, cu_seqlens_q=cu, cu_seqlens_k=cu_k,

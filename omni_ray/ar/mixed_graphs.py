@@ -56,7 +56,7 @@ class MixedStepGraphs:
         self.o_rows, self.o_bt = up(self.o_ctx + s), up(self.o_ctx + s) + up(s)
         n = self.o_bt + s * self.w
         dev = runner.device
-        self.h_in = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+        self.h_in = torch.zeros(n, dtype=torch.int32, pin_memory=dev.type == "cuda")
         self.h = self.h_in.numpy()
         self.g_in = torch.zeros(n, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}

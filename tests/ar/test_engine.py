@@ -182,3 +182,38 @@ def test_warmup_leaves_a_clean_engine():
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     assert llm.stats.steps == 0 and llm.block_manager.prefix_queries == 0
     assert [o["token_ids"] for o in llm.generate(PROMPTS, params, use_tqdm=False)] == want
+
+
+def test_mixed_step_packing_equals_the_eager_inputs():
+    """MixedStepGraphs.fill packs a step (decodes, a whole prompt, a prompt chunk that does not
+    sample yet) into the graphs' int32 buffer: the same tokens, positions, slots, cu_seqlens,
+    context lengths and block tables as the eager step's inputs, padding aimed at the scratch
+    slot, and the last row of each sequence that samples."""
+    from omni_ray.ar.mixed_graphs import MixedStepGraphs, bucket_sizes
+    assert bucket_sizes(100) == [16, 32, 64, 100] and bucket_sizes(0) == []
+    llm = make_llm(max_num_batched_tokens=40)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for i, p in enumerate(PROMPTS[:2]):
+        llm.add_request(p, params, f"d{i}")
+    llm.step()
+    llm.add_request("The fox and the lighthouse keeper", params, "whole")
+    llm.add_request(PROMPTS[3] * 3, params, "chunked")               # longer than what is left of the budget
+    batch = llm.scheduler.schedule()
+    assert batch.num_decodes == 2 and len(batch.seqs) == 4
+    chunked = batch.seqs[3]
+    assert chunked.num_computed_tokens + batch.num_new[3] < len(chunked)
+    ids, pos, meta, cu = llm.runner.prepare(batch)
+    g = MixedStepGraphs(llm.runner, 64)
+    t, sampled = g.fill(batch)
+    n, m, h, T = len(ids), len(batch.seqs), g.h, g.T
+    assert t == next(b for b in g.sizes if b >= n) and sampled == [0, 1, 2]
+    assert h[:n].tolist() == ids.tolist() and h[T:T + n].tolist() == pos.tolist()
+    assert h[2 * T:2 * T + n].tolist() == meta.slot_mapping.tolist()
+    assert (h[2 * T + n:2 * T + t] == llm.runner.scratch_slot).all() and (h[n:t] == 0).all()
+    assert h[g.o_cu:g.o_cu + m + 1].tolist() == cu.tolist() and (h[g.o_cu + m + 1:g.o_cu + g.s + 1] == n).all()
+    assert h[g.o_ctx:g.o_ctx + m].tolist() == meta.context_lens.tolist()
+    table = h[g.o_bt:].reshape(g.s, g.w)
+    for j, seq in enumerate(batch.seqs):
+        assert table[j, :len(seq.block_table)].tolist() == seq.block_table
+    assert h[g.o_rows:g.o_rows + 3].tolist() == [cu[1] - 1, cu[2] - 1, cu[3] - 1]
+    assert all(x % 16 == 0 for x in (g.o_cu, g.o_ctx, g.o_rows, g.o_bt, T))

@@ -5,13 +5,13 @@
         print(out.text, end="")
 
 An engine core (``omni_ray/ar/engine_core.py``) owns the engine: in its own process (no GIL
-shared with the serving event loop), or, under tensor parallelism, in a thread of this one.
-Stream text (without stop strings) is decoded here, as outputs arrive, from their token ids. It takes new requests and
-aborts between steps and hands each step's outputs to the event loop at once; each caller reads
-its own stream, where outputs it has not taken yet are merged (a caller slower than the engine
+shared with the serving event loop), or, under tensor parallelism, in a thread of this one. It
+takes new requests and aborts between steps and hands each step's outputs to the event loop at
+once; each caller reads its own stream, where outputs it has not taken yet are merged (a caller slower than the engine
 gets one output with everything new, never a backlog of per-step items); ``interval`` paces a
 caller to one output per interval (the first and the last go at once). ``abort`` (or a caller
-that stops iterating) frees the blocks before the next step.
+that stops iterating) frees the blocks before the next step. Stream text (without stop strings)
+is decoded here, from the token ids, as outputs arrive (the core sends ids only).
 """
 
 from __future__ import annotations

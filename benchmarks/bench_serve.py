@@ -67,7 +67,7 @@ def bench_config(a) -> dict:
         "stages": {
             "llm": {"kind": "ar", "deployment": llm_dep, "engine": {
                 "model": {"path": a.ar_model, "name": "llm"}, "device": a.device, "enforce_eager": not gpu,
-                "core_process": a.core_process,
+                "core_process": a.core_process, "step_log": a.step_log,
                 "cache": {"block_size": 16 if not gpu else 256, "num_blocks": 1024 if not gpu else -1,
                           "gpu_memory_utilization": 0.5},
                 "scheduler": {"max_num_seqs": max(64, 2 * a.clients), "max_model_len": 2048,
@@ -121,15 +121,19 @@ async def direct_stream(cfg, ps: list[str], max_tokens: int) -> dict:
         return n, first
 
     await asyncio.gather(*(one(i, p, WARM_TOKENS) for i, p in enumerate(ps)))    # warm-up: the same batch shape
-    t0 = time.perf_counter()
+    await asyncio.sleep(0.2)
+    wall0, t0 = time.time(), time.perf_counter()
     res = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
     dt = time.perf_counter() - t0
     st = engine.stats()
     await engine.shutdown()
     tokens = sum(n for n, _ in res)
-    return {"tokens_per_s": round(tokens / dt, 1), "ttft_p50_ms": ms(pct([f - t0 for _, f in res], 50)),
-            "kv_blocks": st.get("num_blocks"), "preemptions": st.get("num_preemptions"),
-            "gpu_bytes_held_by_bench": held}
+    out = {"tokens_per_s": round(tokens / dt, 1), "ttft_p50_ms": ms(pct([f - t0 for _, f in res], 50)),
+           "kv_blocks": st.get("num_blocks"), "preemptions": st.get("num_preemptions"),
+           "gpu_bytes_held_by_bench": held}
+    if cfg.step_log:
+        out["engine_timeline"] = engine_timeline(cfg.step_log, wall0, len(ps))
+    return out
 
 
 async def handle_stream(ps: list[str], max_tokens: int) -> dict:
@@ -188,12 +192,14 @@ def offline_throughput(cfg, ps: list[str], max_tokens: int) -> dict:
     llm = LLM(cfg)
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=WARM_TOKENS, ignore_eos=True), use_tqdm=False)
+    steps0 = llm.stats.steps
     t0 = time.perf_counter()
     outs = llm.generate(ps, sp, use_tqdm=False)
     dt = time.perf_counter() - t0
     tokens = sum(len(o["token_ids"]) for o in outs)
+    steps = llm.stats.steps - steps0
     del llm
-    return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt}
+    return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "steps": steps}
 
 
 def gpu_bytes_held() -> int:
@@ -217,26 +223,24 @@ def free_accelerator() -> None:
 
 
 # ----------------------------------------------------------------------------- through Serve
-async def http_latency(url: str, n: int, max_tokens: int) -> tuple[list[float], dict]:
+async def http_latency(url: str, n: int, max_tokens: int, client: str) -> tuple[list[float], dict]:
     """Client-side latencies, and the p50 of each Server-Timing part (ms): ``admit``, ``work``
     (the ingress's stage call), ``engine`` (inside the AR replica), ``total`` (the ingress), plus
     ``proxy_and_network`` (client time - total) and ``ingress_to_replica`` (work - engine)."""
-    import httpx
-
+    from benchmarks.load_client import Clients
     from deployments.timing import parse
 
     body = {"model": "llm", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     lat, parts = [], []
-    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+    async with Clients(url, 1, client, timeout_s=600) as c:
         for i in range(n + 3):
             t0 = time.perf_counter()
-            r = await c.post("/v1/completions", json=body)
+            status, headers, out = await c.post(0, "/v1/completions", body)
             dt = time.perf_counter() - t0
-            r.raise_for_status()
-            assert r.json()["usage"]["completion_tokens"] == max_tokens
+            assert status == 200 and out["usage"]["completion_tokens"] == max_tokens, (status, out)
             if i >= 3:
                 lat.append(dt)
-                t = parse(r.headers.get("server-timing", ""))
+                t = parse({k.lower(): v for k, v in headers.items()}.get("server-timing", ""))
                 t["proxy_and_network"] = 1000 * dt - t.get("total", 0.0)
                 if "engine" in t:
                     t["ingress_to_replica"] = t["work"] - t["engine"]
@@ -245,18 +249,19 @@ async def http_latency(url: str, n: int, max_tokens: int) -> tuple[list[float], 
     return lat, split
 
 
-async def latency_parts(url: str, n: int) -> dict:
+async def latency_parts(url: str, n: int, client: str) -> dict:
     """Where the added latency goes: an HTTP request that touches no stage (proxy + ingress), and
     the AR replica's ``complete`` called through a Serve handle from here (handle + replica)."""
-    import httpx
     from ray import serve
+
+    from benchmarks.load_client import Clients
 
     h = serve.get_deployment_handle("llm", "omni-bench")
     req = lambda i: {"request_id": f"part-{i}", "prompt": PROMPT,  # noqa: E731
                      "params": {"max_tokens": 16, "temperature": 0, "ignore_eos": True}}
     out = {}
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-        for name, call in (("http_no_stage_ms", lambda i: c.get("/v1/models")),
+    async with Clients(url, 1, client, timeout_s=60) as c:
+        for name, call in (("http_no_stage_ms", lambda i: c.post(0, "/v1/models")),
                            ("handle_complete_ms", lambda i: h.complete.remote(req(i))),
                            ("handle_noop_ms", lambda i: h.info.remote())):
             xs = []
@@ -268,51 +273,63 @@ async def latency_parts(url: str, n: int) -> dict:
     return out
 
 
-async def _stream_one(c, p: str, n_tokens: int) -> tuple[int, float | None, int]:
-    """One streaming completion: (completion tokens from the final usage event, time of the first
-    chunk with a choice, chunks). Light on the client: bytes kept, only the usage event parsed."""
-    body = {"model": "llm", "prompt": p, "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True,
+def stream_body(p: str, n_tokens: int) -> dict:
+    return {"model": "llm", "prompt": p, "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
-    first, chunks = None, []
-    async with c.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for chunk in r.aiter_bytes():
-            if first is None and b'"choices":[{' in chunk:
-                first = time.perf_counter()
-            chunks.append(chunk)
-    events = b"".join(chunks).decode().split("\n\n")
-    usage = next(json.loads(e[6:]) for e in reversed(events) if e.startswith("data: {") and '"usage":{' in e)
-    return usage["usage"]["completion_tokens"], first, len(chunks)
 
 
-def _clients(urls: list[str], n: int):
-    import httpx
-    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
-    return [httpx.AsyncClient(base_url=u, timeout=900, limits=limits) for u in urls]
-
-
-async def stream_throughput(url: str | list[str], ps: list[str], max_tokens: int) -> dict:
+async def stream_throughput(url: str | list[str], ps: list[str], max_tokens: int, client: str,
+                            step_log: str | None = None) -> dict:
     """Tokens/s of concurrent streaming clients, all sent at once (one burst). Several URLs (direct
     ingress, one per ingress replica): clients spread round-robin over them, as a load balancer in
-    front of the replicas' target group would spread them."""
-    urls = [url] if isinstance(url, str) else url
-    cs = _clients(urls, len(ps))
-    try:
-        await asyncio.gather(*(_stream_one(cs[i % len(cs)], p, WARM_TOKENS) for i, p in enumerate(ps)))   # warm-up
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        res = await asyncio.gather(*(_stream_one(cs[i % len(cs)], p, max_tokens) for i, p in enumerate(ps)))
+    front of the replicas' target group would spread them. With the engine's ``step_log``: when the
+    burst reached the engine and how the engine spent the time after it."""
+    from benchmarks.load_client import Clients
+
+    async with Clients(url, len(ps), client) as cs:
+        await asyncio.gather(*(cs.stream(i, "/v1/completions", stream_body(p, WARM_TOKENS)) for i, p in enumerate(ps)))
+        await asyncio.sleep(0.2)           # the warm-up's last steps are logged before the burst starts
+        cpu0, wall0, t0 = time.process_time(), time.time(), time.perf_counter()
+        res = await asyncio.gather(*(cs.stream(i, "/v1/completions", stream_body(p, max_tokens))
+                                     for i, p in enumerate(ps)))
         dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    finally:
-        for c in cs:
-            await c.aclose()
     tokens = sum(t for t, _, _ in res)
     from ray import serve
     engine = await serve.get_deployment_handle("llm", "omni-bench").stats.remote()
     ttft = [f - t0 for _, f, _ in res if f is not None]
-    return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "ttft_p50_ms": ms(pct(ttft, 50)),
-            "ttft_min_ms": ms(min(ttft)), "ttft_max_ms": ms(max(ttft)),
-            "chunks_per_stream": round(statistics.mean(c for _, _, c in res), 1), "client_cpu_s": round(cpu, 3),
-            "replica_kv_blocks": engine.get("num_blocks"), "replica_preemptions": engine.get("num_preemptions")}
+    out = {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "ttft_p50_ms": ms(pct(ttft, 50)),
+           "ttft_min_ms": ms(min(ttft)), "ttft_max_ms": ms(max(ttft)),
+           "chunks_per_stream": round(statistics.mean(c for _, _, c in res), 1), "client_cpu_s": round(cpu, 3),
+           "replica_kv_blocks": engine.get("num_blocks"), "replica_preemptions": engine.get("num_preemptions")}
+    if step_log:
+        out["engine_timeline"] = engine_timeline(step_log, wall0, len(ps))
+    return out
+
+
+def engine_timeline(path: str, wall0: float, n: int) -> dict:
+    """The engine's steps after ``wall0`` (a burst of ``n`` requests sent then), from its step log:
+    when the first and the n-th request reached it, when it stepped last, how many steps it took,
+    how much of its span it was stepping (the rest: waiting for requests or for output to drain)."""
+    steps = [s for line in Path(path).read_text().splitlines() if (s := json.loads(line))["t"] >= wall0]
+    if not steps:
+        return {}
+    added, first_add, all_added = 0, None, None
+    for s in steps:
+        if s["added"] and first_add is None:
+            first_add = s["t"]
+        added += s["added"]
+        if added >= n and all_added is None:
+            all_added = s["t"]
+    end = steps[-1]["t"] + steps[-1]["dt"]
+    busy = sum(s["dt"] for s in steps)
+    span = end - steps[0]["t"]
+    full = [s["dt"] / s["forwards"] for s in steps if s["decodes"] == s["seqs"] == n]
+    return {"first_request_ms": ms(first_add - wall0) if first_add else None,
+            "all_requests_ms": ms(all_added - wall0) if all_added else None,
+            "last_step_end_ms": ms(end - wall0), "steps": len(steps),
+            "mixed_steps": sum(0 < s["decodes"] < s["seqs"] for s in steps),
+            "busy_share": round(busy / span, 3) if span > 0 else None,
+            "full_batch_ms_per_token": round(1000 * statistics.median(full), 3) if full else None}
 
 
 def sustained_work(clients: int, rounds: int, mean_tokens: int) -> list[tuple[str, int]]:
@@ -344,27 +361,25 @@ def offline_sustained(cfg, work: list[tuple[str, int]], concurrency: int) -> dic
     return {"requests": len(work), "tokens": tokens, "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 1)}
 
 
-async def sustained_stream(urls: list[str], work: list[tuple[str, int]], clients: int) -> dict:
+async def sustained_stream(urls: list[str], work: list[tuple[str, int]], clients: int, client_kind: str) -> dict:
     """``clients`` streaming clients, each sending its next request as soon as its previous one
     ends (closed loop, as vLLM's benchmark_serving with --max-concurrency): tokens/s over the run."""
-    cs = _clients(urls, clients)
+    from benchmarks.load_client import Clients
 
-    async def client(k: int):
-        c, out = cs[k % len(cs)], []
+    async def client(cs, k: int):
+        out = []
         for p, n in work[k::clients]:
             sent = time.perf_counter()
-            tokens, first, chunks = await _stream_one(c, p, n)
+            tokens, first, chunks = await cs.stream(k, "/v1/completions", stream_body(p, n))
             out.append((tokens, None if first is None else first - sent, chunks))
         return out
 
-    try:
-        await asyncio.gather(*(_stream_one(cs[i % len(cs)], p, WARM_TOKENS) for i, (p, _) in enumerate(work[:clients])))
+    async with Clients(urls, clients, client_kind) as cs:
+        await asyncio.gather(*(cs.stream(i, "/v1/completions", stream_body(p, WARM_TOKENS))
+                               for i, (p, _) in enumerate(work[:clients])))
         t0 = time.perf_counter()
-        res = [r for rs in await asyncio.gather(*(client(k) for k in range(clients))) for r in rs]
+        res = [r for rs in await asyncio.gather(*(client(cs, k) for k in range(clients))) for r in rs]
         dt = time.perf_counter() - t0
-    finally:
-        for c in cs:
-            await c.aclose()
     tokens = sum(t for t, _, _ in res)
     want = sum(n for _, n in work)
     ttft = [f for _, f, _ in res if f is not None]
@@ -373,18 +388,18 @@ async def sustained_stream(urls: list[str], work: list[tuple[str, int]], clients
 
 
 async def pipeline_split(url: str, n: int, a) -> dict:
-    import httpx
+    from benchmarks.load_client import Clients
 
     e2e, llm, img, rest = [], [], [], []
-    async with httpx.AsyncClient(base_url=url, timeout=900) as c:
+    async with Clients(url, 1, a.client) as c:
         for i in range(n + 1):
             body = {"prompt": f"a lighthouse at dusk, take {i}", "max_tokens": a.rewrite_tokens,
                     "size": f"{a.image_size}x{a.image_size}", "num_inference_steps": a.steps}  # no seed: no cache hit
             t0 = time.perf_counter()
-            r = await c.post("/v1/pipelines/text2image", json=body)
+            status, _, out = await c.post(0, "/v1/pipelines/text2image", body)
             dt = time.perf_counter() - t0
-            r.raise_for_status()
-            st = {s["stage"]: s["elapsed_s"] for s in r.json()["stages"]}
+            assert status == 200, out
+            st = {s["stage"]: s["elapsed_s"] for s in out["stages"]}
             if i >= 1:
                 e2e.append(dt), llm.append(st["llm"]), img.append(st["image"])
                 rest.append(dt - st["llm"] - st["image"])
@@ -427,6 +442,10 @@ def main() -> None:
                     help="with --only-streaming: a Serve set-up to measure, e.g. 'tp:RAY_SERVE_THROUGHPUT_OPTIMIZED=1' "
                          "'direct:direct_ingress=1' or 'ingress4:ingress_replicas=4' (comma-separated; NAME=VALUE in upper case is cluster "
                          "environment); repeatable, default: one run as configured")
+    ap.add_argument("--client", default="aiohttp", choices=["aiohttp", "httpx"],
+                    help="HTTP client of the measurements (benchmarks/load_client.py); one burst also runs with the other")
+    ap.add_argument("--step-log", default=None,
+                    help="the AR engine's step log (engine.step_log) to time bursts with (default: a file under /tmp)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     q = a.quick
@@ -441,6 +460,7 @@ def main() -> None:
     a.steps = a.steps or (2 if q else 20)
     if q:
         a.rewrite_tokens = min(a.rewrite_tokens, 8)
+    a.step_log = a.step_log or f"/tmp/omni-bench-steps-{os.getpid()}.jsonl"
 
     import torch
 
@@ -479,21 +499,25 @@ def main() -> None:
     startup = time.perf_counter() - t0
     try:
         print("[3/5] HTTP latency ...", flush=True)
-        http, server_timing = asyncio.run(http_latency(url, a.latency_requests, 16))
-        parts = asyncio.run(latency_parts(url, a.latency_requests))
+        http, server_timing = asyncio.run(http_latency(url, a.latency_requests, 16, a.client))
+        parts = asyncio.run(latency_parts(url, a.latency_requests, a.client))
         print(f"[4/5] {a.clients} streaming clients ...", flush=True)
         replica_streams = asyncio.run(handle_stream(ps, a.stream_tokens))
         print(f"      AR replica via handle: {replica_streams}", flush=True)
         ingress_streams = asyncio.run(ingress_handle_stream(ps, a.stream_tokens))
         print(f"      ingress via app handle: {ingress_streams}", flush=True)
-        online = asyncio.run(stream_throughput(urls, ps, a.stream_tokens))
+        online = asyncio.run(stream_throughput(urls, ps, a.stream_tokens, a.client, a.step_log))
         print(f"      {online['tokens_per_s']:.0f} tok/s through Serve vs {offline['tokens_per_s']:.0f} offline, "
               f"TTFT p50 {online['ttft_p50_ms']} ms (min {online['ttft_min_ms']}, max {online['ttft_max_ms']}), "
               f"{online['chunks_per_stream']} chunks per stream", flush=True)
-        again = asyncio.run(stream_throughput(urls, ps, a.stream_tokens))     # the same burst once more
+        again = asyncio.run(stream_throughput(urls, ps, a.stream_tokens, a.client, a.step_log))  # once more
         print(f"      second burst: {again['tokens_per_s']:.0f} tok/s, TTFT p50 {again['ttft_p50_ms']} ms "
               f"(min {again['ttft_min_ms']}), {again['chunks_per_stream']} chunks per stream", flush=True)
-        sustained = asyncio.run(sustained_stream(urls, work, a.clients))
+        other = "httpx" if a.client == "aiohttp" else "aiohttp"
+        other_client = asyncio.run(stream_throughput(urls, ps, a.stream_tokens, other, a.step_log))
+        print(f"      the same burst from an {other} client: {other_client['tokens_per_s']:.0f} tok/s, TTFT p50 "
+              f"{other_client['ttft_p50_ms']} ms (min {other_client['ttft_min_ms']})", flush=True)
+        sustained = asyncio.run(sustained_stream(urls, work, a.clients, a.client))
         print(f"      sustained: {sustained['tokens_per_s']:.0f} tok/s through Serve vs "
               f"{offline_sus['tokens_per_s']:.0f} offline, TTFT p50 {sustained['ttft_p50_ms']} ms "
               f"(p90 {sustained['ttft_p90_ms']})", flush=True)
@@ -516,13 +540,17 @@ def main() -> None:
         "latency_16_tokens": lat | {"target_added_p50_ms": 10, "meets_target": lat["added_p50_ms"] <= 10,
                                     "parts_p50": parts, "server_timing_p50_ms": server_timing},
         "streaming": {"clients": a.clients, "max_tokens": a.stream_tokens,
-                      "offline_tokens_per_s": round(offline["tokens_per_s"], 1),
+                      "offline_tokens_per_s": round(offline["tokens_per_s"], 1), "offline_steps": offline["steps"],
                       "serve_tokens_per_s": round(online["tokens_per_s"], 1),
                       "serve_ttft_p50_ms": online["ttft_p50_ms"], "client_cpu_s": online["client_cpu_s"],
                       "serve_ttft_min_max_ms": [online["ttft_min_ms"], online["ttft_max_ms"]],
                       "serve_chunks_per_stream": online["chunks_per_stream"],
-                      "second_burst": {k: again[k] for k in ("tokens_per_s", "ttft_p50_ms", "ttft_min_ms",
-                                                             "chunks_per_stream")},
+                      "engine_timeline": online.get("engine_timeline"),
+                      "second_burst": {k: again.get(k) for k in ("tokens_per_s", "ttft_p50_ms", "ttft_min_ms",
+                                                                 "chunks_per_stream", "engine_timeline")},
+                      "client": a.client,
+                      "other_client": {"client": other} | {k: other_client.get(k) for k in (
+                          "tokens_per_s", "ttft_p50_ms", "ttft_min_ms", "ttft_max_ms", "engine_timeline")},
                       "parts": {"engine_async_callers": engine_streams, "ar_replica_handle": replica_streams,
                                 "ingress_handle": ingress_streams},
                       "ratio": round(ratio, 3), "target_ratio": 0.85, "meets_target": ratio >= 0.85,
@@ -606,12 +634,12 @@ def streaming_variants(a, offline: dict, engine_streams: dict, ps: list[str], wo
                  "ar_replica_handle": asyncio.run(handle_stream(ps, a.stream_tokens)),
                  "ingress_handle": asyncio.run(ingress_handle_stream(ps, a.stream_tokens))}
             for burst in ("http", "http_again"):
-                h = asyncio.run(stream_throughput(urls, ps, a.stream_tokens))
-                r[burst] = {k: h[k] for k in ("tokens_per_s", "ttft_p50_ms", "ttft_min_ms", "ttft_max_ms",
-                                              "chunks_per_stream")}
+                h = asyncio.run(stream_throughput(urls, ps, a.stream_tokens, a.client, a.step_log))
+                r[burst] = {k: h.get(k) for k in ("tokens_per_s", "ttft_p50_ms", "ttft_min_ms", "ttft_max_ms",
+                                                  "chunks_per_stream", "engine_timeline")}
             for k in ("ar_replica_handle", "ingress_handle", "http", "http_again"):
                 r[k]["ratio"] = round(r[k]["tokens_per_s"] / offline["tokens_per_s"], 3)
-            r["http_sustained"] = asyncio.run(sustained_stream(urls, work, a.clients))
+            r["http_sustained"] = asyncio.run(sustained_stream(urls, work, a.clients, a.client))
             r["http_sustained"]["ratio"] = round(r["http_sustained"]["tokens_per_s"] / offline_sus["tokens_per_s"], 3)
             print(f"   {json.dumps(r)}", flush=True)
             out["variants"][name] = r

@@ -125,6 +125,11 @@ class AREngineConfig(Strict):
         "one Triton kernel each, or torch.compile'd functions. Eager steps (prefill, and decodes that "
         "share a step with a prefill) are bound by the host's per-op cost, where a compiled region's "
         "guards and wrappers cost more than a Triton launch"))
+    step_log: str | None = Field(None, description=(
+        "profiling: append one JSON line per engine step to this file (wall-clock start `t`, duration "
+        "`dt`, sequences, decodes, tokens, forwards, requests `added` since the previous step), from "
+        "whichever process steps the engine; benchmarks/bench_serve.py reads it to split a burst's time "
+        "into arrival at the engine and stepping"))
     core_process: Literal["auto", "on", "off"] = Field("auto", description=(
         "AsyncLLM (serving): step the engine in its own child process, so the serving event loop never "
         "shares a GIL with it (vLLM's EngineCore); auto: on with tensor_parallel_size 1 (on CPU "

@@ -188,6 +188,7 @@ class LLMEngine:
         """One forward of the next batch. Returns the sequences that changed (new token / finished)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            self.last_step = (0, 0, 0, 0)
             return []
         k = self._decode_steps(batch)
         self.last_step = (len(batch), batch.num_decodes, batch.num_tokens, k)    # for slow-step logs

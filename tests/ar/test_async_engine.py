@@ -187,3 +187,28 @@ def test_pending_outputs_merge_and_an_error_stays_last():
     assert (first.text, first.token_ids, first.num_output_tokens) == ("ab", [1, 2], 2)
     assert isinstance(last, EngineError)
     assert not woken and (paced.text, paced.token_ids, paced.finished) == ("xyz", [5, 6, 7], True)
+
+
+def test_step_log_records_each_step_and_the_requests_it_took_in(tmp_path):
+    """``step_log``: the child process appends one JSON line per step; the requests added add up,
+    the forwards cover the tokens made (multi-step decode runs are one line each)."""
+    import json
+    import time
+
+    path = tmp_path / "steps.jsonl"
+    eng = AsyncLLM(config("on").model_copy(update={"step_log": str(path)}))
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    t0 = time.time()
+
+    async def main():
+        await asyncio.gather(*(collect(eng, p, params, f"log-{i}") for i, p in enumerate(PROMPTS)))
+        await eng.shutdown()
+
+    asyncio.run(main())
+    steps = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sum(s["added"] for s in steps) == len(PROMPTS)
+    assert all(t0 <= s["t"] <= time.time() and s["dt"] > 0 for s in steps)
+    assert steps[0]["added"] >= 1 and steps[0]["tokens"] > steps[0]["decodes"]   # prompt tokens first
+    assert max(s["seqs"] for s in steps) > 1
+    # every sequence's 12 tokens: one per prefill that ends its prompt, the rest from decode forwards
+    assert sum(s["decodes"] * s["forwards"] for s in steps) >= len(PROMPTS) * (12 - 1) - len(PROMPTS) * 3

@@ -293,6 +293,7 @@ async def stream_throughput(url: str | list[str], ps: list[str], max_tokens: int
         res = await asyncio.gather(*(cs.stream(i, "/v1/completions", stream_body(p, max_tokens))
                                      for i, p in enumerate(ps)))
         dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        wall_end = time.time()
     tokens = sum(t for t, _, _ in res)
     from ray import serve
     engine = await serve.get_deployment_handle("llm", "omni-bench").stats.remote()
@@ -302,34 +303,43 @@ async def stream_throughput(url: str | list[str], ps: list[str], max_tokens: int
            "chunks_per_stream": round(statistics.mean(c for _, _, c in res), 1), "client_cpu_s": round(cpu, 3),
            "replica_kv_blocks": engine.get("num_blocks"), "replica_preemptions": engine.get("num_preemptions")}
     if step_log:
-        out["engine_timeline"] = engine_timeline(step_log, wall0, len(ps))
+        out["engine_timeline"] = engine_timeline(step_log, wall0, len(ps), wall_end)
     return out
 
 
-def engine_timeline(path: str, wall0: float, n: int) -> dict:
-    """The engine's steps after ``wall0`` (a burst of ``n`` requests sent then), from its step log:
-    when the first and the n-th request reached it, when it stepped last, how many steps it took,
-    how much of its span it was stepping (the rest: waiting for requests or for output to drain)."""
-    steps = [s for line in Path(path).read_text().splitlines() if (s := json.loads(line))["t"] >= wall0]
+def engine_timeline(path: str, wall0: float, n: int, wall_end: float | None = None) -> dict:
+    """The engine's steps after ``wall0`` (a burst of ``n`` requests sent then), from its step log
+    (and the AR replica's lines for batched stage calls, written to the same file): when the
+    requests were sent on by the ingress, reached the replica, reached the engine (ms after
+    ``wall0``: first / median / last), how many steps followed, how much of the span the engine
+    was stepping, and how long after its last step the client had its last byte (``wall_end``)."""
+    lines = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    steps = [s for s in lines if "dt" in s and s["t"] >= wall0]
+    calls = [c for c in lines if "call" in c and c["t"] >= wall0]
     if not steps:
         return {}
-    added, first_add, all_added = 0, None, None
-    for s in steps:
-        if s["added"] and first_add is None:
-            first_add = s["t"]
-        added += s["added"]
-        if added >= n and all_added is None:
-            all_added = s["t"]
+    at = lambda t: ms(t - wall0)  # noqa: E731
+    added = [s["t"] for s in steps for _ in range(s["added"])][:n]
+    quart = lambda xs: [at(xs[0]), at(xs[len(xs) // 2]), at(xs[-1])] if xs else None  # noqa: E731
     end = steps[-1]["t"] + steps[-1]["dt"]
     busy = sum(s["dt"] for s in steps)
     span = end - steps[0]["t"]
+    gaps = [b["t"] - (a["t"] + a["dt"]) for a, b in zip(steps, steps[1:])]
     full = [s["dt"] / s["forwards"] for s in steps if s["decodes"] == s["seqs"] == n]
-    return {"first_request_ms": ms(first_add - wall0) if first_add else None,
-            "all_requests_ms": ms(all_added - wall0) if all_added else None,
-            "last_step_end_ms": ms(end - wall0), "steps": len(steps),
-            "mixed_steps": sum(0 < s["decodes"] < s["seqs"] for s in steps),
-            "busy_share": round(busy / span, 3) if span > 0 else None,
-            "full_batch_ms_per_token": round(1000 * statistics.median(full), 3) if full else None}
+    out = {"engine_got_requests_ms": quart(added),
+           "last_step_end_ms": at(end), "steps": len(steps),
+           "mixed_steps": sum(0 < s["decodes"] < s["seqs"] for s in steps),
+           "busy_share": round(busy / span, 3) if span > 0 else None,
+           "largest_gap_ms": ms(max(gaps)) if gaps else None,
+           "full_batch_ms_per_token": round(1000 * statistics.median(full), 3) if full else None}
+    if calls:
+        out["stage_calls"] = len(calls)
+        out["requests_per_call"] = round(statistics.mean(c["call"] for c in calls), 1)
+        out["ingress_sent_ms"] = quart(sorted(c["sent"] for c in calls if c["sent"]))
+        out["replica_got_ms"] = quart(sorted(c["t"] for c in calls))
+    if wall_end is not None:
+        out["client_done_after_last_step_ms"] = at(wall_end - end + wall0)
+    return out
 
 
 def sustained_work(clients: int, rounds: int, mean_tokens: int) -> list[tuple[str, int]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import time
@@ -50,6 +51,8 @@ class ARDeployment(StageReplica):
         self.engine = AsyncLLM(self.config.engine)
         self.pins = Pins()
         self.streams = OpenStreams(self.config.streaming)
+        log_path = self.config.engine.step_log       # batched calls are logged beside the engine's steps
+        self.call_log = open(log_path, "a", buffering=1) if log_path else None   # noqa: SIM115
         capacity = min(self.config.deployment.max_ongoing_requests, self.config.engine.scheduler.max_num_seqs)
         self.capacity = CapacityReporter(services, stage, capacity)
         self.start_metrics(services, self.engine.model_name)
@@ -70,6 +73,10 @@ class ARDeployment(StageReplica):
         (index, delta), (index, OmniError) when one request fails (the others go on), (index, None)
         when one ends; the first message is ``[(-1, {"replica": id})]``, for ``abort``. Closing
         the call aborts every request in it."""
+        if self.call_log is not None:      # profiling (engine.step_log): when this call got here
+            sent = [r["sent_at"] for r in reqs if "sent_at" in r]
+            self.call_log.write(json.dumps({"t": round(time.time(), 6), "call": len(reqs),
+                                            "sent": round(min(sent), 6) if sent else None}) + "\n")
         yield [(-1, {"replica": self.replica})]
         queue: asyncio.Queue = asyncio.Queue()
 

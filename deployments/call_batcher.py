@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator
 
 from omni_ray.errors import EngineError
@@ -161,7 +162,8 @@ class StreamBatcher:
             if len(part) == 1 and part[0][1].unary:             # a lone unary request: its own call
                 _Unary(part[0][1], self.unary.complete.remote(part[0][0]))
                 continue
-            reqs = [r | {"unary": True} if s.unary else r for r, s in part]
+            now = time.time()                                     # the replica's step log times the hop
+            reqs = [r | {"unary": True, "sent_at": now} if s.unary else r | {"sent_at": now} for r, s in part]
             _Batch(self, [s for _, s in part], self.streaming.generate_batch.remote(reqs))
 
     @property

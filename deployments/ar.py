@@ -71,13 +71,12 @@ class ARDeployment(StageReplica):
         """Several streams in one Serve call (the ingress sends requests that arrive together this
         way: Serve's per-call cost, ~1 ms of router and replica work, is paid once). Yields lists of
         (index, delta), (index, OmniError) when one request fails (the others go on), (index, None)
-        when one ends; the first message is ``[(-1, {"replica": id})]``, for ``abort``. Closing
-        the call aborts every request in it."""
+        when one ends; the first message starts with ``(-1, {"replica": id})``, for ``abort``.
+        Closing the call aborts every request in it."""
         if self.call_log is not None:      # profiling (engine.step_log): when this call got here
             sent = [r["sent_at"] for r in reqs if "sent_at" in r]
             self.call_log.write(json.dumps({"t": round(time.time(), 6), "call": len(reqs),
                                             "sent": round(min(sent), 6) if sent else None}) + "\n")
-        yield [(-1, {"replica": self.replica})]
         queue: asyncio.Queue = asyncio.Queue()
 
         async def one(i: int, req: dict) -> None:
@@ -90,9 +89,11 @@ class ARDeployment(StageReplica):
 
         tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(reqs)]
         live = len(tasks)
+        head = [(-1, {"replica": self.replica})]     # rides with the first deltas: no message of its own
         try:
             while live:
-                items = [await queue.get()]          # the engine wakes every stream in one turn: one message
+                items = head + [await queue.get()]   # the engine wakes every stream in one turn: one message
+                head = []
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 live -= sum(d is None for _, d in items)

@@ -6,7 +6,8 @@ after another: a burst of 64 streams reached the AR replica over 60-140 ms on a 
 call carrying all 64 took 4 ms. ``StreamBatcher.stream(req)`` gives one request's deltas exactly as
 ``handle.generate.remote(req)`` does, but the requests that ask within the same event-loop turn
 (a burst) go out in one ``generate_batch`` call (at most ``max_batch`` each); a lone request goes
-out at the next turn, alone, without waiting. A caller that stops early aborts its request on the
+out at the next turn, without waiting, as the plain ``generate`` (or ``complete``) call it would
+have been without the batcher. A caller that stops early aborts its request on the
 replica that runs it (``abort(ids, replica=...)``, routed there by ``deployments.routing``); when
 every caller of a call has gone, the call itself is cancelled.
 
@@ -36,7 +37,7 @@ class _Sub:
     def __init__(self, request_id: str, unary: bool):
         self.request_id, self.unary = request_id, unary     # unary: paced like ``complete``
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.batch: _Batch | _Unary | None = None
+        self.batch: _Batch | _Alone | None = None
         self.ended = False             # its last item (end or error) has been handed over
 
 
@@ -93,17 +94,22 @@ class _Batch:
             self.owner.abort(self, sub.request_id)
 
 
-class _Unary:
-    """A lone ``complete`` call, handed over as one delta and the end."""
+class _Alone:
+    """A lone request's own call: the replica's ``generate`` (its deltas, as they come) or
+    ``complete`` (one delta), with no batching envelope around it."""
 
-    def __init__(self, sub: _Sub, resp):
-        self.sub, self.resp = sub, resp
+    def __init__(self, sub: _Sub, call, streaming: bool):
+        self.sub, self.call, self.streaming = sub, call, streaming
         sub.batch = self
-        self.task = asyncio.ensure_future(self._wait())
+        self.task = asyncio.ensure_future(self._pump())
 
-    async def _wait(self) -> None:
+    async def _pump(self) -> None:
         try:
-            _hand(self.sub, await self.resp)
+            if self.streaming:
+                async for d in self.call:
+                    _hand(self.sub, d)
+            else:
+                _hand(self.sub, await self.call)
             _hand(self.sub, _END)
         except Exception as e:  # noqa: BLE001 - the caller's
             _hand(self.sub, e)
@@ -111,7 +117,7 @@ class _Unary:
     def leave(self, sub: _Sub) -> None:
         if not sub.ended:
             sub.ended = True
-            self.resp.cancel()
+            self.call.cancel()         # -> CancelledError in the replica -> its engine request aborts
             self.task.cancel()
 
 
@@ -159,8 +165,12 @@ class StreamBatcher:
         for k in range(0, len(pending), self.max_batch):
             part = pending[k:k + self.max_batch]
             self.calls += 1
-            if len(part) == 1 and part[0][1].unary:             # a lone unary request: its own call
-                _Unary(part[0][1], self.unary.complete.remote(part[0][0]))
+            if len(part) == 1:                                  # a lone request: its own plain call
+                r, sub = part[0]
+                if sub.unary:
+                    _Alone(sub, self.unary.complete.remote(r), streaming=False)
+                else:
+                    _Alone(sub, self.streaming.generate.remote(r), streaming=True)
                 continue
             now = time.time()                                     # the replica's step log times the hop
             reqs = [r | {"unary": True, "sent_at": now} if s.unary else r | {"sent_at": now} for r, s in part]

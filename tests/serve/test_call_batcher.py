@@ -44,11 +44,22 @@ class FakeComplete:
         return task
 
 
+class FakeGenerate:
+    def __init__(self, replica, calls):
+        self.replica, self.calls = replica, calls
+
+    def remote(self, req):
+        call = FakeCall(self.replica.generate(req))
+        self.calls.append(([req], "generate", call))
+        return call
+
+
 class FakeHandle:
     def __init__(self, replica):
         self.replica, self.calls, self.aborts = replica, [], []
         self.generate_batch = self.abort = self
         self.complete = FakeComplete(replica, self.calls)
+        self.generate = FakeGenerate(replica, self.calls)
 
     def remote(self, *args, **kw):
         if kw:                                        # abort(ids, replica=...)
@@ -116,8 +127,25 @@ def test_lone_requests_go_alone_and_max_batch_splits_a_burst(replica, expected):
         return h, first, burst
 
     h, first, burst = run(main())
-    assert [len(reqs) for reqs, _ in h.calls] == [1, 4, 2]
+    assert [len(c[0]) for c in h.calls] == [1, 4, 2]
+    assert h.calls[0][1] == "generate"                  # the lone one: a plain generate call
     assert first == expected[0] and burst == expected
+
+
+def test_a_lone_caller_that_leaves_cancels_its_call(replica):
+    async def main():
+        h = FakeHandle(replica)
+        b = StreamBatcher(h, h)
+        part = await collect(b, req(3, max_tokens=400), stop_after=1)
+        for _ in range(50):
+            if replica.engine.stats()["num_streams"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return h, part, replica.engine.stats()
+
+    h, part, stats = run(main())
+    assert h.calls[0][1] == "generate" and h.calls[0][2].cancelled and 0 < len(part) < 400
+    assert stats["num_streams"] == 0 and stats["num_running"] == 0
 
 
 def test_a_bad_request_fails_alone(replica, expected):

@@ -11,7 +11,8 @@ once; each caller reads its own stream, where outputs it has not taken yet are m
 gets one output with everything new, never a backlog of per-step items); ``interval`` paces a
 caller to one output per interval (the first and the last go at once). ``abort`` (or a caller
 that stops iterating) frees the blocks before the next step. Stream text (without stop strings)
-is decoded here, from the token ids, as outputs arrive (the core sends ids only).
+is decoded here, from the token ids, when the caller takes an output (the core sends ids only):
+a paced caller's text is decoded once per message, not once per engine step.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     """Two consecutive outputs of one request as one."""
     lp = None if old.logprobs is None and new.logprobs is None else (old.logprobs or []) + (new.logprobs or [])
     return RequestOutput(new.request_id, old.text + new.text, old.token_ids + new.token_ids, lp, new.finished,
-                         new.finish_reason, new.num_prompt_tokens, new.num_output_tokens)
+                         new.finish_reason, new.num_prompt_tokens, new.num_output_tokens,
+                         old.context_ids if old.context_ids is not None else new.context_ids)
 
 
 def _last(item) -> bool:
@@ -171,6 +173,9 @@ class AsyncLLM:
                     finished = True
                     raise item
                 finished = _last(item)
+                if stream.text is not None and isinstance(item, RequestOutput):
+                    # decoded as the caller takes it: once per message, not once per engine step
+                    item.text = stream.text.feed(item.context_ids, item.token_ids)
                 yield item
                 if finished:
                     return
@@ -185,8 +190,6 @@ class AsyncLLM:
         for rid, item in items:
             stream = self._streams.get(rid)
             if stream is not None:
-                if stream.text is not None and isinstance(item, RequestOutput):
-                    item.text = stream.text.feed(item.context_ids, item.token_ids)
                 stream.put(item)
 
     def _fail_all(self, err: BaseException) -> None:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import socket
 import subprocess
 import sys
@@ -102,8 +103,7 @@ class CoreLoop:
         """(request id, what its caller gets) for a sequence that changed in the last step, or None."""
         if seq.is_encode:
             return (seq.request_id, np.concatenate([h.numpy() for h in seq.hidden_chunks])) if seq.is_finished else None
-        out_ids = seq.output_token_ids
-        new_ids = out_ids[seq.sent_tokens:]
+        new_ids = seq.token_ids[seq.num_prompt_tokens + seq.sent_tokens:]     # only the new tail, copied
         context = None
         if seq.stream_text and not seq.params.stop:
             # the caller decodes the text (AsyncLLM, StreamText): the engine loop only steps
@@ -117,7 +117,7 @@ class CoreLoop:
         if not new_ids and not text and not seq.is_finished:
             return None
         lp = seq.logprobs[seq.sent_tokens:] if seq.params.logprobs else None
-        seq.sent_tokens = len(out_ids)
+        seq.sent_tokens += len(new_ids)
         return (seq.request_id, RequestOutput(seq.request_id, text, new_ids, lp, seq.is_finished, seq.finish_reason,
                                               seq.num_prompt_tokens, seq.num_output_tokens, context))
 
@@ -316,6 +316,19 @@ def _serve_child(fd: int) -> None:
         return
     core = CoreLoop(engine)
     send(("ready", engine.engine_stats()))
+    # a step's outputs are pickled and sent by this thread while the next step runs (the GPU wait
+    # releases the GIL): the loop goes from one step to the next without the ~0.25 ms of sending
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def sender() -> None:
+        while (msg := outbox.get()) is not None:
+            try:
+                send(msg)
+            except OSError:                                 # the parent went away: the loop sees EOF
+                return
+
+    sending = threading.Thread(target=sender, name="omni-ar-core-send", daemon=True)
+    sending.start()
     try:
         while True:
             adds, aborts = [], []
@@ -327,21 +340,21 @@ def _serve_child(fd: int) -> None:
                 elif msg[0] == "abort":
                     aborts.append(msg[1])
                 else:                                       # shutdown
+                    outbox.put(None)
                     engine.shutdown()
                     return
                 wait = 0
             items = core.apply(adds, aborts)
             if not engine.is_finished():
                 items += core.step()
-            send(("out", items, engine.engine_stats()))
+            outbox.put(("out", items, engine.engine_stats()))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return                                              # the parent went away
     except BaseException as err:  # noqa: BLE001 - the engine is broken: tell the parent, exit
         log.exception("AR engine process died")
-        try:
-            send(("fatal", err if isinstance(err, OmniError) else EngineError(f"AR engine failed: {err!r}")))
-        except Exception:  # noqa: BLE001
-            pass
+        outbox.put(("fatal", err if isinstance(err, OmniError) else EngineError(f"AR engine failed: {err!r}")))
+        outbox.put(None)
+        sending.join(timeout=10)                            # the error reaches the parent first
         raise SystemExit(1) from None
 
 

@@ -36,7 +36,7 @@ from deployments.stage import StageReplica
 from omni_ray.dit_cache import hidden_states_input
 from deployments.streams import OpenStreams
 from omni_ray.errors import EngineError, OmniError
-from omni_ray.pipeline import ar_encode, ar_generate, merge_deltas
+from omni_ray.pipeline import ar_encode, ar_generate, merge_deltas, pretokenize
 
 log = logging.getLogger("ray.serve")
 
@@ -87,6 +87,8 @@ class ARDeployment(StageReplica):
                 queue.put_nowait((i, e if isinstance(e, OmniError) else EngineError(f"AR stage failed: {e!r}")))
             queue.put_nowait((i, None))
 
+        if len(reqs) > 1:          # one batch encode, off the event loop (the Rust tokenizer drops the GIL)
+            reqs = await asyncio.get_running_loop().run_in_executor(None, pretokenize, self.engine.tokenizer, reqs)
         tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(reqs)]
         live = len(tasks)
         head = [(-1, {"replica": self.replica})]     # rides with the first deltas: no message of its own

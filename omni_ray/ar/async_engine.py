@@ -9,7 +9,8 @@ shared with the serving event loop), or, under tensor parallelism, in a thread o
 takes new requests and aborts between steps and hands each step's outputs to the event loop at
 once; each caller reads its own stream, where outputs it has not taken yet are merged (a caller slower than the engine
 gets one output with everything new, never a backlog of per-step items); ``interval`` paces a
-caller to one output per interval (the first and the last go at once). ``abort`` (or a caller
+caller to one output per interval tick (the first and the last go at once; callers with the same
+interval wake together). ``abort`` (or a caller
 that stops iterating) frees the blocks before the next step. Stream text (without stop strings)
 is decoded here, from the token ids, when the caller takes an output (the core sends ids only):
 a paced caller's text is decoded once per message, not once per engine step.
@@ -40,6 +41,16 @@ def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     return RequestOutput(new.request_id, old.text + new.text, old.token_ids + new.token_ids, lp, new.finished,
                          new.finish_reason, new.num_prompt_tokens, new.num_output_tokens,
                          old.context_ids if old.context_ids is not None else new.context_ids)
+
+
+def _next_tick(now: float, interval: float) -> float:
+    """When a paced stream may have its next output: the first multiple of ``interval`` (on the
+    loop's clock) at least half an interval away. Streams paced alike wake on the same ticks, in
+    one loop turn, so a batched stage call sends all of them in one message; on average one
+    output per interval, never two within half of one."""
+    if interval <= 0 or interval == math.inf:
+        return now + interval
+    return math.ceil((now + interval / 2) / interval) * interval
 
 
 def _last(item) -> bool:
@@ -179,7 +190,7 @@ class AsyncLLM:
                 yield item
                 if finished:
                     return
-                not_before = loop.time() + pace()
+                not_before = _next_tick(loop.time(), pace())
         finally:
             if self._streams.get(request_id) is stream:
                 if not finished:          # the caller went away (disconnect / cancellation)

@@ -205,7 +205,8 @@ class ThreadCore:
 # ============================================================================ child process
 class ProcessCore:
     """The engine in a child process. Messages are pickled over a socket pair: ("add", ...),
-    ("abort", id), ("shutdown",) in; ("out", items, stats) / ("fatal", err) back."""
+    ("abort", id), ("batch", [those, in order]) (one loop turn's), ("shutdown",) in;
+    ("out", items, stats) / ("fatal", err) back."""
 
     def __init__(self, config: AREngineConfig, start_timeout_s: float = 900.0):
         from transformers import AutoTokenizer
@@ -223,6 +224,8 @@ class ProcessCore:
         self.conn = Connection(parent.detach())
         self.conn.send(config.model_dump_json())
         self._stats: dict = {}
+        self._outbox: list[tuple] = []               # adds and aborts of this loop turn (``_queue``)
+        self._outbox_lock = threading.Lock()
         self._lock = threading.Lock()                # sends come from the loop and from shutdown
         deadline = time.monotonic() + start_timeout_s
         while not self.conn.poll(0.5):
@@ -243,10 +246,29 @@ class ProcessCore:
         loop.add_reader(self.conn.fileno(), self._readable)
 
     def add(self, rid: str, prompt, params, stream_text: bool) -> None:
-        self._send(("add", rid, prompt, params, stream_text))
+        self._queue(("add", rid, prompt, params, stream_text))
 
     def abort(self, rid: str) -> None:
-        self._send(("abort", rid))
+        self._queue(("abort", rid))
+
+    def _queue(self, msg) -> None:
+        """Send ``msg`` at the end of this event-loop turn, with every other add and abort of the
+        turn, in order, as one message (a burst's requests: one pickle and one write)."""
+        with self._outbox_lock:
+            self._outbox.append(msg)
+            first = len(self._outbox) == 1
+        if first:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._flush)     # an abort may come from a Serve worker thread
+            else:
+                self._flush()
+
+    def _flush(self) -> None:
+        with self._outbox_lock:
+            msgs, self._outbox = self._outbox, []
+        if msgs:
+            self._send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -261,6 +283,7 @@ class ProcessCore:
     def shutdown(self) -> None:
         self._stop_reading()
         try:
+            self._flush()
             self._send(("shutdown",))
             self.proc.wait(timeout=30)
         except Exception:  # noqa: BLE001 - already gone or stuck: make sure it is gone
@@ -335,14 +358,15 @@ def _serve_child(fd: int) -> None:
             wait = None if engine.is_finished() else 0     # idle: block until a message comes
             while conn.poll(wait):
                 msg = pickle.loads(conn.recv_bytes())
-                if msg[0] == "add":
-                    adds.append(msg[1:])
-                elif msg[0] == "abort":
-                    aborts.append(msg[1])
-                else:                                       # shutdown
-                    outbox.put(None)
-                    engine.shutdown()
-                    return
+                for m in (msg[1] if msg[0] == "batch" else [msg]):
+                    if m[0] == "add":
+                        adds.append(m[1:])
+                    elif m[0] == "abort":
+                        aborts.append(m[1])
+                    else:                                   # shutdown
+                        outbox.put(None)
+                        engine.shutdown()
+                        return
                 wait = 0
             items = core.apply(adds, aborts)
             if not engine.is_finished():

@@ -48,3 +48,21 @@ def test_stream_text_from_ids_equals_the_engines_text(tmp_path):
             context = None
         assert "".join(got) == seq.output_text == tok.decode(out, skip_special_tokens=True)
         assert len(st.ids) <= 2 * chunk + 8                                  # only the window is kept
+
+
+def test_a_batch_of_plain_prompts_is_tokenized_in_one_call_as_one_by_one(tmp_path):
+    """``pretokenize`` (a batched stage call's prompts): the same ids as ``prompt_ids`` of each
+    request; chat requests, token-id prompts and empty prompts are left as they are."""
+    from omni_ray.pipeline import pretokenize, prompt_ids
+
+    save_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    reqs = [{"prompt": TEXT}, {"prompt": "a café at dusk, naïve"}, {"prompt": [5, 6, 7]}, {"prompt": ""},
+            {"prompt": "hi", "system_prompt": "be brief"}, {"messages": [{"role": "user", "content": "x"}]},
+            {"prompt": TEXT + " " + TEXT}]
+    out = pretokenize(tok, reqs)
+    assert [type(r.get("prompt")) for r in out] == [list, list, list, str, str, type(None), list]
+    for r, o in zip(reqs, out):
+        if r.get("prompt") != "":
+            assert prompt_ids(tok, o) == prompt_ids(tok, r)
+    assert reqs[0]["prompt"] == TEXT                                  # the caller's dicts are not changed

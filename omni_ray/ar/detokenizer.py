@@ -25,9 +25,12 @@ def decode_window(dec, ids: list[int], prefix: int, read: int, skip_special: boo
     if read >= len(ids):
         return "", prefix, read
     before = dec.decode(ids[prefix:read], skip_special_tokens=skip_special)
-    full = dec.decode(ids[prefix:], skip_special_tokens=skip_special)
-    if len(full) > len(before) and not full.endswith("\ufffd"):
-        return full[len(before):], read, len(ids)
+    # several new tokens whose last character is incomplete: the text up to the last token that
+    # completes one goes out now (a character spans at most 4 byte tokens), the rest waits
+    for end in range(len(ids), max(read, len(ids) - 4), -1):
+        full = dec.decode(ids[prefix:end], skip_special_tokens=skip_special)
+        if len(full) > len(before) and not full.endswith("\ufffd"):
+            return full[len(before):], read, end
     return "", prefix, read
 
 

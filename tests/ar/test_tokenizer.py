@@ -50,6 +50,34 @@ def test_stream_text_from_ids_equals_the_engines_text(tmp_path):
         assert len(st.ids) <= 2 * chunk + 8                                  # only the window is kept
 
 
+def test_a_chunk_ending_inside_a_character_gives_the_text_before_it(tmp_path):
+    """A paced stream's merged output can end in the middle of a multi-byte character: its text
+    up to the last whole character goes out then (as the engine's per-token decode has it at that
+    point), not held back whole; the rest follows with the next chunk."""
+    from omni_ray.ar.detokenizer import StreamText, update_text
+    from omni_ray.ar.sampling_params import SamplingParams
+    from omni_ray.ar.sequence import Sequence
+
+    save_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    prompt = tok("Once upon a time").input_ids
+    out = tok(" the keeper wrote: héllo wörld, 你好 🦊 — and 🐟🐟 done.").input_ids
+    for chunk in (2, 5, 7):
+        seq = Sequence(list(prompt), SamplingParams(), block_size=16)
+        st = StreamText(tok, skip_special=True)
+        got, context, cut_inside = [], seq.token_ids[seq.prefix_offset:seq.read_offset], 0
+        for i in range(0, len(out), chunk):
+            for t in out[i:i + chunk]:
+                seq.append_token(t)
+                update_text(seq, tok, True)                                  # the engine: one token at a time
+            got.append(st.feed(context, out[i:i + chunk]))
+            context = None
+            cut_inside += tok.decode(out[:i + chunk]).endswith("\ufffd")
+            assert "".join(got) == seq.output_text                          # nothing held back but the cut
+        assert cut_inside > 0                                                # some chunks did end inside one
+        assert "".join(got) == tok.decode(out, skip_special_tokens=True)
+
+
 def test_a_batch_of_plain_prompts_is_tokenized_in_one_call_as_one_by_one(tmp_path):
     """``pretokenize`` (a batched stage call's prompts): the same ids as ``prompt_ids`` of each
     request; chat requests, token-id prompts and empty prompts are left as they are."""

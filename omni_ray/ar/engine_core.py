@@ -226,6 +226,7 @@ class ProcessCore:
         self._stats: dict = {}
         self._outbox: list[tuple] = []               # adds and aborts of this loop turn (``_queue``)
         self._outbox_lock = threading.Lock()
+        self._flush_due = False                      # a flush is scheduled on the loop
         self._lock = threading.Lock()                # sends come from the loop and from shutdown
         deadline = time.monotonic() + start_timeout_s
         while not self.conn.poll(0.5):
@@ -244,6 +245,7 @@ class ProcessCore:
         self._stop_reading()
         self._loop, self._deliver, self._fail = loop, deliver, fail
         loop.add_reader(self.conn.fileno(), self._readable)
+        self._flush()              # what a previous loop queued and closed before flushing
 
     def add(self, rid: str, prompt, params, stream_text: bool) -> None:
         self._queue(("add", rid, prompt, params, stream_text))
@@ -256,8 +258,8 @@ class ProcessCore:
         turn, in order, as one message (a burst's requests: one pickle and one write)."""
         with self._outbox_lock:
             self._outbox.append(msg)
-            first = len(self._outbox) == 1
-        if first:
+            schedule, self._flush_due = not self._flush_due, True
+        if schedule:
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self._flush)     # an abort may come from a Serve worker thread
@@ -266,7 +268,7 @@ class ProcessCore:
 
     def _flush(self) -> None:
         with self._outbox_lock:
-            msgs, self._outbox = self._outbox, []
+            msgs, self._outbox, self._flush_due = self._outbox, [], False
         if msgs:
             self._send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
 

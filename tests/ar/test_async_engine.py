@@ -214,3 +214,23 @@ def test_step_log_records_each_step_and_the_requests_it_took_in(tmp_path):
     assert max(s["seqs"] for s in steps) > 1
     # every sequence's 12 tokens: one per prefill that ends its prompt, the rest from decode forwards
     assert sum(s["decodes"] * s["forwards"] for s in steps) >= len(PROMPTS) * (12 - 1) - len(PROMPTS) * 3
+
+
+def test_a_loop_closed_before_its_queued_sends_ran_loses_no_later_request():
+    """Adds and aborts go to the core process once per loop turn; a loop that closes with that
+    send still scheduled must not leave the next loop's requests waiting forever."""
+    eng = AsyncLLM(config("on"))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    old = asyncio.new_event_loop()
+    eng.core.start(old, eng._deliver, eng._fail_all)
+    eng._loop = old
+    eng.core.abort("nobody")                       # a send scheduled on ``old``, which never runs
+    old.close()
+
+    async def main():
+        out = await asyncio.wait_for(collect(eng, PROMPTS[0], params, "after-close"), timeout=60)
+        await eng.shutdown()
+        return out
+
+    ids, _, last = asyncio.run(main())
+    assert len(ids) == 4 and last.finished

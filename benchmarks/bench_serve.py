@@ -65,18 +65,21 @@ def bench_config(a) -> dict:
                "num_gpus": 0.5 if gpu else 0}
     dit_dep = {"num_replicas": 1, "max_ongoing_requests": 64, "num_cpus": 1 if gpu else 0.5,
                "num_gpus": 0.5 if gpu else 0}
+    llm_engine = {
+        "model": {"path": a.ar_model, "name": "llm"}, "device": a.device, "enforce_eager": not gpu,
+        "core_process": a.core_process, "step_log": a.step_log,
+        "cache": {"block_size": 16 if not gpu else 256, "num_blocks": 1024 if not gpu else -1,
+                  "gpu_memory_utilization": 0.5},
+        "scheduler": {"max_num_seqs": max(64, 2 * a.clients), "max_model_len": 2048, "max_num_batched_tokens": 8192}}
+    for k, v in getattr(a, "engine_options", {}).items():      # a variant's engine.KEY=VALUE (top-level fields)
+        llm_engine[k] = v.lower() in ("1", "true", "yes", "on") if v.lower() in ("0", "1", "true", "false",
+                                                                                 "yes", "no", "on", "off") else v
     return {
         "app": {"name": "omni-bench", "ingress": {"num_cpus": 1 if gpu else 0.25, "max_ongoing_requests": 4096,
                                                   "num_replicas": a.ingress_replicas},
                 "stage_call_batch": a.stage_call_batch},
         "stages": {
-            "llm": {"kind": "ar", "deployment": llm_dep, "engine": {
-                "model": {"path": a.ar_model, "name": "llm"}, "device": a.device, "enforce_eager": not gpu,
-                "core_process": a.core_process, "step_log": a.step_log,
-                "cache": {"block_size": 16 if not gpu else 256, "num_blocks": 1024 if not gpu else -1,
-                          "gpu_memory_utilization": 0.5},
-                "scheduler": {"max_num_seqs": max(64, 2 * a.clients), "max_model_len": 2048,
-                              "max_num_batched_tokens": 8192}}},
+            "llm": {"kind": "ar", "deployment": llm_dep, "engine": llm_engine},
             "image": {"kind": "dit", "deployment": dit_dep, "engine": {
                 "model": {"path": a.dit_model, "name": "image"}, "device": a.device, "max_batch_size": 8}},
         },
@@ -484,7 +487,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:OPTS",
                     help="with --only-streaming: a Serve set-up to measure, e.g. 'tp:RAY_SERVE_THROUGHPUT_OPTIMIZED=1' "
                          "'direct:direct_ingress=1' or 'ingress4:ingress_replicas=4' (comma-separated; NAME=VALUE in upper case is cluster "
-                         "environment); repeatable, default: one run as configured")
+                         "environment, engine.FIELD=VALUE the Serve app's AR engine config, e.g. "
+                         "'inline:direct_ingress=1,engine.core_send_thread=0'); repeatable, default: one run as configured")
     ap.add_argument("--client", default="aiohttp", choices=["aiohttp", "httpx"],
                     help="HTTP client of the measurements (benchmarks/load_client.py); one burst also runs with the other")
     ap.add_argument("--step-log", default=None,
@@ -670,7 +674,11 @@ def streaming_variants(a, offline: dict, engine_streams: dict, ps: list[str], wo
            "engine_async_callers": engine_streams, "offline_sustained": offline_sus, "variants": {}}
     for name, env, opts in variants:
         va = copy.copy(a)
+        va.engine_options = {}
         for k, v in opts.items():
+            if k.startswith("engine."):                   # the Serve app's AR engine config, e.g. engine.core_send_thread=0
+                va.engine_options[k[len("engine."):]] = v
+                continue
             kind = type(getattr(a, k))
             setattr(va, k, v.lower() in ("1", "true", "yes") if kind is bool else kind(v))
         print(f"== variant {name}: env {env}, options {opts}", flush=True)

@@ -130,6 +130,9 @@ class AREngineConfig(Strict):
         "`dt`, sequences, decodes, tokens, forwards, requests `added` since the previous step), from "
         "whichever process steps the engine; benchmarks/bench_serve.py reads it to split a burst's time "
         "into arrival at the engine and stepping"))
+    core_send_thread: bool = Field(True, description=(
+        "engine core process: a second thread pickles and sends each step's outputs while the next "
+        "step runs (the loop goes from step to step without ~0.25 ms of sending); off: sent inline"))
     core_process: Literal["auto", "on", "off"] = Field("auto", description=(
         "AsyncLLM (serving): step the engine in its own child process, so the serving event loop never "
         "shares a GIL with it (vLLM's EngineCore); auto: on with tensor_parallel_size 1 (on CPU "

@@ -234,3 +234,19 @@ def test_a_loop_closed_before_its_queued_sends_ran_loses_no_later_request():
 
     ids, _, last = asyncio.run(main())
     assert len(ids) == 4 and last.finished
+
+
+def test_core_sends_inline_give_the_same_outputs(offline):
+    """``core_send_thread: false``: the core process sends each step's outputs itself; the
+    streams are the same as with the sender thread (and as offline)."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    want = offline.generate(PROMPTS, params, use_tqdm=False)
+    eng = AsyncLLM(config("on").model_copy(update={"core_send_thread": False}))
+
+    async def main():
+        got = await asyncio.gather(*(collect(eng, p, params, f"inline-{i}") for i, p in enumerate(PROMPTS)))
+        await eng.shutdown()
+        return got
+
+    for (ids, text, last), w in zip(asyncio.run(main()), want):
+        assert ids == w["token_ids"] and text == w["text"] and last.finished

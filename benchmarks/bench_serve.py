@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import os
 import platform
 import socket
@@ -215,11 +216,14 @@ def offline_throughput(cfg, ps: list[str], max_tokens: int, repeats: int) -> dic
     runs = []
     for _ in range(repeats):
         steps0 = llm.stats.steps
-        t0 = time.perf_counter()
+        wall0, t0 = time.time(), time.perf_counter()
         outs = llm.generate(ps, sp, use_tqdm=False)
         dt = time.perf_counter() - t0
         tokens = sum(len(o["token_ids"]) for o in outs)
-        runs.append({"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "steps": llm.stats.steps - steps0})
+        run = {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "steps": llm.stats.steps - steps0}
+        if cfg.step_log:
+            run["engine_timeline"] = engine_timeline(cfg.step_log, wall0, len(ps), time.time())
+        runs.append(run)
     del llm
     return median_run(runs)
 
@@ -334,14 +338,17 @@ async def stream_throughput(url: str | list[str], ps: list[str], max_tokens: int
                                "replica_preemptions": engine.get("num_preemptions")}
 
 
-def engine_timeline(path: str, wall0: float, n: int, wall_end: float | None = None) -> dict:
+def engine_timeline(path: str, wall0: float, n: int, wall_end: float | None = None, batch: int | None = None) -> dict:
     """The engine's steps after ``wall0`` (a burst of ``n`` requests sent then), from its step log
     (and the AR replica's lines for batched stage calls, written to the same file): when the
     requests were sent on by the ingress, reached the replica, reached the engine (ms after
     ``wall0``: first / median / last), how many steps followed, how much of the span the engine
-    was stepping, and how long after its last step the client had its last byte (``wall_end``)."""
+    was stepping, and how long after its last step the client had its last byte (``wall_end``);
+    steps after ``wall_end`` are not counted. ``batch``: the batch size whose pure decode steps
+    give ``full_batch_ms_per_token`` (default ``n``)."""
     lines = [json.loads(x) for x in Path(path).read_text().splitlines()]
-    steps = [s for s in lines if "dt" in s and s["t"] >= wall0]
+    until = wall_end if wall_end is not None else math.inf
+    steps = [s for s in lines if "dt" in s and wall0 <= s["t"] <= until]
     calls = [c for c in lines if "call" in c and c["t"] >= wall0]
     if not steps:
         return {}
@@ -352,13 +359,17 @@ def engine_timeline(path: str, wall0: float, n: int, wall_end: float | None = No
     busy = sum(s["dt"] for s in steps)
     span = end - steps[0]["t"]
     gaps = [b["t"] - (a["t"] + a["dt"]) for a, b in zip(steps, steps[1:])]
-    full = [s["dt"] / s["forwards"] for s in steps if s["decodes"] == s["seqs"] == n]
+    full = [s["dt"] / s["forwards"] for s in steps if s["decodes"] == s["seqs"] == (batch or n)]
+    decode = [s for s in steps if s["decodes"] == s["seqs"]]
+    prompt = [s for s in steps if s["decodes"] < s["seqs"]]
     out = {"engine_got_requests_ms": quart(added),
            "last_step_end_ms": at(end), "steps": len(steps),
            "mixed_steps": sum(0 < s["decodes"] < s["seqs"] for s in steps),
            "busy_share": round(busy / span, 3) if span > 0 else None,
            "largest_gap_ms": ms(max(gaps)) if gaps else None,
-           "full_batch_ms_per_token": round(1000 * statistics.median(full), 3) if full else None}
+           "full_batch_ms_per_token": round(1000 * statistics.median(full), 3) if full else None,
+           "decode_steps": len(decode), "forwards_per_decode_step": round(sum(s["forwards"] for s in decode) / len(decode), 2)
+           if decode else None, "steps_with_prompts_ms": ms(sum(s["dt"] for s in prompt))}
     if calls:
         out["stage_calls"] = len(calls)
         out["requests_per_call"] = round(statistics.mean(c["call"] for c in calls), 1)
@@ -392,18 +403,20 @@ def offline_sustained(cfg, work: list[tuple[str, int]], concurrency: int, repeat
     sps = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in work]
     runs = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        wall0, t0 = time.time(), time.perf_counter()
         outs = llm.generate([p for p, _ in work], sps, use_tqdm=False)
         dt = time.perf_counter() - t0
         tokens = sum(len(o["token_ids"]) for o in outs)
-        runs.append({"requests": len(work), "tokens": tokens, "seconds": round(dt, 3),
-                     "tokens_per_s": round(tokens / dt, 1)})
+        run = {"requests": len(work), "tokens": tokens, "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 1)}
+        if cfg.step_log:
+            run["engine_timeline"] = engine_timeline(cfg.step_log, wall0, len(work), time.time(), batch=concurrency)
+        runs.append(run)
     del llm
     return median_run(runs)
 
 
 async def sustained_stream(urls: list[str], work: list[tuple[str, int]], clients: int, client_kind: str,
-                           repeats: int = 1) -> dict:
+                           repeats: int = 1, step_log: str | None = None) -> dict:
     """``clients`` streaming clients, each sending its next request as soon as its previous one
     ends (closed loop, as vLLM's benchmark_serving with --max-concurrency): tokens/s over the run;
     the median of ``repeats`` runs."""
@@ -422,14 +435,18 @@ async def sustained_stream(urls: list[str], work: list[tuple[str, int]], clients
                                for i, (p, _) in enumerate(work[:clients])))
         runs = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            await asyncio.sleep(0.2)
+            wall0, t0 = time.time(), time.perf_counter()
             res = [r for rs in await asyncio.gather(*(client(cs, k) for k in range(clients))) for r in rs]
             dt = time.perf_counter() - t0
             tokens = sum(t for t, _, _ in res)
             ttft = [f for _, f, _ in res if f is not None]
-            runs.append({"requests": len(res), "tokens": tokens, "tokens_expected": sum(n for _, n in work),
-                         "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 1),
-                         "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p90_ms": ms(pct(ttft, 90))})
+            run = {"requests": len(res), "tokens": tokens, "tokens_expected": sum(n for _, n in work),
+                   "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 1),
+                   "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p90_ms": ms(pct(ttft, 90))}
+            if step_log:
+                run["engine_timeline"] = engine_timeline(step_log, wall0, len(work), time.time(), batch=clients)
+            runs.append(run)
     return median_run(runs)
 
 
@@ -565,7 +582,7 @@ def main() -> None:
         other_client = asyncio.run(stream_throughput(urls, ps, a.stream_tokens, other, a.step_log))
         print(f"      the same burst from an {other} client: {other_client['tokens_per_s']:.0f} tok/s, TTFT p50 "
               f"{other_client['ttft_p50_ms']} ms (min {other_client['ttft_min_ms']})", flush=True)
-        sustained = asyncio.run(sustained_stream(urls, work, a.clients, a.client, a.repeats))
+        sustained = asyncio.run(sustained_stream(urls, work, a.clients, a.client, a.repeats, a.step_log))
         print(f"      sustained: {sustained['tokens_per_s']:.0f} tok/s through Serve vs "
               f"{offline_sus['tokens_per_s']:.0f} offline, TTFT p50 {sustained['ttft_p50_ms']} ms "
               f"(p90 {sustained['ttft_p90_ms']})", flush=True)
@@ -589,6 +606,7 @@ def main() -> None:
                                     "parts_p50": parts, "server_timing_p50_ms": server_timing},
         "streaming": {"clients": a.clients, "max_tokens": a.stream_tokens,
                       "offline_tokens_per_s": round(offline["tokens_per_s"], 1), "offline_steps": offline["steps"],
+                      "offline_engine_timeline": offline.get("engine_timeline"),
                       "serve_tokens_per_s": round(online["tokens_per_s"], 1),
                       "serve_ttft_p50_ms": online["ttft_p50_ms"], "client_cpu_s": online["client_cpu_s"],
                       "serve_ttft_min_max_ms": [online["ttft_min_ms"], online["ttft_max_ms"]],
@@ -692,7 +710,7 @@ def streaming_variants(a, offline: dict, engine_streams: dict, ps: list[str], wo
                                                "ttft_max_ms", "chunks_per_stream", "engine_timeline")}
             for k in ("ar_replica_handle", "ingress_handle", "http"):
                 r[k]["ratio"] = round(r[k]["tokens_per_s"] / offline["tokens_per_s"], 3)
-            r["http_sustained"] = asyncio.run(sustained_stream(urls, work, a.clients, a.client, a.repeats))
+            r["http_sustained"] = asyncio.run(sustained_stream(urls, work, a.clients, a.client, a.repeats, a.step_log))
             r["http_sustained"]["ratio"] = round(r["http_sustained"]["tokens_per_s"] / offline_sus["tokens_per_s"], 3)
             print(f"   {json.dumps(r)}", flush=True)
             out["variants"][name] = r

@@ -128,8 +128,8 @@ class AREngineConfig(Strict):
     step_log: str | None = Field(None, description=(
         "profiling: append one JSON line per engine step to this file (wall-clock start `t`, duration "
         "`dt`, sequences, decodes, tokens, forwards, requests `added` since the previous step), from "
-        "whichever process steps the engine; benchmarks/bench_serve.py reads it to split a burst's time "
-        "into arrival at the engine and stepping"))
+        "whichever process steps the engine (offline LLM, AsyncLLM's core, a Serve replica's core); "
+        "benchmarks/bench_serve.py reads it to split a burst's time into arrival at the engine and stepping"))
     core_send_thread: bool = Field(True, description=(
         "engine core process: a second thread pickles and sends each step's outputs while the next "
         "step runs (the loop goes from step to step without ~0.25 ms of sending); off: sent inline"))

@@ -20,7 +20,6 @@ keeps the engine in-process (CPU, tensor parallelism, whose Ray worker actors ra
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import pickle
@@ -62,13 +61,9 @@ class CoreLoop:
 
     def __init__(self, engine):
         self.engine = engine
-        path = engine.config.step_log
-        self.step_log = open(path, "a", buffering=1) if path else None     # noqa: SIM115 - lives with the loop
-        self.added = 0                # requests added since the last step (for the step log)
 
     def apply(self, adds: list[tuple], aborts: list[str]) -> list[tuple]:
         items = []
-        self.added += len(adds)
         for rid, prompt, params, stream_text in adds:
             try:
                 seq = self.engine.make_sequence(prompt, params, rid)      # validates
@@ -86,17 +81,13 @@ class CoreLoop:
         return items
 
     def step(self) -> list[tuple]:
-        wall, t0 = time.time(), time.perf_counter()
+        t0 = time.perf_counter()
         out = [x for seq in self.engine.step() if (x := self.output(seq)) is not None]
         dt = time.perf_counter() - t0
-        seqs, decodes, tokens, k = getattr(self.engine, "last_step", (0, 0, 0, 0))
         if dt > SLOW_STEP_S:
+            seqs, decodes, tokens, k = getattr(self.engine, "last_step", (0, 0, 0, 0))
             log.warning("slow engine step: %.0f ms (%d sequences, %d of them decodes, %d tokens, %d forwards)",
                         1000 * dt, seqs, decodes, tokens, k)
-        if self.step_log is not None:
-            self.step_log.write(json.dumps({"t": round(wall, 6), "dt": round(dt, 6), "seqs": seqs, "decodes": decodes,
-                                            "tokens": tokens, "forwards": k, "added": self.added}) + "\n")
-        self.added = 0
         return out
 
     def output(self, seq: Sequence):

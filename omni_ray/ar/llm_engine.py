@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -51,6 +52,9 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self._reset()
+        # profiling: one JSON line per step (wall-clock start, duration, batch, requests added since)
+        self.step_log = open(cfg.step_log, "a", buffering=1) if cfg.step_log else None  # noqa: SIM115
+        self._added = 0
         if cfg.warmup and self.runner.device.type == "cuda":
             self.warmup()
 
@@ -155,6 +159,7 @@ class LLMEngine:
     def add_sequence(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
+        self._added += 1
 
     def abort(self, request_id: str) -> bool:
         seq = self.scheduler.abort(request_id)
@@ -186,6 +191,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
     def step(self) -> list[Sequence]:
         """One forward of the next batch. Returns the sequences that changed (new token / finished)."""
+        wall, t0 = time.time(), time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             self.last_step = (0, 0, 0, 0)
@@ -221,6 +227,11 @@ class LLMEngine:
             changed.append(seq)
         if out.multi is not None:
             self._apply_extra_steps(out)
+        if self.step_log is not None:
+            self.step_log.write(json.dumps({"t": round(wall, 6), "dt": round(time.perf_counter() - t0, 6),
+                                            "seqs": len(batch), "decodes": batch.num_decodes,
+                                            "tokens": batch.num_tokens, "forwards": k, "added": self._added}) + "\n")
+        self._added = 0
         return changed
 
     def _decode_steps(self, batch) -> int:

@@ -250,3 +250,16 @@ def test_core_sends_inline_give_the_same_outputs(offline):
 
     for (ids, text, last), w in zip(asyncio.run(main()), want):
         assert ids == w["token_ids"] and text == w["text"] and last.finished
+
+
+def test_offline_engine_writes_the_same_step_log(tmp_path):
+    """The step log is the engine's own: ``LLM.generate`` writes it too (the offline baseline's
+    steps, beside the served ones)."""
+    import json
+
+    path = tmp_path / "offline.jsonl"
+    llm = LLM("tiny:qwen3", step_log=str(path), **ARGS)
+    llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    steps = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sum(s["added"] for s in steps) == len(PROMPTS) and steps[0]["added"] == len(PROMPTS)
+    assert steps[0]["seqs"] == len(PROMPTS) and steps[-1]["decodes"] == steps[-1]["seqs"]

@@ -152,9 +152,9 @@ class IngressCore:
     async def _sse(self, ticket, events, render) -> AsyncIterator[str]:
         err = None
         try:
-            async for chunk in self.open_streams.stream(render(events), "".join):   # events merged per message
+            # events merged per message; [DONE] goes in the last one (the end is not held for the interval)
+            async for chunk in self.open_streams.stream(prepend_all([], render(events), tail=[DONE]), "".join):
                 yield chunk
-            yield DONE
         except Exception as e:         # headers are sent: report in-band
             err = e
             yield error_event(e)

@@ -107,12 +107,14 @@ async def _pump(it: AsyncIterator[T], queue: asyncio.Queue) -> None:
 async def coalesce(it: AsyncIterator[T], merge_fn, interval_s=0.0) -> AsyncIterator[T]:
     """Yield ``it``'s items, merged with ``merge_fn(items)``: whatever is waiting when the consumer
     asks, and, with ``interval_s`` (seconds, or a callable giving them), whatever arrives until
-    that long after the previous yield (the first item and the end go out at once). One Serve
-    message per batch of engine steps instead of one per token under load. Stopping the consumer
-    cancels ``it``."""
+    that long after the previous yield (the first item goes at once; when ``it`` ends, what waits
+    goes at once with its last items). One Serve message per batch of engine steps instead of one
+    per token under load. Stopping the consumer cancels ``it``."""
     interval = interval_s if callable(interval_s) else (lambda: interval_s)
     queue: asyncio.Queue = asyncio.Queue()
+    ended = asyncio.Event()            # the end is in the queue: what waits for the interval goes now
     task = asyncio.ensure_future(_pump(it, queue))
+    task.add_done_callback(lambda _: ended.set())
     loop = asyncio.get_running_loop()
     last = None
     try:
@@ -121,8 +123,14 @@ async def coalesce(it: AsyncIterator[T], merge_fn, interval_s=0.0) -> AsyncItera
             iv = interval()
             if iv > 0 and last is not None and not _ends(items[0]):
                 wait = last + iv - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                if wait > 0 and not ended.is_set():
+                    timer = loop.call_later(wait, ended.set)
+                    try:
+                        await ended.wait()
+                    finally:
+                        timer.cancel()
+                    if not task.done():
+                        ended.clear()
             while not queue.empty():
                 items.append(queue.get_nowait())
             end = next((x for x in items if _ends(x)), None)
@@ -206,11 +214,14 @@ async def cancellable(it: AsyncIterator[T], cancelled: asyncio.Event | None = No
         await aclose(it)
 
 
-async def prepend_all(head: list[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:
+async def prepend_all(head: list[T], rest: AsyncIterator[T], tail: list[T] = ()) -> AsyncIterator[T]:
+    """``head``'s items, then ``rest``'s, then ``tail``'s (when ``rest`` ended normally)."""
     try:
         for item in head:
             yield item
         async for item in rest:
+            yield item
+        for item in tail:
             yield item
     finally:
         await aclose(rest)

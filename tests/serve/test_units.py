@@ -136,6 +136,26 @@ def test_merge_interleaves_and_closes():
     asyncio.run(main())
 
 
+def test_coalesce_sends_the_end_at_once():
+    """What waits for the interval goes as soon as the source ends, with its last items (a stream's
+    last tokens, usage and [DONE] do not wait out the interval)."""
+    async def source():
+        yield "a"
+        await asyncio.sleep(0.005)
+        yield "b"
+        yield "c"
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t0, out = loop.time(), []
+        async for batch in coalesce(source(), "".join, interval_s=1.0):
+            out.append((loop.time() - t0, batch))
+        return out
+
+    out = asyncio.run(main())
+    assert [b for _, b in out] == ["a", "bc"] and out[1][0] < 0.5, out
+
+
 def test_coalesce_sends_first_at_once_then_merges_per_interval():
     async def main():
         log = []
@@ -147,7 +167,7 @@ def test_coalesce_sends_first_at_once_then_merges_per_interval():
         assert out[0][1] == [0] and out[0][0] < 0.05
         assert [x for _, b in out for x in b] == list(range(200)) and log == ["closed"]
         assert 2 <= len(out) <= 12, [len(b) for _, b in out]
-        gaps = [b - a for (a, _), (b, _) in zip(out[1:-1], out[2:])]
+        gaps = [b - a for (a, _), (b, _) in zip(out[1:-2], out[2:-1])]     # the last goes when the source ends
         assert all(g >= 0.045 for g in gaps), gaps
         # no interval: the consumer gets every item while it keeps up
         assert [x async for x in coalesce(_gen(5, log), lambda xs: xs)] == [0, 1, 2, 3, 4]

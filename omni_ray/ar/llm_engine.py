@@ -236,8 +236,11 @@ class LLMEngine:
 
     def _decode_steps(self, batch) -> int:
         """How many greedy decode steps to run for ``batch`` in one go: only pure decode batches of
-        greedy requests without logprobs; never past a sequence's max_tokens, max_model_len or its
-        last allocated block (so that no step needs a block the scheduler has not given)."""
+        greedy requests without logprobs; never past a sequence's max_model_len or its last
+        allocated block (so that no step needs a block the scheduler has not given). A sequence
+        that reaches max_tokens (or a stop) within the run drops the tokens after it, as with EOS:
+        sequences a few tokens apart (streams that joined at different steps) do not cut every run
+        short near their ends."""
         k = self.config.decode_steps
         if k == 1 or batch.num_decodes != len(batch.seqs):
             return 1
@@ -246,8 +249,7 @@ class LLMEngine:
             p = seq.params
             if seq.is_encode or p.temperature > 0 or p.logprobs:
                 return 1
-            k = min(k, p.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq),
-                    len(seq.block_table) * bs - len(seq) + 1)
+            k = min(k, self.max_model_len - len(seq), len(seq.block_table) * bs - len(seq) + 1)
         return max(k, 1)
 
     def _apply_extra_steps(self, out) -> None:

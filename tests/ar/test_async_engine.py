@@ -91,7 +91,9 @@ def test_slow_and_paced_callers_get_merged_outputs(engine, offline):
         assert sum(len(o.logprobs) for o in outs) == 40 and outs[-1].finished
         assert all(not o.finished for o in outs[:-1])
     assert len(slow_outs) < 40 and max(len(o.token_ids) for o in slow_outs) > 1
-    assert len(inf_outs) == 2 and len(inf_outs[0].token_ids) == 1     # the first token at once, then the end
+    # the first output as soon as the caller runs (with what the engine made before it did: with the
+    # engine in a thread of this process, a few steps), then the rest at the end
+    assert len(inf_outs) == 2 and len(inf_outs[0].token_ids) < 20
     assert len(paced_outs) > 2
 
 

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import gc
 import json
-import math
 import os
 import platform
 import socket
@@ -39,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.step_log import engine_timeline  # noqa: E402 - after the path above
 
 WARM_TOKENS = 8          # each streaming part first runs the same burst with this many tokens (compile, autotune)
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -336,48 +337,6 @@ async def stream_throughput(url: str | list[str], ps: list[str], max_tokens: int
     engine = await serve.get_deployment_handle("llm", "omni-bench").stats.remote()
     return median_run(runs) | {"replica_kv_blocks": engine.get("num_blocks"),
                                "replica_preemptions": engine.get("num_preemptions")}
-
-
-def engine_timeline(path: str, wall0: float, n: int, wall_end: float | None = None, batch: int | None = None) -> dict:
-    """The engine's steps after ``wall0`` (a burst of ``n`` requests sent then), from its step log
-    (and the AR replica's lines for batched stage calls, written to the same file): when the
-    requests were sent on by the ingress, reached the replica, reached the engine (ms after
-    ``wall0``: first / median / last), how many steps followed, how much of the span the engine
-    was stepping, and how long after its last step the client had its last byte (``wall_end``);
-    steps after ``wall_end`` are not counted. ``batch``: the batch size whose pure decode steps
-    give ``full_batch_ms_per_token`` (default ``n``)."""
-    lines = [json.loads(x) for x in Path(path).read_text().splitlines()]
-    until = wall_end if wall_end is not None else math.inf
-    steps = [s for s in lines if "dt" in s and wall0 <= s["t"] <= until]
-    calls = [c for c in lines if "call" in c and c["t"] >= wall0]
-    if not steps:
-        return {}
-    at = lambda t: ms(t - wall0)  # noqa: E731
-    added = [s["t"] for s in steps for _ in range(s["added"])][:n]
-    quart = lambda xs: [at(xs[0]), at(xs[len(xs) // 2]), at(xs[-1])] if xs else None  # noqa: E731
-    end = steps[-1]["t"] + steps[-1]["dt"]
-    busy = sum(s["dt"] for s in steps)
-    span = end - steps[0]["t"]
-    gaps = [b["t"] - (a["t"] + a["dt"]) for a, b in zip(steps, steps[1:])]
-    full = [s["dt"] / s["forwards"] for s in steps if s["decodes"] == s["seqs"] == (batch or n)]
-    decode = [s for s in steps if s["decodes"] == s["seqs"]]
-    prompt = [s for s in steps if s["decodes"] < s["seqs"]]
-    out = {"engine_got_requests_ms": quart(added),
-           "last_step_end_ms": at(end), "steps": len(steps),
-           "mixed_steps": sum(0 < s["decodes"] < s["seqs"] for s in steps),
-           "busy_share": round(busy / span, 3) if span > 0 else None,
-           "largest_gap_ms": ms(max(gaps)) if gaps else None,
-           "full_batch_ms_per_token": round(1000 * statistics.median(full), 3) if full else None,
-           "decode_steps": len(decode), "forwards_per_decode_step": round(sum(s["forwards"] for s in decode) / len(decode), 2)
-           if decode else None, "steps_with_prompts_ms": ms(sum(s["dt"] for s in prompt))}
-    if calls:
-        out["stage_calls"] = len(calls)
-        out["requests_per_call"] = round(statistics.mean(c["call"] for c in calls), 1)
-        out["ingress_sent_ms"] = quart(sorted(c["sent"] for c in calls if c["sent"]))
-        out["replica_got_ms"] = quart(sorted(c["t"] for c in calls))
-    if wall_end is not None:
-        out["client_done_after_last_step_ms"] = at(wall_end - end + wall0)
-    return out
 
 
 def sustained_work(clients: int, rounds: int, mean_tokens: int) -> list[tuple[str, int]]:

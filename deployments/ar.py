@@ -135,6 +135,11 @@ class ARDeployment(StageReplica):
         return {"ref": [ref], "shape": list(hs.shape), "dtype": str(hs.dtype).replace("torch.", ""),
                 "object_id": ref.hex(), "source": source}
 
+    async def __del__(self):
+        if getattr(self, "call_log", None) is not None:
+            self.call_log.close()
+        await super().__del__()
+
     def info(self) -> dict:
         return {"stage": self.stage, "kind": "ar", "model": self.engine.model_name,
                 "path": self.config.engine.model.path, "max_model_len": self.engine.max_model_len,

@@ -187,6 +187,9 @@ class LLMEngine:
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()
+        if self.step_log is not None:
+            self.step_log.close()
+            self.step_log = None
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[Sequence]:

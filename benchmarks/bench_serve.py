@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.step_log import engine_timeline  # noqa: E402 - after the path above
+from benchmarks.step_log import engine_timeline, ms  # noqa: E402 - after the path above
 
 WARM_TOKENS = 8          # each streaming part first runs the same burst with this many tokens (compile, autotune)
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -48,10 +48,6 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
-
-
-def ms(x: float) -> float:
-    return round(1000 * x, 2)
 
 
 def free_port() -> int:

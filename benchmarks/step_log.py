@@ -2,9 +2,11 @@
 engine, and when its requests got there through Serve.
 
 Each line is a JSON object: an engine step (``t`` wall-clock start, ``dt``, ``seqs``, ``decodes``,
-``tokens``, ``forwards``, ``added``: requests added since the previous step), or, written by the
-AR replica into the same file, a batched stage call's arrival (``t``, ``call``: its request count,
-``sent``: when the ingress sent it).
+``tokens``, ``forwards``, ``added``: requests added since the previous step, ``gc``: seconds of
+garbage collection within it), or, written by the AR replica into the same file, a batched stage
+call's arrival (``t``, ``call``: its request count, ``sent``: when the ingress sent it), the
+replica's send of new requests to its core process (``t``, ``flush``: how many), or a late wake-up
+of its event loop (``t``, ``lag``: seconds late, ``gc``: seconds of collections meanwhile).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def engine_timeline(path: str, wall0: float, n: int, wall_end: float | None = No
     until = wall_end if wall_end is not None else math.inf
     steps = [s for s in lines if "dt" in s and wall0 <= s["t"] <= until]
     calls = [c for c in lines if "call" in c and c["t"] >= wall0]
+    flushes = [f["t"] for f in lines if "flush" in f and wall0 <= f["t"] <= until for _ in range(f["flush"])][:n]
+    lags = [x for x in lines if "lag" in x and wall0 <= x["t"] <= until]
     if not steps:
         return {}
     at = lambda t: ms(t - wall0)  # noqa: E731
@@ -51,6 +55,13 @@ def engine_timeline(path: str, wall0: float, n: int, wall_end: float | None = No
            "full_batch_ms_per_token": round(1000 * statistics.median(full), 3) if full else None,
            "decode_steps": len(decode), "forwards_per_decode_step": round(sum(s["forwards"] for s in decode) / len(decode), 2)
            if decode else None, "steps_with_prompts_ms": ms(sum(s["dt"] for s in prompt))}
+    gcs = [s["gc"] for s in steps if "gc" in s]
+    out["core_gc_ms"] = {"steps": len(gcs), "total": ms(sum(gcs)), "max": ms(max(gcs, default=0))}
+    if flushes:
+        out["replica_sent_to_core_ms"] = quart(sorted(flushes))
+    if lags:
+        out["replica_loop_late_ms"] = {"wakeups": len(lags), "total": ms(sum(x["lag"] for x in lags)),
+                                       "max": ms(max(x["lag"] for x in lags)), "gc": ms(sum(x["gc"] for x in lags))}
     if calls:
         out["stage_calls"] = len(calls)
         out["requests_per_call"] = round(statistics.mean(c["call"] for c in calls), 1)

@@ -37,6 +37,7 @@ from omni_ray.dit_cache import hidden_states_input
 from deployments.streams import OpenStreams
 from omni_ray.errors import EngineError, OmniError
 from omni_ray.pipeline import ar_encode, ar_generate, merge_deltas, pretokenize
+from omni_ray.profiling import LoopLag
 
 log = logging.getLogger("ray.serve")
 
@@ -53,6 +54,7 @@ class ARDeployment(StageReplica):
         self.streams = OpenStreams(self.config.streaming)
         log_path = self.config.engine.step_log       # batched calls are logged beside the engine's steps
         self.call_log = open(log_path, "a", buffering=1) if log_path else None   # noqa: SIM115
+        self.loop_lag = None                         # with the call log: this replica's event-loop lag
         capacity = min(self.config.deployment.max_ongoing_requests, self.config.engine.scheduler.max_num_seqs)
         self.capacity = CapacityReporter(services, stage, capacity)
         self.start_metrics(services, self.engine.model_name)
@@ -74,6 +76,9 @@ class ARDeployment(StageReplica):
         when one ends; the first message starts with ``(-1, {"replica": id})``, for ``abort``.
         Closing the call aborts every request in it."""
         if self.call_log is not None:      # profiling (engine.step_log): when this call got here
+            if self.loop_lag is None:
+                self.loop_lag = LoopLag(lambda line: self.call_log.write(json.dumps(line) + "\n"))
+                self.loop_lag.start()
             sent = [r["sent_at"] for r in reqs if "sent_at" in r]
             self.call_log.write(json.dumps({"t": round(time.time(), 6), "call": len(reqs),
                                             "sent": round(min(sent), 6) if sent else None}) + "\n")
@@ -136,6 +141,8 @@ class ARDeployment(StageReplica):
                 "object_id": ref.hex(), "source": source}
 
     async def __del__(self):
+        if getattr(self, "loop_lag", None) is not None:
+            self.loop_lag.stop()
         if getattr(self, "call_log", None) is not None:
             self.call_log.close()
         await super().__del__()

@@ -20,6 +20,7 @@ keeps the engine in-process (CPU, tensor parallelism, whose Ray worker actors ra
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import pickle
@@ -219,6 +220,8 @@ class ProcessCore:
         self._outbox_lock = threading.Lock()
         self._flush_due = False                      # a flush is scheduled on the loop
         self._lock = threading.Lock()                # sends come from the loop and from shutdown
+        # profiling (engine.step_log): when this process sent requests on to the core
+        self._flush_log = open(config.step_log, "a", buffering=1) if config.step_log else None  # noqa: SIM115
         deadline = time.monotonic() + start_timeout_s
         while not self.conn.poll(0.5):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -262,6 +265,10 @@ class ProcessCore:
             msgs, self._outbox, self._flush_due = self._outbox, [], False
         if msgs:
             self._send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
+            if self._flush_log is not None:
+                adds = sum(m[0] == "add" for m in msgs)
+                if adds:
+                    self._flush_log.write(f'{{"t": {time.time():.6f}, "flush": {adds}}}\n')
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -282,6 +289,8 @@ class ProcessCore:
         except Exception:  # noqa: BLE001 - already gone or stuck: make sure it is gone
             self._kill()
         self.conn.close()
+        if self._flush_log is not None:
+            self._flush_log.close()
 
     # ------------------------------------------------------------------ plumbing
     def _send(self, msg) -> None:
@@ -331,6 +340,8 @@ def _serve_child(fd: int) -> None:
         send(("failed", err if isinstance(err, OmniError) else repr(err)))
         return
     core = CoreLoop(engine)
+    gc.collect()
+    gc.freeze()             # the start-up heap (torch, the model): never walked again by a full collection
     send(("ready", engine.engine_stats()))
     emit, done = _sender(send) if config.core_send_thread else (send, lambda: None)
     try:

@@ -25,6 +25,7 @@ from omni_ray.ar.sequence import Sequence
 from omni_ray.config import AREngineConfig, ModelConfig
 from omni_ray.errors import InvalidRequestError
 from omni_ray.models import resolve_model
+from omni_ray.profiling import GcPauses
 
 
 @dataclass
@@ -54,6 +55,7 @@ class LLMEngine:
         self._reset()
         # profiling: one JSON line per step (wall-clock start, duration, batch, requests added since)
         self.step_log = open(cfg.step_log, "a", buffering=1) if cfg.step_log else None  # noqa: SIM115
+        self.gc_pauses = GcPauses() if cfg.step_log else None        # collections during each step
         self._added = 0
         if cfg.warmup and self.runner.device.type == "cuda":
             self.warmup()
@@ -189,6 +191,7 @@ class LLMEngine:
             stop()
         if self.step_log is not None:
             self.step_log.close()
+            self.gc_pauses.close()
             self.step_log = None
 
     # ------------------------------------------------------------------ step
@@ -231,9 +234,12 @@ class LLMEngine:
         if out.multi is not None:
             self._apply_extra_steps(out)
         if self.step_log is not None:
-            self.step_log.write(json.dumps({"t": round(wall, 6), "dt": round(time.perf_counter() - t0, 6),
-                                            "seqs": len(batch), "decodes": batch.num_decodes,
-                                            "tokens": batch.num_tokens, "forwards": k, "added": self._added}) + "\n")
+            line = {"t": round(wall, 6), "dt": round(time.perf_counter() - t0, 6), "seqs": len(batch),
+                    "decodes": batch.num_decodes, "tokens": batch.num_tokens, "forwards": k, "added": self._added}
+            n_gc, gc_s = self.gc_pauses.take()
+            if n_gc:
+                line["gc"] = round(gc_s, 6)
+            self.step_log.write(json.dumps(line) + "\n")
         self._added = 0
         return changed
 

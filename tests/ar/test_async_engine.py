@@ -195,7 +195,8 @@ def test_pending_outputs_merge_and_an_error_stays_last():
 
 def test_step_log_records_each_step_and_the_requests_it_took_in(tmp_path):
     """``step_log``: the child process appends one JSON line per step; the requests added add up,
-    the forwards cover the tokens made (multi-step decode runs are one line each)."""
+    the forwards cover the tokens made (multi-step decode runs are one line each); the serving
+    process adds a line each time it sends new requests on to the core, before the core takes them."""
     import json
     import time
 
@@ -209,8 +210,11 @@ def test_step_log_records_each_step_and_the_requests_it_took_in(tmp_path):
         await eng.shutdown()
 
     asyncio.run(main())
-    steps = [json.loads(line) for line in path.read_text().splitlines()]
-    assert sum(s["added"] for s in steps) == len(PROMPTS)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    steps, sends = [x for x in lines if "dt" in x], [x for x in lines if "flush" in x]
+    assert len(steps) + len(sends) == len(lines)
+    assert sum(s["added"] for s in steps) == len(PROMPTS) == sum(x["flush"] for x in sends)
+    assert sends[0]["t"] <= steps[0]["t"]
     assert all(t0 <= s["t"] <= time.time() and s["dt"] > 0 for s in steps)
     assert steps[0]["added"] >= 1 and steps[0]["tokens"] > steps[0]["decodes"]   # prompt tokens first
     assert max(s["seqs"] for s in steps) > 1

@@ -115,7 +115,7 @@ class AREngineConfig(Strict):
         "the decode kernel itself (the last split's program, one launch per layer) or in a second "
         "kernel launch; on an H100 batch-1 decode of the Qwen3-0.6B shape ran 1,033 tok/s with the "
         "in-kernel merge and 1,072 with the second launch (median of 5), so launch is the default"))
-    mixed_graph_tokens: int = Field(512, ge=0, le=2048, description=(
+    mixed_graph_tokens: int = Field(2048, ge=0, le=2048, description=(
         "CUDA: steps that carry prompt tokens (a prefill, or prompts joining running decodes) with at "
         "most this many tokens replay a CUDA graph captured for their token bucket (16, 32, ... this), "
         "instead of running eagerly, which is bound by the host (on an H100 ~13-20 ms a step for the "

@@ -13,7 +13,13 @@ runner's largest graph batch; programs past a sequence's query rows, and padded 
 travel in one packed int32 host->device copy:
 
     ids [T] | positions [T] | slots [T] | cu_seqlens [S + 1] | context lens [S]
-    | rows to sample [S] | block tables [S, max_blocks]       (T: the largest bucket; parts 64-byte aligned)
+    | rows to sample [S] | block tables [S, max_blocks] | query blocks [T / M + S]
+                                                          (T: the largest bucket; parts 64-byte aligned)
+
+The query blocks (sequence << 16 | block of M query rows, -1 past the last) give the prefill
+kernel a flat grid over the blocks that exist: a grid of (T / M, S) would launch, at T = 2048 and
+S = 512, 16 k programs per head and layer that exit at once (a 1.5 k-token step took as long as
+eagerly).
 
 The graph ends with the logits of the rows to sample, in the runner's ``g_logits``; the runner
 samples from them as from an eager step's.
@@ -26,7 +32,7 @@ import logging
 import numpy as np
 import torch
 
-from omni_ray.ar.layers.attention import AttnMetadata
+from omni_ray.ar.layers.attention import AttnMetadata, prefill_block_m
 from omni_ray.ar.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,10 @@ class MixedStepGraphs:
         self.o_cu = 3 * t
         self.o_ctx = up(self.o_cu + s + 1)
         self.o_rows, self.o_bt = up(self.o_ctx + s), up(self.o_ctx + s) + up(s)
-        n = self.o_bt + s * self.w
+        self.m = prefill_block_m(runner.arch.head_dim)
+        self.nqb = -(-self.t_max // self.m) + s                          # at most one partial block per sequence
+        self.o_qb = up(self.o_bt + s * self.w)
+        n = self.o_qb + self.nqb
         dev = runner.device
         self.h_in = torch.zeros(n, dtype=torch.int32, pin_memory=dev.type == "cuda")
         self.h = self.h_in.numpy()
@@ -89,14 +98,17 @@ class MixedStepGraphs:
         h, t = self.h, self.T
         h[:] = 0
         h[2 * t:3 * t] = self.r.scratch_slot
+        h[self.o_qb:] = -1
 
     def _body(self, t: int) -> None:
         """The forward of bucket ``t`` on the packed inputs; the logits of the rows to sample."""
         g, T, s, r = self.g_in, self.T, self.s, self.r
         ids, pos, slots = g[:t].long(), g[T:T + t].long(), g[2 * T:2 * T + t].long()
+        table = g[self.o_bt:self.o_bt + s * self.w].view(s, self.w)
         meta = AttnMetadata(slot_mapping=slots, context_lens=g[self.o_ctx:self.o_ctx + s],
-                            block_tables=g[self.o_bt:].view(s, self.w), cu_seqlens_q=g[self.o_cu:self.o_cu + s + 1],
-                            num_decodes=0, max_query_len=t, max_context_len=r.max_model_len)
+                            block_tables=table, cu_seqlens_q=g[self.o_cu:self.o_cu + s + 1],
+                            num_decodes=0, max_query_len=t, max_context_len=r.max_model_len,
+                            q_blocks=g[self.o_qb:self.o_qb + self.nqb])
         hidden = r.model(ids, pos, meta)[0]                                  # [t, H]
         logits = r.model.compute_logits(hidden[g[self.o_rows:self.o_rows + s].long()])   # [s, V]
         r.g_logits[:s] = logits
@@ -107,7 +119,7 @@ class MixedStepGraphs:
         h, T, s, bs = self.h, self.T, self.s, self.r.block_size
         ids, pos, slots = h[:T], h[T:2 * T], h[2 * T:3 * T]
         cu, ctx = h[self.o_cu:self.o_cu + s + 1], h[self.o_ctx:self.o_ctx + s]
-        rows, table = h[self.o_rows:self.o_rows + s], h[self.o_bt:].reshape(s, self.w)
+        rows, table = h[self.o_rows:self.o_rows + s], h[self.o_bt:self.o_bt + s * self.w].reshape(s, self.w)
         i, sampled = 0, []
         for j, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             start, bt = seq.num_computed_tokens, seq.block_table
@@ -130,7 +142,18 @@ class MixedStepGraphs:
         ids[i:t], pos[i:t], slots[i:t] = 0, 0, self.r.scratch_slot
         cu[m + 1:], ctx[m:] = i, 0
         rows[len(sampled):] = 0
+        self._fill_query_blocks(np.asarray(batch.num_new))
         return t, sampled
+
+    def _fill_query_blocks(self, num_new: np.ndarray) -> None:
+        """The prefill kernel's programs: sequence j's query blocks 0 .. ceil(n_j / M) - 1, then -1."""
+        qb = self.h[self.o_qb:self.o_qb + self.nqb]
+        blocks = -(-num_new // self.m)                                   # [m] query blocks per sequence
+        n = int(blocks.sum())
+        seq = np.repeat(np.arange(len(blocks)), blocks)
+        first = np.repeat(np.cumsum(blocks) - blocks, blocks)            # each sequence's first program
+        qb[:n] = (seq << 16) | (np.arange(n) - first)
+        qb[n:] = -1
 
     def replay(self, t: int) -> None:
         self.g_in.copy_(self.h_in, non_blocking=True)

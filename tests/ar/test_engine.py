@@ -212,8 +212,12 @@ def test_mixed_step_packing_equals_the_eager_inputs():
     assert (h[2 * T + n:2 * T + t] == llm.runner.scratch_slot).all() and (h[n:t] == 0).all()
     assert h[g.o_cu:g.o_cu + m + 1].tolist() == cu.tolist() and (h[g.o_cu + m + 1:g.o_cu + g.s + 1] == n).all()
     assert h[g.o_ctx:g.o_ctx + m].tolist() == meta.context_lens.tolist()
-    table = h[g.o_bt:].reshape(g.s, g.w)
+    table = h[g.o_bt:g.o_bt + g.s * g.w].reshape(g.s, g.w)
     for j, seq in enumerate(batch.seqs):
         assert table[j, :len(seq.block_table)].tolist() == seq.block_table
     assert h[g.o_rows:g.o_rows + 3].tolist() == [cu[1] - 1, cu[2] - 1, cu[3] - 1]
-    assert all(x % 16 == 0 for x in (g.o_cu, g.o_ctx, g.o_rows, g.o_bt, T))
+    assert all(x % 16 == 0 for x in (g.o_cu, g.o_ctx, g.o_rows, g.o_bt, g.o_qb, T))
+    # the prefill kernel's flat grid: each sequence's blocks of M query rows, in order, then idle
+    want = [(j << 16) | b for j, k in enumerate(batch.num_new) for b in range(-(-k // g.m))]
+    assert h[g.o_qb:g.o_qb + len(want)].tolist() == want and (h[g.o_qb + len(want):] == -1).all()
+    assert g.nqb >= -(-g.t_max // g.m) + g.s and len(h) == g.o_qb + g.nqb

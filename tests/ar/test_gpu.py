@@ -66,9 +66,13 @@ def test_triton_decode_merge_in_kernel(splits):
     assert not locks.any()
 
 
+@pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bs,hq,hk,d", [(16, 4, 2, 32), (256, 16, 8, 128)])
-def test_triton_prefill_matches_torch(dtype, tol, bs, hq, hk, d):
+def test_triton_prefill_matches_torch(dtype, tol, bs, hq, hk, d, flat):
+    """Against PyTorch attention; ``flat``: the grid the mixed-step graphs use (a table of the query
+    blocks that exist, idle programs after them)."""
+    from omni_ray.ar.layers.attention import prefill_block_m
     from omni_ray.ar.layers.triton_attention import paged_prefill
     torch.manual_seed(0)
     q_lens, ctx = [5, 130, 1, 64, 200], [5, 300, 40, 64, 1200]        # cached prefixes and chunks
@@ -78,7 +82,12 @@ def test_triton_prefill_matches_torch(dtype, tol, bs, hq, hk, d):
     meta = AttnMetadata(slot_mapping=None, context_lens=torch.tensor(ctx, dtype=torch.int32, device="cuda"),
                         block_tables=table, cu_seqlens_q=cu, num_decodes=0, q_lens=q_lens, ctx_lens=ctx)
     want = _torch_prefill(q, k, v, meta, d ** -0.5)
-    got = paged_prefill(q, k, v, table, meta.context_lens, cu, max(q_lens), d ** -0.5)
+    qb = None
+    if flat:
+        m = prefill_block_m(d)
+        codes = [(j << 16) | b for j, n in enumerate(q_lens) for b in range(-(-n // m))] + [-1] * 7
+        qb = torch.tensor(codes, dtype=torch.int32, device="cuda")
+    got = paged_prefill(q, k, v, table, meta.context_lens, cu, max(q_lens), d ** -0.5, q_blocks=qb)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 

@@ -33,6 +33,12 @@ class AttnMetadata:
     ctx_lens: list[int] = field(default_factory=list)
     decode_splits: int = 1              # split-K factor of the Triton decode kernel
     decode_locks: torch.Tensor | None = None   # int32 zeros [>= B * Hkv]: merge splits in-kernel
+    q_blocks: torch.Tensor | None = None       # int32 [P]: the prefill kernel's flat grid (mixed_graphs.py)
+
+
+def prefill_block_m(head_dim: int) -> int:
+    """Query rows per program of the Triton prefill kernel (what a ``q_blocks`` table counts in)."""
+    return 64 if head_dim <= 128 else 32
 
 
 def pick_backend(device: torch.device) -> str:
@@ -113,7 +119,7 @@ class Attention(nn.Module):
             # would make Triton compile new kernel variants in the middle of serving (~1 s each)
             from omni_ray.ar.layers.triton_attention import paged_prefill
             return paged_prefill(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                 meta.cu_seqlens_q, meta.max_query_len, self.scale)
+                                 meta.cu_seqlens_q, meta.max_query_len, self.scale, meta.q_blocks)
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], meta)

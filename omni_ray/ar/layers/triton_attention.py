@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from omni_ray.ar.layers.attention import prefill_block_m
 from omni_ray.ar.layers.pdl import use_pdl
 
 LOG2E = 1.4426950408889634
@@ -165,13 +166,21 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, splits:
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, BT, CL, CU, O, qk_scale,
+def _prefill_kernel(Q, K, V, BT, CL, CU, QB, O, qk_scale,
                     s_qt, s_qh, s_kb, s_kt, s_kh, s_btb, s_ot, s_oh,
                     G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    mb = tl.program_id(0)
-    i = tl.program_id(1)
-    hq = tl.program_id(2)
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, FLAT: tl.constexpr):
+    if FLAT:                                   # grid (len(QB), heads): QB[p] = sequence << 16 | query block, or -1
+        code = tl.load(QB + tl.program_id(0))
+        if code < 0:
+            return
+        i = code >> 16
+        mb = code & 0xFFFF
+        hq = tl.program_id(1)
+    else:                                      # grid (query blocks of the longest, sequences, heads)
+        mb = tl.program_id(0)
+        i = tl.program_id(1)
+        hq = tl.program_id(2)
     hk = hq // G
     q0 = tl.load(CU + i)
     qlen = tl.load(CU + i + 1) - q0
@@ -208,19 +217,25 @@ def _prefill_kernel(Q, K, V, BT, CL, CU, O, qk_scale,
              mask=mask_m[:, None])
 
 
-def paged_prefill(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_query_len, scale):
-    """q [N, Hq, D] (chunks of len(context_lens) sequences, offsets cu_seqlens_q) -> [N, Hq, D]"""
+def paged_prefill(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_query_len, scale,
+                  q_blocks: torch.Tensor | None = None):
+    """q [N, Hq, D] (chunks of len(context_lens) sequences, offsets cu_seqlens_q) -> [N, Hq, D].
+    ``q_blocks`` (int32, sequence << 16 | query block per program, -1 for none): a flat grid over
+    the query blocks that exist, for CUDA graphs, whose grid is fixed: without it a graph's grid
+    is (its token bucket's blocks x its most sequences), almost all of it programs that exit."""
     n, hq, d = q.shape
     _, bs, hk, _ = k_cache.shape
     out = torch.empty_like(q)
-    block_m = 64 if d <= 128 else 32
+    block_m = prefill_block_m(d)
     block_n = 64
-    grid = (triton.cdiv(max_query_len, block_m), context_lens.shape[0], hq)
+    flat = q_blocks is not None
+    grid = (q_blocks.shape[0], hq) if flat else (triton.cdiv(max_query_len, block_m), context_lens.shape[0], hq)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, q_blocks if flat else cu_seqlens_q, out,
+        scale * LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        G=hq // hk, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, PREC=_prec(q), num_warps=4, num_stages=2)
+        G=hq // hk, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, PREC=_prec(q), FLAT=flat,
+        num_warps=4, num_stages=2)
     return out
 
 

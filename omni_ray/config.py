@@ -127,8 +127,10 @@ class AREngineConfig(Strict):
         "guards and wrappers cost more than a Triton launch"))
     step_log: str | None = Field(None, description=(
         "profiling: append one JSON line per engine step to this file (wall-clock start `t`, duration "
-        "`dt`, sequences, decodes, tokens, forwards, requests `added` since the previous step), from "
-        "whichever process steps the engine (offline LLM, AsyncLLM's core, a Serve replica's core); "
+        "`dt`, sequences, decodes, tokens, forwards, requests `added` since the previous step, `gc` "
+        "seconds of garbage collection in it), from whichever process steps the engine (offline LLM, "
+        "AsyncLLM's core, a Serve replica's core); a Serve AR replica adds its batched calls' arrivals, "
+        "its sends of new requests to the core and its event loop's late wake-ups (omni_ray/profiling.py); "
         "benchmarks/bench_serve.py reads it to split a burst's time into arrival at the engine and stepping"))
     core_send_thread: bool = Field(True, description=(
         "engine core process: a second thread pickles and sends each step's outputs while the next "

@@ -66,7 +66,7 @@ class LoopLag:
                 self.write({"t": round(time.time() - lag, 6), "lag": round(lag, 6), "gc": round(gc_s, 6)})
 
     def stop(self) -> None:
-        if self._task is not None:
+        if self._task is not None and not self._task.get_loop().is_closed():
             self._task.cancel()
-            self._task = None
+        self._task = None
         self.gc.close()

@@ -210,3 +210,39 @@ def test_unary_requests_batch_in_a_burst_and_go_alone_otherwise(replica, expecte
     assert lone["token_ids"] == expected[0] and lone["finished"] and lone["replica_s"] > 0
     assert [o["token_ids"] for o in burst] == expected
     assert all(o["finished"] and o["replica_s"] > 0 and o["num_output_tokens"] == 12 for o in burst)
+
+
+def test_the_step_log_times_a_burst_from_the_ingress_to_the_engine(tmp_path):
+    """With ``engine.step_log`` the replica logs each batched call beside the engine's steps (when
+    the ingress sent it, when it arrived), and ``benchmarks/step_log.py`` reads the burst back:
+    one call, every request taken in by the engine, no step before the call arrived."""
+    import json
+    import time
+
+    from benchmarks.step_log import engine_timeline
+
+    path = tmp_path / "steps.jsonl"
+    stage = {**STAGE, "engine": {**STAGE["engine"], "step_log": str(path)}}
+    r = ARDeployment.func_or_class("llm", stage)
+    wall0 = time.time()
+
+    async def main():
+        h = FakeHandle(r)
+        b = StreamBatcher(h, h, max_batch=16)
+        got = await asyncio.gather(*(collect(b, req(i, 6)) for i in range(4)))
+        await r.__del__()
+        return got
+
+    got = run(main())
+    assert all(len(t) == 6 for t in got)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    kinds = [next(k for k in ("dt", "call", "lag") if k in x) for x in lines]
+    steps = [x for x in lines if "dt" in x]
+    assert kinds.count("call") == 1 and sum(s["added"] for s in steps) == 4
+    assert sum(s["decodes"] * s["forwards"] for s in steps) >= 4 * 5     # tokens 2..6 from decode forwards
+    call = lines[kinds.index("call")]
+    assert call["call"] == 4 and wall0 <= call["sent"] <= call["t"]
+    tl = engine_timeline(str(path), wall0, 4, time.time())
+    assert tl["stage_calls"] == 1 and tl["requests_per_call"] == 4
+    assert tl["ingress_sent_ms"][0] <= tl["replica_got_ms"][0] <= tl["engine_got_requests_ms"][0]
+    assert tl["steps"] == len(steps) and tl["core_gc_ms"]["steps"] <= tl["steps"]

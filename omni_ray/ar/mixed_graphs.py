@@ -7,19 +7,19 @@ serving that is the common step: requests arrive a few at a time and join the ru
 
 Here such a step is padded to a bucket of T tokens (16, 32, ... up to ``mixed_graph_tokens``) and
 replays the graph captured for T. All sequences, decodes included (query length 1), go through
-the paged prefill kernel, whose grid is fixed per bucket: (T / BLOCK_M, S, heads) with S the
-runner's largest graph batch; programs past a sequence's query rows, and padded sequences
-(query length 0), return at once. Padding tokens write their K/V to the scratch slot. The inputs
-travel in one packed int32 host->device copy:
+the paged prefill kernel, whose grid is fixed per bucket: (T / M + S, heads) programs, with M
+query rows a program and S the runner's largest graph batch, each reading which (sequence,
+query block) it computes from the inputs; the programs past the last block return at once.
+Padding tokens write their K/V to the scratch slot. The inputs travel in one packed int32
+host->device copy:
 
     ids [T] | positions [T] | slots [T] | cu_seqlens [S + 1] | context lens [S]
     | rows to sample [S] | block tables [S, max_blocks] | query blocks [T / M + S]
                                                           (T: the largest bucket; parts 64-byte aligned)
 
-The query blocks (sequence << 16 | block of M query rows, -1 past the last) give the prefill
-kernel a flat grid over the blocks that exist: a grid of (T / M, S) would launch, at T = 2048 and
-S = 512, 16 k programs per head and layer that exit at once (a 1.5 k-token step took as long as
-eagerly).
+The query blocks (sequence << 16 | block of M query rows, -1 past the last) make that grid flat:
+a grid of (T / M, S) launched, at T = 2048 and S = 512, 16 k programs per head and layer that
+exit at once (a 1.5 k-token step took 13.9 ms, as long as eagerly; flat: 7.7 ms).
 
 The graph ends with the logits of the rows to sample, in the runner's ``g_logits``; the runner
 samples from them as from an eager step's.

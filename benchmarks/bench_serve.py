@@ -69,7 +69,7 @@ def bench_config(a) -> dict:
         "cache": {"block_size": 16 if not gpu else 256, "num_blocks": 1024 if not gpu else -1,
                   "gpu_memory_utilization": 0.5},
         "scheduler": {"max_num_seqs": max(64, 2 * a.clients), "max_model_len": 2048, "max_num_batched_tokens": 8192}}
-    for k, v in getattr(a, "engine_options", {}).items():      # a variant's engine.KEY=VALUE (top-level fields)
+    for k, v in getattr(a, "engine_options", {}).items():      # --engine and a variant's engine.KEY=VALUE (top-level fields)
         llm_engine[k] = v.lower() in ("1", "true", "yes", "on") if v.lower() in ("0", "1", "true", "false",
                                                                                  "yes", "no", "on", "off") else v
     return {
@@ -461,6 +461,9 @@ def main() -> None:
                          "'direct:direct_ingress=1' or 'ingress4:ingress_replicas=4' (comma-separated; NAME=VALUE in upper case is cluster "
                          "environment, engine.FIELD=VALUE the Serve app's AR engine config, e.g. "
                          "'inline:direct_ingress=1,engine.core_send_thread=0'); repeatable, default: one run as configured")
+    ap.add_argument("--engine", action="append", default=[], metavar="FIELD=VALUE",
+                    help="an AR engine config field for every side (offline, AsyncLLM and the Serve app), e.g. "
+                         "async_decode=1; repeatable")
     ap.add_argument("--client", default="aiohttp", choices=["aiohttp", "httpx"],
                     help="HTTP client of the measurements (benchmarks/load_client.py); one burst also runs with the other")
     ap.add_argument("--step-log", default=None,
@@ -483,6 +486,7 @@ def main() -> None:
     if q:
         a.rewrite_tokens = min(a.rewrite_tokens, 8)
     a.step_log = a.step_log or f"/tmp/omni-bench-steps-{os.getpid()}.jsonl"
+    a.engine_options = dict(kv.split("=", 1) for kv in a.engine)
 
     import torch
 
@@ -554,6 +558,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if a.device == "cuda" and torch.cuda.is_available() else None
     result = {
         "device": a.device, "gpu": gpu, "quick": q, "ar_model": a.ar_model, "dit_model": a.dit_model,
+        "engine_options": a.engine_options,
         "scheduler": not a.no_scheduler, "core_process": a.core_process, "ingress_replicas": a.ingress_replicas, "stage_call_batch": a.stage_call_batch,
         "serve_env": serve_env, "direct_ingress": a.direct_ingress,
         "host": platform.node(), "cpus": os.cpu_count(), "serve_startup_s": round(startup, 1),
@@ -641,13 +646,14 @@ def streaming_variants(a, offline: dict, engine_streams: dict, ps: list[str], wo
     import copy
 
     variants = [parse_variant(v) for v in a.variant] or [("as-configured", {}, {})]
-    out = {"device": a.device, "ar_model": a.ar_model, "clients": a.clients, "max_tokens": a.stream_tokens,
+    out = {"device": a.device, "ar_model": a.ar_model, "engine_options": a.engine_options, "clients": a.clients,
+           "max_tokens": a.stream_tokens,
            "cpus": os.cpu_count(), "repeats": a.repeats, "offline_tokens_per_s": round(offline["tokens_per_s"], 1),
            "offline_runs_tokens_per_s": offline["runs_tokens_per_s"],
            "engine_async_callers": engine_streams, "offline_sustained": offline_sus, "variants": {}}
     for name, env, opts in variants:
         va = copy.copy(a)
-        va.engine_options = {}
+        va.engine_options = dict(a.engine_options)
         for k, v in opts.items():
             if k.startswith("engine."):                   # the Serve app's AR engine config, e.g. engine.core_send_thread=0
                 va.engine_options[k[len("engine."):]] = v

@@ -91,9 +91,11 @@ class LLMEngine:
         """Empty KV-cache bookkeeping (no prefix-cache entries), queues, counters and requests."""
         cfg = self.config
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(cfg.scheduler, self.block_manager)
+        lookahead = 2 * cfg.decode_steps - 1 if cfg.async_decode and cfg.decode_steps > 1 else 0
+        self.scheduler = Scheduler(cfg.scheduler, self.block_manager, lookahead)
         self.stats = EngineStats()
         self.seqs: dict[str, Sequence] = {}
+        self._inflight: tuple | None = None     # async_decode: a launched decode run not yet landed
 
     def _make_runner(self) -> ModelRunner:
         if self.config.parallel.tensor_parallel_size > 1:
@@ -169,7 +171,7 @@ class LLMEngine:
         return seq is not None
 
     def is_finished(self) -> bool:
-        return not self.scheduler.has_work()
+        return self._inflight is None and not self.scheduler.has_work()
 
     # ------------------------------------------------------------------ health (tensor parallel: workers)
     def check_health(self) -> None:
@@ -196,7 +198,12 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[Sequence]:
-        """One forward of the next batch. Returns the sequences that changed (new token / finished)."""
+        """One forward of the next batch. Returns the sequences that changed (new token / finished).
+        With ``async_decode``, a pure greedy decode run is launched and, while the same batch can go
+        on, the next run is queued on the device before this one's tokens are read: the host's work
+        on a run (appending tokens, finishing sequences, the caller's outputs) overlaps the next."""
+        if self._inflight is not None:
+            return self._land()
         wall, t0 = time.time(), time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs:
@@ -204,7 +211,48 @@ class LLMEngine:
             return []
         k = self._decode_steps(batch)
         self.last_step = (len(batch), batch.num_decodes, batch.num_tokens, k)    # for slow-step logs
+        if self._overlaps(batch, k):
+            self._inflight = (self.runner.launch_decode(batch, k), wall, t0, 0)
+            return self._land()
         out = self.runner.run(batch, k) if k > 1 else self.runner.run(batch)
+        return self._apply(batch, out, k, wall, t0)
+
+    def _overlaps(self, batch, k: int) -> bool:
+        """A greedy pure-decode batch on one rank, as multi-step runs are (``_decode_steps``)."""
+        return (self.config.async_decode and k > 1 and batch.num_decodes == len(batch.seqs)
+                and getattr(self.runner, "peers", True) is None and len(batch.seqs) <= self.runner.max_graph_bs)
+
+    def _land(self) -> list[Sequence]:
+        """Queue the next run of the in-flight batch when it can go on unchanged, then read and
+        apply the in-flight run's tokens (the device works on the next one meanwhile)."""
+        launched, wall, t0, resumes = self._inflight
+        batch, k = launched[0], launched[1]
+        nxt = self.runner.launch_decode(batch, k, resume=True) if self._can_resume(batch, k, resumes) else None
+        out = self.runner.collect_decode(launched)
+        ready_wall, ready = time.time(), time.perf_counter()       # the device moves on to ``nxt`` now
+        self._inflight = (nxt, ready_wall, ready, resumes + 1) if nxt is not None else None
+        return self._apply(batch, out, k, wall, t0)
+
+    def _can_resume(self, batch, k: int, resumes: int) -> bool:
+        """The batch runs another k steps from where the device is: nothing waits to join, every
+        running sequence is in it and none ends by length within the run in flight, and the run
+        after it fits their allocated blocks and max_model_len (and the padding rows' positions,
+        which advance with every resumed run, stay inside the block tables)."""
+        if self.scheduler.waiting or len(self.scheduler.running) != len(batch.seqs):
+            return False
+        if (resumes + 3) * k > self.max_model_len:
+            return False
+        bs = self.config.cache.block_size
+        for seq in batch.seqs:                    # len(seq): before the in-flight run's k tokens
+            if (seq.is_finished or seq.num_output_tokens + k >= seq.params.max_tokens
+                    or len(seq) + 2 * k > self.max_model_len or len(seq) + 2 * k - 1 > len(seq.block_table) * bs):
+                return False
+        return True
+
+    def _apply(self, batch, out, k: int, wall: float, t0: float) -> list[Sequence]:
+        """A run's results into the sequences: computed tokens, new tokens, finishes, stats, the
+        step log. Sequences that finished meanwhile (aborted, or ended within the previous run while
+        this one was in flight) are skipped."""
         s = self.stats
         s.steps += 1
         s.forwards += k
@@ -213,6 +261,8 @@ class LLMEngine:
         s.decode_steps += batch.num_decodes == len(batch)
         changed: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_new):
+            if seq.is_finished:
+                continue
             seq.num_computed_tokens += n
             if n == 1 and seq.num_output_tokens > 0:
                 s.decode_tokens += 1
@@ -226,6 +276,8 @@ class LLMEngine:
                     self._finish(seq, "stop")
                     changed.append(seq)
         for seq, tok, i in zip(out.sampled, out.token_ids, range(len(out.sampled))):
+            if seq.is_finished:
+                continue
             if out.logprobs is not None and seq.params.logprobs:
                 seq.logprobs.append(out.logprobs[i])
             seq.append_token(tok)

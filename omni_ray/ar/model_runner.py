@@ -325,37 +325,63 @@ class ModelRunner:
         back to back (CUDA-graph replays on GPU), each feeding its greedy token to the next on the
         device. The host waits once, at the end. num_steps > 1 only for greedy sequences (the engine
         checks), so the k tokens are exactly what k single steps would give."""
-        seqs, bsz = batch.seqs, self.block_size
+        if num_steps == 1 and not all(s.params.temperature == 0 and not s.params.logprobs for s in batch.seqs):
+            self._fill_decode(batch.seqs, num_steps)
+            out = StepOutput([], None, list(batch.seqs), {})
+            self._sample(self.g_logits[:len(batch.seqs)], out)
+            return out
+        return self.collect_decode(self.launch_decode(batch, num_steps))
+
+    @torch.inference_mode()
+    def launch_decode(self, batch: ScheduledBatch, num_steps: int, resume: bool = False) -> tuple:
+        """Greedy decode forwards of ``batch`` queued on the device, their tokens on their way to a
+        pinned host buffer (one of two, so that the next launch can be queued before this one is
+        read); ``collect_decode`` waits for them. ``resume``: the same batch again, right after the
+        previous launch, from where the device left it (tokens, positions and context lengths
+        advance on the device; the caller has checked that the block tables have room)."""
+        n = len(batch.seqs)
+        bs = self._fill_decode(batch.seqs, num_steps, resume)
+        buf = self._tok_buf = 1 - self._tok_buf
+        dst = self.h_tok[buf][:num_steps * n].view(num_steps, n)          # contiguous: an async copy
+        dst.copy_(self.g_tokens[:num_steps, :n], non_blocking=True)
+        if self.device.type == "cuda":
+            self.tok_ready[buf].record()
+        return batch, num_steps, buf, dst, bs
+
+    def collect_decode(self, launched: tuple) -> StepOutput:
+        """The tokens of a ``launch_decode``: StepOutput.token_ids (first step) and .multi [n][k]."""
+        batch, num_steps, buf, dst, _ = launched
+        if self.device.type == "cuda":
+            self.tok_ready[buf].synchronize()
+        out = StepOutput([], None, list(batch.seqs), {})
+        if num_steps == 1:
+            out.token_ids = dst[0].tolist()
+        else:
+            out.multi = dst.t().tolist()                      # [n][num_steps]
+            out.token_ids = [t[0] for t in out.multi]
+        return out
+
+    def _fill_decode(self, seqs: list[Sequence], num_steps: int, resume: bool = False) -> int:
+        """Decode inputs of ``seqs`` to the device (unless ``resume``), then the forwards; returns
+        the graph batch size. Padding rows aim every block-table column at the scratch block, so
+        that however far a resumed run advances them they write there."""
         n = len(seqs)
         bs = next(b for b in self.graph_sizes if b >= n) if self.graphs else n
-        rows = self.h_in_np[:bs]
-        rows[n:bs] = 0
-        rows[n:bs, 3] = self.num_blocks                      # padding rows write to the scratch block
-        for i, s in enumerate(seqs):
-            p = len(s) - 1
-            row = rows[i]
-            row[0], row[1], row[2] = s.token_ids[-1], p, p + 1
-            row[3:3 + len(s.block_table)] = s.block_table
-        self.g_in[:bs].copy_(self.h_in[:bs], non_blocking=True)
+        if not resume:
+            rows = self.h_in_np[:bs]
+            rows[n:bs] = 0
+            rows[n:bs, 3:] = self.num_blocks                      # padding rows write to the scratch block
+            for i, s in enumerate(seqs):
+                p = len(s) - 1
+                row = rows[i]
+                row[0], row[1], row[2] = s.token_ids[-1], p, p + 1
+                row[3:3 + len(s.block_table)] = s.block_table
+            self.g_in[:bs].copy_(self.h_in[:bs], non_blocking=True)
         splits = 0 if self.graphs else self._splits(n, max(len(s) for s in seqs) + num_steps)
         if self.peers is not None:
             self.peers.decode(bs, num_steps, splits)
         self._decode_forwards(bs, num_steps, splits)
-        out = StepOutput([], None, list(seqs), {})
-        if num_steps == 1 and not all(s.params.temperature == 0 and not s.params.logprobs for s in seqs):
-            self._sample(self.g_logits[:n], out)
-            return out
-        toks = self.h_tokens[:num_steps, :n]
-        toks.copy_(self.g_tokens[:num_steps, :n], non_blocking=True)
-        if self.device.type == "cuda":
-            self.copy_done.record()
-            self.copy_done.synchronize()
-        if num_steps == 1:
-            out.token_ids = toks[0].tolist()
-        else:
-            out.multi = toks.t().tolist()                      # [n][num_steps]
-            out.token_ids = [t[0] for t in out.multi]
-        return out
+        return bs
 
     def _decode_forwards(self, bs: int, num_steps: int, splits: int) -> None:
         """``num_steps`` decode forwards on g_in[:bs] (graph replays on GPU); every TP rank runs this."""
@@ -390,10 +416,11 @@ class ModelRunner:
         self.g_in = torch.zeros(mb, cols, dtype=torch.int32, device=dev)
         steps = self.cfg.decode_steps
         self.g_tokens = torch.zeros(steps, mb, dtype=torch.int64, device=dev)
-        self.h_tokens = torch.zeros(steps, mb, dtype=torch.int64, pin_memory=cuda)
+        self.h_tok = [torch.zeros(steps * mb, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        self.tok_ready = [torch.cuda.Event() for _ in range(2)] if cuda else None
+        self._tok_buf = 0
         self.g_step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.g_logits = torch.zeros(mb, self.arch.vocab_size, dtype=self.dtype, device=dev)
-        self.copy_done = torch.cuda.Event() if cuda else None
 
     def _capture_graphs(self):
         """Decode graphs, largest first, in one memory pool (returned, for the mixed-step graphs)."""

@@ -31,9 +31,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, cfg: ARSchedulerConfig, block_manager: BlockManager):
+    def __init__(self, cfg: ARSchedulerConfig, block_manager: BlockManager, lookahead: int = 0):
         self.cfg = cfg
         self.bm = block_manager
+        self.lookahead = lookahead      # decode slots allocated ahead when blocks are plentiful (async decode runs)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -75,6 +76,14 @@ class Scheduler:
             return remaining
         return budget if self.cfg.enable_chunked_prefill else 0
 
+    def _allocate_ahead(self, seq: Sequence) -> None:
+        """Blocks for the decode slots after this step's, while the watermark stays free: a run
+        queued on top of this one (``async_decode``) needs them in the block table already."""
+        ahead = min(1 + self.lookahead, self.cfg.max_model_len - seq.num_computed_tokens)  # never past max_model_len
+        extra = self.bm.blocks_needed(seq, ahead)
+        if extra and extra + self.watermark <= self.bm.num_free_blocks:
+            self.bm.allocate(seq, ahead)
+
     def schedule(self) -> ScheduledBatch:
         budget = self.cfg.max_num_batched_tokens
         picked: list[tuple[Sequence, int]] = []
@@ -92,6 +101,8 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
+                if n == 1 and self.lookahead:
+                    self._allocate_ahead(seq)
                 picked.append((seq, n))
                 budget -= n
                 i += 1

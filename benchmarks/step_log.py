@@ -31,7 +31,7 @@ def engine_timeline(path: str, wall0: float, n: int, wall_end: float | None = No
     give ``full_batch_ms_per_token`` (default ``n``)."""
     lines = [json.loads(x) for x in Path(path).read_text().splitlines()]
     until = wall_end if wall_end is not None else math.inf
-    steps = [s for s in lines if "dt" in s and wall0 <= s["t"] <= until]
+    steps = sorted((s for s in lines if "dt" in s and wall0 <= s["t"] <= until), key=lambda s: s["t"])
     calls = [c for c in lines if "call" in c and c["t"] >= wall0]
     flushes = [f["t"] for f in lines if "flush" in f and wall0 <= f["t"] <= until for _ in range(f["flush"])][:n]
     lags = [x for x in lines if "lag" in x and wall0 <= x["t"] <= until]
@@ -41,7 +41,11 @@ def engine_timeline(path: str, wall0: float, n: int, wall_end: float | None = No
     added = [s["t"] for s in steps for _ in range(s["added"])][:n]
     quart = lambda xs: [at(xs[0]), at(xs[len(xs) // 2]), at(xs[-1])] if xs else None  # noqa: E731
     end = steps[-1]["t"] + steps[-1]["dt"]
-    busy = sum(s["dt"] for s in steps)
+    busy, covered = 0.0, -math.inf            # the union of the steps' spans (async_decode: runs overlap)
+    for s in steps:
+        start, stop = max(s["t"], covered), s["t"] + s["dt"]
+        busy += max(0.0, stop - start)
+        covered = max(covered, stop)
     span = end - steps[0]["t"]
     gaps = [b["t"] - (a["t"] + a["dt"]) for a, b in zip(steps, steps[1:])]
     full = [s["dt"] / s["forwards"] for s in steps if s["decodes"] == s["seqs"] == (batch or n)]

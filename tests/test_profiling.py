@@ -38,3 +38,18 @@ def test_loop_lag_reports_a_blocked_loop_and_nothing_when_idle():
     idle, t0 = asyncio.run(main())
     assert idle == 0
     assert len(lines) == 1 and lines[0]["lag"] >= 0.09 and abs(lines[0]["t"] - t0) < 0.01
+
+
+def test_busy_share_counts_overlapping_runs_once(tmp_path):
+    """With async_decode a run's span starts before the previous one is applied: the engine's busy
+    time is the union of the spans, not their sum."""
+    import json
+
+    from benchmarks.step_log import engine_timeline
+
+    step = {"seqs": 2, "decodes": 2, "tokens": 2, "forwards": 4, "added": 0}
+    spans = [(0.0, 0.010), (0.008, 0.010), (0.030, 0.010)]           # (start, duration) in s
+    path = tmp_path / "steps.jsonl"
+    path.write_text("\n".join(json.dumps(step | {"t": 100 + t, "dt": dt}) for t, dt in spans))
+    tl = engine_timeline(str(path), 100.0, 2, 100.05)
+    assert tl["busy_share"] == round(0.028 / 0.040, 3) and tl["steps"] == 3

@@ -218,9 +218,10 @@ class LLMEngine:
         return self._apply(batch, out, k, wall, t0)
 
     def _overlaps(self, batch, k: int) -> bool:
-        """A greedy pure-decode batch on one rank, as multi-step runs are (``_decode_steps``)."""
-        return (self.config.async_decode and k > 1 and batch.num_decodes == len(batch.seqs)
-                and getattr(self.runner, "peers", True) is None and len(batch.seqs) <= self.runner.max_graph_bs)
+        """A multi-step run (k > 1: a greedy pure-decode batch, ``_decode_steps``) on one rank, of
+        a batch the decode path takes (no larger than its biggest graph)."""
+        return (self.config.async_decode and k > 1 and self.config.parallel.tensor_parallel_size == 1
+                and len(batch.seqs) <= self.runner.max_graph_bs)
 
     def _land(self) -> list[Sequence]:
         """Queue the next run of the in-flight batch when it can go on unchanged, then read and

@@ -122,8 +122,9 @@ def main():
                     help="fused Triton GEMVs for decode batches <= 4 (engine default: auto, timed at start-up)")
     ap.add_argument("--decode-merge", choices=["kernel", "launch"], default=None,
                     help="split merge of the decode attention: in-kernel or a second launch (engine default: launch)")
-    ap.add_argument("--async-decode", action="store_true",
-                    help="queue each decode run of an unchanged batch before the previous one is read (engine async_decode)")
+    ap.add_argument("--async-decode", choices=["on", "off"], default=None,
+                    help="queue each decode run of an unchanged batch before the previous one is read "
+                         "(engine async_decode; default: on)")
     ap.add_argument("--repeat", type=int, default=3, help="batch-1 runs (the median is reported)")
     ap.add_argument("--only-batch1", action="store_true", help="stop after the batch-1 figure (and --profile)")
     ap.add_argument("--compare-single-step", action="store_true",
@@ -148,7 +149,7 @@ def main():
     if args.decode_merge:
         extra["decode_merge"] = args.decode_merge
     if args.async_decode:
-        extra["async_decode"] = True
+        extra["async_decode"] = args.async_decode == "on"
     llm = LLM(str(path), max_model_len=4096, enforce_eager=args.enforce_eager or not cuda,
               device="cuda" if cuda else "cpu", **extra)
     res["decode_steps"] = llm.config.decode_steps

@@ -103,12 +103,13 @@ class AREngineConfig(Strict):
         "greedy decode steps run back to back on the device per schedule, each feeding its token to the "
         "next (vLLM's num_scheduler_steps): the host's per-step work is paid once per run and overlaps "
         "the GPU; tokens are identical to single steps; streams get up to this many tokens per delta"))
-    async_decode: bool = Field(False, description=(
+    async_decode: bool = Field(True, description=(
         "multi-step greedy decode runs of an unchanged batch are queued on the device one ahead: the "
         "next run starts before the host has read and applied this one's tokens, so that host work "
         "(appending tokens, finishes, the serving loop's outputs) overlaps the GPU (as vLLM's async "
         "scheduling); tokens are identical. A run is resumed only while nothing waits to join and every "
-        "sequence has room for it; experimental (CPU-tested, not yet measured on a GPU)"))
+        "sequence has room for it (one rank only: off under tensor parallelism). H200, Qwen3-0.6B shape, "
+        "64 x 256 tokens: 36-38k tok/s offline vs 33k without"))
     warmup: bool = Field(True, description=(
         "CUDA: run a few throw-away requests at start-up (several prompt lengths and batch sizes, greedy "
         "and sampled) so that kernel compilation and autotuning happen before the first real burst"))

@@ -125,6 +125,9 @@ def main():
     ap.add_argument("--async-decode", choices=["on", "off"], default=None,
                     help="queue each decode run of an unchanged batch before the previous one is read "
                          "(engine async_decode; default: on)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample every request at this temperature (unseeded; default 0: greedy)")
+    ap.add_argument("--out", default=None, help="result file name under benchmarks/results/ (default ar_<device>.json)")
     ap.add_argument("--repeat", type=int, default=3, help="batch-1 runs (the median is reported)")
     ap.add_argument("--only-batch1", action="store_true", help="stop after the batch-1 figure (and --profile)")
     ap.add_argument("--compare-single-step", action="store_true",
@@ -159,7 +162,8 @@ def main():
     print("batch-1 projections:", res["small_gemv"], flush=True)
     vocab = llm.arch.vocab_size
     rng = random.Random(0)
-    ignore = dict(temperature=0.0, ignore_eos=True)
+    ignore = dict(temperature=args.temperature, ignore_eos=True)
+    res["temperature"] = args.temperature
     # warm up (compile, autotune)
     llm.generate([[rng.randrange(vocab) for _ in range(32)]] * 2, SamplingParams(max_tokens=8, **ignore), use_tqdm=False)
 
@@ -215,7 +219,7 @@ def main():
     rows.append({"figure": f"nano-vllm shape ({args.num_seqs} seqs, {args.min_len}-{args.max_len})",
                  "omni-ray tok/s": rt["tok_per_s"], "HF tok/s": "", "ceiling tok/s": rt["ceiling_tok_per_s"],
                  "ratio to ceiling": rt["ratio_to_ceiling"]})
-    out = write_result(f"ar_{'cuda' if cuda else 'cpu'}{'_quick' if args.quick else ''}.json", res)
+    out = write_result(args.out or f"ar_{'cuda' if cuda else 'cpu'}{'_quick' if args.quick else ''}.json", res)
     print(table(rows, ["figure", "omni-ray tok/s", "HF tok/s", "ceiling tok/s", "ratio to ceiling"]))
     print(f"wrote {out}")
 

@@ -11,7 +11,8 @@ Three measurements, each against its own baseline:
      engine (LLM.generate) on the same prompts and parameters; target: >= 85 %. Two ways: one
      burst (all C sent at once, 256 tokens each: the arrival of the burst weighs on a short run),
      and sustained (each client sends R requests back to back, output lengths spread over
-     128-384, against the offline engine holding at most C sequences, as the clients do); each
+     128-384, against the offline engine fed by the same C closed-loop clients with no transport
+     between; all requests queued at once, at most C in the batch, is reported beside it); each
      side the median of --repeats timed runs (3 on GPU: single runs of a 0.5 s burst drift by
      +-10 %); each burst's engine timeline (engine.step_log) says when the requests reached the
      engine and how long the client waited after its last step;

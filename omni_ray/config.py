@@ -100,11 +100,13 @@ class AREngineConfig(Strict):
     parallel: ParallelConfig = ParallelConfig()
     hidden_states_layer: int = Field(-1, description="default layer returned by hidden-state requests")
     decode_steps: int = Field(4, ge=1, le=64, description=(
-        "greedy decode steps run back to back on the device per schedule, each feeding its token to the "
-        "next (vLLM's num_scheduler_steps): the host's per-step work is paid once per run and overlaps "
-        "the GPU; tokens are identical to single steps; streams get up to this many tokens per delta"))
+        "decode steps run back to back on the device per schedule, each feeding its token to the next "
+        "(vLLM's num_scheduler_steps; sampled batches are sampled on the device between the forwards, "
+        "on one rank; under tensor parallelism only greedy ones): the host's per-step work is paid once "
+        "per run and overlaps the GPU; tokens are identical to single steps (seeded requests draw once "
+        "per step from their own generator); streams get up to this many tokens per delta"))
     async_decode: bool = Field(True, description=(
-        "multi-step greedy decode runs of an unchanged batch are queued on the device one ahead: the "
+        "multi-step decode runs of an unchanged batch are queued on the device one ahead: the "
         "next run starts before the host has read and applied this one's tokens, so that host work "
         "(appending tokens, finishes, the serving loop's outputs) overlaps the GPU (as vLLM's async "
         "scheduling); tokens are identical. A run is resumed only while nothing waits to join and every "

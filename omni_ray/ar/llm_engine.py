@@ -199,7 +199,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
     def step(self) -> list[Sequence]:
         """One forward of the next batch. Returns the sequences that changed (new token / finished).
-        With ``async_decode``, a pure greedy decode run is launched and, while the same batch can go
+        With ``async_decode``, a pure decode run is launched and, while the same batch can go
         on, the next run is queued on the device before this one's tokens are read: the host's work
         on a run (appending tokens, finishing sequences, the caller's outputs) overlaps the next."""
         if self._inflight is not None:
@@ -218,7 +218,7 @@ class LLMEngine:
         return self._apply(batch, out, k, wall, t0)
 
     def _overlaps(self, batch, k: int) -> bool:
-        """A multi-step run (k > 1: a greedy pure-decode batch, ``_decode_steps``) on one rank, of
+        """A multi-step run (k > 1: a pure-decode batch, ``_decode_steps``) on one rank, of
         a batch the decode path takes (no larger than its biggest graph)."""
         return (self.config.async_decode and k > 1 and self.config.parallel.tensor_parallel_size == 1
                 and len(batch.seqs) <= self.runner.max_graph_bs)
@@ -297,8 +297,8 @@ class LLMEngine:
         return changed
 
     def _decode_steps(self, batch) -> int:
-        """How many greedy decode steps to run for ``batch`` in one go: only pure decode batches of
-        greedy requests without logprobs; never past a sequence's max_model_len or its last
+        """How many decode steps to run for ``batch`` in one go: only pure decode batches (sampled
+        ones on one rank: the sampling runs on the device between the forwards); never past a sequence's max_model_len or its last
         allocated block (so that no step needs a block the scheduler has not given). A sequence
         that reaches max_tokens (or a stop) within the run drops the tokens after it, as with EOS:
         sequences a few tokens apart (streams that joined at different steps) do not cut every run
@@ -307,9 +307,10 @@ class LLMEngine:
         if k == 1 or batch.num_decodes != len(batch.seqs):
             return 1
         bs = self.config.cache.block_size
+        one_rank = self.config.parallel.tensor_parallel_size == 1
         for seq in batch.seqs:
             p = seq.params
-            if seq.is_encode or p.temperature > 0 or p.logprobs:
+            if seq.is_encode or ((p.temperature > 0 or p.logprobs) and not one_rank):
                 return 1
             k = min(k, self.max_model_len - len(seq), len(seq.block_table) * bs - len(seq) + 1)
         return max(k, 1)
@@ -318,13 +319,16 @@ class LLMEngine:
         """Tokens 2..k of a multi-step run, as if each came from its own step; a sequence that
         finishes drops the rest (their K/V sit in its own blocks, which are freed)."""
         s = self.stats
-        for seq, toks in zip(out.sampled, out.multi):
-            for tok in toks[1:]:
+        lps = out.multi_logprobs or [None] * len(out.sampled)
+        for seq, toks, lp in zip(out.sampled, out.multi, lps):
+            for j, tok in enumerate(toks[1:], start=1):
                 if seq.is_finished:
                     break
                 seq.num_computed_tokens += 1
                 s.decode_tokens += 1
                 s.decode_context_tokens += seq.num_computed_tokens
+                if lp is not None and seq.params.logprobs:
+                    seq.logprobs.append(lp[j])
                 seq.append_token(tok)
                 self._check_finish(seq)
             if not seq.is_finished:

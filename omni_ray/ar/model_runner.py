@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -54,6 +55,21 @@ class StepOutput:
     sampled: list[Sequence]                  # sequences that got a token
     hidden: dict[int, torch.Tensor]          # seq_id -> [n, H] hidden states of this step's rows
     multi: list[list[int]] | None = None     # multi-step decode: each sampled sequence's tokens
+    multi_logprobs: list[list[float]] | None = None   # ... and their log-probabilities (when asked)
+
+
+class DecodeLaunch(NamedTuple):
+    """A decode run queued on the device (``launch_decode``), read by ``collect_decode``."""
+    batch: ScheduledBatch
+    num_steps: int
+    buf: int                                 # which pinned host buffer its results go to
+    tokens: torch.Tensor                     # [num_steps, n] pinned host view
+    logprobs: torch.Tensor | None            # [num_steps, n] pinned host view, when asked
+
+
+def is_greedy(seqs: list[Sequence]) -> bool:
+    """Every sequence takes the argmax and wants no log-probabilities (the graphs' own token)."""
+    return all(s.params.temperature == 0 and not s.params.logprobs for s in seqs)
 
 
 class ModelRunner:
@@ -312,8 +328,7 @@ class ModelRunner:
         return hidden, captured, logits
 
     def _sample(self, logits: torch.Tensor, out: StepOutput) -> None:
-        ps = [s.params for s in out.sampled]
-        if all(p.temperature == 0 and not p.logprobs for p in ps):
+        if is_greedy(out.sampled):
             out.token_ids = logits.argmax(-1).tolist()          # greedy fast path: no sampling tensors
             return
         tokens, logprobs = sample(logits, self._sampling_tensors(out.sampled))
@@ -322,46 +337,51 @@ class ModelRunner:
 
     def _run_decode(self, batch: ScheduledBatch, num_steps: int) -> StepOutput:
         """A pure-decode batch: one packed host->device copy of the inputs, then ``num_steps`` forwards
-        back to back (CUDA-graph replays on GPU), each feeding its greedy token to the next on the
-        device. The host waits once, at the end. num_steps > 1 only for greedy sequences (the engine
-        checks), so the k tokens are exactly what k single steps would give."""
-        if num_steps == 1 and not all(s.params.temperature == 0 and not s.params.logprobs for s in batch.seqs):
-            self._fill_decode(batch.seqs, num_steps)
-            out = StepOutput([], None, list(batch.seqs), {})
-            self._sample(self.g_logits[:len(batch.seqs)], out)
-            return out
+        back to back (CUDA-graph replays on GPU), each feeding its token to the next on the device.
+        The host waits once, at the end; the k tokens are exactly what k single steps would give."""
         return self.collect_decode(self.launch_decode(batch, num_steps))
 
     @torch.inference_mode()
-    def launch_decode(self, batch: ScheduledBatch, num_steps: int, resume: bool = False) -> tuple:
-        """Greedy decode forwards of ``batch`` queued on the device, their tokens on their way to a
-        pinned host buffer (one of two, so that the next launch can be queued before this one is
-        read); ``collect_decode`` waits for them. ``resume``: the same batch again, right after the
-        previous launch, from where the device left it (tokens, positions and context lengths
-        advance on the device; the caller has checked that the block tables have room)."""
-        n = len(batch.seqs)
-        bs = self._fill_decode(batch.seqs, num_steps, resume)
+    def launch_decode(self, batch: ScheduledBatch, num_steps: int, resume: bool = False) -> DecodeLaunch:
+        """Decode forwards of ``batch`` queued on the device, their tokens (and log-probabilities) on
+        their way to a pinned host buffer (one of two, so that the next launch can be queued before
+        this one is read); ``collect_decode`` waits for them. Greedy batches take the graphs' own
+        argmax; others are sampled on the device between the forwards (no host sync; a seeded
+        request draws from its own generator once per step, as in single steps). ``resume``: the
+        same batch again, right after the previous launch, from where the device left it (tokens,
+        positions and context lengths advance on the device; the caller has checked that the block
+        tables have room)."""
+        seqs = batch.seqs
+        n = len(seqs)
+        st = None if is_greedy(seqs) else self._sampling_tensors(seqs)
+        self._fill_decode(seqs, num_steps, resume, st)
         buf = self._tok_buf = 1 - self._tok_buf
-        dst = self.h_tok[buf][:num_steps * n].view(num_steps, n)          # contiguous: an async copy
-        dst.copy_(self.g_tokens[:num_steps, :n], non_blocking=True)
+        tokens = self.h_tok[buf][:num_steps * n].view(num_steps, n)         # contiguous: an async copy
+        tokens.copy_(self.g_tokens[:num_steps, :n], non_blocking=True)
+        logprobs = None
+        if st is not None and st.want_logprobs:
+            logprobs = self.h_lp[buf][:num_steps * n].view(num_steps, n)
+            logprobs.copy_(self.g_lp[:num_steps, :n], non_blocking=True)
         if self.device.type == "cuda":
             self.tok_ready[buf].record()
-        return batch, num_steps, buf, dst, bs
+        return DecodeLaunch(batch, num_steps, buf, tokens, logprobs)
 
-    def collect_decode(self, launched: tuple) -> StepOutput:
-        """The tokens of a ``launch_decode``: StepOutput.token_ids (first step) and .multi [n][k]."""
-        batch, num_steps, buf, dst, _ = launched
+    def collect_decode(self, launched: DecodeLaunch) -> StepOutput:
+        """The results of a ``launch_decode``: StepOutput.token_ids / .logprobs (first step) and
+        .multi / .multi_logprobs [n][k]."""
         if self.device.type == "cuda":
-            self.tok_ready[buf].synchronize()
-        out = StepOutput([], None, list(batch.seqs), {})
-        if num_steps == 1:
-            out.token_ids = dst[0].tolist()
-        else:
-            out.multi = dst.t().tolist()                      # [n][num_steps]
-            out.token_ids = [t[0] for t in out.multi]
+            self.tok_ready[launched.buf].synchronize()
+        out = StepOutput(launched.tokens[0].tolist(), None, list(launched.batch.seqs), {})
+        if launched.logprobs is not None:
+            out.logprobs = launched.logprobs[0].tolist()
+        if launched.num_steps > 1:
+            out.multi = launched.tokens.t().tolist()                      # [n][num_steps]
+            if launched.logprobs is not None:
+                out.multi_logprobs = launched.logprobs.t().tolist()
         return out
 
-    def _fill_decode(self, seqs: list[Sequence], num_steps: int, resume: bool = False) -> int:
+    def _fill_decode(self, seqs: list[Sequence], num_steps: int, resume: bool = False,
+                     st: SamplingTensors | None = None) -> int:
         """Decode inputs of ``seqs`` to the device (unless ``resume``), then the forwards; returns
         the graph batch size. Padding rows aim every block-table column at the scratch block, so
         that however far a resumed run advances them they write there."""
@@ -379,18 +399,28 @@ class ModelRunner:
             self.g_in[:bs].copy_(self.h_in[:bs], non_blocking=True)
         splits = 0 if self.graphs else self._splits(n, max(len(s) for s in seqs) + num_steps)
         if self.peers is not None:
+            assert st is None or num_steps == 1, "sampled multi-step runs are for one rank"
             self.peers.decode(bs, num_steps, splits)
-        self._decode_forwards(bs, num_steps, splits)
+        self._decode_forwards(bs, num_steps, splits, n, st)
         return bs
 
-    def _decode_forwards(self, bs: int, num_steps: int, splits: int) -> None:
-        """``num_steps`` decode forwards on g_in[:bs] (graph replays on GPU); every TP rank runs this."""
+    def _decode_forwards(self, bs: int, num_steps: int, splits: int, n: int = 0,
+                         st: SamplingTensors | None = None) -> None:
+        """``num_steps`` decode forwards on g_in[:bs] (graph replays on GPU); every TP rank runs this.
+        With ``st``, rows [:n] are sampled after each forward and that token replaces the argmax
+        as the step's token and the next step's input."""
         self.g_step.zero_()
-        for _ in range(num_steps):
+        for step in range(num_steps):
             if self.graphs:
                 self.graphs[bs].replay()
             else:
                 self._decode_body(bs, self._decode_meta(bs, splits))
+            if st is not None:
+                ids, logprobs = sample(self.g_logits[:n], st)             # [n], [n] | None
+                self.g_tokens[step, :n] = ids
+                self.g_in[:n, 0] = ids.to(torch.int32)
+                if logprobs is not None:
+                    self.g_lp[step, :n] = logprobs
 
     def _layer_index(self, seq: Sequence) -> int:
         layer = seq.params.layer
@@ -407,7 +437,8 @@ class ModelRunner:
     def _alloc_decode_buffers(self) -> None:
         """Persistent inputs/outputs of decode steps (what the graphs read and write).
         g_in rows: [token, position, context length, block table ...] (int32), filled from a pinned
-        host copy in one transfer; g_tokens[step, row]: each step's greedy token."""
+        host copy in one transfer; g_tokens[step, row]: each step's token (the argmax, or
+        what was sampled), g_lp[step, row] its log-probability when asked."""
         mb = self.max_graph_bs = max(self.graph_sizes) if self.graph_sizes else self.cfg.scheduler.max_num_seqs
         dev, cuda = self.device, self.device.type == "cuda"
         cols = 3 + self.max_blocks
@@ -417,6 +448,8 @@ class ModelRunner:
         steps = self.cfg.decode_steps
         self.g_tokens = torch.zeros(steps, mb, dtype=torch.int64, device=dev)
         self.h_tok = [torch.zeros(steps * mb, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        self.g_lp = torch.zeros(steps, mb, dtype=torch.float32, device=dev)      # sampled runs' log-probs
+        self.h_lp = [torch.zeros(steps * mb, dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
         self.tok_ready = [torch.cuda.Event() for _ in range(2)] if cuda else None
         self._tok_buf = 0
         self.g_step = torch.zeros(1, dtype=torch.int64, device=dev)

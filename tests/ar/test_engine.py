@@ -221,3 +221,32 @@ def test_mixed_step_packing_equals_the_eager_inputs():
     want = [(j << 16) | b for j, k in enumerate(batch.num_new) for b in range(-(-k // g.m))]
     assert h[g.o_qb:g.o_qb + len(want)].tolist() == want and (h[g.o_qb + len(want):] == -1).all()
     assert g.nqb >= -(-g.t_max // g.m) + g.s and len(h) == g.o_qb + g.nqb
+
+
+SAMPLED = [SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=37),
+           SamplingParams(temperature=1.0, top_k=20, seed=2, max_tokens=23, logprobs=True),
+           SamplingParams(temperature=0, max_tokens=30, logprobs=True, ignore_eos=True),
+           SamplingParams(temperature=0.7, min_p=0.05, seed=3, max_tokens=45, ignore_eos=True)]
+
+
+@pytest.mark.parametrize("async_decode", [False, True])
+def test_sampled_multi_step_decode_equals_single_steps(async_decode):
+    """Seeded sampled requests (temperature with top-p, top-k, min-p) beside a greedy one, two with
+    log-probabilities, run 4 steps per schedule with the sampling on the device between the
+    forwards (and, with async_decode, the next run queued before this one is read): each seeded
+    request draws once per step from its own generator, so the tokens, finish reasons and
+    log-probabilities are those of single steps, in fewer host steps."""
+    def run(k, overlap):
+        llm = make_llm(decode_steps=k, async_decode=overlap)
+        outs = llm.generate(PROMPTS, SAMPLED, use_tqdm=False)
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+        return outs, llm.stats
+    want, single = run(1, False)
+    got, stats = run(4, async_decode)
+    assert [(o["token_ids"], o["finish_reason"]) for o in got] == [(o["token_ids"], o["finish_reason"]) for o in want]
+    for g, w in zip(got, want):
+        if "logprobs" in w:
+            assert len(g["logprobs"]) == len(w["logprobs"]) == len(w["token_ids"])
+            torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-5, rtol=0)
+    assert len(set(map(tuple, (o["token_ids"] for o in want)))) == len(want)
+    assert stats.forwards > stats.steps and stats.steps < single.steps

@@ -307,3 +307,20 @@ def test_async_decode_on_cuda_with_stops_and_joins_equals_cpu(monkeypatch):
     assert [s.output_token_ids for s in seqs] == want
     assert len(want[0]) == ref.index(stop) + 1 < 30 and resumed["resumed"] > 0
     assert gpu.block_manager.num_free_blocks == gpu.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("async_decode", [False, True])
+def test_sampled_multi_step_on_cuda_graphs_equals_single_steps(async_decode):
+    """Seeded sampling between graph replays (CUDA generators, top-p / top-k / min-p, log-probs):
+    4-step runs, queued one ahead or not, give the tokens and log-probabilities of single steps."""
+    from tests.ar.test_engine import SAMPLED
+    kw = dict(device="cuda", dtype="float32", enforce_eager=False)
+    want = make_llm("tiny:qwen3", decode_steps=1, async_decode=False, **kw).generate(PROMPTS, SAMPLED, use_tqdm=False)
+    llm = make_llm("tiny:qwen3", decode_steps=4, async_decode=async_decode, **kw)
+    got = llm.generate(PROMPTS, SAMPLED, use_tqdm=False)
+    assert [(o["token_ids"], o["finish_reason"]) for o in got] == [(o["token_ids"], o["finish_reason"]) for o in want]
+    for g, w in zip(got, want):
+        if "logprobs" in w:
+            torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4, rtol=0)
+    assert llm.stats.forwards > llm.stats.steps
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks

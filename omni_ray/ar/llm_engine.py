@@ -298,11 +298,11 @@ class LLMEngine:
 
     def _decode_steps(self, batch) -> int:
         """How many decode steps to run for ``batch`` in one go: only pure decode batches (sampled
-        ones on one rank: the sampling runs on the device between the forwards); never past a sequence's max_model_len or its last
-        allocated block (so that no step needs a block the scheduler has not given). A sequence
-        that reaches max_tokens (or a stop) within the run drops the tokens after it, as with EOS:
-        sequences a few tokens apart (streams that joined at different steps) do not cut every run
-        short near their ends."""
+        ones on one rank: the sampling runs on the device between the forwards); never past a
+        sequence's max_model_len or its last allocated block (so that no step needs a block the
+        scheduler has not given). A sequence that reaches max_tokens (or a stop) within the run
+        drops the tokens after it, as with EOS: sequences a few tokens apart (streams that joined
+        at different steps) do not cut every run short near their ends."""
         k = self.config.decode_steps
         if k == 1 or batch.num_decodes != len(batch.seqs):
             return 1

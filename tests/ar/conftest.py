@@ -19,3 +19,18 @@ def make_llm(model="tiny:qwen3", **kw):
 @pytest.fixture(scope="session")
 def qwen3():
     return make_llm("tiny:qwen3")
+
+
+@pytest.fixture
+def resumes(monkeypatch):
+    """Counts the runs queued on top of one in flight (``launch_decode(..., resume=True)``)."""
+    from omni_ray.ar.model_runner import ModelRunner
+    count = {"resumed": 0}
+    launch = ModelRunner.launch_decode
+
+    def spy(self, batch, num_steps, resume=False):
+        count["resumed"] += resume
+        return launch(self, batch, num_steps, resume)
+
+    monkeypatch.setattr(ModelRunner, "launch_decode", spy)
+    return count

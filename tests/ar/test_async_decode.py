@@ -2,29 +2,12 @@
 The tokens must be exactly those of the engine without it, whatever ends or joins mid-flight:
 lengths and stop tokens inside a run, requests that join, aborts, block boundaries."""
 
-import pytest
-
 from omni_ray.ar import SamplingParams
 from tests.ar.conftest import PROMPTS, make_llm
 
 
 def engines(**kw):
     return make_llm(async_decode=False, **kw), make_llm(async_decode=True, **kw)
-
-
-@pytest.fixture
-def resumes(monkeypatch):
-    """Counts the runs queued on top of one in flight (``launch_decode(..., resume=True)``)."""
-    from omni_ray.ar.model_runner import ModelRunner
-    count = {"resumed": 0}
-    launch = ModelRunner.launch_decode
-
-    def spy(self, batch, num_steps, resume=False):
-        count["resumed"] += resume
-        return launch(self, batch, num_steps, resume)
-
-    monkeypatch.setattr(ModelRunner, "launch_decode", spy)
-    return count
 
 
 def tokens(llm, prompts, params):

@@ -248,44 +248,28 @@ def test_small_gemv_tiles_and_pdl_agree(config):
     assert torch.equal(y, want)
 
 
-def _launch_spy(monkeypatch) -> dict:
-    """Counts decode runs queued on top of one in flight (``launch_decode(..., resume=True)``)."""
-    from omni_ray.ar.model_runner import ModelRunner
-    count = {"resumed": 0}
-    launch = ModelRunner.launch_decode
-
-    def spy(self, batch, num_steps, resume=False):
-        count["resumed"] += resume
-        return launch(self, batch, num_steps, resume)
-
-    monkeypatch.setattr(ModelRunner, "launch_decode", spy)
-    return count
-
-
 def _ids(llm, prompts, params):
     return [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_async_decode_on_cuda_graphs_equals_single_runs(dtype, monkeypatch):
+def test_async_decode_on_cuda_graphs_equals_single_runs(dtype, resumes):
     """``async_decode`` with decode CUDA graphs: 44 sequences (a padded graph batch) whose lengths
     end inside 4-step runs and cross blocks; runs queued one ahead give the same tokens as the engine
     without overlap, in the same dtype, and every block comes back."""
-    resumed = _launch_spy(monkeypatch)
     prompts = [f"{p} ({i})" for i in range(11) for p in PROMPTS]
     params = [SamplingParams(temperature=0, max_tokens=9 + 7 * (i % 9), ignore_eos=True) for i in range(len(prompts))]
     kw = dict(device="cuda", dtype=dtype, enforce_eager=False, decode_steps=4)
     want = _ids(make_llm("tiny:qwen3", async_decode=False, **kw), prompts, params)
     overlap = make_llm("tiny:qwen3", async_decode=True, **kw)
     assert _ids(overlap, prompts, params) == want
-    assert resumed["resumed"] >= 5
+    assert resumes["resumed"] >= 5
     assert overlap.block_manager.num_free_blocks == overlap.block_manager.num_blocks
 
 
-def test_async_decode_on_cuda_with_stops_and_joins_equals_cpu(monkeypatch):
+def test_async_decode_on_cuda_with_stops_and_joins_equals_cpu(resumes):
     """float32 on CUDA graphs against the CPU engine: a stop token ends a sequence inside a run
     while the next run is queued, and requests join one per step while runs are in flight."""
-    resumed = _launch_spy(monkeypatch)
     free = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     cpu = make_llm("tiny:qwen3")
     ref = _ids(cpu, PROMPTS[:1], free)[0]
@@ -305,7 +289,7 @@ def test_async_decode_on_cuda_with_stops_and_joins_equals_cpu(monkeypatch):
     while not gpu.is_finished():
         gpu.step()
     assert [s.output_token_ids for s in seqs] == want
-    assert len(want[0]) == ref.index(stop) + 1 < 30 and resumed["resumed"] > 0
+    assert len(want[0]) == ref.index(stop) + 1 < 30 and resumes["resumed"] > 0
     assert gpu.block_manager.num_free_blocks == gpu.block_manager.num_blocks
 
 

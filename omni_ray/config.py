@@ -102,7 +102,7 @@ class AREngineConfig(Strict):
     decode_steps: int = Field(4, ge=1, le=64, description=(
         "decode steps run back to back on the device per schedule, each feeding its token to the next "
         "(vLLM's num_scheduler_steps; sampled batches are sampled on the device between the forwards, "
-        "on one rank; under tensor parallelism only greedy ones): the host's per-step work is paid once "
+        "under tensor parallelism by rank 0, which broadcasts them): the host's per-step work is paid once "
         "per run and overlaps the GPU; tokens are identical to single steps (seeded requests draw once "
         "per step from their own generator); streams get up to this many tokens per delta"))
     async_decode: bool = Field(True, description=(

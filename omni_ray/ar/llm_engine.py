@@ -298,7 +298,7 @@ class LLMEngine:
 
     def _decode_steps(self, batch) -> int:
         """How many decode steps to run for ``batch`` in one go: only pure decode batches (sampled
-        ones on one rank: the sampling runs on the device between the forwards); never past a
+        ones are sampled on the device between the forwards); never past a
         sequence's max_model_len or its last allocated block (so that no step needs a block the
         scheduler has not given). A sequence that reaches max_tokens (or a stop) within the run
         drops the tokens after it, as with EOS: sequences a few tokens apart (streams that joined
@@ -307,10 +307,8 @@ class LLMEngine:
         if k == 1 or batch.num_decodes != len(batch.seqs):
             return 1
         bs = self.config.cache.block_size
-        one_rank = self.config.parallel.tensor_parallel_size == 1
         for seq in batch.seqs:
-            p = seq.params
-            if seq.is_encode or ((p.temperature > 0 or p.logprobs) and not one_rank):
+            if seq.is_encode:
                 return 1
             k = min(k, self.max_model_len - len(seq), len(seq.block_table) * bs - len(seq) + 1)
         return max(k, 1)

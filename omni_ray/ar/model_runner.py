@@ -398,29 +398,36 @@ class ModelRunner:
                 row[3:3 + len(s.block_table)] = s.block_table
             self.g_in[:bs].copy_(self.h_in[:bs], non_blocking=True)
         splits = 0 if self.graphs else self._splits(n, max(len(s) for s in seqs) + num_steps)
+        sampled = n if st is not None else 0
         if self.peers is not None:
-            assert st is None or num_steps == 1, "sampled multi-step runs are for one rank"
-            self.peers.decode(bs, num_steps, splits)
-        self._decode_forwards(bs, num_steps, splits, n, st)
+            self.peers.decode(bs, num_steps, splits, sampled)
+        self._decode_forwards(bs, num_steps, splits, sampled, st)
         return bs
 
-    def _decode_forwards(self, bs: int, num_steps: int, splits: int, n: int = 0,
+    def _decode_forwards(self, bs: int, num_steps: int, splits: int, sampled: int = 0,
                          st: SamplingTensors | None = None) -> None:
         """``num_steps`` decode forwards on g_in[:bs] (graph replays on GPU); every TP rank runs this.
-        With ``st``, rows [:n] are sampled after each forward and that token replaces the argmax
-        as the step's token and the next step's input."""
+        ``sampled`` rows [:n] take a sampled token instead of the argmax: rank 0 samples them after
+        each forward (``st``) as the step's token; under tensor parallelism it broadcasts them, and
+        every rank feeds them to its next forward."""
         self.g_step.zero_()
         for step in range(num_steps):
             if self.graphs:
                 self.graphs[bs].replay()
             else:
                 self._decode_body(bs, self._decode_meta(bs, splits))
+            if not sampled:
+                continue
+            nxt = self.g_next[:sampled]                                   # [n] int32, contiguous
             if st is not None:
-                ids, logprobs = sample(self.g_logits[:n], st)             # [n], [n] | None
-                self.g_tokens[step, :n] = ids
-                self.g_in[:n, 0] = ids.to(torch.int32)
+                ids, logprobs = sample(self.g_logits[:sampled], st)       # [n], [n] | None
+                self.g_tokens[step, :sampled] = ids
                 if logprobs is not None:
-                    self.g_lp[step, :n] = logprobs
+                    self.g_lp[step, :sampled] = logprobs
+                nxt.copy_(ids)
+            if self.tp.size > 1:
+                dist.broadcast(nxt, src=0, group=self.tp.group)
+            self.g_in[:sampled, 0] = nxt                # the next forward's input (or a resumed run's)
 
     def _layer_index(self, seq: Sequence) -> int:
         layer = seq.params.layer
@@ -449,6 +456,7 @@ class ModelRunner:
         self.g_tokens = torch.zeros(steps, mb, dtype=torch.int64, device=dev)
         self.h_tok = [torch.zeros(steps * mb, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
         self.g_lp = torch.zeros(steps, mb, dtype=torch.float32, device=dev)      # sampled runs' log-probs
+        self.g_next = torch.zeros(mb, dtype=torch.int32, device=dev)             # ... and next input tokens
         self.h_lp = [torch.zeros(steps * mb, dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
         self.tok_ready = [torch.cuda.Event() for _ in range(2)] if cuda else None
         self._tok_buf = 0

@@ -15,7 +15,8 @@ agreed by all). Rank 0 is this process and runs the engine; ranks 1..N-1 are Ray
 
 CUDA graphs are captured on every rank (same batch sizes, same order, NCCL all-reduces inside),
 and multi-step decode replays them on every rank: the in-graph greedy token comes from logits
-that are all-gathered, so every rank feeds the same token to its next step.
+that are all-gathered, so every rank feeds the same token to its next step; a sampled batch's
+tokens are drawn by rank 0 alone and broadcast to the others between the forwards.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ class TPShard:
     def handle_post(self, v: np.ndarray) -> None:
         r, group = self.runner, self.ctx.group
         if v[0] == DECODE:
-            bs, num_steps, splits = (int(x) for x in v[1:4])
+            bs, num_steps, splits, sampled = (int(x) for x in v[1:5])
             dist.broadcast(r.g_in[:bs], src=0, group=group)
-            r._decode_forwards(bs, num_steps, splits)
+            r._decode_forwards(bs, num_steps, splits, sampled)
         elif v[0] == EAGER:
             n, b, w, s, nd, max_q, max_ctx, splits = (int(x) for x in v[1:9])
             buf = torch.empty(3 * n + 2 * b + 1 + b * w + s, dtype=torch.int64, device=r.device)
@@ -118,8 +119,8 @@ class _Rank0Peers:
     def __init__(self, group: WorkerGroup, runner: ModelRunner):
         self.group, self.runner, self.tp_group = group, runner, group.group
 
-    def decode(self, bs: int, num_steps: int, splits: int) -> None:
-        self.group.post((DECODE, bs, num_steps, splits))
+    def decode(self, bs: int, num_steps: int, splits: int, sampled: int = 0) -> None:
+        self.group.post((DECODE, bs, num_steps, splits, sampled))
         dist.broadcast(self.runner.g_in[:bs], src=0, group=self.tp_group)
 
     def forward(self, ids, pos, meta: AttnMetadata, rows) -> None:

@@ -47,8 +47,10 @@ def test_tp2_equals_tp1(ray_local, model, kv_per_rank):
             assert max(abs(a - b) for a, b in zip(w["logprobs"], g["logprobs"])) < 1e-4
         assert [o["token_ids"] for o in llm.generate(PROMPTS, fast, use_tqdm=False)] == \
             [o["token_ids"] for o in want_fast]
+        forwards, steps = llm.stats.forwards, llm.stats.steps
         assert [o["token_ids"] for o in llm.generate(PROMPTS, seeded, use_tqdm=False)] == \
-            [o["token_ids"] for o in want_seeded]                              # rank 0 samples
+            [o["token_ids"] for o in want_seeded]                              # rank 0 samples, broadcasts
+        assert llm.stats.forwards - forwards > llm.stats.steps - steps         # in multi-step runs
         for w, g in zip(want_hidden, llm.encode(PROMPTS[:2])):          # every prompt row, all features
             assert g.shape == w.shape and (g - w).abs().max() < 1e-4
         assert llm.stats.steps > 0 and llm.engine_stats()["num_free_blocks"] == 128

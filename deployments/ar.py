@@ -140,12 +140,12 @@ class ARDeployment(StageReplica):
         return {"ref": [ref], "shape": list(hs.shape), "dtype": str(hs.dtype).replace("torch.", ""),
                 "object_id": ref.hex(), "source": source}
 
-    async def __del__(self):
+    async def shutdown(self) -> None:
         if getattr(self, "loop_lag", None) is not None:
             self.loop_lag.stop()
         if getattr(self, "call_log", None) is not None:
             self.call_log.close()
-        await super().__del__()
+        await super().shutdown()
 
     def info(self) -> dict:
         return {"stage": self.stage, "kind": "ar", "model": self.engine.model_name,

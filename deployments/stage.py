@@ -35,7 +35,16 @@ class StageReplica:
         self.engine.check_health()
         return {"stage": self.stage, "status": "ok"}
 
-    async def __del__(self):
+    def __del__(self):
+        """Serve's shutdown hook: Serve awaits the coroutine this returns. Once only: Python calls
+        ``__del__`` again when it collects the replica, where an ``async def __del__`` would leave a
+        coroutine that nobody awaits."""
+        if getattr(self, "_shut_down", False):
+            return None
+        self._shut_down = True
+        return self.shutdown()
+
+    async def shutdown(self) -> None:
         if getattr(self, "metrics", None) is not None:
             self.metrics.stop()
         self.capacity.leave()

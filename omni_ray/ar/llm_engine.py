@@ -227,7 +227,7 @@ class LLMEngine:
         """Queue the next run of the in-flight batch when it can go on unchanged, then read and
         apply the in-flight run's tokens (the device works on the next one meanwhile)."""
         launched, wall, t0, resumes = self._inflight
-        batch, k = launched[0], launched[1]
+        batch, k = launched.batch, launched.num_steps
         nxt = self.runner.launch_decode(batch, k, resume=True) if self._can_resume(batch, k, resumes) else None
         out = self.runner.collect_decode(launched)
         ready_wall, ready = time.time(), time.perf_counter()       # the device moves on to ``nxt`` now
@@ -298,9 +298,9 @@ class LLMEngine:
 
     def _decode_steps(self, batch) -> int:
         """How many decode steps to run for ``batch`` in one go: only pure decode batches (sampled
-        ones are sampled on the device between the forwards); never past a
-        sequence's max_model_len or its last allocated block (so that no step needs a block the
-        scheduler has not given). A sequence that reaches max_tokens (or a stop) within the run
+        ones are sampled on the device between the forwards); never past a sequence's
+        max_model_len or its last allocated block (so that no step needs a block the scheduler
+        has not given). A sequence that reaches max_tokens (or a stop) within the run
         drops the tokens after it, as with EOS: sequences a few tokens apart (streams that joined
         at different steps) do not cut every run short near their ends."""
         k = self.config.decode_steps

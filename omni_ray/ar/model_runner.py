@@ -353,7 +353,9 @@ class ModelRunner:
         tables have room)."""
         seqs = batch.seqs
         n = len(seqs)
-        st = None if is_greedy(seqs) else self._sampling_tensors(seqs)
+        if not resume:                  # a resumed run: the same sequences, the same sampling tensors
+            self._launch_st = None if is_greedy(seqs) else self._sampling_tensors(seqs)
+        st = self._launch_st
         self._fill_decode(seqs, num_steps, resume, st)
         buf = self._tok_buf = 1 - self._tok_buf
         tokens = self.h_tok[buf][:num_steps * n].view(num_steps, n)         # contiguous: an async copy
@@ -460,6 +462,7 @@ class ModelRunner:
         self.h_lp = [torch.zeros(steps * mb, dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
         self.tok_ready = [torch.cuda.Event() for _ in range(2)] if cuda else None
         self._tok_buf = 0
+        self._launch_st: SamplingTensors | None = None     # the last launch's (a resumed run reuses them)
         self.g_step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.g_logits = torch.zeros(mb, self.arch.vocab_size, dtype=self.dtype, device=dev)
 

@@ -30,13 +30,13 @@ RUN apt-get update \
  && python3.12 -m venv /opt/venv \
  && pip install --upgrade pip
 
-RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install torch --index-url "$TORCH_INDEX_URL"; fi
+RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"; fi
 
 WORKDIR /opt/omni-ray
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY omni_ray ./omni_ray
 COPY deployments ./deployments
-RUN pip install . "ray[serve]==${RAY_VERSION}" \
+RUN pip install -c constraints.txt . "ray[serve]==${RAY_VERSION}" \
  && python -c "import omni_ray, deployments, ray; print('ray', ray.__version__)"
 
 # The serve configs, for `serve run` inside a RayCluster (models still come from /models).

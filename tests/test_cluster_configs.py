@@ -1,6 +1,6 @@
 """KubeRay manifests and serve configs, checked offline and strictly (unknown keys fail).
 
-CRDs: ../shared/kuberay-crds (KubeRay v1.7.0). Serve: Ray's ServeDeploySchema plus a walk
+CRDs: cluster_configs/crds (KubeRay v1.7.0, vendored). Serve: Ray's ServeDeploySchema plus a walk
 over its pydantic fields (Ray itself drops unknown keys). Each app's args.config: OmniConfig.
 """
 
@@ -22,7 +22,7 @@ from omni_ray.config import OmniConfig
 from omni_ray.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
+CRDS = ROOT / "cluster_configs" / "crds"
 MANIFESTS = {"rayservice.yaml": "ray.io_rayservices.yaml", "raycluster.yaml": "ray.io_rayclusters.yaml"}
 SERVE_CONFIGS = ["serve_config.yaml", "serve_config.gpu.yaml"]
 

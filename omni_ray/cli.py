@@ -5,7 +5,7 @@
     omni-ray image --config serve_config.yaml --prompt "a lighthouse" --size 64x64 --steps 4 --out out/
     omni-ray make-tiny tiny:qwen3 tiny:pixart          # or --all, --list
     omni-ray bench ar --quick                           # benchmarks/bench_ar.py with these arguments
-    omni-ray docs --check                               # README configuration reference in sync?
+    omni-ray docs --check                               # docs/configuration.md in sync? (tools/gen_config_docs.py)
     omni-ray validate serve_config.gpu.yaml             # load a config, print its stages and pipelines
 
 ``--config`` takes a Serve config file (``serve_config.yaml``: its first application's
@@ -155,10 +155,12 @@ def bench(args) -> int:
 
 
 def docs(args) -> int:
-    from omni_ray import docs_config
-
+    script = ROOT / "tools" / "gen_config_docs.py"
+    if not script.exists():
+        raise OmniError(f"{script} not found: `omni-ray docs` runs from a source checkout (pip install -e .)")
     flags = ["--check"] if args.check else ["--write"] if args.write else []
-    return docs_config.main(flags + (["--readme", str(args.readme)] if args.readme else []))
+    return subprocess.call([sys.executable, str(script), *flags, *(["--out", str(args.out)] if args.out else [])],
+                           cwd=ROOT)
 
 
 def validate_cmd(args) -> int:
@@ -224,11 +226,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (e.g. --quick)")
     b.set_defaults(func=bench)
 
-    d = sub.add_parser("docs", help="the README configuration reference (from omni_ray/config.py)")
+    d = sub.add_parser("docs", help="docs/configuration.md, the configuration reference (tools/gen_config_docs.py)")
     grp = d.add_mutually_exclusive_group()
-    grp.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
-    grp.add_argument("--write", action="store_true", help="rewrite the README section")
-    d.add_argument("--readme", type=Path, default=None)
+    grp.add_argument("--check", action="store_true", help="exit 1 if docs/configuration.md is out of date")
+    grp.add_argument("--write", action="store_true", help="rewrite docs/configuration.md")
+    d.add_argument("--out", type=Path, default=None)
     d.set_defaults(func=docs)
 
     v = sub.add_parser("validate", help="load a config and print its stages and pipelines")

@@ -110,8 +110,7 @@ class AREngineConfig(Strict):
         "next run starts before the host has read and applied this one's tokens, so that host work "
         "(appending tokens, finishes, the serving loop's outputs) overlaps the GPU (as vLLM's async "
         "scheduling); tokens are identical. A run is resumed only while nothing waits to join and every "
-        "sequence has room for it (one rank only: off under tensor parallelism). H200, Qwen3-0.6B shape, "
-        "64 x 256 greedy tokens offline: 36.4-37.6k tok/s vs 31.7-33.0k without"))
+        "sequence has room for it (one rank only: off under tensor parallelism)"))
     warmup: bool = Field(True, description=(
         "CUDA: run a few throw-away requests at start-up (several prompt lengths and batch sizes, greedy "
         "and sampled) so that kernel compilation and autotuning happen before the first real burst"))
@@ -122,13 +121,12 @@ class AREngineConfig(Strict):
     decode_merge: Literal["kernel", "launch"] = Field("launch", description=(
         "CUDA Triton decode attention split over the context (small batches): merge the splits in "
         "the decode kernel itself (the last split's program, one launch per layer) or in a second "
-        "kernel launch; on an H100 batch-1 decode of the Qwen3-0.6B shape ran 1,033 tok/s with the "
-        "in-kernel merge and 1,072 with the second launch (median of 5), so launch is the default"))
+        "kernel launch (launch measured faster: docs/benchmarks.md)"))
     mixed_graph_tokens: int = Field(2048, ge=0, le=2048, description=(
         "CUDA: steps that carry prompt tokens (a prefill, or prompts joining running decodes) with at "
         "most this many tokens replay a CUDA graph captured for their token bucket (16, 32, ... this), "
-        "instead of running eagerly, which is bound by the host (on an H100 ~13-20 ms a step for the "
-        "Qwen3-0.6B shape, against ~3 ms of device work); 0: eager. Single-GPU Triton attention only"))
+        "instead of running eagerly, where the host's per-op cost bounds the step; 0: eager. Single-GPU "
+        "Triton attention only"))
     elementwise: Literal["triton", "compile"] = Field("triton", description=(
         "CUDA: the row-wise ops between projections (RMS norm with the residual add, SiLU-and-mul): "
         "one Triton kernel each, or torch.compile'd functions. Eager steps (prefill, and decodes that "
@@ -143,11 +141,11 @@ class AREngineConfig(Strict):
         "benchmarks/bench_serve.py reads it to split a burst's time into arrival at the engine and stepping"))
     core_send_thread: bool = Field(True, description=(
         "engine core process: a second thread pickles and sends each step's outputs while the next "
-        "step runs (the loop goes from step to step without ~0.25 ms of sending); off: sent inline"))
+        "step runs, so the loop goes from step to step without waiting for the send; off: sent inline"))
     core_process: Literal["auto", "on", "off"] = Field("auto", description=(
         "AsyncLLM (serving): step the engine in its own child process, so the serving event loop never "
         "shares a GIL with it (vLLM's EngineCore); auto: on with tensor_parallel_size 1 (on CPU "
-        "too: PyTorch's CPU kernels run up to 1.6x slower from a second thread of a process)"))
+        "too, where PyTorch's kernels run slower from a second thread of a process)"))
 
     @model_validator(mode="after")
     def _check(self):
@@ -393,7 +391,7 @@ class AppConfig(Strict):
         "how often the ingress sends each SSE stream its merged events"))
     stage_call_batch: int = Field(16, ge=1, le=256, description=(
         "AR streams that reach an ingress replica together go to the stage in one Serve call, at most "
-        "this many (Serve's ~1 ms per-call cost paid once per burst; Serve then counts the call as one "
+        "this many (Serve's per-call cost paid once per burst; Serve then counts the call as one "
         "ongoing request); 1: one call per request"))
     metrics: MetricsConfig = MetricsConfig()
 

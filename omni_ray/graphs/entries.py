@@ -1,0 +1,26 @@
+"""Today's model families as stage graphs (one entry per checkpoint class)."""
+
+from __future__ import annotations
+
+from omni_ray.graphs.graph import StageGraph, StageNode
+from omni_ray.graphs.registry import register
+
+
+@register("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+def causal_lm(cfg: dict) -> StageGraph:
+    """A decoder LLM: one AR stage, text in, text out."""
+    return StageGraph(cfg["architectures"][0], (StageNode("llm", "ar", "prompt", "text"),))
+
+
+@register("PixArtSigmaPipeline", "StableDiffusion3Pipeline")
+def text_to_image(cfg: dict) -> StageGraph:
+    """A diffusers text-to-image pipeline. With its own text encoder, one DiT stage; with none
+    (``text_encoder: [null, null]``), an AR stage's prompt hidden states condition the DiT."""
+    arch = cfg["_class_name"]
+    own_encoder = any(v[0] for k, v in cfg.items() if k.startswith("text_encoder") and isinstance(v, list))
+    if own_encoder:
+        nodes = (StageNode("denoiser", "dit", "prompt", "images"),)
+    else:
+        nodes = (StageNode("text_encoder", "ar", "prompt", "hidden_states"),
+                 StageNode("denoiser", "dit", "hidden_states", "images"))
+    return StageGraph(arch, nodes, outputs=frozenset({"image"}))

@@ -1,0 +1,74 @@
+"""Stage graphs: a checkpoint's class names its stages, engines and hand-offs."""
+
+import json
+
+import pytest
+
+from omni_ray.config import load_app_config
+from omni_ray.errors import ConfigError
+from omni_ray.graphs import StageGraph, StageNode, architecture_of, graph_for, register, registered
+
+
+@pytest.mark.parametrize("spec", ["tiny:qwen3", "tiny:qwen2", "tiny:llama"])
+def test_causal_lms_are_one_ar_stage(spec):
+    g = graph_for(spec)
+    assert g.architecture == architecture_of(spec)
+    assert [(n.role, n.engine, n.takes, n.gives) for n in g.nodes] == [("llm", "ar", "prompt", "text")]
+
+
+def test_text_to_image_with_and_without_its_own_text_encoder():
+    own = graph_for("tiny:pixart")
+    assert [(n.role, n.engine, n.takes, n.gives) for n in own.nodes] == [("denoiser", "dit", "prompt", "images")]
+    assert own.outputs == {"image"}
+    llm_cond = graph_for("tiny:pixart-llm")          # text_encoder: [null, null] in model_index.json
+    assert [(n.role, n.engine, n.takes, n.gives) for n in llm_cond.nodes] == [
+        ("text_encoder", "ar", "prompt", "hidden_states"), ("denoiser", "dit", "hidden_states", "images")]
+    assert graph_for("tiny:sd3").roles == ("denoiser",)
+
+
+def test_the_default_apps_pipelines_are_their_checkpoints_graphs():
+    cfg = load_app_config("serve_config.yaml")
+    pipes = cfg.pipelines
+    model = {k: s.engine.model.path for k, s in cfg.stages.items()}
+    assert graph_for(model["llm"]).pipeline({"llm": "llm"}).steps == pipes["chat"].steps
+    assert graph_for(model["image"]).pipeline({"denoiser": "image"}).steps == pipes["image"].steps
+    assert graph_for(model["image-llm"]).pipeline(
+        {"text_encoder": "llm", "denoiser": "image-llm"}).steps == pipes["text2image-llm-encoder"].steps
+
+
+def test_a_graph_needs_a_stage_for_each_role():
+    with pytest.raises(ConfigError, match="text_encoder"):
+        graph_for("tiny:pixart-llm").pipeline({"denoiser": "image-llm"})
+
+
+def test_hand_offs_must_chain():
+    with pytest.raises(ValueError, match="gives text"):
+        StageGraph("X", (StageNode("a", "ar", "prompt", "text"), StageNode("b", "dit", "hidden_states", "images")))
+    with pytest.raises(ValueError, match="takes the prompt"):
+        StageGraph("X", (StageNode("a", "dit", "text", "images"),))
+
+
+def test_unknown_and_unreadable_checkpoints(tmp_path):
+    with pytest.raises(ConfigError, match="neither model_index.json nor config.json"):
+        graph_for(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(ConfigError, match="MambaForCausalLM has no stage graph"):
+        graph_for(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not readable JSON"):
+        graph_for(tmp_path)
+
+
+def test_register_adds_an_entry_once(tmp_path, monkeypatch):
+    from omni_ray.graphs import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))   # this test's entry goes with it
+
+    @register("TestOnlyForCausalLM")
+    def one(cfg):
+        return StageGraph("TestOnlyForCausalLM", (StageNode("llm", "ar", "prompt", "text"),))
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["TestOnlyForCausalLM"]}))
+    assert "TestOnlyForCausalLM" in registered() and graph_for(tmp_path).roles == ("llm",)
+    with pytest.raises(ValueError, match="twice"):
+        register("TestOnlyForCausalLM")(one)

@@ -13,7 +13,8 @@ from omni_ray import docs_config as dc
 def test_readme_section_equals_the_generated_text():
     readme = dc.README.read_text()
     assert dc.START in readme and dc.END in readme
-    assert dc.current(readme) == dc.generate(), "stale: run `omni-ray docs --write` (or python -m omni_ray.docs_config --write)"
+    stale = "stale: run `omni-ray docs --write` (or python -m omni_ray.docs_config --write)"
+    assert dc.current(readme) == dc.generate(), stale
     assert readme.index("## Configuration reference") < readme.index(dc.START) < readme.index("## Tests")
 
 

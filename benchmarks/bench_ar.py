@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import Timer, copy_bandwidth, table, write_result  # noqa: E402
 from omni_ray.ar import LLM, SamplingParams  # noqa: E402
-from omni_ray.models import resolve_model  # noqa: E402
+from omni_ray.testing import resolve_model  # noqa: E402
 
 
 def hf_generate(path, batch: int, prompt_len: int, new: int, vocab: int) -> float:
@@ -58,6 +58,7 @@ def run_engine(llm, prompts, params, bw: float) -> dict:
 def profile_decode(llm, prompt, ignore) -> None:
     """Where a batch-1 decode step's time goes: the graph on the GPU vs the host around it."""
     import time
+
     from torch.profiler import ProfilerActivity, profile
     llm.add_request(prompt, SamplingParams(max_tokens=400, **ignore), "prof")
     for _ in range(10):
@@ -95,7 +96,8 @@ def profile_decode(llm, prompt, ignore) -> None:
         kern: dict[str, list[float]] = {}
         for e in prof.events():
             if getattr(e.device_type, "name", "") == "CUDA":
-                kern.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+                t = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+                kern.setdefault(e.name, []).append(t)
         total = sum(sum(v) for v in kern.values()) / 10
         print(f"one eager decode forward: {sum(len(v) for v in kern.values()) / 10:.0f} kernels, "
               f"{total:.0f} us of kernel time")
@@ -165,7 +167,8 @@ def main():
     ignore = dict(temperature=args.temperature, ignore_eos=True)
     res["temperature"] = args.temperature
     # warm up (compile, autotune)
-    llm.generate([[rng.randrange(vocab) for _ in range(32)]] * 2, SamplingParams(max_tokens=8, **ignore), use_tqdm=False)
+    llm.generate([[rng.randrange(vocab) for _ in range(32)]] * 2, SamplingParams(max_tokens=8, **ignore),
+                 use_tqdm=False)
 
     # 1) batch-1 decode
     prompt = [[rng.randrange(vocab) for _ in range(b1[0])]]
@@ -203,8 +206,10 @@ def main():
                  "ratio to ceiling": rf["ratio_to_ceiling"]})
 
     # 3) nano-vllm throughput shape
-    prompts = [[rng.randrange(min(vocab, 10000)) for _ in range(rng.randint(args.min_len, args.max_len))] for _ in range(args.num_seqs)]
-    params = [SamplingParams(max_tokens=rng.randint(args.min_len, args.max_len), **ignore) for _ in range(args.num_seqs)]
+    prompts = [[rng.randrange(min(vocab, 10000)) for _ in range(rng.randint(args.min_len, args.max_len))]
+               for _ in range(args.num_seqs)]
+    params = [SamplingParams(max_tokens=rng.randint(args.min_len, args.max_len), **ignore)
+              for _ in range(args.num_seqs)]
     rt = run_engine(llm, prompts, params, bw)
     res["throughput"] = rt
     res["engine_stats"] = llm.engine_stats()

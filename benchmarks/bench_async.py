@@ -68,7 +68,8 @@ def main() -> None:
     del llm, outs
     free_accelerator()
     print(f"offline: {offline:.0f} tok/s ({clients} prompts x {tokens})", flush=True)
-    result = {"model": base["model"]["path"], "clients": clients, "tokens": tokens, "offline_tokens_per_s": round(offline, 1)}
+    result = {"model": base["model"]["path"], "clients": clients, "tokens": tokens,
+              "offline_tokens_per_s": round(offline, 1)}
     for core in ("on", "off"):           # the child process frees its GPU memory when it exits
         engine = AsyncLLM(AREngineConfig.model_validate(base | {"core_process": core}))
         steps = []

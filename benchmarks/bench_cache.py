@@ -85,7 +85,8 @@ async def run(url: str, a) -> dict:
             await one("conditioning_hit", prompt, 2, "conditioning_hit")
             await one("image_hit", prompt, 2, "image_hit")
     return {k: {"p50_ms": ms(pct(v, 50)), "p99_ms": ms(pct(v, 99)), "n": len(v),
-                "llm_stage_p50_ms": ms(pct(stages[k]["llm"], 50)), "image_stage_p50_ms": ms(pct(stages[k]["image"], 50))}
+                "llm_stage_p50_ms": ms(pct(stages[k]["llm"], 50)),
+                "image_stage_p50_ms": ms(pct(stages[k]["image"], 50))}
             for k, v in kinds.items()}
 
 

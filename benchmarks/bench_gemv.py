@@ -1,4 +1,4 @@
-"""Batch-1 projections of a decode step: the fused Triton GEMV (omni_ray/ar/layers/triton_gemv.py)
+"""Batch-1 projections of a decode step: the fused Triton GEMV (omni_ray/ar/kernels/triton_gemv.py)
 against cuBLAS with separate elementwise kernels, per projection shape and tile configuration.
 
     python benchmarks/bench_gemv.py                      # GPU: Qwen3-0.6B layer shapes
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import copy_bandwidth  # noqa: E402
+from omni_ray.ar.kernels.timing import graph_us  # noqa: E402
+from omni_ray.ar.kernels.triton_gemv import default_config, gemv  # noqa: E402
 from omni_ray.ar.layers.ops import Ops  # noqa: E402
-from omni_ray.ar.layers.timing import graph_us  # noqa: E402
-from omni_ray.ar.layers.triton_gemv import default_config, gemv  # noqa: E402
 
 
 def main() -> None:
@@ -105,12 +105,13 @@ def main() -> None:
             tot[key] += us
         print(f"{name:26s} N={n:6d} K={k:5d} {nbytes / 1e6:5.1f} MB | cuBLAS {res['cublas_us']:6.2f} us "
               f"({nbytes / res['cublas_us'] / 1e3:5.0f} GB/s), +prologue {res['cublas_with_prologue_us']:6.2f} | "
-              f"Triton default {res['triton_default']['us']:6.2f} (no PDL {res['triton_default']['us_without_pdl']:6.2f}), "
+              f"Triton default {res['triton_default']['us']:6.2f} "
+              f"(no PDL {res['triton_default']['us_without_pdl']:6.2f}), "
               f"best {best:6.2f} us ({nbytes / best / 1e3:5.0f} GB/s) {sweep[0][1]}")
         for u, c in sweep[:5]:
             print(f"      {u:6.2f} us {c}")
         out["shapes"][name] = res
-        del ws
+        ws = None                                    # free this shape's weights (the closures above hold the name)
         torch.cuda.empty_cache()
     out["per_layer_us"] = {k: round(v, 2) for k, v in tot.items()}
     out["per_step_us"] = {k: round(v * L, 1) for k, v in tot.items()}

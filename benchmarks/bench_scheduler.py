@@ -25,9 +25,9 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import table, write_result  # noqa: E402
+from omni_ray.cluster.admission import SchedulerClient, kill_scheduler  # noqa: E402
+from omni_ray.cluster.admission.records import percentiles  # noqa: E402
 from omni_ray.config import OmniSchedulerConfig  # noqa: E402
-from omni_ray.scheduler import SchedulerClient, kill_scheduler  # noqa: E402
-from omni_ray.scheduler.records import percentiles  # noqa: E402
 
 PRIOS = ("high", "normal", "low")
 

@@ -70,7 +70,8 @@ def bench_config(a) -> dict:
         "cache": {"block_size": 16 if not gpu else 256, "num_blocks": 1024 if not gpu else -1,
                   "gpu_memory_utilization": 0.5},
         "scheduler": {"max_num_seqs": max(64, 2 * a.clients), "max_model_len": 2048, "max_num_batched_tokens": 8192}}
-    for k, v in getattr(a, "engine_options", {}).items():      # --engine and a variant's engine.KEY=VALUE (top-level fields)
+    # --engine and a variant's engine.KEY=VALUE (top-level fields)
+    for k, v in getattr(a, "engine_options", {}).items():
         llm_engine[k] = v.lower() in ("1", "true", "yes", "on") if v.lower() in ("0", "1", "true", "false",
                                                                                  "yes", "no", "on", "off") else v
     return {
@@ -100,7 +101,8 @@ async def direct_latency(cfg, n: int, max_tokens: int) -> list[float]:
     from omni_ray.ar import AsyncLLM, SamplingParams
 
     engine = AsyncLLM(cfg)
-    params = lambda: SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    def params():
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     lat = []
     for i in range(n + 3):
         t0 = time.perf_counter()
@@ -252,7 +254,7 @@ async def http_latency(url: str, n: int, max_tokens: int, client: str) -> tuple[
     (the ingress's stage call), ``engine`` (inside the AR replica), ``total`` (the ingress), plus
     ``proxy_and_network`` (client time - total) and ``ingress_to_replica`` (work - engine)."""
     from benchmarks.load_client import Clients
-    from deployments.timing import parse
+    from deployments.ingress.timing import parse
 
     body = {"model": "llm", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     lat, parts = [], []
@@ -309,9 +311,9 @@ async def stream_throughput(url: str | list[str], ps: list[str], max_tokens: int
     ingress, one per ingress replica): clients spread round-robin over them, as a load balancer in
     front of the replicas' target group would spread them. With the engine's ``step_log``: when the
     burst reached the engine and how the engine spent the time after it."""
-    from benchmarks.load_client import Clients
-
     from ray import serve
+
+    from benchmarks.load_client import Clients
 
     runs = []
     async with Clients(url, len(ps), client) as cs:
@@ -366,7 +368,8 @@ def offline_sustained(cfg, work: list[tuple[str, int]], concurrency: int, repeat
             wall0, t0 = time.time(), time.perf_counter()
             tokens = run_once(llm, work, concurrency)
             dt = time.perf_counter() - t0
-            run = {"requests": len(work), "tokens": tokens, "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 1)}
+            run = {"requests": len(work), "tokens": tokens, "seconds": round(dt, 3),
+                   "tokens_per_s": round(tokens / dt, 1)}
             if cfg.step_log:
                 run["engine_timeline"] = engine_timeline(cfg.step_log, wall0, len(work), time.time(), batch=concurrency)
             runs.append(run)
@@ -501,18 +504,22 @@ def main() -> None:
                          "writes serve_streaming_<device>.json")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:OPTS",
                     help="with --only-streaming: a Serve set-up to measure, e.g. 'tp:RAY_SERVE_THROUGHPUT_OPTIMIZED=1' "
-                         "'direct:direct_ingress=1' or 'ingress4:ingress_replicas=4' (comma-separated; NAME=VALUE in upper case is cluster "
+                         "'direct:direct_ingress=1' or 'ingress4:ingress_replicas=4' (comma-separated; "
+                         "NAME=VALUE in upper case is cluster "
                          "environment, engine.FIELD=VALUE the Serve app's AR engine config, e.g. "
-                         "'inline:direct_ingress=1,engine.core_send_thread=0'); repeatable, default: one run as configured")
+                         "'inline:direct_ingress=1,engine.core_send_thread=0'); repeatable, "
+                         "default: one run as configured")
     ap.add_argument("--engine", action="append", default=[], metavar="FIELD=VALUE",
                     help="an AR engine config field for every side (offline, AsyncLLM and the Serve app), e.g. "
                          "async_decode=1; repeatable")
     ap.add_argument("--client", default="aiohttp", choices=["aiohttp", "httpx"],
-                    help="HTTP client of the measurements (benchmarks/load_client.py); one burst also runs with the other")
+                    help="HTTP client of the measurements (benchmarks/load_client.py); "
+                         "one burst also runs with the other")
     ap.add_argument("--step-log", default=None,
                     help="the AR engine's step log (engine.step_log) to time bursts with (default: a file under /tmp)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="timed runs of each throughput measurement (offline, engine, bursts, sustained); medians reported")
+                    help="timed runs of each throughput measurement (offline, engine, bursts, sustained); "
+                         "medians reported")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     q = a.quick
@@ -587,7 +594,8 @@ def main() -> None:
         sustained = asyncio.run(sustained_stream(urls, work, a.clients, a.client, a.repeats, a.step_log))
         print(f"      sustained: {sustained['tokens_per_s']:.0f} tok/s through Serve vs "
               f"{offline_sus['closed_loop']['tokens_per_s']:.0f} offline (closed loop; "
-              f"{offline_sus['shared_queue']['tokens_per_s']:.0f} shared queue), TTFT p50 {sustained['ttft_p50_ms']} ms "
+              f"{offline_sus['shared_queue']['tokens_per_s']:.0f} shared queue), "
+              f"TTFT p50 {sustained['ttft_p50_ms']} ms "
               f"(p90 {sustained['ttft_p90_ms']})", flush=True)
         print(f"[5/5] text2image x {a.pipeline_requests} ...", flush=True)
         split = asyncio.run(pipeline_split(url, a.pipeline_requests, a))
@@ -603,7 +611,8 @@ def main() -> None:
     result = {
         "device": a.device, "gpu": gpu, "quick": q, "ar_model": a.ar_model, "dit_model": a.dit_model,
         "engine_options": a.engine_options,
-        "scheduler": not a.no_scheduler, "core_process": a.core_process, "ingress_replicas": a.ingress_replicas, "stage_call_batch": a.stage_call_batch,
+        "scheduler": not a.no_scheduler, "core_process": a.core_process, "ingress_replicas": a.ingress_replicas,
+        "stage_call_batch": a.stage_call_batch,
         "serve_env": serve_env, "direct_ingress": a.direct_ingress,
         "host": platform.node(), "cpus": os.cpu_count(), "serve_startup_s": round(startup, 1),
         "latency_16_tokens": lat | {"target_added_p50_ms": 10, "meets_target": lat["added_p50_ms"] <= 10,
@@ -643,7 +652,7 @@ def start_serve(a, env: dict[str, str]) -> list[str]:
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.endpoints import direct_ingress_urls
+    from deployments.ingress.endpoints import direct_ingress_urls
 
     if a.direct_ingress:
         env = env | {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -697,7 +706,7 @@ def streaming_variants(a, offline: dict, engine_streams: dict, ps: list[str], wo
         va = copy.copy(a)
         va.engine_options = dict(a.engine_options)
         for k, v in opts.items():
-            if k.startswith("engine."):                   # the Serve app's AR engine config, e.g. engine.core_send_thread=0
+            if k.startswith("engine."):       # the Serve app's AR engine config, e.g. engine.core_send_thread=0
                 va.engine_options[k[len("engine."):]] = v
                 continue
             kind = type(getattr(a, k))

@@ -145,7 +145,8 @@ def time_handoff(llm) -> dict | None:
 
 def child(args) -> None:
     import torch
-    from omni_ray.models import resolve_model
+
+    from omni_ray.testing import resolve_model
     tp = args.child
     args.model = str(resolve_model(args.model))      # builds shape:/tiny: checkpoints the first time
     if torch.cuda.is_available():
@@ -166,7 +167,7 @@ def child(args) -> None:
     from omni_ray.ar import SamplingParams
     llm.generate([[rng.randrange(100) for _ in range(32)]] * 2, SamplingParams(max_tokens=8, ignore_eos=True),
                  use_tqdm=False)                                             # warm up
-    from omni_ray.parallel.tp_runner import time_decode_forwards
+    from omni_ray.ar.executor.tensor_parallel import time_decode_forwards
     if hasattr(llm.runner, "group"):         # every rank replays together
         fwd = llm.runner.group.call("time_decode_forwards", 1, 50)
     else:

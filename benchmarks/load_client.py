@@ -30,7 +30,8 @@ class Clients:
         if self.kind == "aiohttp":
             import aiohttp
             timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-            self._sessions = [aiohttp.ClientSession(u, timeout=timeout, connector=aiohttp.TCPConnector(limit=self.n + 8))
+            self._sessions = [aiohttp.ClientSession(u, timeout=timeout,
+                                                    connector=aiohttp.TCPConnector(limit=self.n + 8))
                               for u in self.urls]
         elif self.kind == "httpx":
             import httpx

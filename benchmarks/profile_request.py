@@ -38,7 +38,7 @@ def engine_config(a, **over) -> dict:
 
 def offline_steps(a) -> dict:
     from omni_ray.ar import SamplingParams
-    from omni_ray.ar.llm_engine import LLMEngine
+    from omni_ray.ar.engine.llm_engine import LLMEngine
     from omni_ray.config import AREngineConfig
 
     eng = LLMEngine(AREngineConfig.model_validate(engine_config(a)))
@@ -99,8 +99,9 @@ def trace_steps(eng, sp) -> dict:
     """torch.profiler over a lone prefill step and over a mixed step (one prompt joining 63
     running decodes): the ops that take the host's and the device's time. Each kind runs once
     untimed-by-the-profiler (its wall time printed), then once traced."""
-    from omni_ray.ar import SamplingParams
     from torch.profiler import ProfilerActivity, profile
+
+    from omni_ray.ar import SamplingParams
 
     def traced(tag: str) -> list[dict]:
         eng.add_request(PROMPT, sp, f"{tag}-a")
@@ -159,7 +160,8 @@ async def async_latency(a, core: str) -> dict:
             first.append(1000 * (t_first - t0))
             gaps.append([round(1000 * (y - x), 2) for x, y in zip(stamps, stamps[1:])])
     await engine.shutdown()
-    return {"latency_ms_p50": round(statistics.median(lat), 2), "first_output_ms_p50": round(statistics.median(first), 2),
+    return {"latency_ms_p50": round(statistics.median(lat), 2),
+            "first_output_ms_p50": round(statistics.median(first), 2),
             "output_gaps_ms_last_run": gaps[-1]}
 
 

@@ -57,7 +57,8 @@ def engine_timeline(path: str, wall0: float, n: int, wall_end: float | None = No
            "busy_share": round(busy / span, 3) if span > 0 else None,
            "largest_gap_ms": ms(max(gaps)) if gaps else None,
            "full_batch_ms_per_token": round(1000 * statistics.median(full), 3) if full else None,
-           "decode_steps": len(decode), "forwards_per_decode_step": round(sum(s["forwards"] for s in decode) / len(decode), 2)
+           "decode_steps": len(decode),
+           "forwards_per_decode_step": round(sum(s["forwards"] for s in decode) / len(decode), 2)
            if decode else None, "steps_with_prompts_ms": ms(sum(s["dt"] for s in prompt))}
     gcs = [s["gc"] for s in steps if "gc" in s]
     out["core_gc_ms"] = {"steps": len(gcs), "total": ms(sum(gcs)), "max": ms(max(gcs, default=0))}

@@ -114,7 +114,8 @@ def render(serve_path: Path = SERVE_CONFIG, template_path: Path = TEMPLATE,
     src, tpl = _rel(serve_path), _rel(template_path)
     return {
         "rayservice.yaml": GENERATED.format(sources=f"{src} and {tpl}") + dump(rayservice(serve, template, image, src)),
-        "raycluster.yaml": GENERATED.format(sources=f"{tpl} (sized by {src})") + dump(raycluster(serve, template, image)),
+        "raycluster.yaml": (GENERATED.format(sources=f"{tpl} (sized by {src})")
+                            + dump(raycluster(serve, template, image))),
     }
 
 

@@ -1,11 +1,13 @@
 """omni-ray's Ray Serve application: one deployment per stage plus an OpenAI-compatible ingress.
 
-    app.py            build_app(args) -> Application (from an OmniConfig)
-    ar.py / dit.py    stage deployments over AsyncLLM / AsyncDiTEngine (named by stage key)
-    ingress.py        FastAPI routes;  ingress_core.py: admission, lifecycle, text and pipeline runs
-    handle_api.py     typed Python methods for other Ray apps (serve.get_app_handle)
-    pipeline.py       stage calls through handles for omni_ray.pipeline.run_pipeline
-    protocol.py       OpenAI request bodies;  openai_format.py: response bodies and chunks
-    admission.py      the omni scheduler's tickets;  services.py: capacity reports, DiT cache
-    streams.py        merge / cancel helpers;  http.py: errors -> OpenAI bodies, SSE;  options.py
+    app.py            build_app(args) -> Application (from an OmniConfig);  options.py: Serve options
+    stages/           the stage deployments: ar.py / dit.py over AsyncLLM / AsyncDiTEngine (named by
+                      stage key), replica.py (their shared base), pins.py and routing.py (pinned aborts)
+    ingress/          the Ingress deployment (ingress.py: HTTP routes and typed Python methods, one class)
+                      and the modules it calls: lifecycle.py (deadline, admission, release), catalog.py,
+                      text.py / pipelines.py (runs), remote_stages.py (stage calls through handles),
+                      admission.py (the omni scheduler's tickets), gate.py, http.py, openapi_doc.py, ...
+    openai/           protocol.py: OpenAI request bodies;  responses.py: response bodies and chunks
+    services.py       what replicas tell the cluster services: capacity reports, the DiT cache client
+    streams.py        merge / cancel helpers shared by the ingress and the stages
 """

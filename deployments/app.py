@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from deployments.ar import ARDeployment
-from deployments.dit import DiTDeployment
-from deployments.ingress import Ingress
+from deployments.ingress.ingress import Ingress
 from deployments.options import deployment_options, stage_options
+from deployments.stages.ar import ARDeployment
+from deployments.stages.dit import DiTDeployment
 from omni_ray.config import ARStageConfig, OmniConfig, load_config
 from omni_ray.errors import ConfigError
 

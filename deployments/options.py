@@ -59,6 +59,6 @@ def stage_options(name: str, stage: ARStageConfig | DiTStageConfig) -> dict:
     opts = deployment_options(name, stage.deployment, num_ranks(stage), placement_strategy(stage),
                               stage.engine.device)
     if isinstance(stage, ARStageConfig):     # aborts of batched streams go to the replica that runs them
-        from deployments.routing import ROUTER
+        from deployments.stages.routing import ROUTER
         opts["request_router_config"] = {"request_router_class": ROUTER}
     return opts

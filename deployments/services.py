@@ -39,7 +39,7 @@ class CapacityReporter:
             return
         try:
             if self.handle is None:
-                from omni_ray.scheduler import get_or_create_scheduler
+                from omni_ray.cluster.admission import get_or_create_scheduler
                 self.handle = get_or_create_scheduler(self.app, self.cfg)
             self.handle.report_capacity.remote(self.stage, self.replica, capacity)   # fire and forget
         except Exception as err:  # noqa: BLE001 - the scheduler is optional and fails open
@@ -59,5 +59,5 @@ def dit_cache(services: dict | None):
     cfg: DiTCacheConfig = validate(DiTCacheConfig, services.get("dit_cache") or {"enabled": False})
     if not cfg.enabled:
         return None
-    from omni_ray.dit_cache import DiTCacheClient
+    from omni_ray.cluster.dit_cache import DiTCacheClient
     return DiTCacheClient.connect(services.get("app", "omni"), cfg)

@@ -133,7 +133,7 @@ def run_generation(args, kind: str) -> int:
 
 # ----------------------------------------------------------------------------- other commands
 def make_tiny(args) -> int:
-    from omni_ray.models import available, resolve_model
+    from omni_ray.testing import available, resolve_model
 
     if args.list:
         print("\n".join(available()))

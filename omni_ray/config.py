@@ -30,7 +30,7 @@ class ModelConfig(Strict):
     """Where a model's weights live: an HF/diffusers directory, or ``tiny:<name>`` for a
     checkpoint omni-ray generates locally (random weights, real architecture)."""
 
-    path: str = Field(description="HF-format directory, or tiny:<name> (see omni_ray.models)")
+    path: str = Field(description="HF-format directory, or tiny:<name> (see omni_ray.testing)")
     name: str | None = Field(None, description="served model name (defaults to the path's last part)")
     dtype: DType = Field("auto", description="weights and activations dtype; auto = bf16 on CUDA, fp32 on CPU")
     trust_remote_code: bool = Field(False, description=(
@@ -335,7 +335,8 @@ class PipelineStep(Strict):
 
     stage: str = Field(description="a key of `stages`")
     input: Literal["prompt", "text", "hidden_states"] = Field(
-        "prompt", description="what this stage takes: the request's prompt, the previous stage's text, or its prompt hidden states")
+        "prompt", description="what this stage takes: the request's prompt, the previous stage's text, "
+                              "or its prompt hidden states")
     output: Literal["text", "hidden_states", "images"] = Field("text", description=
         "what this stage gives the next: generated text, prompt hidden states (AR), or images (DiT)")
     system_prompt: str | None = Field(None, description="AR stages: a system message to wrap the input with")

@@ -5,7 +5,7 @@ request's prompt, the previous step's text, or its prompt hidden states) to a st
 knows how to turn a step into a stage call; *where* the stage runs is a backend:
 
     offline  OmniLLM: the engines in this process (AsyncLLM / AsyncDiTEngine on a private loop)
-    online   deployments/pipeline.py: Serve handles to the stage deployments
+    online   deployments/ingress/remote_stages.py: Serve handles to the stage deployments
 
 Stage requests are plain dicts (the same dict goes over Ray or to a local engine):
 

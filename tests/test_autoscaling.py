@@ -9,7 +9,6 @@ to one. Replica counts come from ``serve.status()``.
 from __future__ import annotations
 
 import copy
-from tests.helpers import free_port
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 from ray import serve
 
 from omni_ray.config import load_config
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.ray
 

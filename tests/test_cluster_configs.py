@@ -124,7 +124,8 @@ def test_manifests_do_not_drift():
     files = generate.render()
     assert set(files) == set(MANIFESTS)
     for name, text in files.items():
-        assert (ROOT / "cluster_configs" / name).read_text() == text, f"{name} drifted: run python -m cluster_configs.generate"
+        drifted = f"{name} drifted: run python -m cluster_configs.generate"
+        assert (ROOT / "cluster_configs" / name).read_text() == text, drifted
 
 
 def test_serve_config_v2_carries_the_gpu_config_verbatim(rayservice):

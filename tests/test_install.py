@@ -4,10 +4,10 @@ environment are the pinned versions (a stale constraints file fails here, not on
 machine). Nothing outside the repository is read."""
 
 import re
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
-import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,5 +61,5 @@ def test_this_environment_is_the_pinned_one():
     for dist in metadata.distributions():
         pin = pins.get(_norm(dist.metadata["Name"]))
         if pin is not None and dist.version.split("+")[0] != pin.split("+")[0]:
-            drift.append(f"{name} {dist.version} (pinned {pin})")
+            drift.append(f"{dist.metadata['Name']} {dist.version} (pinned {pin})")
     assert not drift, f"installed versions differ from constraints.txt: {drift}"

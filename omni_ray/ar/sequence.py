@@ -38,7 +38,7 @@ class Sequence:
         self.hidden_chunks: list[torch.Tensor] = []   # encode requests: [n, H] per prefill chunk
         self.generator: torch.Generator | None = None  # per-request seed
         self.arrival = next(_counter)
-        # detokenizer state (omni_ray.ar.detokenizer)
+        # detokenizer state (omni_ray.ar.engine.detokenizer)
         self.output_text = ""
         self.prefix_offset = max(0, len(token_ids) - 5)
         self.read_offset = len(token_ids)

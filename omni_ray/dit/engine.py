@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from omni_ray.config import DiTEngineConfig, ModelConfig, validate
+from omni_ray.devices import resolve_device, resolve_dtype
 from omni_ray.dit.batcher import Batcher
 from omni_ray.dit.families import Cond, load_family
 from omni_ray.dit.images import decode_outputs
@@ -28,21 +29,7 @@ from omni_ray.dit.request import DiTRequest, Status
 from omni_ray.dit.runner import DiTRunner
 from omni_ray.dit.validation import build_request
 from omni_ray.errors import InvalidRequestError
-from omni_ray.models import resolve_model
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _resolve_device(cfg: DiTEngineConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def _resolve_dtype(cfg: DiTEngineConfig, device: torch.device) -> torch.dtype:
-    if cfg.model.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[cfg.model.dtype]
+from omni_ray.testing import resolve_model
 
 
 def _bad(param: str, msg: str):
@@ -59,8 +46,8 @@ class DiTEngine:
                 m["dtype"] = kwargs.pop("dtype")
             cfg = validate(DiTEngineConfig, {"model": m, **kwargs})
         self.config = cfg
-        self.device = _resolve_device(cfg)
-        self.dtype = _resolve_dtype(cfg, self.device)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.model_path = resolve_model(cfg.model.path)
         layout = make_layout(cfg)
         self.parallel: ParallelRunner | None = None   # cfg / sequence parallel: ranks as Ray actors

@@ -59,6 +59,6 @@ def graph_for(model: str | Path) -> StageGraph:
 
 
 def _resolve(model: str | Path) -> Path:
-    from omni_ray.models import resolve_model
+    from omni_ray.testing import resolve_model
 
     return resolve_model(model)

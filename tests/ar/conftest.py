@@ -24,7 +24,7 @@ def qwen3():
 @pytest.fixture
 def resumes(monkeypatch):
     """Counts the runs queued on top of one in flight (``launch_decode(..., resume=True)``)."""
-    from omni_ray.ar.model_runner import ModelRunner
+    from omni_ray.ar.worker.model_runner import ModelRunner
     count = {"resumed": 0}
     launch = ModelRunner.launch_decode
 

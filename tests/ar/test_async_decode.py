@@ -57,7 +57,8 @@ def test_joins_and_aborts_between_steps_keep_every_other_stream_exact():
     llm.abort("r1")
     while not llm.is_finished():
         llm.step()
-    assert seqs[1].finish_reason == "abort" and seqs[1].output_token_ids == want[PROMPTS[1]][:len(seqs[1].output_token_ids)]
+    assert seqs[1].finish_reason == "abort"
+    assert seqs[1].output_token_ids == want[PROMPTS[1]][:len(seqs[1].output_token_ids)]
     for i, p in enumerate(PROMPTS):
         if i != 1:
             assert seqs[i].output_token_ids == want[p], i

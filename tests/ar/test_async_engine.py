@@ -166,8 +166,8 @@ async def _drain(agen):
 
 
 def test_pending_outputs_merge_and_an_error_stays_last():
-    from omni_ray.ar.async_engine import _Stream
-    from omni_ray.ar.engine_core import RequestOutput
+    from omni_ray.ar.engine.async_engine import _Stream
+    from omni_ray.ar.engine.engine_core import RequestOutput
 
     async def main():
         s, loop = _Stream(), asyncio.get_running_loop()

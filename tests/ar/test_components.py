@@ -2,7 +2,7 @@
 
 import torch
 
-from omni_ray.ar.block_manager import BlockManager
+from omni_ray.ar.engine.block_manager import BlockManager
 from omni_ray.ar.layers.sampler import SamplingTensors, sample
 from omni_ray.ar.sampling_params import SamplingParams
 from omni_ray.ar.sequence import Sequence
@@ -44,7 +44,10 @@ def test_prefix_blocks_are_shared_refcounted_and_evicted_lru():
 def test_full_prompt_hit_still_computes_last_token():
     bm = BlockManager(num_blocks=4, block_size=4)
     a = _seq(list(range(8)))
-    bm.admit(a); bm.allocate(a, 8); a.num_computed_tokens = 8; bm.register_full_blocks(a)
+    bm.admit(a)
+    bm.allocate(a, 8)
+    a.num_computed_tokens = 8
+    bm.register_full_blocks(a)
     b = _seq(list(range(8)))
     bm.admit(b)
     assert b.num_cached_tokens == 4        # the last block is recomputed so logits exist

@@ -8,12 +8,14 @@ from omni_ray.errors import InvalidRequestError
 from tests.ar.conftest import PROMPTS, make_llm
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-SHARED = "Scientists study the stars to learn how galaxies form and how the universe has changed over billions of years. "
+SHARED = ("Scientists study the stars to learn how galaxies form and how the universe has changed "
+          "over billions of years. ")
 PREFIXED = [SHARED + s for s in ("Red", "A cup of tea", "The train left the station", "Bees carry pollen")]
 
 
 def reference(prompts, **kw):
-    return [o["token_ids"] for o in make_llm(enable_prefix_caching=False, **kw).generate(prompts, GREEDY, use_tqdm=False)]
+    llm = make_llm(enable_prefix_caching=False, **kw)
+    return [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
 def test_prefix_caching_same_output_and_hits():
@@ -32,7 +34,8 @@ def test_prefix_caching_same_output_and_hits():
 def test_preemption_under_tiny_kv_budget():
     want = reference(PROMPTS)
     llm = make_llm(num_kvcache_blocks=10, max_model_len=128, enable_prefix_caching=False)
-    got = [o["token_ids"] for o in llm.generate(PROMPTS * 3, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    got = [o["token_ids"] for o in llm.generate(PROMPTS * 3, params, use_tqdm=False)]
     assert llm.scheduler.num_preemptions > 0
     assert got == want * 3
     assert llm.block_manager.num_free_blocks == 10
@@ -74,7 +77,8 @@ def test_mixed_hidden_state_and_generation_batch():
 
 
 def test_stop_strings_and_stop_tokens(qwen3):
-    base = qwen3.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)[0]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    base = qwen3.generate([PROMPTS[1]], params, use_tqdm=False)[0]
     text = base["text"]
     cut = text[5:9]
     assert cut
@@ -142,7 +146,8 @@ def test_multi_step_decode_equals_single_steps():
     blocks freed must be what single steps give, across block boundaries (block_size 16)."""
     def run(k):
         llm = make_llm(decode_steps=k)
-        outs = llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (37, 5, 1, 50)],
+        outs = llm.generate(PROMPTS,
+                            [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (37, 5, 1, 50)],
                             use_tqdm=False)
         stop = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
                                                          stop_token_ids=[outs[0]["token_ids"][0]]), use_tqdm=False)
@@ -189,7 +194,7 @@ def test_mixed_step_packing_equals_the_eager_inputs():
     sample yet) into the graphs' int32 buffer: the same tokens, positions, slots, cu_seqlens,
     context lengths and block tables as the eager step's inputs, padding aimed at the scratch
     slot, and the last row of each sequence that samples."""
-    from omni_ray.ar.mixed_graphs import MixedStepGraphs, bucket_sizes
+    from omni_ray.ar.worker.mixed_graphs import MixedStepGraphs, bucket_sizes
     assert bucket_sizes(100) == [16, 32, 64, 100] and bucket_sizes(0) == []
     llm = make_llm(max_num_batched_tokens=40)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -28,7 +28,7 @@ def _paged(ctx_lens, bs, hk, d, dtype, extra_blocks=7):
 @pytest.mark.parametrize("bs,hq,hk,d", [(16, 4, 2, 32), (256, 16, 8, 128), (64, 8, 1, 64)])
 @pytest.mark.parametrize("splits", [1, 4])
 def test_triton_decode_matches_torch(dtype, tol, bs, hq, hk, d, splits):
-    from omni_ray.ar.layers.triton_attention import paged_decode
+    from omni_ray.ar.kernels.triton_attention import paged_decode
     torch.manual_seed(0)
     ctx = [1, 17, 300, 1000, bs, 5 * bs + 3]
     k, v, table = _paged(ctx, bs, hk, d, dtype)
@@ -43,7 +43,7 @@ def test_triton_decode_matches_torch(dtype, tol, bs, hq, hk, d, splits):
 def test_triton_decode_merge_in_kernel(splits):
     """The split merge done by the last split's program (``locks``) equals the two-kernel merge,
     leaves the counters at zero, and stays right when replayed in a CUDA graph."""
-    from omni_ray.ar.layers.triton_attention import paged_decode
+    from omni_ray.ar.kernels.triton_attention import paged_decode
     torch.manual_seed(0)
     ctx, bs, hq, hk, d = [1, 17, 300, 1000, 5 * 256 + 3], 256, 16, 8, 128
     k, v, table = _paged(ctx, bs, hk, d, torch.bfloat16)
@@ -72,8 +72,8 @@ def test_triton_decode_merge_in_kernel(splits):
 def test_triton_prefill_matches_torch(dtype, tol, bs, hq, hk, d, flat):
     """Against PyTorch attention; ``flat``: the grid the mixed-step graphs use (a table of the query
     blocks that exist, idle programs after them)."""
-    from omni_ray.ar.layers.attention import prefill_block_m
-    from omni_ray.ar.layers.triton_attention import paged_prefill
+    from omni_ray.ar.kernels.tiling import prefill_block_m
+    from omni_ray.ar.kernels.triton_attention import paged_prefill
     torch.manual_seed(0)
     q_lens, ctx = [5, 130, 1, 64, 200], [5, 300, 40, 64, 1200]        # cached prefixes and chunks
     k, v, table = _paged(ctx, bs, hk, d, dtype)
@@ -103,8 +103,8 @@ def test_cuda_graph_engine_matches_cpu_engine(merge):
 
 
 def test_triton_store_kv_matches_index_copy():
+    from omni_ray.ar.kernels.triton_attention import store_kv as triton_store_kv
     from omni_ray.ar.layers.attention import store_kv
-    from omni_ray.ar.layers.triton_attention import store_kv as triton_store_kv
     k = torch.randn(37, 3, 40, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     slots = torch.randperm(10 * 16, device="cuda")[:37]
@@ -120,9 +120,9 @@ def test_triton_store_kv_matches_index_copy():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("qk_norm", [True, False])
 def test_fused_qkv_norm_rope_store_matches_ops(dtype, tol, qk_norm):
+    from omni_ray.ar.kernels.triton_qkv import qkv_norm_rope_store
     from omni_ray.ar.layers.attention import store_kv
     from omni_ray.ar.layers.ops import qkv_norm_rope, rope_cos_sin
-    from omni_ray.ar.layers.triton_qkv import qkv_norm_rope_store
     torch.manual_seed(0)
     nh, nkv, d, n = 16, 8, 128, 37
     cos, sin = (t.cuda() for t in rope_cos_sin(d, 4096, {"rope_theta": 1e6}))
@@ -146,7 +146,8 @@ def test_fused_qkv_norm_rope_store_matches_ops(dtype, tol, qk_norm):
 def test_triton_row_ops_match_ops(dtype, tol, h):
     """The Triton norm / add-norm / SiLU-and-mul against the plain PyTorch ops (HF's numerics);
     odd sizes (896: not a power of two) and a strided input (a column slice) included."""
-    from omni_ray.ar.layers import ops, triton_norm
+    from omni_ray.ar.kernels import triton_norm
+    from omni_ray.ar.layers import ops
     torch.manual_seed(0)
     x = torch.randn(37, 2 * h, device="cuda", dtype=dtype)[:, :h]          # row stride 2h
     r = torch.randn(37, h, device="cuda", dtype=dtype)
@@ -200,8 +201,9 @@ def test_cuda_graph_multi_step_matches_cpu(steps):
 @pytest.mark.parametrize("prologue", ["none", "norm", "norm_residual", "silu_mul"])
 def test_small_gemv_matches_reference(dtype, tol, m, prologue):
     import torch.nn.functional as F
+
+    from omni_ray.ar.kernels.triton_gemv import gemv
     from omni_ray.ar.layers.ops import add_rms_norm, rms_norm, silu_and_mul
-    from omni_ray.ar.layers.triton_gemv import gemv
     torch.manual_seed(0)
     n, k = 1000, 1040                                   # not multiples of the tiles
     x = torch.randn(m, 2 * k if prologue == "silu_mul" else k, device="cuda", dtype=dtype)
@@ -228,7 +230,7 @@ def test_small_gemv_matches_reference(dtype, tol, m, prologue):
 def test_small_gemv_tiles_and_pdl_agree(config):
     """Any tile configuration, with and without programmatic dependent launch, inside a CUDA graph
     (where PDL overlaps consecutive kernels): the same result as one plain launch."""
-    from omni_ray.ar.layers.triton_gemv import gemv
+    from omni_ray.ar.kernels.triton_gemv import gemv
     torch.manual_seed(0)
     x = torch.randn(1, 3072, device="cuda", dtype=torch.bfloat16)
     ws = [torch.randn(1024, 3072, device="cuda", dtype=torch.bfloat16) / 50 for _ in range(4)]

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from omni_ray.ar import SamplingParams
-from omni_ray.models import resolve_model
+from omni_ray.testing import resolve_model
 from tests.ar.conftest import PROMPTS, make_llm
 
 N_NEW = 24

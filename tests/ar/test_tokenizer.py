@@ -2,7 +2,7 @@
 
 from transformers import AutoTokenizer
 
-from omni_ray.models.tokenizer import save_tokenizer
+from omni_ray.testing.tokenizer import save_tokenizer
 
 TEXT = "Write a short story about a lighthouse keeper."
 
@@ -27,7 +27,7 @@ def test_stream_text_from_ids_equals_the_engines_text(tmp_path):
     """AsyncLLM decodes stream text from token ids (StreamText), fed one token or several at a time
     after the prompt's tail: the same text as the engine's own incremental decode and as one
     decode of all output ids, characters split across byte tokens included."""
-    from omni_ray.ar.detokenizer import StreamText, update_text
+    from omni_ray.ar.engine.detokenizer import StreamText, update_text
     from omni_ray.ar.sampling_params import SamplingParams
     from omni_ray.ar.sequence import Sequence
 
@@ -54,7 +54,7 @@ def test_a_chunk_ending_inside_a_character_gives_the_text_before_it(tmp_path):
     """A paced stream's merged output can end in the middle of a multi-byte character: its text
     up to the last whole character goes out then (as the engine's per-token decode has it at that
     point), not held back whole; the rest follows with the next chunk."""
-    from omni_ray.ar.detokenizer import StreamText, update_text
+    from omni_ray.ar.engine.detokenizer import StreamText, update_text
     from omni_ray.ar.sampling_params import SamplingParams
     from omni_ray.ar.sequence import Sequence
 

@@ -7,8 +7,8 @@ import torch
 
 from omni_ray.dit.families import load_family
 from omni_ray.errors import ConfigError
-from omni_ray.models import available, resolve_model
-from omni_ray.models.tiny_dit import builders
+from omni_ray.testing import available, resolve_model
+from omni_ray.testing.tiny_dit import builders
 
 
 def test_builders_cover_the_families():

@@ -9,13 +9,14 @@ instance: the one a previous test package left running, or its own (stopped at t
 from __future__ import annotations
 
 import copy
-from tests.helpers import free_port
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 420
@@ -100,8 +101,8 @@ class App:
     def delete(self) -> None:
         from ray import serve
 
-        from omni_ray.dit_cache import kill_cache
-        from omni_ray.scheduler.actor import kill_scheduler
+        from omni_ray.cluster.admission.actor import kill_scheduler
+        from omni_ray.cluster.dit_cache import kill_cache
 
         serve.delete(self.name)
         kill_scheduler(self.name)

@@ -18,8 +18,7 @@ import httpx
 import pytest
 import ray
 
-from tests.reliability.conftest import (GRACE_S, App, base_config, replica_actor, replica_ids, small_stages,
-                                       wait_until)
+from tests.reliability.conftest import GRACE_S, App, base_config, replica_actor, replica_ids, small_stages, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -169,8 +168,9 @@ def test_kill_the_image_replica_while_it_denoises(app, client):
 
 @pytest.mark.parametrize("service", ["scheduler", "dit cache"])
 def test_kill_a_cluster_service_actor(app, client, service):
-    from omni_ray.dit_cache import NAMESPACE, cache_name
-    from omni_ray.scheduler.actor import scheduler_name
+    from omni_ray.cluster.admission.actor import scheduler_name
+    from omni_ray.cluster.dit_cache import cache_name
+    from omni_ray.cluster.named_actor import NAMESPACE
 
     name = scheduler_name(APP) if service == "scheduler" else cache_name(APP)
     t0 = time.monotonic()
@@ -188,7 +188,8 @@ def test_kill_a_cluster_service_actor(app, client, service):
 
 # ----------------------------------------------------------------------------- redeploy
 def scheduler_status(app_name: str) -> dict:
-    from omni_ray.scheduler.actor import NAMESPACE, scheduler_name
+    from omni_ray.cluster.admission.actor import scheduler_name
+    from omni_ray.cluster.named_actor import NAMESPACE
 
     return ray.get(ray.get_actor(scheduler_name(app_name), namespace=NAMESPACE).get_status.remote(), timeout=10)
 

@@ -4,7 +4,7 @@ Every operation gets valid and invalid inputs (schemathesis' coverage and fuzzin
 bounded number of examples each); every response must be a documented status (never a 5xx
 other than the documented 503/504, never 500) with a documented body, and no replica of the app
 may crash or restart. The guarded app's tight limits keep valid generations cheap on a CPU; its
-document states them as schema bounds (deployments/openapi_doc.py), so generated input also gets
+document states them as schema bounds (deployments/ingress/openapi_doc.py), so generated input also gets
 through to the engines on every generating route (checked: at least one 200 on each).
 """
 
@@ -19,8 +19,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (negative_data_rejection, response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from tests.reliability.conftest import API_KEY, replica_ids, wait_until
 
@@ -43,7 +46,8 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=os.environ.get("OMNI_FUZZ_RANDOM") is None, database=None,
+@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=os.environ.get("OMNI_FUZZ_RANDOM") is None,
+          database=None,
           suppress_health_check=list(HealthCheck))
 def test_api_never_fails_on_generated_input(case):
     response = case.call(headers=KEYED, timeout=120)

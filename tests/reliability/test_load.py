@@ -91,13 +91,15 @@ async def run_load(url: str) -> list[tuple[str, int, str | None, float]]:
 
 
 def scheduler_status(app: str) -> dict:
-    from omni_ray.scheduler.actor import NAMESPACE, scheduler_name
+    from omni_ray.cluster.admission.actor import scheduler_name
+    from omni_ray.cluster.named_actor import NAMESPACE
 
     return ray.get(ray.get_actor(scheduler_name(app), namespace=NAMESPACE).get_status.remote(), timeout=30)
 
 
 def cache_stats(app: str) -> dict:
-    from omni_ray.dit_cache import NAMESPACE, cache_name
+    from omni_ray.cluster.dit_cache import cache_name
+    from omni_ray.cluster.named_actor import NAMESPACE
 
     return ray.get(ray.get_actor(cache_name(app), namespace=NAMESPACE).stats.remote(), timeout=30)
 

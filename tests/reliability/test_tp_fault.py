@@ -14,7 +14,8 @@ import pytest
 
 from tests.reliability.conftest import App, base_config, small_stages, wait_until
 
-pytest.importorskip("omni_ray.parallel.tp_runner", reason="omni_ray.parallel (tensor parallelism) is not built yet")
+pytest.importorskip("omni_ray.ar.executor.tensor_parallel",
+                    reason="omni_ray.cluster.worker_group (tensor parallelism) is not built yet")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from tests.helpers import free_port
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 420
@@ -61,7 +62,8 @@ def omni_url(ray_cluster, tmp_path_factory):
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"serve run exited with {proc.returncode}:\n{(tmp / 'serve_run.log').read_text()[-4000:]}")
+                log = (tmp / 'serve_run.log').read_text()[-4000:]
+                raise RuntimeError(f"serve run exited with {proc.returncode}:\n{log}")
             try:
                 if httpx.get(url + "/health", timeout=5).status_code == 200:
                     break

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from deployments.ar import ARDeployment
-from deployments.call_batcher import StreamBatcher
+from deployments.ingress.call_batcher import StreamBatcher
+from deployments.stages.ar import ARDeployment
 from omni_ray.ar import LLM, SamplingParams
 from omni_ray.errors import InvalidRequestError
 

@@ -1,8 +1,8 @@
 """Python callers: the typed methods of the ingress handle, and a second Ray app calling this one."""
 
 import importlib.util
-import sys
 import io
+import sys
 from pathlib import Path
 
 import pytest

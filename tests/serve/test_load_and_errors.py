@@ -157,10 +157,10 @@ def test_health_and_info(client):
 def test_a_batched_stream_that_leaves_is_aborted_on_its_replica(client, omni_url):
     """The ingress's batched stage call through real Serve handles: three streams in one call; the
     one whose caller leaves is aborted on the replica that runs it (``abort`` pinned there by
-    deployments.routing) while the other two finish."""
+    deployments.stages.routing) while the other two finish."""
     from ray import serve
 
-    from deployments.call_batcher import StreamBatcher
+    from deployments.ingress.call_batcher import StreamBatcher
 
     before = llm_stats(client)
 

@@ -84,7 +84,7 @@ def test_openai_errors(oai):
 def test_server_timing_splits_a_request(client):
     """Every response says where its time went (Server-Timing): admission, the stage calls, the
     AR replica's own share, the total; the parts nest inside each other."""
-    from deployments.timing import parse
+    from deployments.ingress.timing import parse
 
     r = client.post("/v1/completions", json={"model": "tiny-qwen3", "prompt": "hello", "max_tokens": 4, "n": 2})
     assert r.status_code == 200, r.text

@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from deployments.http import as_omni, error_response
+from deployments.ingress.http import as_omni, error_response
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest, parse_size
 from deployments.options import stage_options
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest, parse_size
 from deployments.streams import OpenStreams, cancellable, coalesce, merge
 from omni_ray.config import ARStageConfig, DiTStageConfig, validate
 from omni_ray.errors import InvalidRequestError, QueueFullError, RequestCancelledError, RequestTimeoutError
@@ -80,9 +80,10 @@ def test_split_stage_args():
 
 
 def test_merge_deltas():
-    d = lambda t, ids, fin: {"text": t, "token_ids": ids, "logprobs": [-1.0] * len(ids), "tokens": [t] * len(ids),
-                             "finished": fin, "finish_reason": "length" if fin else None,
-                             "num_prompt_tokens": 3, "num_output_tokens": 0}
+    def d(t, ids, fin):
+        return {"text": t, "token_ids": ids, "logprobs": [-1.0] * len(ids), "tokens": [t] * len(ids),
+                "finished": fin, "finish_reason": "length" if fin else None,
+                "num_prompt_tokens": 3, "num_output_tokens": 0}
     m = merge_deltas([d("a", [1], False), d("b", [2, 3], True)])
     assert m["text"] == "ab" and m["token_ids"] == [1, 2, 3] and m["logprobs"] == [-1.0] * 3
     assert m["finished"] and m["finish_reason"] == "length" and len(m["tokens"]) == 3
@@ -203,7 +204,7 @@ def test_stream_interval_grows_with_open_streams():
 def test_pinned_router_sends_a_call_with_a_replica_to_that_replica():
     from types import SimpleNamespace as NS
 
-    from deployments.routing import PinnedRouter
+    from deployments.stages.routing import PinnedRouter
 
     replicas = [NS(replica_id=NS(unique_id=u)) for u in ("a", "b", "c")]
     pending = NS(kwargs={"replica": "b"})

@@ -6,7 +6,7 @@ row's K/V are written to the cache first (``slot_mapping``), then attention read
 the block tables. Backends, picked once per engine:
 
 * ``flash``:  flash-attn's paged kernels, when the package is installed;
-* ``triton``: omni-ray's Triton kernels (``triton_attention.py``), on CUDA otherwise;
+* ``triton``: omni-ray's Triton kernels (``ar/kernels/triton_attention.py``), on CUDA otherwise;
 * ``torch``:  plain PyTorch on the same layout (CPU, and the reference in tests).
 """
 
@@ -33,12 +33,7 @@ class AttnMetadata:
     ctx_lens: list[int] = field(default_factory=list)
     decode_splits: int = 1              # split-K factor of the Triton decode kernel
     decode_locks: torch.Tensor | None = None   # int32 zeros [>= B * Hkv]: merge splits in-kernel
-    q_blocks: torch.Tensor | None = None       # int32 [P]: the prefill kernel's flat grid (mixed_graphs.py)
-
-
-def prefill_block_m(head_dim: int) -> int:
-    """Query rows per program of the Triton prefill kernel (what a ``q_blocks`` table counts in)."""
-    return 64 if head_dim <= 128 else 32
+    q_blocks: torch.Tensor | None = None       # int32 [P]: the prefill kernel's flat grid (worker/mixed_graphs.py)
 
 
 def pick_backend(device: torch.device) -> str:
@@ -107,7 +102,7 @@ class Attention(nn.Module):
             if self.backend == "torch":
                 store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             else:
-                from omni_ray.ar.layers.triton_attention import store_kv as triton_store_kv
+                from omni_ray.ar.kernels.triton_attention import store_kv as triton_store_kv
                 triton_store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         nd = meta.num_decodes
         n_seqs = meta.context_lens.shape[0]
@@ -117,7 +112,7 @@ class Attention(nn.Module):
             # prompts (and decodes, query length 1) in one prefill-kernel launch over whole, fresh
             # tensors: no views at offset nd, whose alignment and strides vary step to step and
             # would make Triton compile new kernel variants in the middle of serving (~1 s each)
-            from omni_ray.ar.layers.triton_attention import paged_prefill
+            from omni_ray.ar.kernels.triton_attention import paged_prefill
             return paged_prefill(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
                                  meta.cu_seqlens_q, meta.max_query_len, self.scale, meta.q_blocks)
         out = torch.empty_like(q)
@@ -131,7 +126,7 @@ class Attention(nn.Module):
         nd = meta.num_decodes
         bt, cl = meta.block_tables[:nd], meta.context_lens[:nd]
         if self.backend == "triton":
-            from omni_ray.ar.layers.triton_attention import paged_decode
+            from omni_ray.ar.kernels.triton_attention import paged_decode
             return paged_decode(q, self.k_cache, self.v_cache, bt, cl, self.scale, meta.decode_splits,
                                 locks=meta.decode_locks)
         if self.backend == "flash":

@@ -52,9 +52,9 @@ def qkv_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: i
 
 class Ops:
     """The op set a model uses. On CUDA ``for_cuda()`` swaps in one-launch versions of the row-wise
-    ops: Triton kernels (``triton_norm.py``) or torch.compile'd functions; and, for batches of at
+    ops: Triton kernels (``ar/kernels/triton_norm.py``) or torch.compile'd functions; and, for batches of at
     most ``small_m`` rows (decode of a few sequences), Triton GEMVs with the norm / activation in
-    front of each projection fused in (``triton_gemv.py``)."""
+    front of each projection fused in (``ar/kernels/triton_gemv.py``)."""
 
     def __init__(self):
         self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
@@ -66,7 +66,7 @@ class Ops:
         """elementwise: "triton" (a launch per op: cheapest on the host, which bounds eager steps)
         or "compile" (torch.compile, dynamic shapes)."""
         if elementwise == "triton":
-            from omni_ray.ar.layers import triton_norm
+            from omni_ray.ar.kernels import triton_norm
             self.rms_norm, self.add_rms_norm = triton_norm.rms_norm, triton_norm.add_rms_norm
             self.silu_and_mul = triton_norm.silu_and_mul
             return self
@@ -78,7 +78,7 @@ class Ops:
     def norm_linear(self, x, residual, norm_w, eps, w, b=None):
         """(linear(rms_norm(x + residual)), x + residual); without a residual, (linear(rms_norm(x)), x)."""
         if x.shape[0] <= self.small_m:
-            from omni_ray.ar.layers.triton_gemv import gemv
+            from omni_ray.ar.kernels.triton_gemv import gemv
             if residual is None:
                 return gemv(x, w, b, prologue="norm", norm_w=norm_w, eps=eps), x
             return gemv(x, w, b, prologue="norm", residual=residual, norm_w=norm_w, eps=eps)
@@ -91,13 +91,13 @@ class Ops:
     def silu_mul_linear(self, x, w):
         """linear(silu(x[:, :K]) * x[:, K:])"""
         if x.shape[0] <= self.small_m:
-            from omni_ray.ar.layers.triton_gemv import gemv
+            from omni_ray.ar.kernels.triton_gemv import gemv
             return gemv(x, w, prologue="silu_mul")
         return F.linear(self.silu_and_mul(x), w)
 
     def linear(self, x, w, b=None):
         if x.shape[0] <= self.small_m:
-            from omni_ray.ar.layers.triton_gemv import gemv
+            from omni_ray.ar.kernels.triton_gemv import gemv
             return gemv(x, w, b)
         return F.linear(x, w, b)
 

@@ -13,8 +13,13 @@ import torch
 from torch import nn
 
 from omni_ray.ar.layers.attention import Attention, AttnMetadata
-from omni_ray.ar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead,
-                                       QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+from omni_ray.ar.layers.linear import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from omni_ray.ar.layers.ops import Ops, rope_cos_sin
 from omni_ray.ar.layers.parallel import TP1, TPContext
 from omni_ray.errors import ConfigError
@@ -98,7 +103,7 @@ class DecoderAttention(nn.Module):
         n = qkv.shape[0]
         qw, kw, eps = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
         if self.fused:
-            from omni_ray.ar.layers.triton_qkv import qkv_norm_rope_store
+            from omni_ray.ar.kernels.triton_qkv import qkv_norm_rope_store
             q = qkv_norm_rope_store(qkv, positions, cos, sin, self.nh, self.nkv, self.d, qw, kw, eps,
                                     self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
             o = self.attn(q, None, None, meta)                        # K/V already in the cache

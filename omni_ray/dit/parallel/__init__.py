@@ -8,7 +8,7 @@
 * Both: ``2 * N`` ranks.
 
 Rank 0 is the engine's process; the others are Ray actors of one placement group
-(``omni_ray.parallel.group.WorkerGroup``).
+(``omni_ray.cluster.worker_group.WorkerGroup``).
 """
 
 from omni_ray.dit.parallel.layout import Layout, check_layout, make_layout

@@ -21,7 +21,7 @@ from omni_ray.dit.parallel.layout import Layout, check_layout
 from omni_ray.dit.parallel.rank import RankFactory, encode_meta, spec
 from omni_ray.dit.request import DiTRequest
 from omni_ray.dit.runner import DiTRunner
-from omni_ray.errors import EngineError, InvalidRequestError
+from omni_ray.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def build_parallel_runner(cfg: DiTEngineConfig, path: Path, dtype: torch.dtype, 
     / ResourceError when the workers cannot start."""
     import ray
 
-    from omni_ray.parallel.group import WorkerGroup
+    from omni_ray.cluster.worker_group import WorkerGroup
 
     check_layout(layout, path, cfg)
     par = cfg.parallel

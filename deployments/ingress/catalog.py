@@ -1,0 +1,45 @@
+"""What the app serves, by the names requests use: stages (by served name or stage key) and pipelines."""
+
+from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep
+from omni_ray.errors import ModelNotFoundError
+
+
+class Catalog:
+    def __init__(self, config: OmniConfig):
+        self.config = config
+        self.kinds = {k: s.kind for k, s in config.stages.items()}
+        self.names = {k: s.engine.model.served_name for k, s in config.stages.items()}
+
+    def stage(self, model: str | None, kind: str) -> str:
+        """The stage key a ``model`` field names (served name or stage key); None = the first of ``kind``."""
+        keys = [k for k, v in self.kinds.items() if v == kind]
+        if model is None:
+            if not keys:
+                raise ModelNotFoundError(f"this app serves no {kind} model", param="model")
+            return keys[0]
+        for k in keys:
+            if model in (k, self.names[k]):
+                return k
+        served = sorted(self.names[k] for k in keys)
+        raise ModelNotFoundError(f"model {model!r} not found; available: {served}", param="model")
+
+    def image_pipeline(self, model: str | None) -> tuple[str, PipelineConfig]:
+        """Images come from a DiT stage (a one-step pipeline) or from a named pipeline ending in images.
+        A DiT stage that only takes hidden states is reached through the pipeline that feeds it."""
+        p = self.config.pipelines.get(model) if model else None
+        if p is not None and p.steps[-1].output == "images":
+            return model, p
+        stage = self.stage(model, "dit")
+        feeds = [(n, p) for n, p in self.config.pipelines.items()
+                 if p.steps[-1].stage == stage and p.steps[-1].input == "hidden_states"]
+        direct = any(s.stage == stage and s.input != "hidden_states" for p in self.config.pipelines.values()
+                     for s in p.steps)
+        if feeds and not direct:
+            return feeds[0]
+        return self.names[stage], PipelineConfig(steps=[PipelineStep(stage=stage, input="prompt", output="images")])
+
+    def pipeline(self, name: str) -> PipelineConfig:
+        if name not in self.config.pipelines:
+            raise ModelNotFoundError(f"pipeline {name!r} not found; available: {sorted(self.config.pipelines)}",
+                                     param="pipeline")
+        return self.config.pipelines[name]

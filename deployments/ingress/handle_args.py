@@ -1,0 +1,40 @@
+"""Arguments of the ingress's typed Python methods (``serve.get_app_handle("omni")``): validated by the
+same request models as the HTTP API, so errors arrive as the same typed exceptions."""
+
+import io
+
+from pydantic import ValidationError
+
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
+from omni_ray.errors import InvalidRequestError
+
+
+def validated(cls, **kw):
+    """Build a protocol model from Python-handle kwargs; pydantic errors become InvalidRequestError."""
+    try:
+        return cls(**kw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise InvalidRequestError(f"{'.'.join(map(str, e['loc']))}: {e['msg']}",
+                                  param=".".join(map(str, e["loc"]))) from None
+
+
+def images_as(pngs: list[bytes], fmt: str) -> list:
+    """PNG bytes as asked: ``png`` (as they are) or ``pil`` (PIL images)."""
+    if fmt == "png":
+        return list(pngs)
+    if fmt == "pil":
+        from PIL import Image
+        return [Image.open(io.BytesIO(b)).convert("RGB") for b in pngs]
+    raise InvalidRequestError(f"output_format must be 'png' or 'pil', got {fmt!r}", param="output_format")
+
+
+def text_body(prompt, messages, **kw):
+    """The request model and the prompts of a text call: exactly one of ``prompt`` and ``messages``."""
+    if (prompt is None) == (messages is None):
+        raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
+    if messages is not None:
+        body = validated(ChatCompletionRequest, messages=messages, **kw)
+        return body, [{"messages": body.chat_messages()}]
+    body = validated(CompletionRequest, prompt=prompt, **kw)
+    return body, [{"prompt": p} for p in body.prompts()[:1]]

@@ -1,0 +1,302 @@
+"""The ingress: OpenAI-compatible HTTP API and typed Python methods over the stage deployments.
+
+HTTP (FastAPI; every path but /health needs ``Authorization: Bearer <key>`` when app.api_keys is
+set; keys, body size and stray exceptions are handled by the Gate middleware before FastAPI parses
+a body, the other limits by the routes before any stage is called):
+    GET  /health  /info  /v1/models  /v1/pipelines
+    POST /v1/completions  /v1/chat/completions  /v1/images/generations
+    POST /v1/pipelines/{name}     (or /v1/pipelines/run with a "pipeline" field; "stream": true for SSE)
+    POST /v1/requests/{id}/cancel (through the omni scheduler)
+
+Python, for other Ray apps (``serve.get_app_handle("omni")``):
+    h = serve.get_app_handle("omni")
+    await h.generate_text.remote("Hello", max_tokens=16)            -> {"text", "token_ids", "usage", ...}
+    h.options(stream=True).stream_text.remote("Hello")               -> text deltas
+    await h.generate_images.remote("a fox", size="64x64")            -> {"images": [PNG bytes | PIL], ...}
+    await h.run_pipeline.remote("text2image", "a fox", max_tokens=8) -> {"text", "images", "stages", ...}
+Arguments are validated by the same request models as the HTTP API; errors arrive as the same
+typed exceptions (InvalidRequestError, ModelNotFoundError, QueueFullError, ...).
+
+Every request is admitted by the omni scheduler (when enabled), carries one request id to every
+stage, and is cancelled downstream when the client goes away (``lifecycle.py``).
+"""
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.ingress.admission import Admission
+from deployments.ingress.catalog import Catalog
+from deployments.ingress.gate import OPEN_PATHS, Gate, GateSettings
+from deployments.ingress.handle_args import images_as, text_body, validated
+from deployments.ingress.http import SSE_HEADERS, error_response, install_handlers
+from deployments.ingress.info import describe
+from deployments.ingress.lifecycle import Lifecycle, new_id
+from deployments.ingress.openapi_doc import install_openapi
+from deployments.ingress.pipelines import pipeline_events, pipeline_result, public, render_pipeline
+from deployments.ingress.remote_stages import RemoteAR, RemoteDiT
+from deployments.ingress.text import collect, render_text, text_events, text_requests
+from deployments.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ImageGenerationRequest,
+    PipelineRequest,
+    check_pipeline_limits,
+    check_text_limits,
+)
+from deployments.openai.responses import Chat, Completion, b64_images, usage
+from deployments.services import dit_cache
+from deployments.streams import OpenStreams, cancellable, gather_or_cancel
+from omni_ray.config import OmniConfig, PipelineConfig, validate
+from omni_ray.errors import InvalidRequestError, RequestTimeoutError
+from omni_ray.pipeline import StageArgs, split_stage_args
+
+app = FastAPI(title="omni-ray", description="OpenAI-compatible serving of multi-stage omni models")
+install_handlers(app)
+install_openapi(app, OPEN_PATHS)
+app.add_middleware(Gate)
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """HTTP routes and Python methods; requests run through ``Lifecycle``, stages are found by the
+    ``Catalog`` and called through their ``RemoteAR`` / ``RemoteDiT`` backends."""
+
+    def __init__(self, config: dict, stages: dict[str, DeploymentHandle]):
+        self.config: OmniConfig = validate(OmniConfig, config)
+        self.handles = stages
+        self.catalog = Catalog(self.config)
+        self.kinds, self.names = self.catalog.kinds, self.catalog.names
+        cache = dit_cache({"app": self.config.app.name, "dit_cache": self.config.dit_cache.model_dump()})
+        batch = self.config.app.stage_call_batch
+        self.backends = {k: RemoteAR(h, cache, self.names[k], batch) if self.kinds[k] == "ar" else RemoteDiT(h)
+                         for k, h in stages.items()}
+        self.limits = self.config.app.limits
+        self.admission = Admission(self.config)
+        self.requests = Lifecycle(self.config.app, self.admission, OpenStreams(self.config.app.streaming))
+
+    def __serve_build_asgi_app__(self):
+        """Called by Serve after __init__: hand this replica's keys and limits to the Gate, and its
+        config to the OpenAPI document (limits and pipeline names)."""
+        self.app.state.gate = GateSettings.from_app(self.config.app)
+        self.app.state.omni_config = self.config
+        self.app.openapi_schema = None
+        return self.app
+
+    # ================================================================== runs (HTTP and Python)
+    def _collect(self, stage: str, reqs):
+        return lambda t: collect(self.backends[stage], stage, reqs, t)
+
+    def _text_events(self, stage: str, reqs):
+        return lambda t: text_events(self.backends[stage], stage, reqs, t)
+
+    async def _run_collect(self, rid: str, name: str, pipe: PipelineConfig, prompt: str, args: StageArgs,
+                           priority: str) -> dict:
+        return await self.requests.unary(
+            rid, name, [s.stage for s in pipe.steps], priority,
+            lambda t: pipeline_result(self.backends, self.kinds, rid, pipe, prompt, args, t))
+
+    # ================================================================== text
+    async def _text(self, body, prompts: list[dict], fmt_cls, max_new, logprobs: bool):
+        stage = self.catalog.stage(body.model, "ar")
+        check_text_limits(body, max_new, self.limits)
+        rid = new_id("chatcmpl" if fmt_cls is Chat else "cmpl")
+        fmt = fmt_cls(rid, self.names[stage], logprobs)
+        reqs = text_requests(rid, prompts, body, max_new, logprobs)
+        kind = "chat" if fmt_cls is Chat else "completions"
+        if not body.stream:
+            choices = await self.requests.unary(rid, kind, [stage], body.priority, self._collect(stage, reqs))
+            return fmt.body(choices, usage(choices, {c.index // body.n: c.prompt_tokens for c in choices}))
+        return await self.requests.stream(rid, kind, [stage], body.priority,
+                                          self._text_events(stage, reqs), lambda ev: True,
+                                          lambda events: render_text(fmt, body, [i for i, _ in reqs], events))
+
+    def _respond(self, result) -> Any:
+        if isinstance(result, dict):
+            return result
+        return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        prompts = [{"prompt": p} for p in body.prompts()]
+        return self._respond(await self._text(body, prompts, Completion, body.max_tokens,
+                                              body.logprobs is not None))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        prompts = [{"messages": body.chat_messages()}]
+        return self._respond(await self._text(body, prompts, Chat, body.max_new_tokens,
+                                              body.logprobs))
+
+    # ================================================================== pipelines and images
+    @app.post("/v1/pipelines/{name}")
+    async def pipelines_run(self, name: str, body: PipelineRequest):
+        if name == "run" and "run" not in self.config.pipelines:
+            if not body.pipeline:
+                raise InvalidRequestError("POST /v1/pipelines/run needs a 'pipeline' field", param="pipeline")
+            name = body.pipeline
+        pipe = self.catalog.pipeline(name)
+        args = StageArgs(text=body.text_args(), image=body.diffusion(), per_stage=body.stage_args)
+        check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
+        rid = new_id("pipe")
+        if not body.stream:
+            res = await self._run_collect(rid, name, pipe, body.prompt, args, body.priority)
+            out = {"id": rid, "object": "pipeline.result", "created": int(time.time()), "pipeline": name,
+                   **public(res)}
+            out.pop("type")
+            return out
+        return self._respond(await self.requests.stream(
+            rid, name, [s.stage for s in pipe.steps], body.priority,
+            lambda t: pipeline_events(self.backends, self.kinds, rid, pipe, body.prompt, args, t),
+            lambda ev: ev["type"] != "stage_start",          # up to the first stage's first output
+            lambda events: render_pipeline(rid, name, events)))
+
+    @app.post("/v1/images/generations")
+    async def images_generations(self, body: ImageGenerationRequest):
+        name, pipe = self.catalog.image_pipeline(body.model)
+        args = StageArgs(image=body.diffusion())
+        check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
+        res = await self._run_collect(new_id("img"), "images", pipe, body.prompt, args, body.priority)
+        return {"created": int(time.time()), "data": b64_images(res["images"]), "model": name}
+
+    @app.post("/v1/requests/{request_id}/cancel")
+    async def cancel_request(self, request_id: str):
+        """Cancel a running request by id (the ``id`` of its response / stream chunks), through the
+        scheduler, whichever ingress replica owns it."""
+        if not self.admission.enabled:
+            raise InvalidRequestError("cancellation by id needs the omni scheduler (scheduler.enabled)")
+        return {"id": request_id, "cancelled": await self.admission.cancel(request_id)}
+
+    # ================================================================== info
+    @app.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [
+            {"id": self.names[k], "object": "model", "created": 0, "owned_by": "omni-ray",
+             "stage": k, "kind": self.kinds[k]} for k in self.kinds]}
+
+    @app.get("/v1/pipelines")
+    async def pipelines(self):
+        return {"object": "list", "data": [
+            {"id": n, "object": "pipeline", "description": p.description,
+             "steps": [s.model_dump(exclude_none=True) for s in p.steps]} for n, p in self.config.pipelines.items()]}
+
+    @app.get("/health")
+    async def health(self):
+        async def check(k: str):
+            await self.handles[k].health.remote()
+
+        try:
+            async with asyncio.timeout(10):
+                await gather_or_cancel(check(k) for k in self.handles)
+        except Exception as err:  # noqa: BLE001
+            return error_response(err if not isinstance(err, TimeoutError) else
+                                  RequestTimeoutError("stage health check timed out"))
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info(self):
+        return await self.describe()
+
+    async def describe(self) -> dict:
+        return await describe(self.config, self.handles, self.kinds, self.names, self.admission)
+
+    # ================================================================== Python methods
+    async def generate_text(self, prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
+                            model: str | None = None, max_tokens: int | None = 64, temperature: float = 1.0,
+                            top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                            n: int = 1, logprobs: bool = False, ignore_eos: bool = False,
+                            priority: str = "normal") -> dict:
+        """One text generation. ``messages`` uses the chat template; ``prompt`` is raw text or token ids.
+        Returns ``{"text", "token_ids", "finish_reason", "usage", "model"}`` (plus ``choices`` when n > 1,
+        ``logprobs`` when asked)."""
+        body, prompts = text_body(prompt, messages, model=model, max_tokens=max_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
+                                  ignore_eos=ignore_eos, priority=priority)
+        stage = self.catalog.stage(model, "ar")
+        check_text_limits(body, max_tokens, self.limits)
+        rid = new_id("handle")
+        reqs = text_requests(rid, prompts, body, max_tokens, logprobs)
+        choices = await self.requests.unary(rid, "generate_text", [stage], priority, self._collect(stage, reqs))
+        c = choices[0]
+        out = {"id": rid, "model": self.names[stage], "text": c.text, "token_ids": c.token_ids,
+               "finish_reason": c.finish_reason, "usage": usage(choices, {0: c.prompt_tokens})}
+        if logprobs:
+            out["logprobs"], out["tokens"] = c.logprobs, c.tokens
+        if n > 1:
+            out["choices"] = [{"text": x.text, "token_ids": x.token_ids, "finish_reason": x.finish_reason}
+                              for x in choices]
+        return out
+
+    async def stream_text(self, prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
+                          model: str | None = None, max_tokens: int | None = 64, temperature: float = 1.0,
+                          top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                          ignore_eos: bool = False, priority: str = "normal") -> AsyncIterator[str]:
+        """Text deltas as they are generated (call with ``handle.options(stream=True)``)."""
+        body, prompts = text_body(prompt, messages, model=model, max_tokens=max_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                                  ignore_eos=ignore_eos, priority=priority)
+        stage = self.catalog.stage(model, "ar")
+        check_text_limits(body, max_tokens, self.limits)
+        rid = new_id("handle")
+        reqs = text_requests(rid, prompts, body, max_tokens, False)
+        ticket = await self.requests.admit(rid, "stream_text", [stage], priority)
+        err = None
+        try:
+            events = text_events(self.backends[stage], stage, reqs, ticket)
+            async for _, d in cancellable(events, ticket.cancelled, self.config.app.request_timeout_s):
+                if d["text"]:
+                    yield d["text"]
+        except BaseException as e:
+            err = e
+            raise
+        finally:
+            await ticket.release(err)
+
+    async def generate_images(self, prompt: str, *, model: str | None = None, n: int = 1, size: str | None = None,
+                              num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                              seed: int | None = None, negative_prompt: str | None = None, cache: Any = None,
+                              output_format: str = "png", priority: str = "normal") -> dict:
+        """Images for a prompt: ``{"images": [PNG bytes] | [PIL.Image], "stages": [...], "model"}``."""
+        body = validated(ImageGenerationRequest, prompt=prompt, model=model, n=n, size=size,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                         negative_prompt=negative_prompt, cache=cache, priority=priority)
+        name, pipe = self.catalog.image_pipeline(model)
+        args = StageArgs(image=body.diffusion())
+        check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
+        res = await self._run_collect(new_id("handle"), "images", pipe, prompt, args, priority)
+        return {"model": name, "images": images_as(res["images"], output_format), "stages": res["stages"]}
+
+    async def run_pipeline(self, name: str, prompt: str, *, output_format: str = "png", priority: str = "normal",
+                           **stage_args) -> dict:
+        """Run a pipeline: ``{"text", "images", "hidden_states" (metadata), "stages", "usage"}``.
+        ``stage_args``: max_tokens, temperature, seed, size, num_inference_steps, ..., stage_args={stage: {...}}."""
+        pipe = self.catalog.pipeline(name)
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
+        if priority not in ("high", "normal", "low"):
+            raise InvalidRequestError(f"priority must be high, normal or low, got {priority!r}", param="priority")
+        args = split_stage_args(stage_args)
+        check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
+        res = await self._run_collect(new_id("handle"), name, pipe, prompt, args, priority)
+        out = public(res, images=lambda pngs: images_as(pngs, output_format)) | {"pipeline": name}
+        out.pop("type")
+        return out
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a live request by id through the scheduler (False if unknown or finished)."""
+        return await self.admission.cancel(request_id)
+
+    async def stats(self) -> dict:
+        """Each stage's engine stats (from one replica per stage)."""
+        keys = list(self.handles)
+        vals = await asyncio.gather(*(self.handles[k].stats.remote() for k in keys))
+        return dict(zip(keys, vals))
+
+    async def __del__(self):
+        await self.admission.close()

@@ -1,0 +1,1 @@
+"""The OpenAI wire format: request bodies (``protocol.py``) and response bodies and chunks (``responses.py``)."""

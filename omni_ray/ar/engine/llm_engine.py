@@ -1,0 +1,415 @@
+"""The offline engine: requests in, steps of continuous batching, outputs out (nano-vllm's API).
+
+    llm = LLM("tiny:qwen3", enforce_eager=True)
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
+    outs[0]["text"], outs[0]["token_ids"]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from omni_ray.ar.engine.block_manager import BlockManager
+from omni_ray.ar.engine.detokenizer import find_stop, update_text
+from omni_ray.ar.engine.scheduler import Scheduler
+from omni_ray.ar.executor import make_executor
+from omni_ray.ar.models import ArchConfig
+from omni_ray.ar.models.loader import read_hf_config
+from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
+from omni_ray.ar.sequence import Sequence
+from omni_ray.config import AREngineConfig, ModelConfig
+from omni_ray.errors import InvalidRequestError
+from omni_ray.profiling import GcPauses
+from omni_ray.testing import resolve_model
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0                     # host steps (schedule + run)
+    forwards: int = 0                  # model forwards on the device (> steps with multi-step decode)
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    max_batch_size: int = 0
+    decode_steps: int = 0
+    decode_context_tokens: int = 0     # sum over decode rows of their context length (KV read)
+    batch_size_hist: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, model: str | ModelConfig | AREngineConfig, **kwargs):
+        cfg = model if isinstance(model, AREngineConfig) else AREngineConfig.from_kwargs(model, **kwargs)
+        self.config = cfg
+        self.model_path = resolve_model(cfg.model.path)
+        self.arch = ArchConfig.from_hf(read_hf_config(self.model_path))
+        from transformers import AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), trust_remote_code=False)
+        self.runner = self._make_runner()
+        self.eos_ids = set(self.arch.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._reset()
+        # profiling: one JSON line per step (wall-clock start, duration, batch, requests added since)
+        self.step_log = open(cfg.step_log, "a", buffering=1) if cfg.step_log else None  # noqa: SIM115
+        self.gc_pauses = GcPauses() if cfg.step_log else None        # collections during each step
+        self._added = 0
+        if cfg.warmup and self.runner.device.type == "cuda":
+            self.warmup()
+
+    def warmup(self) -> None:
+        """Throw-away requests that take every path a real mix takes (one and many prompts of odd
+        lengths in one prefill, mixed prefill + decode, multi-step and sampled decode, log-probs),
+        so that torch.compile and Triton compile their variants now, not during the first burst
+        of traffic (seen as a ~2 s stall). Engine state and counters are reset afterwards."""
+        import random
+        rng = random.Random(0)
+        vocab = min(self.arch.vocab_size, 1000)
+        # past the prefill / mixed-step graphs' largest bucket, so that the eager path compiles now too
+        longest = max(1, min(max(300, self.config.mixed_graph_tokens + 1), self.max_model_len - 16))
+        most = min(256, self.config.scheduler.max_num_seqs)       # bursts of short prompts, up to this
+        greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=1)
+        waves = [[(1, greedy)],
+                 [(n, p) for n, p in ((7, greedy), (33, sampled), (min(130, longest), greedy),
+                                      (longest, SamplingParams(temperature=0.0, max_tokens=3, logprobs=True)))],
+                 *([(rng.randint(5, 40), greedy) for _ in range(b)] for b in sorted({
+                     min(32, most), most, max(1, most // 2 + 3)}))]
+        for i, wave in enumerate(waves):
+            for j, (n, params) in enumerate(wave):
+                self.add_request([rng.randrange(vocab) for _ in range(n)], params, f"warmup-{i}-{j}")
+                if i == 1 and j == 0:
+                    self.step()                       # the rest joins a running decode: a mixed batch
+            while not self.is_finished():
+                self.step()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Empty KV-cache bookkeeping (no prefix-cache entries), queues, counters and requests."""
+        cfg = self.config
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
+        lookahead = 2 * cfg.decode_steps - 1 if cfg.async_decode and cfg.decode_steps > 1 else 0
+        self.scheduler = Scheduler(cfg.scheduler, self.block_manager, lookahead)
+        self.stats = EngineStats()
+        self.seqs: dict[str, Sequence] = {}
+        self._inflight: tuple | None = None     # async_decode: a launched decode run not yet landed
+
+    def _make_runner(self):
+        return make_executor(self.config, self.model_path, self.arch)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model.served_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    # ------------------------------------------------------------------ requests
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty", param="prompt")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string or list of token ids", param="prompt")
+        ids = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InvalidRequestError("token ids must be integers", param="prompt")
+        bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})",
+                                      param="prompt")
+        return ids
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams | EncodeParams,
+                      request_id: str | None = None) -> Sequence:
+        """Validate and build a Sequence (raises InvalidRequestError, touches no engine state)."""
+        ids = self.tokenize(prompt)
+        limit = self.max_model_len
+        if len(ids) > limit or (len(ids) == limit and not isinstance(params, EncodeParams)):
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_model_len is {limit}", param="prompt")
+        if isinstance(params, SamplingParams):
+            params.validate()
+            if len(ids) + params.max_tokens > limit:
+                raise InvalidRequestError(
+                    f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
+                    f"({limit})", param="max_tokens")
+        elif isinstance(params, EncodeParams):
+            if params.layer is not None and not -self.arch.num_layers - 1 <= params.layer <= self.arch.num_layers:
+                raise InvalidRequestError(f"layer must be in [-{self.arch.num_layers + 1}, {self.arch.num_layers}]",
+                                          param="layer")
+        else:
+            raise InvalidRequestError("params must be SamplingParams or EncodeParams")
+        if request_id is not None and request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        seq = Sequence(ids, params, request_id, self.config.cache.block_size)
+        if isinstance(params, SamplingParams) and params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        return seq
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | EncodeParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        seq = self.make_sequence(prompt, params or SamplingParams(), request_id)
+        self.add_sequence(seq)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+        self._added += 1
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        self.seqs.pop(request_id, None)
+        return seq is not None
+
+    def is_finished(self) -> bool:
+        return self._inflight is None and not self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ health (tensor parallel: workers)
+    def check_health(self) -> None:
+        """Raises EngineError when the runner cannot work (a tensor-parallel rank died)."""
+        check = getattr(self.runner, "check_health", None)
+        if check is not None:
+            check()
+
+    def add_failure_callback(self, fn) -> None:
+        """``fn(err)`` runs (from another thread) when the runner fails on its own, e.g. a worker died."""
+        add = getattr(self.runner, "add_failure_callback", None)
+        if add is not None:
+            add(fn)
+
+    def shutdown(self) -> None:
+        """Release what the runner holds outside this process (tensor-parallel worker actors)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+        if self.step_log is not None:
+            self.step_log.close()
+            self.gc_pauses.close()
+            self.step_log = None
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[Sequence]:
+        """One forward of the next batch. Returns the sequences that changed (new token / finished).
+        With ``async_decode``, a pure decode run is launched and, while the same batch can go
+        on, the next run is queued on the device before this one's tokens are read: the host's work
+        on a run (appending tokens, finishing sequences, the caller's outputs) overlaps the next."""
+        if self._inflight is not None:
+            return self._land()
+        wall, t0 = time.time(), time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            self.last_step = (0, 0, 0, 0)
+            return []
+        k = self._decode_steps(batch)
+        self.last_step = (len(batch), batch.num_decodes, batch.num_tokens, k)    # for slow-step logs
+        if self._overlaps(batch, k):
+            self._inflight = (self.runner.launch_decode(batch, k), wall, t0, 0)
+            return self._land()
+        out = self.runner.run(batch, k) if k > 1 else self.runner.run(batch)
+        return self._apply(batch, out, k, wall, t0)
+
+    def _overlaps(self, batch, k: int) -> bool:
+        """A multi-step run (k > 1: a pure-decode batch, ``_decode_steps``) on one rank, of
+        a batch the decode path takes (no larger than its biggest graph)."""
+        return (self.config.async_decode and k > 1 and self.config.parallel.tensor_parallel_size == 1
+                and len(batch.seqs) <= self.runner.max_graph_bs)
+
+    def _land(self) -> list[Sequence]:
+        """Queue the next run of the in-flight batch when it can go on unchanged, then read and
+        apply the in-flight run's tokens (the device works on the next one meanwhile)."""
+        launched, wall, t0, resumes = self._inflight
+        batch, k = launched.batch, launched.num_steps
+        nxt = self.runner.launch_decode(batch, k, resume=True) if self._can_resume(batch, k, resumes) else None
+        out = self.runner.collect_decode(launched)
+        ready_wall, ready = time.time(), time.perf_counter()       # the device moves on to ``nxt`` now
+        self._inflight = (nxt, ready_wall, ready, resumes + 1) if nxt is not None else None
+        return self._apply(batch, out, k, wall, t0)
+
+    def _can_resume(self, batch, k: int, resumes: int) -> bool:
+        """The batch runs another k steps from where the device is: nothing waits to join, every
+        running sequence is in it and none ends by length within the run in flight, and the run
+        after it fits their allocated blocks and max_model_len (and the padding rows' positions,
+        which advance with every resumed run, stay inside the block tables)."""
+        if self.scheduler.waiting or len(self.scheduler.running) != len(batch.seqs):
+            return False
+        if (resumes + 3) * k > self.max_model_len:
+            return False
+        bs = self.config.cache.block_size
+        for seq in batch.seqs:                    # len(seq): before the in-flight run's k tokens
+            if (seq.is_finished or seq.num_output_tokens + k >= seq.params.max_tokens
+                    or len(seq) + 2 * k > self.max_model_len or len(seq) + 2 * k - 1 > len(seq.block_table) * bs):
+                return False
+        return True
+
+    def _apply(self, batch, out, k: int, wall: float, t0: float) -> list[Sequence]:
+        """A run's results into the sequences: computed tokens, new tokens, finishes, stats, the
+        step log. Sequences that finished meanwhile (aborted, or ended within the previous run while
+        this one was in flight) are skipped."""
+        s = self.stats
+        s.steps += 1
+        s.forwards += k
+        s.max_batch_size = max(s.max_batch_size, len(batch))
+        s.batch_size_hist[len(batch)] = s.batch_size_hist.get(len(batch), 0) + 1
+        s.decode_steps += batch.num_decodes == len(batch)
+        changed: list[Sequence] = []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += n
+            if n == 1 and seq.num_output_tokens > 0:
+                s.decode_tokens += 1
+                s.decode_context_tokens += seq.num_computed_tokens
+            else:
+                s.prefill_tokens += n
+            self.block_manager.register_full_blocks(seq)     # before an encode finishes and frees them
+            if seq.is_encode:
+                seq.hidden_chunks.append(out.hidden[seq.seq_id])
+                if seq.num_computed_tokens == len(seq):
+                    self._finish(seq, "stop")
+                    changed.append(seq)
+        for seq, tok, i in zip(out.sampled, out.token_ids, range(len(out.sampled))):
+            if seq.is_finished:
+                continue
+            if out.logprobs is not None and seq.params.logprobs:
+                seq.logprobs.append(out.logprobs[i])
+            seq.append_token(tok)
+            self._check_finish(seq)
+            changed.append(seq)
+        if out.multi is not None:
+            self._apply_extra_steps(out)
+        if self.step_log is not None:
+            line = {"t": round(wall, 6), "dt": round(time.perf_counter() - t0, 6), "seqs": len(batch),
+                    "decodes": batch.num_decodes, "tokens": batch.num_tokens, "forwards": k, "added": self._added}
+            n_gc, gc_s = self.gc_pauses.take()
+            if n_gc:
+                line["gc"] = round(gc_s, 6)
+            self.step_log.write(json.dumps(line) + "\n")
+        self._added = 0
+        return changed
+
+    def _decode_steps(self, batch) -> int:
+        """How many decode steps to run for ``batch`` in one go: only pure decode batches (sampled
+        ones are sampled on the device between the forwards); never past a sequence's
+        max_model_len or its last allocated block (so that no step needs a block the scheduler
+        has not given). A sequence that reaches max_tokens (or a stop) within the run
+        drops the tokens after it, as with EOS: sequences a few tokens apart (streams that joined
+        at different steps) do not cut every run short near their ends."""
+        k = self.config.decode_steps
+        if k == 1 or batch.num_decodes != len(batch.seqs):
+            return 1
+        bs = self.config.cache.block_size
+        for seq in batch.seqs:
+            if seq.is_encode:
+                return 1
+            k = min(k, self.max_model_len - len(seq), len(seq.block_table) * bs - len(seq) + 1)
+        return max(k, 1)
+
+    def _apply_extra_steps(self, out) -> None:
+        """Tokens 2..k of a multi-step run, as if each came from its own step; a sequence that
+        finishes drops the rest (their K/V sit in its own blocks, which are freed)."""
+        s = self.stats
+        lps = out.multi_logprobs or [None] * len(out.sampled)
+        for seq, toks, lp in zip(out.sampled, out.multi, lps):
+            for j, tok in enumerate(toks[1:], start=1):
+                if seq.is_finished:
+                    break
+                seq.num_computed_tokens += 1
+                s.decode_tokens += 1
+                s.decode_context_tokens += seq.num_computed_tokens
+                if lp is not None and seq.params.logprobs:
+                    seq.logprobs.append(lp[j])
+                seq.append_token(tok)
+                self._check_finish(seq)
+            if not seq.is_finished:
+                self.block_manager.register_full_blocks(seq)
+
+    def _check_finish(self, seq: Sequence) -> None:
+        p: SamplingParams = seq.params
+        tok = seq.token_ids[-1]
+        if p.stop:                 # stop strings: text per token (streams without them: once per step, CoreLoop)
+            before = len(seq.output_text)
+            update_text(seq, self.tokenizer, p.skip_special_tokens)
+            i = find_stop(seq, p.stop, len(seq.output_text) - before)
+            if i != -1:
+                seq.output_text = seq.output_text[:i]
+                return self._finish(seq, "stop")
+        if (not p.ignore_eos and tok in self.eos_ids) or (p.stop_token_ids and tok in p.stop_token_ids):
+            return self._finish(seq, "stop")
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            return self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.seqs.pop(seq.request_id, None)
+
+    # ------------------------------------------------------------------ offline API
+    def output_of(self, seq: Sequence) -> dict:
+        if seq.is_encode:
+            return {"hidden_states": torch.cat(seq.hidden_chunks), "token_ids": seq.token_ids}
+        ids = seq.output_token_ids
+        if seq.params.stop:
+            text = seq.output_text
+        else:
+            text = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+        out = {"text": text, "token_ids": ids, "finish_reason": seq.finish_reason}
+        if seq.params.logprobs:
+            out["logprobs"] = list(seq.logprobs)
+        return out
+
+    def generate(self, prompts: list[str] | list[list[int]] | str, sampling_params=None,
+                 use_tqdm: bool = True) -> list[dict]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]  # validate all first
+        for seq in seqs:
+            self.add_sequence(seq)
+        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        while not self.is_finished():
+            t0 = time.perf_counter()
+            p0, d0 = self.stats.prefill_tokens, self.stats.decode_tokens
+            done = [s for s in self.step() if s.is_finished]
+            dt = time.perf_counter() - t0
+            if self.stats.prefill_tokens > p0:
+                prefill_tps = (self.stats.prefill_tokens - p0) / dt
+            if self.stats.decode_tokens > d0:
+                decode_tps = (self.stats.decode_tokens - d0) / dt
+            bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
+            bar.update(len(done))
+        bar.close()
+        return [self.output_of(s) for s in seqs]
+
+    def encode(self, prompts: list[str] | str, layer: int | None = None) -> list[torch.Tensor]:
+        """Prompt hidden states [T, H] for each prompt (batched with whatever else is queued)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        seqs = [self.make_sequence(p, EncodeParams(layer)) for p in prompts]
+        for seq in seqs:
+            self.add_sequence(seq)
+        while not all(s.is_finished for s in seqs):
+            self.step()
+        return [torch.cat(s.hidden_chunks) for s in seqs]
+
+    def engine_stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_blocks": bm.num_blocks, "num_free_blocks": bm.num_free_blocks,
+            "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+            "steps": self.stats.steps, "max_batch_size": self.stats.max_batch_size,
+            "prefill_tokens": self.stats.prefill_tokens, "decode_tokens": self.stats.decode_tokens,
+            "prefix_cache_hit_tokens": bm.prefix_hits, "prefix_cache_query_tokens": bm.prefix_queries,
+            "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks,
+        }
+
+
+LLM = LLMEngine

@@ -1,0 +1,119 @@
+"""Continuous batching with a token budget, chunked prefill and preemption by recompute.
+
+Every step mixes decodes (one token each) and prefill chunks under ``max_num_batched_tokens``:
+running sequences are served first (oldest first), then waiting ones are admitted while the
+budget, ``max_num_seqs`` and free blocks allow. When a running sequence needs a block and none is
+free, the newest running sequence is preempted (its blocks freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from omni_ray.ar.batch import ScheduledBatch
+from omni_ray.ar.engine.block_manager import BlockManager
+from omni_ray.ar.sequence import SeqStatus, Sequence
+from omni_ray.config import ARSchedulerConfig
+
+
+class Scheduler:
+    def __init__(self, cfg: ARSchedulerConfig, block_manager: BlockManager, lookahead: int = 0):
+        self.cfg = cfg
+        self.bm = block_manager
+        self.lookahead = lookahead      # decode slots allocated ahead when blocks are plentiful (async decode runs)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.watermark = max(1, block_manager.num_blocks // 100)
+
+    # ------------------------------------------------------------------ queue
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for q in (self.running, self.waiting):
+            for seq in list(q):
+                if seq.request_id == request_id:
+                    q.remove(seq)
+                    self.finish(seq, "abort", remove=False)
+                    return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str, remove: bool = True) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        self.bm.free_seq(seq)
+        if remove and seq in self.running:
+            self.running.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free_seq(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # ------------------------------------------------------------------ step
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        remaining = len(seq) - seq.num_computed_tokens
+        if remaining <= budget:
+            return remaining
+        return budget if self.cfg.enable_chunked_prefill else 0
+
+    def _allocate_ahead(self, seq: Sequence) -> None:
+        """Blocks for the decode slots after this step's, while the watermark stays free: a run
+        queued on top of this one (``async_decode``) needs them in the block table already."""
+        ahead = min(1 + self.lookahead, self.cfg.max_model_len - seq.num_computed_tokens)  # never past max_model_len
+        extra = self.bm.blocks_needed(seq, ahead)
+        if extra and extra + self.watermark <= self.bm.num_free_blocks:
+            self.bm.allocate(seq, ahead)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.cfg.max_num_batched_tokens
+        picked: list[tuple[Sequence, int]] = []
+        # 1) running sequences, oldest first; preempt the newest when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk(seq, budget)
+            if n == 0:
+                i += 1
+                continue
+            while not self.bm.allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                if n == 1 and self.lookahead:
+                    self._allocate_ahead(seq)
+                picked.append((seq, n))
+                budget -= n
+                i += 1
+        # 2) admit waiting sequences
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            self.bm.admit(seq)
+            n = self._chunk(seq, budget)
+            need = self.bm.blocks_needed(seq, n)
+            if n == 0 or need + self.watermark > self.bm.num_free_blocks and self.running:
+                self.bm.free_seq(seq)
+                seq.reset_for_recompute()
+                break
+            if not self.bm.allocate(seq, n):
+                self.bm.free_seq(seq)
+                seq.reset_for_recompute()
+                break
+            self.waiting.popleft()
+            self.bm.prefix_hits += seq.num_cached_tokens
+            self.bm.prefix_queries += len(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            picked.append((seq, n))
+            budget -= n
+        decodes = [(s, n) for s, n in picked if n == 1]
+        prefills = [(s, n) for s, n in picked if n != 1]
+        ordered = decodes + prefills
+        return ScheduledBatch([s for s, _ in ordered], [n for _, n in ordered], len(decodes))

@@ -1,0 +1,89 @@
+"""A byte-level BPE tokenizer trained locally on the text the package ships.
+
+It stands in for a real model's tokenizer in the tiny checkpoints: saved as
+``tokenizer.json`` + ``tokenizer_config.json`` (with a chat template), it loads through
+``transformers.AutoTokenizer`` exactly as a hub tokenizer does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+TEMPLATES = {"chatml": (CHATML_TEMPLATE, "<|im_end|>", None),
+             "llama3": (LLAMA3_TEMPLATE, "<|eot_id|>", "<|begin_of_text|>")}
+
+
+def train_tokenizer(vocab_size: int = 1024) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(CORPUS)], trainer)
+    return tok
+
+
+def fill_vocab(tok: Tokenizer, size: int) -> Tokenizer:
+    """``tok`` with its BPE vocabulary padded to ``size`` ids by filler words (" w1234"): no merge
+    makes them, so encoding is unchanged, but every id a model of ``size`` logits can sample decodes
+    to text, as with a real tokenizer (a random-weight model at a real vocabulary size then
+    streams text for each token, not mostly empty deltas)."""
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    taken = set(vocab) | {t["content"] for t in data["added_tokens"]}
+    i = n = tok.get_vocab_size()
+    while n < size:
+        word = f"\u0120w{i}"                      # byte-level "Ġ" = a leading space
+        i += 1
+        if word not in taken:
+            vocab[word] = n
+            n += 1
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def save_tokenizer(out: Path, template: str = "chatml", vocab_size: int = 1024, fill_to: int | None = None) -> dict:
+    """Write tokenizer files into ``out``; returns ids of the special tokens. ``fill_to``: pad the
+    vocabulary to the model's size (``fill_vocab``)."""
+    tok = train_tokenizer(vocab_size)
+    if fill_to and fill_to > tok.get_vocab_size():
+        tok = fill_vocab(tok, fill_to)
+    tok.save(str(out / "tokenizer.json"))
+    chat_template, eos, bos = TEMPLATES[template]
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 4096,
+        "eos_token": eos,
+        "pad_token": "<|endoftext|>",
+        "bos_token": bos,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": chat_template,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {k: cfg[k] for k in ("eos_token", "pad_token", "bos_token") if cfg[k]}, indent=2))
+    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS} | {"vocab_len": tok.get_vocab_size()}

@@ -160,11 +160,14 @@ async def handle_stream(ps: list[str], max_tokens: int) -> dict:
     """The AR replica's ``generate`` stream through a Serve handle from this process (no HTTP)."""
     from ray import serve
 
+    from omni_ray.ar.sampling_params import SamplingParams
+    from omni_ray.stages import ARRequest
+
     h = serve.get_deployment_handle("llm", "omni-bench").options(stream=True)
 
     async def one(i, p, n_tokens=max_tokens):
-        req = {"request_id": f"hs-{i}-{time.monotonic_ns()}", "prompt": p,
-               "params": {"max_tokens": n_tokens, "temperature": 0, "ignore_eos": True}}
+        req = ARRequest(f"hs-{i}-{time.monotonic_ns()}", prompt=p,
+                        params=SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True))
         first, n, msgs = None, 0, 0
         async for d in h.generate.remote(req):
             first = first or time.perf_counter()
@@ -281,10 +284,12 @@ async def latency_parts(url: str, n: int, client: str) -> dict:
     from ray import serve
 
     from benchmarks.load_client import Clients
+    from omni_ray.ar.sampling_params import SamplingParams
+    from omni_ray.stages import ARRequest
 
     h = serve.get_deployment_handle("llm", "omni-bench")
-    req = lambda i: {"request_id": f"part-{i}", "prompt": PROMPT,  # noqa: E731
-                     "params": {"max_tokens": 16, "temperature": 0, "ignore_eos": True}}
+    req = lambda i: ARRequest(f"part-{i}", prompt=PROMPT,  # noqa: E731
+                              params=SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     out = {}
     async with Clients(url, 1, client, timeout_s=60) as c:
         for name, call in (("http_no_stage_ms", lambda i: c.post(0, "/v1/models")),

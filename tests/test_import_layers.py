@@ -154,7 +154,7 @@ def test_a_circle_is_found():
 
 
 @pytest.mark.parametrize("mod, name", [
-    ("omni_ray.pipeline", "deployments.app"),
+    ("omni_ray.runner", "deployments.app"),
     ("omni_ray.ar.engine.llm_engine", "ray"),
     ("omni_ray.dit.engine", "ray.util.placement_group"),
     ("omni_ray.ar.worker.model_runner", "omni_ray.cluster.worker_group"),

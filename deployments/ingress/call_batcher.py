@@ -23,7 +23,8 @@ import time
 from typing import AsyncIterator
 
 from omni_ray.errors import EngineError
-from omni_ray.pipeline import merge_deltas
+from omni_ray.stages.ar import merge_deltas
+from omni_ray.stages.requests import ARRequest
 
 log = logging.getLogger("ray.serve")
 _END = None            # what the replica sends for a request that ended
@@ -124,14 +125,14 @@ class _Alone:
 class StreamBatcher:
     def __init__(self, streaming_handle, unary_handle, max_batch: int = 16):
         self.streaming, self.unary, self.max_batch = streaming_handle, unary_handle, max_batch
-        self._pending: list[tuple[dict, _Sub]] = []
+        self._pending: list[tuple[ARRequest, _Sub]] = []
         self._scheduled = False
         self._aborts: set[asyncio.Task] = set()
         self.calls = 0                 # batched calls made (stats, tests)
 
-    async def stream(self, req: dict, unary: bool = False) -> AsyncIterator[dict]:
-        """The deltas of ``req`` (a ``generate`` request dict), as the AR replica yields them."""
-        sub = _Sub(req["request_id"], unary)
+    async def stream(self, req: ARRequest, unary: bool = False) -> AsyncIterator[dict]:
+        """The deltas of ``req``, as the AR replica yields them."""
+        sub = _Sub(req.request_id, unary)
         self._pending.append((req, sub))
         if not self._scheduled:
             self._scheduled = True
@@ -154,7 +155,7 @@ class StreamBatcher:
                 else:
                     sub.batch.leave(sub)
 
-    async def complete(self, req: dict) -> dict:
+    async def complete(self, req: ARRequest) -> dict:
         """``complete(req)``: a lone request makes the replica's ``complete`` call itself, one in a
         burst rides a batched call (paced like ``complete``) and its deltas are merged here."""
         return merge_deltas([d async for d in self.stream(req, unary=True)])
@@ -172,9 +173,10 @@ class StreamBatcher:
                 else:
                     _Alone(sub, self.streaming.generate.remote(r), streaming=True)
                 continue
+            unary = [j for j, (_, s) in enumerate(part) if s.unary]   # paced like ``complete``
             now = time.time()                                     # the replica's step log times the hop
-            reqs = [r | {"unary": True, "sent_at": now} if s.unary else r | {"sent_at": now} for r, s in part]
-            _Batch(self, [s for _, s in part], self.streaming.generate_batch.remote(reqs))
+            _Batch(self, [s for _, s in part],
+                   self.streaming.generate_batch.remote([r for r, _ in part], unary, now))
 
     @property
     def aborts_in_flight(self) -> int:

@@ -29,12 +29,13 @@ def images_as(pngs: list[bytes], fmt: str) -> list:
     raise InvalidRequestError(f"output_format must be 'png' or 'pil', got {fmt!r}", param="output_format")
 
 
-def text_body(prompt, messages, **kw):
-    """The request model and the prompts of a text call: exactly one of ``prompt`` and ``messages``."""
+def text_body(prompt, messages, logprobs: bool = False, **kw):
+    """The request model and the prompts' inputs of a text call: exactly one of ``prompt`` and
+    ``messages`` (only the first prompt of a list is used)."""
     if (prompt is None) == (messages is None):
         raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
     if messages is not None:
-        body = validated(ChatCompletionRequest, messages=messages, **kw)
+        body = validated(ChatCompletionRequest, messages=messages, logprobs=logprobs, **kw)
         return body, [{"messages": body.chat_messages()}]
-    body = validated(CompletionRequest, prompt=prompt, **kw)
+    body = validated(CompletionRequest, prompt=prompt, logprobs=0 if logprobs else None, **kw)
     return body, [{"prompt": p} for p in body.prompts()[:1]]

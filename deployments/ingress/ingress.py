@@ -37,6 +37,7 @@ from deployments.ingress.handle_args import images_as, text_body, validated
 from deployments.ingress.http import SSE_HEADERS, error_response, install_handlers
 from deployments.ingress.info import describe
 from deployments.ingress.lifecycle import Lifecycle, new_id
+from deployments.ingress.limits import check_pipeline_limits, check_text_limits
 from deployments.ingress.openapi_doc import install_openapi
 from deployments.ingress.pipelines import pipeline_events, pipeline_result, public, render_pipeline
 from deployments.ingress.remote_stages import RemoteAR, RemoteDiT
@@ -46,15 +47,14 @@ from deployments.openai.protocol import (
     CompletionRequest,
     ImageGenerationRequest,
     PipelineRequest,
-    check_pipeline_limits,
-    check_text_limits,
 )
 from deployments.openai.responses import Chat, Completion, b64_images, usage
 from deployments.services import dit_cache
 from deployments.streams import OpenStreams, cancellable, gather_or_cancel
 from omni_ray.config import OmniConfig, PipelineConfig, validate
 from omni_ray.errors import InvalidRequestError, RequestTimeoutError
-from omni_ray.pipeline import StageArgs, split_stage_args
+from omni_ray.rules import check_text
+from omni_ray.runner import StageArgs
 
 app = FastAPI(title="omni-ray", description="OpenAI-compatible serving of multi-stage omni models")
 install_handlers(app)
@@ -103,12 +103,13 @@ class Ingress:
             lambda t: pipeline_result(self.backends, self.kinds, rid, pipe, prompt, args, t))
 
     # ================================================================== text
-    async def _text(self, body, prompts: list[dict], fmt_cls, max_new, logprobs: bool):
+    async def _text(self, body, prompts: list[dict], fmt_cls):
         stage = self.catalog.stage(body.model, "ar")
-        check_text_limits(body, max_new, self.limits)
+        params = body.to_sampling_params()
+        check_text_limits(body, params, self.limits)
         rid = new_id("chatcmpl" if fmt_cls is Chat else "cmpl")
-        fmt = fmt_cls(rid, self.names[stage], logprobs)
-        reqs = text_requests(rid, prompts, body, max_new, logprobs)
+        fmt = fmt_cls(rid, self.names[stage], params.logprobs)
+        reqs = text_requests(rid, prompts, body, params)
         kind = "chat" if fmt_cls is Chat else "completions"
         if not body.stream:
             choices = await self.requests.unary(rid, kind, [stage], body.priority, self._collect(stage, reqs))
@@ -125,14 +126,12 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
         prompts = [{"prompt": p} for p in body.prompts()]
-        return self._respond(await self._text(body, prompts, Completion, body.max_tokens,
-                                              body.logprobs is not None))
+        return self._respond(await self._text(body, prompts, Completion))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
         prompts = [{"messages": body.chat_messages()}]
-        return self._respond(await self._text(body, prompts, Chat, body.max_new_tokens,
-                                              body.logprobs))
+        return self._respond(await self._text(body, prompts, Chat))
 
     # ================================================================== pipelines and images
     @app.post("/v1/pipelines/{name}")
@@ -142,7 +141,8 @@ class Ingress:
                 raise InvalidRequestError("POST /v1/pipelines/run needs a 'pipeline' field", param="pipeline")
             name = body.pipeline
         pipe = self.catalog.pipeline(name)
-        args = StageArgs(text=body.text_args(), image=body.diffusion(), per_stage=body.stage_args)
+        check_text(body.prompt)
+        args = body.to_stage_args()
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
         rid = new_id("pipe")
         if not body.stream:
@@ -160,6 +160,7 @@ class Ingress:
     @app.post("/v1/images/generations")
     async def images_generations(self, body: ImageGenerationRequest):
         name, pipe = self.catalog.image_pipeline(body.model)
+        check_text(body.prompt)
         args = StageArgs(image=body.diffusion())
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
         res = await self._run_collect(new_id("img"), "images", pipe, body.prompt, args, body.priority)
@@ -215,13 +216,14 @@ class Ingress:
         """One text generation. ``messages`` uses the chat template; ``prompt`` is raw text or token ids.
         Returns ``{"text", "token_ids", "finish_reason", "usage", "model"}`` (plus ``choices`` when n > 1,
         ``logprobs`` when asked)."""
-        body, prompts = text_body(prompt, messages, model=model, max_tokens=max_tokens,
+        body, prompts = text_body(prompt, messages, model=model, max_tokens=max_tokens, logprobs=logprobs,
                                   temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
                                   ignore_eos=ignore_eos, priority=priority)
         stage = self.catalog.stage(model, "ar")
-        check_text_limits(body, max_tokens, self.limits)
+        params = body.to_sampling_params()
+        check_text_limits(body, params, self.limits)
         rid = new_id("handle")
-        reqs = text_requests(rid, prompts, body, max_tokens, logprobs)
+        reqs = text_requests(rid, prompts, body, params)
         choices = await self.requests.unary(rid, "generate_text", [stage], priority, self._collect(stage, reqs))
         c = choices[0]
         out = {"id": rid, "model": self.names[stage], "text": c.text, "token_ids": c.token_ids,
@@ -242,9 +244,10 @@ class Ingress:
                                   temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                   ignore_eos=ignore_eos, priority=priority)
         stage = self.catalog.stage(model, "ar")
-        check_text_limits(body, max_tokens, self.limits)
+        params = body.to_sampling_params()
+        check_text_limits(body, params, self.limits)
         rid = new_id("handle")
-        reqs = text_requests(rid, prompts, body, max_tokens, False)
+        reqs = text_requests(rid, prompts, body, params)
         ticket = await self.requests.admit(rid, "stream_text", [stage], priority)
         err = None
         try:
@@ -267,6 +270,7 @@ class Ingress:
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                          negative_prompt=negative_prompt, cache=cache, priority=priority)
         name, pipe = self.catalog.image_pipeline(model)
+        check_text(body.prompt)
         args = StageArgs(image=body.diffusion())
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
         res = await self._run_collect(new_id("handle"), "images", pipe, prompt, args, priority)
@@ -277,11 +281,10 @@ class Ingress:
         """Run a pipeline: ``{"text", "images", "hidden_states" (metadata), "stages", "usage"}``.
         ``stage_args``: max_tokens, temperature, seed, size, num_inference_steps, ..., stage_args={stage: {...}}."""
         pipe = self.catalog.pipeline(name)
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
+        check_text(prompt)
         if priority not in ("high", "normal", "low"):
             raise InvalidRequestError(f"priority must be high, normal or low, got {priority!r}", param="priority")
-        args = split_stage_args(stage_args)
+        args = StageArgs.from_kwargs(stage_args)
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
         res = await self._run_collect(new_id("handle"), name, pipe, prompt, args, priority)
         out = public(res, images=lambda pngs: images_as(pngs, output_format)) | {"pipeline": name}

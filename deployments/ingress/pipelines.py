@@ -6,7 +6,7 @@ from deployments.ingress.http import sse
 from deployments.openai.responses import b64_images
 from omni_ray.config import PipelineConfig
 from omni_ray.errors import OmniError
-from omni_ray.pipeline import StageArgs, run_pipeline
+from omni_ray.runner import StageArgs, run_pipeline
 
 
 async def pipeline_events(backends: dict, kinds: dict, rid: str, pipe: PipelineConfig, prompt: str,
@@ -43,7 +43,7 @@ def public(ev: dict, images=b64_images) -> dict:
     out = {k: v for k, v in ev.items() if k not in ("images", "hidden_states")}
     out["images"] = images(ev["images"]) if ev.get("images") else None
     hs = ev.get("hidden_states")
-    out["hidden_states"] = {k: v for k, v in hs.items() if k != "ref"} if hs else None
+    out["hidden_states"] = hs.public() if hs else None
     return out
 
 

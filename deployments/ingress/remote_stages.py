@@ -1,19 +1,22 @@
-"""Online backends for ``omni_ray.pipeline.run_pipeline``: stage calls through Serve handles.
+"""Online backends for ``omni_ray.runner.run_pipeline``: stage calls through Serve handles.
 
-The same step runner drives the offline ``OmniLLM``; here each stage is a deployment handle.
-Hidden states come back from the AR stage as ``{"ref": [ObjectRef], "shape": ...}`` and are passed
-on, unresolved, to the DiT stage. Streaming calls are cancelled when the consumer stops early
-(client disconnect), which raises CancelledError in the replica and aborts the engine request.
+The same step runner drives the offline ``OmniLLM``; here each stage is a deployment handle and
+each request a typed ``ARRequest`` / ``DiTRequest``, sent as it is. Hidden states come back from
+the AR stage as a ``Handoff`` holding an ObjectRef, passed on, unresolved, to the DiT stage.
+Streaming calls are cancelled when the consumer stops early (client disconnect), which raises
+CancelledError in the replica and aborts the engine request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
 from deployments.ingress.call_batcher import StreamBatcher
+from omni_ray.stages.requests import ARRequest, DiTRequest, Handoff
 
 
 async def stream(call) -> AsyncIterator:
@@ -48,19 +51,19 @@ class RemoteAR:
         self._puts: set[asyncio.Task] = set()
         self.batcher = StreamBatcher(self.streaming, self.unary, batch) if batch > 1 else None
 
-    def generate(self, req: dict) -> AsyncIterator[dict]:
+    def generate(self, req: ARRequest) -> AsyncIterator[dict]:
         """``req``'s deltas: through the batcher (requests arriving together share a call), or one call."""
         if self.batcher is not None:
             return self.batcher.stream(req)
         return stream(self.streaming.generate.remote(req))
 
-    async def complete(self, req: dict) -> dict:
+    async def complete(self, req: ARRequest) -> dict:
         if self.batcher is not None:
             return await self.batcher.complete(req)
         return await unary(self.unary.complete.remote(req))
 
-    async def encode(self, req: dict) -> dict:
-        """{"ref": [ObjectRef], "shape", "dtype", "source", "cache": hit|miss|off}: the ref stays unresolved."""
+    async def encode(self, req: ARRequest) -> Handoff:
+        """The stage's Handoff (its ref unresolved), ``cache`` set to hit | miss | off."""
         key = None
         if self.cache is not None:
             from omni_ray.cluster.dit_cache import hidden_states_key
@@ -68,19 +71,19 @@ class RemoteAR:
             hit = await self.cache.get_entry(key)
             if hit is not None and hit[1]:
                 ref, meta = hit
-                return {**meta, "ref": [ref], "object_id": ref.hex(), "cache": "hit"}
-        out = await unary(self.unary.encode.remote(req))
+                return Handoff(**meta, ref=ref, object_id=ref.hex(), cache="hit")
+        out: Handoff = await unary(self.unary.encode.remote(req))
         if key is not None:           # index it in the background: the caller does not wait for the copy
-            meta = {k: out[k] for k in ("shape", "dtype", "source")}
-            task = asyncio.ensure_future(self.cache.put_ref(key, out["ref"][0], meta=meta, model=self.model))
+            meta = {"shape": out.shape, "dtype": out.dtype, "source": out.source}
+            task = asyncio.ensure_future(self.cache.put_ref(key, out.ref, meta=meta, model=self.model))
             self._puts.add(task)
             task.add_done_callback(self._puts.discard)
-        return out | {"cache": "miss" if key else "off"}
+        return dataclasses.replace(out, cache="miss" if key else "off")
 
 
 class RemoteDiT:
     def __init__(self, handle: DeploymentHandle):
         self.streaming = handle.options(stream=True)
 
-    def generate(self, req: dict, hidden: dict | None = None) -> AsyncIterator[dict]:
-        return stream(self.streaming.generate.remote(req, hidden))
+    def generate(self, req: DiTRequest) -> AsyncIterator[dict]:
+        return stream(self.streaming.generate.remote(req))

@@ -1,36 +1,38 @@
 """Text requests at the ingress: one AR stage request per (prompt, sample), their deltas, SSE chunks."""
 
+import dataclasses
 from typing import AsyncIterator
 
 from deployments.ingress import timing
 from deployments.ingress.http import sse
 from deployments.openai.responses import Choice, usage
 from deployments.streams import gather_or_cancel, merge
+from omni_ray.ar.sampling_params import SamplingParams
+from omni_ray.stages.requests import ARRequest
 
 
-def text_requests(rid: str, prompts: list[dict], body, max_new: int | None, logprobs: bool):
-    """One AR stage request per (prompt, sample): choice index = prompt index * n + j."""
+def text_requests(rid: str, prompts: list[dict], body, params: SamplingParams) -> list[tuple[int, ARRequest]]:
+    """One AR stage request per (prompt, sample): choice index = prompt index * n + j (sample j of a
+    seeded request gets seed + j). ``prompts``: each one's inputs ({"prompt"} or {"messages"})."""
     out = []
-    for p_idx, base in enumerate(prompts):
+    for p_idx, inputs in enumerate(prompts):
         for j in range(body.n):
-            params = body.sampling(max_new, logprobs)
-            if params["seed"] is not None:
-                params["seed"] += j
+            p = params if j == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + j)
             idx = p_idx * body.n + j
-            out.append((idx, {"request_id": f"{rid}-{idx}", **base, "params": params}))
+            out.append((idx, ARRequest(f"{rid}-{idx}", **inputs, params=p)))
     return out
 
 
-async def text_events(backend, stage: str, reqs: list[tuple[int, dict]], ticket) -> AsyncIterator[tuple]:
+async def text_events(backend, stage: str, reqs: list[tuple[int, ARRequest]], ticket) -> AsyncIterator[tuple]:
     """(choice index, delta) of every choice, as they come."""
     async with ticket.stage(stage):
         async for item in merge([(i, backend.generate(r)) for i, r in reqs]):
             yield item
 
 
-async def collect(backend, stage: str, reqs: list[tuple[int, dict]], ticket) -> list[Choice]:
+async def collect(backend, stage: str, reqs: list[tuple[int, ARRequest]], ticket) -> list[Choice]:
     """Every choice, complete."""
-    async def one(i: int, req: dict) -> Choice:
+    async def one(i: int, req: ARRequest) -> Choice:
         c = Choice(i)
         d = await backend.complete(req)
         c.add(d)

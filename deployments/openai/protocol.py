@@ -1,22 +1,32 @@
-"""OpenAI-compatible request bodies (pydantic) and their translation into stage requests.
+"""OpenAI-compatible request bodies (pydantic) and their conversion into the engines' params.
 
-Unknown fields are ignored (clients send many); known fields are range-checked here and any
-pydantic error becomes a 400 with OpenAI's error body. Fields OpenAI defines that omni-ray
-cannot honour (``echo``, penalties, tools, ``response_format: url``) are rejected with 400
-rather than silently ignored.
+Unknown fields are ignored (clients send many); known fields are type-checked here (any pydantic
+error becomes a 400 with OpenAI's error body). Their ranges are the engines' own rules
+(``SAMPLING_RULES`` / ``DIFFUSION_RULES``): the fields document them as OpenAPI bounds and
+``to_sampling_params()`` / ``to_diffusion_params()`` check them, once, with the same message an
+offline caller gets. Fields OpenAI defines that omni-ray cannot honour (``echo``, penalties,
+tools, ``response_format: url``) are rejected with 400 rather than silently ignored.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from omni_ray.config import LimitsConfig
+from omni_ray.ar.sampling_params import SAMPLING_RULES, SamplingParams
+from omni_ray.dit.params import DIFFUSION_RULES, DiffusionParams, parse_size
 from omni_ray.errors import InvalidRequestError
+from omni_ray.rules import Rule, check_prompt
+from omni_ray.runner import StageArgs
 
 Priority = Literal["high", "normal", "low"]
+S, D = SAMPLING_RULES, DIFFUSION_RULES
+
+
+def bounded(default: Any, rule: Rule) -> Any:
+    """A field whose range is ``rule``: documented in the OpenAPI schema, checked by the params."""
+    return Field(default, json_schema_extra=rule.json_schema())
 
 
 class _Body(BaseModel):
@@ -61,16 +71,16 @@ class _Sampling(_Body):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)                    # extension
-    min_p: float = Field(0.0, ge=0.0, le=1.0)        # extension
+    max_tokens: int | None = bounded(None, S["max_tokens"])
+    temperature: float = bounded(1.0, S["temperature"])
+    top_p: float = bounded(1.0, S["top_p"])
+    top_k: int = bounded(-1, S["top_k"])              # extension
+    min_p: float = bounded(0.0, S["min_p"])           # extension
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = bounded(None, S["seed"])
     ignore_eos: bool = False                         # extension
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -89,11 +99,20 @@ class _Sampling(_Body):
     def _stops(cls, v):
         return [v] if isinstance(v, str) else v
 
-    def sampling(self, max_tokens: int | None, logprobs: bool) -> dict:
-        """kwargs for SamplingParams; max_tokens None = fill the context (resolved by the AR stage)."""
-        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                    max_tokens=max_tokens, ignore_eos=self.ignore_eos, stop=self.stop, seed=self.seed,
-                    logprobs=logprobs)
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's params (its rules checked here); max_tokens None = fill the context
+        (resolved by the AR stage)."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                              max_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos, stop=self.stop,
+                              seed=self.seed, logprobs=self.wants_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -102,7 +121,7 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)         # OpenAI's default for completions
+    max_tokens: int | None = bounded(16, S["max_tokens"])   # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=0)   # only the chosen token's logprob is returned
     echo: bool = False
     best_of: int | None = None
@@ -114,14 +133,19 @@ class CompletionRequest(_Sampling):
             raise ValueError("echo is not supported")
         return v
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
     def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt (each is checked when its stage request is built)."""
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if p and all(isinstance(x, int) for x in p):
-            return [list(p)]
         if not p:
-            raise InvalidRequestError("prompt is empty", param="prompt")
+            check_prompt(p)                              # raises: an empty list
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
         return list(p)
 
 
@@ -144,7 +168,7 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = bounded(None, S["max_tokens"])
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0)  # only the chosen token's logprob
     tools: list | None = None
@@ -168,29 +192,13 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """'WxH' -> (height, width)."""
-    if size is None or size == "auto":
-        return None, None
-    m = _SIZE.match(size)
-    if not m:
-        raise InvalidRequestError(f"size must look like '512x512' (WxH), got {size!r}", param="size")
-    w, h = int(m.group(1)), int(m.group(2))
-    if w < 8 or h < 8 or w % 8 or h % 8:
-        raise InvalidRequestError(f"size {size!r}: width and height must be multiples of 8, >= 8", param="size")
-    return h, w
-
-
 class _ImageArgs(_Body):
-    n: int = Field(1, ge=1)
+    n: int = bounded(1, D["num_images_per_prompt"])
     size: str | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
-    num_inference_steps: int | None = Field(None, ge=1)   # extensions below
-    guidance_scale: float | None = Field(None, ge=0.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    num_inference_steps: int | None = bounded(None, D["num_inference_steps"])   # extensions below
+    guidance_scale: float | None = bounded(None, D["guidance_scale"])
+    seed: int | None = bounded(None, D["seed"])
     negative_prompt: str | None = None
     cache: bool | str | dict | None = None
 
@@ -202,16 +210,20 @@ class _ImageArgs(_Body):
         return v
 
     def diffusion(self) -> dict:
-        """kwargs for DiffusionParams (None = the engine's default)."""
+        """The DiffusionParams fields this body sets (None = the engine's default)."""
         h, w = parse_size(self.size)
+        D["num_images_per_prompt"].check("n", self.n)        # OpenAI's name for it: errors say "n"
         kw = dict(height=h, width=w, num_inference_steps=self.num_inference_steps,
                   guidance_scale=self.guidance_scale, seed=self.seed, negative_prompt=self.negative_prompt,
                   num_images_per_prompt=self.n, cache=self.cache)
         return {k: v for k, v in kw.items() if v is not None}
 
+    def to_diffusion_params(self) -> DiffusionParams:
+        return DiffusionParams(**self.diffusion())
+
 
 class ImageGenerationRequest(_ImageArgs):
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(json_schema_extra={"minLength": 1})     # checked by the route (rules.check_text)
     model: str | None = None
     priority: Priority = "normal"
     quality: str | None = None
@@ -226,145 +238,24 @@ class PipelineRequest(_ImageArgs):
     key (e.g. ``{"llm": {"max_tokens": 32}}``)."""
 
     pipeline: str | None = None                     # for /v1/pipelines/run
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(json_schema_extra={"minLength": 1})     # checked by the route (rules.check_text)
     stream: bool = False
     priority: Priority = "normal"
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = bounded(None, S["max_tokens"])
+    temperature: float = bounded(1.0, S["temperature"])
+    top_p: float = bounded(1.0, S["top_p"])
     stop: str | list[str] | None = None
     stage_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     def text_args(self) -> dict:
+        """The SamplingParams fields this body sets for every AR step."""
         kw = dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
                   stop=[self.stop] if isinstance(self.stop, str) else self.stop)
         return {k: v for k, v in kw.items() if v is not None}
 
+    def to_sampling_params(self) -> SamplingParams:
+        """The request-wide text params (each AR step adds its own overrides)."""
+        return SamplingParams(**self.text_args() | {"max_tokens": self.max_tokens})
 
-# ----------------------------------------------------------------------------- per-stage overrides
-class ARStageArgs(_Body):
-    """``stage_args`` of an AR step: SamplingParams fields plus the step's system prompt / layer."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    ignore_eos: bool | None = None
-    logprobs: bool | None = None
-    system_prompt: str | None = None
-    layer: int | None = None
-
-
-class DiTStageArgs(_Body):
-    """``stage_args`` of a DiT step: DiffusionParams fields (``size`` "WxH" or height/width)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    prompt: str | None = None
-    size: str | None = None
-    height: int | None = Field(None, ge=8, multiple_of=8)
-    width: int | None = Field(None, ge=8, multiple_of=8)
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0.0, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    negative_prompt: str | None = None
-    num_images_per_prompt: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1)
-    cache: bool | str | dict | None = None
-
-
-def stage_kwargs(kind: str, raw: dict, prefix: str = "") -> dict:
-    """Validate stage arguments (one stage's overrides, or the request-wide text / image ones) into
-    plain kwargs; errors name ``<prefix><field>``."""
-    from pydantic import ValidationError
-
-    cls = ARStageArgs if kind == "ar" else DiTStageArgs
-    try:
-        m = cls.model_validate(raw)
-    except ValidationError as err:
-        e = err.errors()[0]
-        loc = prefix + ".".join(str(p) for p in e["loc"])
-        raise InvalidRequestError(f"{loc}: {e['msg']}", param=loc or None) from None
-    out = m.model_dump(exclude_none=True)
-    if kind == "ar":
-        if isinstance(out.get("stop"), str):
-            out["stop"] = [out["stop"]]
-        return out
-    if "size" in out:
-        out["height"], out["width"] = parse_size(out.pop("size"))
-    if "n" in out:
-        out["num_images_per_prompt"] = out.pop("n")
-    return out
-
-
-# ----------------------------------------------------------------------------- limits
-def _check_stop(stop: list[str] | None, limits: LimitsConfig, param: str = "stop") -> None:
-    if stop and len(stop) > limits.max_stop_sequences:
-        raise InvalidRequestError(f"at most {limits.max_stop_sequences} stop sequences", param=param)
-
-
-def _check_max_tokens(max_new: int | None, limits: LimitsConfig, param: str = "max_tokens") -> None:
-    if max_new is not None and max_new > limits.max_tokens:
-        raise InvalidRequestError(f"max_tokens must be <= {limits.max_tokens}", param=param)
-
-
-def check_text_limits(req: _Sampling, max_new: int | None, limits: LimitsConfig) -> None:
-    """Ingress-side limits of a completion / chat request (token counts of text prompts are
-    checked by the AR replica right after tokenizing, before the engine sees the request)."""
-    if req.n > limits.max_n:
-        raise InvalidRequestError(f"n must be <= {limits.max_n}", param="n")
-    _check_max_tokens(max_new, limits)
-    _check_max_tokens(req.max_tokens, limits)       # also where max_completion_tokens overrides it
-    _check_stop(req.stop, limits)
-    if isinstance(req, CompletionRequest):
-        prompts = req.prompts()
-        if len(prompts) > limits.max_prompts:
-            raise InvalidRequestError(f"at most {limits.max_prompts} prompts per request", param="prompt")
-        for p in prompts:
-            if isinstance(p, list) and len(p) > limits.max_prompt_tokens:
-                raise InvalidRequestError(f"prompt has {len(p)} tokens; the limit is {limits.max_prompt_tokens}",
-                                          param="prompt")
-
-
-def check_image_limits(args: dict, limits: LimitsConfig, prefix: str = "") -> None:
-    h, w = args.get("height"), args.get("width")
-    if h and w and h * w > limits.max_image_pixels:
-        raise InvalidRequestError(f"size {w}x{h} exceeds {limits.max_image_pixels} pixels", param=f"{prefix}size")
-    if (args.get("num_inference_steps") or 0) > limits.max_steps:
-        raise InvalidRequestError(f"num_inference_steps must be <= {limits.max_steps}",
-                                  param=f"{prefix}num_inference_steps")
-    if (args.get("num_images_per_prompt") or 1) > limits.max_images:
-        raise InvalidRequestError(f"n must be <= {limits.max_images}", param=f"{prefix}n")
-
-
-def check_pipeline_limits(name: str, pipe, kinds: dict[str, str], args, limits: LimitsConfig) -> None:
-    """Validate ``args.per_stage`` (replaced by the validated kwargs) and check the request-wide
-    arguments (whether or not the pipeline has a step that uses them: a limit is a limit) and every
-    step's effective arguments, overrides included, against the limits."""
-    if not isinstance(args.per_stage, dict):
-        raise InvalidRequestError("stage_args must be an object {stage: {...}}", param="stage_args")
-    steps = {s.stage for s in pipe.steps}
-    unknown = set(args.per_stage) - steps
-    if unknown:
-        raise InvalidRequestError(f"stage_args names stages not in pipeline {name!r}: {sorted(unknown)}",
-                                  param="stage_args")
-    args.text, args.image = stage_kwargs("ar", args.text), stage_kwargs("dit", args.image)
-    _check_max_tokens(args.text.get("max_tokens"), limits)
-    _check_stop(args.text.get("stop"), limits)
-    check_image_limits(args.image, limits)
-    for stage, raw in list(args.per_stage.items()):
-        if not isinstance(raw, dict):
-            raise InvalidRequestError(f"stage_args.{stage} must be an object", param=f"stage_args.{stage}")
-        args.per_stage[stage] = stage_kwargs(kinds[stage], raw, f"stage_args.{stage}.")
-    for step in pipe.steps:
-        kind = kinds[step.stage]
-        eff = args.for_step(step, kind)
-        prefix = f"stage_args.{step.stage}." if step.stage in args.per_stage else ""
-        if kind == "ar":
-            _check_max_tokens(eff.get("max_tokens"), limits, prefix + "max_tokens")
-            _check_stop(eff.get("stop"), limits, prefix + "stop")
-        else:
-            check_image_limits(eff, limits, prefix)
+    def to_stage_args(self) -> StageArgs:
+        return StageArgs(text=self.text_args(), image=self.diffusion(), per_stage=self.stage_args)

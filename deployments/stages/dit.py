@@ -1,11 +1,12 @@
 """The DiT stage deployment: one ``AsyncDiTEngine`` per replica, requests batched by its loop.
 
-    handle.options(stream=True).generate.remote(req, hidden=None)
+    handle.options(stream=True).generate.remote(req)
         -> {"kind": "progress", "step", "total"} ... {"kind": "done", "images": [PNG bytes], "info"}
 
-``hidden`` is an AR stage's handoff ``{"ref": [ObjectRef], "shape", "source"}``: this replica is
-the first place the hidden-state tensor is materialised (from the object store, zero-copy on one
-node). Images leave the replica as PNG bytes.
+``req`` is an ``omni_ray.stages.DiTRequest``; the replica is a thin shim over the stage engine
+(``omni_ray.stages.dit.DiTStageEngine``). ``req.conditioning`` is an AR stage's Handoff (an
+ObjectRef, its shape and source): this replica is the first place the hidden-state tensor is
+materialised (from the object store, zero-copy on one node). Images leave the replica as PNG bytes.
 
 With ``dit_cache.enabled`` the replica consults the application's DiT cache:
   * images of a deterministic request (it has a seed): a hit skips the engine entirely;
@@ -28,7 +29,8 @@ from deployments.services import CapacityReporter, dit_cache
 from deployments.stages.replica import StageReplica
 from omni_ray.config import DiTStageConfig, validate
 from omni_ray.errors import InvalidRequestError
-from omni_ray.pipeline import dit_generate
+from omni_ray.stages.dit import DiTStageEngine
+from omni_ray.stages.requests import DiTRequest, Handoff
 
 log = logging.getLogger("ray.serve")
 
@@ -39,12 +41,11 @@ def to_png(image) -> bytes:
     return buf.getvalue()
 
 
-async def fetch_hidden(hidden: dict) -> torch.Tensor:
+async def fetch_hidden(hidden: Handoff) -> torch.Tensor:
     """Resolve a handoff's ObjectRef into a [T, H] tensor."""
-    refs = hidden.get("ref") if isinstance(hidden, dict) else None
-    if not refs:
+    if hidden.ref is None:
         raise InvalidRequestError("hidden-state handoff carries no object reference")
-    arr: np.ndarray = await refs[0]
+    arr: np.ndarray = await hidden.ref
     with warnings.catch_warnings():            # the store's buffer is read-only; the engine copies it
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(arr)
@@ -53,30 +54,30 @@ async def fetch_hidden(hidden: dict) -> torch.Tensor:
 @serve.deployment
 class DiTDeployment(StageReplica):
     def __init__(self, stage: str, config: dict, services: dict | None = None):
-        from omni_ray.dit.async_engine import AsyncDiTEngine
-
         self.stage = stage
         self.config: DiTStageConfig = validate(DiTStageConfig, config)
         self.model = self.config.engine.model.served_name
-        self.engine = AsyncDiTEngine(self.config.engine)
+        self.engine = DiTStageEngine(self.config.engine)
+        self.engine.start()
         self.cache = dit_cache(services)
         capacity = min(self.config.deployment.max_ongoing_requests, self.config.engine.max_batch_size)
         self.capacity = CapacityReporter(services, stage, capacity)
         self.start_metrics(services, self.model)
         log.info("DiT stage %r ready: model %s (cache %s)", stage, self.model, "on" if self.cache else "off")
 
-    async def generate(self, req: dict, hidden: dict | None = None) -> AsyncIterator[dict]:
-        events = self._generate(req, hidden)
-        with self.metrics.track(req.get("request_id"), "images"):
+    async def generate(self, req: DiTRequest) -> AsyncIterator[dict]:
+        events = self._generate(req)
+        with self.metrics.track(req.request_id, "images"):
             try:
                 async for ev in events:
                     yield ev
             finally:
                 await events.aclose()
 
-    async def _generate(self, req: dict, hidden: dict | None) -> AsyncIterator[dict]:
-        info: dict = {"received_object_id": hidden["ref"][0].hex()} if hidden else {}
-        key = self._image_key(req, hidden)
+    async def _generate(self, req: DiTRequest) -> AsyncIterator[dict]:
+        hidden = req.conditioning
+        info: dict = {"received_object_id": hidden.ref.hex()} if hidden is not None and hidden.ref is not None else {}
+        key = self._image_key(req)
         if key is not None:
             pngs = await self.cache.get(key)
             self.metrics.cache_lookup("image", pngs is not None)
@@ -86,9 +87,9 @@ class DiTDeployment(StageReplica):
         embeds, mask = None, None
         if hidden is not None:
             embeds = await fetch_hidden(hidden)
-        elif isinstance(req.get("prompt"), str) and req["prompt"].strip():
-            embeds, mask = await self._conditioning(req["prompt"])
-        async for ev in dit_generate(self.engine, req, embeds, mask):
+        elif isinstance(req.prompt, str) and req.prompt.strip():
+            embeds, mask = await self._conditioning(req)
+        async for ev in self.engine.generate(req, embeds, mask):
             if ev["kind"] == "done":
                 pngs = [to_png(im) for im in ev["images"]]
                 if key is not None:
@@ -98,31 +99,32 @@ class DiTDeployment(StageReplica):
             yield ev
 
     # ------------------------------------------------------------------ cache
-    def _image_key(self, req: dict, hidden: dict | None) -> str | None:
+    def _image_key(self, req: DiTRequest) -> str | None:
         if self.cache is None:
             return None
         from omni_ray.cluster.dit_cache import image_key
 
-        what = req.get("prompt") if hidden is None else json.dumps(hidden.get("source"), sort_keys=True)
-        if not what or (hidden is not None and not hidden.get("source")):
+        hidden = req.conditioning
+        what = req.prompt if hidden is None else json.dumps(hidden.source, sort_keys=True)
+        if not what or (hidden is not None and not hidden.source):
             return None
-        return image_key(self.model, what, dict(req.get("params") or {}))
+        return image_key(self.model, what, req.params.key_fields())
 
-    async def _conditioning(self, prompt: str):
+    async def _conditioning(self, req: DiTRequest):
         """(embeds [T, H], mask [T]) from the cache, or from the text encoder (then cached); (None,
         None) when the cache is off or the model has no text encoder (the engine encodes)."""
-        fam = self.engine.engine.family
+        fam = self.engine.family
         if self.cache is None or not self.cache.cfg.cache_conditioning or not fam.has_text_encoder:
             return None, None
         from omni_ray.cluster.dit_cache import conditioning_key
 
-        key = conditioning_key(self.model, prompt, "text_encoder", max_len=self.config.engine.max_sequence_length)
+        key = conditioning_key(self.model, req.prompt, "text_encoder",
+                               max_len=self.config.engine.max_sequence_length)
         hit = await self.cache.get(key)
         self.metrics.cache_lookup("conditioning", hit is not None)
         if hit is not None:
             return hit
-        embeds, mask = await self.engine.encode_prompt(prompt)
-        value = (embeds[0], mask[0])
+        value = await self.engine.encode(req)
         await self.cache.put(key, value, model=self.model)
         return value
 

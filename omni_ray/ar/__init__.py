@@ -1,13 +1,15 @@
-"""The AR text engine: paged KV cache, prefix caching, continuous batching, CUDA graphs."""
+"""The AR text engine: paged KV cache, prefix caching, continuous batching, CUDA graphs.
 
-from omni_ray.ar.engine.llm_engine import LLM, LLMEngine
-from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
+Loaded on first use: the request types (``omni_ray.ar.sampling_params``) import without the engine."""
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "EncodeParams", "AsyncLLM", "RequestOutput"]
+_EXPORTS = {"LLM": "omni_ray.ar.engine.llm_engine", "LLMEngine": "omni_ray.ar.engine.llm_engine",
+            "SamplingParams": "omni_ray.ar.sampling_params", "EncodeParams": "omni_ray.ar.sampling_params",
+            "AsyncLLM": "omni_ray.ar.engine.async_engine", "RequestOutput": "omni_ray.ar.engine.async_engine"}
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
-    if name in ("AsyncLLM", "RequestOutput"):
-        from omni_ray.ar.engine import async_engine
-        return getattr(async_engine, name)
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(name)

@@ -1,10 +1,33 @@
-"""Per-request sampling parameters (vLLM / nano-vllm names)."""
+"""Per-request sampling parameters (vLLM / nano-vllm names), and their rules.
+
+``SAMPLING_RULES`` is the one declaration of what each number may be: ``SamplingParams`` checks
+it (``InvalidRequestError`` naming the field), and the HTTP models document it as OpenAPI bounds
+(deployments/openai/protocol.py), so offline, Python handle and HTTP callers get the same message.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from omni_ray.errors import InvalidRequestError
+from omni_ray.rules import Rule
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+
+SAMPLING_RULES: dict[str, Rule] = {
+    "temperature": Rule("number", ge=0.0, le=2.0, optional=False, note="(0: greedy)"),
+    "top_p": Rule("number", gt=0.0, le=1.0, optional=False),
+    "top_k": Rule("integer", ge=-1, optional=False, note="(-1 or 0: off)"),
+    "min_p": Rule("number", ge=0.0, le=1.0, optional=False),
+    "max_tokens": Rule("integer", ge=1, note="(or None: up to the context length)"),
+    "seed": Rule("integer", ge=0, lt=2**63),
+}
+_FLAGS = ("ignore_eos", "logprobs", "skip_special_tokens")
+
+
+def _bad(param: str, msg: str):
+    raise InvalidRequestError(f"{param} {msg}", param=param)
 
 
 @dataclass
@@ -13,7 +36,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1                   # -1 / 0 = off
     min_p: float = 0.0
-    max_tokens: int = 64
+    max_tokens: int | None = 64       # None: fill the context (``resolve_max_tokens``)
     ignore_eos: bool = False
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -24,31 +47,44 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or []) if s] or None
+        if isinstance(self.stop, (list, tuple)):
+            self.stop = [s for s in self.stop if s != ""] or None
         self.validate()
 
     def validate(self) -> None:
-        def bad(param: str, msg: str):
-            raise InvalidRequestError(f"{param} {msg}", param=param)
+        for name, rule in SAMPLING_RULES.items():
+            rule.check(name, getattr(self, name))
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, f"must be true or false, got {getattr(self, name)!r}")
+        if self.stop is not None:
+            if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+                _bad("stop", f"must be a string or a list of strings, got {self.stop!r}")
+            if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+                _bad("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
+        ids = self.stop_token_ids
+        if ids is not None and (not isinstance(ids, list)
+                                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+            _bad("stop_token_ids", f"must be a list of integers, got {ids!r}")
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0 or self.temperature != self.temperature:
-            bad("temperature", f"must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            bad("top_k", f"must be -1 (off) or a positive integer, got {self.top_k!r}")
-        if not 0.0 <= self.min_p <= 1.0:
-            bad("min_p", f"must be in [0, 1], got {self.min_p}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            bad("seed", f"must be a non-negative integer, got {self.seed!r}")
-        if self.stop and (len(self.stop) > 16 or any(len(s) > 256 for s in self.stop)):
-            bad("stop", "at most 16 stop strings of at most 256 characters")
+    def resolve_max_tokens(self, num_prompt_tokens: int, max_model_len: int,
+                           cap: int | None = None) -> SamplingParams:
+        """These params with ``max_tokens=None`` replaced by the room left in the context (at most
+        ``cap``); ``self`` when max_tokens is set."""
+        if self.max_tokens is not None:
+            return self
+        room = max_model_len - num_prompt_tokens
+        if room < 1:
+            raise InvalidRequestError(f"prompt has {num_prompt_tokens} tokens; max_model_len is {max_model_len}",
+                                      param="prompt")
+        return dataclasses.replace(self, max_tokens=room if cap is None else min(room, cap))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 @dataclass

@@ -68,14 +68,10 @@ def image_key(model: str, prompt: str, params: dict) -> str | None:
     return f"img/{_digest({'model': model, 'prompt': prompt, 'params': params})}/{model}"
 
 
-def hidden_states_key(model: str, req: dict) -> str:
-    """Key of an AR stage's prompt hidden states: what they are a function of (model, prompt or
-    messages, system prompt, layer)."""
-    return conditioning_key(model, hidden_states_input(req), "hidden_states")
-
-
-def hidden_states_input(req: dict) -> str:
-    return json.dumps([req.get(k) for k in ("prompt", "messages", "system_prompt", "layer")], sort_keys=True)
+def hidden_states_key(model: str, req) -> str:
+    """Key of an AR stage's prompt hidden states (``req``: an ARRequest): what they are a function
+    of (model, prompt or messages, system prompt, layer)."""
+    return conditioning_key(model, req.input_digest(), "hidden_states")
 
 
 def key_model(key: str) -> str | None:

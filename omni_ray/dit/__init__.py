@@ -1,8 +1,16 @@
 """The DiT image engine: diffusers-format DiT families, step-level continuous batching,
-per-request step caching, an offline API (``DiTEngine``) and an asyncio API (``AsyncDiTEngine``)."""
+per-request step caching, an offline API (``DiTEngine``) and an asyncio API (``AsyncDiTEngine``).
 
-from omni_ray.dit.async_engine import AsyncDiTEngine
-from omni_ray.dit.engine import DiTEngine
-from omni_ray.dit.params import DiffusionParams, DiTEvent, StepCacheParams
+Loaded on first use: the request types (``omni_ray.dit.params``) import without the engine."""
 
-__all__ = ["AsyncDiTEngine", "DiTEngine", "DiTEvent", "DiffusionParams", "StepCacheParams"]
+_EXPORTS = {"AsyncDiTEngine": "omni_ray.dit.async_engine", "DiTEngine": "omni_ray.dit.engine",
+            "DiTEvent": "omni_ray.dit.params", "DiffusionParams": "omni_ray.dit.params",
+            "StepCacheParams": "omni_ray.dit.params"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(name)

@@ -6,10 +6,12 @@ the rest against the model and its config (stride, pixel limit, max steps).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from omni_ray.errors import InvalidRequestError
+from omni_ray.rules import Rule
 
 CACHE_METHODS = ("fbcache", "teacache")
 DEFAULT_THRESHOLDS = {"fbcache": 0.08, "teacache": 0.3}
@@ -60,6 +62,30 @@ class StepCacheParams:
         return cls(method, float(threshold))
 
 
+DIFFUSION_RULES: dict[str, Rule] = {
+    "height": Rule("integer", ge=8, multiple_of=8),
+    "width": Rule("integer", ge=8, multiple_of=8),
+    "num_inference_steps": Rule("integer", ge=1),
+    "guidance_scale": Rule("number", ge=0.0, note="(<= 1: no classifier-free guidance)"),
+    "seed": Rule("integer", ge=0, lt=2**63),
+    "num_images_per_prompt": Rule("integer", ge=1, optional=False),
+}
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """'WxH' -> (height, width); None or "auto" -> (None, None): the model's default."""
+    if size is None or size == "auto":
+        return None, None
+    m = _SIZE.match(size) if isinstance(size, str) else None
+    if not m:
+        _bad("size", f"must look like '512x512' (WxH), got {size!r}")
+    w, h = int(m.group(1)), int(m.group(2))
+    if not (DIFFUSION_RULES["width"].ok(w) and DIFFUSION_RULES["height"].ok(h)):
+        _bad("size", f"{size!r}: width and height must be multiples of 8, >= 8")
+    return h, w
+
+
 @dataclass
 class DiffusionParams:
     """What to generate. ``None`` fields take the model family's defaults."""
@@ -78,26 +104,20 @@ class DiffusionParams:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                _bad(name, f"must be a positive integer, got {v!r}")
-        n = self.num_inference_steps
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            _bad("num_inference_steps", f"must be an integer >= 1, got {n!r}")
-        g = self.guidance_scale
-        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 0.0
-                              or g == float("inf")):
-            _bad("guidance_scale", f"must be a finite number >= 0, got {g!r}")
-        s = self.seed
-        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63):
-            _bad("seed", f"must be a non-negative integer, got {s!r}")
+        for name, rule in DIFFUSION_RULES.items():
+            rule.check(name, getattr(self, name))
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             _bad("negative_prompt", f"must be a string, got {type(self.negative_prompt).__name__}")
-        k = self.num_images_per_prompt
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            _bad("num_images_per_prompt", f"must be an integer >= 1, got {k!r}")
         self.step_cache = StepCacheParams.parse(self.cache)
+
+    def key_fields(self) -> dict:
+        """The request's fields as plain JSON values (the DiT cache keys images by them)."""
+        c = self.step_cache
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name != "cache"} | {
+            "cache": None if c is None else {"method": c.method, "threshold": c.threshold}}
+
+
+DIFFUSION_KEYS = frozenset(f.name for f in fields(DiffusionParams) if f.init)
 
 
 @dataclass

@@ -80,17 +80,24 @@ def test_a_chunk_ending_inside_a_character_gives_the_text_before_it(tmp_path):
 
 def test_a_batch_of_plain_prompts_is_tokenized_in_one_call_as_one_by_one(tmp_path):
     """``pretokenize`` (a batched stage call's prompts): the same ids as ``prompt_ids`` of each
-    request; chat requests, token-id prompts and empty prompts are left as they are."""
-    from omni_ray.pipeline import pretokenize, prompt_ids
+    request; chat requests, system-prompted and token-id prompts are left as they are (an empty
+    prompt cannot even be a request)."""
+    import pytest
+
+    from omni_ray.errors import InvalidRequestError
+    from omni_ray.stages import ARRequest
+    from omni_ray.stages.ar import pretokenize, prompt_ids
 
     save_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
-    reqs = [{"prompt": TEXT}, {"prompt": "a café at dusk, naïve"}, {"prompt": [5, 6, 7]}, {"prompt": ""},
-            {"prompt": "hi", "system_prompt": "be brief"}, {"messages": [{"role": "user", "content": "x"}]},
-            {"prompt": TEXT + " " + TEXT}]
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        ARRequest("e", prompt="")
+    reqs = [ARRequest("a", prompt=TEXT), ARRequest("b", prompt="a café at dusk, naïve"),
+            ARRequest("c", prompt=[5, 6, 7]), ARRequest("d", prompt="hi", system_prompt="be brief"),
+            ARRequest("e", messages=[{"role": "user", "content": "x"}]), ARRequest("f", prompt=TEXT + " " + TEXT)]
     out = pretokenize(tok, reqs)
-    assert [type(r.get("prompt")) for r in out] == [list, list, list, str, str, type(None), list]
+    assert [type(r.prompt) for r in out] == [list, list, list, str, type(None), list]
+    assert [r.request_id for r in out] == list("abcdef")
     for r, o in zip(reqs, out):
-        if r.get("prompt") != "":
-            assert prompt_ids(tok, o) == prompt_ids(tok, r)
-    assert reqs[0]["prompt"] == TEXT                                  # the caller's dicts are not changed
+        assert prompt_ids(tok, o) == prompt_ids(tok, r)
+    assert reqs[0].prompt == TEXT                                     # the caller's requests are not changed

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.openai.protocol import (
-    CompletionRequest,
-    ImageGenerationRequest,
-    _first_non_utf8,
-    check_pipeline_limits,
-    check_text_limits,
-)
+from deployments.ingress.limits import check_pipeline_limits, check_text_limits
+from deployments.openai.protocol import CompletionRequest, ImageGenerationRequest, _first_non_utf8
 from omni_ray.config import LimitsConfig, OmniConfig, validate
 from omni_ray.errors import InvalidRequestError
-from omni_ray.pipeline import StageArgs
+from omni_ray.runner import StageArgs
 
 
 # ----------------------------------------------------------------------------- request limits
@@ -89,7 +84,7 @@ def test_chat_max_tokens_is_checked_even_when_max_completion_tokens_wins():
     from deployments.openai.protocol import ChatCompletionRequest
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_tokens=17, max_completion_tokens=4)
     with pytest.raises(InvalidRequestError) as e:
-        check_text_limits(req, req.max_new_tokens, limits())
+        check_text_limits(req, req.to_sampling_params(), limits())
     assert e.value.param == "max_tokens"
 
 
@@ -100,7 +95,7 @@ def test_text_limits():
                         ({"prompt": "x", "max_tokens": 17}, "max_tokens")]:
         req = CompletionRequest(**body)
         with pytest.raises(InvalidRequestError) as e:
-            check_text_limits(req, req.max_tokens, lim)
+            check_text_limits(req, req.to_sampling_params(), lim)
         assert e.value.param == param, body
 
 

@@ -10,6 +10,7 @@ from deployments.ingress.call_batcher import StreamBatcher
 from deployments.stages.ar import ARDeployment
 from omni_ray.ar import LLM, SamplingParams
 from omni_ray.errors import InvalidRequestError
+from omni_ray.stages import ARRequest
 
 STAGE = {"engine": {"model": {"path": "tiny:qwen3"}, "enforce_eager": True, "core_process": "off",
                     "cache": {"block_size": 16, "num_blocks": 256}}}
@@ -68,8 +69,8 @@ class FakeHandle:
             fut = asyncio.get_running_loop().create_future()
             fut.set_result(self.replica.abort(*args, **kw))
             return fut
-        call = FakeCall(self.replica.generate_batch(args[0]))
-        self.calls.append((args[0], call))
+        call = FakeCall(self.replica.generate_batch(*args))
+        self.calls.append((args[0], call, args[1]))          # (requests, call, the indices paced as unary)
         return call
 
 
@@ -87,9 +88,9 @@ def expected():
     return [o["token_ids"] for o in outs]
 
 
-def req(i: int, max_tokens: int = 12, prompt: str | None = None) -> dict:
-    return {"request_id": f"b{i}-{max_tokens}", "prompt": prompt or PROMPTS[i],
-            "params": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+def req(i: int, max_tokens: int = 12, prompt: str | None = None) -> ARRequest:
+    return ARRequest(f"b{i}-{max_tokens}", prompt=prompt or PROMPTS[i],
+                     params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
 
 
 async def collect(batcher, r, stop_after: int | None = None) -> list[int]:
@@ -174,7 +175,7 @@ def test_a_caller_that_leaves_aborts_only_its_request(replica, expected):
         return h, res, replica.engine.stats()
 
     h, (a, partial, c), stats = run(main())
-    assert h.aborts == [([req(1, 400)["request_id"]], replica.replica)]
+    assert h.aborts == [([req(1, 400).request_id], replica.replica)]
     assert a == expected[0] and c == expected[2] and 0 < len(partial) < 400
     assert stats["num_streams"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0
 
@@ -206,7 +207,7 @@ def test_unary_requests_batch_in_a_burst_and_go_alone_otherwise(replica, expecte
 
     h, lone, burst = run(main())
     assert h.calls[0][1] == "complete" and len(h.calls) == 2 and len(h.calls[1][0]) == len(PROMPTS)
-    assert all(r.get("unary") for r in h.calls[1][0])
+    assert h.calls[1][2] == list(range(len(PROMPTS)))          # every one paced like ``complete``
     assert lone["token_ids"] == expected[0] and lone["finished"] and lone["replica_s"] > 0
     assert [o["token_ids"] for o in burst] == expected
     assert all(o["finished"] and o["replica_s"] > 0 and o["num_output_tokens"] == 12 for o in burst)

@@ -40,6 +40,27 @@ def test_handle_errors_are_typed(omni_handle):
         omni_handle.run_pipeline.remote("no-such-pipeline", "x").result()
 
 
+@pytest.mark.parametrize("temperature", [2.5, float("nan")])
+def test_one_rule_one_message_offline_by_handle_and_over_http(omni_handle, client, temperature):
+    """A temperature out of range (or NaN) is refused with the same message and field whether the
+    engine's params, the Python handle or the HTTP API gets it."""
+    from omni_ray.ar.sampling_params import SamplingParams
+    from omni_ray.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as offline:
+        SamplingParams(temperature=temperature)
+    with pytest.raises(InvalidRequestError) as by_handle:
+        omni_handle.generate_text.remote("Hello", max_tokens=2, temperature=temperature).result()
+    body = b'{"prompt": "Hello", "max_tokens": 2, "temperature": %s}' % str(temperature).replace("nan", "NaN").encode()
+    for path in ("/v1/completions", "/v1/pipelines/chat"):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["message"], err["param"], err["type"]) == (offline.value.message, "temperature",
+                                                               "invalid_request_error")
+    assert (by_handle.value.message, by_handle.value.param) == (offline.value.message, "temperature")
+
+
 def test_second_app_calls_omni_through_get_app_handle(omni_url):
     import ray.cloudpickle
     from ray import serve

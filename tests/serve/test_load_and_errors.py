@@ -161,12 +161,14 @@ def test_a_batched_stream_that_leaves_is_aborted_on_its_replica(client, omni_url
     from ray import serve
 
     from deployments.ingress.call_batcher import StreamBatcher
+    from omni_ray.ar.sampling_params import SamplingParams
+    from omni_ray.stages import ARRequest
 
     before = llm_stats(client)
 
     async def take(b, i: int, max_tokens: int, stop_after: int | None = None) -> int:
-        req = {"request_id": f"pin-{i}-{time.monotonic_ns()}", "prompt": f"batched request {i}",
-               "params": {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+        req = ARRequest(f"pin-{i}-{time.monotonic_ns()}", prompt=f"batched request {i}",
+                        params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
         n = 0
         async for d in b.stream(req):
             n += len(d["token_ids"])

@@ -95,12 +95,14 @@ def test_ar_encode_returns_an_unresolved_ref(omni_url):
     import ray
     from ray import serve
 
+    from omni_ray.stages import ARRequest, Handoff
+
     llm = serve.get_deployment_handle("llm", app_name="omni")
-    out = llm.encode.remote({"request_id": "test-encode-1", "prompt": "a red fox"}).result()
-    ref = out["ref"][0]
-    assert isinstance(ref, ray.ObjectRef)               # a reference, not the tensor
-    arr = ray.get(ref)
-    assert list(arr.shape) == out["shape"] and arr.shape[1] == 64
+    out = llm.encode.remote(ARRequest("test-encode-1", prompt="a red fox")).result()
+    assert isinstance(out, Handoff) and out.tensor is None
+    assert isinstance(out.ref, ray.ObjectRef)           # a reference, not the tensor
+    arr = ray.get(out.ref)
+    assert list(arr.shape) == out.shape and arr.shape[1] == 64
 
 
 def test_image_model_reaches_llm_conditioned_dit_through_its_pipeline(client):

@@ -5,12 +5,14 @@ import asyncio
 import pytest
 
 from deployments.ingress.http import as_omni, error_response
-from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest, parse_size
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
 from deployments.options import stage_options
 from deployments.streams import OpenStreams, cancellable, coalesce, merge
 from omni_ray.config import ARStageConfig, DiTStageConfig, validate
+from omni_ray.dit.params import parse_size
 from omni_ray.errors import InvalidRequestError, QueueFullError, RequestCancelledError, RequestTimeoutError
-from omni_ray.pipeline import merge_deltas, split_stage_args
+from omni_ray.runner import StageArgs
+from omni_ray.stages.ar import merge_deltas
 
 
 def ar_stage(**kw) -> ARStageConfig:
@@ -70,13 +72,14 @@ def test_requests_parse():
         ImageGenerationRequest(prompt="x", response_format="url")
 
 
-def test_split_stage_args():
-    a = split_stage_args({"max_tokens": 5, "size": "64x32", "seed": 1, "n": 2, "stage_args": {"llm": {"top_p": 0.5}}})
+def test_stage_args_from_kwargs():
+    a = StageArgs.from_kwargs({"max_tokens": 5, "size": "64x32", "seed": 1, "n": 2,
+                               "stage_args": {"llm": {"top_p": 0.5}}})
     assert a.text == {"max_tokens": 5, "seed": 1}
     assert a.image == {"height": 32, "width": 64, "seed": 1, "num_images_per_prompt": 2}
     assert a.per_stage == {"llm": {"top_p": 0.5}}
     with pytest.raises(InvalidRequestError):
-        split_stage_args({"bogus": 1})
+        StageArgs.from_kwargs({"bogus": 1})
 
 
 def test_merge_deltas():

@@ -25,6 +25,7 @@ from omni_ray.ar.sequence import Sequence
 from omni_ray.config import AREngineConfig, ModelConfig
 from omni_ray.errors import InvalidRequestError
 from omni_ray.profiling import GcPauses
+from omni_ray.rules import check_prompt
 from omni_ray.testing import resolve_model
 
 
@@ -110,15 +111,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:
+        check_prompt(prompt)
         if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty", param="prompt")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise InvalidRequestError("prompt must be a non-empty string or list of token ids", param="prompt")
         ids = list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise InvalidRequestError("token ids must be integers", param="prompt")
         bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})",
@@ -134,6 +130,7 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_model_len is {limit}", param="prompt")
         if isinstance(params, SamplingParams):
             params.validate()
+            params = params.resolve_max_tokens(len(ids), limit)
             if len(ids) + params.max_tokens > limit:
                 raise InvalidRequestError(
                     f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "

@@ -11,7 +11,9 @@ import time
 
 import pytest
 
+from omni_ray.ar.sampling_params import SamplingParams
 from omni_ray.config import ARStageConfig
+from omni_ray.stages import ARRequest
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -42,8 +44,8 @@ def test_tp_replica_serves_then_is_replaced_when_a_worker_dies(serve_local):
                        name="tp-test", route_prefix=None)
 
     def req(rid, n=8):
-        return {"request_id": rid, "prompt": "Hello there", "params": {"max_tokens": n, "temperature": 0.0,
-                                                                       "ignore_eos": True}}
+        return ARRequest(rid, prompt="Hello there", params=SamplingParams(max_tokens=n, temperature=0.0,
+                                                                          ignore_eos=True))
 
     async def main():
         out = await handle.complete.remote(req("one"))

@@ -1,0 +1,169 @@
+"""``OmniLLM``: the pipelines of an ``OmniConfig`` in one process, without Ray.
+
+    llm = OmniLLM("serve_config.yaml")
+    out = llm.generate("text2image", "a red fox", num_inference_steps=4, size="64x64")
+    out.text, out.images[0].save("fox.png")
+
+Each stage is its ``StageEngine`` adapter (omni_ray/stages/) in this process, driven by the same
+``run_pipeline`` as the Serve app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import torch
+
+from omni_ray.config import ARStageConfig, OmniConfig, load_app_config
+from omni_ray.errors import InvalidRequestError, ModelNotFoundError
+from omni_ray.rules import check_text
+from omni_ray.runner import StageArgs, run_pipeline
+from omni_ray.stages.requests import ARRequest, DiTRequest, Handoff
+
+
+class _LocalAR:
+    """An AR stage in this process: hidden states hand off by value."""
+
+    def __init__(self, stage):
+        self.stage = stage
+
+    def generate(self, req: ARRequest) -> AsyncIterator[dict]:
+        return self.stage.generate(req)
+
+    async def encode(self, req: ARRequest) -> Handoff:
+        hs = await self.stage.encode(req)
+        return Handoff(shape=list(hs.shape), tensor=hs)
+
+
+class _LocalDiT:
+    def __init__(self, stage):
+        self.stage = stage
+
+    def generate(self, req: DiTRequest) -> AsyncIterator[dict]:
+        return self.stage.generate(req)
+
+
+@dataclass
+class PipelineOutput:
+    pipeline: str
+    prompt: str
+    text: str | None = None
+    images: list | None = None                       # PIL images
+    hidden_states: torch.Tensor | None = None        # [T, H] when the last step outputs hidden states
+    stages: list[dict] = field(default_factory=list)  # per step: stage, elapsed_s, ...
+    usage: dict = field(default_factory=dict)
+
+
+class OmniLLM:
+    """The pipelines of an ``OmniConfig`` in one process, without Ray (notebooks, tests, scripts).
+
+    Engines are built on first use; requests run on a private event loop thread, so a list of
+    prompts is batched by the engines exactly as concurrent HTTP requests are."""
+
+    def __init__(self, config: OmniConfig | str | Path | dict):
+        self.config = load_app_config(config)          # an OmniConfig, its YAML/dict, or a Serve config file
+        self._stages: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="omni-pipeline", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ engines
+    def stage(self, name: str):
+        """The stage's ``StageEngine`` adapter (built and started on first use)."""
+        if name not in self.config.stages:
+            raise ModelNotFoundError(f"unknown stage {name!r}; stages: {sorted(self.config.stages)}", param="stage")
+        with self._lock:
+            if name not in self._stages:
+                cfg = self.config.stages[name]
+                if isinstance(cfg, ARStageConfig):
+                    from omni_ray.stages.ar import ARStageEngine
+                    eng = cfg.engine                  # offline: the engine in this process unless asked
+                    if eng.core_process == "auto":
+                        eng = eng.model_copy(update={"core_process": "off"})
+                    stage = ARStageEngine(eng, self.config.app.limits)
+                else:
+                    from omni_ray.stages.dit import DiTStageEngine
+                    stage = DiTStageEngine(cfg.engine)
+                stage.start()
+                self._stages[name] = stage
+            return self._stages[name]
+
+    def engine(self, stage: str):
+        """The stage's engine itself (``AsyncLLM`` / ``AsyncDiTEngine``)."""
+        return self.stage(stage).engine
+
+    def _backend(self, stage: str):
+        s = self.stage(stage)
+        return _LocalAR(s) if s.kind == "ar" else _LocalDiT(s)
+
+    # ------------------------------------------------------------------ API
+    def generate(self, pipeline: str, prompt: str | list[str], use_tqdm: bool = True,
+                 **stage_args) -> PipelineOutput | list[PipelineOutput]:
+        """Run ``pipeline`` on one prompt or a list (run concurrently, batched by the engines).
+        ``stage_args``: SamplingParams / DiffusionParams fields (``size`` "WxH", ``n``,
+        ``system_prompt``, ``layer``) and ``stage_args={stage: {...}}``."""
+        if pipeline not in self.config.pipelines:
+            raise ModelNotFoundError(f"unknown pipeline {pipeline!r}; pipelines: {sorted(self.config.pipelines)}",
+                                     param="pipeline")
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if not prompts:
+            raise InvalidRequestError("prompt must be a non-empty string or a list of them", param="prompt")
+        for p in prompts:
+            check_text(p)
+        args = StageArgs.from_kwargs(stage_args)
+        pipe = self.config.pipelines[pipeline]
+        kinds = {k: v.kind for k, v in self.config.stages.items()}
+        args.validate(pipeline, pipe, kinds)
+        backends = {s.stage: self._backend(s.stage) for s in pipe.steps}
+        fut = asyncio.run_coroutine_threadsafe(
+            self._run_all(pipeline, pipe, backends, kinds, prompts, args, use_tqdm), self._loop)
+        outs = fut.result()
+        return outs[0] if single else outs
+
+    async def _run_all(self, name, pipe, backends, kinds, prompts, args, use_tqdm) -> list[PipelineOutput]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=f"pipeline {name}", disable=not use_tqdm, dynamic_ncols=True)
+
+        async def one(p: str) -> PipelineOutput:
+            out = PipelineOutput(pipeline=name, prompt=p)
+            async for ev in run_pipeline(pipe, backends, kinds, p, f"offline-{uuid.uuid4().hex[:12]}", args):
+                if ev["type"] == "result":
+                    hs = ev["hidden_states"]
+                    out = dataclasses.replace(out, text=ev["text"], images=ev["images"], stages=ev["stages"],
+                                              usage=ev["usage"], hidden_states=hs.tensor if hs else None)
+            bar.update(1)
+            return out
+
+        try:
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+        finally:
+            bar.close()
+
+    def stats(self) -> dict:
+        return {k: s.stats() for k, s in self._stages.items()}
+
+    def shutdown(self) -> None:
+        async def _stop():
+            for s in self._stages.values():
+                await s.shutdown()
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(_stop(), self._loop).result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        self._stages.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

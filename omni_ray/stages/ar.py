@@ -1,0 +1,138 @@
+"""The AR stage engine: typed ``ARRequest``s over an ``AsyncLLM`` (the ``StageEngine`` protocol).
+
+A request's prompt becomes token ids here (chat template, system prompt, or raw text / ids), its
+``max_tokens=None`` becomes the room left in the context (capped by ``limits.max_tokens``), and the
+engine's outputs become plain dict deltas (what a Serve replica streams back):
+
+    {"text", "token_ids", "logprobs", "finished", "finish_reason", "num_prompt_tokens",
+     "num_output_tokens"} (+ "tokens" when the request asked for logprobs)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import AsyncIterator
+
+import torch
+
+from omni_ray.config import AREngineConfig, LimitsConfig
+from omni_ray.errors import InvalidRequestError
+from omni_ray.rules import check_prompt_tokens
+from omni_ray.stages.requests import ARRequest
+
+
+def render_chat(tokenizer, messages: list[dict]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return tokenizer.encode(text, add_special_tokens=True)
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    except Exception as err:  # template errors (e.g. role order) are the caller's fault
+        raise InvalidRequestError(f"chat template failed: {err}", param="messages") from None
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def prompt_ids(tokenizer, req: ARRequest, max_prompt_tokens: int | None = None) -> list[int]:
+    """The token ids of an AR request: chat ``messages`` (chat template), or a ``prompt`` that is
+    wrapped as a user turn when ``system_prompt`` is set, or a raw prompt / token ids (the request
+    checked its inputs when it was built)."""
+    messages = req.messages
+    if messages is None and req.system_prompt:
+        messages = [{"role": "system", "content": req.system_prompt}, {"role": "user", "content": req.prompt}]
+    if messages is not None:
+        ids = render_chat(tokenizer, messages)
+    elif isinstance(req.prompt, str):
+        ids = tokenizer.encode(req.prompt, add_special_tokens=True)
+    else:
+        ids = req.prompt                                # token ids; the engine checks the vocabulary
+    check_prompt_tokens(len(ids), max_prompt_tokens)
+    return list(ids)
+
+
+def pretokenize(tokenizer, reqs: list[ARRequest]) -> list[ARRequest]:
+    """``reqs`` with each plain text prompt (no chat messages, no system prompt) replaced by its
+    token ids, all encoded in one batch call (the tokenizer's Rust batch path): a burst's prompts
+    cost the replica one call, not one each. Anything else is left for ``prompt_ids``."""
+    idx = [i for i, r in enumerate(reqs) if r.is_plain_text]
+    if len(idx) < 2:
+        return reqs
+    texts = [reqs[i].prompt for i in idx]
+    backend = getattr(tokenizer, "backend_tokenizer", None)      # fast tokenizers: the Rust one, no wrapper
+    if backend is not None:
+        ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+    else:
+        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    out = list(reqs)
+    for i, toks in zip(idx, ids):
+        out[i] = dataclasses.replace(reqs[i], prompt=list(toks))
+    return out
+
+
+def merge_deltas(items: list[dict]) -> dict:
+    """Fold consecutive AR deltas into one (a streaming consumer that fell behind gets one message)."""
+    out = dict(items[-1])
+    out["text"] = "".join(d["text"] for d in items)
+    out["token_ids"] = [t for d in items for t in d["token_ids"]]
+    if items[-1].get("logprobs") is not None:
+        out["logprobs"] = [x for d in items for x in (d.get("logprobs") or [])]
+    if "tokens" in items[-1]:
+        out["tokens"] = [x for d in items for x in d.get("tokens", [])]
+    return out
+
+
+class ARStageEngine:
+    """``StageEngine`` over ``AsyncLLM``: ``generate`` (deltas, at most one per ``interval``:
+    ``AsyncLLM.generate`` merges what comes meanwhile), ``encode`` (prompt hidden states)."""
+
+    kind = "ar"
+
+    def __init__(self, config: AREngineConfig, limits: LimitsConfig | None = None, engine=None):
+        self.config, self.limits = config, limits or LimitsConfig()
+        self.engine = engine                   # an AsyncLLM (built by ``start`` unless given)
+
+    def start(self) -> None:
+        if self.engine is None:
+            from omni_ray.ar import AsyncLLM
+            self.engine = AsyncLLM(self.config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    async def generate(self, req: ARRequest, interval=None) -> AsyncIterator[dict]:
+        engine = self.engine
+        ids = prompt_ids(engine.tokenizer, req, self.limits.max_prompt_tokens)
+        params = req.params.resolve_max_tokens(len(ids), engine.max_model_len, self.limits.max_tokens)
+        async for out in engine.generate(ids, params, req.request_id, interval=interval):
+            d = {"text": out.text, "token_ids": list(out.token_ids), "logprobs": out.logprobs,
+                 "finished": out.finished, "finish_reason": out.finish_reason,
+                 "num_prompt_tokens": out.num_prompt_tokens, "num_output_tokens": out.num_output_tokens}
+            if params.logprobs:
+                d["tokens"] = engine.tokenizer.convert_ids_to_tokens(d["token_ids"])
+            yield d
+
+    async def encode(self, req: ARRequest) -> torch.Tensor:
+        """Prompt hidden states [T, H] (float32, CPU)."""
+        ids = prompt_ids(self.engine.tokenizer, req, self.limits.max_prompt_tokens)
+        return await self.engine.encode(ids, req.request_id, layer=req.layer)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await self.engine.shutdown()

@@ -1,0 +1,40 @@
+"""What a stage engine offers the layers above it: the Serve stage deployments (thin shims over it,
+as Ray Serve LLM's server is over its engine protocol) and the offline ``OmniLLM``.
+
+    eng = ARStageEngine(engine_cfg, limits); eng.start()
+    async for delta in eng.generate(ARRequest(...)): ...
+    hs = await eng.encode(ARRequest(...))
+    eng.abort(request_id); eng.check_health(); eng.stats(); await eng.shutdown()
+
+Adapters: ``omni_ray.stages.ar.ARStageEngine`` (over ``AsyncLLM``), ``omni_ray.stages.dit.DiTStageEngine``
+(over ``AsyncDiTEngine``). An encoder, talker or vocoder stage is one more adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class StageEngine(Protocol):
+    def start(self) -> None:
+        """Build (load) the engine; idempotent."""
+
+    def generate(self, request: Any) -> AsyncIterator[dict]:
+        """The request's outputs as they come (AR: text deltas; DiT: progress, then done)."""
+
+    async def encode(self, request: Any) -> Any:
+        """The request's conditioning without generating (AR: prompt hidden states [T, H]; DiT:
+        the text encoder's (embeds, mask))."""
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free what it holds (an unknown id does nothing)."""
+
+    def check_health(self) -> None:
+        """Raise EngineError when the engine can no longer serve."""
+
+    def stats(self) -> dict:
+        """Counters and gauges (queue, running, cache) for metrics and /info."""
+
+    async def shutdown(self) -> None:
+        """Stop the engine and release its devices."""

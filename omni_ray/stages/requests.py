@@ -1,0 +1,106 @@
+"""Typed stage requests: what the ingress (or ``OmniLLM``) sends a stage, built once per request
+and sent over Ray as they are (plain picklable dataclasses; ``__post_init__`` checks them where
+they are built, not again where they arrive).
+
+A request carries its id, its inputs by modality and its params:
+
+    ARRequest(request_id, prompt="a fox" | [ids] | None, messages=[...] | None, system_prompt=None,
+              params=SamplingParams(...), layer=None, multi_modal_data=None)
+    DiTRequest(request_id, prompt="a fox" | None, params=DiffusionParams(...), conditioning=Handoff | None)
+
+``multi_modal_data`` ({"image": ..., "audio": ...}, vLLM's name) and ``Handoff`` (hidden states of
+another stage, by object-store reference or by value) are how the coming encoder, talker and
+vocoder stages' inputs travel; no stage takes images or audio yet, so an AR request with them is
+refused here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from omni_ray.ar.sampling_params import SamplingParams
+from omni_ray.dit.params import DiffusionParams
+from omni_ray.errors import InvalidRequestError
+from omni_ray.rules import check_prompt
+
+
+@dataclass
+class Handoff:
+    """Hidden states passed from one stage to the next: ``ref`` (an ObjectRef, online: resolved
+    only by the consuming replica) or ``tensor`` (offline, [T, H])."""
+
+    shape: list[int]
+    ref: Any = None
+    tensor: Any = None
+    dtype: str | None = None
+    object_id: str | None = None
+    source: dict | None = None            # what they are a function of (model, input digest): cache keys
+    cache: str | None = None              # the ingress's DiT cache: "hit" | "miss" | "off"
+
+    def public(self) -> dict:
+        """Plain data for responses and stage timings (never the ref or the tensor)."""
+        out = {"shape": list(self.shape), "dtype": self.dtype, "object_id": self.object_id,
+               "source": self.source, "cache": self.cache}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass
+class ARRequest:
+    request_id: str
+    prompt: str | list[int] | None = None          # text, or token ids
+    messages: list[dict] | None = None             # chat messages (the model's chat template)
+    system_prompt: str | None = None               # wraps ``prompt`` as a user turn after this system turn
+    params: SamplingParams = field(default_factory=SamplingParams)
+    layer: int | None = None                       # encode(): which layer's hidden states (None: the last)
+    multi_modal_data: dict[str, Any] | None = None  # {"image": ..., "audio": ...}: for stages that take them
+
+    def __post_init__(self):
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
+        if not isinstance(self.params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(self.params).__name__}",
+                                      param="params")
+        if self.messages is not None:
+            if self.prompt is not None:
+                raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
+            if not isinstance(self.messages, list) or not self.messages:
+                raise InvalidRequestError("messages is empty", param="messages")
+        else:
+            check_prompt(self.prompt)
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise InvalidRequestError("system_prompt must be a string", param="system_prompt")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise InvalidRequestError(f"layer must be an integer, got {self.layer!r}", param="layer")
+        if self.multi_modal_data:
+            raise InvalidRequestError(f"this stage takes text; {sorted(self.multi_modal_data)} inputs are not "
+                                      "supported yet", param="multi_modal_data")
+
+    @property
+    def is_plain_text(self) -> bool:
+        """A text prompt used as it is (no chat template): what a batch can tokenize at once."""
+        return isinstance(self.prompt, str) and self.messages is None and not self.system_prompt
+
+    def input_digest(self) -> str:
+        """What this request's prompt hidden states are a function of (cache keys, handoff source)."""
+        return json.dumps([self.prompt, self.messages, self.system_prompt, self.layer], sort_keys=True)
+
+
+@dataclass
+class DiTRequest:
+    request_id: str
+    prompt: str | None = None
+    params: DiffusionParams = field(default_factory=DiffusionParams)
+    conditioning: Handoff | None = None            # an AR stage's prompt hidden states, used instead of the prompt
+
+    def __post_init__(self):
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
+        if not isinstance(self.params, DiffusionParams):
+            raise InvalidRequestError(f"params must be DiffusionParams, got {type(self.params).__name__}",
+                                      param="params")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise InvalidRequestError("prompt must be a string", param="prompt")
+        if self.conditioning is not None and not isinstance(self.conditioning, Handoff):
+            raise InvalidRequestError("conditioning must be a Handoff", param="conditioning")

@@ -1,0 +1,101 @@
+"""The stage-engine protocol: both adapters satisfy it, and behave through it on the tiny models
+(the same calls a Serve stage replica and the offline OmniLLM make)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from omni_ray.ar.sampling_params import SamplingParams
+from omni_ray.config import ARStageConfig, DiTEngineConfig, LimitsConfig, ModelConfig, validate
+from omni_ray.dit.params import DiffusionParams
+from omni_ray.errors import InvalidRequestError, RequestCancelledError
+from omni_ray.stages import ARRequest, DiTRequest, Handoff, StageEngine
+from omni_ray.stages.ar import ARStageEngine
+from omni_ray.stages.dit import DiTStageEngine
+
+AR = validate(ARStageConfig, {"engine": {"model": {"path": "tiny:qwen3"}, "enforce_eager": True, "core_process": "off",
+                                         "cache": {"block_size": 16, "num_blocks": 256}}}).engine
+
+
+def test_both_adapters_are_stage_engines_and_other_things_are_not():
+    assert isinstance(ARStageEngine(AR), StageEngine)
+    assert isinstance(DiTStageEngine(DiTEngineConfig(model=ModelConfig(path="tiny:pixart"))), StageEngine)
+    assert not isinstance(object(), StageEngine)
+
+    class HalfEngine:                                    # generate without abort / health / shutdown
+        async def generate(self, request):
+            yield {}
+
+    assert not isinstance(HalfEngine(), StageEngine)
+
+
+def test_ar_stage_engine_generates_encodes_aborts():
+    async def main():
+        eng = ARStageEngine(AR, LimitsConfig(max_tokens=6, max_prompt_tokens=64))
+        eng.start()
+        eng.start()                                      # idempotent
+        try:
+            greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=True)
+            deltas = [d async for d in eng.generate(ARRequest("a-1", prompt="the lighthouse", params=greedy))]
+            assert deltas[-1]["finished"] and sum(len(d["token_ids"]) for d in deltas) == 4
+            assert all(len(d["tokens"]) == len(d["token_ids"]) for d in deltas)     # asked for logprobs
+            fill = ARRequest("a-2", messages=[{"role": "user", "content": "hi"}],
+                             params=SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))
+            out = [d async for d in eng.generate(fill)]
+            assert out[-1]["num_output_tokens"] == 6                  # None: up to the app's max_tokens cap
+            hs = await eng.encode(ARRequest("a-3", prompt="a red fox", system_prompt="be brief", layer=-1))
+            assert hs.dim() == 2 and hs.shape[1] == eng.engine.engine.arch.hidden_size
+            with pytest.raises(InvalidRequestError) as e:           # the prompt-token limit, after tokenizing
+                await eng.encode(ARRequest("a-4", prompt="word " * 200))
+            assert e.value.param == "prompt" and "the limit is 64" in e.value.message
+            long = eng.generate(ARRequest("a-5", prompt="x", params=SamplingParams(max_tokens=200, ignore_eos=True)))
+            got = len((await long.__anext__())["token_ids"])
+            eng.abort("a-5")
+            eng.abort("no-such-request")                              # an unknown id does nothing
+            async for d in long:                                       # the stream ends early
+                got += len(d["token_ids"])
+            assert got < 200
+            for _ in range(500):
+                stats = eng.stats()
+                if stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]:
+                    break
+                await asyncio.sleep(0.01)
+            eng.check_health()
+            assert stats["healthy"] and stats["num_streams"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+        finally:
+            await eng.shutdown()
+
+    asyncio.run(main())
+
+
+def test_dit_stage_engine_generates_encodes_aborts():
+    async def main():
+        eng = DiTStageEngine(DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), device="cpu"))
+        eng.start()
+        try:
+            params = DiffusionParams(height=32, width=32, num_inference_steps=2, seed=0)
+            evs = [e async for e in eng.generate(DiTRequest("d-1", prompt="a fox", params=params))]
+            assert [e["kind"] for e in evs] == ["progress", "progress", "done"]
+            assert evs[-1]["images"][0].size == (32, 32) and "seed" in evs[-1]["info"]
+            embeds, mask = await eng.encode(DiTRequest("d-2", prompt="a fox"))
+            assert embeds.dim() == 2 and mask.shape == embeds.shape[:1]
+            again = DiTRequest("d-3", params=params, conditioning=Handoff(shape=list(embeds.shape), tensor=embeds))
+            evs2 = [e async for e in eng.generate(again, embeds, mask)]
+            assert torch.equal(torch.tensor(list(evs2[-1]["images"][0].getdata())),
+                               torch.tensor(list(evs[-1]["images"][0].getdata())))   # same conditioning, same image
+            slow = eng.generate(DiTRequest("d-4", prompt="a boat", params=DiffusionParams(
+                height=32, width=32, num_inference_steps=50, seed=1)))
+            await slow.__anext__()
+            eng.abort("d-4")
+            with pytest.raises(RequestCancelledError):
+                async for _ in slow:
+                    pass
+            eng.check_health()
+            assert eng.stats()["healthy"]
+        finally:
+            await eng.shutdown()
+
+    asyncio.run(main())

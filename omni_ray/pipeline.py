@@ -38,6 +38,7 @@ import torch
 
 from omni_ray.config import ARStageConfig, LimitsConfig, OmniConfig, PipelineConfig, PipelineStep, load_app_config
 from omni_ray.errors import EngineError, InvalidRequestError, ModelNotFoundError
+from omni_ray.graphs import expand_pipelines
 
 
 # ============================================================================ AR stage calls
@@ -324,7 +325,8 @@ class OmniLLM:
     prompts is batched by the engines exactly as concurrent HTTP requests are."""
 
     def __init__(self, config: OmniConfig | str | Path | dict):
-        self.config = load_app_config(config)          # an OmniConfig, its YAML/dict, or a Serve config file
+        # an OmniConfig, its YAML/dict, or a Serve config file; graph pipelines as steps
+        self.config = expand_pipelines(load_app_config(config))
         self._engines: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()

@@ -13,13 +13,14 @@ from deployments.openai.protocol import (
 )
 from omni_ray.config import LimitsConfig, OmniConfig, validate
 from omni_ray.errors import InvalidRequestError
+from omni_ray.graphs import expand_pipelines
 from omni_ray.pipeline import StageArgs
 
 
 # ----------------------------------------------------------------------------- request limits
 def omni_config() -> OmniConfig:
     from tests.reliability.conftest import base_config
-    return validate(OmniConfig, base_config())
+    return expand_pipelines(validate(OmniConfig, base_config()))
 
 
 def limits(**kw) -> LimitsConfig:

@@ -2,8 +2,9 @@
 
 Inputs come from the checkpoints' own processors (PIL images, numpy audio at 16 kHz) through the
 sub-processors that work without torchvision (``AutoImageProcessor`` -> the PIL backend,
-``AutoFeatureExtractor`` -> Whisper's); ``AutoProcessor`` itself needs torchvision (the Qwen2.5
-processors build a torchvision video processor) and is tested only where torchvision is installed.
+``AutoFeatureExtractor`` -> Whisper's). ``AutoProcessor`` itself needs torchvision (the Qwen2.5
+processors build a torchvision video processor): without it, ``auto_processor`` stubs that one
+video sub-processor and loads everything else from the checkpoint's files.
 """
 
 import json

@@ -17,6 +17,7 @@ from deployments.stages.ar import ARDeployment
 from deployments.stages.dit import DiTDeployment
 from omni_ray.config import ARStageConfig, OmniConfig, load_config
 from omni_ray.errors import ConfigError
+from omni_ray.graphs import expand_pipelines
 
 
 def resolve_config(args: dict) -> OmniConfig:
@@ -29,7 +30,7 @@ def resolve_config(args: dict) -> OmniConfig:
 
 
 def build_app(args: dict) -> Application:
-    cfg = resolve_config(args or {})
+    cfg = expand_pipelines(resolve_config(args or {}))
     limits = cfg.app.limits.model_dump()
     services = {"app": cfg.app.name, "scheduler": cfg.scheduler.model_dump(), "dit_cache": cfg.dit_cache.model_dump(),
                 "metrics": cfg.app.metrics.model_dump()}

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep, load_app_config, validate
 from omni_ray.errors import InvalidRequestError, OmniError
+from omni_ray.graphs import expand_pipelines
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = ("ar", "async", "cache", "dit", "dit_parallel", "gemv", "scheduler", "serve", "tp")
@@ -31,7 +32,7 @@ BENCHES = ("ar", "async", "cache", "dit", "dit_parallel", "gemv", "scheduler", "
 
 # ----------------------------------------------------------------------------- config
 def app_config(args) -> OmniConfig:
-    cfg = load_app_config(args.config, args.app)
+    cfg = expand_pipelines(load_app_config(args.config, args.app))
     if getattr(args, "device", None):
         data = cfg.model_dump()
         for stage in data["stages"].values():

@@ -343,11 +343,28 @@ class PipelineStep(Strict):
     max_tokens: int | None = Field(None, ge=1, description="AR text stages: a default max_tokens")
 
 
-class PipelineConfig(Strict):
-    """A named pipeline: stages run in order, each fed by the previous one's output."""
+class PipelineGraph(Strict):
+    """A pipeline written as a checkpoint's stage graph (omni_ray/graphs): the checkpoint of stage
+    ``model`` names the stages it runs as and what passes between them."""
 
-    steps: list[PipelineStep] = Field(min_length=1, description="the stages in order")
+    model: str = Field(description="a key of `stages`: the stage whose checkpoint names the graph")
+    stages: dict[str, str] = Field(default_factory=dict, description=
+        "graph role -> a key of `stages` (e.g. text_encoder: llm); the one role left unnamed is `model`'s")
+
+
+class PipelineConfig(Strict):
+    """A named pipeline: stages run in order, each fed by the previous one's output. Written as
+    ``steps``, or as ``graph`` (the steps follow from a checkpoint's stage graph when the app starts)."""
+
+    steps: list[PipelineStep] = Field(default_factory=list, description="the stages in order")
+    graph: PipelineGraph | None = Field(None, description="the stage graph of a stage's checkpoint, instead of steps")
     description: str = Field("", description="shown by GET /v1/pipelines")
+
+    @model_validator(mode="after")
+    def _steps_or_graph(self):
+        if bool(self.steps) == (self.graph is not None):
+            raise ValueError("give either steps or graph")
+        return self
 
 
 class LimitsConfig(Strict):
@@ -422,6 +439,10 @@ class OmniConfig(Strict):
     @model_validator(mode="after")
     def _check_pipelines(self):
         for pname, p in self.pipelines.items():
+            if p.graph is not None:
+                for where, key in [("model", p.graph.model)] + [(f"stages.{r}", k) for r, k in p.graph.stages.items()]:
+                    if key not in self.stages:
+                        raise ValueError(f"pipelines.{pname}.graph.{where}: unknown stage {key!r}")
             for i, step in enumerate(p.steps):
                 if step.stage not in self.stages:
                     raise ValueError(f"pipelines.{pname}.steps.{i}.stage: unknown stage {step.stage!r}")

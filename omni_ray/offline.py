@@ -22,6 +22,7 @@ import torch
 
 from omni_ray.config import ARStageConfig, OmniConfig, load_app_config
 from omni_ray.errors import InvalidRequestError, ModelNotFoundError
+from omni_ray.graphs import expand_pipelines
 from omni_ray.rules import check_text
 from omni_ray.runner import StageArgs, run_pipeline
 from omni_ray.stages.requests import ARRequest, DiTRequest, Handoff
@@ -67,7 +68,8 @@ class OmniLLM:
     prompts is batched by the engines exactly as concurrent HTTP requests are."""
 
     def __init__(self, config: OmniConfig | str | Path | dict):
-        self.config = load_app_config(config)          # an OmniConfig, its YAML/dict, or a Serve config file
+        # an OmniConfig, its YAML/dict, or a Serve config file; graph pipelines as steps
+        self.config = expand_pipelines(load_app_config(config))
         self._stages: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from omni_ray.config import load_app_config
+from omni_ray.config import OmniConfig, load_app_config, validate
 from omni_ray.errors import ConfigError
-from omni_ray.graphs import StageGraph, StageNode, architecture_of, graph_for, register, registered
+from omni_ray.graphs import StageGraph, StageNode, architecture_of, expand_pipelines, graph_for, register, registered
 
 
 @pytest.mark.parametrize("spec", ["tiny:qwen3", "tiny:qwen2", "tiny:llama"])
@@ -26,14 +26,50 @@ def test_text_to_image_with_and_without_its_own_text_encoder():
     assert graph_for("tiny:sd3").roles == ("denoiser",)
 
 
-def test_the_default_apps_pipelines_are_their_checkpoints_graphs():
+def test_the_default_apps_graph_pipelines_expand_to_their_steps():
     cfg = load_app_config("serve_config.yaml")
-    pipes = cfg.pipelines
-    model = {k: s.engine.model.path for k, s in cfg.stages.items()}
-    assert graph_for(model["llm"]).pipeline({"llm": "llm"}).steps == pipes["chat"].steps
-    assert graph_for(model["image"]).pipeline({"denoiser": "image"}).steps == pipes["image"].steps
-    assert graph_for(model["image-llm"]).pipeline(
-        {"text_encoder": "llm", "denoiser": "image-llm"}).steps == pipes["text2image-llm-encoder"].steps
+    assert cfg.pipelines["chat"].graph is not None and not cfg.pipelines["chat"].steps
+    pipes = expand_pipelines(cfg).pipelines
+
+    def steps(name):
+        return [(s.stage, s.input, s.output) for s in pipes[name].steps]
+
+    assert steps("chat") == [("llm", "prompt", "text")]
+    assert steps("image") == [("image", "prompt", "images")]
+    assert steps("text2image-llm-encoder") == [("llm", "prompt", "hidden_states"),
+                                               ("image-llm", "hidden_states", "images")]
+    assert pipes["text2image"] == cfg.pipelines["text2image"]          # written as steps: unchanged
+    assert pipes["text2image-llm-encoder"].description == cfg.pipelines["text2image-llm-encoder"].description
+    assert pipes["chat"].description == "Qwen3ForCausalLM: llm (ar)"            # none given: the graph's
+
+
+def _with_pipeline(pipe: dict):
+    raw = load_app_config("serve_config.yaml").model_dump()
+    raw["pipelines"] = {"p": pipe}
+    return validate(OmniConfig, raw)
+
+
+@pytest.mark.parametrize("pipe,match", [
+    ({"graph": {"model": "image-llm"}}, r"name a stage for each of \['text_encoder', 'denoiser'\]"),
+    ({"graph": {"model": "image-llm", "stages": {"encoder": "llm"}}}, r"has no role \['encoder'\]"),
+    ({"graph": {"model": "image-llm", "stages": {"text_encoder": "image"}}},
+     "role text_encoder of PixArtSigmaPipeline runs on the ar engine; stage 'image' is dit"),
+    ({"graph": {"model": "llm", "stages": {"llm": "image"}}}, "role llm .* runs on the ar engine"),
+])
+def test_graph_pipelines_that_cannot_run_name_the_field(pipe, match):
+    with pytest.raises(ConfigError, match="pipelines.p.graph"):
+        expand_pipelines(_with_pipeline(pipe))
+    with pytest.raises(ConfigError, match=match):
+        expand_pipelines(_with_pipeline(pipe))
+
+
+def test_a_pipeline_is_steps_or_a_graph():
+    with pytest.raises(ConfigError, match="give either steps or graph"):
+        _with_pipeline({"graph": {"model": "llm"}, "steps": [{"stage": "llm"}]})
+    with pytest.raises(ConfigError, match="give either steps or graph"):
+        _with_pipeline({})
+    with pytest.raises(ConfigError, match="pipelines.p.graph.stages.text_encoder: unknown stage 'nope'"):
+        _with_pipeline({"graph": {"model": "image-llm", "stages": {"text_encoder": "nope"}}})
 
 
 def test_a_graph_needs_a_stage_for_each_role():

@@ -10,8 +10,9 @@ A checkpoint is named by ``architectures[0]`` of its config.json (transformers) 
 """
 
 from omni_ray.graphs import entries as _entries  # noqa: F401  (registers today's families)
+from omni_ray.graphs.expand import expand_pipelines
 from omni_ray.graphs.graph import Handoff, Modality, StageGraph, StageNode
 from omni_ray.graphs.registry import architecture_of, graph_for, register, registered
 
-__all__ = ["Handoff", "Modality", "StageGraph", "StageNode", "architecture_of", "graph_for", "register",
-           "registered"]
+__all__ = ["Handoff", "Modality", "StageGraph", "StageNode", "architecture_of", "expand_pipelines", "graph_for",
+           "register", "registered"]

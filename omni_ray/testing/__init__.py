@@ -27,11 +27,13 @@ def cache_root() -> Path:
 
 
 def _builders() -> dict[str, Callable[[Path], None]]:
-    from omni_ray.testing import tiny_ar
+    from omni_ray.testing import tiny_ar, tiny_mm
 
     out: dict[str, Callable[[Path], None]] = {}
     for name in tiny_ar.TINY_AR:
         out[f"tiny:{name}"] = lambda p, n=name: tiny_ar.build_ar(p, n)
+    for name, build in tiny_mm.TINY_MM.items():  # multimodal: Qwen2.5-VL, Qwen2.5-Omni
+        out[f"tiny:{name}"] = build
     for name in tiny_ar.SHAPES:  # real sizes: bf16, built on the GPU when there is one
         out[f"shape:{name}"] = lambda p, n=name: tiny_ar.build_ar(p, n, dtype=torch.bfloat16, device=_fast_device())
     try:  # DiT families register themselves in tiny_dit

@@ -35,13 +35,15 @@ TEMPLATES = {"chatml": (CHATML_TEMPLATE, "<|im_end|>", None),
              "llama3": (LLAMA3_TEMPLATE, "<|eot_id|>", "<|begin_of_text|>")}
 
 
-def train_tokenizer(vocab_size: int = 1024) -> Tokenizer:
+def train_tokenizer(vocab_size: int = 1024, extra_special: tuple[str, ...] = ()) -> Tokenizer:
+    """``extra_special``: more special tokens (a multimodal model's placeholders), given ids right
+    after ``SPECIAL_TOKENS`` (the ids of the base tokens and of the BPE vocabulary's start move up)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + list(extra_special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train([str(CORPUS)], trainer)
     return tok
@@ -65,14 +67,19 @@ def fill_vocab(tok: Tokenizer, size: int) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(data))
 
 
-def save_tokenizer(out: Path, template: str = "chatml", vocab_size: int = 1024, fill_to: int | None = None) -> dict:
+def save_tokenizer(out: Path, template: str = "chatml", vocab_size: int = 1024, fill_to: int | None = None,
+                   extra_special: tuple[str, ...] = (), named_tokens: dict[str, str] | None = None,
+                   chat_template: str | None = None) -> dict:
     """Write tokenizer files into ``out``; returns ids of the special tokens. ``fill_to``: pad the
-    vocabulary to the model's size (``fill_vocab``)."""
-    tok = train_tokenizer(vocab_size)
+    vocabulary to the model's size (``fill_vocab``). ``extra_special``: more special tokens;
+    ``named_tokens``: attribute name -> token (e.g. ``image_token``), written as the tokenizer's
+    model-specific ``extra_special_tokens`` so that ``tokenizer.image_token(_id)`` exist;
+    ``chat_template``: replaces the template's own."""
+    tok = train_tokenizer(vocab_size, extra_special)
     if fill_to and fill_to > tok.get_vocab_size():
         tok = fill_vocab(tok, fill_to)
     tok.save(str(out / "tokenizer.json"))
-    chat_template, eos, bos = TEMPLATES[template]
+    default_template, eos, bos = TEMPLATES[template]
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": 4096,
@@ -81,9 +88,11 @@ def save_tokenizer(out: Path, template: str = "chatml", vocab_size: int = 1024, 
         "bos_token": bos,
         "add_bos_token": False,
         "clean_up_tokenization_spaces": False,
-        "chat_template": chat_template,
+        "chat_template": chat_template or default_template,
     }
+    if named_tokens:
+        cfg["extra_special_tokens"] = dict(named_tokens)
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(
         {k: cfg[k] for k in ("eos_token", "pad_token", "bos_token") if cfg[k]}, indent=2))
-    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS} | {"vocab_len": tok.get_vocab_size()}
+    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + list(extra_special)} | {"vocab_len": tok.get_vocab_size()}

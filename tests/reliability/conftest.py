@@ -29,12 +29,18 @@ def base_config() -> dict:
     return copy.deepcopy(doc["applications"][0]["args"]["config"])
 
 
+def pipeline_stages(p: dict) -> list[str]:
+    """The stages a pipeline of a raw config uses (its steps', or its stage graph's)."""
+    if "graph" in p:
+        return [p["graph"]["model"], *p["graph"].get("stages", {}).values()]
+    return [s["stage"] for s in p["steps"]]
+
+
 def small_stages(cfg: dict, keep: tuple[str, ...]) -> dict:
     """``cfg`` reduced to the stages in ``keep`` (and the pipelines that only use them), each on a
     quarter CPU, with short health checks and a grace period for in-flight requests."""
     cfg["stages"] = {k: v for k, v in cfg["stages"].items() if k in keep}
-    cfg["pipelines"] = {n: p for n, p in cfg["pipelines"].items()
-                        if all(s["stage"] in keep for s in p["steps"])}
+    cfg["pipelines"] = {n: p for n, p in cfg["pipelines"].items() if set(pipeline_stages(p)) <= set(keep)}
     for st in cfg["stages"].values():
         st["deployment"] = {**st["deployment"], "num_cpus": 0.25, "health_check_period_s": 2,
                             "graceful_shutdown_timeout_s": GRACE_S}

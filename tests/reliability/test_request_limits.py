@@ -8,13 +8,14 @@ from deployments.ingress.limits import check_pipeline_limits, check_text_limits
 from deployments.openai.protocol import CompletionRequest, ImageGenerationRequest, _first_non_utf8
 from omni_ray.config import LimitsConfig, OmniConfig, validate
 from omni_ray.errors import InvalidRequestError
+from omni_ray.graphs import expand_pipelines
 from omni_ray.runner import StageArgs
 
 
 # ----------------------------------------------------------------------------- request limits
 def omni_config() -> OmniConfig:
     from tests.reliability.conftest import base_config
-    return validate(OmniConfig, base_config())
+    return expand_pipelines(validate(OmniConfig, base_config()))
 
 
 def limits(**kw) -> LimitsConfig:

@@ -185,8 +185,9 @@ def test_when_every_caller_leaves_the_call_is_cancelled(replica):
         h = FakeHandle(replica)
         b = StreamBatcher(h, h)
         await asyncio.gather(*(collect(b, req(i, max_tokens=400), stop_after=1) for i in range(3)))
-        for _ in range(50):
-            if replica.engine.stats()["num_streams"] == 0:
+        for _ in range(200):       # the engine frees aborted sequences at its next step: on a loaded CI box, later
+            st = replica.engine.stats()
+            if st["num_streams"] == 0 and st["num_running"] == 0:
                 break
             await asyncio.sleep(0.05)
         return h, replica.engine.stats()

@@ -162,10 +162,11 @@ def test_typed_requests_survive_pickling():
 
 def test_stage_args_build_each_steps_params_once():
     from omni_ray.config import OmniConfig, validate
+    from omni_ray.graphs import expand_pipelines
     from omni_ray.runner import step_request
     from tests.serve.conftest import app_config
 
-    cfg = validate(OmniConfig, app_config())
+    cfg = expand_pipelines(validate(OmniConfig, app_config()))
     kinds = {k: s.kind for k, s in cfg.stages.items()}
     pipe = cfg.pipelines["text2image"]
     args = StageArgs.from_kwargs({"max_tokens": 8, "size": "64x64", "seed": 1, "stage_args": {"llm": {"top_k": 3}}})

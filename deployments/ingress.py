@@ -6,6 +6,7 @@ a body, the other limits by the routes before any stage is called):
     GET  /health  /info  /v1/models  /v1/pipelines
     POST /v1/completions  /v1/chat/completions  /v1/images/generations
     POST /v1/pipelines/{name}     (or /v1/pipelines/run with a "pipeline" field; "stream": true for SSE)
+    POST /generate                (vLLM-omni's route: the same runner, pipeline and stage_args optional)
     POST /v1/requests/{id}/cancel (through the omni scheduler)
 
 Python (``serve.get_app_handle("omni")``): see handle_api.py.
@@ -28,7 +29,7 @@ from deployments.http import SSE_HEADERS, error_response, install_handlers
 from deployments.ingress_core import IngressCore, new_id
 from deployments.openapi_doc import install_openapi
 from deployments.openai_format import Chat, Completion, b64_images, usage
-from deployments.protocol import (ChatCompletionRequest, CompletionRequest, ImageGenerationRequest,
+from deployments.protocol import (ChatCompletionRequest, CompletionRequest, GenerateRequest, ImageGenerationRequest,
                                   PipelineRequest, check_pipeline_limits, check_text_limits)
 from deployments.streams import gather_or_cancel
 from omni_ray.errors import InvalidRequestError, RequestTimeoutError
@@ -108,6 +109,10 @@ class Ingress(HandleAPI, IngressCore):
             lambda t: self._pipeline_events(rid, pipe, body.prompt, args, t),
             lambda ev: ev["type"] != "stage_start",          # up to the first stage's first output
             lambda events: self._render_pipeline(rid, name, events)))
+
+    @app.post("/generate")
+    async def generate(self, body: GenerateRequest):
+        return await self.pipelines_run(*body.to_pipeline(self.config.pipelines))
 
     @app.post("/v1/images/generations")
     async def images_generations(self, body: ImageGenerationRequest):

@@ -317,19 +317,22 @@ def split_stage_args(kwargs: dict) -> StageArgs:
                      image={k: v for k, v in kwargs.items() if k in _IMAGE_KEYS}, per_stage=per_stage)
 
 
-class OmniLLM:
-    """The pipelines of an ``OmniConfig`` in one process, without Ray (notebooks, tests, scripts).
+class _StageEngines:
+    """The engines of an ``OmniConfig``'s stages in this process, built on first use. The config
+    is an ``OmniConfig`` (or its YAML / dict / Serve config file) or vLLM-omni's list of stage
+    configs (``omni_ray.stages``), which builds one pipeline ``default`` through them."""
 
-    Engines are built on first use; requests run on a private event loop thread, so a list of
-    prompts is batched by the engines exactly as concurrent HTTP requests are."""
+    def __init__(self, config):
+        from omni_ray.stages import stage_defaults, stages_to_config
 
-    def __init__(self, config: OmniConfig | str | Path | dict):
+        self._stage_list = None
+        if isinstance(config, (list, tuple)):
+            self._stage_list = sorted(config, key=lambda s: getattr(s, "stage_id", 0))
+            config = stages_to_config(list(config))
         self.config = load_app_config(config)          # an OmniConfig, its YAML/dict, or a Serve config file
+        self._defaults = stage_defaults(self._stage_list) if self._stage_list else {}
         self._engines: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="omni-pipeline", daemon=True)
-        self._thread.start()
 
     # ------------------------------------------------------------------ engines
     def engine(self, stage: str):
@@ -355,15 +358,58 @@ class OmniLLM:
             return _LocalAR(eng, self.config.app.limits)
         return _LocalDiT(eng)
 
+    def _stage_request(self, stage_args: list[dict], pipeline: str | None):
+        """(pipeline name, its config, backends, kinds, stage ids, prompt, StageArgs) of one request
+        in vLLM-omni's form (a list of per-stage dicts)."""
+        from omni_ray.stages import DEFAULT_PIPELINE, request_from_stage_args
+
+        name = pipeline or (DEFAULT_PIPELINE if DEFAULT_PIPELINE in self.config.pipelines else None)
+        if name is None and len(self.config.pipelines) == 1:
+            name = next(iter(self.config.pipelines))
+        if name not in self.config.pipelines:
+            raise ModelNotFoundError(f"name the pipeline; pipelines: {sorted(self.config.pipelines)}",
+                                     param="pipeline")
+        prompt, args = request_from_stage_args(self.config, stage_args, self._defaults, name)
+        pipe = self.config.pipelines[name]
+        ids = [s.stage_id for s in self._stage_list] if self._stage_list and name == DEFAULT_PIPELINE \
+            else list(range(len(pipe.steps)))
+        backends = {s.stage: self._backend(s.stage) for s in pipe.steps}
+        kinds = {k: v.kind for k, v in self.config.stages.items()}
+        return pipe, backends, kinds, ids, prompt, args
+
+    def stats(self) -> dict:
+        return {k: e.stats() for k, e in self._engines.items()}
+
+
+class OmniLLM(_StageEngines):
+    """The pipelines of an ``OmniConfig`` in one process, without Ray (notebooks, tests, scripts).
+
+    Engines are built on first use; requests run on a private event loop thread, so a list of
+    prompts is batched by the engines exactly as concurrent HTTP requests are.
+
+        OmniLLM(cfg).generate("text2image", "a fox", max_tokens=16)      # a named pipeline
+        OmniLLM([ar, dit]).generate([{"prompt": "a fox"}, {"num_inference_steps": 4}])   # vLLM-omni
+    """
+
+    def __init__(self, config: OmniConfig | str | Path | dict | list):
+        super().__init__(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="omni-pipeline", daemon=True)
+        self._thread.start()
+
     # ------------------------------------------------------------------ API
-    def generate(self, pipeline: str, prompt: str | list[str], use_tqdm: bool = True,
-                 **stage_args) -> PipelineOutput | list[PipelineOutput]:
-        """Run ``pipeline`` on one prompt or a list (run concurrently, batched by the engines)."""
+    def generate(self, pipeline: str | list[dict], prompt: str | list[str] | None = None, use_tqdm: bool = True,
+                 **stage_args) -> PipelineOutput | list[PipelineOutput] | list:
+        """Run ``pipeline`` on one prompt or a list (run concurrently, batched by the engines).
+        vLLM-omni's form, ``generate(stage_args)`` with one dict per stage, returns one
+        ``StageOutput`` per stage (``prompt`` may then name the pipeline)."""
+        if isinstance(pipeline, (list, tuple)):
+            return self._generate_stages(list(pipeline), prompt)
         if pipeline not in self.config.pipelines:
             raise ModelNotFoundError(f"unknown pipeline {pipeline!r}; pipelines: {sorted(self.config.pipelines)}",
                                      param="pipeline")
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        prompts = [prompt] if single else list(prompt or [])
         if not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise InvalidRequestError("prompt must be a non-empty string or a list of them", param="prompt")
         args = split_stage_args(stage_args)
@@ -395,8 +441,16 @@ class OmniLLM:
         finally:
             bar.close()
 
-    def stats(self) -> dict:
-        return {k: e.stats() for k, e in self._engines.items()}
+    def _generate_stages(self, stage_args: list[dict], pipeline: str | None) -> list:
+        from omni_ray.stages import stage_outputs
+
+        pipe, backends, kinds, ids, prompt, args = self._stage_request(stage_args, pipeline)
+
+        async def run() -> list:
+            rid = f"offline-{uuid.uuid4().hex[:12]}"
+            return [o async for o in stage_outputs(pipe, backends, kinds, ids, prompt, rid, args)]
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
 
     def shutdown(self) -> None:
         async def _stop():
@@ -414,3 +468,31 @@ class OmniLLM:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+class AsyncOmniLLM(_StageEngines):
+    """vLLM-omni's online form: the engines on the caller's event loop; ``generate(stage_args)``
+    is an async generator of ``StageOutput``s, each as its stage ends.
+
+        llm = AsyncOmniLLM([create_ar_stage_config(0, "tiny:qwen3"), ...])
+        async for out in llm.generate([{"prompt": "a fox", "max_tokens": 16}, {...}]):
+            print(out.stage_id, out.final_output_type)
+    """
+
+    async def generate(self, stage_args: list[dict], request_id: str | None = None,
+                       pipeline: str | None = None) -> AsyncIterator:
+        from omni_ray.stages import stage_outputs
+
+        pipe, backends, kinds, ids, prompt, args = self._stage_request(stage_args, pipeline)
+        rid = request_id or f"async-{uuid.uuid4().hex[:12]}"
+        async for out in stage_outputs(pipe, backends, kinds, ids, prompt, rid, args):
+            yield out
+
+    async def generate_async(self, stage_args: list[dict], request_id: str | None = None) -> list:
+        """Every stage's output at once (the examples' ``await llm.generate_async(stage_args)``)."""
+        return [o async for o in self.generate(stage_args, request_id)]
+
+    async def shutdown(self) -> None:
+        for e in self._engines.values():
+            await e.shutdown()
+        self._engines.clear()

@@ -155,3 +155,15 @@ def test_serve_replica_fails_the_request_and_serves_the_next(monkeypatch):
         asyncio.run(main())
     finally:
         asyncio.run(replica.__del__())
+
+
+def test_processing_error_is_the_base_of_engine_side_failures():
+    from omni_ray import ProcessingError as exported
+    from omni_ray.errors import CacheError, OmniError, ResourceError, SchedulerError
+
+    assert exported is ProcessingError and issubclass(ProcessingError, OmniError)
+    for cls in (EngineError, ResourceError, CacheError):
+        assert issubclass(cls, ProcessingError)
+    assert not issubclass(InvalidRequestError, ProcessingError) and not issubclass(SchedulerError, ProcessingError)
+    assert (EngineError("x").http_status, EngineError("x").to_openai()["error"]["type"]) == (503, "engine_error")
+    assert ProcessingError("x").to_openai()["error"]["type"] == "processing_error"

@@ -269,14 +269,14 @@ class LLMEngine:
         log.exception("engine step failed; failing its requests")
         self._inflight = None
         seqs = batch.seqs if batch is not None and batch.seqs else list(self.scheduler.running)
-        error = err if isinstance(err, EngineError) else EngineError(f"engine step failed: {err!r}")
+        message = err.message if isinstance(err, EngineError) else f"engine step failed: {err!r}"
         failed = []
         for seq in seqs:
             if seq.is_finished:
                 continue
             if seq in self.scheduler.waiting:           # preempted within the step
                 self.scheduler.waiting.remove(seq)
-            seq.error = error
+            seq.error = EngineError(message)            # one per request: each caller raises its own
             self._finish(seq, "error")
             failed.append(seq)
         return failed

@@ -136,7 +136,7 @@ def test_generate_route_of_the_vllm_omni_api_server(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["pipeline"] == "text2image" and [s["stage"] for s in body["stages"]] == ["llm", "image"]
-    assert body["usage"]["completion_tokens"] <= 4 and png_size(body["images"][0]) == (64, 64)
+    assert body["usage"]["completion_tokens"] <= 4 and png_size(body["images"][0]["b64_json"]) == (64, 64)
     same = client.post("/v1/pipelines/text2image", json={"prompt": "a castle", "stage_args": {
         "llm": {"max_tokens": 4, "temperature": 0}, "image": {"size": "64x64", "num_inference_steps": 2, "seed": 5}}})
     assert same.json()["text"] == body["text"] and same.json()["images"] == body["images"]

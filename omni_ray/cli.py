@@ -10,7 +10,7 @@
 
 ``--config`` takes a Serve config file (``serve_config.yaml``: its first application's
 ``args.config``, or ``--app NAME``) or a bare OmniConfig YAML. Generation runs in this process
-through ``OmniLLM`` (omni_ray/pipeline.py), without Ray. Errors exit with status 2 and one line.
+through ``OmniLLM`` (omni_ray/offline.py), without Ray. Errors exit with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def save_images(outs, out_dir: Path) -> list[Path]:
 
 
 def run_generation(args, kind: str) -> int:
-    from omni_ray.pipeline import OmniLLM
+    from omni_ray.offline import OmniLLM
 
     cfg, pipeline = _pipeline_for(app_config(args), args, kind, "auto")
     kwargs = stage_kwargs(args, cfg.pipelines[pipeline], {k: s.kind for k, s in cfg.stages.items()})

@@ -25,20 +25,14 @@ ref is a Ray ObjectRef the runner never resolves.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import threading
 import time
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
 
 import torch
 
-from omni_ray.config import ARStageConfig, LimitsConfig, OmniConfig, PipelineConfig, PipelineStep, load_app_config
-from omni_ray.errors import EngineError, InvalidRequestError, ModelNotFoundError
-from omni_ray.graphs import expand_pipelines
+from omni_ray.config import LimitsConfig, PipelineConfig, PipelineStep
+from omni_ray.errors import EngineError, InvalidRequestError
 
 
 # ============================================================================ AR stage calls
@@ -260,38 +254,7 @@ async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], ki
         "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
 
 
-# ============================================================================ offline
-class _LocalAR:
-    def __init__(self, engine, limits: LimitsConfig):
-        self.engine, self.limits = engine, limits
-
-    def generate(self, req: dict) -> AsyncIterator[dict]:
-        return ar_generate(self.engine, req, self.limits)
-
-    async def encode(self, req: dict) -> dict:
-        hs = await ar_encode(self.engine, req, self.limits)
-        return {"tensor": hs, "shape": list(hs.shape)}
-
-
-class _LocalDiT:
-    def __init__(self, engine):
-        self.engine = engine
-
-    def generate(self, req: dict, hidden: dict | None = None) -> AsyncIterator[dict]:
-        return dit_generate(self.engine, req, hidden["tensor"] if hidden else None)
-
-
-@dataclass
-class PipelineOutput:
-    pipeline: str
-    prompt: str
-    text: str | None = None
-    images: list | None = None                       # PIL images
-    hidden_states: torch.Tensor | None = None        # [T, H] when the last step outputs hidden states
-    stages: list[dict] = field(default_factory=list)  # per step: stage, elapsed_s, ...
-    usage: dict = field(default_factory=dict)
-
-
+# ============================================================================ arguments
 _SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed", "ignore_eos",
                   "logprobs", "system_prompt", "layer"}
 _IMAGE_KEYS = {"height", "width", "num_inference_steps", "guidance_scale", "seed", "negative_prompt",
@@ -316,103 +279,3 @@ def split_stage_args(kwargs: dict) -> StageArgs:
         raise InvalidRequestError(f"unknown stage arguments: {sorted(unknown)}")
     return StageArgs(text={k: v for k, v in kwargs.items() if k in _SAMPLING_KEYS},
                      image={k: v for k, v in kwargs.items() if k in _IMAGE_KEYS}, per_stage=per_stage)
-
-
-class OmniLLM:
-    """The pipelines of an ``OmniConfig`` in one process, without Ray (notebooks, tests, scripts).
-
-    Engines are built on first use; requests run on a private event loop thread, so a list of
-    prompts is batched by the engines exactly as concurrent HTTP requests are."""
-
-    def __init__(self, config: OmniConfig | str | Path | dict):
-        # an OmniConfig, its YAML/dict, or a Serve config file; graph pipelines as steps
-        self.config = expand_pipelines(load_app_config(config))
-        self._engines: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="omni-pipeline", daemon=True)
-        self._thread.start()
-
-    # ------------------------------------------------------------------ engines
-    def engine(self, stage: str):
-        if stage not in self.config.stages:
-            raise ModelNotFoundError(f"unknown stage {stage!r}; stages: {sorted(self.config.stages)}", param="stage")
-        with self._lock:
-            if stage not in self._engines:
-                cfg = self.config.stages[stage]
-                if isinstance(cfg, ARStageConfig):
-                    from omni_ray.ar import AsyncLLM
-                    eng = cfg.engine                  # offline: the engine in this process unless asked
-                    if eng.core_process == "auto":
-                        eng = eng.model_copy(update={"core_process": "off"})
-                    self._engines[stage] = AsyncLLM(eng)
-                else:
-                    from omni_ray.dit.async_engine import AsyncDiTEngine
-                    self._engines[stage] = AsyncDiTEngine(cfg.engine)
-            return self._engines[stage]
-
-    def _backend(self, stage: str):
-        eng = self.engine(stage)
-        if self.config.stages[stage].kind == "ar":
-            return _LocalAR(eng, self.config.app.limits)
-        return _LocalDiT(eng)
-
-    # ------------------------------------------------------------------ API
-    def generate(self, pipeline: str, prompt: str | list[str], use_tqdm: bool = True,
-                 **stage_args) -> PipelineOutput | list[PipelineOutput]:
-        """Run ``pipeline`` on one prompt or a list (run concurrently, batched by the engines)."""
-        if pipeline not in self.config.pipelines:
-            raise ModelNotFoundError(f"unknown pipeline {pipeline!r}; pipelines: {sorted(self.config.pipelines)}",
-                                     param="pipeline")
-        single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
-        if not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise InvalidRequestError("prompt must be a non-empty string or a list of them", param="prompt")
-        args = split_stage_args(stage_args)
-        pipe = self.config.pipelines[pipeline]
-        backends = {s.stage: self._backend(s.stage) for s in pipe.steps}
-        kinds = {k: v.kind for k, v in self.config.stages.items()}
-        fut = asyncio.run_coroutine_threadsafe(
-            self._run_all(pipeline, pipe, backends, kinds, prompts, args, use_tqdm), self._loop)
-        outs = fut.result()
-        return outs[0] if single else outs
-
-    async def _run_all(self, name, pipe, backends, kinds, prompts, args, use_tqdm) -> list[PipelineOutput]:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc=f"pipeline {name}", disable=not use_tqdm, dynamic_ncols=True)
-
-        async def one(p: str) -> PipelineOutput:
-            out = PipelineOutput(pipeline=name, prompt=p)
-            async for ev in run_pipeline(pipe, backends, kinds, p, f"offline-{uuid.uuid4().hex[:12]}", args):
-                if ev["type"] == "result":
-                    hs = ev["hidden_states"]
-                    out = dataclasses.replace(out, text=ev["text"], images=ev["images"], stages=ev["stages"],
-                                              usage=ev["usage"], hidden_states=hs["tensor"] if hs else None)
-            bar.update(1)
-            return out
-
-        try:
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
-        finally:
-            bar.close()
-
-    def stats(self) -> dict:
-        return {k: e.stats() for k, e in self._engines.items()}
-
-    def shutdown(self) -> None:
-        async def _stop():
-            for e in self._engines.values():
-                await e.shutdown()
-
-        if self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(_stop(), self._loop).result()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-        self._engines.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()

@@ -1,4 +1,5 @@
-"""Per-request sampling parameters (vLLM / nano-vllm names)."""
+"""Per-request sampling parameters (vLLM / nano-vllm names). ``SamplingParams()`` is the reference's
+default (``max_tokens=16``, as vLLM); the HTTP API fills its own (OpenAI's) defaults."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1                   # -1 / 0 = off
     min_p: float = 0.0
-    max_tokens: int = 64
+    max_tokens: int = 16
     ignore_eos: bool = False
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from omni_ray.errors import InvalidRequestError, ModelNotFoundError
-from omni_ray.pipeline import OmniLLM
+from omni_ray.offline import OmniLLM
 from tests.serve.conftest import app_config
 
 IMAGE = {"size": "64x64", "num_inference_steps": 2, "seed": 0}

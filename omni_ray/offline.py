@@ -1,0 +1,235 @@
+"""The pipelines of an ``OmniConfig`` in one process, without Ray (notebooks, tests, scripts):
+``OmniLLM`` (blocking) and ``AsyncOmniLLM`` (asyncio), over the same step runner as the Serve app
+(``omni_ray/pipeline.py``). They also take vLLM-omni's list of stage configs (``omni_ray/stages.py``).
+
+    llm = OmniLLM("serve_config.yaml")
+    out = llm.generate("text2image", "a red fox", num_inference_steps=4, size="64x64")
+    out.text, out.images[0].save("fox.png")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import torch
+
+from omni_ray.config import ARStageConfig, LimitsConfig, OmniConfig, load_app_config
+from omni_ray.errors import InvalidRequestError, ModelNotFoundError
+from omni_ray.graphs import expand_pipelines
+from omni_ray.pipeline import ar_encode, ar_generate, dit_generate, run_pipeline, split_stage_args
+from omni_ray.stages import DEFAULT_PIPELINE, request_from_stage_args, stage_defaults, stage_outputs, stages_to_config
+
+
+class _LocalAR:
+    def __init__(self, engine, limits: LimitsConfig):
+        self.engine, self.limits = engine, limits
+
+    def generate(self, req: dict) -> AsyncIterator[dict]:
+        return ar_generate(self.engine, req, self.limits)
+
+    async def encode(self, req: dict) -> dict:
+        hs = await ar_encode(self.engine, req, self.limits)
+        return {"tensor": hs, "shape": list(hs.shape)}
+
+
+class _LocalDiT:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def generate(self, req: dict, hidden: dict | None = None) -> AsyncIterator[dict]:
+        return dit_generate(self.engine, req, hidden["tensor"] if hidden else None)
+
+
+@dataclass
+class PipelineOutput:
+    pipeline: str
+    prompt: str
+    text: str | None = None
+    images: list | None = None                       # PIL images
+    hidden_states: torch.Tensor | None = None        # [T, H] when the last step outputs hidden states
+    stages: list[dict] = field(default_factory=list)  # per step: stage, elapsed_s, ...
+    usage: dict = field(default_factory=dict)
+
+
+class _StageEngines:
+    """The engines of an ``OmniConfig``'s stages in this process, built on first use. The config
+    is an ``OmniConfig`` (or its YAML / dict / Serve config file) or vLLM-omni's list of stage
+    configs (``omni_ray.stages``), which builds one pipeline ``default`` through them."""
+
+    def __init__(self, config):
+
+        self._stage_list = None
+        if isinstance(config, (list, tuple)):
+            self._stage_list = sorted(config, key=lambda s: getattr(s, "stage_id", 0))
+            config = stages_to_config(list(config))
+        # an OmniConfig, its YAML/dict, or a Serve config file; graph pipelines as steps
+        self.config = expand_pipelines(load_app_config(config))
+        self._defaults = stage_defaults(self._stage_list) if self._stage_list else {}
+        self._engines: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ engines
+    def engine(self, stage: str):
+        if stage not in self.config.stages:
+            raise ModelNotFoundError(f"unknown stage {stage!r}; stages: {sorted(self.config.stages)}", param="stage")
+        with self._lock:
+            if stage not in self._engines:
+                cfg = self.config.stages[stage]
+                if isinstance(cfg, ARStageConfig):
+                    from omni_ray.ar import AsyncLLM
+                    eng = cfg.engine                  # offline: the engine in this process unless asked
+                    if eng.core_process == "auto":
+                        eng = eng.model_copy(update={"core_process": "off"})
+                    self._engines[stage] = AsyncLLM(eng)
+                else:
+                    from omni_ray.dit.async_engine import AsyncDiTEngine
+                    self._engines[stage] = AsyncDiTEngine(cfg.engine)
+            return self._engines[stage]
+
+    def _backend(self, stage: str):
+        eng = self.engine(stage)
+        if self.config.stages[stage].kind == "ar":
+            return _LocalAR(eng, self.config.app.limits)
+        return _LocalDiT(eng)
+
+    def _stage_request(self, stage_args: list[dict], pipeline: str | None):
+        """(pipeline name, its config, backends, kinds, stage ids, prompt, StageArgs) of one request
+        in vLLM-omni's form (a list of per-stage dicts)."""
+
+        name = pipeline or (DEFAULT_PIPELINE if DEFAULT_PIPELINE in self.config.pipelines else None)
+        if name is None and len(self.config.pipelines) == 1:
+            name = next(iter(self.config.pipelines))
+        if name not in self.config.pipelines:
+            raise ModelNotFoundError(f"name the pipeline; pipelines: {sorted(self.config.pipelines)}",
+                                     param="pipeline")
+        prompt, args = request_from_stage_args(self.config, stage_args, self._defaults, name)
+        pipe = self.config.pipelines[name]
+        ids = [s.stage_id for s in self._stage_list] if self._stage_list and name == DEFAULT_PIPELINE \
+            else list(range(len(pipe.steps)))
+        backends = {s.stage: self._backend(s.stage) for s in pipe.steps}
+        kinds = {k: v.kind for k, v in self.config.stages.items()}
+        return pipe, backends, kinds, ids, prompt, args
+
+    def stats(self) -> dict:
+        return {k: e.stats() for k, e in self._engines.items()}
+
+
+class OmniLLM(_StageEngines):
+    """The pipelines of an ``OmniConfig`` in one process, without Ray (notebooks, tests, scripts).
+
+    Engines are built on first use; requests run on a private event loop thread, so a list of
+    prompts is batched by the engines exactly as concurrent HTTP requests are.
+
+        OmniLLM(cfg).generate("text2image", "a fox", max_tokens=16)      # a named pipeline
+        OmniLLM([ar, dit]).generate([{"prompt": "a fox"}, {"num_inference_steps": 4}])   # vLLM-omni
+    """
+
+    def __init__(self, config: OmniConfig | str | Path | dict | list):
+        super().__init__(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="omni-pipeline", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+    def generate(self, pipeline: str | list[dict], prompt: str | list[str] | None = None, use_tqdm: bool = True,
+                 **stage_args) -> PipelineOutput | list[PipelineOutput] | list:
+        """Run ``pipeline`` on one prompt or a list (run concurrently, batched by the engines).
+        vLLM-omni's form, ``generate(stage_args)`` with one dict per stage, returns one
+        ``StageOutput`` per stage (``prompt`` may then name the pipeline)."""
+        if isinstance(pipeline, (list, tuple)):
+            return self._generate_stages(list(pipeline), prompt)
+        if pipeline not in self.config.pipelines:
+            raise ModelNotFoundError(f"unknown pipeline {pipeline!r}; pipelines: {sorted(self.config.pipelines)}",
+                                     param="pipeline")
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt or [])
+        if not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise InvalidRequestError("prompt must be a non-empty string or a list of them", param="prompt")
+        args = split_stage_args(stage_args)
+        pipe = self.config.pipelines[pipeline]
+        backends = {s.stage: self._backend(s.stage) for s in pipe.steps}
+        kinds = {k: v.kind for k, v in self.config.stages.items()}
+        fut = asyncio.run_coroutine_threadsafe(
+            self._run_all(pipeline, pipe, backends, kinds, prompts, args, use_tqdm), self._loop)
+        outs = fut.result()
+        return outs[0] if single else outs
+
+    async def _run_all(self, name, pipe, backends, kinds, prompts, args, use_tqdm) -> list[PipelineOutput]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=f"pipeline {name}", disable=not use_tqdm, dynamic_ncols=True)
+
+        async def one(p: str) -> PipelineOutput:
+            out = PipelineOutput(pipeline=name, prompt=p)
+            async for ev in run_pipeline(pipe, backends, kinds, p, f"offline-{uuid.uuid4().hex[:12]}", args):
+                if ev["type"] == "result":
+                    hs = ev["hidden_states"]
+                    out = dataclasses.replace(out, text=ev["text"], images=ev["images"], stages=ev["stages"],
+                                              usage=ev["usage"], hidden_states=hs["tensor"] if hs else None)
+            bar.update(1)
+            return out
+
+        try:
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+        finally:
+            bar.close()
+
+    def _generate_stages(self, stage_args: list[dict], pipeline: str | None) -> list:
+
+        pipe, backends, kinds, ids, prompt, args = self._stage_request(stage_args, pipeline)
+
+        async def run() -> list:
+            rid = f"offline-{uuid.uuid4().hex[:12]}"
+            return [o async for o in stage_outputs(pipe, backends, kinds, ids, prompt, rid, args)]
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def shutdown(self) -> None:
+        async def _stop():
+            for e in self._engines.values():
+                await e.shutdown()
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(_stop(), self._loop).result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        self._engines.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+class AsyncOmniLLM(_StageEngines):
+    """vLLM-omni's online form: the engines on the caller's event loop; ``generate(stage_args)``
+    is an async generator of ``StageOutput``s, each as its stage ends.
+
+        llm = AsyncOmniLLM([create_ar_stage_config(0, "tiny:qwen3"), ...])
+        async for out in llm.generate([{"prompt": "a fox", "max_tokens": 16}, {...}]):
+            print(out.stage_id, out.final_output_type)
+    """
+
+    async def generate(self, stage_args: list[dict], request_id: str | None = None,
+                       pipeline: str | None = None) -> AsyncIterator:
+
+        pipe, backends, kinds, ids, prompt, args = self._stage_request(stage_args, pipeline)
+        rid = request_id or f"async-{uuid.uuid4().hex[:12]}"
+        async for out in stage_outputs(pipe, backends, kinds, ids, prompt, rid, args):
+            yield out
+
+    async def generate_async(self, stage_args: list[dict], request_id: str | None = None) -> list:
+        """Every stage's output at once (the examples' ``await llm.generate_async(stage_args)``)."""
+        return [o async for o in self.generate(stage_args, request_id)]
+
+    async def shutdown(self) -> None:
+        for e in self._engines.values():
+            await e.shutdown()
+        self._engines.clear()

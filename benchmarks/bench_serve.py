@@ -414,7 +414,7 @@ def closed_loop_run(llm, work: list[tuple[str, int]], clients: int) -> int:
         send(k)
     tokens = 0
     while not llm.is_finished():
-        for seq in llm.step():
+        for seq in llm.step_seqs():
             if seq.is_finished:
                 tokens += len(llm.output_of(seq)["token_ids"])
                 send(owner.pop(seq.request_id))

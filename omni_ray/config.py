@@ -248,8 +248,8 @@ class DiTCacheConfig(Strict):
     """The app's DiT cache (a named Ray actor holding object-store refs): images and text conditioning."""
 
     enabled: bool = Field(True, description="use the DiT cache in DiT replicas")
-    strategy: Literal["lru", "lfu", "ttl"] = Field("lru", description=
-        "eviction: least recent, least hit, or soonest to expire")
+    strategy: Literal["lru", "fifo", "lfu", "ttl"] = Field("lru", description=
+        "eviction: least recent, oldest put, least hit, or soonest to expire")
     max_bytes: int = Field(1 << 30, ge=0, description="bytes of cached values (object store) before eviction")
     ttl_s: float = Field(3600.0, gt=0, description="an entry expires this long after it was put")
     cache_images: bool = Field(True, description="cache the PNGs of seeded (deterministic) image requests")

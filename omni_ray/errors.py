@@ -12,9 +12,10 @@ answers with, so that mapping an exception to a response is one lookup::
     │   └── QueueFullError         429 rate_limit_error   (carries retry_after seconds)
     ├── RequestCancelledError      499 cancelled
     ├── RequestTimeoutError        504 timeout_error
-    ├── CacheError                 500 cache_error
-    ├── ResourceError              503 resource_error
-    └── EngineError                503 engine_error
+    └── ProcessingError            500 processing_error   (engine-side failures; vLLM-omni's name)
+        ├── CacheError             500 cache_error
+        ├── ResourceError          503 resource_error
+        └── EngineError            503 engine_error
 """
 
 from __future__ import annotations
@@ -89,15 +90,22 @@ class RequestTimeoutError(OmniError):
     error_type = "timeout_error"
 
 
-class CacheError(OmniError):
+class ProcessingError(OmniError):
+    """The base of failures on the engine side (not the caller's fault): ``except ProcessingError``
+    catches an engine step that failed, a cache that failed, resources that ran out."""
+
+    error_type = "processing_error"
+
+
+class CacheError(ProcessingError):
     error_type = "cache_error"
 
 
-class ResourceError(OmniError):
+class ResourceError(ProcessingError):
     http_status = 503
     error_type = "resource_error"
 
 
-class EngineError(OmniError):
+class EngineError(ProcessingError):
     http_status = 503
     error_type = "engine_error"

@@ -1,11 +1,11 @@
-"""``OmniLLM``: the pipelines of an ``OmniConfig`` in one process, without Ray.
+"""The pipelines of an ``OmniConfig`` in one process, without Ray (notebooks, tests, scripts):
+``OmniLLM`` (blocking) and ``AsyncOmniLLM`` (asyncio), over the same step runner as the Serve app
+(``omni_ray/runner.py``); each stage is its ``StageEngine`` adapter (``omni_ray/stages/``) in this
+process. They also take vLLM-omni's list of stage configs (``omni_ray/vllm_omni_api.py``).
 
     llm = OmniLLM("serve_config.yaml")
     out = llm.generate("text2image", "a red fox", num_inference_steps=4, size="64x64")
     out.text, out.images[0].save("fox.png")
-
-Each stage is its ``StageEngine`` adapter (omni_ray/stages/) in this process, driven by the same
-``run_pipeline`` as the Serve app.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ from omni_ray.graphs import expand_pipelines
 from omni_ray.rules import check_text
 from omni_ray.runner import StageArgs, run_pipeline
 from omni_ray.stages.requests import ARRequest, DiTRequest, Handoff
+from omni_ray.vllm_omni_api import (
+    DEFAULT_PIPELINE,
+    request_from_stage_args,
+    stage_defaults,
+    stage_outputs,
+    stages_to_config,
+)
 
 
 class _LocalAR:
@@ -61,20 +68,21 @@ class PipelineOutput:
     usage: dict = field(default_factory=dict)
 
 
-class OmniLLM:
-    """The pipelines of an ``OmniConfig`` in one process, without Ray (notebooks, tests, scripts).
+class _Stages:
+    """The stage engines of an ``OmniConfig`` in this process, built on first use. The config is an
+    ``OmniConfig`` (or its YAML / dict / Serve config file) or vLLM-omni's list of stage configs
+    (``omni_ray.vllm_omni_api``), which builds one pipeline ``default`` through them."""
 
-    Engines are built on first use; requests run on a private event loop thread, so a list of
-    prompts is batched by the engines exactly as concurrent HTTP requests are."""
-
-    def __init__(self, config: OmniConfig | str | Path | dict):
+    def __init__(self, config):
+        self._stage_list = None
+        if isinstance(config, (list, tuple)):
+            self._stage_list = sorted(config, key=lambda s: getattr(s, "stage_id", 0))
+            config = stages_to_config(list(config))
         # an OmniConfig, its YAML/dict, or a Serve config file; graph pipelines as steps
         self.config = expand_pipelines(load_app_config(config))
+        self._defaults = stage_defaults(self._stage_list) if self._stage_list else {}
         self._stages: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="omni-pipeline", daemon=True)
-        self._thread.start()
 
     # ------------------------------------------------------------------ engines
     def stage(self, name: str):
@@ -105,24 +113,67 @@ class OmniLLM:
         s = self.stage(stage)
         return _LocalAR(s) if s.kind == "ar" else _LocalDiT(s)
 
+    def _kinds(self) -> dict[str, str]:
+        return {k: v.kind for k, v in self.config.stages.items()}
+
+    def _stage_request(self, stage_args: list[dict], pipeline: str | None):
+        """(pipeline config, backends, kinds, stage ids, prompt, StageArgs) of one request in
+        vLLM-omni's form (a list of per-stage dicts)."""
+        name = pipeline or (DEFAULT_PIPELINE if DEFAULT_PIPELINE in self.config.pipelines else None)
+        if name is None and len(self.config.pipelines) == 1:
+            name = next(iter(self.config.pipelines))
+        if name not in self.config.pipelines:
+            raise ModelNotFoundError(f"name the pipeline; pipelines: {sorted(self.config.pipelines)}",
+                                     param="pipeline")
+        prompt, args = request_from_stage_args(self.config, stage_args, self._defaults, name)
+        pipe, kinds = self.config.pipelines[name], self._kinds()
+        args.validate(name, pipe, kinds)
+        ids = [s.stage_id for s in self._stage_list] if self._stage_list and name == DEFAULT_PIPELINE \
+            else list(range(len(pipe.steps)))
+        backends = {s.stage: self._backend(s.stage) for s in pipe.steps}
+        return pipe, backends, kinds, ids, prompt, args
+
+    def stats(self) -> dict:
+        return {k: s.stats() for k, s in self._stages.items()}
+
+
+class OmniLLM(_Stages):
+    """The pipelines of an ``OmniConfig`` in one process, without Ray (notebooks, tests, scripts).
+
+    Engines are built on first use; requests run on a private event loop thread, so a list of
+    prompts is batched by the engines exactly as concurrent HTTP requests are.
+
+        OmniLLM(cfg).generate("text2image", "a fox", max_tokens=16)      # a named pipeline
+        OmniLLM([ar, dit]).generate([{"prompt": "a fox"}, {"num_inference_steps": 4}])   # vLLM-omni
+    """
+
+    def __init__(self, config: OmniConfig | str | Path | dict | list):
+        super().__init__(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="omni-pipeline", daemon=True)
+        self._thread.start()
+
     # ------------------------------------------------------------------ API
-    def generate(self, pipeline: str, prompt: str | list[str], use_tqdm: bool = True,
-                 **stage_args) -> PipelineOutput | list[PipelineOutput]:
+    def generate(self, pipeline: str | list[dict], prompt: str | list[str] | None = None, use_tqdm: bool = True,
+                 **stage_args) -> PipelineOutput | list[PipelineOutput] | list:
         """Run ``pipeline`` on one prompt or a list (run concurrently, batched by the engines).
         ``stage_args``: SamplingParams / DiffusionParams fields (``size`` "WxH", ``n``,
-        ``system_prompt``, ``layer``) and ``stage_args={stage: {...}}``."""
+        ``system_prompt``, ``layer``) and ``stage_args={stage: {...}}``. vLLM-omni's form,
+        ``generate(stage_args)`` with one dict per stage, returns one ``StageOutput`` per stage
+        (``prompt`` may then name the pipeline)."""
+        if isinstance(pipeline, (list, tuple)):
+            return self._generate_stages(list(pipeline), prompt)
         if pipeline not in self.config.pipelines:
             raise ModelNotFoundError(f"unknown pipeline {pipeline!r}; pipelines: {sorted(self.config.pipelines)}",
                                      param="pipeline")
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        prompts = [prompt] if single else list(prompt or [])
         if not prompts:
             raise InvalidRequestError("prompt must be a non-empty string or a list of them", param="prompt")
         for p in prompts:
             check_text(p)
         args = StageArgs.from_kwargs(stage_args)
-        pipe = self.config.pipelines[pipeline]
-        kinds = {k: v.kind for k, v in self.config.stages.items()}
+        pipe, kinds = self.config.pipelines[pipeline], self._kinds()
         args.validate(pipeline, pipe, kinds)
         backends = {s.stage: self._backend(s.stage) for s in pipe.steps}
         fut = asyncio.run_coroutine_threadsafe(
@@ -150,8 +201,14 @@ class OmniLLM:
         finally:
             bar.close()
 
-    def stats(self) -> dict:
-        return {k: s.stats() for k, s in self._stages.items()}
+    def _generate_stages(self, stage_args: list[dict], pipeline: str | None) -> list:
+        pipe, backends, kinds, ids, prompt, args = self._stage_request(stage_args, pipeline)
+
+        async def run() -> list:
+            rid = f"offline-{uuid.uuid4().hex[:12]}"
+            return [o async for o in stage_outputs(pipe, backends, kinds, ids, prompt, rid, args)]
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
 
     def shutdown(self) -> None:
         async def _stop():
@@ -169,3 +226,29 @@ class OmniLLM:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+class AsyncOmniLLM(_Stages):
+    """vLLM-omni's online form: the engines on the caller's event loop; ``generate(stage_args)``
+    is an async generator of ``StageOutput``s, each as its stage ends.
+
+        llm = AsyncOmniLLM([create_ar_stage_config(0, "tiny:qwen3"), ...])
+        async for out in llm.generate([{"prompt": "a fox", "max_tokens": 16}, {...}]):
+            print(out.stage_id, out.final_output_type)
+    """
+
+    async def generate(self, stage_args: list[dict], request_id: str | None = None,
+                       pipeline: str | None = None) -> AsyncIterator:
+        pipe, backends, kinds, ids, prompt, args = self._stage_request(stage_args, pipeline)
+        rid = request_id or f"async-{uuid.uuid4().hex[:12]}"
+        async for out in stage_outputs(pipe, backends, kinds, ids, prompt, rid, args):
+            yield out
+
+    async def generate_async(self, stage_args: list[dict], request_id: str | None = None) -> list:
+        """Every stage's output at once (the examples' ``await llm.generate_async(stage_args)``)."""
+        return [o async for o in self.generate(stage_args, request_id)]
+
+    async def shutdown(self) -> None:
+        for s in self._stages.values():
+            await s.shutdown()
+        self._stages.clear()

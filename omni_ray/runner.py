@@ -78,7 +78,7 @@ class StageArgs:
         per_stage = kwargs.pop("stage_args", None) or {}
         unknown = set(kwargs) - AR_STEP_KEYS - DIT_STEP_KEYS | ({"prompt"} & set(kwargs))
         if unknown:
-            raise InvalidRequestError(f"unknown stage arguments: {sorted(unknown)}", param=sorted(unknown)[0])
+            raise InvalidRequestError(f"unknown stage arguments: {sorted(unknown)}")
         return cls(text=step_kwargs("ar", {k: v for k, v in kwargs.items() if k in AR_STEP_KEYS}),
                    image=step_kwargs("dit", {k: v for k, v in kwargs.items() if k in DIT_STEP_KEYS}),
                    per_stage=per_stage)

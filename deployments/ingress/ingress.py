@@ -6,6 +6,7 @@ a body, the other limits by the routes before any stage is called):
     GET  /health  /info  /v1/models  /v1/pipelines
     POST /v1/completions  /v1/chat/completions  /v1/images/generations
     POST /v1/pipelines/{name}     (or /v1/pipelines/run with a "pipeline" field; "stream": true for SSE)
+    POST /generate                (vLLM-omni's route: the same runner, pipeline and stage_args optional)
     POST /v1/requests/{id}/cancel (through the omni scheduler)
 
 Python, for other Ray apps (``serve.get_app_handle("omni")``):
@@ -45,6 +46,7 @@ from deployments.ingress.text import collect, render_text, text_events, text_req
 from deployments.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    GenerateRequest,
     ImageGenerationRequest,
     PipelineRequest,
 )
@@ -156,6 +158,10 @@ class Ingress:
             lambda t: pipeline_events(self.backends, self.kinds, rid, pipe, body.prompt, args, t),
             lambda ev: ev["type"] != "stage_start",          # up to the first stage's first output
             lambda events: render_pipeline(rid, name, events)))
+
+    @app.post("/generate")
+    async def generate(self, body: GenerateRequest):
+        return await self.pipelines_run(*body.to_pipeline(self.config.pipelines))
 
     @app.post("/v1/images/generations")
     async def images_generations(self, body: ImageGenerationRequest):

@@ -30,7 +30,7 @@ ERRORS = {
     "503": "a stage is unavailable (replica restarting, engine failed)",
     "504": "the request exceeded app.request_timeout_s",
 }
-STREAMING = ("/v1/completions", "/v1/chat/completions", "/v1/pipelines/{name}")
+STREAMING = ("/v1/completions", "/v1/chat/completions", "/v1/pipelines/{name}", "/generate")
 
 
 def install_openapi(app, open_paths: frozenset[str]) -> None:

@@ -259,3 +259,35 @@ class PipelineRequest(_ImageArgs):
 
     def to_stage_args(self) -> StageArgs:
         return StageArgs(text=self.text_args(), image=self.diffusion(), per_stage=self.stage_args)
+
+
+class GenerateRequest(PipelineRequest):
+    """``POST /generate`` (vLLM-omni's API server): a prompt, an optional ``pipeline`` (default:
+    ``default``, else the only one) and per-stage args, either by stage key (as
+    ``/v1/pipelines/{name}``) or as a list with one dict per step (vLLM-omni's ``stage_args``)."""
+
+    stage_args: dict[str, dict[str, Any]] | list[dict[str, Any]] = Field(default_factory=dict)
+
+    def to_pipeline(self, pipelines: dict) -> tuple[str, PipelineRequest]:
+        """(pipeline name, the equivalent ``/v1/pipelines/{name}`` body)."""
+        name = self.pipeline or ("default" if "default" in pipelines or len(pipelines) != 1 else next(iter(pipelines)))
+        if name not in pipelines:
+            raise InvalidRequestError(f"POST /generate needs a 'pipeline' field; pipelines: {sorted(pipelines)}",
+                                      param="pipeline")
+        per_stage = self.stage_args
+        if isinstance(per_stage, list):
+            steps = pipelines[name].steps
+            if len(per_stage) != len(steps):
+                raise InvalidRequestError(f"stage_args has {len(per_stage)} entries; pipeline {name!r} has "
+                                          f"{len(steps)} steps", param="stage_args")
+            per_stage = {}
+            for i, (step, raw) in enumerate(zip(steps, self.stage_args)):
+                raw = dict(raw)
+                if raw.pop("prompt", self.prompt) != self.prompt:
+                    raise InvalidRequestError(f"stage_args.{i}.prompt: a later step takes the previous step's "
+                                              "output; only the request's prompt can be set",
+                                              param=f"stage_args.{i}.prompt")
+                per_stage.setdefault(step.stage, {}).update(raw)
+        body = PipelineRequest.model_validate(self.model_dump(exclude={"stage_args"}) | {"stage_args": per_stage},
+                                              strict=False)
+        return name, body

@@ -3,6 +3,8 @@
 ``SAMPLING_RULES`` is the one declaration of what each number may be: ``SamplingParams`` checks
 it (``InvalidRequestError`` naming the field), and the HTTP models document it as OpenAPI bounds
 (deployments/openai/protocol.py), so offline, Python handle and HTTP callers get the same message.
+``SamplingParams()`` is the reference's default (``max_tokens=16``, as vLLM); the HTTP API fills
+its own (OpenAI's) defaults.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1                   # -1 / 0 = off
     min_p: float = 0.0
-    max_tokens: int | None = 64       # None: fill the context (``resolve_max_tokens``)
+    max_tokens: int | None = 16       # None: fill the context (``resolve_max_tokens``)
     ignore_eos: bool = False
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None

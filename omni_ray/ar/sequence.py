@@ -33,7 +33,8 @@ class Sequence:
         self.num_computed_tokens = 0       # tokens whose K/V are in the cache
         self.num_cached_tokens = 0         # of which came from the prefix cache (last admission)
         self.num_hashed_blocks = 0         # leading full blocks registered in the prefix cache
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
+        self.error = None                      # the EngineError of a step that failed it
         self.logprobs: list[float] = []
         self.hidden_chunks: list[torch.Tensor] = []   # encode requests: [n, H] per prefill chunk
         self.generator: torch.Generator | None = None  # per-request seed

@@ -17,10 +17,11 @@ A restarted cache actor starts empty (its objects died with it); clients just mi
 
 Keys: ``{cond|img}/{sha256 of canonical JSON}/{model}``. ``image_key`` returns None for a request
 without a seed (never image-cached); ``get(None)``/``put(None, ...)`` are no-ops. Strategies:
-``lru``, ``lfu`` (least hits, then least recent) and ``ttl`` (entries expire ``ttl_s`` after the
-put, the soonest to expire goes first), all under the byte budget ``max_bytes`` measured by the
-copy task. ``put(..., ttl_s=...)`` gives one entry its own lifetime under any strategy.
-Eviction scans the entries for lfu/ttl (fine for the ~1e4 entries a cache holds).
+``lru``, ``fifo`` (the oldest put goes first, hits or not), ``lfu`` (least hits, then least
+recent) and ``ttl`` (entries expire ``ttl_s`` after the put, the soonest to expire goes first),
+all under the byte budget ``max_bytes`` measured by the copy task. ``put(..., ttl_s=...)`` gives
+one entry its own lifetime under any strategy. Eviction scans the entries for lfu/ttl (fine for
+the ~1e4 entries a cache holds).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class CacheIndex:
 
     def __init__(self, config: DiTCacheConfig, clock=time.monotonic):
         self.cfg, self.clock = config, clock
-        self.entries: OrderedDict[str, Entry] = OrderedDict()     # least recently used first
+        self.entries: OrderedDict[str, Entry] = OrderedDict()     # least recently used (fifo: put) first
         self.bytes = 0
         self.tick = 0
         self.counts = dict.fromkeys(("hits", "misses", "puts", "rejected", "evictions", "expirations",
@@ -139,7 +140,8 @@ class CacheIndex:
         self.counts["hits"] += 1
         self.tick += 1
         e.hits, e.last = e.hits + 1, self.tick
-        self.entries.move_to_end(key)
+        if self.cfg.strategy != "fifo":             # fifo keeps the order of the puts
+            self.entries.move_to_end(key)
         return e
 
     def put(self, key: str, ref: Any, nbytes: int, model: str | None, ttl_s: float | None = None,
@@ -166,7 +168,7 @@ class CacheIndex:
 
     def _victim(self, exclude: str) -> str:
         keys = (k for k in self.entries if k != exclude)
-        if self.cfg.strategy == "lru":
+        if self.cfg.strategy in ("lru", "fifo"):
             return next(keys)
         if self.cfg.strategy == "lfu":
             return min(keys, key=lambda k: (self.entries[k].hits, self.entries[k].last))

@@ -152,7 +152,10 @@ class DiTEngine:
         if mask is None:
             mask = torch.ones(embeds.shape[0], dtype=torch.long)
         if self.family.supports_caption_mask:     # drop right padding: it is masked anyway
-            keep = int(mask.nonzero().max()) + 1
+            nz = mask.nonzero()
+            # an empty caption (all padding: "" from a tokenizer that adds no EOS) keeps one masked
+            # token, whose attention is uniform over the masked ones, as diffusers' padded captions get
+            keep = int(nz.max()) + 1 if nz.numel() else 1
             embeds, mask = embeds[:keep], mask[:keep]
         return self.family.project(embeds, mask)
 

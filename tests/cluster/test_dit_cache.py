@@ -71,6 +71,17 @@ def test_lru_evicts_least_recently_used():
     assert set(ix.entries) == {"d", "e"} and ix.counts["evictions"] == 3
 
 
+def test_fifo_evicts_the_oldest_put_whatever_its_hits():
+    ix, _ = index("fifo")
+    for k in "abc":
+        ix.put(k, k, 100, "m")
+    assert ix.get("a") is not None and ix.get("a") is not None      # hits do not keep a in (lru would)
+    assert ix.put("d", "d", 100, "m") == ["a"]
+    ix.put("b", "b2", 100, "m")                                      # a new put of b: b is the newest now
+    assert ix.put("e", "e", 100, "m") == ["c"]
+    assert list(ix.entries) == ["d", "b", "e"] and ix.get("b").ref == "b2"
+
+
 def test_lfu_evicts_least_frequently_used():
     ix, _ = index("lfu")
     for k in "abc":

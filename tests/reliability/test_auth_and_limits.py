@@ -21,6 +21,7 @@ VALID = {
     "/v1/images/generations": ("POST", "/v1/images/generations",
                                {"prompt": "a fox", "size": "32x32", "num_inference_steps": 1}),
     "/v1/pipelines/{name}": ("POST", "/v1/pipelines/chat", {"prompt": "hi", "max_tokens": 2}),
+    "/generate": ("POST", "/generate", {"prompt": "hi", "pipeline": "chat", "max_tokens": 2}),
     "/v1/requests/{request_id}/cancel": ("POST", "/v1/requests/nope-123/cancel", None),
     "/health": ("GET", "/health", None),
 }

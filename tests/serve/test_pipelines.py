@@ -128,3 +128,28 @@ def test_scheduler_tracks_requests(client):
     llm = status["stages"]["llm"]
     assert len(llm["replicas"]) == 1 and llm["capacity"] == 64       # reported by the llm replica: max_num_seqs
     assert status["stages"]["image"]["capacity"] == 8                  # the DiT replica: max_batch_size
+
+
+def test_generate_route_of_the_vllm_omni_api_server(client):
+    """POST /generate runs the same runner as /v1/pipelines/{name}; GET /health and /info answer."""
+    r = client.post("/generate", json={"prompt": "a castle", "pipeline": "text2image",
+                                       "stage_args": [{"max_tokens": 4, "temperature": 0},
+                                                      {"size": "64x64", "num_inference_steps": 2, "seed": 5}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["pipeline"] == "text2image" and [s["stage"] for s in body["stages"]] == ["llm", "image"]
+    assert body["usage"]["completion_tokens"] <= 4 and png_size(body["images"][0]["b64_json"]) == (64, 64)
+    same = client.post("/v1/pipelines/text2image", json={"prompt": "a castle", "stage_args": {
+        "llm": {"max_tokens": 4, "temperature": 0}, "image": {"size": "64x64", "num_inference_steps": 2, "seed": 5}}})
+    assert same.json()["text"] == body["text"] and same.json()["images"] == body["images"]
+    bad = client.post("/generate", json={"prompt": "x"})                     # several pipelines, none named
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "pipeline"
+    bad = client.post("/generate", json={"prompt": "x", "pipeline": "chat", "stage_args": [{}, {}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stage_args"
+    events = []
+    with client.stream("POST", "/generate", json={"prompt": "hi", "pipeline": "chat", "stream": True,
+                                                  "max_tokens": 3}) as resp:
+        assert resp.status_code == 200
+        events = sse_events(resp)
+    assert events[-1] == "[DONE]" and any(isinstance(e, dict) for e in events)
+    assert client.get("/health").json() == {"status": "ok"} and client.get("/info").status_code == 200

@@ -83,7 +83,7 @@ class CoreLoop:
 
     def step(self) -> list[tuple]:
         t0 = time.perf_counter()
-        out = [x for seq in self.engine.step() if (x := self.output(seq)) is not None]
+        out = [x for seq in self.engine.step_seqs() if (x := self.output(seq)) is not None]
         dt = time.perf_counter() - t0
         if dt > SLOW_STEP_S:
             seqs, decodes, tokens, k = getattr(self.engine, "last_step", (0, 0, 0, 0))
@@ -93,6 +93,8 @@ class CoreLoop:
 
     def output(self, seq: Sequence):
         """(request id, what its caller gets) for a sequence that changed in the last step, or None."""
+        if seq.error is not None:                         # its step failed: the caller gets the error
+            return (seq.request_id, seq.error)
         if seq.is_encode:
             return (seq.request_id, np.concatenate([h.numpy() for h in seq.hidden_chunks])) if seq.is_finished else None
         new_ids = seq.token_ids[seq.num_prompt_tokens + seq.sent_tokens:]     # only the new tail, copied
@@ -232,6 +234,7 @@ class ProcessCore:
             self._kill()
             raise msg[1] if isinstance(msg[1], OmniError) else EngineError(f"AR engine failed to start: {msg[1]}")
         self._stats = msg[1]
+        self.max_model_len = msg[2]                  # clamped to the model's positions by the engine
         self._loop = None
 
     def start(self, loop: asyncio.AbstractEventLoop, deliver, fail) -> None:
@@ -342,7 +345,7 @@ def _serve_child(fd: int) -> None:
     core = CoreLoop(engine)
     gc.collect()
     gc.freeze()             # the start-up heap (torch, the model): never walked again by a full collection
-    send(("ready", engine.engine_stats()))
+    send(("ready", engine.engine_stats(), engine.max_model_len))
     emit, done = _sender(send) if config.core_send_thread else (send, lambda: None)
     try:
         while True:

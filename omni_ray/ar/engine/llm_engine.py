@@ -3,11 +3,20 @@
     llm = LLM("tiny:qwen3", enforce_eager=True)
     outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
     outs[0]["text"], outs[0]["token_ids"]
+
+    llm.add_request("Hello", SamplingParams())       # or by hand, as nano-vllm's reference does
+    while not llm.is_finished():
+        outputs, num_tokens = llm.step()              # [(seq_id, token_ids) finished now], +prefill / -decode
+
+``step()`` keeps nano-vllm's contract; the serving loop (``engine_core.CoreLoop``) calls
+``step_seqs()``, which returns every sequence that changed. An exception inside a step fails
+that step's sequences (``EngineError``, blocks freed) and leaves the engine serving the rest.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -23,10 +32,25 @@ from omni_ray.ar.models.loader import read_hf_config
 from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
 from omni_ray.ar.sequence import Sequence
 from omni_ray.config import AREngineConfig, ModelConfig
-from omni_ray.errors import InvalidRequestError
+from omni_ray.errors import EngineError, InvalidRequestError
 from omni_ray.profiling import GcPauses
 from omni_ray.rules import check_prompt
 from omni_ray.testing import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+def fit_max_model_len(cfg: AREngineConfig, arch: ArchConfig) -> AREngineConfig:
+    """``cfg`` with ``max_model_len`` clamped to the model's positions (``max_position_embeddings``),
+    with a warning naming both numbers, as nano-vllm and vLLM do: a longer context would index past
+    the rotary tables inside a step."""
+    asked = cfg.scheduler.max_model_len
+    if asked <= arch.max_position:
+        return cfg
+    log.warning("max_model_len %d exceeds the model's max_position_embeddings %d; using %d",
+                asked, arch.max_position, arch.max_position)
+    sched = cfg.scheduler.model_copy(update={"max_model_len": arch.max_position})
+    return cfg.model_copy(update={"scheduler": sched})
 
 
 @dataclass
@@ -44,9 +68,9 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model: str | ModelConfig | AREngineConfig, **kwargs):
         cfg = model if isinstance(model, AREngineConfig) else AREngineConfig.from_kwargs(model, **kwargs)
-        self.config = cfg
         self.model_path = resolve_model(cfg.model.path)
         self.arch = ArchConfig.from_hf(read_hf_config(self.model_path))
+        self.config = cfg = fit_max_model_len(cfg, self.arch)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), trust_remote_code=False)
         self.runner = self._make_runner()
@@ -83,9 +107,9 @@ class LLMEngine:
             for j, (n, params) in enumerate(wave):
                 self.add_request([rng.randrange(vocab) for _ in range(n)], params, f"warmup-{i}-{j}")
                 if i == 1 and j == 0:
-                    self.step()                       # the rest joins a running decode: a mixed batch
+                    self.step_seqs()                  # the rest joins a running decode: a mixed batch
             while not self.is_finished():
-                self.step()
+                self.step_seqs()
         self._reset()
 
     def _reset(self) -> None:
@@ -191,25 +215,65 @@ class LLMEngine:
             self.step_log = None
 
     # ------------------------------------------------------------------ step
-    def step(self) -> list[Sequence]:
-        """One forward of the next batch. Returns the sequences that changed (new token / finished).
-        With ``async_decode``, a pure decode run is launched and, while the same batch can go
-        on, the next run is queued on the device before this one's tokens are read: the host's work
-        on a run (appending tokens, finishing sequences, the caller's outputs) overlaps the next."""
-        if self._inflight is not None:
-            return self._land()
-        wall, t0 = time.time(), time.perf_counter()
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            self.last_step = (0, 0, 0, 0)
-            return []
-        k = self._decode_steps(batch)
-        self.last_step = (len(batch), batch.num_decodes, batch.num_tokens, k)    # for slow-step logs
-        if self._overlaps(batch, k):
-            self._inflight = (self.runner.launch_decode(batch, k), wall, t0, 0)
-            return self._land()
-        out = self.runner.run(batch, k) if k > 1 else self.runner.run(batch)
-        return self._apply(batch, out, k, wall, t0)
+    def step(self) -> tuple[list[tuple[int, list[int]]], int]:
+        """nano-vllm's step: ``(outputs, num_tokens)``, ``outputs`` the ``(seq_id, token_ids)`` of
+        the sequences that finished in this step (their generated tokens), ``num_tokens`` the
+        prompt tokens computed (> 0) when the step had a prefill, else minus the decode tokens.
+        Raises ``EngineError`` when the step failed (its sequences are failed and freed; the
+        engine goes on with the rest)."""
+        p0, d0 = self.stats.prefill_tokens, self.stats.decode_tokens
+        changed = self.step_seqs()
+        failed = [s for s in changed if s.error is not None]
+        if failed:
+            raise EngineError(f"engine step failed for requests {[s.request_id for s in failed]}: "
+                              f"{failed[0].error.message}")
+        outputs = [(s.seq_id, s.output_token_ids) for s in changed if s.is_finished]
+        prefill = self.stats.prefill_tokens - p0
+        return outputs, prefill if prefill else -(self.stats.decode_tokens - d0)
+
+    def step_seqs(self) -> list[Sequence]:
+        """One forward of the next batch (the serving loop's step). Returns the sequences that
+        changed (new token / finished; failed ones carry ``seq.error``). With ``async_decode``,
+        a pure decode run is launched and, while the same batch can go on, the next run is queued
+        on the device before this one's tokens are read: the host's work on a run (appending
+        tokens, finishing sequences, the caller's outputs) overlaps the next."""
+        batch = None
+        try:
+            if self._inflight is not None:
+                batch = self._inflight[0].batch
+                return self._land()
+            wall, t0 = time.time(), time.perf_counter()
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                self.last_step = (0, 0, 0, 0)
+                return []
+            k = self._decode_steps(batch)
+            self.last_step = (len(batch), batch.num_decodes, batch.num_tokens, k)    # for slow-step logs
+            if self._overlaps(batch, k):
+                self._inflight = (self.runner.launch_decode(batch, k), wall, t0, 0)
+                return self._land()
+            out = self.runner.run(batch, k) if k > 1 else self.runner.run(batch)
+            return self._apply(batch, out, k, wall, t0)
+        except Exception as err:  # noqa: BLE001 - this step's requests fail; the engine goes on
+            return self._fail_step(batch, err)
+
+    def _fail_step(self, batch, err: Exception) -> list[Sequence]:
+        """Fail the sequences of a step that raised (all running ones when the batch is unknown):
+        each finishes with reason "error" and ``seq.error``, its blocks freed; nothing is in flight."""
+        log.exception("engine step failed; failing its requests")
+        self._inflight = None
+        seqs = batch.seqs if batch is not None and batch.seqs else list(self.scheduler.running)
+        message = err.message if isinstance(err, EngineError) else f"engine step failed: {err!r}"
+        failed = []
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            if seq in self.scheduler.waiting:           # preempted within the step
+                self.scheduler.waiting.remove(seq)
+            seq.error = EngineError(message)            # one per request: each caller raises its own
+            self._finish(seq, "error")
+            failed.append(seq)
+        return failed
 
     def _overlaps(self, batch, k: int) -> bool:
         """A multi-step run (k > 1: a pure-decode batch, ``_decode_steps``) on one rank, of
@@ -361,28 +425,56 @@ class LLMEngine:
 
     def generate(self, prompts: list[str] | list[list[int]] | str, sampling_params=None,
                  use_tqdm: bool = True) -> list[dict]:
+        """``[{"text", "token_ids", "finish_reason"}]`` in the order of ``prompts``; ``sampling_params``
+        one for all, or a list with one per prompt (``ValueError`` when the lengths differ)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        if not isinstance(sampling_params, list):
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+        else:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]  # validate all first
         for seq in seqs:
             self.add_sequence(seq)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
-        while not self.is_finished():
-            t0 = time.perf_counter()
-            p0, d0 = self.stats.prefill_tokens, self.stats.decode_tokens
-            done = [s for s in self.step() if s.is_finished]
-            dt = time.perf_counter() - t0
-            if self.stats.prefill_tokens > p0:
-                prefill_tps = (self.stats.prefill_tokens - p0) / dt
-            if self.stats.decode_tokens > d0:
-                decode_tps = (self.stats.decode_tokens - d0) / dt
-            bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
+        rates = {"prefill": 0.0, "decode": 0.0}
+
+        def progress(done: list[Sequence], p_tokens: int, d_tokens: int, dt: float) -> None:
+            if p_tokens:
+                rates["prefill"] = p_tokens / dt
+            if d_tokens:
+                rates["decode"] = d_tokens / dt
+            bar.set_postfix(prefill=f"{rates['prefill']:.0f}tok/s", decode=f"{rates['decode']:.0f}tok/s",
+                            refresh=False)
             bar.update(len(done))
-        bar.close()
+
+        try:
+            self._run_until(seqs, progress)
+        finally:
+            bar.close()
         return [self.output_of(s) for s in seqs]
+
+    def _run_until(self, seqs: list[Sequence], progress=None) -> None:
+        """Step until every one of ``seqs`` finished (with whatever else is queued). A step that
+        fails one of them aborts the rest of them and raises its ``EngineError``; the engine stays
+        usable."""
+        try:
+            while not all(s.is_finished for s in seqs):
+                t0 = time.perf_counter()
+                p0, d0 = self.stats.prefill_tokens, self.stats.decode_tokens
+                changed = self.step_seqs()
+                failed = next((s for s in changed if s.error is not None and s in seqs), None)
+                if failed is not None:
+                    raise failed.error
+                if progress is not None:
+                    progress([s for s in changed if s.is_finished], self.stats.prefill_tokens - p0,
+                             self.stats.decode_tokens - d0, time.perf_counter() - t0)
+        except BaseException:
+            for s in seqs:                     # the caller gives up on them (error, KeyboardInterrupt)
+                if not s.is_finished:
+                    self.abort(s.request_id)
+            raise
 
     def encode(self, prompts: list[str] | str, layer: int | None = None) -> list[torch.Tensor]:
         """Prompt hidden states [T, H] for each prompt (batched with whatever else is queued)."""
@@ -391,8 +483,7 @@ class LLMEngine:
         seqs = [self.make_sequence(p, EncodeParams(layer)) for p in prompts]
         for seq in seqs:
             self.add_sequence(seq)
-        while not all(s.is_finished for s in seqs):
-            self.step()
+        self._run_until(seqs)
         return [torch.cat(s.hidden_chunks) for s in seqs]
 
     def engine_stats(self) -> dict:

@@ -56,6 +56,10 @@ class PixArtFamily(DiTFamily):
         tok = self.tokenizer(texts, padding="longest", max_length=self.max_sequence_length, truncation=True,
                              add_special_tokens=True, return_tensors="pt")
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        if ids.shape[1] == 0:      # only empty captions and no EOS: one padding token, masked
+            pad = self.tokenizer.pad_token_id or 0
+            ids = torch.full((len(texts), 1), pad, dtype=torch.long, device=self.device)
+            mask = torch.zeros_like(ids)
         embeds = self.text_encoder(ids, attention_mask=mask)[0]
         return embeds.to(self.dtype), mask
 

@@ -32,6 +32,7 @@ import ray
 from ray import serve
 
 from deployments.services import CapacityReporter, replica_id
+from deployments.stages.batch import fan_in
 from deployments.stages.pins import Pins
 from deployments.stages.probes import CallLog
 from deployments.stages.replica import StageReplica
@@ -42,6 +43,10 @@ from omni_ray.stages.ar import ARStageEngine, merge_deltas, pretokenize
 from omni_ray.stages.requests import ARRequest, Handoff
 
 log = logging.getLogger("ray.serve")
+
+
+def _stage_error(e: Exception) -> OmniError:
+    return e if isinstance(e, OmniError) else EngineError(f"AR stage failed: {e!r}")
 
 
 @serve.deployment
@@ -72,41 +77,22 @@ class ARDeployment(StageReplica):
     async def generate_batch(self, reqs: list[ARRequest], unary: list[int] | None = None,
                              sent_at: float | None = None) -> AsyncIterator[list[tuple[int, Any]]]:
         """Several streams in one Serve call (the ingress sends requests that arrive together this
-        way: Serve's per-call cost, ~1 ms of router and replica work, is paid once). Yields lists of
-        (index, delta), (index, OmniError) when one request fails (the others go on), (index, None)
-        when one ends; the first message starts with ``(-1, {"replica": id})``, for ``abort``.
-        The requests at the indices in ``unary`` are paced like ``complete``; ``sent_at`` (the
-        sender's clock) goes to the call log. Closing the call aborts every request in it."""
+        way: Serve's per-call cost, ~1 ms of router and replica work, is paid once), fanned in by
+        ``deployments.stages.batch.fan_in``: lists of (index, delta | OmniError | None). The
+        requests at the indices in ``unary`` are paced like ``complete``; ``sent_at`` (the sender's
+        clock) goes to the call log. Closing the call aborts every request in it."""
         if self.call_log is not None:      # profiling (engine.step_log): when this call got here
             self.call_log.call(len(reqs), sent_at)
-        paced = set(unary or ())
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def one(i: int, req: ARRequest) -> None:
-            try:
-                async for d in (self._complete_deltas(req) if i in paced else self.generate(req)):
-                    queue.put_nowait((i, d))
-            except Exception as e:  # noqa: BLE001 - this request's error, for its caller only
-                queue.put_nowait((i, e if isinstance(e, OmniError) else EngineError(f"AR stage failed: {e!r}")))
-            queue.put_nowait((i, None))
-
         if len(reqs) > 1:          # one batch encode, off the event loop (the Rust tokenizer drops the GIL)
             reqs = await asyncio.get_running_loop().run_in_executor(None, pretokenize, self.engine.tokenizer, reqs)
-        tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(reqs)]
-        live = len(tasks)
-        head = [(-1, {"replica": self.replica})]     # rides with the first deltas: no message of its own
+        paced = set(unary or ())
+        streams = [self._complete_deltas(r) if i in paced else self.generate(r) for i, r in enumerate(reqs)]
+        calls = fan_in(streams, self.replica, _stage_error)
         try:
-            while live:
-                items = head + [await queue.get()]   # the engine wakes every stream in one turn: one message
-                head = []
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                live -= sum(d is None for _, d in items)
+            async for items in calls:
                 yield items
         finally:
-            for t in tasks:
-                t.cancel()                            # -> each engine stream aborts its request
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await calls.aclose()                      # -> each engine stream aborts its request
 
     def abort(self, request_ids: list[str], replica: str | None = None) -> None:
         """Abort requests of a batched call (``replica``: routes this call to where they run)."""

@@ -13,6 +13,7 @@ from omni_ray.dit.families.base import DiTFamily
 from omni_ray.dit.params import DiffusionParams
 from omni_ray.dit.request import DiTRequest
 from omni_ray.errors import InvalidRequestError
+from omni_ray.rules import check_text
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -64,8 +65,9 @@ def check_conditioning(fam: DiTFamily, model_name: str, prompt, embeds, mask):
         if not fam.has_text_encoder:
             _bad("prompt_embeds", f"model {model_name!r} has no text encoder: pass prompt_embeds "
                  f"[T, {fam.caption_dim}] (e.g. the AR stage's prompt hidden states)")
-        if not isinstance(prompt, str) or not prompt.strip():
-            _bad("prompt", "prompt must be a non-empty string")
+        check_text(prompt)
+        if not prompt.strip():
+            _bad("prompt", "prompt is blank (whitespace only): the text encoder needs words")
         return None, None
     if prompt is not None and not isinstance(prompt, str):
         _bad("prompt", "prompt must be a string or None")

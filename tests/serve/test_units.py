@@ -213,3 +213,34 @@ def test_pinned_router_sends_a_call_with_a_replica_to_that_replica():
     pending = NS(kwargs={"replica": "b"})
     chosen = asyncio.run(PinnedRouter.choose_replicas(object(), replicas, pending))
     assert chosen == [[replicas[1]]]
+
+
+def test_fan_in_hands_streams_on_together_and_isolates_errors():
+    from deployments.stages.batch import fan_in
+
+    async def ok(n, log):
+        try:
+            for i in range(n):
+                yield i
+                await asyncio.sleep(0)
+        finally:
+            log.append(n)
+
+    async def bad():
+        yield "x"
+        raise ValueError("boom")
+
+    async def main():
+        log = []
+        got = [items async for items in fan_in([ok(2, log), bad(), ok(3, log)], "r1", lambda e: RuntimeError(str(e)))]
+        assert got[0][0] == (-1, {"replica": "r1"})                  # the replica id rides with the first items
+        ends = [i for items in got for i, d in items if d is None]
+        assert sorted(ends) == [0, 1, 2] and sorted(log) == [2, 3]
+        errs = [d for items in got for i, d in items if isinstance(d, Exception)]
+        assert len(errs) == 1 and isinstance(errs[0], RuntimeError) and str(errs[0]) == "boom"
+        calls = fan_in([ok(10_000, log)], "r1", RuntimeError)
+        await calls.__anext__()
+        await calls.aclose()                                          # closing cancels every stream
+        assert log[-1] == 10_000
+
+    asyncio.run(main())

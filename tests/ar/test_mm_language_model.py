@@ -221,38 +221,46 @@ def test_omni_video_and_audio_in_video_positions(omni):
 # ------------------------------------------------------------------ the decoder on media prompts
 
 
-def _load(path) -> DecoderForCausalLM:
-    model = DecoderForCausalLM(ArchConfig.from_hf(read_hf_config(path))).eval()
+def _load(path, device: str = "cpu", backend: str = "torch") -> DecoderForCausalLM:
+    from omni_ray.ar.layers.ops import Ops
+
+    ops = Ops().for_cuda() if backend != "torch" else Ops()
+    with torch.device(device):
+        model = DecoderForCausalLM(ArchConfig.from_hf(read_hf_config(path)), backend=backend, ops=ops).eval()
     load_weights(model, path)
     return model
 
 
 def _attach_cache(model: DecoderForCausalLM, tokens: int, block: int = 16) -> int:
     blocks = -(-tokens // block)
+    dev = model.rope_cos.device
     for layer in model.layers:
         a = layer.self_attn.attn
-        a.k_cache = torch.zeros(blocks, block, a.n_kv_heads, a.head_dim)    # [blocks, block, Hkv, D]
+        a.k_cache = torch.zeros(blocks, block, a.n_kv_heads, a.head_dim, device=dev)    # [blocks, block, Hkv, D]
         a.v_cache = torch.zeros_like(a.k_cache)
     return blocks
 
 
-def _meta(start: int, n: int, blocks: int) -> AttnMetadata:
+def _meta(start: int, n: int, blocks: int, device="cpu") -> AttnMetadata:
     """One sequence: tokens start..start+n-1 (cache slots = sequence indices), n == 1 a decode."""
     end = start + n
+    i32 = dict(dtype=torch.int32, device=device)
     return AttnMetadata(
-        slot_mapping=torch.arange(start, end), context_lens=torch.tensor([end], dtype=torch.int32),
-        block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-        cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32),
+        slot_mapping=torch.arange(start, end, device=device), context_lens=torch.tensor([end], **i32),
+        block_tables=torch.arange(blocks, **i32)[None], cu_seqlens_q=torch.tensor([0, n], **i32),
         num_decodes=int(start > 0 and n == 1), max_query_len=n, max_context_len=end, q_lens=[n], ctx_lens=[end])
 
 
 @torch.no_grad()
 def _prompt_and_greedy(model, ids, positions, embeds, steps: int):
     """Prefill logits [T, V], then ``steps`` greedy decode steps at 1-D positions i + rope_delta:
-    (prefill logits, tokens [steps], logits of each step [steps, V])."""
+    (prefill logits, tokens [steps], logits of each step [steps, V]), on the model's device."""
+    dev = model.rope_cos.device
     pos, delta = positions
     blocks = _attach_cache(model, len(ids) + steps)
-    hidden, _ = model(ids, pos, _meta(0, len(ids), blocks), embeds=embeds)
+    if embeds is not None:
+        embeds = (embeds[0].to(dev), embeds[1].to(dev))
+    hidden, _ = model(ids.to(dev), pos.to(dev), _meta(0, len(ids), blocks, dev), embeds=embeds)
     logits = model.compute_logits(hidden)                            # [T, V]
     tokens, step_logits, last = [], [], logits[-1]
     for i in range(steps):
@@ -261,7 +269,7 @@ def _prompt_and_greedy(model, ids, positions, embeds, steps: int):
         if i + 1 == steps:
             break
         n = len(ids) + i
-        h, _ = model(torch.tensor([tok]), torch.tensor([n + delta]), _meta(n, 1, blocks))
+        h, _ = model(torch.tensor([tok], device=dev), torch.tensor([n + delta], device=dev), _meta(n, 1, blocks, dev))
         last = model.compute_logits(h)[0]
         step_logits.append(last)
     return logits, tokens, torch.stack(step_logits) if step_logits else None
@@ -454,3 +462,39 @@ def test_mrope_rotary_with_equal_rows_is_plain_rope(vl):
     _, cos, _ = model.rope(p3)
     for j, row in enumerate([0, 0, 1, 1, 1, 2, 2, 2]):
         assert torch.equal(cos[:, j], model.rope_cos[p3[row], j])
+
+
+# ------------------------------------------------------------------ CUDA: the fused Triton path
+
+
+@pytest.mark.gpu
+def test_fused_triton_path_takes_mrope_positions():
+    """On CUDA (fused q/k/v + rotary + KV-store kernel, Triton paged attention) a prompt with image rows
+    and [3, N] positions, then decode steps at 1-D positions i + rope_delta, equal the CPU torch path:
+    the kernel reads per-token M-RoPE rows through positions 0..N-1, unchanged."""
+    path = resolve_model("tiny:qwen2.5-vl")
+    spec = MRopeSpec.from_hf(read_hf_config(path))
+    ids = torch.tensor([3, 4, 7] + [10] * 12 + [8, 5, 6, 9, 12, 13])
+    grid = torch.tensor([[1, 6, 8]])
+    embeds = (_rows(ids, 10), torch.randn(12, 64, generator=torch.Generator().manual_seed(0)))
+    positions = mrope_positions(ids, spec, grid)
+    assert positions[1] < 0
+    cpu = _prompt_and_greedy(_load(path), ids, positions, embeds, 6)
+    gpu_model = _load(path, "cuda", "triton")
+    assert gpu_model.layers[0].self_attn.fused
+    gpu = _prompt_and_greedy(gpu_model, ids, positions, embeds, 6)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=2e-3, rtol=2e-3)
+    assert gpu[1] == cpu[1]
+    torch.testing.assert_close(gpu[2].cpu(), cpu[2], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny:qwen2.5-vl", "tiny:qwen2.5-omni"])
+def test_text_only_on_cuda_graphs_equals_cpu(model):
+    """Text-only requests of the multimodal checkpoints keep 1-D positions: CUDA graphs (decode and mixed
+    steps) give the CPU engine's tokens."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    cpu = [o["token_ids"] for o in make_llm(model).generate(PROMPTS, params, use_tqdm=False)]
+    gpu = make_llm(model, device="cuda", dtype="float32", enforce_eager=False)
+    assert gpu.runner.graphs
+    assert [o["token_ids"] for o in gpu.generate(PROMPTS, params, use_tqdm=False)] == cpu

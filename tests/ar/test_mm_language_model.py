@@ -218,6 +218,20 @@ def test_omni_video_and_audio_in_video_positions(omni):
     assert ref[0][0, 3] == ref[0][0, 2] and ref[0][0, -4] == ref[0][0, -3]   # shared start / end positions
 
 
+def test_layouts_that_do_not_fit_their_grids_are_request_errors(vl, omni):
+    from omni_ray.errors import InvalidRequestError
+
+    ids = torch.tensor([3, 7] + [10] * 6 + [8, 4])
+    with pytest.raises(InvalidRequestError, match="image placeholder run of 6 tokens, its grid gives 12"):
+        mrope_positions(ids, vl["spec"], image_grid_thw=torch.tensor([[1, 6, 8]]))
+    with pytest.raises(InvalidRequestError, match="more placeholder runs"):
+        mrope_positions(ids, vl["spec"])
+    c = omni["hf"].config.thinker_config
+    ids = torch.tensor([c.video_token_index] * 4 + [c.audio_token_index] * 3 + [5])     # no start/end tokens
+    with pytest.raises(InvalidRequestError, match="two start and two end tokens"):
+        mrope_positions(ids, omni["spec"], video_grid_thw=torch.tensor([[1, 4, 4]]), use_audio_in_video=True)
+
+
 # ------------------------------------------------------------------ the decoder on media prompts
 
 

@@ -81,23 +81,23 @@ class _Run:
 def media_runs(input_ids: torch.Tensor, spec: MRopeSpec, use_audio_in_video: bool = False) -> list[_Run]:
     """Maximal runs of one kind of placeholder token, in prompt order (vectorised over tokens).
     With ``use_audio_in_video`` a video run and the audio runs interleaved with it form one run."""
+    if input_ids.numel() == 0:
+        raise InvalidRequestError("empty prompt")
     kind = torch.zeros_like(input_ids)                                      # [T]
     kind[input_ids == spec.image_token_id] = IMAGE
     kind[input_ids == spec.video_token_id] = VIDEO
     if spec.audio_token_id is not None:
         kind[input_ids == spec.audio_token_id] = AUDIO
-    change = torch.nonzero(kind[1:] != kind[:-1]).flatten() + 1
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), change]).tolist()
+    change = torch.nonzero(kind[1:] != kind[:-1]).flatten() + 1           # where a run starts
+    starts = [0] + change.tolist()
     ends = starts[1:] + [len(input_ids)]
-    kinds = kind[starts].tolist() if starts else []
+    av = (VIDEO, AUDIO, AUDIO_IN_VIDEO)
     runs: list[_Run] = []
-    for k, s, e in zip(kinds, starts, ends):
+    for k, s, e in zip(kind[starts].tolist(), starts, ends):
         if k == 0:
             continue
-        merge = use_audio_in_video and runs and runs[-1].end == s and {runs[-1].kind, k} <= {VIDEO, AUDIO,
-                                                                                              AUDIO_IN_VIDEO}
-        if merge:
-            runs[-1] = _Run(AUDIO_IN_VIDEO, runs[-1].start, e)
+        if use_audio_in_video and runs and runs[-1].end == s and runs[-1].kind in av and k in av:
+            runs[-1] = _Run(AUDIO_IN_VIDEO, runs[-1].start, e)           # video and its audio, interleaved
         else:
             runs.append(_Run(k, s, e))
     return runs
@@ -174,6 +174,8 @@ def mrope_positions(input_ids: torch.Tensor, spec: MRopeSpec, image_grid_thw: to
     for run in media_runs(ids, spec, use_audio_in_video):
         gap = run.start - cursor
         if run.kind == AUDIO_IN_VIDEO:              # <|vision_bos|><|audio_bos|> share a position
+            if gap < 2 or run.end + 2 > len(ids):
+                raise InvalidRequestError("audio in video needs two start and two end tokens around it")
             blocks += [_text(nxt, gap - 1), _text(nxt + gap - 2, 1)]
             nxt += gap - 1
         else:

@@ -48,6 +48,15 @@ def _fast_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _version(spec: str) -> str:
+    """The builder version in a checkpoint's cache key (multimodal checkpoints add their own)."""
+    from omni_ray.testing import tiny_mm
+
+    if spec.removeprefix("tiny:") in tiny_mm.TINY_MM:
+        return f"{BUILDER_VERSION}+mm{tiny_mm.VERSION}"
+    return BUILDER_VERSION
+
+
 def available() -> list[str]:
     return sorted(_builders())
 
@@ -64,7 +73,7 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     builders = _builders()
     if spec not in builders:
         raise ConfigError(f"unknown built-in model {spec!r}; choose from {available()}")
-    key = hashlib.sha1(f"{spec}:{BUILDER_VERSION}".encode()).hexdigest()[:8]
+    key = hashlib.sha1(f"{spec}:{_version(spec)}".encode()).hexdigest()[:8]
     dest = cache_root() / "models" / f"{spec.replace(':', '-')}-{key}"
     if (dest / ".complete").exists():
         return dest

@@ -19,6 +19,8 @@ import torch
 
 from omni_ray.testing.tokenizer import save_tokenizer
 
+VERSION = "1"       # in the cache key: 1 = the Omni thinker_config names its vision start / end tokens
+
 # a ChatML template that renders list-valued contents: text, image, video and audio parts
 _MM_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -87,10 +89,12 @@ def build_qwen2_5_omni(out: Path, seed: int = 0) -> None:
     mm_ids = dict(audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"],
                   video_token_index=ids["<|VIDEO|>"], audio_start_token_id=ids["<|audio_bos|>"],
                   audio_end_token_id=ids["<|audio_eos|>"])
+    # the hub thinker_config names its vision start / end tokens too (transformers' get_rope_index reads them)
     thinker = dict(audio_config=dict(TINY_AUDIO, output_dim=hidden),
                    vision_config=dict(TINY_VISION, out_hidden_size=hidden),
                    text_config=dict(TINY_TEXT, tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"],
-                                    pad_token_id=ids["<|endoftext|>"]), **mm_ids)
+                                    pad_token_id=ids["<|endoftext|>"]),
+                   vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"], **mm_ids)
     codec = 64  # talker's codec vocabulary; its last four ids are the codec's special tokens
     talker = dict(vocab_size=codec, embedding_size=hidden, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,

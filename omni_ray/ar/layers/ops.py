@@ -130,3 +130,19 @@ def rope_cos_sin(head_dim: int, max_pos: int, rope: dict) -> tuple[torch.Tensor,
     inv = rope_inv_freq(head_dim, rope)
     freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
     return freqs.cos(), freqs.sin()
+
+
+# ----------------------------------------------------------------------------- M-RoPE
+def mrope_rows(sections: list[int], half: int) -> torch.Tensor:
+    """[half] int64: the position row (0 = t, 1 = h, 2 = w) of each rotary frequency. Section i of
+    ``sections`` (consecutive frequencies) takes row i % 3, as transformers' Qwen2.5-VL/Omni rotary."""
+    rows = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(sections)])
+    return rows[:half]
+
+
+def mrope_cos_sin(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables [max_pos, D/2], positions [3, N], rows [D/2] -> per-token cos, sin [N, D/2] (contiguous):
+    out[n, j] = table[positions[rows[j], n], j]. When the three rows are equal this is table[positions[0]]."""
+    idx = positions[rows].t()                                   # [N, D/2]
+    return cos.gather(0, idx), sin.gather(0, idx)

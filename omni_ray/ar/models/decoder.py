@@ -3,6 +3,13 @@
 The three differ only in small switches read from config.json: Qwen2 has q/k/v biases,
 Qwen3 normalises q and k per head before rotary, Llama 3 scales its rotary frequencies.
 Activations are flat over the step's tokens: x [N, hidden], no batch/padding dimension.
+
+The language models of Qwen2.5-VL and of the Qwen2.5-Omni thinker are Qwen2 decoders with
+M-RoPE (``mrope_section``): their settings come from the nested ``text_config`` (and
+``thinker_config``), their weights from ``model.*`` / ``model.language_model.*`` /
+``thinker.model.*``; the encoders', talker's and token2wav's tensors are skipped by name
+(``ArchConfig.ignored_prefixes``). Positions are [N] (text) or [3, N] (a prompt with media, see
+``omni_ray/ar/models/mrope.py``); ``embeds`` overwrite the token embeddings of some rows.
 """
 
 from __future__ import annotations
@@ -20,9 +27,36 @@ from omni_ray.ar.layers.linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from omni_ray.ar.layers.ops import Ops, rope_cos_sin
+from omni_ray.ar.layers.ops import Ops, mrope_cos_sin, mrope_rows, rope_cos_sin
 from omni_ray.ar.layers.parallel import TP1, TPContext
 from omni_ray.errors import ConfigError
+
+# multimodal families: where the language model's settings are (config.json keys, outermost first),
+# its checkpoint prefixes (checkpoint -> ours, first match wins) and the tensors skipped on purpose
+_TEXT_FAMILIES = ("qwen3", "qwen2", "llama")
+_MM_FAMILIES = {
+    "qwen2_5_vl": (("text_config",),
+                   (("model.language_model.", ""), ("model.", ""), ("lm_head.", "lm_head."))),
+    "qwen2_5_omni": (("thinker_config", "text_config"),
+                     (("thinker.model.language_model.", ""), ("thinker.model.", ""),
+                      ("thinker.lm_head.", "lm_head."))),
+    "qwen2_5_omni_thinker": (("text_config",),
+                             (("model.language_model.", ""), ("model.", ""), ("lm_head.", "lm_head."))),
+}
+# tensors of the vision / audio encoders (loaded by their own loaders), the talker and token2wav
+_MM_IGNORED = ("visual.", "model.visual.", "thinker.visual.", "thinker.model.visual.",
+               "audio_tower.", "model.audio_tower.", "thinker.audio_tower.", "thinker.model.audio_tower.",
+               "talker.", "token2wav.")
+
+
+def _language_config(cfg: dict) -> dict:
+    """The language model's settings: the nested configs (``text_config`` ...) over the outer ones,
+    so that both transformers 5 (nested) and 4.x (flat Qwen2.5-VL) config.json files read the same."""
+    out = dict(cfg)
+    for key in _MM_FAMILIES[cfg["model_type"]][0]:
+        cfg = cfg.get(key) or {}
+        out.update({k: v for k, v in cfg.items() if v is not None and k != "model_type"})
+    return out
 
 
 @dataclass
@@ -43,14 +77,42 @@ class ArchConfig:
     rope: dict = field(default_factory=dict)
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
+    mrope_section: list[int] | None = None          # M-RoPE: head-dim/2 sections taking t, h, w positions
+    weight_prefixes: tuple[tuple[str, str], ...] = (("model.", ""),)   # checkpoint prefix -> ours
+    ignored_prefixes: tuple[str, ...] = ()          # checkpoint tensors skipped on purpose
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ArchConfig":
         mt = cfg.get("model_type")
-        if mt not in ("qwen3", "qwen2", "llama"):
+        if mt not in _TEXT_FAMILIES and mt not in _MM_FAMILIES:
             raise ConfigError(f"unsupported architecture model_type={mt!r} "
-                              f"(architectures={cfg.get('architectures')}); supported: qwen3, qwen2, llama")
-        if cfg.get("use_sliding_window") and mt == "qwen2":
+                              f"(architectures={cfg.get('architectures')}); supported: "
+                              f"{', '.join(_TEXT_FAMILIES + tuple(_MM_FAMILIES))}")
+        if mt in _MM_FAMILIES:
+            return cls._multimodal(mt, _language_config(cfg))
+        return cls._build(mt, cfg, qwen2_style=mt == "qwen2", head_dim=cfg.get("head_dim"))
+
+    @classmethod
+    def _multimodal(cls, mt: str, cfg: dict) -> "ArchConfig":
+        """Qwen2.5-VL / Omni thinker language model: Qwen2 (q/k/v biases, no q/k norm) with M-RoPE.
+        Qwen2.5-VL's attention always splits hidden_size evenly over the heads; Omni's takes
+        ``head_dim`` when the config has one."""
+        even = cfg["hidden_size"] // cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or even
+        if mt == "qwen2_5_vl" and head_dim != even:
+            raise ConfigError(f"qwen2_5_vl: head_dim {head_dim} != hidden_size / num_attention_heads ({even})")
+        arch = cls._build(mt, cfg, qwen2_style=True, head_dim=head_dim)
+        arch.mrope_section = list(arch.rope.pop("mrope_section", None) or [16, 24, 24])
+        if arch.rope.get("rope_type", arch.rope.get("type")) == "mrope":    # transformers 4.x spelling
+            arch.rope["rope_type"] = arch.rope["type"] = "default"
+        if sum(arch.mrope_section) != head_dim // 2:
+            raise ConfigError(f"{mt}: mrope_section {arch.mrope_section} does not cover head_dim/2 = {head_dim // 2}")
+        arch.weight_prefixes, arch.ignored_prefixes = _MM_FAMILIES[mt][1], _MM_IGNORED
+        return arch
+
+    @classmethod
+    def _build(cls, mt: str, cfg: dict, qwen2_style: bool, head_dim: int | None) -> "ArchConfig":
+        if cfg.get("use_sliding_window") and qwen2_style:
             raise ConfigError("sliding-window attention is not supported")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"unsupported hidden_act {cfg.get('hidden_act')!r}")
@@ -62,10 +124,10 @@ class ArchConfig:
             model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=head_dim or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), max_position=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=qwen2_style or bool(cfg.get("attention_bias", False)),
             qk_norm=mt == "qwen3", rope=rope,
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"))
@@ -164,16 +226,22 @@ class DecoderForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(c.head_dim, c.max_position, c.rope)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # M-RoPE: [D/2] int64, the position row (t/h/w) of each rotary frequency; None for 1-D RoPE models
+        rows = mrope_rows(c.mrope_section, c.head_dim // 2) if c.mrope_section else None
+        self.register_buffer("mrope_rows", rows, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """input_ids, positions [N] -> final hidden states [N, hidden] (normed), and the residual
-        stream after each layer in ``capture_layers`` (HF ``hidden_states`` indexing)."""
-        if self.layers[0].self_attn.fused:
-            cos, sin = self.rope_cos, self.rope_sin            # the kernel reads rows by position
-        else:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+                capture_layers: tuple[int, ...] = (), embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """input_ids [N]; positions [N], or [3, N] (t, h, w) for M-RoPE -> final hidden states
+        [N, hidden] (normed), and the residual stream after each layer in ``capture_layers`` (HF
+        ``hidden_states`` indexing). ``embeds`` = (rows [M] int64, values [M, hidden]): encoder
+        outputs that replace the token embeddings of those rows (the placeholder tokens)."""
+        positions, cos, sin = self.rope(positions)
         x, residual = self.embed_tokens(input_ids), None
+        if embeds is not None:
+            rows, values = embeds
+            x = x.index_copy(0, rows, values.to(x.dtype))
         captured = {0: x} if 0 in capture_layers else {}
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, cos, sin, meta)
@@ -181,6 +249,22 @@ class DecoderForCausalLM(nn.Module):
                 captured[i + 1] = x + residual
         x, _ = self.norm(x, residual)
         return x, captured
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions the attention layers get, cos, sin). 1-D positions: the fused kernel reads the
+        whole tables by position, the torch path gets per-token rows [N, D/2]. M-RoPE [3, N]: per-token
+        rows [N, D/2] built here; the fused kernel then reads them through positions 0..N-1."""
+        fused = self.layers[0].self_attn.fused
+        if positions.dim() == 1:
+            if fused:
+                return positions, self.rope_cos, self.rope_sin
+            return positions, self.rope_cos[positions], self.rope_sin[positions]
+        if self.mrope_rows is None:
+            raise ValueError(f"{self.config.model_type} has no M-RoPE; positions must be [N]")
+        cos, sin = mrope_cos_sin(self.rope_cos, self.rope_sin, positions, self.mrope_rows)   # [N, D/2]
+        if fused:
+            return torch.arange(positions.shape[1], device=positions.device), cos, sin
+        return positions[0], cos, sin
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -129,11 +129,15 @@ def load_weights(model: nn.Module, path: Path, allow_pickle: bool = False, stats
     (optional) records the bytes and shapes read."""
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules", {})
+    prefixes = getattr(model.config, "weight_prefixes", (("model.", ""),))
+    ignored = getattr(model.config, "ignored_prefixes", ())
     loaded: set[str] = set()
     for f in weight_files(path, allow_pickle):
         with _open(f) as st:
             for name in st.keys():
-                target, shard = _map_name(name, packed)
+                if name.startswith(ignored):            # encoders, talker, token2wav: not this model's
+                    continue
+                target, shard = _map_name(name, packed, prefixes)
                 if target not in params:
                     if "rotary_emb" in name or (target.startswith("lm_head") and "lm_head.weight" not in params):
                         continue
@@ -173,8 +177,14 @@ def _copy_whole(param: nn.Parameter, source, shard_id=None) -> None:
     param.data.copy_(source[:])
 
 
-def _map_name(name: str, packed: dict) -> tuple[str, object]:
-    name = name.removeprefix("model.")
+def _map_name(name: str, packed: dict, prefixes=(("model.", ""),)) -> tuple[str, object]:
+    """Checkpoint tensor name -> (our parameter name, shard id): the first matching prefix of
+    ``prefixes`` (checkpoint prefix, ours) replaced, then q/k/v and gate/up mapped to the packed
+    parameters."""
+    for ckpt, ours in prefixes:
+        if name.startswith(ckpt):
+            name = ours + name[len(ckpt):]
+            break
     for ckpt, (ours, shard) in packed.items():
         if f".{ckpt}." in name:
             return name.replace(f".{ckpt}.", f".{ours}."), shard

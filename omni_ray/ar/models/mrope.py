@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from omni_ray.errors import ConfigError, InvalidRequestError
+from omni_ray.rules import check_prompt
 
 IMAGE, VIDEO, AUDIO = 1, 2, 3
 AUDIO_IN_VIDEO = 4
@@ -82,7 +83,7 @@ def media_runs(input_ids: torch.Tensor, spec: MRopeSpec, use_audio_in_video: boo
     """Maximal runs of one kind of placeholder token, in prompt order (vectorised over tokens).
     With ``use_audio_in_video`` a video run and the audio runs interleaved with it form one run."""
     if input_ids.numel() == 0:
-        raise InvalidRequestError("empty prompt")
+        check_prompt([])                                                    # the one prompt rule: raises
     kind = torch.zeros_like(input_ids)                                      # [T]
     kind[input_ids == spec.image_token_id] = IMAGE
     kind[input_ids == spec.video_token_id] = VIDEO

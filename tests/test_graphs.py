@@ -16,6 +16,13 @@ def test_causal_lms_are_one_ar_stage(spec):
     assert [(n.role, n.engine, n.takes, n.gives) for n in g.nodes] == [("llm", "ar", "prompt", "text")]
 
 
+@pytest.mark.parametrize("spec,role", [("tiny:qwen2.5-vl", "llm"), ("tiny:qwen2.5-omni", "thinker")])
+def test_multimodal_checkpoints_are_one_ar_stage_for_now(spec, role):
+    g = graph_for(spec)
+    assert g.architecture == architecture_of(spec)
+    assert [(n.role, n.engine, n.takes, n.gives) for n in g.nodes] == [(role, "ar", "prompt", "text")]
+
+
 def test_text_to_image_with_and_without_its_own_text_encoder():
     own = graph_for("tiny:pixart")
     assert [(n.role, n.engine, n.takes, n.gives) for n in own.nodes] == [("denoiser", "dit", "prompt", "images")]

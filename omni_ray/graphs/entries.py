@@ -12,6 +12,19 @@ def causal_lm(cfg: dict) -> StageGraph:
     return StageGraph(cfg["architectures"][0], (StageNode("llm", "ar", "prompt", "text"),))
 
 
+@register("Qwen2_5_VLForConditionalGeneration")
+def vision_language(cfg: dict) -> StageGraph:
+    """Qwen2.5-VL: one AR stage. Its vision tower is built but not yet scheduled: text in, text out."""
+    return StageGraph(cfg["architectures"][0], (StageNode("llm", "ar", "prompt", "text"),))
+
+
+@register("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration")
+def omni_thinker(cfg: dict) -> StageGraph:
+    """Qwen2.5-Omni: its thinker as one AR stage, text in, text out (the talker and token2wav stages,
+    and images / audio in, come with their issues)."""
+    return StageGraph(cfg["architectures"][0], (StageNode("thinker", "ar", "prompt", "text"),))
+
+
 @register("PixArtSigmaPipeline", "StableDiffusion3Pipeline")
 def text_to_image(cfg: dict) -> StageGraph:
     """A diffusers text-to-image pipeline. With its own text encoder, one DiT stage; with none

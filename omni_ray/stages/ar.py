@@ -18,6 +18,7 @@ import torch
 from omni_ray.config import AREngineConfig, LimitsConfig
 from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_prompt_tokens
+from omni_ray.stages.protocol import EngineStage
 from omni_ray.stages.requests import ARRequest
 
 
@@ -80,7 +81,7 @@ def merge_deltas(items: list[dict]) -> dict:
     return out
 
 
-class ARStageEngine:
+class ARStageEngine(EngineStage):
     """``StageEngine`` over ``AsyncLLM``: ``generate`` (deltas, at most one per ``interval``:
     ``AsyncLLM.generate`` merges what comes meanwhile), ``encode`` (prompt hidden states)."""
 
@@ -98,10 +99,6 @@ class ARStageEngine:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
 
     @property
     def max_model_len(self) -> int:
@@ -123,16 +120,3 @@ class ARStageEngine:
         """Prompt hidden states [T, H] (float32, CPU)."""
         ids = prompt_ids(self.engine.tokenizer, req, self.limits.max_prompt_tokens)
         return await self.engine.encode(ids, req.request_id, layer=req.layer)
-
-    def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
-
-    def check_health(self) -> None:
-        self.engine.check_health()
-
-    def stats(self) -> dict:
-        return self.engine.stats()
-
-    async def shutdown(self) -> None:
-        if self.engine is not None:
-            await self.engine.shutdown()

@@ -16,10 +16,11 @@ from typing import AsyncIterator
 import torch
 
 from omni_ray.config import DiTEngineConfig
+from omni_ray.stages.protocol import EngineStage
 from omni_ray.stages.requests import DiTRequest
 
 
-class DiTStageEngine:
+class DiTStageEngine(EngineStage):
     kind = "dit"
 
     def __init__(self, config: DiTEngineConfig, engine=None):
@@ -30,10 +31,6 @@ class DiTStageEngine:
         if self.engine is None:
             from omni_ray.dit.async_engine import AsyncDiTEngine
             self.engine = AsyncDiTEngine(self.config)
-
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
 
     @property
     def family(self):
@@ -57,16 +54,3 @@ class DiTStageEngine:
         """The text encoder's (embeds [T, H], mask [T]) of the request's prompt, on the CPU."""
         embeds, mask = await self.engine.encode_prompt(req.prompt)
         return embeds[0], mask[0]
-
-    def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
-
-    def check_health(self) -> None:
-        self.engine.check_health()
-
-    def stats(self) -> dict:
-        return self.engine.stats()
-
-    async def shutdown(self) -> None:
-        if self.engine is not None:
-            await self.engine.shutdown()

@@ -38,3 +38,26 @@ class StageEngine(Protocol):
 
     async def shutdown(self) -> None:
         """Stop the engine and release its devices."""
+
+
+class EngineStage:
+    """What both adapters delegate to their async engine as it is (``self.engine``, built by ``start``)."""
+
+    engine: Any = None
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await self.engine.shutdown()

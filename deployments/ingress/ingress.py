@@ -105,13 +105,17 @@ class Ingress:
             lambda t: pipeline_result(self.backends, self.kinds, rid, pipe, prompt, args, t))
 
     # ================================================================== text
-    async def _text(self, body, prompts: list[dict], fmt_cls):
+    def _text_prepare(self, body, prompts: list[dict], id_prefix: str):
+        """(stage, params, request id, typed stage requests) of a text body, its limits checked."""
         stage = self.catalog.stage(body.model, "ar")
         params = body.to_sampling_params()
         check_text_limits(body, params, self.limits)
-        rid = new_id("chatcmpl" if fmt_cls is Chat else "cmpl")
+        rid = new_id(id_prefix)
+        return stage, params, rid, text_requests(rid, prompts, body, params)
+
+    async def _text(self, body, prompts: list[dict], fmt_cls):
+        stage, params, rid, reqs = self._text_prepare(body, prompts, "chatcmpl" if fmt_cls is Chat else "cmpl")
         fmt = fmt_cls(rid, self.names[stage], params.logprobs)
-        reqs = text_requests(rid, prompts, body, params)
         kind = "chat" if fmt_cls is Chat else "completions"
         if not body.stream:
             choices = await self.requests.unary(rid, kind, [stage], body.priority, self._collect(stage, reqs))
@@ -225,11 +229,7 @@ class Ingress:
         body, prompts = text_body(prompt, messages, model=model, max_tokens=max_tokens, logprobs=logprobs,
                                   temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
                                   ignore_eos=ignore_eos, priority=priority)
-        stage = self.catalog.stage(model, "ar")
-        params = body.to_sampling_params()
-        check_text_limits(body, params, self.limits)
-        rid = new_id("handle")
-        reqs = text_requests(rid, prompts, body, params)
+        stage, _, rid, reqs = self._text_prepare(body, prompts, "handle")
         choices = await self.requests.unary(rid, "generate_text", [stage], priority, self._collect(stage, reqs))
         c = choices[0]
         out = {"id": rid, "model": self.names[stage], "text": c.text, "token_ids": c.token_ids,
@@ -249,11 +249,7 @@ class Ingress:
         body, prompts = text_body(prompt, messages, model=model, max_tokens=max_tokens,
                                   temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                   ignore_eos=ignore_eos, priority=priority)
-        stage = self.catalog.stage(model, "ar")
-        params = body.to_sampling_params()
-        check_text_limits(body, params, self.limits)
-        rid = new_id("handle")
-        reqs = text_requests(rid, prompts, body, params)
+        stage, _, rid, reqs = self._text_prepare(body, prompts, "handle")
         ticket = await self.requests.admit(rid, "stream_text", [stage], priority)
         err = None
         try:

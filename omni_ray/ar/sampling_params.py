@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from omni_ray.ar.structured_outputs import StructuredOutputsParams
 from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import Rule
 
@@ -45,6 +46,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False            # return the log-probability of each chosen token
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None   # constrained decoding (omni_ray.ar.grammar)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -64,6 +66,9 @@ class SamplingParams:
                 _bad("stop", f"must be a string or a list of strings, got {self.stop!r}")
             if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
                 _bad("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            _bad("structured_outputs", f"must be a StructuredOutputsParams, got {type(so).__name__}")
         ids = self.stop_token_ids
         if ids is not None and (not isinstance(ids, list)
                                 or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):

@@ -383,6 +383,21 @@ class LimitsConfig(Strict):
     max_images: int = Field(4, ge=1, description="images per request (image n)")
 
 
+class MediaConfig(Strict):
+    """Images and audio in requests (chat content parts, offline multi_modal_data): what is accepted."""
+
+    max_image_bytes: int = Field(20 << 20, ge=1024, description="encoded bytes of one input image")
+    max_image_pixels: int = Field(4096 * 4096, ge=64, description="width * height of one input image, "
+                                  "checked from its header before decoding")
+    max_audio_bytes: int = Field(25 << 20, ge=1024, description="encoded bytes of one input audio clip")
+    max_audio_seconds: float = Field(300.0, gt=0, description="duration of one input audio clip")
+    max_items: int = Field(8, ge=1, description="images + audio clips in one request")
+    allow_url_fetch: bool = Field(False, description="fetch http(s) image/audio URLs (off: data: URLs only)")
+    allowed_domains: list[str] = Field(default_factory=list, description=(
+        "with allow_url_fetch: hosts that may be fetched (and their subdomains); empty: any"))
+    fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of one URL fetch")
+
+
 class MetricsConfig(Strict):
     """Prometheus metrics (`ray_omni_*`, through Ray's metrics API) and per-request log lines."""
 
@@ -404,6 +419,7 @@ class AppConfig(Strict):
         "end-to-end deadline of a request, admission included: past it the client gets 504 and the "
         "request is aborted in its engines"))
     limits: LimitsConfig = LimitsConfig()
+    media: MediaConfig = MediaConfig()
     ingress: DeploymentConfig = DeploymentConfig(num_replicas=1, max_ongoing_requests=1024)
     streaming: StreamingConfig = Field(default_factory=lambda: StreamingConfig(), description=(
         "how often the ingress sends each SSE stream its merged events"))

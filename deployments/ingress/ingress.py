@@ -108,8 +108,8 @@ class Ingress:
     def _text_prepare(self, body, prompts: list[dict], id_prefix: str):
         """(stage, params, request id, typed stage requests) of a text body, its limits checked."""
         stage = self.catalog.stage(body.model, "ar")
+        check_text_limits(body, self.limits)          # this app's limits first, then the engine's rules
         params = body.to_sampling_params()
-        check_text_limits(body, params, self.limits)
         rid = new_id(id_prefix)
         return stage, params, rid, text_requests(rid, prompts, body, params)
 

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.ray
 # a valid request for every route of the app (path template -> (method, concrete path, body))
 VALID = {
     "/v1/models": ("GET", "/v1/models", None),
+    "/v1/models/{model_id}": ("GET", "/v1/models/tiny-qwen3", None),
     "/v1/pipelines": ("GET", "/v1/pipelines", None),
     "/info": ("GET", "/info", None),
     "/v1/completions": ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),

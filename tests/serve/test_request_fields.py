@@ -163,3 +163,14 @@ def test_non_finite_numbers_are_told_as_such(value):
     assert g.value.param == "guidance_scale" and g.value.message.endswith(f"got {got}")
     with pytest.raises(InvalidRequestError):
         DiffusionParams(guidance_scale=value)
+
+
+def test_docs_name_every_refused_field():
+    from pathlib import Path
+
+    from deployments.openai.protocol import CHAT_REFUSED, COMPLETION_REFUSED, IMAGE_REFUSED
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    for table in (CHAT_REFUSED, COMPLETION_REFUSED, IMAGE_REFUSED):
+        for field in table:
+            assert f"`{field}`" in doc, f"docs/serving.md does not say that {field} is refused"

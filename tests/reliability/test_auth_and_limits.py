@@ -81,7 +81,7 @@ L = GUARD_LIMITS
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 OVER = [
     ("/v1/completions", {"prompt": "x", "max_tokens": L["max_tokens"] + 1}, "max_tokens"),
-    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": L["max_tokens"] + 1}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": L["max_tokens"] + 1}, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": 2, "n": L["max_n"] + 1}, "n"),
     ("/v1/completions", {"prompt": ["a"] * (L["max_prompts"] + 1), "max_tokens": 2}, "prompt"),
     ("/v1/completions", {"prompt": [5] * (L["max_prompt_tokens"] + 1), "max_tokens": 2}, "prompt"),

@@ -153,6 +153,12 @@ class _Sampling(_Body):
     def _stops(cls, v):
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options can only be set with stream: true", param="stream_options")
+        return self
+
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_tokens

@@ -54,6 +54,12 @@ def test_completions_refuse_what_they_do_not_honour(field, value, says):
     assert err.param == field and says in err.message
 
 
+def test_stream_options_without_stream():
+    assert ChatCompletionRequest(messages=MSG, stream=True, stream_options={"include_usage": True}).include_usage
+    err = refused(ChatCompletionRequest, messages=MSG, stream_options={"include_usage": True})
+    assert err.param == "stream_options"
+
+
 def test_best_of():
     assert CompletionRequest(prompt="x", best_of=2, n=2).n == 2           # best_of == n: what n does
     assert CompletionRequest(prompt="x", best_of=None).best_of is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import dataclasses
+import logging
 import threading
 import uuid
 import weakref
@@ -35,6 +36,8 @@ from omni_ray.vllm_omni_api import (
     stage_outputs,
     stages_to_config,
 )
+
+log = logging.getLogger(__name__)
 
 
 class _LocalAR:
@@ -255,13 +258,19 @@ def _shutdown_on_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread,
                       lock: threading.Lock) -> None:
     """``OmniLLM``'s engines shut down on the loop they run on, then the loop stopped and closed."""
     async def stop():
-        for s in list(stages.values()):
-            await s.shutdown()
+        for name, s in list(stages.items()):
+            try:
+                await s.shutdown()
+            except Exception as err:  # noqa: BLE001 - the other engines still shut down
+                log.warning("stage %s did not shut down cleanly: %r", name, err)
         rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in rest:                    # streams a caller left open: cancelled, not destroyed pending
             t.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
 
+    if threading.current_thread() is thread:    # collected on its own loop: stop there, without waiting
+        loop.create_task(stop()).add_done_callback(lambda _: loop.stop())
+        return
     with lock:
         if loop.is_running():
             try:

@@ -5,6 +5,7 @@ import io
 
 from pydantic import ValidationError
 
+from deployments.ingress.http import validation_message
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 from omni_ray.errors import InvalidRequestError
 
@@ -14,9 +15,8 @@ def validated(cls, **kw):
     try:
         return cls(**kw)
     except ValidationError as err:
-        e = err.errors()[0]
-        raise InvalidRequestError(f"{'.'.join(map(str, e['loc']))}: {e['msg']}",
-                                  param=".".join(map(str, e["loc"]))) from None
+        msg, param = validation_message(err.errors()[:1])
+        raise InvalidRequestError(msg, param=param) from None
 
 
 def images_as(pngs: list[bytes], fmt: str) -> list:

@@ -3,7 +3,7 @@
 HTTP (FastAPI; every path but /health needs ``Authorization: Bearer <key>`` when app.api_keys is
 set; keys, body size and stray exceptions are handled by the Gate middleware before FastAPI parses
 a body, the other limits by the routes before any stage is called):
-    GET  /health  /info  /v1/models  /v1/pipelines
+    GET  /health  /info  /v1/models  /v1/models/{id}  /v1/pipelines
     POST /v1/completions  /v1/chat/completions  /v1/images/generations
     POST /v1/pipelines/{name}     (or /v1/pipelines/run with a "pipeline" field; "stream": true for SSE)
     POST /generate                (vLLM-omni's route: the same runner, pipeline and stage_args optional)
@@ -42,6 +42,7 @@ from deployments.ingress.limits import check_pipeline_limits, check_text_limits
 from deployments.ingress.openapi_doc import install_openapi
 from deployments.ingress.pipelines import pipeline_events, pipeline_result, public, render_pipeline
 from deployments.ingress.remote_stages import RemoteAR, RemoteDiT
+from deployments.ingress.request_ids import RequestIds
 from deployments.ingress.text import collect, render_text, text_events, text_requests
 from deployments.openai.protocol import (
     ChatCompletionRequest,
@@ -82,6 +83,7 @@ class Ingress:
         self.limits = self.config.app.limits
         self.admission = Admission(self.config)
         self.requests = Lifecycle(self.config.app, self.admission, OpenStreams(self.config.app.streaming))
+        self.ids = RequestIds()                 # <prefix>-<X-Request-Id>, unique (request_ids.py)
 
     def __serve_build_asgi_app__(self):
         """Called by Serve after __init__: hand this replica's keys and limits to the Gate, and its
@@ -108,9 +110,9 @@ class Ingress:
     def _text_prepare(self, body, prompts: list[dict], id_prefix: str):
         """(stage, params, request id, typed stage requests) of a text body, its limits checked."""
         stage = self.catalog.stage(body.model, "ar")
+        check_text_limits(body, self.limits)          # this app's limits first, then the engine's rules
         params = body.to_sampling_params()
-        check_text_limits(body, params, self.limits)
-        rid = new_id(id_prefix)
+        rid = self.ids.new(id_prefix)
         return stage, params, rid, text_requests(rid, prompts, body, params)
 
     async def _text(self, body, prompts: list[dict], fmt_cls):
@@ -150,7 +152,7 @@ class Ingress:
         check_text(body.prompt)
         args = body.to_stage_args()
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
-        rid = new_id("pipe")
+        rid = self.ids.new("pipe")
         if not body.stream:
             res = await self._run_collect(rid, name, pipe, body.prompt, args, body.priority)
             out = {"id": rid, "object": "pipeline.result", "created": int(time.time()), "pipeline": name,
@@ -173,7 +175,7 @@ class Ingress:
         check_text(body.prompt)
         args = StageArgs(image=body.diffusion())
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
-        res = await self._run_collect(new_id("img"), "images", pipe, body.prompt, args, body.priority)
+        res = await self._run_collect(self.ids.new("img"), "images", pipe, body.prompt, args, body.priority)
         return {"created": int(time.time()), "data": b64_images(res["images"]), "model": name}
 
     @app.post("/v1/requests/{request_id}/cancel")
@@ -187,9 +189,12 @@ class Ingress:
     # ================================================================== info
     @app.get("/v1/models")
     async def models(self):
-        return {"object": "list", "data": [
-            {"id": self.names[k], "object": "model", "created": 0, "owned_by": "omni-ray",
-             "stage": k, "kind": self.kinds[k]} for k in self.kinds]}
+        return {"object": "list", "data": self.catalog.model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str):
+        """One model object (``client.models.retrieve(id)``); ids may contain '/'. 404 if unknown."""
+        return self.catalog.model(model_id)
 
     @app.get("/v1/pipelines")
     async def pipelines(self):

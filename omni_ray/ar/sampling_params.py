@@ -64,8 +64,11 @@ class SamplingParams:
         if self.stop is not None:
             if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
                 _bad("stop", f"must be a string or a list of strings, got {self.stop!r}")
-            if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
-                _bad("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
+            if len(self.stop) > MAX_STOP_STRINGS:
+                _bad("stop", f"has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+            for i, s in enumerate(self.stop):
+                if len(s) > MAX_STOP_CHARS:
+                    _bad("stop", f"string {i} has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed")
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             _bad("structured_outputs", f"must be a StructuredOutputsParams, got {type(so).__name__}")

@@ -44,6 +44,9 @@ def test_llm_encoder_hands_hidden_states_to_the_dit(omni):
     hs = omni.engine("llm").engine.encode(["a red fox"])[0]
     assert list(hs.shape) == enc["shape"] and torch.isfinite(hs).all()
     assert out.images[0].size == (64, 64)
+    # the encoder's prompt tokens count in usage (one per hidden-state row), no completion tokens
+    assert out.usage == {"prompt_tokens": enc["shape"][0], "completion_tokens": 0, "total_tokens": enc["shape"][0]}
+    assert enc["shape"][0] > 0
 
 
 def test_errors(omni):

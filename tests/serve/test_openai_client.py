@@ -41,7 +41,7 @@ def test_completion_n_and_list_prompt(oai):
 
 def test_chat(oai):
     r = oai.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "Hi"}],
-                                    max_tokens=6, seed=7, logprobs=True)
+                                    max_tokens=6, seed=7, logprobs=0)
     c = r.choices[0]
     assert r.object == "chat.completion" and c.message.role == "assistant"
     assert r.usage.completion_tokens == len(c.logprobs.content) <= 6
@@ -75,7 +75,7 @@ def test_openai_errors(oai):
     import openai
 
     with pytest.raises(openai.BadRequestError) as e:
-        oai.completions.create(model="tiny-qwen3", prompt="x", max_tokens=0)
+        oai.completions.create(model="tiny-qwen3", prompt="x", max_tokens=-1)
     assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-nope", messages=[{"role": "user", "content": "x"}])

@@ -38,7 +38,7 @@ def test_ar_stage_engine_generates_encodes_aborts():
         eng.start()
         eng.start()                                      # idempotent
         try:
-            greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=True)
+            greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=0)
             deltas = [d async for d in eng.generate(ARRequest("a-1", prompt="the lighthouse", params=greedy))]
             assert deltas[-1]["finished"] and sum(len(d["token_ids"]) for d in deltas) == 4
             assert all(len(d["tokens"]) == len(d["token_ids"]) for d in deltas)     # asked for logprobs

@@ -84,12 +84,14 @@ def test_stage_args_from_kwargs():
 
 def test_merge_deltas():
     def d(t, ids, fin):
-        return {"text": t, "token_ids": ids, "logprobs": [-1.0] * len(ids), "tokens": [t] * len(ids),
+        return {"text": t, "token_ids": ids, "logprobs": [{"id": i, "logprob": -1.0} for i in ids],
                 "finished": fin, "finish_reason": "length" if fin else None,
                 "num_prompt_tokens": 3, "num_output_tokens": 0}
-    m = merge_deltas([d("a", [1], False), d("b", [2, 3], True)])
-    assert m["text"] == "ab" and m["token_ids"] == [1, 2, 3] and m["logprobs"] == [-1.0] * 3
-    assert m["finished"] and m["finish_reason"] == "length" and len(m["tokens"]) == 3
+    first = d("a", [1], False) | {"prompt_logprobs": [None, {"id": 7}], "prompt_text": "xy"}
+    m = merge_deltas([first, d("b", [2, 3], True)])
+    assert m["text"] == "ab" and m["token_ids"] == [1, 2, 3] and [e["id"] for e in m["logprobs"]] == [1, 2, 3]
+    assert m["finished"] and m["finish_reason"] == "length"
+    assert m["prompt_logprobs"] == [None, {"id": 7}] and m["prompt_text"] == "xy"
 
 
 def test_error_mapping():

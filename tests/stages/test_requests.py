@@ -32,7 +32,7 @@ def error_of(fn) -> InvalidRequestError:
 
 # ----------------------------------------------------------------------------- one rule, one message
 @pytest.mark.parametrize("field,value", [("temperature", math.nan), ("temperature", 2.5), ("temperature", -1.0),
-                                         ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5), ("max_tokens", 0),
+                                         ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5), ("max_tokens", -1),
                                          ("seed", -1)])
 def test_a_sampling_rule_has_one_message_wherever_it_is_broken(field, value):
     """SamplingParams (offline: LLM, OmniLLM), an HTTP body's conversion, OmniLLM / handle keyword

@@ -8,7 +8,8 @@ engine's outputs become plain dict deltas (what a Serve replica streams back):
     + "logprobs" (params.logprobs set): one entry per new token,
         {"id", "token", "logprob", "bytes", "top_logprobs": [{"id", "token", "logprob", "bytes"}, ...]}
       (the token's decoded text and true bytes, ``omni_ray.ar.engine.token_bytes``; k alternatives)
-    + "prompt_logprobs" (params.prompt_logprobs set, first delta): None, then one entry per prompt token
+    + "prompt_logprobs" (params.prompt_logprobs set, first delta): one entry per prompt token (the first's
+      logprob and top_logprobs None)
     + "prompt_text" (``req.echo``, first delta): the prompt as text (token-id prompts decoded)
 """
 
@@ -88,20 +89,25 @@ def merge_deltas(items: list[dict]) -> dict:
     return out
 
 
+MIN_LOGPROB = -9999.0      # -inf is no JSON number: clamped as vLLM does
+
+
 def logprob_entries(table: TokenTable, ids: list[int], lps: list[float], tops: list | None) -> list[dict]:
     """The stage's logprobs entries of tokens ``ids`` (``tops``: each one's [(id, logprob)] alternatives)."""
     out = []
     for j, (t, lp) in enumerate(zip(ids, lps)):
-        e = table.entry(t, lp)
-        e["top_logprobs"] = [table.entry(a, alp) for a, alp in tops[j]] if tops else []
+        e = table.entry(t, max(lp, MIN_LOGPROB))
+        e["top_logprobs"] = [table.entry(a, max(alp, MIN_LOGPROB)) for a, alp in tops[j]] if tops else []
         out.append(e)
     return out
 
 
-def prompt_logprob_entries(table: TokenTable, prompt) -> list[dict | None]:
-    """``RequestOutput.prompt_logprobs`` ((ids, [None, (logprob, top)...])) as stage entries."""
+def prompt_logprob_entries(table: TokenTable, prompt) -> list[dict]:
+    """``RequestOutput.prompt_logprobs`` ((ids, [None, (logprob, top)...])) as stage entries; the first
+    token's has its text and bytes, and None for ``logprob`` and ``top_logprobs`` (nothing precedes it)."""
     ids, scored = prompt
-    return [None] + logprob_entries(table, ids[1:], [x[0] for x in scored[1:]], [x[1] for x in scored[1:]])
+    first = table.entry(ids[0], None) | {"top_logprobs": None}
+    return [first] + logprob_entries(table, ids[1:], [x[0] for x in scored[1:]], [x[1] for x in scored[1:]])
 
 
 class ARStageEngine(EngineStage):

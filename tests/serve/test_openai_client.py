@@ -41,7 +41,7 @@ def test_completion_n_and_list_prompt(oai):
 
 def test_chat(oai):
     r = oai.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "Hi"}],
-                                    max_tokens=6, seed=7, logprobs=0)
+                                    max_tokens=6, seed=7, logprobs=True)
     c = r.choices[0]
     assert r.object == "chat.completion" and c.message.role == "assistant"
     assert r.usage.completion_tokens == len(c.logprobs.content) <= 6

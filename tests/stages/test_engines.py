@@ -50,8 +50,9 @@ def test_ar_stage_engine_generates_encodes_aborts():
             n_prompt = deltas[0]["num_prompt_tokens"]
             assert deltas[0]["prompt_text"] == "the lighthouse" and "prompt_text" not in deltas[-1]
             plp = deltas[0]["prompt_logprobs"]
-            assert plp[0] is None and len(plp) == n_prompt and len(plp[1]["top_logprobs"]) == 1
-            assert "the lighthouse".endswith("".join(e["token"] for e in plp[1:]))   # all but the first token
+            assert plp[0]["logprob"] is None and plp[0]["top_logprobs"] is None and len(plp) == n_prompt
+            assert len(plp[1]["top_logprobs"]) == 1 and plp[1]["logprob"] <= 0
+            assert "".join(e["token"] for e in plp) == "the lighthouse"
             fill = ARRequest("a-2", messages=[{"role": "user", "content": "hi"}],
                              params=SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))
             out = [d async for d in eng.generate(fill)]

@@ -107,3 +107,16 @@ def test_logprob_bounds_are_400s_naming_the_field(client, route, body, param):
     else:
         r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_handle_generate_text_logprobs(omni_handle, oai):
+    out = omni_handle.generate_text.remote("The sky is", max_tokens=4, temperature=0, logprobs=2,
+                                           ignore_eos=True).result()
+    assert [e["id"] for e in out["logprobs"]] == out["token_ids"]
+    assert all(len(e["top_logprobs"]) == 2 and isinstance(e["token"], str) for e in out["logprobs"])
+    assert b"".join(bytes(e["bytes"]) for e in out["logprobs"]).decode("utf-8", "replace") == out["text"]
+    # n > 1 with echo: every choice echoes its prompt
+    r = oai.completions.create(model=MODEL, prompt="The sky is", n=2, max_tokens=2, seed=5, echo=True, logprobs=0)
+    assert [c.text.startswith("The sky is") for c in r.choices] == [True, True]
+    assert all(c.logprobs.token_logprobs[0] is None and len(c.logprobs.tokens) == r.usage.prompt_tokens + 2
+               for c in r.choices)

@@ -60,7 +60,7 @@ def pretokenize(tokenizer, reqs: list[ARRequest]) -> list[ARRequest]:
     """``reqs`` with each plain text prompt (no chat messages, no system prompt) replaced by its
     token ids, all encoded in one batch call (the tokenizer's Rust batch path): a burst's prompts
     cost the replica one call, not one each. Anything else is left for ``prompt_ids``."""
-    idx = [i for i, r in enumerate(reqs) if r.is_plain_text]
+    idx = [i for i, r in enumerate(reqs) if r.is_plain_text and not r.echo]     # echo: the prompt as sent
     if len(idx) < 2:
         return reqs
     texts = [reqs[i].prompt for i in idx]

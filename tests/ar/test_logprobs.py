@@ -37,7 +37,9 @@ def check_top(ref_row: torch.Tensor, got: dict[int, float], k: int) -> None:
     SamplingParams(temperature=1.0, seed=3, max_tokens=9, ignore_eos=True, logprobs=K),   # chosen != top-1
 ], ids=["greedy", "sampled"])
 def test_top_logprobs_equal_transformers(qwen3, hf, params):
+    steps, forwards = qwen3.stats.steps, qwen3.stats.forwards
     outs = qwen3.generate(PROMPTS, params, use_tqdm=False)
+    assert qwen3.stats.forwards - forwards > qwen3.stats.steps - steps     # multi-step decode runs ([steps, n, 1+K])
     for prompt, out in zip(PROMPTS, outs):
         p_ids = qwen3.tokenizer.encode(prompt)
         ref = ref_logprobs(hf, p_ids + out["token_ids"])

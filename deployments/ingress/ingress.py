@@ -117,7 +117,7 @@ class Ingress:
 
     async def _text(self, body, prompts: list[dict], fmt_cls):
         stage, params, rid, reqs = self._text_prepare(body, prompts, "chatcmpl" if fmt_cls is Chat else "cmpl")
-        fmt = fmt_cls(rid, self.names[stage], params.logprobs)
+        fmt = fmt_cls(rid, self.names[stage], params.logprobs is not None, getattr(body, "echo", False))
         kind = "chat" if fmt_cls is Chat else "completions"
         if not body.stream:
             choices = await self.requests.unary(rid, kind, [stage], body.priority, self._collect(stage, reqs))
@@ -226,11 +226,12 @@ class Ingress:
     async def generate_text(self, prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
                             model: str | None = None, max_tokens: int | None = 64, temperature: float = 1.0,
                             top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                            n: int = 1, logprobs: bool = False, ignore_eos: bool = False,
+                            n: int = 1, logprobs: int | bool | None = None, ignore_eos: bool = False,
                             priority: str = "normal") -> dict:
         """One text generation. ``messages`` uses the chat template; ``prompt`` is raw text or token ids.
         Returns ``{"text", "token_ids", "finish_reason", "usage", "model"}`` (plus ``choices`` when n > 1,
-        ``logprobs`` when asked)."""
+        ``logprobs`` when asked: ``logprobs=k`` gives one entry per token, ``{"id", "token" (its text),
+        "logprob", "bytes", "top_logprobs": [k such entries]}``)."""
         body, prompts = text_body(prompt, messages, model=model, max_tokens=max_tokens, logprobs=logprobs,
                                   temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
                                   ignore_eos=ignore_eos, priority=priority)
@@ -239,8 +240,8 @@ class Ingress:
         c = choices[0]
         out = {"id": rid, "model": self.names[stage], "text": c.text, "token_ids": c.token_ids,
                "finish_reason": c.finish_reason, "usage": usage(choices, {0: c.prompt_tokens})}
-        if logprobs:
-            out["logprobs"], out["tokens"] = c.logprobs, c.tokens
+        if logprobs is not None and logprobs is not False:
+            out["logprobs"] = c.logprobs
         if n > 1:
             out["choices"] = [{"text": x.text, "token_ids": x.token_ids, "finish_reason": x.finish_reason}
                               for x in choices]

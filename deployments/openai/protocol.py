@@ -164,15 +164,20 @@ class _Sampling(_Body):
         return self.max_tokens
 
     @property
-    def wants_logprobs(self) -> bool:
-        return bool(self.logprobs)
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: None (not asked), or how many alternatives besides each token."""
+        return None
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return None
 
     def to_sampling_params(self) -> SamplingParams:
         """The engine's params (its rules checked here); max_tokens None = fill the context
         (resolved by the AR stage)."""
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                               max_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos, stop=self.stop,
-                              seed=self.seed, logprobs=self.wants_logprobs)
+                              seed=self.seed, logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -182,8 +187,8 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = bounded(16, S["max_tokens"])   # OpenAI's default for completions
-    logprobs: int | None = Field(None, ge=0, le=0)   # only the chosen token's logprob is returned
-    echo: bool = False
+    logprobs: int | None = bounded(None, S["logprobs"])   # each token's and this many alternatives (0..20)
+    echo: bool = False                               # the prompt before the completion (with logprobs: its tokens')
     best_of: int | None = None
     refused: ClassVar[dict] = COMPLETION_REFUSED
 
@@ -194,16 +199,14 @@ class CompletionRequest(_Sampling):
             raise InvalidRequestError(f"best_of {why}; got best_of={self.best_of}, n={self.n}", param="best_of")
         return self
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
-    def wants_logprobs(self) -> bool:
-        return self.logprobs is not None
+    def num_prompt_logprobs(self) -> int | None:
+        """echo with logprobs: the prompt's tokens too (lm-evaluation-harness's loglikelihood requests)."""
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt (each is checked when its stage request is built)."""
@@ -238,7 +241,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = bounded(None, S["max_tokens"])
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0)  # only the chosen token's logprob
+    top_logprobs: int | None = bounded(None, S["logprobs"])   # alternatives per token (0..20; needs logprobs)
     tools: list | None = None
     refused: ClassVar[dict] = CHAT_REFUSED
 
@@ -248,6 +251,14 @@ class ChatCompletionRequest(_Sampling):
         if v:
             raise ValueError("tools are not supported")
         return v
+
+    @property
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None:
+            S["logprobs"].check("top_logprobs", self.top_logprobs)       # errors name the field sent
+            if not self.logprobs:
+                raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[dict]:
         out = []

@@ -53,7 +53,7 @@ def test_errors(omni):
     with pytest.raises(ModelNotFoundError):
         omni.generate("nope", "x")
     with pytest.raises(InvalidRequestError):
-        omni.generate("chat", "x", max_tokens=0, use_tqdm=False)
+        omni.generate("chat", "x", max_tokens=-1, use_tqdm=False)
     with pytest.raises(InvalidRequestError):
         omni.generate("image", "x", size="65x64", use_tqdm=False)
     ok = omni.generate("chat", "still fine", max_tokens=2, use_tqdm=False)   # errors left the engines healthy

@@ -36,8 +36,9 @@ def to_grammar(params: StructuredOutputsParams, any_whitespace: bool = False) ->
     ``params.param`` (the request field the caller used: ``response_format``, ``guided_regex``, ...)."""
     kind = params.kind
     try:
-        if kind == "json_object":
-            return xgr.Grammar.builtin_json_grammar()
+        if kind == "json_object":        # OpenAI's json_object: an object (xgrammar's builtin: any value)
+            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=any_whitespace,
+                                                strict_mode=False)
         if kind == "json":
             schema = json.loads(params.schema_text())
             if not isinstance(schema, dict):

@@ -169,3 +169,37 @@ def test_a_constraint_that_fails_to_compile_fails_only_its_request():
         failed += [s for s in llm.step_seqs() if s.error is not None]
     assert failed == [bad] and bad.error.param == "structured_outputs" and bad.finish_reason == "error"
     assert ok.finish_reason == "length"
+
+
+@pytest.mark.parametrize("core", ["off", "on"], ids=["thread-core", "process-core"])
+def test_async_stream_constrained_and_a_caller_that_leaves_frees_its_matcher(core):
+    import asyncio
+
+    from omni_ray.ar import AsyncLLM
+    from omni_ray.config import AREngineConfig
+
+    eng = AsyncLLM(AREngineConfig.from_kwargs("tiny:qwen3", core_process=core, enforce_eager=True, device="cpu",
+                                              kvcache_block_size=16, num_kvcache_blocks=256, max_model_len=512))
+
+    async def main():
+        text = "".join([o.text async for o in eng.generate(PROMPTS[0], constrained(3), "full")])
+        gen = eng.generate(PROMPTS[1], constrained(4, max_tokens=200), "leaves")
+        await gen.__anext__()
+        await gen.aclose()                                    # the caller goes away mid-generation
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if eng.stats()["grammar_matchers"] == 0:
+                break
+        with pytest.raises(InvalidRequestError) as e:
+            await eng.generate(PROMPTS[2], SamplingParams(structured_outputs=SO(regex="([")), "bad").__anext__()
+        after = [o async for o in eng.generate(PROMPTS[2], constrained(5, choice=["x", "y"]), "after")]
+        return text, e.value, after
+
+    try:
+        text, err, after = asyncio.run(main())
+    finally:
+        asyncio.run(eng.shutdown())
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert eng.stats()["grammar_matchers"] == 0
+    assert err.param == "structured_outputs"
+    assert "".join(o.text for o in after) in ("x", "y") and after[-1].finish_reason == "stop"

@@ -203,3 +203,17 @@ def test_async_stream_constrained_and_a_caller_that_leaves_frees_its_matcher(cor
     assert eng.stats()["grammar_matchers"] == 0
     assert err.param == "structured_outputs"
     assert "".join(o.text for o in after) in ("x", "y") and after[-1].finish_reason == "stop"
+
+
+def test_preempted_constrained_sequences_resume_their_grammar(qwen3):
+    """Preemption recomputes a sequence's KV; its matcher keeps its place: the output is the same
+    as without preemption, and valid."""
+    params = [constrained(s, max_tokens=40, regex=r"[a-z]{1,4}( [a-z]{1,4}){4,6}\.") for s in range(12)]
+    want = [o["token_ids"] for o in qwen3.generate(PROMPTS * 3, params, use_tqdm=False)]
+    llm = make_llm(num_kvcache_blocks=8, max_model_len=128, enable_prefix_caching=False)
+    got = llm.generate(PROMPTS * 3, params, use_tqdm=False)
+    assert llm.scheduler.num_preemptions > 0
+    assert [o["token_ids"] for o in got] == want
+    for o in got:
+        assert o["finish_reason"] == "length" or re.fullmatch(r"[a-z]{1,4}( [a-z]{1,4}){4,6}\.", o["text"]), o
+    assert sum(o["finish_reason"] == "stop" for o in got) >= 6

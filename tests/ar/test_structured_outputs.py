@@ -68,6 +68,22 @@ def test_unconstrained_rows_of_a_mixed_batch_are_unchanged(qwen3):
         jsonschema.validate(json.loads(out["text"]), SCHEMA)
 
 
+def test_multi_step_decode_with_constrained_rows_equals_single_steps(qwen3):
+    """A run of k decode steps masks each step on the host between the forwards (the matchers follow
+    the run's tokens, then roll back for the engine): the same tokens as one step per launch."""
+    params = [constrained(s, temperature=t) for s, t in ((1, 1.0), (2, 0.0), (3, 0.7))]
+    params.append(SamplingParams(temperature=0.8, seed=4, max_tokens=50, ignore_eos=True))
+    single = make_llm(decode_steps=1).generate(PROMPTS, params, use_tqdm=False)
+    f0, s0 = qwen3.stats.forwards, qwen3.stats.steps
+    multi = qwen3.generate(PROMPTS, params, use_tqdm=False)
+    assert qwen3.stats.forwards - f0 > qwen3.stats.steps - s0               # multi-step runs happened
+    assert [o["token_ids"] for o in multi] == [o["token_ids"] for o in single]
+    assert [o["finish_reason"] for o in multi] == [o["finish_reason"] for o in single]
+    for o in multi[:3]:
+        jsonschema.validate(json.loads(o["text"]), SCHEMA)
+    assert qwen3.engine_stats()["grammar_matchers"] == 0
+
+
 def test_constrained_output_does_not_depend_on_the_batch(qwen3):
     alone = qwen3.generate([PROMPTS[1]], constrained(5), use_tqdm=False)[0]
     batch = qwen3.generate(PROMPTS[:3], [SamplingParams(temperature=0.9, seed=1, max_tokens=30), constrained(5),

@@ -331,7 +331,8 @@ class LLMEngine:
         """A multi-step run (k > 1: a pure-decode batch, ``_decode_steps``) on one rank, of
         a batch the decode path takes (no larger than its biggest graph)."""
         return (self.config.async_decode and k > 1 and self.config.parallel.tensor_parallel_size == 1
-                and len(batch.seqs) <= self.runner.max_graph_bs)
+                and len(batch.seqs) <= self.runner.max_graph_bs
+                and not any(seq.grammar is not None for seq in batch.seqs))   # masks need each token on the host
 
     def _land(self) -> list[Sequence]:
         """Queue the next run of the in-flight batch when it can go on unchanged, then read and
@@ -416,8 +417,6 @@ class LLMEngine:
         k = self.config.decode_steps
         if k == 1 or batch.num_decodes != len(batch.seqs):
             return 1
-        if any(seq.grammar is not None for seq in batch.seqs):
-            return 1                 # structured outputs: each token's mask needs the previous token
         bs = self.config.cache.block_size
         for seq in batch.seqs:
             if seq.is_encode:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from omni_ray.ar.batch import ScheduledBatch
+from omni_ray.ar.grammar.masks import DecodeRun, GrammarMasks, constrained_rows
 from omni_ray.ar.kernels.timing import graph_us
 from omni_ray.ar.layers.attention import AttnMetadata, pick_backend
 from omni_ray.ar.layers.ops import Ops
@@ -335,7 +336,17 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows]) if rows is not None else None
         return hidden, captured, logits
 
+    def _masks(self) -> GrammarMasks:
+        """Structured outputs' bitmask buffers (omni_ray/ar/grammar/masks.py), made on first use."""
+        if self.grammar_masks is None:
+            rows_max = max(self.max_graph_bs, self.cfg.scheduler.max_num_seqs)
+            self.grammar_masks = GrammarMasks(self.arch.vocab_size, rows_max, self.device,
+                                              self.cfg.structured_outputs.fill_threads)
+        return self.grammar_masks
+
     def _sample(self, logits: torch.Tensor, out: StepOutput) -> None:
+        if rows := constrained_rows(out.sampled):      # host fill while the device computes the forward
+            self._masks().apply(logits, [out.sampled[i].grammar.matcher for i in rows], rows)
         if is_greedy(out.sampled):
             out.token_ids = logits.argmax(-1).tolist()          # greedy fast path: no sampling tensors
             return
@@ -377,7 +388,11 @@ class ModelRunner:
         seqs = batch.seqs
         n = len(seqs)
         if not resume:                  # a resumed run: the same sequences, the same sampling tensors
-            self._launch_st = None if is_greedy(seqs) else self._sampling_tensors(seqs)
+            rows = constrained_rows(seqs)
+            # constrained rows: each step's masks filled on the host while its forward runs (not resumable)
+            assert not (rows and resume), "a batch with grammar-constrained rows is never resumed"
+            self._launch_grammar = DecodeRun(self._masks(), seqs, rows) if rows else None
+            self._launch_st = None if is_greedy(seqs) and not rows else self._sampling_tensors(seqs)
         st = self._launch_st
         self._fill_decode(seqs, num_steps, resume, st)
         buf = self._tok_buf = 1 - self._tok_buf
@@ -441,6 +456,7 @@ class ModelRunner:
         each forward (``st``) as the step's token; under tensor parallelism it broadcasts them, and
         every rank feeds them to its next forward."""
         self.g_step.zero_()
+        grammar = self._launch_grammar if st is not None else None
         for step in range(num_steps):
             if self.graphs:
                 self.graphs[bs].replay()
@@ -450,7 +466,11 @@ class ModelRunner:
                 continue
             nxt = self.g_next[:sampled]                                   # [n] int32, contiguous
             if st is not None:
+                if grammar is not None:                                   # masks filled while the graph runs
+                    grammar.mask(self.g_logits[:sampled], step)
                 ids, logprobs = sample(self.g_logits[:sampled], st)       # [n], ([n, 1 + k] x 2) | None
+                if grammar is not None:
+                    grammar.sampled(ids, last=step == num_steps - 1)
                 self.g_tokens[step, :sampled] = ids
                 if logprobs is not None:
                     w = logprobs[0].shape[1]
@@ -460,6 +480,8 @@ class ModelRunner:
             if self.tp.size > 1:
                 dist.broadcast(nxt, src=0, group=self.tp.group)
             self.g_in[:sampled, 0] = nxt                # the next forward's input (or a resumed run's)
+        if grammar is not None:
+            grammar.finish()
 
     def _layer_index(self, seq: Sequence) -> int:
         layer = seq.params.layer
@@ -492,6 +514,8 @@ class ModelRunner:
         self.tok_ready = [torch.cuda.Event() for _ in range(2)] if cuda else None
         self._tok_buf = 0
         self._launch_st: SamplingTensors | None = None     # the last launch's (a resumed run reuses them)
+        self._launch_grammar: DecodeRun | None = None       # the last launch's constrained rows
+        self.grammar_masks: GrammarMasks | None = None      # structured outputs' bitmasks (created on first use)
         self.g_step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.g_logits = torch.zeros(mb, self.arch.vocab_size, dtype=self.dtype, device=dev)
 

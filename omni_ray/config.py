@@ -69,6 +69,12 @@ class ARSchedulerConfig(Strict):
     max_num_seqs: int = Field(512, ge=1, description="sequences in the running batch")
     max_model_len: int = Field(4096, ge=2, description="prompt + output tokens of one sequence")
     enable_chunked_prefill: bool = Field(True, description="split long prompts across steps, mixed with decodes")
+    max_num_encoder_tokens: int = Field(8192, ge=1, description=(
+        "multimodal models: media placeholder tokens whose encoder (vision / audio tower) runs in one step; a "
+        "prefill chunk stops before media over this budget (an item larger than it runs alone)"))
+    encoder_cache_tokens: int = Field(32768, ge=1, description=(
+        "multimodal models: encoder output rows kept by content hash, so the same image or clip in another "
+        "request (or the rest of a chunked prompt) is not encoded again"))
 
 
 class RankGroupConfig(Strict):

@@ -402,6 +402,8 @@ class MediaConfig(Strict):
     allowed_domains: list[str] = Field(default_factory=list, description=(
         "with allow_url_fetch: hosts that may be fetched (and their subdomains); empty: any"))
     fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of one URL fetch")
+    allowed_local_media_path: str | None = Field(None, description=(
+        "file:// URLs are read only under this directory (vLLM's setting; none: never)"))
 
 
 class MetricsConfig(Strict):

@@ -70,6 +70,12 @@ class ARSchedulerConfig(Strict):
     max_num_seqs: int = Field(512, ge=1, description="sequences in the running batch")
     max_model_len: int = Field(4096, ge=2, description="prompt + output tokens of one sequence")
     enable_chunked_prefill: bool = Field(True, description="split long prompts across steps, mixed with decodes")
+    max_num_encoder_tokens: int = Field(8192, ge=1, description=(
+        "multimodal models: media placeholder tokens whose encoder (vision / audio tower) runs in one step; a "
+        "prefill chunk stops before media over this budget (an item larger than it runs alone)"))
+    encoder_cache_tokens: int = Field(32768, ge=1, description=(
+        "multimodal models: encoder output rows kept by content hash, so the same image or clip in another "
+        "request (or the rest of a chunked prompt) is not encoded again"))
 
 
 class RankGroupConfig(Strict):
@@ -412,6 +418,8 @@ class MediaConfig(Strict):
     allowed_domains: list[str] = Field(default_factory=list, description=(
         "with allow_url_fetch: hosts that may be fetched (and their subdomains); empty: any"))
     fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of one URL fetch")
+    allowed_local_media_path: str | None = Field(None, description=(
+        "file:// URLs are read only under this directory (vLLM's setting; none: never)"))
 
 
 class MetricsConfig(Strict):

@@ -37,7 +37,7 @@ from deployments.stages.pins import Pins
 from deployments.stages.probes import CallLog
 from deployments.stages.replica import StageReplica
 from deployments.streams import OpenStreams
-from omni_ray.config import ARStageConfig, LimitsConfig, validate
+from omni_ray.config import ARStageConfig, LimitsConfig, MediaConfig, validate
 from omni_ray.errors import EngineError, OmniError
 from omni_ray.stages.ar import ARStageEngine, merge_deltas, pretokenize
 from omni_ray.stages.requests import ARRequest, Handoff
@@ -51,11 +51,12 @@ def _stage_error(e: Exception) -> OmniError:
 
 @serve.deployment
 class ARDeployment(StageReplica):
-    def __init__(self, stage: str, config: dict, limits: dict | None = None, services: dict | None = None):
+    def __init__(self, stage: str, config: dict, limits: dict | None = None, services: dict | None = None,
+                 media: dict | None = None):
         self.stage, self.replica = stage, replica_id()
         self.config: ARStageConfig = validate(ARStageConfig, config)
         self.limits: LimitsConfig = validate(LimitsConfig, limits or {})
-        self.engine = ARStageEngine(self.config.engine, self.limits)
+        self.engine = ARStageEngine(self.config.engine, self.limits, media=validate(MediaConfig, media or {}))
         self.engine.start()
         self.pins = Pins()
         self.streams = OpenStreams(self.config.streaming)

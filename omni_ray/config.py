@@ -393,6 +393,23 @@ class MetricsConfig(Strict):
                                "stage request at each stage, carrying the request id")
 
 
+class StageHealthConfig(Strict):
+    """How each ingress replica tells whether a stage has a healthy replica (GET /health: 503 naming
+    the stages without one) and what a request for such a stage gets (deployments/ingress/stage_health.py)."""
+
+    probe_timeout_s: float = Field(0.5, gt=0, le=30, description=(
+        "a probe of a stage's replicas waits this long for one to answer; GET /health probes every stage "
+        "at once, so it answers within this"))
+    probe_interval_s: float = Field(1.0, ge=0, description=(
+        "every stage is probed this often in the background, so that a replica that died while idle is "
+        "noticed before a request finds out (0: only on /health and after a call lost its replica); a stage "
+        "that is down is probed every 0.2 s until a replica answers"))
+    unavailable_wait_s: float = Field(5.0, ge=0, description=(
+        "a request for a stage with no healthy replica (one being replaced after a crash) waits this long "
+        "for one, then gets a 503 (engine_error, code stage_unavailable) with Retry-After"))
+    retry_after_s: float = Field(2.0, ge=0, description="Retry-After of that 503 and of /health's 503")
+
+
 class AppConfig(Strict):
     """The HTTP application: name, route, API keys, deadline, limits, the ingress deployment, metrics."""
 
@@ -412,6 +429,7 @@ class AppConfig(Strict):
         "this many (Serve's per-call cost paid once per burst; Serve then counts the call as one "
         "ongoing request); 1: one call per request"))
     metrics: MetricsConfig = MetricsConfig()
+    stage_health: StageHealthConfig = StageHealthConfig()
 
     @field_validator("api_keys")
     @classmethod

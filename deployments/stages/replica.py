@@ -1,15 +1,50 @@
-"""What every stage replica shares: engine stats, Serve's health check, /health, metrics, shutdown.
+"""What every stage replica shares: engine stats, Serve's health check, /health, metrics, shutdown,
+and how a client error leaves a stage call.
 
 A stage deployment sets ``self.stage``, ``self.engine`` (an async engine with ``stats``,
 ``check_health`` and ``shutdown``) and ``self.capacity`` (its CapacityReporter), then calls
 ``self.start_metrics(services, model)`` (``self.metrics``: omni_ray.metrics.StageMetrics).
+
+Client errors (a 4xx OmniError: bad input found by the engine, e.g. a prompt over the token limit)
+leave a stage call as a value, not as an exception: the last item of a stream
+(``errors_as_values``), the result of a unary call (``error_as_value``). Serve logs every exception
+a replica method raises as a failed request with its traceback and counts it in its error metrics;
+a client error is not a failure (the replica's metrics log it on one line, status client_error).
+The ingress (deployments/ingress/remote_stages.py) raises the value again. Failures (5xx) are
+raised as before.
 """
 
 from __future__ import annotations
 
+from typing import AsyncIterator, Awaitable, TypeVar
+
 from omni_ray.config import MetricsConfig, validate
+from omni_ray.errors import OmniError, is_client_error
 from omni_ray.logs import install_request_id_filter
 from omni_ray.metrics import StageMetrics
+
+T = TypeVar("T")
+
+
+async def errors_as_values(items: AsyncIterator[T]) -> AsyncIterator[T | OmniError]:
+    """``items``, ending with the client error that stopped them as the last item (failures raise)."""
+    try:
+        async for item in items:
+            yield item
+    except OmniError as err:
+        if not is_client_error(err):
+            raise
+        yield err
+
+
+async def error_as_value(result: Awaitable[T]) -> T | OmniError:
+    """``await result``, or the client error it raised (failures raise)."""
+    try:
+        return await result
+    except OmniError as err:
+        if not is_client_error(err):
+            raise
+        return err
 
 
 class StageReplica:

@@ -17,6 +17,11 @@ back, then fails with StageUnavailableError (503, ``Retry-After: retry_after_s``
 calls are not affected. Every ``probe_interval_s`` a background task probes every stage, so that a
 replica that died while nothing called it is noticed before a request finds out.
 
+A call sent before the ingress noticed waits inside Serve's router for a new replica; it is held to
+the same bound: when its stage is down for certain (no running replica, or every one died: not
+merely slow to answer) for ``unavailable_wait_s`` and the call has had no answer yet (no first item,
+no result), it is cancelled with the same 503.
+
 Nothing here blocks the event loop: probes are Serve handle calls awaited with a timeout, one at a
 time per stage (concurrent /health requests share it).
 """
@@ -57,6 +62,9 @@ class _Stage:
     back: asyncio.Event = field(default_factory=asyncio.Event)    # set while up
     last_output: float = -1e9               # loop time of the stage's last delivered item
     probe: asyncio.Task | None = None       # the probe in flight (shared)
+    unanswered: set = field(default_factory=set)     # calls (tasks) with no first item / result yet
+    expired: set = field(default_factory=set)        # those cancelled because the stage stayed down
+    expiry: asyncio.TimerHandle | None = None         # cancels ``unanswered`` once down for the bound
 
     def __post_init__(self):
         self.back.set()
@@ -78,9 +86,16 @@ class StageHealth:
         """{stage: why it has no healthy replica} for the stages that are down now."""
         return {k: s.reason for k, s in self.stages.items() if not s.up}
 
-    def _set(self, stage: str, up: bool, reason: str) -> None:
+    def _set(self, stage: str, up: bool, reason: str, certain: bool = True) -> None:
+        """``certain``: down because no replica exists or all died (not merely slow): calls waiting
+        for their first answer are cancelled once it has lasted ``unavailable_wait_s``."""
         st = self.stages[stage]
         st.reason = reason
+        if not up and certain and st.expiry is None:
+            st.expiry = asyncio.get_running_loop().call_later(self.cfg.unavailable_wait_s, self._expire, stage)
+        if up and st.expiry is not None:
+            st.expiry.cancel()
+            st.expiry = None
         if st.up == up:
             return
         now = time.monotonic()
@@ -94,6 +109,15 @@ class StageHealth:
             if self._wake is not None:
                 self._wake.set()
         st.up, st.since = up, now
+
+    def _expire(self, stage: str) -> None:
+        st = self.stages[stage]
+        st.expiry = None
+        if st.up:
+            return
+        for call in list(st.unanswered):
+            st.expired.add(call)
+            call.cancel()
 
     def failed(self, stage: str, err: BaseException) -> None:
         """A call to ``stage`` lost its replica: down until a probe finds one that answers."""
@@ -117,7 +141,7 @@ class StageHealth:
             if busy:           # no answer in time, but the stage is delivering: busy, not down
                 self._set(stage, True, f"busy: no probe answer within {t:g} s, but requests progress")
                 return None
-            return self._down(stage, f"no replica answered within {t:g} s")
+            return self._down(stage, f"no replica answered within {t:g} s", certain=False)
         except Exception as err:  # noqa: BLE001 - e.g. DeploymentUnavailableError: the router has no replica
             return self._down(stage, f"no running replica ({type(err).__name__})")
         ok = [r for r in results if not isinstance(r, BaseException)]
@@ -127,8 +151,8 @@ class StageHealth:
         errs = sorted({type(r).__name__ for r in results})
         return self._down(stage, f"no replica answered: {len(results)} failed ({', '.join(errs)})")
 
-    def _down(self, stage: str, reason: str) -> str:
-        self._set(stage, False, reason)
+    def _down(self, stage: str, reason: str, certain: bool = True) -> str:
+        self._set(stage, False, reason, certain)
         return reason
 
     async def check(self) -> dict[str, str | None]:
@@ -189,20 +213,47 @@ class StageHealth:
         try:
             await asyncio.wait_for(st.back.wait(), self.cfg.unavailable_wait_s)
         except TimeoutError:
-            raise StageUnavailableError(
-                f"stage {stage!r} has no healthy replica ({st.reason}); none came back within "
-                f"{self.cfg.unavailable_wait_s:g} s", stage=stage, retry_after=self.cfg.retry_after_s) from None
+            raise self._unavailable(stage) from None
+
+    def _unavailable(self, stage: str) -> StageUnavailableError:
+        return StageUnavailableError(
+            f"stage {stage!r} has no healthy replica ({self.stages[stage].reason}); none came back within "
+            f"{self.cfg.unavailable_wait_s:g} s", stage=stage, retry_after=self.cfg.retry_after_s)
+
+    async def _answer(self, stage: str, pending: Awaitable[T]) -> T:
+        """Await a call's first answer in a task of its own, which ``_expire`` cancels if the stage
+        stays down for certain for the bound meanwhile (then: StageUnavailableError)."""
+        st = self.stages[stage]
+        task = asyncio.ensure_future(pending)
+        st.unanswered.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if task in st.expired and not asyncio.current_task().cancelling():
+                raise self._unavailable(stage) from None
+            raise
+        finally:
+            st.unanswered.discard(task)
+            st.expired.discard(task)
 
     async def stream(self, stage: str, open_items: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
         """``open_items()``'s items once ``stage`` is ready; a lost replica marks it down."""
         await self.ready(stage)
         st = self.stages[stage]
         loop = asyncio.get_running_loop()
-        items = open_items()
+        items = aiter(open_items())
         try:
-            async for item in items:
+            try:
+                item = await self._answer(stage, anext(items))
+            except StopAsyncIteration:
+                return
+            while True:
                 st.last_output = loop.time()
                 yield item
+                try:
+                    item = await anext(items)
+                except StopAsyncIteration:
+                    return
         except Exception as err:
             if replica_gone(err):
                 self.failed(stage, err)
@@ -216,7 +267,7 @@ class StageHealth:
         """``await call()`` once ``stage`` is ready; a lost replica marks it down."""
         await self.ready(stage)
         try:
-            out = await call()
+            out = await self._answer(stage, call())
         except Exception as err:
             if replica_gone(err):
                 self.failed(stage, err)

@@ -186,3 +186,50 @@ def test_a_call_that_loses_its_replica_marks_the_stage_down():
 def test_replica_gone_unwraps_task_errors():
     assert replica_gone(rex.ActorDiedError()) and replica_gone(rex.ActorUnavailableError("x", b"0" * 16))
     assert not replica_gone(EngineError("step failed")) and not replica_gone(InvalidRequestError("bad"))
+
+
+def test_a_call_sent_before_the_outage_was_noticed_is_held_to_the_same_bound():
+    """A call waiting for its first answer (in Serve's router, for a replica that is gone) when its
+    stage turns out to have no replica: 503 once the stage has been down for the bound, and the
+    call is cancelled. A stage merely slow to answer probes cancels nothing."""
+    async def go():
+        llm = FakeHandle("ok")
+        h = StageHealth({"llm": llm}, CFG)
+        closed = []
+
+        async def never_answers():
+            try:
+                await asyncio.sleep(3600)
+                yield {"text": "late"}
+            finally:
+                closed.append(True)
+
+        async def first(stream):
+            return [d async for d in stream]
+
+        call = asyncio.ensure_future(first(h.stream("llm", never_answers)))
+        await asyncio.sleep(0.05)
+        llm.mode = "none"                                  # the router has no replica left
+        await h.check()
+        t0 = time.monotonic()
+        with pytest.raises(StageUnavailableError):
+            await asyncio.wait_for(call, 10)
+        waited = time.monotonic() - t0
+
+        slow = FakeHandle("ok")
+        h2 = StageHealth({"llm": slow}, CFG)
+        call2 = asyncio.ensure_future(first(h2.stream("llm", never_answers)))
+        await asyncio.sleep(0.05)
+        slow.mode = "hang"                                 # no answer in time: not certain, nothing cancelled
+        await h2.check()
+        await asyncio.sleep(CFG.unavailable_wait_s + 0.3)
+        still_running = not call2.done()
+        call2.cancel()
+        await asyncio.gather(call2, return_exceptions=True)
+        await h.close()
+        await h2.close()
+        return waited, closed, still_running
+
+    waited, closed, still_running = run(go())
+    assert 0.4 <= waited < 5 and closed[:1] == [True]
+    assert still_running

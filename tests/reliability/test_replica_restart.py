@@ -91,6 +91,7 @@ def test_sigkill_of_the_ar_replica(app):
     (name,) = replica_ids(APP)["llm"]
     pid = replica_pid(name)
     watch = HealthWatch(app.url)
+    killed_at = time.strftime("%H:%M:%S", time.localtime()) + f"{time.time() % 1:.3f}"[1:]
     os.kill(pid, signal.SIGKILL)
     watch.start()
     t0 = watch.t0
@@ -129,7 +130,8 @@ def test_sigkill_of_the_ar_replica(app):
     first_200 = next(t for t, s, _, _ in seen if s == 200 and t > last_503)
     slowest = max(d for _, _, d, _ in seen)
     r, took = out["chat"]
-    print(f"\nSIGKILL of the llm replica (health_check_period_s "
+    print(f"\nSIGKILL of the llm replica at {killed_at} (Serve's controller log says when it noticed and how "
+          f"long the new replica took to start) (health_check_period_s "
           f"{app.cfg['stages']['llm']['deployment'].get('health_check_period_s', 'default')}): "
           f"/health 503 from {first_503:.2f} s to {last_503:.2f} s, 200 at {first_200:.2f} s; "
           f"slowest /health {slowest:.3f} s at the ingress, {max(watch.client_s):.3f} s at the client, over "

@@ -16,6 +16,7 @@ raised as before.
 
 from __future__ import annotations
 
+import logging
 from typing import AsyncIterator, Awaitable, TypeVar
 
 from omni_ray.config import MetricsConfig, validate
@@ -24,6 +25,21 @@ from omni_ray.logs import install_request_id_filter
 from omni_ray.metrics import StageMetrics
 
 T = TypeVar("T")
+
+
+class QuietProbes(logging.Filter):
+    """Drops Serve's access-log line of each ``health`` call that succeeded: every ingress replica
+    probes every stage every ``app.stage_health.probe_interval_s``
+    (deployments/ingress/stage_health.py). A probe that fails is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(record, "serve_access_log", False) and record.getMessage().startswith("CALL health OK"))
+
+
+def install_quiet_probes(logger_name: str = "ray.serve") -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, QuietProbes) for f in logger.filters):
+        logger.addFilter(QuietProbes())
 
 
 async def errors_as_values(items: AsyncIterator[T]) -> AsyncIterator[T | OmniError]:
@@ -55,6 +71,7 @@ class StageReplica:
 
         cfg = validate(MetricsConfig, (services or {}).get("metrics") or {})
         install_request_id_filter("ray.serve")
+        install_quiet_probes()
         self.metrics = StageMetrics(self.stage, model, replica_id(), cfg)
         self.metrics.start_sampling(self.engine.stats)
         return self.metrics

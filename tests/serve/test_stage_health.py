@@ -233,3 +233,20 @@ def test_a_call_sent_before_the_outage_was_noticed_is_held_to_the_same_bound():
     waited, closed, still_running = run(go())
     assert 0.4 <= waited < 5 and closed[:1] == [True]
     assert still_running
+
+
+def test_successful_probes_leave_no_access_log_line():
+    import logging
+
+    from deployments.stages.replica import QuietProbes
+
+    def record(msg):
+        r = logging.LogRecord("ray.serve", logging.INFO, __file__, 1, msg, None, None)
+        r.serve_access_log = True
+        return r
+
+    f = QuietProbes()
+    assert not f.filter(record("CALL health OK 1.3ms"))
+    assert f.filter(record("CALL health ERROR 2.0ms")) and f.filter(record("CALL complete OK 41.3ms"))
+    plain = logging.LogRecord("ray.serve", logging.INFO, __file__, 1, "CALL health OK 1.3ms", None, None)
+    assert f.filter(plain)                                   # not an access-log record: kept

@@ -156,11 +156,9 @@ def test_a_400_inside_the_stage_is_one_log_line_not_a_traceback(traffic):
     import ray
 
     logs_dir = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve")
-    paths = glob.glob(os.path.join(logs_dir, "replica_omni_llm_*.log"))
-
-    def lines() -> list[str]:
+    def lines(deployment: str = "llm") -> list[str]:
         out = []
-        for path in paths:
+        for path in glob.glob(os.path.join(logs_dir, f"replica_omni_{deployment}_*.log")):
             with open(path, errors="replace") as f:
                 out += f.read().splitlines()
         return out
@@ -176,6 +174,10 @@ def test_a_400_inside_the_stage_is_one_log_line_not_a_traceback(traffic):
     assert sum(rid in x for x in text) == 1, [x for x in text if rid in x]
     assert not any("InvalidRequestError" in x or "Request failed" in x for x in text), \
         "a client error was logged as a failed request"
+    ingress = [x for x in lines("Ingress") if rid.rsplit("-", 1)[0] in x]       # the request's own id
+    assert len([x for x in ingress if "client_error 400 invalid_request_error" in x]) == 1, ingress
+    assert not any(x.startswith(("ERROR", "WARNING")) for x in ingress), ingress
+    assert not any("InvalidRequestError" in x for x in lines("Ingress"))
 
 
 def test_the_scheduler_counts_the_400_as_a_client_error(traffic):

@@ -43,7 +43,8 @@ def install_quiet_probes(logger_name: str = "ray.serve") -> None:
 
 
 async def errors_as_values(items: AsyncIterator[T]) -> AsyncIterator[T | OmniError]:
-    """``items``, ending with the client error that stopped them as the last item (failures raise)."""
+    """``items``, ending with the client error that stopped them as the last item (failures raise).
+    Closing this closes ``items`` (the engine stream: its request is aborted)."""
     try:
         async for item in items:
             yield item
@@ -51,6 +52,8 @@ async def errors_as_values(items: AsyncIterator[T]) -> AsyncIterator[T | OmniErr
         if not is_client_error(err):
             raise
         yield err
+    finally:
+        await items.aclose()
 
 
 async def error_as_value(result: Awaitable[T]) -> T | OmniError:

@@ -250,3 +250,78 @@ def test_successful_probes_leave_no_access_log_line():
     assert f.filter(record("CALL health ERROR 2.0ms")) and f.filter(record("CALL complete OK 41.3ms"))
     plain = logging.LogRecord("ray.serve", logging.INFO, __file__, 1, "CALL health OK 1.3ms", None, None)
     assert f.filter(plain)                                   # not an access-log record: kept
+
+
+def test_stage_replicas_send_client_errors_as_values_and_raise_failures():
+    from deployments.stages.replica import error_as_value, errors_as_values
+
+    closed = []
+
+    async def deltas(fail):
+        try:
+            yield {"text": "a"}
+            raise fail
+        finally:
+            closed.append(True)
+
+    async def go():
+        got = [d async for d in errors_as_values(deltas(InvalidRequestError("too long", param="prompt")))]
+        with pytest.raises(EngineError):
+            [d async for d in errors_as_values(deltas(EngineError("step failed")))]
+        early = errors_as_values(deltas(EngineError("never reached")))
+        await anext(early)
+        await early.aclose()                             # the caller went away: the engine stream closes
+
+        async def bad():
+            raise InvalidRequestError("bad")
+
+        async def broken():
+            raise EngineError("broken")
+
+        value = await error_as_value(bad())
+        with pytest.raises(EngineError):
+            await error_as_value(broken())
+        return got, value
+
+    got, value = run(go())
+    assert got[0] == {"text": "a"} and isinstance(got[1], InvalidRequestError) and got[1].param == "prompt"
+    assert isinstance(value, InvalidRequestError) and closed == [True, True, True]
+
+
+def test_the_ingress_raises_a_client_error_sent_as_a_value():
+    from deployments.ingress.remote_stages import stream, unary
+
+    class Call:
+        cancelled = False
+
+        def __init__(self, items):
+            self.items = items
+
+        def __aiter__(self):
+            return self._gen()
+
+        async def _gen(self):
+            for x in self.items:
+                yield x
+
+        def __await__(self):
+            return self._result().__await__()
+
+        async def _result(self):
+            return self.items[-1]
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def go():
+        call = Call([{"text": "a"}, InvalidRequestError("too long")])
+        got = []
+        with pytest.raises(InvalidRequestError):
+            async for d in stream(call):
+                got.append(d)
+        with pytest.raises(InvalidRequestError):
+            await unary(Call([InvalidRequestError("bad")]))
+        return got, call.cancelled, await unary(Call([{"ok": 1}]))
+
+    got, cancelled, ok = run(go())
+    assert got == [{"text": "a"}] and not cancelled and ok == {"ok": 1}

@@ -307,8 +307,13 @@ class DeploymentConfig(Strict):
         "autoscale between bounds instead of num_replicas")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
-    health_check_period_s: float = Field(10.0, gt=0, description=
-        "Serve checks the replica (its engine loop) this often")
+    health_check_period_s: float = Field(2.0, gt=0, description=(
+        "Serve's controller checks the replica (its engine) this often; a replica whose process died is "
+        "only noticed, and replaced, at its next check, so this bounds the time to recovery (Serve's own "
+        "default is 10 s; a check costs one actor call)"))
+    health_check_timeout_s: float = Field(30.0, gt=0, description=(
+        "a health check that gets no answer this long fails; after 3 failures in a row Serve replaces the "
+        "replica (a crashed process is replaced at its first failed check)"))
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description=
         "a stopping replica gets this long to finish its requests")
     resources: dict[str, float] = Field(
@@ -432,6 +437,23 @@ class MetricsConfig(Strict):
                                "stage request at each stage, carrying the request id")
 
 
+class StageHealthConfig(Strict):
+    """How each ingress replica tells whether a stage has a healthy replica (GET /health: 503 naming
+    the stages without one) and what a request for such a stage gets (deployments/ingress/stage_health.py)."""
+
+    probe_timeout_s: float = Field(0.5, gt=0, le=30, description=(
+        "a probe of a stage's replicas waits this long for one to answer; GET /health probes every stage "
+        "at once, so it answers within this"))
+    probe_interval_s: float = Field(1.0, ge=0, description=(
+        "every stage is probed this often in the background, so that a replica that died while idle is "
+        "noticed before a request finds out (0: only on /health and after a call lost its replica); a stage "
+        "that is down is probed every 0.2 s until a replica answers"))
+    unavailable_wait_s: float = Field(5.0, ge=0, description=(
+        "a request for a stage with no healthy replica (one being replaced after a crash) waits this long "
+        "for one, then gets a 503 (engine_error, code stage_unavailable) with Retry-After"))
+    retry_after_s: float = Field(2.0, ge=0, description="Retry-After of that 503 and of /health's 503")
+
+
 class AppConfig(Strict):
     """The HTTP application: name, route, API keys, deadline, limits, the ingress deployment, metrics."""
 
@@ -452,6 +474,7 @@ class AppConfig(Strict):
         "this many (Serve's per-call cost paid once per burst; Serve then counts the call as one "
         "ongoing request); 1: one call per request"))
     metrics: MetricsConfig = MetricsConfig()
+    stage_health: StageHealthConfig = StageHealthConfig()
 
     @field_validator("api_keys")
     @classmethod

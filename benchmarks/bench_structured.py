@@ -77,7 +77,7 @@ def apply_ms(llm, batch: int, rows: int) -> float | None:
     logits = torch.randn(batch, llm.arch.vocab_size, device="cuda", dtype=llm.runner.dtype)
     idx = list(range(0, 2 * rows, 2))[:rows]
     host = masks.host[:rows]
-    host.fill(-1)
+    host.fill_(-1)
     dev = masks.dev[:rows]
     times = []
     for _ in range(60):

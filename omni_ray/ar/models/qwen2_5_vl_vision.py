@@ -86,21 +86,45 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention within each segment ``cu_seqlens[i]:cu_seqlens[i+1]``.
-    q, k, v: [N, H, D] -> [N, H, D]. Segments of equal length run as one batched SDPA call."""
-    bounds = cu_seqlens.tolist()
-    out = torch.empty_like(q)
-    by_len: dict[int, list[int]] = {}
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            by_len.setdefault(end - start, []).append(start)
-    for length, starts in by_len.items():
-        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).flatten()
-        qs, ks, vs = (t[idx].view(len(starts), length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs)            # [B, H, L, D]
-        out[idx] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
-    return out
+class Segments:
+    """The segments of a varlen attention call, planned once per forward (every layer reuses it).
+    Segments of one length run as one batched SDPA call: as a view [B, L, ...] of the packed rows
+    when they sit back to back (no copy; e.g. every window of an image whose size is a multiple of
+    the window), else gathered by a row index made here once. ``cu_seqlens`` [S + 1]."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, device: torch.device):
+        bounds = cu_seqlens.tolist()
+        by_len: dict[int, list[int]] = {}
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                by_len.setdefault(end - start, []).append(start)
+        self.groups: list[tuple[int, int, slice | torch.Tensor]] = []     # (count, length, rows)
+        for length, starts in by_len.items():
+            if starts[-1] - starts[0] == (len(starts) - 1) * length:       # back to back
+                rows = slice(starts[0], starts[0] + len(starts) * length)
+            else:
+                rows = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(device)
+            self.groups.append((len(starts), length, rows))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        out = None
+        for count, length, rows in self.groups:
+            qs, ks, vs = (t[rows].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(-1, *q.shape[1:])  # [B*L, H, D]
+            if count * length == n and isinstance(rows, slice):       # one group covers every row
+                return o
+            if out is None:
+                out = torch.empty_like(q)
+            out[rows] = o
+        return out
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """Bidirectional attention within each segment ``cu_seqlens[i]:cu_seqlens[i+1]`` (or a ``Segments``
+    plan of them). q, k, v: [N, H, D] -> [N, H, D]."""
+    plan = cu_seqlens if isinstance(cu_seqlens, Segments) else Segments(cu_seqlens, q.device)
+    return plan(q, k, v)
 
 
 # ---------------------------------------------------------------- index bookkeeping (grid_thw only)
@@ -258,8 +282,9 @@ class Qwen2_5VisionTower(nn.Module):
 
         x = to_windows(self.patch_embed(pixel_values))              # [N, hidden]
         cos, sin = to_windows(cos.to(dev)), to_windows(sin.to(dev))
+        full, windows = Segments(cu_full, dev), Segments(cu_window, dev)   # planned once, used by every block
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cu_full if i in cfg.fullatt_block_indexes else cu_window, cos, sin)
+            x = blk(x, full if i in cfg.fullatt_block_indexes else windows, cos, sin)
         merged = self.merger(x)                                     # [N / merge², out_hidden]
         return merged[torch.argsort(window_index).to(dev)]
 

@@ -349,3 +349,19 @@ def test_bfloat16(omni):
     assert got_v.dtype == got_a.dtype == torch.bfloat16
     torch.testing.assert_close(got_v, ref_v, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got_a, ref_a, atol=2e-2, rtol=2e-2)
+
+
+def test_fused_padded_vision_mlp_is_exact():
+    """The GPU layout of the vision MLP (gate+up in one GEMM, intermediate size padded to 128 with
+    zeros) gives the same numbers as the checkpoint's three projections."""
+    from omni_ray.ar.models.qwen2_5_vl_vision import load_vision_tower
+
+    tower = load_vision_tower(resolve_model("tiny:qwen2.5-vl"))
+    mlp = tower.blocks[0].mlp
+    x = torch.randn(13, mlp.gate_proj.weight.shape[1])
+    with torch.no_grad():
+        want = mlp(x)
+        inter = mlp.gate_proj.weight.shape[0]
+        mlp.fuse(128)
+        assert mlp.gate_up.weight.shape[0] == 2 * (inter + -inter % 128)
+        torch.testing.assert_close(mlp(x), want, atol=1e-6, rtol=1e-6)

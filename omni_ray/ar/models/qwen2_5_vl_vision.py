@@ -178,11 +178,15 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, H, D] rotated in float32 (rotate_half convention); cos/sin [N, D]."""
+    """x [N, H, D] rotated in float32 (rotate_half convention); cos/sin [N, D] (two equal halves)."""
     xf = x.float()
     x1, x2 = xf.chunk(2, -1)
-    rot = torch.cat([-x2, x1], -1)
-    return (xf * cos[:, None] + rot * sin[:, None]).to(x.dtype)
+    half = x1.shape[-1]
+    c, s = cos[:, None, :half], sin[:, None, :half]
+    out = torch.empty_like(x)
+    out[..., :half] = x1 * c - x2 * s
+    out[..., half:] = x2 * c + x1 * s
+    return out
 
 
 # ---------------------------------------------------------------- modules
@@ -222,8 +226,35 @@ class VisionMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
         self.act = _ACTS[cfg.hidden_act]
 
+        self.gate_up: nn.Linear | None = None       # fused and padded for the GPU (``fuse``)
+
     def forward(self, x):
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, -1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    @torch.no_grad()
+    def fuse(self, multiple: int = 128) -> None:
+        """One gate+up GEMM, the intermediate size padded with zero rows / columns to ``multiple``
+        (Qwen2.5-VL's 3420 makes cuBLAS fall back to slow kernels on Hopper). Exact: a padded unit
+        is act(0) * 0 = 0 and meets a zero column of down_proj."""
+        inter, hidden = self.gate_proj.weight.shape
+        pad = -inter % multiple
+        w = self.gate_proj.weight
+        gate_up = nn.Linear(hidden, 2 * (inter + pad), bias=True, device=w.device, dtype=w.dtype)
+        gate_up.weight.zero_()
+        gate_up.bias.zero_()
+        for i, lin in enumerate((self.gate_proj, self.up_proj)):
+            rows = slice(i * (inter + pad), i * (inter + pad) + inter)
+            gate_up.weight[rows] = lin.weight
+            gate_up.bias[rows] = lin.bias
+        down = nn.Linear(inter + pad, hidden, bias=True, device=w.device, dtype=w.dtype)
+        down.weight.zero_()
+        down.weight[:, :inter] = self.down_proj.weight
+        down.bias.copy_(self.down_proj.bias)
+        self.gate_up, self.down_proj = gate_up.requires_grad_(False), down.requires_grad_(False)
+        del self.gate_proj, self.up_proj
 
 
 class VisionBlock(nn.Module):
@@ -375,4 +406,8 @@ def load_vision_tower(path: str | Path, dtype: torch.dtype | None = None,
         tower = Qwen2_5VisionTower(vcfg)
     tower = tower.to_empty(device="cpu")
     load_state(tower, fuse_qkv(load_tensors(Path(path), prefixes)), f"{path} vision tower")
-    return tower.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    tower = tower.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if torch.device(device).type == "cuda":
+        for blk in tower.blocks:
+            blk.mlp.fuse()
+    return tower

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from omni_ray.errors import ConfigError
 from omni_ray.tool_parsers import (
     CallArgs,
     CallStart,
@@ -20,7 +21,6 @@ from omni_ray.tool_parsers import (
     get_parser,
     required_schema,
 )
-from omni_ray.errors import ConfigError
 
 
 def streamed(cls, text: str, pieces: list[int] | None = None, **kw):
@@ -33,10 +33,6 @@ def streamed(cls, text: str, pieces: list[int] | None = None, **kw):
     return collect(events), events
 
 
-def call(name, **args):
-    return {"name": name, "arguments": args}
-
-
 HERMES_CASES = [
     # (text, content, [(name, arguments)])
     ("Hello there", "Hello there", []),
@@ -47,10 +43,12 @@ HERMES_CASES = [
      '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>\nDone.',
      "Let me check.\n\n\nDone.", [("a", '{"x": [1, 2, {"y": "}"}]}'), ("b", "{}")]),
     # arguments before the name: known at the end, re-serialized
-    ('<tool_call>{"arguments": {"q": "caf\\u00e9"}, "name": "search"}</tool_call>', None, [("search", '{"q": "café"}')]),
+    ('<tool_call>{"arguments": {"q": "caf\\u00e9"}, "name": "search"}</tool_call>', None,
+     [("search", '{"q": "café"}')]),
     # invalid JSON inside the tags: returned as content, as written
     ("Hi <tool_call>{not json}</tool_call> bye", "Hi <tool_call>{not json}</tool_call> bye", []),
-    ('<tool_call>{"name": "f", "arguments": 3}</tool_call>', '<tool_call>{"name": "f", "arguments": 3}</tool_call>', []),
+    ('<tool_call>{"name": "f", "arguments": 3}</tool_call>',
+     '<tool_call>{"name": "f", "arguments": 3}</tool_call>', []),
     # a valid call next to an invalid one
     ('<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call><tool_call>oops</tool_call>',
      "<tool_call>oops</tool_call>", [("f", '{"a": 1}')]),

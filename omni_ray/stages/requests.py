@@ -5,7 +5,7 @@ they are built, not again where they arrive).
 A request carries its id, its inputs by modality and its params:
 
     ARRequest(request_id, prompt="a fox" | [ids] | None, messages=[...] | None, system_prompt=None,
-              params=SamplingParams(...), layer=None, multi_modal_data=None)
+              params=SamplingParams(...), layer=None, multi_modal_data=None, tools=None)
     DiTRequest(request_id, prompt="a fox" | None, params=DiffusionParams(...), conditioning=Handoff | None)
 
 ``multi_modal_data`` ({"image": ..., "audio": ...}, vLLM's name) and ``Handoff`` (hidden states of
@@ -55,6 +55,7 @@ class ARRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     layer: int | None = None                       # encode(): which layer's hidden states (None: the last)
     multi_modal_data: dict[str, Any] | None = None  # {"image": ..., "audio": ...}: for stages that take them
+    tools: list[dict] | None = None                # OpenAI ``tools``: rendered by the chat template (messages only)
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -73,6 +74,8 @@ class ARRequest:
             raise InvalidRequestError("system_prompt must be a string", param="system_prompt")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise InvalidRequestError(f"layer must be an integer, got {self.layer!r}", param="layer")
+        if self.tools is not None and (self.messages is None or not isinstance(self.tools, list)):
+            raise InvalidRequestError("tools need chat messages and must be a list", param="tools")
         if self.multi_modal_data:
             raise InvalidRequestError(f"this stage takes text; {sorted(self.multi_modal_data)} inputs are not "
                                       "supported yet", param="multi_modal_data")
@@ -84,7 +87,8 @@ class ARRequest:
 
     def input_digest(self) -> str:
         """What this request's prompt hidden states are a function of (cache keys, handoff source)."""
-        return json.dumps([self.prompt, self.messages, self.system_prompt, self.layer], sort_keys=True)
+        parts = [self.prompt, self.messages, self.system_prompt, self.layer] + ([self.tools] if self.tools else [])
+        return json.dumps(parts, sort_keys=True)
 
 
 @dataclass

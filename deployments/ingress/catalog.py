@@ -1,7 +1,7 @@
 """What the app serves, by the names requests use: stages (by served name or stage key) and pipelines."""
 
 from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep
-from omni_ray.errors import ModelNotFoundError
+from omni_ray.errors import ConfigError, ModelNotFoundError
 
 
 class Catalog:
@@ -9,6 +9,7 @@ class Catalog:
         self.config = config
         self.kinds = {k: s.kind for k, s in config.stages.items()}
         self.names = {k: s.engine.model.served_name for k, s in config.stages.items()}
+        self._tool_parsers: dict[str, str | None] = {}
 
     def stage(self, model: str | None, kind: str) -> str:
         """The stage key a ``model`` field names (served name or stage key); None = the first of ``kind``."""
@@ -43,3 +44,19 @@ class Catalog:
             raise ModelNotFoundError(f"pipeline {name!r} not found; available: {sorted(self.config.pipelines)}",
                                      param="pipeline")
         return self.config.pipelines[name]
+
+    def tool_parser(self, stage: str) -> str | None:
+        """The tool-call parser of an AR stage (None: none); ``auto`` is its checkpoint's family's,
+        read once from its config.json."""
+        cache = self._tool_parsers
+        if stage not in cache:
+            name = self.config.stages[stage].tool_call_parser
+            if name == "auto":
+                from omni_ray.graphs.registry import architecture_of
+                from omni_ray.tool_parsers import default_parser
+                try:
+                    name = default_parser(architecture_of(self.config.stages[stage].engine.model.path))
+                except ConfigError:              # the checkpoint is not readable from here
+                    name = None
+            cache[stage] = None if name == "none" else name
+        return cache[stage]

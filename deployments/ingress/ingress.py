@@ -51,6 +51,7 @@ from deployments.openai.protocol import (
     PipelineRequest,
 )
 from deployments.openai.responses import Chat, Completion, b64_images, usage
+from deployments.openai.tools import ToolCalling
 from deployments.services import dit_cache
 from deployments.streams import OpenStreams, cancellable, gather_or_cancel
 from omni_ray.config import OmniConfig, PipelineConfig, validate
@@ -105,17 +106,20 @@ class Ingress:
             lambda t: pipeline_result(self.backends, self.kinds, rid, pipe, prompt, args, t))
 
     # ================================================================== text
-    def _text_prepare(self, body, prompts: list[dict], id_prefix: str):
+    def _text_prepare(self, body, prompts: list[dict], id_prefix: str, tools: ToolCalling | None = None):
         """(stage, params, request id, typed stage requests) of a text body, its limits checked."""
         stage = self.catalog.stage(body.model, "ar")
         params = body.to_sampling_params()
+        if tools is not None:
+            params = tools.constrain(params)
         check_text_limits(body, params, self.limits)
         rid = new_id(id_prefix)
         return stage, params, rid, text_requests(rid, prompts, body, params)
 
-    async def _text(self, body, prompts: list[dict], fmt_cls):
-        stage, params, rid, reqs = self._text_prepare(body, prompts, "chatcmpl" if fmt_cls is Chat else "cmpl")
-        fmt = fmt_cls(rid, self.names[stage], params.logprobs)
+    async def _text(self, body, prompts: list[dict], fmt_cls, tools: ToolCalling | None = None):
+        stage, params, rid, reqs = self._text_prepare(body, prompts, "chatcmpl" if fmt_cls is Chat else "cmpl", tools)
+        fmt = fmt_cls(rid, self.names[stage], params.logprobs) if tools is None else Chat(
+            rid, self.names[stage], params.logprobs, tools)
         kind = "chat" if fmt_cls is Chat else "completions"
         if not body.stream:
             choices = await self.requests.unary(rid, kind, [stage], body.priority, self._collect(stage, reqs))
@@ -136,8 +140,10 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
-        prompts = [{"messages": body.chat_messages()}]
-        return self._respond(await self._text(body, prompts, Chat))
+        stage = self.catalog.stage(body.model, "ar")
+        tools = body.tool_calling(self.catalog.tool_parser(stage), self.names[stage])
+        prompts = [{"messages": body.chat_messages()} | ({"tools": tools.tools} if tools else {})]
+        return self._respond(await self._text(body, prompts, Chat, tools))
 
     # ================================================================== pipelines and images
     @app.post("/v1/pipelines/{name}")

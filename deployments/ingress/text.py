@@ -53,8 +53,8 @@ async def render_text(fmt, body, indices: list[int], events) -> AsyncIterator[st
     async for i, d in events:
         offset = len(choices[i].text)
         choices[i].add(d)
-        if d["text"] or d["finished"] or d.get("logprobs"):
-            yield sse(fmt.chunk(i, d, offset))
+        if (d["text"] or d["finished"] or d.get("logprobs")) and (c := fmt.chunk(i, d, offset)) is not None:
+            yield sse(c)
     if body.include_usage:
         cs = list(choices.values())
         yield sse(fmt.usage_chunk(usage(cs, {c.index // body.n: c.prompt_tokens for c in cs})))

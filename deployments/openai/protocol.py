@@ -5,7 +5,8 @@ error becomes a 400 with OpenAI's error body). Their ranges are the engines' own
 (``SAMPLING_RULES`` / ``DIFFUSION_RULES``): the fields document them as OpenAPI bounds and
 ``to_sampling_params()`` / ``to_diffusion_params()`` check them, once, with the same message an
 offline caller gets. Fields OpenAI defines that omni-ray cannot honour (``echo``, penalties,
-tools, ``response_format: url``) are rejected with 400 rather than silently ignored.
+``response_format: url``) are rejected with 400 rather than silently ignored. Tool calling
+(``tools``, ``tool_choice``, tool-call history): deployments/openai/tools.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.openai.tools import ToolCallIn, ToolCalling, ToolChoice, ToolDefinition, history_message
 from omni_ray.ar.sampling_params import SAMPLING_RULES, SamplingParams
 from omni_ray.dit.params import DIFFUSION_RULES, DiffusionParams, parse_size
 from omni_ray.errors import InvalidRequestError
@@ -153,6 +155,8 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None      # assistant: the calls it made (deployments/openai/tools.py)
+    tool_call_id: str | None = None                 # tool: the call this is the result of
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -171,21 +175,20 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = bounded(None, S["max_tokens"])
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0)  # only the chosen token's logprob
-    tools: list | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def chat_messages(self) -> list[dict]:
         out = []
-        for m in self.messages:
+        for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text()})
+            out.append(history_message(i, role, m.text(), m.tool_calls, m.tool_call_id, m.name))
         return out
+
+    def tool_calling(self, parser: str | None, model: str) -> ToolCalling | None:
+        """How this request calls tools (None: it does not), given its stage's tool-call parser."""
+        return ToolCalling.of(self.tools, self.tool_choice, self.parallel_tool_calls, parser, model)
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -1,0 +1,66 @@
+"""Tool calls in responses: a choice's text, read by its request's parser (``ToolCalling``), as
+OpenAI's ``message.tool_calls`` (non-streamed) and ``delta.tool_calls`` (streamed).
+
+Streamed, each call's first entry carries its ``index``, ``id``, ``type`` and ``function.name``
+(with ``arguments`` "" or a first fragment), the next ones ``index`` and ``function.arguments``
+fragments; text outside calls streams as ``delta.content``, as OpenAI streams them.
+"""
+
+from __future__ import annotations
+
+from deployments.openai.tools import ToolCalling, new_call_id
+from omni_ray.tool_parsers import CallArgs, CallStart, Content, Event
+
+
+class ChoiceToolCalls:
+    """One choice's tool calls as its text comes (``incremental=False``: the whole text at once)."""
+
+    def __init__(self, plan: ToolCalling, incremental: bool = True):
+        self.plan = plan
+        self.parser = plan.stream(incremental)
+        self.ids: dict[int, str] = {}
+
+    def delta(self, text: str, finished: bool) -> dict:
+        """The delta fields (``content``, ``tool_calls``) that ``text`` adds; all that is left when ``finished``."""
+        events = self.parser.feed(text)
+        if finished:
+            events += self.parser.end()
+        return self._fields(events)
+
+    def _fields(self, events: list[Event]) -> dict:
+        limit = self.plan.max_calls
+        content, calls = "", []
+        for e in events:
+            if isinstance(e, Content):
+                content += e.text
+            elif isinstance(e, CallStart):
+                if limit is not None and e.index >= limit:
+                    continue
+                self.ids[e.index] = new_call_id()
+                calls.append({"index": e.index, "id": self.ids[e.index], "type": "function",
+                              "function": {"name": e.name, "arguments": ""}})
+            elif isinstance(e, CallArgs) and e.index in self.ids:
+                if calls and calls[-1]["index"] == e.index:
+                    calls[-1]["function"]["arguments"] += e.text
+                else:
+                    calls.append({"index": e.index, "function": {"arguments": e.text}})
+        out: dict = {}
+        if content:
+            out["content"] = content
+        if calls:
+            out["tool_calls"] = calls
+        return out
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return self.plan.finish_reason(reason, len(self.ids))
+
+
+def tool_message(plan: ToolCalling, text: str, reason: str | None) -> tuple[dict, str | None]:
+    """(the assistant ``message``, its ``finish_reason``) of a whole choice."""
+    calls = ChoiceToolCalls(plan, incremental=False)
+    fields = calls.delta(text, finished=True)
+    tool_calls = [{"id": c["id"], "type": "function", "function": c["function"]} for c in fields.get("tool_calls", [])]
+    msg = {"role": "assistant", "content": fields.get("content", None if tool_calls else "")}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg, calls.finish_reason(reason)

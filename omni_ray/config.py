@@ -88,6 +88,20 @@ class ParallelConfig(RankGroupConfig):
     tensor_parallel_size: int = Field(1, ge=1, description="ranks (GPUs) one replica's model is sharded over")
 
 
+class StructuredOutputsConfig(Strict):
+    """Constrained decoding (``response_format`` json_schema / json_object, regex, grammar, choice):
+    xgrammar compiles each distinct constraint once, in threads, and masks the sampled rows."""
+
+    any_whitespace: bool = Field(False, description=(
+        "JSON output may put any whitespace between tokens (vLLM's default); false: the compact form "
+        "with one space after ':' and ',' (a model cannot stall on whitespace)"))
+    compile_threads: int = Field(2, ge=1, le=64, description=(
+        "threads that compile grammars, off the engine loop (a request waits for its own, others run)"))
+    fill_threads: int = Field(0, ge=0, le=64, description=(
+        "threads that fill a step's token masks of the constrained rows (0: half the CPU cores)"))
+    cache_size: int = Field(256, ge=1, description="compiled grammars kept (least recently used dropped)")
+
+
 class AREngineConfig(Strict):
     """An AR (text) engine: model, device, KV cache, batching, parallelism."""
 
@@ -98,6 +112,7 @@ class AREngineConfig(Strict):
     cache: KVCacheConfig = KVCacheConfig()
     scheduler: ARSchedulerConfig = ARSchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
+    structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
     hidden_states_layer: int = Field(-1, description="default layer returned by hidden-state requests")
     decode_steps: int = Field(4, ge=1, le=64, description=(
         "decode steps run back to back on the device per schedule, each feeding its token to the next "

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.openai.structured import ResponseFormat, StructuredOutputsBody, structured_outputs_of
 from deployments.openai.tools import ToolCallIn, ToolCalling, ToolChoice, ToolDefinition, history_message
 from omni_ray.ar.sampling_params import SAMPLING_RULES, SamplingParams
 from omni_ray.dit.params import DIFFUSION_RULES, DiffusionParams, parse_size
@@ -88,6 +89,13 @@ class _Sampling(_Body):
     frequency_penalty: float = 0.0
     priority: Priority = "normal"                    # extension: the omni scheduler's class
     user: str | None = None
+    # structured outputs (deployments/openai/structured.py): OpenAI's field, vLLM's extension and older names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -114,7 +122,8 @@ class _Sampling(_Body):
         (resolved by the AR stage)."""
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                               max_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos, stop=self.stop,
-                              seed=self.seed, logprobs=self.wants_logprobs)
+                              seed=self.seed, logprobs=self.wants_logprobs,
+                              structured_outputs=structured_outputs_of(self))
 
     @property
     def include_usage(self) -> bool:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from omni_ray.ar.grammar.parse import to_grammar
 from omni_ray.ar.sampling_params import SamplingParams
 from omni_ray.ar.structured_outputs import StructuredOutputsParams
 from omni_ray.errors import InvalidRequestError
@@ -189,6 +190,7 @@ class ToolCalling:
         if params.structured_outputs is not None:
             raise InvalidRequestError(f"tool_choice {self.mode!r} constrains the output to tool calls; it cannot be "
                                       "combined with response_format", param="tool_choice")
+        to_grammar(so)                           # a schema xgrammar cannot follow: 400 here, not in the engine
         return dataclasses.replace(params, structured_outputs=so)
 
     def stream(self, incremental: bool = True) -> ToolParser:

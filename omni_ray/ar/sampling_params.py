@@ -53,6 +53,8 @@ class SamplingParams:
             self.stop = [self.stop]
         if isinstance(self.stop, (list, tuple)):
             self.stop = [s for s in self.stop if s != ""] or None
+        if isinstance(self.structured_outputs, dict):       # vLLM's shape: {"json": schema} / {"regex": ...}
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         self.validate()
 
     def validate(self) -> None:

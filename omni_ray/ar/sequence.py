@@ -38,6 +38,7 @@ class Sequence:
         self.logprobs: list[float] = []
         self.hidden_chunks: list[torch.Tensor] = []   # encode requests: [n, H] per prefill chunk
         self.generator: torch.Generator | None = None  # per-request seed
+        self.grammar = None                     # structured outputs: its SequenceGrammar (omni_ray.ar.grammar)
         self.arrival = next(_counter)
         # detokenizer state (omni_ray.ar.engine.detokenizer)
         self.output_text = ""

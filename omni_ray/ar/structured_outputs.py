@@ -43,6 +43,16 @@ class StructuredOutputsParams:
             raise InvalidRequestError(f"{self.param}: choice must be a non-empty list of non-empty strings",
                                       param=self.param)
 
+    @classmethod
+    def from_dict(cls, d: dict, param: str = "structured_outputs") -> StructuredOutputsParams:
+        """From vLLM's dict shape (``{"json": schema}``, ``{"regex": ...}``, ``{"choice": [...]}``);
+        an unknown key is an InvalidRequestError."""
+        unknown = sorted(set(d) - set(KINDS))
+        if unknown:
+            raise InvalidRequestError(f"{param}: unknown key {unknown[0]!r}; expected one of {', '.join(KINDS)}",
+                                      param=f"{param}.{unknown[0]}")
+        return cls(**d, param=param)
+
     @property
     def kind(self) -> str:
         return next(k for k in KINDS if getattr(self, k) not in (None, False))

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import torch
@@ -27,12 +29,14 @@ from omni_ray.ar.engine.block_manager import BlockManager
 from omni_ray.ar.engine.detokenizer import find_stop, update_text
 from omni_ray.ar.engine.scheduler import Scheduler
 from omni_ray.ar.executor import make_executor
+from omni_ray.ar.grammar import GrammarCompiler, SequenceGrammar
 from omni_ray.ar.models import ArchConfig
 from omni_ray.ar.models.loader import read_hf_config
 from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
-from omni_ray.ar.sequence import Sequence
+from omni_ray.ar.sequence import SeqStatus, Sequence
+from omni_ray.ar.structured_outputs import StructuredOutputsParams
 from omni_ray.config import AREngineConfig, ModelConfig
-from omni_ray.errors import EngineError, InvalidRequestError
+from omni_ray.errors import EngineError, InvalidRequestError, OmniError
 from omni_ray.profiling import GcPauses
 from omni_ray.rules import check_prompt
 from omni_ray.testing import resolve_model
@@ -77,6 +81,9 @@ class LLMEngine:
         self.eos_ids = set(self.arch.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        # structured outputs: grammars compiled in threads against the model's vocabulary (omni_ray.ar.grammar)
+        self.grammar = GrammarCompiler(self.tokenizer, self.arch.vocab_size, sorted(self.eos_ids),
+                                       cfg.structured_outputs)
         self._reset()
         # profiling: one JSON line per step (wall-clock start, duration, batch, requests added since)
         self.step_log = open(cfg.step_log, "a", buffering=1) if cfg.step_log else None  # noqa: SIM115
@@ -98,9 +105,12 @@ class LLMEngine:
         most = min(256, self.config.scheduler.max_num_seqs)       # bursts of short prompts, up to this
         greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=1)
+        json_object = StructuredOutputsParams(json_object=True)       # the bitmask kernels compile now too
+        constrained = [SamplingParams(temperature=t, max_tokens=4, structured_outputs=json_object) for t in (0.0, 0.8)]
         waves = [[(1, greedy)],
                  [(n, p) for n, p in ((7, greedy), (33, sampled), (min(130, longest), greedy),
-                                      (longest, SamplingParams(temperature=0.0, max_tokens=3, logprobs=True)))],
+                                      (longest, SamplingParams(temperature=0.0, max_tokens=3, logprobs=True)),
+                                      (9, constrained[0]), (11, constrained[1]))],
                  *([(rng.randint(5, 40), greedy) for _ in range(b)] for b in sorted({
                      min(32, most), most, max(1, most // 2 + 3)}))]
         for i, wave in enumerate(waves):
@@ -120,6 +130,7 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg.scheduler, self.block_manager, lookahead)
         self.stats = EngineStats()
         self.seqs: dict[str, Sequence] = {}
+        self.compiling: list[Sequence] = []     # structured outputs: waiting for their grammar (not scheduled yet)
         self._inflight: tuple | None = None     # async_decode: a launched decode run not yet landed
 
     def _make_runner(self):
@@ -167,7 +178,12 @@ class LLMEngine:
             raise InvalidRequestError("params must be SamplingParams or EncodeParams")
         if request_id is not None and request_id in self.seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        grammar = None
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None:
+            # the constraint's syntax is checked now (InvalidRequestError); it compiles in a thread
+            grammar = SequenceGrammar(self.grammar, self.grammar.submit(params.structured_outputs))
         seq = Sequence(ids, params, request_id, self.config.cache.block_size)
+        seq.grammar = grammar
         if isinstance(params, SamplingParams) and params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         return seq
@@ -180,16 +196,45 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
-        self.scheduler.add(seq)
+        if seq.grammar is not None:
+            self.compiling.append(seq)              # scheduled once its grammar is compiled (_admit_compiled)
+        else:
+            self.scheduler.add(seq)
         self._added += 1
 
     def abort(self, request_id: str) -> bool:
         seq = self.scheduler.abort(request_id)
+        if seq is None:
+            seq = next((s for s in self.compiling if s.request_id == request_id), None)
+            if seq is not None:
+                self.compiling.remove(seq)
+                seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
+        if seq is not None and seq.grammar is not None:
+            seq.grammar.free()
         self.seqs.pop(request_id, None)
         return seq is not None
 
     def is_finished(self) -> bool:
-        return self._inflight is None and not self.scheduler.has_work()
+        return self._inflight is None and not self.scheduler.has_work() and not self.compiling
+
+    def _admit_compiled(self) -> list[Sequence]:
+        """Schedule the sequences whose grammar has compiled (in arrival order); one whose grammar
+        failed to compile finishes with its error. Returns those that failed."""
+        failed, still = [], []
+        for seq in self.compiling:
+            if not seq.grammar.ready:
+                still.append(seq)
+                continue
+            try:
+                seq.grammar.start()
+            except OmniError as err:
+                seq.error = err
+                self._finish(seq, "error")
+                failed.append(seq)
+                continue
+            self.scheduler.add(seq)
+        self.compiling = still
+        return failed
 
     # ------------------------------------------------------------------ health (tensor parallel: workers)
     def check_health(self) -> None:
@@ -213,6 +258,7 @@ class LLMEngine:
             self.step_log.close()
             self.gc_pauses.close()
             self.step_log = None
+        self.grammar.shutdown()
 
     # ------------------------------------------------------------------ step
     def step(self) -> tuple[list[tuple[int, list[int]]], int]:
@@ -238,6 +284,9 @@ class LLMEngine:
         on the device before this one's tokens are read: the host's work on a run (appending
         tokens, finishing sequences, the caller's outputs) overlaps the next."""
         batch = None
+        failed = self._admit_compiled() if self.compiling else []
+        if failed:
+            return failed
         try:
             if self._inflight is not None:
                 batch = self._inflight[0].batch
@@ -246,6 +295,9 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if not batch.seqs:
                 self.last_step = (0, 0, 0, 0)
+                if self.compiling:            # nothing to run but grammars compiling: wait a little for one
+                    wait_futures([s.grammar.future for s in self.compiling], timeout=0.005,
+                                 return_when=FIRST_COMPLETED)
                 return []
             k = self._decode_steps(batch)
             self.last_step = (len(batch), batch.num_decodes, batch.num_tokens, k)    # for slow-step logs
@@ -364,6 +416,8 @@ class LLMEngine:
         k = self.config.decode_steps
         if k == 1 or batch.num_decodes != len(batch.seqs):
             return 1
+        if any(seq.grammar is not None for seq in batch.seqs):
+            return 1                 # structured outputs: each token's mask needs the previous token
         bs = self.config.cache.block_size
         for seq in batch.seqs:
             if seq.is_encode:
@@ -393,6 +447,12 @@ class LLMEngine:
     def _check_finish(self, seq: Sequence) -> None:
         p: SamplingParams = seq.params
         tok = seq.token_ids[-1]
+        if seq.grammar is not None:
+            reason = seq.grammar.advance(tok)
+            if reason == "error":                 # a token outside the grammar: the mask was not applied
+                seq.error = EngineError(f"request {seq.request_id}: token {tok} violates its structured output")
+            if reason is not None:
+                return self._finish(seq, reason)
         if p.stop:                 # stop strings: text per token (streams without them: once per step, CoreLoop)
             before = len(seq.output_text)
             update_text(seq, self.tokenizer, p.skip_special_tokens)
@@ -406,6 +466,8 @@ class LLMEngine:
             return self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.grammar is not None:
+            seq.grammar.free()
         self.scheduler.finish(seq, reason)
         self.seqs.pop(seq.request_id, None)
 
@@ -497,6 +559,7 @@ class LLMEngine:
             "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks,
+            "grammar_matchers": self.grammar.num_active, "grammar_compiling": len(self.compiling),
         }
 
 

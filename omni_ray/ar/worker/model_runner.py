@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from omni_ray.ar.batch import ScheduledBatch
+from omni_ray.ar.grammar.masks import GrammarMasks, constrained_rows
 from omni_ray.ar.kernels.timing import graph_us
 from omni_ray.ar.layers.attention import AttnMetadata, pick_backend
 from omni_ray.ar.layers.ops import Ops
@@ -314,7 +315,18 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows]) if rows is not None else None
         return hidden, captured, logits
 
+    def _mask_grammar(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+        """Structured outputs: the constrained ``rows`` of ``logits`` masked by their grammars (host
+        fill while the device computes the queued forward, then the masks applied on the device)."""
+        if self.grammar_masks is None:
+            rows_max = max(self.max_graph_bs, self.cfg.scheduler.max_num_seqs)
+            self.grammar_masks = GrammarMasks(self.arch.vocab_size, rows_max, self.device,
+                                              self.cfg.structured_outputs.fill_threads)
+        self.grammar_masks.apply(logits, seqs, rows)
+
     def _sample(self, logits: torch.Tensor, out: StepOutput) -> None:
+        if rows := constrained_rows(out.sampled):
+            self._mask_grammar(logits, out.sampled, rows)
         if is_greedy(out.sampled):
             out.token_ids = logits.argmax(-1).tolist()          # greedy fast path: no sampling tensors
             return
@@ -341,7 +353,11 @@ class ModelRunner:
         seqs = batch.seqs
         n = len(seqs)
         if not resume:                  # a resumed run: the same sequences, the same sampling tensors
-            self._launch_st = None if is_greedy(seqs) else self._sampling_tensors(seqs)
+            rows = constrained_rows(seqs)
+            # constrained rows: sampled between the forward and the next step, one step per launch
+            assert not rows or num_steps == 1, "a batch with grammar-constrained rows decodes one step per launch"
+            self._launch_grammar = (seqs, rows) if rows else None
+            self._launch_st = None if is_greedy(seqs) and not rows else self._sampling_tensors(seqs)
         st = self._launch_st
         self._fill_decode(seqs, num_steps, resume, st)
         buf = self._tok_buf = 1 - self._tok_buf
@@ -409,6 +425,8 @@ class ModelRunner:
                 continue
             nxt = self.g_next[:sampled]                                   # [n] int32, contiguous
             if st is not None:
+                if self._launch_grammar is not None:                      # masks filled while the graph runs
+                    self._mask_grammar(self.g_logits[:sampled], *self._launch_grammar)
                 ids, logprobs = sample(self.g_logits[:sampled], st)       # [n], [n] | None
                 self.g_tokens[step, :sampled] = ids
                 if logprobs is not None:
@@ -445,6 +463,8 @@ class ModelRunner:
         self.tok_ready = [torch.cuda.Event() for _ in range(2)] if cuda else None
         self._tok_buf = 0
         self._launch_st: SamplingTensors | None = None     # the last launch's (a resumed run reuses them)
+        self._launch_grammar: tuple | None = None           # the last launch's (seqs, constrained rows)
+        self.grammar_masks: GrammarMasks | None = None      # structured outputs' bitmasks (created on first use)
         self.g_step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.g_logits = torch.zeros(mb, self.arch.vocab_size, dtype=self.dtype, device=dev)
 

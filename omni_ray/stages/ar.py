@@ -25,9 +25,10 @@ from omni_ray.stages.requests import ARRequest
 def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """The prompt ids of chat ``messages`` (with ``tools``, OpenAI's ``tools`` list, rendered by the
     model's own chat template, as transformers' ``apply_chat_template(..., tools=...)``)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        if tools:
-            raise InvalidRequestError("this model has no chat template to render tools with", param="tools")
+    template = getattr(tokenizer, "chat_template", None)
+    if tools and "tools" not in (template if isinstance(template, str) else " ".join((template or {}).values())):
+        raise InvalidRequestError("this model's chat template does not render tools", param="tools")
+    if template is None:
         text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
         return tokenizer.encode(text, add_special_tokens=True)
     try:

@@ -89,3 +89,14 @@ def test_ar_request_tools_reach_the_template(tokenizers):
     assert e.value.param == "tools"
     assert ARRequest("r", messages=HISTORY[:1], tools=TOOLS).input_digest() != ARRequest(
         "r", messages=HISTORY[:1]).input_digest()
+
+
+def test_a_template_without_tools_refuses_them():
+    from omni_ray.testing.tokenizer import CHATML_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model("tiny:qwen3")))
+    tok.chat_template = CHATML_TEMPLATE                       # knows nothing of tools (as Qwen2.5-VL's)
+    with pytest.raises(InvalidRequestError) as e:
+        render_chat(tok, HISTORY[:1], TOOLS)
+    assert e.value.param == "tools" and "does not render tools" in e.value.message
+    assert render_chat(tok, HISTORY[:1]) == render_chat(tok, HISTORY[:1], [])

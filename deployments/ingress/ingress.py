@@ -51,6 +51,7 @@ from deployments.openai.protocol import (
     PipelineRequest,
 )
 from deployments.openai.responses import Chat, Completion, b64_images, usage
+from deployments.openai.tool_calls import ToolChat
 from deployments.openai.tools import ToolCalling
 from deployments.services import dit_cache
 from deployments.streams import OpenStreams, cancellable, gather_or_cancel
@@ -106,21 +107,19 @@ class Ingress:
             lambda t: pipeline_result(self.backends, self.kinds, rid, pipe, prompt, args, t))
 
     # ================================================================== text
-    def _text_prepare(self, body, prompts: list[dict], id_prefix: str, tools: ToolCalling | None = None):
+    def _text_prepare(self, body, prompts: list[dict], id_prefix: str):
         """(stage, params, request id, typed stage requests) of a text body, its limits checked."""
         stage = self.catalog.stage(body.model, "ar")
         params = body.to_sampling_params()
-        if tools is not None:
-            params = tools.constrain(params)
         check_text_limits(body, params, self.limits)
         rid = new_id(id_prefix)
         return stage, params, rid, text_requests(rid, prompts, body, params)
 
     async def _text(self, body, prompts: list[dict], fmt_cls, tools: ToolCalling | None = None):
-        stage, params, rid, reqs = self._text_prepare(body, prompts, "chatcmpl" if fmt_cls is Chat else "cmpl", tools)
-        fmt = fmt_cls(rid, self.names[stage], params.logprobs) if tools is None else Chat(
-            rid, self.names[stage], params.logprobs, tools)
+        stage, params, rid, reqs = self._text_prepare(body, prompts, "chatcmpl" if fmt_cls is Chat else "cmpl")
+        fmt = fmt_cls(rid, self.names[stage], params.logprobs)
         kind = "chat" if fmt_cls is Chat else "completions"
+        fmt = fmt if tools is None else ToolChat(fmt, tools)          # messages with tool calls
         if not body.stream:
             choices = await self.requests.unary(rid, kind, [stage], body.priority, self._collect(stage, reqs))
             return fmt.body(choices, usage(choices, {c.index // body.n: c.prompt_tokens for c in choices}))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.openai.structured import ResponseFormat, StructuredOutputsBody, structured_outputs_of
-from deployments.openai.tools import ToolCallIn, ToolCalling, ToolChoice, ToolDefinition, history_message
+from deployments.openai.tools import ToolCallIn, ToolCalling, ToolChoice, ToolDefinition, constrain, history_message
 from omni_ray.ar.sampling_params import SAMPLING_RULES, SamplingParams
 from omni_ray.dit.params import DIFFUSION_RULES, DiffusionParams, parse_size
 from omni_ray.errors import InvalidRequestError
@@ -198,6 +198,10 @@ class ChatCompletionRequest(_Sampling):
     def tool_calling(self, parser: str | None, model: str) -> ToolCalling | None:
         """How this request calls tools (None: it does not), given its stage's tool-call parser."""
         return ToolCalling.of(self.tools, self.tool_choice, self.parallel_tool_calls, parser, model)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The sampling params, constrained to tool calls by tool_choice required / named."""
+        return constrain(super().to_sampling_params(), self.tools, self.tool_choice, self.parallel_tool_calls)
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -10,9 +10,6 @@ import base64
 import time
 from dataclasses import dataclass, field
 
-from deployments.openai.tool_calls import ChoiceToolCalls, tool_message
-from deployments.openai.tools import ToolCalling
-
 
 def finish(reason: str | None) -> str | None:
     return {"abort": "stop"}.get(reason, reason) if reason else None
@@ -83,20 +80,7 @@ class Completion:
 
 
 class Chat(Completion):
-    """``tools``: the request's tool calling (None: plain text): messages get ``tool_calls``
-    (deployments/openai/tool_calls.py)."""
-
     object, chunk_object = "chat.completion", "chat.completion.chunk"
-
-    def __init__(self, rid: str, model: str, logprobs: bool, tools: ToolCalling | None = None):
-        super().__init__(rid, model, logprobs)
-        self.tools = tools
-        self._calls: dict[int, ChoiceToolCalls] = {}       # streamed: each choice's calls so far
-
-    def _message(self, c: Choice) -> tuple[dict, str | None]:
-        if self.tools is None:
-            return {"role": "assistant", "content": c.text}, c.finish_reason
-        return tool_message(self.tools, c.text, c.finish_reason)
 
     def _logprobs(self, tokens, lps, offset: int = 0):
         if not self.with_logprobs:
@@ -106,8 +90,9 @@ class Chat(Completion):
 
     def body(self, choices: list[Choice], use: dict) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [{"index": c.index, "message": msg, "logprobs": self._logprobs(c.tokens, c.logprobs),
-                             "finish_reason": reason} for c in choices for msg, reason in [self._message(c)]],
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": self._logprobs(c.tokens, c.logprobs), "finish_reason": c.finish_reason}
+                            for c in choices],
                 "usage": use}
 
     def first_chunk(self, index: int) -> dict:
@@ -115,19 +100,12 @@ class Chat(Completion):
                 "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}]}
 
-    def chunk(self, index: int, d: dict, offset: int) -> dict | None:
-        reason = finish(d["finish_reason"]) if d["finished"] else None
-        lps = self._logprobs(d.get("tokens") or [], d.get("logprobs") or [])
-        if self.tools is None:
-            delta = {"content": d["text"]} if d["text"] else {}
-        else:                                   # text a parser holds back (a call's start) waits: None
-            calls = self._calls.setdefault(index, ChoiceToolCalls(self.tools))
-            delta = calls.delta(d["text"], d["finished"])
-            reason = calls.finish_reason(reason) if d["finished"] else None
-            if not delta and not d["finished"] and not lps:
-                return None
+    def chunk(self, index: int, d: dict, offset: int) -> dict:
+        delta = {"content": d["text"]} if d["text"] else {}
         return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                "choices": [{"index": index, "delta": delta, "logprobs": lps, "finish_reason": reason}]}
+                "choices": [{"index": index, "delta": delta,
+                             "logprobs": self._logprobs(d.get("tokens") or [], d.get("logprobs") or []),
+                             "finish_reason": finish(d["finish_reason"]) if d["finished"] else None}]}
 
 
 def b64_images(images: list[bytes]) -> list[dict]:

@@ -138,6 +138,36 @@ def history_message(i: int, role: str, content: str, tool_calls: list[ToolCallIn
     return out
 
 
+# ----------------------------------------------------------------------------- the constraint
+def constraint_of(functions: list[dict], mode: str, function: str | None = None,
+                  parallel: bool = True) -> StructuredOutputsParams | None:
+    """What decoding must match under tool_choice ``mode`` (None: free text). ``functions``:
+    OpenAI's ``tools[].function`` objects."""
+    if mode == "named":
+        f = next(f for f in functions if f["name"] == function)
+        return StructuredOutputsParams(json=f.get("parameters") or {"type": "object"}, param="tool_choice")
+    if mode == "required":
+        return StructuredOutputsParams(json=required_schema(functions, parallel), param="tool_choice")
+    return None
+
+
+def constrain(params: SamplingParams, tools: list[ToolDefinition] | None, tool_choice: ToolChoice | None,
+              parallel: bool | None) -> SamplingParams:
+    """``params`` constrained as ``tool_choice`` required / named asks (else as they are); one
+    constraint per request: with response_format's too, a 400."""
+    mode = ("named" if isinstance(tool_choice, NamedToolChoice) else tool_choice) if tools else None
+    if mode not in ("named", "required"):
+        return params
+    check_tools(tools, tool_choice)
+    so = constraint_of([t.function.model_dump(exclude_none=True) for t in tools], mode,
+                       tool_choice.function.name if mode == "named" else None, parallel is not False)
+    if params.structured_outputs is not None:
+        raise InvalidRequestError(f"tool_choice {mode!r} constrains the output to tool calls; it cannot be "
+                                  "combined with response_format", param="tool_choice")
+    to_grammar(so)                               # a schema xgrammar cannot follow: 400 here, not in the engine
+    return dataclasses.replace(params, structured_outputs=so)
+
+
 # ----------------------------------------------------------------------------- the plan
 @dataclass
 class ToolCalling:
@@ -174,24 +204,7 @@ class ToolCalling:
 
     def constraint(self) -> StructuredOutputsParams | None:
         """What decoding must match (None: free text)."""
-        functions = [t["function"] for t in self.tools]
-        if self.mode == "named":
-            f = next(f for f in functions if f["name"] == self.function)
-            return StructuredOutputsParams(json=f.get("parameters") or {"type": "object"}, param="tool_choice")
-        if self.mode == "required":
-            return StructuredOutputsParams(json=required_schema(functions, self.parallel), param="tool_choice")
-        return None
-
-    def constrain(self, params: SamplingParams) -> SamplingParams:
-        """``params`` with this plan's constraint (one constraint per request: with response_format's, a 400)."""
-        so = self.constraint()
-        if so is None:
-            return params
-        if params.structured_outputs is not None:
-            raise InvalidRequestError(f"tool_choice {self.mode!r} constrains the output to tool calls; it cannot be "
-                                      "combined with response_format", param="tool_choice")
-        to_grammar(so)                           # a schema xgrammar cannot follow: 400 here, not in the engine
-        return dataclasses.replace(params, structured_outputs=so)
+        return constraint_of([t["function"] for t in self.tools], self.mode, self.function, self.parallel)
 
     def stream(self, incremental: bool = True) -> ToolParser:
         if self.mode == "named":

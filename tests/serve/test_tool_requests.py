@@ -2,7 +2,6 @@
 plan (render, constrain, parse), and the response bodies and stream chunks it gives."""
 
 import asyncio
-import dataclasses
 import json
 
 import pytest
@@ -12,6 +11,7 @@ from deployments.ingress.catalog import Catalog
 from deployments.ingress.text import render_text
 from deployments.openai.protocol import ChatCompletionRequest
 from deployments.openai.responses import Chat, Choice
+from deployments.openai.tool_calls import ToolChat
 from omni_ray.ar.structured_outputs import StructuredOutputsParams
 from omni_ray.config import OmniConfig, validate
 from omni_ray.errors import InvalidRequestError
@@ -102,11 +102,11 @@ def test_history_errors_name_the_field(msg, param):
 
 
 def test_constraint_and_response_format_do_not_mix():
-    p = plan(tools=[WEATHER], tool_choice="required")
-    params = body().to_sampling_params()
-    assert p.constrain(params).structured_outputs == p.constraint()
-    taken = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json_object=True))
-    assert error(lambda: p.constrain(taken)).param == "tool_choice"
+    kw = dict(tools=[WEATHER], tool_choice="required")
+    assert body(**kw).to_sampling_params().structured_outputs == plan(**kw).constraint()
+    assert body(tools=[WEATHER]).to_sampling_params().structured_outputs is None          # auto: free
+    e = error(lambda: body(**kw, response_format={"type": "json_object"}).to_sampling_params())
+    assert e.param == "tool_choice"
 
 
 def test_catalog_parser_from_config_and_family():
@@ -150,7 +150,7 @@ TEXT = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "P
 
 
 def test_body_with_tool_calls():
-    fmt = Chat("chatcmpl-1", "tiny-qwen3", False, plan(tools=[WEATHER]))
+    fmt = ToolChat(Chat("chatcmpl-1", "tiny-qwen3", False), plan(tools=[WEATHER]))
     out = fmt.body([choice(TEXT)], {})["choices"][0]
     assert out["finish_reason"] == "tool_calls"
     msg = out["message"]
@@ -164,12 +164,12 @@ def test_body_with_tool_calls():
 
 
 def test_body_of_forced_choices():
-    named = Chat("x", "m", False, plan(tools=[WEATHER], tool_choice={"type": "function",
+    named = ToolChat(Chat("x", "m", False), plan(tools=[WEATHER], tool_choice={"type": "function",
                                                                     "function": {"name": "get_weather"}}))
     out = named.body([choice('{"city": "Rome"}')], {})["choices"][0]
     assert out["message"]["content"] is None and out["finish_reason"] == "stop"       # as OpenAI / vLLM
     assert out["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
-    req = Chat("x", "m", False, plan(tools=[WEATHER, TIME], tool_choice="required"))
+    req = ToolChat(Chat("x", "m", False), plan(tools=[WEATHER, TIME], tool_choice="required"))
     out = req.body([choice('[{"name": "get_time", "parameters": {}}, {"name": "get_weather", '
                            '"parameters": {"city": "Oslo"}}]')], {})["choices"][0]
     assert out["finish_reason"] == "tool_calls"
@@ -179,7 +179,7 @@ def test_body_of_forced_choices():
 
 def test_parallel_tool_calls_false_keeps_the_first_call():
     two = TEXT + '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
-    fmt = Chat("x", "m", False, plan(tools=[WEATHER, TIME], parallel_tool_calls=False))
+    fmt = ToolChat(Chat("x", "m", False), plan(tools=[WEATHER, TIME], parallel_tool_calls=False))
     assert [c["function"]["name"] for c in fmt.body([choice(two)], {})["choices"][0]["message"]["tool_calls"]] == [
         "get_weather"]
 
@@ -201,7 +201,7 @@ def sse_chunks(fmt, pieces):
 def test_stream_equals_body_fed_a_few_characters_at_a_time():
     two = TEXT + '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
     p = plan(tools=[WEATHER, TIME])
-    chunks = sse_chunks(Chat("x", "m", False, p), [two[i:i + 3] for i in range(0, len(two), 3)])
+    chunks = sse_chunks(ToolChat(Chat("x", "m", False), p), [two[i:i + 3] for i in range(0, len(two), 3)])
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     content, calls = "", {}
     for ch in chunks[1:]:
@@ -214,7 +214,7 @@ def test_stream_equals_body_fed_a_few_characters_at_a_time():
             calls[tc["index"]]["arguments"] += tc["function"]["arguments"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert all(ch["choices"][0]["finish_reason"] is None for ch in chunks[:-1])
-    body_msg = Chat("x", "m", False, p).body([choice(two)], {})["choices"][0]["message"]
+    body_msg = ToolChat(Chat("x", "m", False), p).body([choice(two)], {})["choices"][0]["message"]
     assert content == body_msg["content"]
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [
         (c["function"]["name"], c["function"]["arguments"]) for c in body_msg["tool_calls"]]

@@ -129,3 +129,28 @@ def test_tool_errors_are_400s_naming_the_field(oai):
         assert e.value.body["param"] == param, e.value.body
     r = oai.chat.completions.create(model="tiny-qwen3", messages=USER, max_tokens=2)   # the app serves on
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+# the model writes Qwen's format (forced here by vLLM's structured_outputs regex: random weights never
+# would); tool_choice auto reads it with the stage's parser (hermes, from Qwen3ForCausalLM)
+HERMES_REGEX = (r'Let me check\.\n<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"\}\}\n'
+                r'</tool_call>\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Oslo)", '
+                r'"unit": "celsius", "days": [1-7], "hourly": (true|false), "fields": \[\]\}\}\n</tool_call>')
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_parses_the_models_own_format(oai, stream):
+    kw = dict(model="tiny-qwen3", messages=USER, tools=TOOLS, max_tokens=200, seed=2,
+              extra_body={"structured_outputs": {"regex": HERMES_REGEX}})
+    if stream:
+        content, calls, finish = streamed_calls(oai.chat.completions.create(stream=True, **kw))
+    else:
+        c = oai.chat.completions.create(**kw).choices[0]
+        content, finish = c.message.content, c.finish_reason
+        calls = [(t.id, t.function.name, t.function.arguments) for t in c.message.tool_calls]
+    assert finish == "tool_calls" and content == "Let me check."
+    assert [n for _, n, _ in calls] == ["get_time", "get_weather"]
+    for _, name, args in calls:
+        validate_json(json.loads(args), SCHEMAS[name])
+    raw = oai.chat.completions.create(**(kw | {"tools": None})).choices[0].message.content   # no tools: the text
+    assert raw.startswith("Let me check.\n<tool_call>\n") and raw.endswith("</tool_call>")

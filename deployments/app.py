@@ -1,7 +1,7 @@
 """Build the Serve application from an ``OmniConfig``.
 
     serve run serve_config.yaml                       # args: {config: {...}} inline
-    serve run deployments.app:build_app config_path=my.yaml
+    serve run deployments.app:build_app config_path=my.yaml   # an OmniConfig, or a Serve config file
     serve.run(build_app({"config": cfg_dict}), name="omni")
 
 One deployment per stage, named by its stage key (``llm``, ``image``, ...), plus ``Ingress``.
@@ -15,18 +15,22 @@ from deployments.ingress.ingress import Ingress
 from deployments.options import deployment_options, stage_options
 from deployments.stages.ar import ARDeployment
 from deployments.stages.dit import DiTDeployment
-from omni_ray.config import ARStageConfig, OmniConfig, load_config
+from omni_ray.config import ARStageConfig, OmniConfig, load_app_config, load_config
 from omni_ray.errors import ConfigError
 from omni_ray.graphs import expand_pipelines
 
 
 def resolve_config(args: dict) -> OmniConfig:
+    """The app's config: ``args.config`` (an OmniConfig or its mapping) or ``args.config_path``, a
+    YAML file holding either a bare OmniConfig or a whole Serve config file (``serve_config.yaml``:
+    its application named ``args.app_name``, default the first), as ``OmniLLM`` accepts."""
     if "config" in args and args["config"] is not None:
         cfg = args["config"]
         return cfg if isinstance(cfg, OmniConfig) else load_config(cfg)
     if "config_path" in args:
-        return load_config(str(args["config_path"]))
-    raise ConfigError("build_app needs args.config (an OmniConfig mapping) or args.config_path (a YAML file)")
+        return load_app_config(str(args["config_path"]), args.get("app_name"))
+    raise ConfigError("build_app needs args.config (an OmniConfig mapping) or args.config_path (a YAML file: "
+                      "an OmniConfig, or a Serve config file with applications: [...])")
 
 
 def build_app(args: dict) -> Application:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -404,6 +405,21 @@ class LimitsConfig(Strict):
     max_images: int = Field(4, ge=1, description="images per request (image n)")
 
 
+class MediaConfig(Strict):
+    """Images and audio in requests (chat content parts, offline multi_modal_data): what is accepted."""
+
+    max_image_bytes: int = Field(20 << 20, ge=1024, description="encoded bytes of one input image")
+    max_image_pixels: int = Field(4096 * 4096, ge=64, description="width * height of one input image, "
+                                  "checked from its header before decoding")
+    max_audio_bytes: int = Field(25 << 20, ge=1024, description="encoded bytes of one input audio clip")
+    max_audio_seconds: float = Field(300.0, gt=0, description="duration of one input audio clip")
+    max_items: int = Field(8, ge=1, description="images + audio clips in one request")
+    allow_url_fetch: bool = Field(False, description="fetch http(s) image/audio URLs (off: data: URLs only)")
+    allowed_domains: list[str] = Field(default_factory=list, description=(
+        "with allow_url_fetch: hosts that may be fetched (and their subdomains); empty: any"))
+    fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of one URL fetch")
+
+
 class MetricsConfig(Strict):
     """Prometheus metrics (`ray_omni_*`, through Ray's metrics API) and per-request log lines."""
 
@@ -425,6 +441,7 @@ class AppConfig(Strict):
         "end-to-end deadline of a request, admission included: past it the client gets 504 and the "
         "request is aborted in its engines"))
     limits: LimitsConfig = LimitsConfig()
+    media: MediaConfig = MediaConfig()
     ingress: DeploymentConfig = DeploymentConfig(num_replicas=1, max_ongoing_requests=1024)
     streaming: StreamingConfig = Field(default_factory=lambda: StreamingConfig(), description=(
         "how often the ingress sends each SSE stream its merged events"))
@@ -481,20 +498,92 @@ class OmniConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- loading
-def _format(err: ValidationError) -> str:
-    lines = []
+def _members(tp: Any) -> list:
+    """The types a Union (or Optional) annotation allows, None left out."""
+    return [a for a in get_args(tp) if a is not type(None)]
+
+
+def _unwrap(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` and without an Optional around one type."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, UnionType) and len(_members(tp)) == 1:
+            tp = _members(tp)[0]
+        else:
+            return tp
+
+
+def _tag_member(members: list, tag: Any) -> Any:
+    """The member of a discriminated union whose ``kind`` (any Literal field) default is ``tag``."""
+    for m in members:
+        if isinstance(m, type) and issubclass(m, BaseModel):
+            if any(f.default == tag for f in m.model_fields.values() if get_origin(f.annotation) is Literal):
+                return m
+    return None
+
+
+def user_loc(model: type[BaseModel], loc: tuple) -> tuple[tuple, Any]:
+    """(``loc`` as the YAML path the user wrote, the type found there): pydantic's own levels (a
+    discriminated union's tag, ``stages.llm.ar.engine``; a plain union's member, ``num_replicas.int``)
+    are left out, by walking the annotations along ``loc``."""
+    out, tp = [], model
+    for i, part in enumerate(loc):
+        tp = _unwrap(tp)
+        if get_origin(tp) in (Union, UnionType):             # this level names a member, not a key
+            tp = _tag_member(_members(tp), part)
+            if tp is None:                                   # a plain union's member: the rest is its own
+                return tuple(out) + tuple(p for p in loc[i + 1:] if isinstance(p, (int, str))
+                                          and not str(p).startswith(("literal[", "function-"))), None
+            continue
+        out.append(part)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            f = tp.model_fields.get(part) if isinstance(part, str) else None
+            tp = f.annotation if f is not None else None
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        elif get_origin(tp) in (list, tuple):
+            tp = get_args(tp)[0]
+        else:
+            tp = None
+    return tuple(out), _unwrap(tp)
+
+
+def _message(e: dict, tp: Any) -> tuple[str, str]:
+    """(extra path, message) of one pydantic error, in the user's words."""
+    msg = str(e["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    disc = str((e.get("ctx") or {}).get("discriminator", "")).strip("'")
+    if e["type"] == "union_tag_not_found" and disc:
+        tags = [repr(f.default) for m in _members(tp) if isinstance(m, type) and issubclass(m, BaseModel)
+                for f in [m.model_fields.get(disc)] if f is not None]
+        return f".{disc}", f"required: one of {', '.join(tags)}" if tags else "required"
+    if e["type"] == "union_tag_invalid" and disc:
+        ctx = e["ctx"]
+        return f".{disc}", f"{ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
+    return "", msg
+
+
+def _format(err: ValidationError, model: type[BaseModel]) -> str:
+    """``path.as.written: message`` per error (one line per path: a union's alternatives joined by
+    "or"), errors that name their own path (model checks) as they are."""
+    lines: dict[str, list[str]] = {}
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{loc}: {e['msg']}")
-    return "; ".join(lines)
+        loc, tp = user_loc(model, tuple(e["loc"]))
+        extra, msg = _message(e, tp)
+        where = ".".join(str(p) for p in loc) + extra
+        lines.setdefault(where.lstrip("."), [])
+        if msg not in lines[where.lstrip(".")]:
+            lines[where.lstrip(".")].append(msg)
+    return "; ".join(f"{w}: {' or '.join(m)}" if w else " or ".join(m) for w, m in lines.items())
 
 
 def validate(cls: type[BaseModel], data: Any) -> Any:
-    """``cls.model_validate(data)`` raising ``ConfigError`` that names the bad field."""
+    """``cls.model_validate(data)`` raising ``ConfigError`` that names the bad field by the path
+    written in the YAML (``stages.llm.engine.max_num_seqs``)."""
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"invalid {cls.__name__}: {_format(err)}") from None
+        raise ConfigError(f"invalid {cls.__name__}: {_format(err, cls)}") from None
 
 
 def read_mapping(source: str | Path | dict) -> dict:
@@ -529,7 +618,11 @@ def load_app_config(source: str | Path | dict | OmniConfig, app: str | None = No
     if isinstance(source, OmniConfig):
         return source
     data = read_mapping(source)
+    where = f"{source}: " if isinstance(source, (str, Path)) and "\n" not in str(source) else ""
     if "applications" not in data:
+        if "stages" not in data:
+            raise ConfigError(f"{where}expected an OmniConfig (top-level `stages:`) or a Serve config file "
+                              f"(top-level `applications:`); found the keys {sorted(map(str, data))}")
         return validate(OmniConfig, data)
     apps = data["applications"] or []
     chosen = [a for a in apps if app is None or a.get("name") == app]

@@ -11,9 +11,12 @@ process. They also take vLLM-omni's list of stage configs (``omni_ray/vllm_omni_
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
+import logging
 import threading
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -21,7 +24,7 @@ from typing import Any, AsyncIterator
 import torch
 
 from omni_ray.config import ARStageConfig, OmniConfig, load_app_config
-from omni_ray.errors import InvalidRequestError, ModelNotFoundError
+from omni_ray.errors import EngineError, InvalidRequestError, ModelNotFoundError
 from omni_ray.graphs import expand_pipelines
 from omni_ray.rules import check_text
 from omni_ray.runner import StageArgs, run_pipeline
@@ -33,6 +36,8 @@ from omni_ray.vllm_omni_api import (
     stage_outputs,
     stages_to_config,
 )
+
+log = logging.getLogger(__name__)
 
 
 class _LocalAR:
@@ -152,6 +157,12 @@ class OmniLLM(_Stages):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="omni-pipeline", daemon=True)
         self._thread.start()
+        # shut the engines down on their loop when this object goes away or the interpreter exits
+        # (as vLLM's LLM): no engine task is left pending for the loop's garbage collection to close
+        self._finalizer = weakref.finalize(self, _shutdown_on_loop, self._loop, self._thread, self._stages,
+                                           self._lock)
+        self._finalizer.atexit = False
+        _at_exit(self._finalizer)
 
     # ------------------------------------------------------------------ API
     def generate(self, pipeline: str | list[dict], prompt: str | list[str] | None = None, use_tqdm: bool = True,
@@ -161,6 +172,7 @@ class OmniLLM(_Stages):
         ``system_prompt``, ``layer``) and ``stage_args={stage: {...}}``. vLLM-omni's form,
         ``generate(stage_args)`` with one dict per stage, returns one ``StageOutput`` per stage
         (``prompt`` may then name the pipeline)."""
+        self._check_open()
         if isinstance(pipeline, (list, tuple)):
             return self._generate_stages(list(pipeline), prompt)
         if pipeline not in self.config.pipelines:
@@ -176,10 +188,21 @@ class OmniLLM(_Stages):
         pipe, kinds = self.config.pipelines[pipeline], self._kinds()
         args.validate(pipeline, pipe, kinds)
         backends = {s.stage: self._backend(s.stage) for s in pipe.steps}
-        fut = asyncio.run_coroutine_threadsafe(
-            self._run_all(pipeline, pipe, backends, kinds, prompts, args, use_tqdm), self._loop)
-        outs = fut.result()
+        outs = self._run(self._run_all(pipeline, pipe, backends, kinds, prompts, args, use_tqdm))
         return outs[0] if single else outs
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise EngineError("this OmniLLM was shut down; create a new one")
+
+    def _run(self, coro):
+        """Run ``coro`` on the engines' loop and wait for its result."""
+        try:
+            self._check_open()
+        except EngineError:
+            coro.close()
+            raise
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _run_all(self, name, pipe, backends, kinds, prompts, args, use_tqdm) -> list[PipelineOutput]:
         from tqdm.auto import tqdm
@@ -208,24 +231,56 @@ class OmniLLM(_Stages):
             rid = f"offline-{uuid.uuid4().hex[:12]}"
             return [o async for o in stage_outputs(pipe, backends, kinds, ids, prompt, rid, args)]
 
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+        return self._run(run())
 
     def shutdown(self) -> None:
-        async def _stop():
-            for s in self._stages.values():
-                await s.shutdown()
-
-        if self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(_stop(), self._loop).result()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-        self._stages.clear()
+        """Stop every engine on its loop, then the loop (idempotent; also run at exit)."""
+        self._finalizer()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _at_exit(fn) -> None:
+    """Run ``fn`` when the interpreter exits, early enough that engines can still use thread pools:
+    with threading's exit hooks (before concurrent.futures refuses new work), else with atexit."""
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        (register or atexit.register)(fn)
+    except RuntimeError:                  # the interpreter is already shutting down
+        atexit.register(fn)
+
+
+def _shutdown_on_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, stages: dict,
+                      lock: threading.Lock) -> None:
+    """``OmniLLM``'s engines shut down on the loop they run on, then the loop stopped and closed."""
+    async def stop():
+        for name, s in list(stages.items()):
+            try:
+                await s.shutdown()
+            except Exception as err:  # noqa: BLE001 - the other engines still shut down
+                log.warning("stage %s did not shut down cleanly: %r", name, err)
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:                    # streams a caller left open: cancelled, not destroyed pending
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    if threading.current_thread() is thread:    # collected on its own loop: stop there, without waiting
+        loop.create_task(stop()).add_done_callback(lambda _: loop.stop())
+        return
+    with lock:
+        if loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=60)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout=10)
+        stages.clear()
+        if not loop.is_running() and not loop.is_closed():
+            loop.close()
 
 
 class AsyncOmniLLM(_Stages):

@@ -51,7 +51,8 @@ class Rule:
 
     def check(self, name: str, v: Any) -> Any:
         if not self.ok(v):
-            raise InvalidRequestError(f"{name} must be {self.describe()}, got {v!r}", param=name)
+            got = "NaN (not a number)" if isinstance(v, float) and math.isnan(v) else repr(v)
+            raise InvalidRequestError(f"{name} must be {self.describe()}, got {got}", param=name)
         return v
 
     def describe(self) -> str:

@@ -169,6 +169,7 @@ async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], ki
                 value, info["fallback"] = prompt, "empty rewrite; the next stage got the original prompt"
         elif kind == "ar":
             value = result["hidden_states"] = await backend.encode(req)
+            usage["prompt_tokens"] += value.shape[0]           # [T, H]: the prompt's T tokens were encoded
             info = {"shape": list(value.shape)} | {k: v for k, v in (("object_id", value.object_id),
                                                                       ("cache", value.cache)) if v is not None}
         else:

@@ -1,5 +1,7 @@
 """What the app serves, by the names requests use: stages (by served name or stage key) and pipelines."""
 
+import time
+
 from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep
 from omni_ray.errors import ConfigError, ModelNotFoundError
 
@@ -9,7 +11,24 @@ class Catalog:
         self.config = config
         self.kinds = {k: s.kind for k, s in config.stages.items()}
         self.names = {k: s.engine.model.served_name for k, s in config.stages.items()}
+        self.created = int(time.time())
         self._tool_parsers: dict[str, str | None] = {}
+
+    def model_card(self, key: str) -> dict:
+        """OpenAI's model object of stage ``key`` (``GET /v1/models``, ``/v1/models/{id}``), plus the stage."""
+        return {"id": self.names[key], "object": "model", "created": self.created, "owned_by": "omni-ray",
+                "stage": key, "kind": self.kinds[key]}
+
+    def model_cards(self) -> list[dict]:
+        return [self.model_card(k) for k in self.kinds]
+
+    def model(self, model_id: str) -> dict:
+        """The model object whose id (a served name; ids may contain '/') is ``model_id``; 404 otherwise."""
+        for k in self.kinds:
+            if self.names[k] == model_id:
+                return self.model_card(k)
+        raise ModelNotFoundError(f"The model {model_id!r} does not exist; models: {sorted(self.names.values())}",
+                                 param="model", code="model_not_found")
 
     def stage(self, model: str | None, kind: str) -> str:
         """The stage key a ``model`` field names (served name or stage key); None = the first of ``kind``."""

@@ -11,7 +11,8 @@ For every HTTP request, in this order:
      once; a chunked body is counted as it arrives and refused as soon as it passes the limit.
   3. Anything the route raised that no handler turned into a response becomes an OpenAI error
      body (a dead replica: 503), never a bare 500 page.
-  4. A ``Server-Timing`` header on every response (deployments/ingress/timing.py).
+  4. A ``Server-Timing`` header on every response (deployments/ingress/timing.py); the request's
+     X-Request-Id as it came in, for the route's id (deployments/ingress/request_ids.py).
 
 Settings come from the replica (the config tree); a Gate without them answers 503 (fail closed).
 """
@@ -23,6 +24,7 @@ import hmac
 import json
 from dataclasses import dataclass
 
+from deployments.ingress import request_ids
 from deployments.ingress.timing import start as timing_start
 from omni_ray.config import AppConfig
 from omni_ray.errors import AuthenticationError, InvalidRequestError, OmniError, ResourceError
@@ -107,12 +109,17 @@ class Gate:
     async def _run(self, scope, receive, send):
         started = False
         timing = timing_start()
+        ids = request_ids.begin(scope)
 
         async def tracking_send(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message = dict(message, headers=[*message.get("headers", ()), (b"server-timing", timing.header())])
+                headers = [*message.get("headers", ()), (b"server-timing", timing.header())]
+                rid = ids.header()
+                if rid is not None and not any(k.lower() == rid[0] for k, _ in headers):
+                    headers.append(rid)
+                message = dict(message, headers=headers)
             await send(message)
 
         try:
@@ -121,7 +128,8 @@ class Gate:
             if started:
                 raise
             from deployments.ingress.http import as_omni
-            await send_error(send, as_omni(err))
+            rid = ids.header()
+            await send_error(send, as_omni(err), {"X-Request-Id": rid[1].decode()} if rid else None)
 
 
 def _limited(receive, limit: int):

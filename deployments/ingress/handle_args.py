@@ -5,6 +5,7 @@ import io
 
 from pydantic import ValidationError
 
+from deployments.ingress.http import validation_message
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 from omni_ray.errors import InvalidRequestError
 
@@ -14,9 +15,8 @@ def validated(cls, **kw):
     try:
         return cls(**kw)
     except ValidationError as err:
-        e = err.errors()[0]
-        raise InvalidRequestError(f"{'.'.join(map(str, e['loc']))}: {e['msg']}",
-                                  param=".".join(map(str, e["loc"]))) from None
+        msg, param = validation_message(err.errors()[:1])
+        raise InvalidRequestError(msg, param=param) from None
 
 
 def images_as(pngs: list[bytes], fmt: str) -> list:
@@ -29,13 +29,17 @@ def images_as(pngs: list[bytes], fmt: str) -> list:
     raise InvalidRequestError(f"output_format must be 'png' or 'pil', got {fmt!r}", param="output_format")
 
 
-def text_body(prompt, messages, logprobs: bool = False, **kw):
+def text_body(prompt, messages, logprobs: int | bool | None = None, **kw):
     """The request model and the prompts' inputs of a text call: exactly one of ``prompt`` and
-    ``messages`` (only the first prompt of a list is used)."""
+    ``messages`` (only the first prompt of a list is used). ``logprobs``: None (off), or how many
+    alternatives besides each token (vLLM's meaning; True is 0, False None)."""
     if (prompt is None) == (messages is None):
         raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
+    if isinstance(logprobs, bool):
+        logprobs = 0 if logprobs else None
     if messages is not None:
-        body = validated(ChatCompletionRequest, messages=messages, logprobs=logprobs, **kw)
+        body = validated(ChatCompletionRequest, messages=messages, logprobs=logprobs is not None,
+                         top_logprobs=logprobs, **kw)
         return body, [{"messages": body.chat_messages()}]
-    body = validated(CompletionRequest, prompt=prompt, logprobs=0 if logprobs else None, **kw)
+    body = validated(CompletionRequest, prompt=prompt, logprobs=logprobs, **kw)
     return body, [{"prompt": p} for p in body.prompts()[:1]]

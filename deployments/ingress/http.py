@@ -62,15 +62,25 @@ def error_event(err: BaseException) -> str:
     return sse(e.to_openai() | {"status": e.http_status})
 
 
+def validation_message(errs: list[dict]) -> tuple[str, str | None]:
+    """(message, param) of pydantic errors: each error as ``field.path: what is wrong`` (without
+    pydantic's "Value error, " prefix); param = the first error's field."""
+    def loc(e: dict) -> str:
+        return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+
+    def msg(e: dict) -> str:
+        m = str(e.get("msg", ""))
+        return m.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+    text = "; ".join(f"{loc(e) or 'body'}: {msg(e)}" for e in errs)
+    return text or "invalid request", (loc(errs[0]) or None) if errs else None
+
+
 def install_handlers(app) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-                        for e in errs)
-        return error_response(InvalidRequestError(msg or "invalid request", param=".".join(loc) or None))
+        msg, param = validation_message(exc.errors())
+        return error_response(InvalidRequestError(msg, param=param))
 
     @app.exception_handler(OmniError)
     async def _omni(request: Request, exc: OmniError):

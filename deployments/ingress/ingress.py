@@ -3,7 +3,7 @@
 HTTP (FastAPI; every path but /health needs ``Authorization: Bearer <key>`` when app.api_keys is
 set; keys, body size and stray exceptions are handled by the Gate middleware before FastAPI parses
 a body, the other limits by the routes before any stage is called):
-    GET  /health  /info  /v1/models  /v1/pipelines
+    GET  /health  /info  /v1/models  /v1/models/{id}  /v1/pipelines
     POST /v1/completions  /v1/chat/completions  /v1/images/generations
     POST /v1/pipelines/{name}     (or /v1/pipelines/run with a "pipeline" field; "stream": true for SSE)
     POST /generate                (vLLM-omni's route: the same runner, pipeline and stage_args optional)
@@ -42,6 +42,7 @@ from deployments.ingress.limits import check_pipeline_limits, check_text_limits
 from deployments.ingress.openapi_doc import install_openapi
 from deployments.ingress.pipelines import pipeline_events, pipeline_result, public, render_pipeline
 from deployments.ingress.remote_stages import RemoteAR, RemoteDiT
+from deployments.ingress.request_ids import RequestIds
 from deployments.ingress.text import collect, render_text, text_events, text_requests
 from deployments.openai.protocol import (
     ChatCompletionRequest,
@@ -84,6 +85,7 @@ class Ingress:
         self.limits = self.config.app.limits
         self.admission = Admission(self.config)
         self.requests = Lifecycle(self.config.app, self.admission, OpenStreams(self.config.app.streaming))
+        self.ids = RequestIds()                 # <prefix>-<X-Request-Id>, unique (request_ids.py)
 
     def __serve_build_asgi_app__(self):
         """Called by Serve after __init__: hand this replica's keys and limits to the Gate, and its
@@ -110,14 +112,14 @@ class Ingress:
     def _text_prepare(self, body, prompts: list[dict], id_prefix: str):
         """(stage, params, request id, typed stage requests) of a text body, its limits checked."""
         stage = self.catalog.stage(body.model, "ar")
+        check_text_limits(body, self.limits)          # this app's limits first, then the engine's rules
         params = body.to_sampling_params()
-        check_text_limits(body, params, self.limits)
-        rid = new_id(id_prefix)
+        rid = self.ids.new(id_prefix)
         return stage, params, rid, text_requests(rid, prompts, body, params)
 
     async def _text(self, body, prompts: list[dict], fmt_cls, tools: ToolCalling | None = None):
         stage, params, rid, reqs = self._text_prepare(body, prompts, "chatcmpl" if fmt_cls is Chat else "cmpl")
-        fmt = fmt_cls(rid, self.names[stage], params.logprobs)
+        fmt = fmt_cls(rid, self.names[stage], params.logprobs is not None, getattr(body, "echo", False))
         kind = "chat" if fmt_cls is Chat else "completions"
         fmt = fmt if tools is None else ToolChat(fmt, tools)          # messages with tool calls
         if not body.stream:
@@ -155,7 +157,7 @@ class Ingress:
         check_text(body.prompt)
         args = body.to_stage_args()
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
-        rid = new_id("pipe")
+        rid = self.ids.new("pipe")
         if not body.stream:
             res = await self._run_collect(rid, name, pipe, body.prompt, args, body.priority)
             out = {"id": rid, "object": "pipeline.result", "created": int(time.time()), "pipeline": name,
@@ -178,7 +180,7 @@ class Ingress:
         check_text(body.prompt)
         args = StageArgs(image=body.diffusion())
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
-        res = await self._run_collect(new_id("img"), "images", pipe, body.prompt, args, body.priority)
+        res = await self._run_collect(self.ids.new("img"), "images", pipe, body.prompt, args, body.priority)
         return {"created": int(time.time()), "data": b64_images(res["images"]), "model": name}
 
     @app.post("/v1/requests/{request_id}/cancel")
@@ -192,9 +194,12 @@ class Ingress:
     # ================================================================== info
     @app.get("/v1/models")
     async def models(self):
-        return {"object": "list", "data": [
-            {"id": self.names[k], "object": "model", "created": 0, "owned_by": "omni-ray",
-             "stage": k, "kind": self.kinds[k]} for k in self.kinds]}
+        return {"object": "list", "data": self.catalog.model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str):
+        """One model object (``client.models.retrieve(id)``); ids may contain '/'. 404 if unknown."""
+        return self.catalog.model(model_id)
 
     @app.get("/v1/pipelines")
     async def pipelines(self):
@@ -226,11 +231,12 @@ class Ingress:
     async def generate_text(self, prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
                             model: str | None = None, max_tokens: int | None = 64, temperature: float = 1.0,
                             top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                            n: int = 1, logprobs: bool = False, ignore_eos: bool = False,
+                            n: int = 1, logprobs: int | bool | None = None, ignore_eos: bool = False,
                             priority: str = "normal") -> dict:
         """One text generation. ``messages`` uses the chat template; ``prompt`` is raw text or token ids.
         Returns ``{"text", "token_ids", "finish_reason", "usage", "model"}`` (plus ``choices`` when n > 1,
-        ``logprobs`` when asked)."""
+        ``logprobs`` when asked: ``logprobs=k`` gives one entry per token, ``{"id", "token" (its text),
+        "logprob", "bytes", "top_logprobs": [k such entries]}``)."""
         body, prompts = text_body(prompt, messages, model=model, max_tokens=max_tokens, logprobs=logprobs,
                                   temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
                                   ignore_eos=ignore_eos, priority=priority)
@@ -239,8 +245,8 @@ class Ingress:
         c = choices[0]
         out = {"id": rid, "model": self.names[stage], "text": c.text, "token_ids": c.token_ids,
                "finish_reason": c.finish_reason, "usage": usage(choices, {0: c.prompt_tokens})}
-        if logprobs:
-            out["logprobs"], out["tokens"] = c.logprobs, c.tokens
+        if logprobs is not None and logprobs is not False:
+            out["logprobs"] = c.logprobs
         if n > 1:
             out["choices"] = [{"text": x.text, "token_ids": x.token_ids, "finish_reason": x.finish_reason}
                               for x in choices]

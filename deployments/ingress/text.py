@@ -19,7 +19,7 @@ def text_requests(rid: str, prompts: list[dict], body, params: SamplingParams) -
         for j in range(body.n):
             p = params if j == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + j)
             idx = p_idx * body.n + j
-            out.append((idx, ARRequest(f"{rid}-{idx}", **inputs, params=p)))
+            out.append((idx, ARRequest(f"{rid}-{idx}", **inputs, params=p, echo=getattr(body, "echo", False))))
     return out
 
 
@@ -51,9 +51,10 @@ async def render_text(fmt, body, indices: list[int], events) -> AsyncIterator[st
         if (c := fmt.first_chunk(i)) is not None:
             yield sse(c)
     async for i, d in events:
-        offset = len(choices[i].text)
+        offset = choices[i].stream_offset
         choices[i].add(d)
-        if (d["text"] or d["finished"] or d.get("logprobs")) and (c := fmt.chunk(i, d, offset)) is not None:
+        if ((d["text"] or d["finished"] or d.get("logprobs") or d.get("prompt_text"))
+                and (c := fmt.chunk(i, d, offset)) is not None):          # None: a tool parser holds it back
             yield sse(c)
     if body.include_usage:
         cs = list(choices.values())

@@ -4,14 +4,15 @@ Unknown fields are ignored (clients send many); known fields are type-checked he
 error becomes a 400 with OpenAI's error body). Their ranges are the engines' own rules
 (``SAMPLING_RULES`` / ``DIFFUSION_RULES``): the fields document them as OpenAPI bounds and
 ``to_sampling_params()`` / ``to_diffusion_params()`` check them, once, with the same message an
-offline caller gets. Fields OpenAI defines that omni-ray cannot honour (``echo``, penalties,
-``response_format: url``) are rejected with 400 rather than silently ignored. Tool calling
+offline caller gets. Fields OpenAI defines that omni-ray cannot honour (penalties, ``logit_bias``,
+``functions``, ``suffix``, ``best_of`` != n, audio out, ``response_format: url``, ...: the
+``*_REFUSED`` tables) are rejected with a 400 naming the field rather than silently ignored. Tool calling
 (``tools``, ``tool_choice``, tool-call history): deployments/openai/tools.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -37,6 +38,7 @@ class _Body(BaseModel):
     ``n``, no ``"2"`` as ``max_tokens``): a value of the wrong JSON type is a 400."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
+    refused: ClassVar[dict] = {}      # OpenAI fields this body refuses (400 naming the field) unless unset
 
     @model_validator(mode="before")
     @classmethod
@@ -44,6 +46,7 @@ class _Body(BaseModel):
         bad = _first_non_utf8(data)
         if bad is not None:
             raise ValueError(f"{bad or 'value'}: text must be valid Unicode (a lone surrogate was sent)")
+        refuse_unsupported(data, cls.refused)
         return data
 
 
@@ -64,6 +67,57 @@ def _first_non_utf8(value: Any, path: str = "") -> str | None:
         elif isinstance(v, list):
             stack.extend((x, f"{p}.{i}") for i, x in enumerate(v))
     return None
+
+
+# ----------------------------------------------------------------------------- fields refused
+def _unset(*ok: Any) -> Callable[[Any], bool]:
+    """A value that asks for nothing: None, an empty list / dict / string, or one of ``ok``."""
+    return lambda v: v is None or v in ok or (isinstance(v, (list, dict, str)) and not v)
+
+
+# field -> (values that ask for nothing, why anything else is refused). OpenAI fields whose value
+# would change the output and that omni-ray does not implement: a 400 naming the field, never
+# silently ignored. Fields that change nothing in the output (user, metadata, store, service_tier,
+# prediction, prompt_cache_key, safety_identifier, moderation) are accepted and ignored (docs/serving.md).
+TEXT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "logit_bias": (_unset(), "logit_bias is not supported"),
+}
+CHAT_REFUSED = TEXT_REFUSED | {
+    "functions": (_unset(), "functions is deprecated by OpenAI and not supported; use tools"),
+    "function_call": (_unset("none"), "function_call is deprecated by OpenAI and not supported; use tool_choice"),
+    "audio": (_unset(), "audio output is not supported (this server returns text)"),
+    "modalities": (_unset(["text"]), "only the text modality is supported (modalities: [\"text\"])"),
+    "reasoning_effort": (_unset(), "reasoning_effort is not supported"),
+    "verbosity": (_unset(), "verbosity is not supported"),
+    "web_search_options": (_unset(), "web search is not supported"),
+}
+COMPLETION_REFUSED = TEXT_REFUSED | {
+    "suffix": (_unset(), "suffix (insertion) is not supported"),
+}
+IMAGE_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "output_format": (_unset("png"), "output_format must be png (images are PNG)"),
+    "output_compression": (_unset(), "output_compression is not supported (images are PNG)"),
+    "background": (_unset("auto", "opaque"), "background: only opaque images are supported"),
+    "quality": (_unset("auto", "standard"), "quality is not supported; use num_inference_steps"),
+    "style": (_unset(), "style is not supported; describe the style in the prompt"),
+    "stream": (_unset(False), "streamed image generation is not supported"),
+    "partial_images": (_unset(0), "partial_images is not supported"),
+}
+
+
+def refuse_unsupported(data: Any, refused: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Raise InvalidRequestError (``param`` = the field) for the first field of ``data`` that asks
+    for something in ``refused``."""
+    if not isinstance(data, dict):
+        return
+    for name, (asks_nothing, why) in refused.items():
+        v = data.get(name)
+        try:
+            fine = asks_nothing(v)
+        except TypeError:                    # an unhashable value where a string was expected
+            fine = False
+        if not fine:
+            raise InvalidRequestError(why, param=name)
 
 
 class StreamOptions(_Body):
@@ -109,20 +163,31 @@ class _Sampling(_Body):
     def _stops(cls, v):
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options can only be set with stream: true", param="stream_options")
+        return self
+
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
 
     @property
-    def wants_logprobs(self) -> bool:
-        return bool(self.logprobs)
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: None (not asked), or how many alternatives besides each token."""
+        return None
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return None
 
     def to_sampling_params(self) -> SamplingParams:
         """The engine's params (its rules checked here); max_tokens None = fill the context
         (resolved by the AR stage)."""
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                               max_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos, stop=self.stop,
-                              seed=self.seed, logprobs=self.wants_logprobs,
+                              seed=self.seed, logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs,
                               structured_outputs=structured_outputs_of(self))
 
     @property
@@ -133,20 +198,26 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = bounded(16, S["max_tokens"])   # OpenAI's default for completions
-    logprobs: int | None = Field(None, ge=0, le=0)   # only the chosen token's logprob is returned
-    echo: bool = False
+    logprobs: int | None = bounded(None, S["logprobs"])   # each token's and this many alternatives (0..20)
+    echo: bool = False                               # the prompt before the completion (with logprobs: its tokens')
     best_of: int | None = None
+    refused: ClassVar[dict] = COMPLETION_REFUSED
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of != self.n:
+            why = "must be >= n" if self.best_of < self.n else "> n is not supported (only best_of == n)"
+            raise InvalidRequestError(f"best_of {why}; got best_of={self.best_of}, n={self.n}", param="best_of")
+        return self
 
     @property
-    def wants_logprobs(self) -> bool:
-        return self.logprobs is not None
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """echo with logprobs: the prompt's tokens too (lm-evaluation-harness's loglikelihood requests)."""
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt (each is checked when its stage request is built)."""
@@ -183,10 +254,19 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = bounded(None, S["max_tokens"])
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0)  # only the chosen token's logprob
+    top_logprobs: int | None = bounded(None, S["logprobs"])   # alternatives per token (0..20; needs logprobs)
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    refused: ClassVar[dict] = CHAT_REFUSED
+
+    @property
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None:
+            S["logprobs"].check("top_logprobs", self.top_logprobs)       # errors name the field sent
+            if not self.logprobs:
+                raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[dict]:
         out = []
@@ -242,9 +322,8 @@ class ImageGenerationRequest(_ImageArgs):
     prompt: str = Field(json_schema_extra={"minLength": 1})     # checked by the route (rules.check_text)
     model: str | None = None
     priority: Priority = "normal"
-    quality: str | None = None
-    style: str | None = None
     user: str | None = None
+    refused: ClassVar[dict] = IMAGE_REFUSED
 
 
 class PipelineRequest(_ImageArgs):

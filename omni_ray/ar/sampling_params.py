@@ -17,16 +17,20 @@ from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import Rule
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+MAX_LOGPROBS = 20          # top alternatives per token: OpenAI's bound (vLLM's default max_logprobs is 20)
 
 SAMPLING_RULES: dict[str, Rule] = {
     "temperature": Rule("number", ge=0.0, le=2.0, optional=False, note="(0: greedy)"),
     "top_p": Rule("number", gt=0.0, le=1.0, optional=False),
     "top_k": Rule("integer", ge=-1, optional=False, note="(-1 or 0: off)"),
     "min_p": Rule("number", ge=0.0, le=1.0, optional=False),
-    "max_tokens": Rule("integer", ge=1, note="(or None: up to the context length)"),
+    "max_tokens": Rule("integer", ge=0, note="(0: the prompt only; None: up to the context length)"),
     "seed": Rule("integer", ge=0, lt=2**63),
+    "logprobs": Rule("integer", ge=0, le=MAX_LOGPROBS, note="(alternatives besides the chosen token; None: off)"),
+    "prompt_logprobs": Rule("integer", ge=0, le=MAX_LOGPROBS,
+                            note="(alternatives besides each prompt token; None: off)"),
 }
-_FLAGS = ("ignore_eos", "logprobs", "skip_special_tokens")
+_FLAGS = ("ignore_eos", "skip_special_tokens")
 
 
 def _bad(param: str, msg: str):
@@ -44,7 +48,8 @@ class SamplingParams:
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
-    logprobs: bool = False            # return the log-probability of each chosen token
+    logprobs: int | None = None       # each chosen token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # each prompt token's (the first: None) and this many alternatives
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None   # constrained decoding (omni_ray.ar.grammar)
 
@@ -66,8 +71,11 @@ class SamplingParams:
         if self.stop is not None:
             if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
                 _bad("stop", f"must be a string or a list of strings, got {self.stop!r}")
-            if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
-                _bad("stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
+            if len(self.stop) > MAX_STOP_STRINGS:
+                _bad("stop", f"has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+            for i, s in enumerate(self.stop):
+                if len(s) > MAX_STOP_CHARS:
+                    _bad("stop", f"string {i} has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed")
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             _bad("structured_outputs", f"must be a StructuredOutputsParams, got {type(so).__name__}")

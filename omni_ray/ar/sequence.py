@@ -35,7 +35,10 @@ class Sequence:
         self.num_hashed_blocks = 0         # leading full blocks registered in the prefix cache
         self.finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
         self.error = None                      # the EngineError of a step that failed it
-        self.logprobs: list[float] = []
+        self.logprobs: list[float] = []        # each output token's log-probability (params.logprobs set)
+        self.top_logprobs: list[list[tuple[int, float]]] = []   # ... and its top alternatives (logprobs > 0)
+        # prompt tokens' (params.prompt_logprobs set): position 0 has none; each other (logprob, top alternatives)
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None]
         self.hidden_chunks: list[torch.Tensor] = []   # encode requests: [n, H] per prefill chunk
         self.generator: torch.Generator | None = None  # per-request seed
         self.grammar = None                     # structured outputs: its SequenceGrammar (omni_ray.ar.grammar)
@@ -54,6 +57,12 @@ class Sequence:
     @property
     def is_encode(self) -> bool:
         return isinstance(self.params, EncodeParams)
+
+    @property
+    def needs_every_position(self) -> bool:
+        """Hidden states or prompt log-probabilities of every prompt position: the prefix cache holds
+        neither, so such a sequence computes its whole prompt."""
+        return self.is_encode or getattr(self.params, "prompt_logprobs", None) is not None
 
     @property
     def num_output_tokens(self) -> int:

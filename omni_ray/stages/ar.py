@@ -4,8 +4,13 @@ A request's prompt becomes token ids here (chat template, system prompt, or raw 
 ``max_tokens=None`` becomes the room left in the context (capped by ``limits.max_tokens``), and the
 engine's outputs become plain dict deltas (what a Serve replica streams back):
 
-    {"text", "token_ids", "logprobs", "finished", "finish_reason", "num_prompt_tokens",
-     "num_output_tokens"} (+ "tokens" when the request asked for logprobs)
+    {"text", "token_ids", "finished", "finish_reason", "num_prompt_tokens", "num_output_tokens"}
+    + "logprobs" (params.logprobs set): one entry per new token,
+        {"id", "token", "logprob", "bytes", "top_logprobs": [{"id", "token", "logprob", "bytes"}, ...]}
+      (the token's decoded text and true bytes, ``omni_ray.ar.engine.token_bytes``; k alternatives)
+    + "prompt_logprobs" (params.prompt_logprobs set, first delta): one entry per prompt token (the first's
+      logprob and top_logprobs None)
+    + "prompt_text" (``req.echo``, first delta): the prompt as text (token-id prompts decoded)
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import AsyncIterator
 
 import torch
 
+from omni_ray.ar.engine.token_bytes import TokenTable, token_table
 from omni_ray.config import AREngineConfig, LimitsConfig
 from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_prompt_tokens
@@ -59,7 +65,7 @@ def pretokenize(tokenizer, reqs: list[ARRequest]) -> list[ARRequest]:
     """``reqs`` with each plain text prompt (no chat messages, no system prompt) replaced by its
     token ids, all encoded in one batch call (the tokenizer's Rust batch path): a burst's prompts
     cost the replica one call, not one each. Anything else is left for ``prompt_ids``."""
-    idx = [i for i, r in enumerate(reqs) if r.is_plain_text]
+    idx = [i for i, r in enumerate(reqs) if r.is_plain_text and not r.echo]     # echo: the prompt as sent
     if len(idx) < 2:
         return reqs
     texts = [reqs[i].prompt for i in idx]
@@ -79,11 +85,34 @@ def merge_deltas(items: list[dict]) -> dict:
     out = dict(items[-1])
     out["text"] = "".join(d["text"] for d in items)
     out["token_ids"] = [t for d in items for t in d["token_ids"]]
-    if items[-1].get("logprobs") is not None:
+    if any("logprobs" in d for d in items):
         out["logprobs"] = [x for d in items for x in (d.get("logprobs") or [])]
-    if "tokens" in items[-1]:
-        out["tokens"] = [x for d in items for x in d.get("tokens", [])]
+    for key in ("prompt_logprobs", "prompt_text"):          # first delta only
+        first = next((d[key] for d in items if key in d), None)
+        if first is not None:
+            out[key] = first
     return out
+
+
+MIN_LOGPROB = -9999.0      # -inf is no JSON number: clamped as vLLM does
+
+
+def logprob_entries(table: TokenTable, ids: list[int], lps: list[float], tops: list | None) -> list[dict]:
+    """The stage's logprobs entries of tokens ``ids`` (``tops``: each one's [(id, logprob)] alternatives)."""
+    out = []
+    for j, (t, lp) in enumerate(zip(ids, lps)):
+        e = table.entry(t, max(lp, MIN_LOGPROB))
+        e["top_logprobs"] = [table.entry(a, max(alp, MIN_LOGPROB)) for a, alp in tops[j]] if tops else []
+        out.append(e)
+    return out
+
+
+def prompt_logprob_entries(table: TokenTable, prompt) -> list[dict]:
+    """``RequestOutput.prompt_logprobs`` ((ids, [None, (logprob, top)...])) as stage entries; the first
+    token's has its text and bytes, and None for ``logprob`` and ``top_logprobs`` (nothing precedes it)."""
+    ids, scored = prompt
+    first = table.entry(ids[0], None) | {"top_logprobs": None}
+    return [first] + logprob_entries(table, ids[1:], [x[0] for x in scored[1:]], [x[1] for x in scored[1:]])
 
 
 class ARStageEngine(EngineStage):
@@ -113,12 +142,20 @@ class ARStageEngine(EngineStage):
         engine = self.engine
         ids = prompt_ids(engine.tokenizer, req, self.limits.max_prompt_tokens)
         params = req.params.resolve_max_tokens(len(ids), engine.max_model_len, self.limits.max_tokens)
+        table = token_table(engine.tokenizer) if params.logprobs is not None or params.prompt_logprobs is not None \
+            else None
+        first = True
         async for out in engine.generate(ids, params, req.request_id, interval=interval):
-            d = {"text": out.text, "token_ids": list(out.token_ids), "logprobs": out.logprobs,
+            d = {"text": out.text, "token_ids": list(out.token_ids),
                  "finished": out.finished, "finish_reason": out.finish_reason,
                  "num_prompt_tokens": out.num_prompt_tokens, "num_output_tokens": out.num_output_tokens}
-            if params.logprobs:
-                d["tokens"] = engine.tokenizer.convert_ids_to_tokens(d["token_ids"])
+            if params.logprobs is not None:
+                d["logprobs"] = logprob_entries(table, d["token_ids"], out.logprobs or [], out.top_logprobs)
+            if out.prompt_logprobs is not None:
+                d["prompt_logprobs"] = prompt_logprob_entries(table, out.prompt_logprobs)
+            if first and req.echo:
+                d["prompt_text"] = req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(ids)
+            first = False
             yield d
 
     async def encode(self, req: ARRequest) -> torch.Tensor:

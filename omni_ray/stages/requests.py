@@ -55,6 +55,7 @@ class ARRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     layer: int | None = None                       # encode(): which layer's hidden states (None: the last)
     multi_modal_data: dict[str, Any] | None = None  # {"image": ..., "audio": ...}: for stages that take them
+    echo: bool = False                             # the first delta carries the prompt as text (completions' echo)
     tools: list[dict] | None = None                # OpenAI ``tools``: rendered by the chat template (messages only)
 
     def __post_init__(self):

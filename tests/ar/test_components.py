@@ -56,7 +56,7 @@ def test_full_prompt_hit_still_computes_last_token():
 def _tensors(n, **kw):
     p = dict(temperature=torch.ones(n), top_k=torch.zeros(n, dtype=torch.long), top_p=torch.ones(n),
              min_p=torch.zeros(n), generators=[None] * n, need_topk_topp=False, need_min_p=False,
-             all_greedy=False, want_logprobs=False)
+             all_greedy=False)
     p.update(kw)
     return SamplingTensors(**p)
 
@@ -78,7 +78,11 @@ def test_top_k_top_p_min_p_restrict_support():
 
 def test_temperature_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(20000, 1)
-    ids, lp = sample(logits, _tensors(20000, want_logprobs=True))
+    ids, (lp_ids, lp) = sample(logits, _tensors(20000, num_logprobs=2))
     freq = torch.bincount(ids, minlength=3).float() / 20000
     torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.02, rtol=0)
-    torch.testing.assert_close(lp.exp(), torch.tensor([0.7, 0.2, 0.1])[ids], atol=1e-5, rtol=0)
+    assert lp_ids.shape == (20000, 3) and (lp_ids[:, 0] == ids).all()
+    torch.testing.assert_close(lp[:, 0].exp(), torch.tensor([0.7, 0.2, 0.1])[ids], atol=1e-5, rtol=0)
+    # columns 1..2: the two most likely tokens in rank order, whatever was drawn
+    assert (lp_ids[:, 1:] == torch.tensor([0, 1])).all()
+    torch.testing.assert_close(lp[:, 1:].exp(), torch.tensor([[0.7, 0.2]]).expand(20000, 2), atol=1e-5, rtol=0)

@@ -134,7 +134,8 @@ def test_bad_requests_raise_and_do_not_disturb(qwen3, prompt, params, param):
     assert good.num_output_tokens == 4
 
 
-@pytest.mark.parametrize("kw", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
+@pytest.mark.parametrize("kw", [dict(max_tokens=-1), dict(logprobs=21), dict(temperature=-1), dict(top_p=0),
+                                dict(top_p=1.5),
                                 dict(top_k=-5), dict(min_p=2.0), dict(seed=-1)])
 def test_bad_sampling_values(kw):
     with pytest.raises(InvalidRequestError):
@@ -229,8 +230,8 @@ def test_mixed_step_packing_equals_the_eager_inputs():
 
 
 SAMPLED = [SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=37),
-           SamplingParams(temperature=1.0, top_k=20, seed=2, max_tokens=23, logprobs=True),
-           SamplingParams(temperature=0, max_tokens=30, logprobs=True, ignore_eos=True),
+           SamplingParams(temperature=1.0, top_k=20, seed=2, max_tokens=23, logprobs=0),
+           SamplingParams(temperature=0, max_tokens=30, logprobs=0, ignore_eos=True),
            SamplingParams(temperature=0.7, min_p=0.05, seed=3, max_tokens=45, ignore_eos=True)]
 
 

@@ -68,6 +68,22 @@ def test_unconstrained_rows_of_a_mixed_batch_are_unchanged(qwen3):
         jsonschema.validate(json.loads(out["text"]), SCHEMA)
 
 
+def test_multi_step_decode_with_constrained_rows_equals_single_steps(qwen3):
+    """A run of k decode steps masks each step on the host between the forwards (the matchers follow
+    the run's tokens, then roll back for the engine): the same tokens as one step per launch."""
+    params = [constrained(s, temperature=t) for s, t in ((1, 1.0), (2, 0.0), (3, 0.7))]
+    params.append(SamplingParams(temperature=0.8, seed=4, max_tokens=50, ignore_eos=True))
+    single = make_llm(decode_steps=1).generate(PROMPTS, params, use_tqdm=False)
+    f0, s0 = qwen3.stats.forwards, qwen3.stats.steps
+    multi = qwen3.generate(PROMPTS, params, use_tqdm=False)
+    assert qwen3.stats.forwards - f0 > qwen3.stats.steps - s0               # multi-step runs happened
+    assert [o["token_ids"] for o in multi] == [o["token_ids"] for o in single]
+    assert [o["finish_reason"] for o in multi] == [o["finish_reason"] for o in single]
+    for o in multi[:3]:
+        jsonschema.validate(json.loads(o["text"]), SCHEMA)
+    assert qwen3.engine_stats()["grammar_matchers"] == 0
+
+
 def test_constrained_output_does_not_depend_on_the_batch(qwen3):
     alone = qwen3.generate([PROMPTS[1]], constrained(5), use_tqdm=False)[0]
     batch = qwen3.generate(PROMPTS[:3], [SamplingParams(temperature=0.9, seed=1, max_tokens=30), constrained(5),
@@ -169,3 +185,51 @@ def test_a_constraint_that_fails_to_compile_fails_only_its_request():
         failed += [s for s in llm.step_seqs() if s.error is not None]
     assert failed == [bad] and bad.error.param == "structured_outputs" and bad.finish_reason == "error"
     assert ok.finish_reason == "length"
+
+
+@pytest.mark.parametrize("core", ["off", "on"], ids=["thread-core", "process-core"])
+def test_async_stream_constrained_and_a_caller_that_leaves_frees_its_matcher(core):
+    import asyncio
+
+    from omni_ray.ar import AsyncLLM
+    from omni_ray.config import AREngineConfig
+
+    eng = AsyncLLM(AREngineConfig.from_kwargs("tiny:qwen3", core_process=core, enforce_eager=True, device="cpu",
+                                              kvcache_block_size=16, num_kvcache_blocks=256, max_model_len=512))
+
+    async def main():
+        text = "".join([o.text async for o in eng.generate(PROMPTS[0], constrained(3), "full")])
+        gen = eng.generate(PROMPTS[1], constrained(4, max_tokens=200), "leaves")
+        await gen.__anext__()
+        await gen.aclose()                                    # the caller goes away mid-generation
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if eng.stats()["grammar_matchers"] == 0:
+                break
+        with pytest.raises(InvalidRequestError) as e:
+            await eng.generate(PROMPTS[2], SamplingParams(structured_outputs=SO(regex="([")), "bad").__anext__()
+        after = [o async for o in eng.generate(PROMPTS[2], constrained(5, choice=["x", "y"]), "after")]
+        return text, e.value, after
+
+    try:
+        text, err, after = asyncio.run(main())
+    finally:
+        asyncio.run(eng.shutdown())
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert eng.stats()["grammar_matchers"] == 0
+    assert err.param == "structured_outputs"
+    assert "".join(o.text for o in after) in ("x", "y") and after[-1].finish_reason == "stop"
+
+
+def test_preempted_constrained_sequences_resume_their_grammar(qwen3):
+    """Preemption recomputes a sequence's KV; its matcher keeps its place: the output is the same
+    as without preemption, and valid."""
+    params = [constrained(s, max_tokens=40, regex=r"[a-z]{1,4}( [a-z]{1,4}){4,6}\.") for s in range(12)]
+    want = [o["token_ids"] for o in qwen3.generate(PROMPTS * 3, params, use_tqdm=False)]
+    llm = make_llm(num_kvcache_blocks=8, max_model_len=128, enable_prefix_caching=False)
+    got = llm.generate(PROMPTS * 3, params, use_tqdm=False)
+    assert llm.scheduler.num_preemptions > 0
+    assert [o["token_ids"] for o in got] == want
+    for o in got:
+        assert o["finish_reason"] == "length" or re.fullmatch(r"[a-z]{1,4}( [a-z]{1,4}){4,6}\.", o["text"]), o
+    assert sum(o["finish_reason"] == "stop" for o in got) >= 6

@@ -94,10 +94,11 @@ def test_a_batch_of_plain_prompts_is_tokenized_in_one_call_as_one_by_one(tmp_pat
         ARRequest("e", prompt="")
     reqs = [ARRequest("a", prompt=TEXT), ARRequest("b", prompt="a café at dusk, naïve"),
             ARRequest("c", prompt=[5, 6, 7]), ARRequest("d", prompt="hi", system_prompt="be brief"),
-            ARRequest("e", messages=[{"role": "user", "content": "x"}]), ARRequest("f", prompt=TEXT + " " + TEXT)]
+            ARRequest("e", messages=[{"role": "user", "content": "x"}]), ARRequest("f", prompt=TEXT + " " + TEXT),
+            ARRequest("g", prompt=TEXT, echo=True)]                # echo: the prompt is returned as sent
     out = pretokenize(tok, reqs)
-    assert [type(r.prompt) for r in out] == [list, list, list, str, type(None), list]
-    assert [r.request_id for r in out] == list("abcdef")
+    assert [type(r.prompt) for r in out] == [list, list, list, str, type(None), list, str]
+    assert [r.request_id for r in out] == list("abcdefg")
     for r, o in zip(reqs, out):
         assert prompt_ids(tok, o) == prompt_ids(tok, r)
     assert reqs[0].prompt == TEXT                                     # the caller's requests are not changed

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.ray
 # a valid request for every route of the app (path template -> (method, concrete path, body))
 VALID = {
     "/v1/models": ("GET", "/v1/models", None),
+    "/v1/models/{model_id}": ("GET", "/v1/models/tiny-qwen3", None),
     "/v1/pipelines": ("GET", "/v1/pipelines", None),
     "/info": ("GET", "/info", None),
     "/v1/completions": ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
@@ -80,7 +81,7 @@ L = GUARD_LIMITS
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 OVER = [
     ("/v1/completions", {"prompt": "x", "max_tokens": L["max_tokens"] + 1}, "max_tokens"),
-    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": L["max_tokens"] + 1}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": L["max_tokens"] + 1}, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": 2, "n": L["max_n"] + 1}, "n"),
     ("/v1/completions", {"prompt": ["a"] * (L["max_prompts"] + 1), "max_tokens": 2}, "prompt"),
     ("/v1/completions", {"prompt": [5] * (L["max_prompt_tokens"] + 1), "max_tokens": 2}, "prompt"),

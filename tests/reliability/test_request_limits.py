@@ -85,7 +85,7 @@ def test_chat_max_tokens_is_checked_even_when_max_completion_tokens_wins():
     from deployments.openai.protocol import ChatCompletionRequest
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_tokens=17, max_completion_tokens=4)
     with pytest.raises(InvalidRequestError) as e:
-        check_text_limits(req, req.to_sampling_params(), limits())
+        check_text_limits(req, limits())
     assert e.value.param == "max_tokens"
 
 
@@ -96,7 +96,7 @@ def test_text_limits():
                         ({"prompt": "x", "max_tokens": 17}, "max_tokens")]:
         req = CompletionRequest(**body)
         with pytest.raises(InvalidRequestError) as e:
-            check_text_limits(req, req.to_sampling_params(), lim)
+            check_text_limits(req, lim)
         assert e.value.param == param, body
 
 

@@ -35,7 +35,7 @@ def test_handle_errors_are_typed(omni_handle):
     from omni_ray.errors import InvalidRequestError, ModelNotFoundError
 
     with pytest.raises(InvalidRequestError):
-        omni_handle.generate_text.remote("Hello", max_tokens=0).result()
+        omni_handle.generate_text.remote("Hello", max_tokens=-1).result()
     with pytest.raises(ModelNotFoundError):
         omni_handle.run_pipeline.remote("no-such-pipeline", "x").result()
 

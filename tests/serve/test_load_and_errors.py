@@ -90,7 +90,7 @@ def _error(r, status: int, param: str | None = None) -> dict:
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),

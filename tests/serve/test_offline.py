@@ -44,13 +44,16 @@ def test_llm_encoder_hands_hidden_states_to_the_dit(omni):
     hs = omni.engine("llm").engine.encode(["a red fox"])[0]
     assert list(hs.shape) == enc["shape"] and torch.isfinite(hs).all()
     assert out.images[0].size == (64, 64)
+    # the encoder's prompt tokens count in usage (one per hidden-state row), no completion tokens
+    assert out.usage == {"prompt_tokens": enc["shape"][0], "completion_tokens": 0, "total_tokens": enc["shape"][0]}
+    assert enc["shape"][0] > 0
 
 
 def test_errors(omni):
     with pytest.raises(ModelNotFoundError):
         omni.generate("nope", "x")
     with pytest.raises(InvalidRequestError):
-        omni.generate("chat", "x", max_tokens=0, use_tqdm=False)
+        omni.generate("chat", "x", max_tokens=-1, use_tqdm=False)
     with pytest.raises(InvalidRequestError):
         omni.generate("image", "x", size="65x64", use_tqdm=False)
     ok = omni.generate("chat", "still fine", max_tokens=2, use_tqdm=False)   # errors left the engines healthy

@@ -75,7 +75,7 @@ def test_openai_errors(oai):
     import openai
 
     with pytest.raises(openai.BadRequestError) as e:
-        oai.completions.create(model="tiny-qwen3", prompt="x", max_tokens=0)
+        oai.completions.create(model="tiny-qwen3", prompt="x", max_tokens=-1)
     assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-nope", messages=[{"role": "user", "content": "x"}])

@@ -67,9 +67,55 @@ def test_requests_parse():
     img = ImageGenerationRequest(prompt="p", size="64x32", n=2, seed=3)
     assert img.diffusion() == {"height": 32, "width": 64, "seed": 3, "num_images_per_prompt": 2}
     with pytest.raises(ValueError):
-        CompletionRequest(prompt="x", echo=True)
-    with pytest.raises(ValueError):
         ImageGenerationRequest(prompt="x", response_format="url")
+
+
+def test_logprob_fields_map_to_the_engine_params():
+    p = CompletionRequest(prompt="x", logprobs=1, echo=True, max_tokens=0).to_sampling_params()
+    assert (p.logprobs, p.prompt_logprobs, p.max_tokens) == (1, 1, 0)          # lm-eval's loglikelihood body
+    p = CompletionRequest(prompt="x", logprobs=5).to_sampling_params()
+    assert (p.logprobs, p.prompt_logprobs) == (5, None)
+    msgs = [{"role": "user", "content": "x"}]
+    assert ChatCompletionRequest(messages=msgs, logprobs=True, top_logprobs=20).to_sampling_params().logprobs == 20
+    assert ChatCompletionRequest(messages=msgs, logprobs=True).to_sampling_params().logprobs == 0
+    assert ChatCompletionRequest(messages=msgs).to_sampling_params().logprobs is None
+    for body, param in ((CompletionRequest(prompt="x", logprobs=21), "logprobs"),
+                        (ChatCompletionRequest(messages=msgs, logprobs=True, top_logprobs=21), "top_logprobs"),
+                        (ChatCompletionRequest(messages=msgs, top_logprobs=2), "top_logprobs")):
+        with pytest.raises(InvalidRequestError) as e:
+            body.to_sampling_params()
+        assert e.value.param == param
+
+
+def _entry(i, tok, lp, raw, top=()):
+    return {"id": i, "token": tok, "logprob": lp, "bytes": list(raw),
+            "top_logprobs": None if top is None else [{"id": 9, "token": t, "logprob": x, "bytes": list(t.encode())}
+                                                      for t, x in top]}
+
+
+def test_completion_echo_and_logprobs_bodies():
+    from deployments.openai.responses import Chat, Choice, Completion
+    c = Choice(0)
+    c.add({"text": "\u2014b", "token_ids": [5, 6, 7], "finished": True, "finish_reason": "length",
+           "num_prompt_tokens": 2, "num_output_tokens": 3, "prompt_text": "Hi",
+           "prompt_logprobs": [_entry(1, "H", None, b"H", None), _entry(2, "i", -2.0, b"i", [("o", -1.0)])],
+           "logprobs": [_entry(5, "bytes:\\xe2\\x80", -0.5, b"\xe2\x80", [("a", -0.1)]),
+                        _entry(6, "bytes:\\x94", -0.25, b"\x94", [("b", -0.2)]),
+                        _entry(7, "b", -0.125, b"b", [("b", -0.125)])]})
+    body = Completion("cmpl-1", "m", logprobs=True, echo=True).body([c], {})
+    ch = body["choices"][0]
+    assert ch["text"] == "Hi\u2014b"
+    lp = ch["logprobs"]
+    assert lp["tokens"] == ["H", "i", "bytes:\\xe2\\x80", "bytes:\\x94", "b"]
+    assert lp["token_logprobs"] == [None, -2.0, -0.5, -0.25, -0.125]
+    assert lp["top_logprobs"] == [None, {"i": -2.0, "o": -1.0}, {"bytes:\\xe2\\x80": -0.5, "a": -0.1},
+                                  {"bytes:\\x94": -0.25, "b": -0.2}, {"b": -0.125}]
+    assert lp["text_offset"] == [0, 1, 2, 2, 3]
+    plain = Completion("cmpl-1", "m", logprobs=False, echo=False).body([c], {})["choices"][0]
+    assert plain["text"] == "\u2014b" and plain["logprobs"] is None
+    chat = Chat("chatcmpl-1", "m", logprobs=True).body([c], {})["choices"][0]["logprobs"]["content"]
+    assert chat[0] == {"token": "bytes:\\xe2\\x80", "logprob": -0.5, "bytes": [0xE2, 0x80],
+                       "top_logprobs": [{"token": "a", "logprob": -0.1, "bytes": [97]}]}
 
 
 def test_stage_args_from_kwargs():
@@ -84,12 +130,14 @@ def test_stage_args_from_kwargs():
 
 def test_merge_deltas():
     def d(t, ids, fin):
-        return {"text": t, "token_ids": ids, "logprobs": [-1.0] * len(ids), "tokens": [t] * len(ids),
+        return {"text": t, "token_ids": ids, "logprobs": [{"id": i, "logprob": -1.0} for i in ids],
                 "finished": fin, "finish_reason": "length" if fin else None,
                 "num_prompt_tokens": 3, "num_output_tokens": 0}
-    m = merge_deltas([d("a", [1], False), d("b", [2, 3], True)])
-    assert m["text"] == "ab" and m["token_ids"] == [1, 2, 3] and m["logprobs"] == [-1.0] * 3
-    assert m["finished"] and m["finish_reason"] == "length" and len(m["tokens"]) == 3
+    first = d("a", [1], False) | {"prompt_logprobs": [None, {"id": 7}], "prompt_text": "xy"}
+    m = merge_deltas([first, d("b", [2, 3], True)])
+    assert m["text"] == "ab" and m["token_ids"] == [1, 2, 3] and [e["id"] for e in m["logprobs"]] == [1, 2, 3]
+    assert m["finished"] and m["finish_reason"] == "length"
+    assert m["prompt_logprobs"] == [None, {"id": 7}] and m["prompt_text"] == "xy"
 
 
 def test_error_mapping():

@@ -38,10 +38,21 @@ def test_ar_stage_engine_generates_encodes_aborts():
         eng.start()
         eng.start()                                      # idempotent
         try:
-            greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=True)
-            deltas = [d async for d in eng.generate(ARRequest("a-1", prompt="the lighthouse", params=greedy))]
+            greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+            req = ARRequest("a-1", prompt="the lighthouse", params=greedy, echo=True)
+            deltas = [d async for d in eng.generate(req)]
             assert deltas[-1]["finished"] and sum(len(d["token_ids"]) for d in deltas) == 4
-            assert all(len(d["tokens"]) == len(d["token_ids"]) for d in deltas)     # asked for logprobs
+            for d in deltas:                                                   # asked for logprobs: one entry a token
+                assert [e["id"] for e in d["logprobs"]] == d["token_ids"]
+                assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in d["logprobs"])
+            text = "".join(e["token"] for d in deltas for e in d["logprobs"])
+            assert text == "".join(d["text"] for d in deltas)                # token texts, not BPE strings
+            n_prompt = deltas[0]["num_prompt_tokens"]
+            assert deltas[0]["prompt_text"] == "the lighthouse" and "prompt_text" not in deltas[-1]
+            plp = deltas[0]["prompt_logprobs"]
+            assert plp[0]["logprob"] is None and plp[0]["top_logprobs"] is None and len(plp) == n_prompt
+            assert len(plp[1]["top_logprobs"]) == 1 and plp[1]["logprob"] <= 0
+            assert "".join(e["token"] for e in plp) == "the lighthouse"
             fill = ARRequest("a-2", messages=[{"role": "user", "content": "hi"}],
                              params=SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))
             out = [d async for d in eng.generate(fill)]

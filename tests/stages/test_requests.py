@@ -32,7 +32,7 @@ def error_of(fn) -> InvalidRequestError:
 
 # ----------------------------------------------------------------------------- one rule, one message
 @pytest.mark.parametrize("field,value", [("temperature", math.nan), ("temperature", 2.5), ("temperature", -1.0),
-                                         ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5), ("max_tokens", 0),
+                                         ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5), ("max_tokens", -1),
                                          ("seed", -1)])
 def test_a_sampling_rule_has_one_message_wherever_it_is_broken(field, value):
     """SamplingParams (offline: LLM, OmniLLM), an HTTP body's conversion, OmniLLM / handle keyword
@@ -117,12 +117,12 @@ def test_step_keys_come_from_the_params():
 # ----------------------------------------------------------------------------- HTTP -> params
 def test_http_bodies_convert_to_the_engines_params():
     c = CompletionRequest(prompt="x", temperature=0.5, top_k=4, stop="END", seed=3, logprobs=0, max_tokens=7)
-    assert c.to_sampling_params() == SamplingParams(temperature=0.5, top_k=4, stop=["END"], seed=3, logprobs=True,
+    assert c.to_sampling_params() == SamplingParams(temperature=0.5, top_k=4, stop=["END"], seed=3, logprobs=0,
                                                     max_tokens=7)
     assert CompletionRequest(prompt="x").to_sampling_params().max_tokens == 16      # OpenAI's default
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_tokens=9, max_completion_tokens=5)
     p = chat.to_sampling_params()
-    assert p.max_tokens == 5 and not p.logprobs and p.temperature == 1.0
+    assert p.max_tokens == 5 and p.logprobs is None and p.temperature == 1.0
     assert ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]).to_sampling_params().max_tokens is None
     img = ImageGenerationRequest(prompt="p", size="64x32", n=2, seed=3, cache="fbcache")
     d = img.to_diffusion_params()

@@ -38,9 +38,12 @@ log = logging.getLogger(__name__)
 def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     """Two consecutive outputs of one request as one."""
     lp = None if old.logprobs is None and new.logprobs is None else (old.logprobs or []) + (new.logprobs or [])
+    top = None if old.top_logprobs is None and new.top_logprobs is None else \
+        (old.top_logprobs or []) + (new.top_logprobs or [])
     return RequestOutput(new.request_id, old.text + new.text, old.token_ids + new.token_ids, lp, new.finished,
                          new.finish_reason, new.num_prompt_tokens, new.num_output_tokens,
-                         old.context_ids if old.context_ids is not None else new.context_ids)
+                         old.context_ids if old.context_ids is not None else new.context_ids, top,
+                         old.prompt_logprobs if old.prompt_logprobs is not None else new.prompt_logprobs)
 
 
 def _next_tick(now: float, interval: float) -> float:

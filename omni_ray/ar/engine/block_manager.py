@@ -74,9 +74,10 @@ class BlockManager:
 
     def admit(self, seq: Sequence) -> None:
         """First scheduling of a waiting sequence: take its cached prefix blocks. Encode (hidden-state)
-        requests take none: they need every position's hidden state, which the cache does not hold."""
+        requests and those asking for prompt log-probabilities take none: they need every position's
+        hidden state or logits, which the cache does not hold (vLLM does the same)."""
         assert not seq.block_table
-        hits = [] if seq.is_encode else self._lookup(seq)
+        hits = [] if seq.needs_every_position else self._lookup(seq)
         for bid in hits:
             block = self.blocks[bid]
             if block.ref_count == 0:

@@ -55,6 +55,9 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     context_ids: list[int] | None = None   # first output of a stream whose text the caller decodes: the prompt's tail
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # params.logprobs > 0: each new token's top k
+    # prompt_logprobs set, first output only: the prompt's ids, each token's (logprob, top k) (the first: None)
+    prompt_logprobs: tuple[list[int], list] | None = None
 
 
 class CoreLoop:
@@ -110,10 +113,16 @@ class CoreLoop:
             seq.sent_chars = max(seq.sent_chars, safe)
         if not new_ids and not text and not seq.is_finished:
             return None
-        lp = seq.logprobs[seq.sent_tokens:] if seq.params.logprobs else None
+        p = seq.params
+        lp = seq.logprobs[seq.sent_tokens:] if p.logprobs is not None else None
+        top = seq.top_logprobs[seq.sent_tokens:] if p.logprobs else None
+        prompt_lp = None
+        if p.prompt_logprobs is not None and not getattr(seq, "sent_prompt_logprobs", False):
+            seq.sent_prompt_logprobs = True
+            prompt_lp = (seq.token_ids[:seq.num_prompt_tokens], list(seq.prompt_logprobs))
         seq.sent_tokens += len(new_ids)
         return (seq.request_id, RequestOutput(seq.request_id, text, new_ids, lp, seq.is_finished, seq.finish_reason,
-                                              seq.num_prompt_tokens, seq.num_output_tokens, context))
+                                              seq.num_prompt_tokens, seq.num_output_tokens, context, top, prompt_lp))
 
 
 # ============================================================================ in-process

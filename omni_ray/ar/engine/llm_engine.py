@@ -109,7 +109,7 @@ class LLMEngine:
         constrained = [SamplingParams(temperature=t, max_tokens=4, structured_outputs=json_object) for t in (0.0, 0.8)]
         waves = [[(1, greedy)],
                  [(n, p) for n, p in ((7, greedy), (33, sampled), (min(130, longest), greedy),
-                                      (longest, SamplingParams(temperature=0.0, max_tokens=3, logprobs=True)),
+                                      (longest, SamplingParams(temperature=0.0, max_tokens=3, logprobs=5)),
                                       (9, constrained[0]), (11, constrained[1]))],
                  *([(rng.randint(5, 40), greedy) for _ in range(b)] for b in sorted({
                      min(32, most), most, max(1, most // 2 + 3)}))]
@@ -161,10 +161,14 @@ class LLMEngine:
         """Validate and build a Sequence (raises InvalidRequestError, touches no engine state)."""
         ids = self.tokenize(prompt)
         limit = self.max_model_len
-        if len(ids) > limit or (len(ids) == limit and not isinstance(params, EncodeParams)):
+        prompt_only = isinstance(params, EncodeParams) or getattr(params, "max_tokens", None) == 0
+        if len(ids) > limit or (len(ids) == limit and not prompt_only):
             raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_model_len is {limit}", param="prompt")
         if isinstance(params, SamplingParams):
             params.validate()
+            if params.prompt_logprobs is not None and self.config.parallel.tensor_parallel_size > 1:
+                raise InvalidRequestError("prompt_logprobs is not supported under tensor parallelism yet",
+                                          param="prompt_logprobs")
             params = params.resolve_max_tokens(len(ids), limit)
             if len(ids) + params.max_tokens > limit:
                 raise InvalidRequestError(
@@ -331,7 +335,8 @@ class LLMEngine:
         """A multi-step run (k > 1: a pure-decode batch, ``_decode_steps``) on one rank, of
         a batch the decode path takes (no larger than its biggest graph)."""
         return (self.config.async_decode and k > 1 and self.config.parallel.tensor_parallel_size == 1
-                and len(batch.seqs) <= self.runner.max_graph_bs)
+                and len(batch.seqs) <= self.runner.max_graph_bs
+                and not any(seq.grammar is not None for seq in batch.seqs))   # masks need each token on the host
 
     def _land(self) -> list[Sequence]:
         """Queue the next run of the in-flight batch when it can go on unchanged, then read and
@@ -381,6 +386,10 @@ class LLMEngine:
             else:
                 s.prefill_tokens += n
             self.block_manager.register_full_blocks(seq)     # before an encode finishes and frees them
+            if out.prompt_logprobs is not None and seq.seq_id in out.prompt_logprobs:
+                k = seq.params.prompt_logprobs
+                seq.prompt_logprobs += [(lps[0], list(zip(ids[1:1 + k], lps[1:1 + k])))
+                                        for ids, lps in out.prompt_logprobs[seq.seq_id]]
             if seq.is_encode:
                 seq.hidden_chunks.append(out.hidden[seq.seq_id])
                 if seq.num_computed_tokens == len(seq):
@@ -389,8 +398,12 @@ class LLMEngine:
         for seq, tok, i in zip(out.sampled, out.token_ids, range(len(out.sampled))):
             if seq.is_finished:
                 continue
-            if out.logprobs is not None and seq.params.logprobs:
-                seq.logprobs.append(out.logprobs[i])
+            if seq.params.max_tokens == 0:            # the prompt only (its log-probabilities): no token
+                self._finish(seq, "length")
+                changed.append(seq)
+                continue
+            if out.logprobs is not None and seq.params.logprobs is not None:
+                self._add_logprobs(seq, out.logprobs[i])
             seq.append_token(tok)
             self._check_finish(seq)
             changed.append(seq)
@@ -416,8 +429,6 @@ class LLMEngine:
         k = self.config.decode_steps
         if k == 1 or batch.num_decodes != len(batch.seqs):
             return 1
-        if any(seq.grammar is not None for seq in batch.seqs):
-            return 1                 # structured outputs: each token's mask needs the previous token
         bs = self.config.cache.block_size
         for seq in batch.seqs:
             if seq.is_encode:
@@ -437,12 +448,21 @@ class LLMEngine:
                 seq.num_computed_tokens += 1
                 s.decode_tokens += 1
                 s.decode_context_tokens += seq.num_computed_tokens
-                if lp is not None and seq.params.logprobs:
-                    seq.logprobs.append(lp[j])
+                if lp is not None and seq.params.logprobs is not None:
+                    self._add_logprobs(seq, lp[j])
                 seq.append_token(tok)
                 self._check_finish(seq)
             if not seq.is_finished:
                 self.block_manager.register_full_blocks(seq)
+
+    @staticmethod
+    def _add_logprobs(seq: Sequence, row: tuple[list[int], list[float]]) -> None:
+        """A sampled token's row (``[chosen, top ids...], [their logprobs]``) into the sequence."""
+        ids, lps = row
+        seq.logprobs.append(lps[0])
+        k = seq.params.logprobs
+        if k:
+            seq.top_logprobs.append(list(zip(ids[1:1 + k], lps[1:1 + k])))
 
     def _check_finish(self, seq: Sequence) -> None:
         p: SamplingParams = seq.params
@@ -481,14 +501,16 @@ class LLMEngine:
         else:
             text = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
         out = {"text": text, "token_ids": ids, "finish_reason": seq.finish_reason}
-        if seq.params.logprobs:
-            out["logprobs"] = list(seq.logprobs)
+        out.update(logprobs_of(seq))
         return out
 
     def generate(self, prompts: list[str] | list[list[int]] | str, sampling_params=None,
                  use_tqdm: bool = True) -> list[dict]:
         """``[{"text", "token_ids", "finish_reason"}]`` in the order of ``prompts``; ``sampling_params``
-        one for all, or a list with one per prompt (``ValueError`` when the lengths differ)."""
+        one for all, or a list with one per prompt (``ValueError`` when the lengths differ). With
+        ``logprobs=k``: ``"logprobs"`` (each token's) and, k > 0, ``"top_logprobs"`` ([{id: logprob}]
+        per token, k most likely first); with ``prompt_logprobs=k``: ``"prompt_logprobs"`` (None for
+        the first prompt token, then {id: logprob} with the prompt token first, vLLM's shape)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if isinstance(sampling_params, list):
@@ -561,6 +583,19 @@ class LLMEngine:
             "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks,
             "grammar_matchers": self.grammar.num_active, "grammar_compiling": len(self.compiling),
         }
+
+
+def logprobs_of(seq: Sequence) -> dict:
+    """The log-probabilities a finished sequence's caller asked for (``LLMEngine.generate``'s keys)."""
+    p, out = seq.params, {}
+    if p.logprobs is not None:
+        out["logprobs"] = list(seq.logprobs)
+        if p.logprobs:
+            out["top_logprobs"] = [dict(top) for top in seq.top_logprobs]
+    if p.prompt_logprobs is not None:
+        out["prompt_logprobs"] = [None] + [{tok: lp} | dict(top) for tok, (lp, top)
+                                           in zip(seq.token_ids[1:seq.num_prompt_tokens], seq.prompt_logprobs[1:])]
+    return out
 
 
 LLM = LLMEngine

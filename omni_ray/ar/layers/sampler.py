@@ -1,5 +1,9 @@
 """Batched sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
 
+Log-probabilities are those of the raw model distribution (before temperature and filters, as
+vLLM's default): ``token_logprobs`` gives, for each row, the chosen token's and the batch's
+largest asked number of top alternatives, only when some row asked.
+
 Random rows use the exponential-race form of categorical sampling
 (argmax(p / E), E ~ Exp(1)); a seeded request draws its E from its own generator, so its
 tokens do not depend on what else shares the batch.
@@ -22,7 +26,11 @@ class SamplingTensors:
     need_topk_topp: bool
     need_min_p: bool
     all_greedy: bool
-    want_logprobs: bool
+    num_logprobs: int = -1        # top alternatives to return per row: the batch's most asked (-1: none)
+
+    @property
+    def want_logprobs(self) -> bool:
+        return self.num_logprobs >= 0
 
 
 def _filter(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -39,8 +47,19 @@ def _filter(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits [B, V] -> (token ids [B], logprobs of those tokens [B] or None)."""
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V], chosen ids [B] -> (ids [B, 1 + k], logprobs [B, 1 + k]): column 0 the chosen
+    token, columns 1..k the k most likely tokens in rank order (log_softmax of the raw logits)."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(-1, ids[:, None].long())
+    if k == 0:
+        return ids[:, None].long(), chosen
+    top_lp, top_ids = lp.topk(k, dim=-1)
+    return torch.cat([ids[:, None].long(), top_ids], 1), torch.cat([chosen, top_lp], 1)
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """logits [B, V] -> (token ids [B], ``token_logprobs`` (ids, logprobs) [B, 1 + k] or None)."""
     logits = logits.float()
     greedy_ids = logits.argmax(-1)
     logprobs = None
@@ -60,5 +79,5 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torc
                 noise[i].exponential_(generator=g)
         ids = torch.where(t.temperature > 0, (probs / noise).argmax(-1), greedy_ids)
     if t.want_logprobs:
-        logprobs = logits.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+        logprobs = token_logprobs(logits, ids, t.num_logprobs)
     return ids, logprobs

@@ -17,14 +17,15 @@ import torch
 import torch.distributed as dist
 
 from omni_ray.ar.batch import ScheduledBatch
-from omni_ray.ar.grammar.masks import GrammarMasks, constrained_rows
+from omni_ray.ar.grammar.masks import DecodeRun, GrammarMasks, constrained_rows
 from omni_ray.ar.kernels.timing import graph_us
 from omni_ray.ar.layers.attention import AttnMetadata, pick_backend
 from omni_ray.ar.layers.ops import Ops
 from omni_ray.ar.layers.parallel import TP1, TPContext
-from omni_ray.ar.layers.sampler import SamplingTensors, sample
+from omni_ray.ar.layers.sampler import SamplingTensors, sample, token_logprobs
 from omni_ray.ar.models import ArchConfig, DecoderForCausalLM
 from omni_ray.ar.models.loader import ReadStats, load_weights
+from omni_ray.ar.sampling_params import MAX_LOGPROBS
 from omni_ray.ar.sequence import Sequence
 from omni_ray.ar.worker.cuda_graphs import capture_decode_graphs, decode_graph_sizes
 from omni_ray.ar.worker.mixed_graphs import MixedStepGraphs
@@ -34,14 +35,19 @@ from omni_ray.errors import ConfigError, ResourceError
 
 log = logging.getLogger(__name__)
 
+# Log-probabilities of one row (a token): ([chosen id, top-1 id, ..., top-k id], [their logprobs]).
+RowLogprobs = tuple[list[int], list[float]]
+
+
 @dataclass
 class StepOutput:
     token_ids: list[int]                     # one per sampled sequence (in batch order)
-    logprobs: list[float] | None
+    logprobs: list[RowLogprobs] | None       # one per sampled sequence, when some asked
     sampled: list[Sequence]                  # sequences that got a token
     hidden: dict[int, torch.Tensor]          # seq_id -> [n, H] hidden states of this step's rows
     multi: list[list[int]] | None = None     # multi-step decode: each sampled sequence's tokens
-    multi_logprobs: list[list[float]] | None = None   # ... and their log-probabilities (when asked)
+    multi_logprobs: list[list[RowLogprobs]] | None = None   # ... and their log-probabilities (when asked)
+    prompt_logprobs: dict[int, list[RowLogprobs]] | None = None   # seq_id -> the prompt tokens this step scored
 
 
 class DecodeLaunch(NamedTuple):
@@ -50,12 +56,21 @@ class DecodeLaunch(NamedTuple):
     num_steps: int
     buf: int                                 # which pinned host buffer its results go to
     tokens: torch.Tensor                     # [num_steps, n] pinned host view
-    logprobs: torch.Tensor | None            # [num_steps, n] pinned host view, when asked
+    logprobs: tuple[torch.Tensor, torch.Tensor] | None   # ids, values [num_steps, n, 1 + k] pinned host views
 
 
 def is_greedy(seqs: list[Sequence]) -> bool:
     """Every sequence takes the argmax and wants no log-probabilities (the graphs' own token)."""
-    return all(s.params.temperature == 0 and not s.params.logprobs for s in seqs)
+    return all(s.params.temperature == 0 and s.params.logprobs is None for s in seqs)
+
+
+def wants_prompt_logprobs(seq: Sequence) -> bool:
+    """A sequence still in its prompt whose prompt tokens' log-probabilities were asked for."""
+    return getattr(seq.params, "prompt_logprobs", None) is not None and seq.num_computed_tokens < seq.num_prompt_tokens
+
+
+def _rows(ids: torch.Tensor, vals: torch.Tensor) -> list[RowLogprobs]:
+    return list(zip(ids.tolist(), vals.tolist()))
 
 
 class ModelRunner:
@@ -268,7 +283,8 @@ class ModelRunner:
             temp, top_k, top_p, min_p, [s.generator for s in seqs],
             need_topk_topp=any(p.top_k > 0 or p.top_p < 1.0 for p in ps if p.temperature > 0),
             need_min_p=any(p.min_p > 0 for p in ps if p.temperature > 0),
-            all_greedy=all(p.temperature == 0 for p in ps), want_logprobs=any(p.logprobs for p in ps))
+            all_greedy=all(p.temperature == 0 for p in ps),
+            num_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1))
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -278,7 +294,9 @@ class ModelRunner:
         if batch.num_decodes == n and n <= self.max_graph_bs and not any(s.is_encode for s in batch.seqs):
             return self._run_decode(batch, num_steps)
         assert num_steps == 1, "multi-step runs are for pure decode batches"
-        if self.mixed is not None and self.mixed.covers(batch) and not any(s.is_encode for s in batch.seqs):
+        scored = [i for i, s in enumerate(batch.seqs) if wants_prompt_logprobs(s)]   # every prompt row's logits
+        if (self.mixed is not None and self.mixed.covers(batch) and not scored
+                and not any(s.is_encode for s in batch.seqs)):
             return self._run_mixed(batch)
         ids, pos, meta, cu = self.prepare(batch)
         encode = [i for i, s in enumerate(batch.seqs) if s.is_encode]
@@ -293,6 +311,9 @@ class ModelRunner:
         out = StepOutput([], None, [batch.seqs[i] for i in sampled], {})
         if sampled:
             self._sample(logits, out)
+        if scored:
+            out.prompt_logprobs = {batch.seqs[i].seq_id: self._prompt_logprobs(batch.seqs[i], hidden[cu[i]:cu[i + 1]])
+                                   for i in scored}
         for i in encode:
             seq, layer = batch.seqs[i], self._layer_index(batch.seqs[i])
             src = hidden if layer == self.arch.num_layers else captured[layer]
@@ -315,24 +336,38 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows]) if rows is not None else None
         return hidden, captured, logits
 
-    def _mask_grammar(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
-        """Structured outputs: the constrained ``rows`` of ``logits`` masked by their grammars (host
-        fill while the device computes the queued forward, then the masks applied on the device)."""
+    def _masks(self) -> GrammarMasks:
+        """Structured outputs' bitmask buffers (omni_ray/ar/grammar/masks.py), made on first use."""
         if self.grammar_masks is None:
             rows_max = max(self.max_graph_bs, self.cfg.scheduler.max_num_seqs)
             self.grammar_masks = GrammarMasks(self.arch.vocab_size, rows_max, self.device,
                                               self.cfg.structured_outputs.fill_threads)
-        self.grammar_masks.apply(logits, seqs, rows)
+        return self.grammar_masks
 
     def _sample(self, logits: torch.Tensor, out: StepOutput) -> None:
-        if rows := constrained_rows(out.sampled):
-            self._mask_grammar(logits, out.sampled, rows)
+        if rows := constrained_rows(out.sampled):      # host fill while the device computes the forward
+            self._masks().apply(logits, [out.sampled[i].grammar.matcher for i in rows], rows)
         if is_greedy(out.sampled):
             out.token_ids = logits.argmax(-1).tolist()          # greedy fast path: no sampling tensors
             return
         tokens, logprobs = sample(logits, self._sampling_tensors(out.sampled))
         out.token_ids = tokens.tolist()
-        out.logprobs = logprobs.tolist() if logprobs is not None else None
+        out.logprobs = _rows(*logprobs) if logprobs is not None else None
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, chunk: int = 512) -> list[RowLogprobs]:
+        """The log-probabilities of the prompt tokens that this step's rows of ``seq`` predict (row at
+        position p scores token p + 1), from the first not yet scored (a chunked prefill scores its
+        prompt chunk by chunk; a recomputed sequence scores nothing twice). Logits in chunks of rows."""
+        start = seq.num_computed_tokens                       # position of hidden[0]
+        first = max(start, len(seq.prompt_logprobs) - 1)      # first row whose target is not scored yet
+        end = min(start + hidden.shape[0], seq.num_prompt_tokens - 1)   # rows past it predict outputs
+        out: list[RowLogprobs] = []
+        for a in range(first, end, chunk):
+            b = min(a + chunk, end)
+            logits = self.model.compute_logits(hidden[a - start:b - start])
+            targets = torch.as_tensor(seq.token_ids[a + 1:b + 1], device=logits.device)
+            out += _rows(*token_logprobs(logits, targets, seq.params.prompt_logprobs))
+        return out
 
     def _run_decode(self, batch: ScheduledBatch, num_steps: int) -> StepOutput:
         """A pure-decode batch: one packed host->device copy of the inputs, then ``num_steps`` forwards
@@ -354,9 +389,9 @@ class ModelRunner:
         n = len(seqs)
         if not resume:                  # a resumed run: the same sequences, the same sampling tensors
             rows = constrained_rows(seqs)
-            # constrained rows: sampled between the forward and the next step, one step per launch
-            assert not rows or num_steps == 1, "a batch with grammar-constrained rows decodes one step per launch"
-            self._launch_grammar = (seqs, rows) if rows else None
+            # constrained rows: each step's masks filled on the host while its forward runs (not resumable)
+            assert not (rows and resume), "a batch with grammar-constrained rows is never resumed"
+            self._launch_grammar = DecodeRun(self._masks(), seqs, rows) if rows else None
             self._launch_st = None if is_greedy(seqs) and not rows else self._sampling_tensors(seqs)
         st = self._launch_st
         self._fill_decode(seqs, num_steps, resume, st)
@@ -365,8 +400,11 @@ class ModelRunner:
         tokens.copy_(self.g_tokens[:num_steps, :n], non_blocking=True)
         logprobs = None
         if st is not None and st.want_logprobs:
-            logprobs = self.h_lp[buf][:num_steps * n].view(num_steps, n)
-            logprobs.copy_(self.g_lp[:num_steps, :n], non_blocking=True)
+            w = 1 + st.num_logprobs
+            logprobs = (self.h_lp_ids[buf][:num_steps * n * w].view(num_steps, n, w),
+                        self.h_lp[buf][:num_steps * n * w].view(num_steps, n, w))
+            logprobs[0].copy_(self.g_lp_ids[:num_steps, :n, :w], non_blocking=True)
+            logprobs[1].copy_(self.g_lp[:num_steps, :n, :w], non_blocking=True)
         if self.device.type == "cuda":
             self.tok_ready[buf].record()
         return DecodeLaunch(batch, num_steps, buf, tokens, logprobs)
@@ -378,11 +416,13 @@ class ModelRunner:
             self.tok_ready[launched.buf].synchronize()
         out = StepOutput(launched.tokens[0].tolist(), None, list(launched.batch.seqs), {})
         if launched.logprobs is not None:
-            out.logprobs = launched.logprobs[0].tolist()
+            ids, vals = launched.logprobs
+            out.logprobs = _rows(ids[0], vals[0])
         if launched.num_steps > 1:
             out.multi = launched.tokens.t().tolist()                      # [n][num_steps]
             if launched.logprobs is not None:
-                out.multi_logprobs = launched.logprobs.t().tolist()
+                ids, vals = (x.transpose(0, 1).tolist() for x in launched.logprobs)    # [n][num_steps][1 + k]
+                out.multi_logprobs = [list(zip(a, b)) for a, b in zip(ids, vals)]
         return out
 
     def _fill_decode(self, seqs: list[Sequence], num_steps: int, resume: bool = False,
@@ -416,6 +456,7 @@ class ModelRunner:
         each forward (``st``) as the step's token; under tensor parallelism it broadcasts them, and
         every rank feeds them to its next forward."""
         self.g_step.zero_()
+        grammar = self._launch_grammar if st is not None else None
         for step in range(num_steps):
             if self.graphs:
                 self.graphs[bs].replay()
@@ -425,16 +466,22 @@ class ModelRunner:
                 continue
             nxt = self.g_next[:sampled]                                   # [n] int32, contiguous
             if st is not None:
-                if self._launch_grammar is not None:                      # masks filled while the graph runs
-                    self._mask_grammar(self.g_logits[:sampled], *self._launch_grammar)
-                ids, logprobs = sample(self.g_logits[:sampled], st)       # [n], [n] | None
+                if grammar is not None:                                   # masks filled while the graph runs
+                    grammar.mask(self.g_logits[:sampled], step)
+                ids, logprobs = sample(self.g_logits[:sampled], st)       # [n], ([n, 1 + k] x 2) | None
+                if grammar is not None:
+                    grammar.sampled(ids, last=step == num_steps - 1)
                 self.g_tokens[step, :sampled] = ids
                 if logprobs is not None:
-                    self.g_lp[step, :sampled] = logprobs
+                    w = logprobs[0].shape[1]
+                    self.g_lp_ids[step, :sampled, :w] = logprobs[0]
+                    self.g_lp[step, :sampled, :w] = logprobs[1]
                 nxt.copy_(ids)
             if self.tp.size > 1:
                 dist.broadcast(nxt, src=0, group=self.tp.group)
             self.g_in[:sampled, 0] = nxt                # the next forward's input (or a resumed run's)
+        if grammar is not None:
+            grammar.finish()
 
     def _layer_index(self, seq: Sequence) -> int:
         layer = seq.params.layer
@@ -447,7 +494,8 @@ class ModelRunner:
         """Persistent inputs/outputs of decode steps (what the graphs read and write).
         g_in rows: [token, position, context length, block table ...] (int32), filled from a pinned
         host copy in one transfer; g_tokens[step, row]: each step's token (the argmax, or
-        what was sampled), g_lp[step, row] its log-probability when asked."""
+        what was sampled), g_lp_ids / g_lp[step, row, :1 + k] its id and top-k ids / their
+        log-probabilities when asked (k up to MAX_LOGPROBS; only the asked columns are written and read)."""
         mb = self.max_graph_bs = max(self.graph_sizes) if self.graph_sizes else self.cfg.scheduler.max_num_seqs
         dev, cuda = self.device, self.device.type == "cuda"
         cols = 3 + self.max_blocks
@@ -457,13 +505,16 @@ class ModelRunner:
         steps = self.cfg.decode_steps
         self.g_tokens = torch.zeros(steps, mb, dtype=torch.int64, device=dev)
         self.h_tok = [torch.zeros(steps * mb, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
-        self.g_lp = torch.zeros(steps, mb, dtype=torch.float32, device=dev)      # sampled runs' log-probs
+        w = 1 + MAX_LOGPROBS
+        self.g_lp = torch.zeros(steps, mb, w, dtype=torch.float32, device=dev)   # sampled runs' log-probs
+        self.g_lp_ids = torch.zeros(steps, mb, w, dtype=torch.int64, device=dev)
         self.g_next = torch.zeros(mb, dtype=torch.int32, device=dev)             # ... and next input tokens
-        self.h_lp = [torch.zeros(steps * mb, dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
+        self.h_lp = [torch.zeros(steps * mb * w, dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
+        self.h_lp_ids = [torch.zeros(steps * mb * w, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
         self.tok_ready = [torch.cuda.Event() for _ in range(2)] if cuda else None
         self._tok_buf = 0
         self._launch_st: SamplingTensors | None = None     # the last launch's (a resumed run reuses them)
-        self._launch_grammar: tuple | None = None           # the last launch's (seqs, constrained rows)
+        self._launch_grammar: DecodeRun | None = None       # the last launch's constrained rows
         self.grammar_masks: GrammarMasks | None = None      # structured outputs' bitmasks (created on first use)
         self.g_step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.g_logits = torch.zeros(mb, self.arch.vocab_size, dtype=self.dtype, device=dev)

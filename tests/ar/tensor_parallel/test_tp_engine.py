@@ -26,7 +26,7 @@ KW = dict(enforce_eager=True, device="cpu", kvcache_block_size=16, num_kvcache_b
 
 
 def greedy(n=12):
-    return SamplingParams(temperature=0.0, max_tokens=n, logprobs=True, ignore_eos=True)
+    return SamplingParams(temperature=0.0, max_tokens=n, logprobs=0, ignore_eos=True)
 
 
 # tiny:qwen3-wide: 8 heads / 4 KV heads -> 4 + 2 per rank; tiny:qwen2: 4 heads / 1 KV head -> replicated

@@ -67,6 +67,7 @@ def run(llm, prompts, params) -> dict:
     return res
 
 
+@torch.inference_mode()                 # the engine's buffers are inference tensors
 def apply_ms(llm, batch: int, rows: int) -> float | None:
     """Device time of masking ``rows`` of a [batch, V] logits tensor (the copy of the masks to the
     device, the gather, xgrammar's kernel, the scatter back), CUDA events, median of 50."""
@@ -77,7 +78,7 @@ def apply_ms(llm, batch: int, rows: int) -> float | None:
     logits = torch.randn(batch, llm.arch.vocab_size, device="cuda", dtype=llm.runner.dtype)
     idx = list(range(0, 2 * rows, 2))[:rows]
     host = masks.host[:rows]
-    host.fill(-1)
+    host.fill_(-1)
     dev = masks.dev[:rows]
     times = []
     for _ in range(60):
@@ -140,7 +141,12 @@ def main():
     res["half_constrained"] = median(half, True)
     res["ratio"] = res["half_constrained"]["tok_per_s"] / res["unconstrained"]["tok_per_s"]
     res["ratio_to_not_queued"] = res["half_constrained"]["tok_per_s"] / res["unconstrained_not_queued"]["tok_per_s"]
-    res["mask_apply_ms"] = apply_ms(llm, args.batch, args.batch // 2)
+    print(f"ratio {res['ratio']:.3f}", flush=True)
+    try:
+        res["mask_apply_ms"] = apply_ms(llm, args.batch, args.batch // 2)
+    except Exception as e:  # noqa: BLE001 - the throughput figures above stand without it
+        print(f"mask apply timing failed: {e!r}")
+        res["mask_apply_ms"] = None
     hc = res["half_constrained"]
     rows = [{"figure": f"{args.batch} rows unconstrained (decode_steps={k}, async_decode)",
              "tok/s": res["unconstrained"]["tok_per_s"], "host steps": res["unconstrained"]["host_steps"]},

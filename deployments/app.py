@@ -36,13 +36,14 @@ def resolve_config(args: dict) -> OmniConfig:
 def build_app(args: dict) -> Application:
     cfg = expand_pipelines(resolve_config(args or {}))
     limits = cfg.app.limits.model_dump()
+    media = cfg.app.media.model_dump()
     services = {"app": cfg.app.name, "scheduler": cfg.scheduler.model_dump(), "dit_cache": cfg.dit_cache.model_dump(),
                 "metrics": cfg.app.metrics.model_dump()}
     stages = {}
     for key, stage in cfg.stages.items():
         opts = stage_options(key, stage)
         if isinstance(stage, ARStageConfig):
-            stages[key] = ARDeployment.options(**opts).bind(key, stage.model_dump(), limits, services)
+            stages[key] = ARDeployment.options(**opts).bind(key, stage.model_dump(), limits, services, media)
         else:
             stages[key] = DiTDeployment.options(**opts).bind(key, stage.model_dump(), services)
     ingress = Ingress.options(**deployment_options("Ingress", cfg.app.ingress))

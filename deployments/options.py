@@ -27,6 +27,7 @@ def deployment_options(name: str, d: DeploymentConfig, ranks: int = 1, strategy:
         "name": name,
         "max_ongoing_requests": d.max_ongoing_requests,
         "health_check_period_s": d.health_check_period_s,
+        "health_check_timeout_s": d.health_check_timeout_s,
         "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
     }

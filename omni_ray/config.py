@@ -70,6 +70,12 @@ class ARSchedulerConfig(Strict):
     max_num_seqs: int = Field(512, ge=1, description="sequences in the running batch")
     max_model_len: int = Field(4096, ge=2, description="prompt + output tokens of one sequence")
     enable_chunked_prefill: bool = Field(True, description="split long prompts across steps, mixed with decodes")
+    max_num_encoder_tokens: int = Field(8192, ge=1, description=(
+        "multimodal models: media placeholder tokens whose encoder (vision / audio tower) runs in one step; a "
+        "prefill chunk stops before media over this budget (an item larger than it runs alone)"))
+    encoder_cache_tokens: int = Field(32768, ge=1, description=(
+        "multimodal models: encoder output rows kept by content hash, so the same image or clip in another "
+        "request (or the rest of a chunked prompt) is not encoded again"))
 
 
 class RankGroupConfig(Strict):
@@ -301,8 +307,13 @@ class DeploymentConfig(Strict):
         "autoscale between bounds instead of num_replicas")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
-    health_check_period_s: float = Field(10.0, gt=0, description=
-        "Serve checks the replica (its engine loop) this often")
+    health_check_period_s: float = Field(2.0, gt=0, description=(
+        "Serve's controller checks the replica (its engine) this often; a replica whose process died is "
+        "only noticed, and replaced, at its next check, so this bounds the time to recovery (Serve's own "
+        "default is 10 s; a check costs one actor call)"))
+    health_check_timeout_s: float = Field(30.0, gt=0, description=(
+        "a health check that gets no answer this long fails; after 3 failures in a row Serve replaces the "
+        "replica (a crashed process is replaced at its first failed check)"))
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description=
         "a stopping replica gets this long to finish its requests")
     resources: dict[str, float] = Field(
@@ -418,6 +429,8 @@ class MediaConfig(Strict):
     allowed_domains: list[str] = Field(default_factory=list, description=(
         "with allow_url_fetch: hosts that may be fetched (and their subdomains); empty: any"))
     fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of one URL fetch")
+    allowed_local_media_path: str | None = Field(None, description=(
+        "file:// URLs are read only under this directory (vLLM's setting; none: never)"))
 
 
 class MetricsConfig(Strict):
@@ -428,6 +441,23 @@ class MetricsConfig(Strict):
                               "(queue, running, KV usage, cache rates) into gauges")
     log_requests: bool = Field(True, description="one INFO line per finished request at the ingress and per "
                                "stage request at each stage, carrying the request id")
+
+
+class StageHealthConfig(Strict):
+    """How each ingress replica tells whether a stage has a healthy replica (GET /health: 503 naming
+    the stages without one) and what a request for such a stage gets (deployments/ingress/stage_health.py)."""
+
+    probe_timeout_s: float = Field(0.5, gt=0, le=30, description=(
+        "a probe of a stage's replicas waits this long for one to answer; GET /health probes every stage "
+        "at once, so it answers within this"))
+    probe_interval_s: float = Field(1.0, ge=0, description=(
+        "every stage is probed this often in the background, so that a replica that died while idle is "
+        "noticed before a request finds out (0: only on /health and after a call lost its replica); a stage "
+        "that is down is probed every 0.2 s until a replica answers"))
+    unavailable_wait_s: float = Field(5.0, ge=0, description=(
+        "a request for a stage with no healthy replica (one being replaced after a crash) waits this long "
+        "for one, then gets a 503 (engine_error, code stage_unavailable) with Retry-After"))
+    retry_after_s: float = Field(2.0, ge=0, description="Retry-After of that 503 and of /health's 503")
 
 
 class AppConfig(Strict):
@@ -450,6 +480,7 @@ class AppConfig(Strict):
         "this many (Serve's per-call cost paid once per burst; Serve then counts the call as one "
         "ongoing request); 1: one call per request"))
     metrics: MetricsConfig = MetricsConfig()
+    stage_health: StageHealthConfig = StageHealthConfig()
 
     @field_validator("api_keys")
     @classmethod

@@ -16,6 +16,10 @@ answers with, so that mapping an exception to a response is one lookup::
         ├── CacheError             500 cache_error
         ├── ResourceError          503 resource_error
         └── EngineError            503 engine_error
+            └── StageUnavailableError  503 engine_error, code stage_unavailable (carries stage, retry_after)
+
+4xx errors other than 499 are the client's (``is_client_error``): logged on one line and counted
+apart from failures, in the stage replicas, the ingress, the metrics and the scheduler.
 """
 
 from __future__ import annotations
@@ -109,3 +113,19 @@ class ResourceError(ProcessingError):
 class EngineError(ProcessingError):
     http_status = 503
     error_type = "engine_error"
+
+
+class StageUnavailableError(EngineError):
+    """A stage has no healthy replica (e.g. one is being replaced after a crash) and none came back
+    within the wait bound: 503 with ``Retry-After``."""
+
+    def __init__(self, message: str, *, stage: str, retry_after: float = 1.0, **kw):
+        kw.setdefault("code", "stage_unavailable")
+        super().__init__(message, **kw)
+        self.stage = stage
+        self.retry_after = retry_after
+
+
+def is_client_error(err: BaseException | None) -> bool:
+    """A 4xx (the caller's fault) but for 499 (cancelled): bad input, unknown model, auth, a full queue."""
+    return isinstance(err, OmniError) and 400 <= err.http_status < 500 and err.http_status != 499

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from omni_ray.config import MetricsConfig
-from omni_ray.errors import OmniError
+from omni_ray.errors import OmniError, is_client_error
 from omni_ray.logs import bind_request_id, unbind_request_id
 
 log = logging.getLogger("ray.serve")
@@ -65,11 +65,13 @@ SPECS = {s.name: s for s in [
          "AR stage: gap between output deltas divided by the tokens the later one carries", buckets=tuple(ITL_BUCKETS)),
     Spec("omni_e2e_latency_seconds", "histogram", "request latency: per stage request at a replica; "
          "the whole request at the ingress (stage=ingress, model=pipeline)", buckets=tuple(E2E_BUCKETS)),
-    Spec("omni_requests_total", "counter", "finished requests by status (completed, failed, cancelled)",
-         extra_tags=("status",)),
+    Spec("omni_requests_total", "counter", "finished requests by status (completed, failed, cancelled, "
+         "client_error: a 4xx, the caller's fault)", extra_tags=("status",)),
     Spec("omni_generated_tokens_total", "counter", "AR stage: output tokens"),
-    Spec("omni_errors_total", "counter", "failed requests by error kind (the OpenAI error type)",
+    Spec("omni_errors_total", "counter", "failed requests (5xx, timeouts) by error kind (the OpenAI error type)",
          extra_tags=("kind",)),
+    Spec("omni_client_errors_total", "counter", "requests refused as the client's error (4xx: bad input, "
+         "unknown model, auth, a full queue) by kind (the OpenAI error type); not failures", extra_tags=("kind",)),
     Spec("omni_dit_cache_lookups_total", "counter", "DiT cache lookups by what (image, conditioning) and result",
          extra_tags=("kind", "result")),
     # ---- sampled from engine.stats() every interval_s
@@ -125,10 +127,35 @@ def error_kind(err: BaseException) -> str:
     return "internal_error"
 
 
+def unwrap(err: BaseException | None) -> BaseException | None:
+    """The replica's exception that a RayTaskError wraps (``cause``), or ``err`` itself."""
+    cause = getattr(err, "cause", None)
+    return unwrap(cause) if isinstance(cause, BaseException) and cause is not err else err
+
+
 def _status(err: BaseException | None) -> str:
     if err is None:
         return "completed"
-    return "cancelled" if error_kind(err) == "cancelled" else "failed"
+    if error_kind(err) == "cancelled":
+        return "cancelled"
+    return "client_error" if is_client_error(unwrap(err)) else "failed"
+
+
+def _error_counter(status: str) -> str | None:
+    return {"failed": "omni_errors_total", "client_error": "omni_client_errors_total"}.get(status)
+
+
+def outcome(err: BaseException | None) -> str:
+    """How a request ended, for its one log line: ``completed``, ``cancelled``, or the status with
+    the HTTP status, error type and message (``client_error 400 invalid_request_error: ...``)."""
+    status = _status(err)
+    if err is None or status == "cancelled":
+        return status
+    e = unwrap(err)
+    if isinstance(e, OmniError):
+        param = f" (param {e.param})" if e.param else ""
+        return f"{status} {e.http_status} {e.error_type}: {e.message}{param}"
+    return f"{status} ({error_kind(err)}): {type(e).__name__}: {e}"
 
 
 class Recorder:
@@ -156,8 +183,9 @@ class Recorder:
         status = _status(err)
         self.observe("omni_e2e_latency_seconds", elapsed)
         self.inc("omni_requests_total", status=status)
-        if status == "failed" and count_error:
-            self.inc("omni_errors_total", kind=error_kind(err))
+        counter = _error_counter(status)
+        if counter is not None and count_error:
+            self.inc(counter, kind=error_kind(err))
         return elapsed
 
 
@@ -228,11 +256,12 @@ class StageMetrics(Recorder):
             unbind_request_id(token)
 
     def _done(self, request_id: str, t0: float, err: BaseException | None, detail: str) -> None:
+        """Metrics and one log line: INFO, or WARNING for a failure (a client error is not one)."""
         elapsed = self.finished(t0, err)
-        if self.config.log_requests:
-            outcome = _status(err) if err is None else f"{_status(err)} ({error_kind(err)})"
-            log.info("%s request %s %s in %.3f s: %s", self.tags["stage"], request_id, outcome, elapsed, detail,
-                     extra={"omni_request_id": request_id})
+        if self.config.log_requests or _status(err) == "failed":
+            log.log(logging.WARNING if _status(err) == "failed" else logging.INFO,
+                    "%s request %s %s in %.3f s: %s", self.tags["stage"], request_id, outcome(err), elapsed, detail,
+                    extra={"omni_request_id": request_id})
 
     def cache_lookup(self, kind: str, hit: bool) -> None:
         result = "hit" if hit else "miss"
@@ -311,20 +340,23 @@ class IngressMetrics(Recorder):
     def request_finished(self, request_id: str, pipeline: str, started: float, err: BaseException | None) -> None:
         elapsed = self.for_pipeline(pipeline).finished(started, err, count_error=not _marked(err))
         _mark(err)
-        if self.config.log_requests:
-            outcome = _status(err) if err is None else f"{_status(err)} ({error_kind(err)})"
-            log.info("ingress request %s (%s) %s in %.3f s", request_id, pipeline, outcome, elapsed,
-                     extra={"omni_request_id": request_id})
+        if self.config.log_requests or _status(err) == "failed":
+            log.log(logging.WARNING if _status(err) == "failed" else logging.INFO,
+                    "ingress request %s (%s) %s in %.3f s", request_id, pipeline, outcome(err), elapsed,
+                    extra={"omni_request_id": request_id})
 
     def rejected(self, pipeline: str, err: BaseException) -> None:
         """A request that failed before it was admitted (e.g. 429): errors only."""
-        if not _marked(err):
-            self.for_pipeline(pipeline).inc("omni_errors_total", kind=error_kind(err))
-            _mark(err)
+        self._count_error(self.for_pipeline(pipeline), err)
 
     def http_error(self, err: BaseException) -> None:
+        self._count_error(self, err)
+
+    @staticmethod
+    def _count_error(rec: Recorder, err: BaseException) -> None:
+        """Once per exception: in omni_client_errors_total (4xx) or omni_errors_total (the rest)."""
         if not _marked(err):
-            self.inc("omni_errors_total", kind=error_kind(err))
+            rec.inc(_error_counter(_status(err)) or "omni_errors_total", kind=error_kind(err))
             _mark(err)
 
 

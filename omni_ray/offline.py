@@ -102,7 +102,7 @@ class _Stages:
                     eng = cfg.engine                  # offline: the engine in this process unless asked
                     if eng.core_process == "auto":
                         eng = eng.model_copy(update={"core_process": "off"})
-                    stage = ARStageEngine(eng, self.config.app.limits)
+                    stage = ARStageEngine(eng, self.config.app.limits, media=self.config.app.media)
                 else:
                     from omni_ray.stages.dit import DiTStageEngine
                     stage = DiTStageEngine(cfg.engine)

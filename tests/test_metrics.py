@@ -16,7 +16,7 @@ import pytest
 
 from omni_ray import metrics as m
 from omni_ray.config import MetricsConfig
-from omni_ray.errors import InvalidRequestError, QueueFullError, RequestTimeoutError
+from omni_ray.errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError
 from omni_ray.logs import RequestIdFilter, bind_request_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,10 +98,15 @@ def test_stream_counts_errors_by_kind_and_cancellations(fake):
     async def run(it):
         return [d async for d in sm.stream(it, "req-2")]
 
-    with pytest.raises(InvalidRequestError):
-        asyncio.run(run(_deltas([], fail=InvalidRequestError("bad"))))
-    assert total(fake, "omni_errors_total", kind="invalid_request_error") == 1
+    with pytest.raises(EngineError):
+        asyncio.run(run(_deltas([], fail=EngineError("engine step failed"))))
+    assert total(fake, "omni_errors_total", kind="engine_error") == 1
     assert total(fake, "omni_requests_total", status="failed") == 1
+    with pytest.raises(InvalidRequestError):                   # the client's error: counted apart
+        asyncio.run(run(_deltas([], fail=InvalidRequestError("bad"))))
+    assert total(fake, "omni_client_errors_total", kind="invalid_request_error") == 1
+    assert total(fake, "omni_requests_total", status="client_error") == 1
+    assert total(fake, "omni_requests_total", status="failed") == 1 and total(fake, "omni_errors_total") == 1
 
     async def cancelled():
         task = asyncio.ensure_future(run(_deltas([1] * 1000)))
@@ -146,12 +151,17 @@ def test_ingress_counts_each_error_once(fake):
         err = InvalidRequestError("bad max_tokens")
         im.request_finished("chatcmpl-1", "chat", 0.0, err)            # the ticket is released first
         m.record_http_error(err)                                       # then the HTTP handler answers
-        assert total(fake, "omni_errors_total", stage="ingress", model="chat", kind="invalid_request_error") == 1
-        assert total(fake, "omni_errors_total") == 1
+        assert total(fake, "omni_client_errors_total", stage="ingress", model="chat",
+                     kind="invalid_request_error") == 1
+        assert total(fake, "omni_client_errors_total") == 1 and total(fake, "omni_errors_total") == 0
+        assert total(fake, "omni_requests_total", model="chat", status="client_error") == 1
         m.record_http_error(InvalidRequestError("no such model"))      # rejected before admission
         im.rejected("chat", QueueFullError("full"))
-        assert total(fake, "omni_errors_total", model="omni", kind="invalid_request_error") == 1
-        assert total(fake, "omni_errors_total", model="chat", kind="rate_limit_error") == 1
+        assert total(fake, "omni_client_errors_total", model="omni", kind="invalid_request_error") == 1
+        assert total(fake, "omni_client_errors_total", model="chat", kind="rate_limit_error") == 1
+        m.record_http_error(EngineError("a stage replica is unavailable"))   # a failure
+        assert total(fake, "omni_errors_total", model="omni", kind="engine_error") == 1
+        assert total(fake, "omni_errors_total") == 1
         im.request_finished("chatcmpl-2", "chat", 0.0, None)
         assert total(fake, "omni_requests_total", model="chat", status="completed") == 1
     finally:
@@ -299,8 +309,29 @@ def test_ingress_does_not_count_a_re_raised_error_twice(fake):
                 raise InvalidRequestError("internal") from None    # a new OmniError raised in `except`
         except InvalidRequestError as converted:
             m.record_http_error(converted)
-        assert total(fake, "omni_errors_total", kind="rate_limit_error") == 1
+        assert total(fake, "omni_client_errors_total", kind="rate_limit_error") == 1
         assert total(fake, "omni_errors_total", kind="internal_error") == 1
-        assert total(fake, "omni_errors_total") == 2
+        assert total(fake, "omni_errors_total") == 1 and total(fake, "omni_client_errors_total") == 1
     finally:
         m.install_ingress(None)
+
+
+def test_a_client_error_is_one_info_line_and_a_failure_a_warning(fake, caplog):
+    """A 4xx raised in a stage request: one INFO line with the request id, the status, the error
+    type and message, no traceback; an engine failure: one WARNING line."""
+    sm = m.StageMetrics("llm", "m", "r1", MetricsConfig(log_requests=True))
+
+    async def run(it, rid):
+        return [d async for d in sm.stream(it, rid)]
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        with pytest.raises(InvalidRequestError):
+            asyncio.run(run(_deltas([], fail=InvalidRequestError("prompt is too long", param="prompt")), "req-7"))
+        with pytest.raises(EngineError):
+            asyncio.run(run(_deltas([2], fail=EngineError("step failed")), "req-8"))
+    lines = [r for r in caplog.records if r.name == "ray.serve"]
+    assert [(r.levelno, r.exc_info) for r in lines] == [(logging.INFO, None), (logging.WARNING, None)]
+    first, second = lines[0].getMessage(), lines[1].getMessage()
+    assert "req-7" in first and "client_error 400 invalid_request_error: prompt is too long (param prompt)" in first
+    assert "\n" not in first
+    assert "req-8" in second and "failed 503 engine_error: step failed" in second

@@ -4,7 +4,7 @@
                                      # waits for a slot on the first stage; QueueFullError -> 429
     async with ticket.stage("llm"): ...            # gate (later stages), start / finish reports
     ticket.cancelled                               # asyncio.Event: cancelled through the scheduler
-    await ticket.release(error)                    # completed / failed / cancelled; idempotent
+    await ticket.release(error)                    # completed / failed / cancelled / client_error (4xx); idempotent
 
 With the scheduler disabled every request is admitted at once and nothing is reported.
 """
@@ -17,9 +17,9 @@ import time
 from contextlib import asynccontextmanager
 
 from omni_ray.config import OmniConfig
-from omni_ray.errors import OmniError, RequestCancelledError
+from omni_ray.errors import OmniError, RequestCancelledError, is_client_error
 from omni_ray.logs import bind_request_id, install_request_id_filter
-from omni_ray.metrics import IngressMetrics, install_ingress
+from omni_ray.metrics import IngressMetrics, install_ingress, unwrap
 
 
 def _status(error: BaseException | None, cancelled: bool) -> str:
@@ -27,7 +27,7 @@ def _status(error: BaseException | None, cancelled: bool) -> str:
         return "completed"
     if cancelled or isinstance(error, (asyncio.CancelledError, RequestCancelledError)):
         return "cancelled"
-    return "failed"
+    return "client_error" if is_client_error(unwrap(error)) else "failed"
 
 
 class Ticket:
@@ -82,8 +82,9 @@ class ScheduledTicket(Ticket):
         self._record(error)
         self.released = True
         status = _status(error, self.ticket.is_cancelled)
-        msg = None if error is None else (error.message if isinstance(error, OmniError) else repr(error))
-        self.client.finished(self.request_id, status, msg if status == "failed" else None)
+        err = unwrap(error)
+        msg = None if err is None else (err.message if isinstance(err, OmniError) else repr(err))
+        self.client.finished(self.request_id, status, msg if status in ("failed", "client_error") else None)
 
 
 class Admission:

@@ -10,7 +10,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from omni_ray.errors import EngineError, InvalidRequestError, OmniError, QueueFullError, RequestCancelledError
+from omni_ray.errors import (
+    EngineError,
+    InvalidRequestError,
+    OmniError,
+    QueueFullError,
+    RequestCancelledError,
+    StageUnavailableError,
+)
 from omni_ray.metrics import record_http_error
 
 log = logging.getLogger("ray.serve")
@@ -50,9 +57,27 @@ def error_response(err: BaseException, request_id: str | None = None) -> JSONRes
     record_http_error(err)                   # errors by kind (once per exception)
     e = as_omni(err)
     headers = {"X-Request-Id": request_id} if request_id else {}
-    if isinstance(e, QueueFullError):
-        headers["Retry-After"] = str(max(1, round(getattr(e, "retry_after", 1.0))))
+    if getattr(e, "retry_after", None) is not None:      # 429 queue full, 503 stage unavailable
+        headers["Retry-After"] = retry_after(e.retry_after)
     return JSONResponse(e.to_openai(), status_code=e.http_status, headers=headers)
+
+
+def retry_after(seconds: float) -> str:
+    return str(max(1, round(seconds)))
+
+
+def health_response(down: dict[str, str | None], retry_after_s: float):
+    """GET /health: 200 ``{"status": "ok"}``, or 503 naming each stage without a healthy replica
+    (``stages``: {stage: why}) with an OpenAI error body and Retry-After."""
+    down = {k: why for k, why in down.items() if why is not None}
+    if not down:
+        return {"status": "ok"}
+    names = ", ".join(sorted(down))
+    err = StageUnavailableError(f"no healthy replica for stage(s) {names}: " +
+                                "; ".join(f"{k}: {why}" for k, why in sorted(down.items())),
+                                stage=names, retry_after=retry_after_s)
+    return JSONResponse({"status": "unavailable", "stages": down} | err.to_openai(), status_code=503,
+                        headers={"Retry-After": retry_after(retry_after_s)})
 
 
 def error_event(err: BaseException) -> str:

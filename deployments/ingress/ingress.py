@@ -35,7 +35,7 @@ from deployments.ingress.admission import Admission
 from deployments.ingress.catalog import Catalog
 from deployments.ingress.gate import OPEN_PATHS, Gate, GateSettings
 from deployments.ingress.handle_args import images_as, text_body, validated
-from deployments.ingress.http import SSE_HEADERS, error_response, install_handlers
+from deployments.ingress.http import SSE_HEADERS, health_response, install_handlers
 from deployments.ingress.info import describe
 from deployments.ingress.lifecycle import Lifecycle, new_id
 from deployments.ingress.limits import check_pipeline_limits, check_text_limits
@@ -43,6 +43,7 @@ from deployments.ingress.openapi_doc import install_openapi
 from deployments.ingress.pipelines import pipeline_events, pipeline_result, public, render_pipeline
 from deployments.ingress.remote_stages import RemoteAR, RemoteDiT
 from deployments.ingress.request_ids import RequestIds
+from deployments.ingress.stage_health import StageHealth
 from deployments.ingress.text import collect, render_text, text_events, text_requests
 from deployments.openai.protocol import (
     ChatCompletionRequest,
@@ -55,9 +56,9 @@ from deployments.openai.responses import Chat, Completion, b64_images, usage
 from deployments.openai.tool_calls import ToolChat
 from deployments.openai.tools import ToolCalling
 from deployments.services import dit_cache
-from deployments.streams import OpenStreams, cancellable, gather_or_cancel
+from deployments.streams import OpenStreams, cancellable
 from omni_ray.config import OmniConfig, PipelineConfig, validate
-from omni_ray.errors import InvalidRequestError, RequestTimeoutError
+from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_text
 from omni_ray.runner import StageArgs
 
@@ -80,8 +81,9 @@ class Ingress:
         self.kinds, self.names = self.catalog.kinds, self.catalog.names
         cache = dit_cache({"app": self.config.app.name, "dit_cache": self.config.dit_cache.model_dump()})
         batch = self.config.app.stage_call_batch
-        self.backends = {k: RemoteAR(h, cache, self.names[k], batch) if self.kinds[k] == "ar" else RemoteDiT(h)
-                         for k, h in stages.items()}
+        self.stage_health = StageHealth(stages, self.config.app.stage_health)
+        self.backends = {k: RemoteAR(h, cache, self.names[k], batch, k, self.stage_health) if self.kinds[k] == "ar"
+                         else RemoteDiT(h, k, self.stage_health) for k, h in stages.items()}
         self.limits = self.config.app.limits
         self.admission = Admission(self.config)
         self.requests = Lifecycle(self.config.app, self.admission, OpenStreams(self.config.app.streaming))
@@ -209,16 +211,10 @@ class Ingress:
 
     @app.get("/health")
     async def health(self):
-        async def check(k: str):
-            await self.handles[k].health.remote()
-
-        try:
-            async with asyncio.timeout(10):
-                await gather_or_cancel(check(k) for k in self.handles)
-        except Exception as err:  # noqa: BLE001
-            return error_response(err if not isinstance(err, TimeoutError) else
-                                  RequestTimeoutError("stage health check timed out"))
-        return {"status": "ok"}
+        """200 ``{"status": "ok"}`` when every stage has a replica that answers; else 503 naming the
+        stages without one. Answers within ``app.stage_health.probe_timeout_s`` (stage_health.py)."""
+        self.stage_health.start()
+        return health_response(await self.stage_health.check(), self.config.app.stage_health.retry_after_s)
 
     @app.get("/info")
     async def info(self):
@@ -315,4 +311,5 @@ class Ingress:
         return dict(zip(keys, vals))
 
     async def __del__(self):
+        await self.stage_health.close()
         await self.admission.close()

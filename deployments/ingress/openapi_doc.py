@@ -27,7 +27,7 @@ ERRORS = {
     "404": "unknown model, pipeline or path",
     "429": "queue full; retry after Retry-After seconds",
     "499": "cancelled through POST /v1/requests/{id}/cancel",
-    "503": "a stage is unavailable (replica restarting, engine failed)",
+    "503": "a stage is unavailable: no healthy replica (one being replaced; retry after Retry-After), engine failed",
     "504": "the request exceeded app.request_timeout_s",
 }
 STREAMING = ("/v1/completions", "/v1/chat/completions", "/v1/pipelines/{name}", "/generate")

@@ -5,6 +5,11 @@ each request a typed ``ARRequest`` / ``DiTRequest``, sent as it is. Hidden state
 the AR stage as a ``Handoff`` holding an ObjectRef, passed on, unresolved, to the DiT stage.
 Streaming calls are cancelled when the consumer stops early (client disconnect), which raises
 CancelledError in the replica and aborts the engine request.
+
+Every call goes through the ingress's StageHealth (``stage_health.py``): while the stage has no
+healthy replica it waits a bounded time, then 503; a call that loses its replica marks the stage
+down. A client error comes back from the replica as a value (deployments/stages/replica.py) and is
+raised here.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import AsyncIterator
 from ray.serve.handle import DeploymentHandle
 
 from deployments.ingress.call_batcher import StreamBatcher
+from deployments.ingress.stage_health import StageHealth
 from omni_ray.stages.requests import ARRequest, DiTRequest, Handoff
 
 
@@ -24,6 +30,9 @@ async def stream(call) -> AsyncIterator:
     done = False
     try:
         async for item in call:
+            if isinstance(item, BaseException):      # a client error, sent as the last item
+                done = True
+                raise item
             yield item
         done = True
     finally:
@@ -34,17 +43,22 @@ async def stream(call) -> AsyncIterator:
 async def unary(resp):
     """Await a unary handle call; cancel it if the caller is cancelled first."""
     try:
-        return await resp
+        out = await resp
     except BaseException:
         resp.cancel()
         raise
+    if isinstance(out, BaseException):               # a client error, sent as the result
+        raise out
+    return out
 
 
 class RemoteAR:
     """``cache`` (a DiTCacheClient) makes ``encode`` a cached call: a prompt whose hidden states are
     in the object store already skips the AR stage (the DiT gets the cached reference)."""
 
-    def __init__(self, handle: DeploymentHandle, cache=None, model: str | None = None, batch: int = 1):
+    def __init__(self, handle: DeploymentHandle, cache=None, model: str | None = None, batch: int = 1,
+                 stage: str = "llm", health: StageHealth | None = None):
+        self.stage, self.health = stage, health or StageHealth({stage: handle})
         self.unary = handle.options(stream=False)
         self.streaming = handle.options(stream=True)
         self.cache, self.model = cache, model
@@ -54,13 +68,13 @@ class RemoteAR:
     def generate(self, req: ARRequest) -> AsyncIterator[dict]:
         """``req``'s deltas: through the batcher (requests arriving together share a call), or one call."""
         if self.batcher is not None:
-            return self.batcher.stream(req)
-        return stream(self.streaming.generate.remote(req))
+            return self.health.stream(self.stage, lambda: self.batcher.stream(req))
+        return self.health.stream(self.stage, lambda: stream(self.streaming.generate.remote(req)))
 
     async def complete(self, req: ARRequest) -> dict:
         if self.batcher is not None:
-            return await self.batcher.complete(req)
-        return await unary(self.unary.complete.remote(req))
+            return await self.health.unary(self.stage, lambda: self.batcher.complete(req))
+        return await self.health.unary(self.stage, lambda: unary(self.unary.complete.remote(req)))
 
     async def encode(self, req: ARRequest) -> Handoff:
         """The stage's Handoff (its ref unresolved), ``cache`` set to hit | miss | off."""
@@ -72,7 +86,7 @@ class RemoteAR:
             if hit is not None and hit[1]:
                 ref, meta = hit
                 return Handoff(**meta, ref=ref, object_id=ref.hex(), cache="hit")
-        out: Handoff = await unary(self.unary.encode.remote(req))
+        out: Handoff = await self.health.unary(self.stage, lambda: unary(self.unary.encode.remote(req)))
         if key is not None:           # index it in the background: the caller does not wait for the copy
             meta = {"shape": out.shape, "dtype": out.dtype, "source": out.source}
             task = asyncio.ensure_future(self.cache.put_ref(key, out.ref, meta=meta, model=self.model))
@@ -82,8 +96,9 @@ class RemoteAR:
 
 
 class RemoteDiT:
-    def __init__(self, handle: DeploymentHandle):
+    def __init__(self, handle: DeploymentHandle, stage: str = "image", health: StageHealth | None = None):
+        self.stage, self.health = stage, health or StageHealth({stage: handle})
         self.streaming = handle.options(stream=True)
 
     def generate(self, req: DiTRequest) -> AsyncIterator[dict]:
-        return stream(self.streaming.generate.remote(req))
+        return self.health.stream(self.stage, lambda: stream(self.streaming.generate.remote(req)))

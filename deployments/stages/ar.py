@@ -13,6 +13,9 @@ replica serves (continuous batching across HTTP requests).
 (``generate_batch``, whose sender is deployments/ingress/call_batcher.py), stream pacing, the pins
 of handed-out hidden states and the profiling probes (deployments/stages/probes.py).
 
+A client error (a 4xx, e.g. a prompt over the token limit) comes back as a value: the last item
+of a stream, the result of ``complete`` / ``encode`` (deployments/stages/replica.py says why).
+
 ``encode`` puts the hidden states in the object store and returns a Handoff holding the reference,
 so neither Serve nor the ingress resolves it; the DiT replica that receives it does.
 A caller that goes away (client disconnect, ``cancel()``) raises CancelledError here, which
@@ -35,9 +38,9 @@ from deployments.services import CapacityReporter, replica_id
 from deployments.stages.batch import fan_in
 from deployments.stages.pins import Pins
 from deployments.stages.probes import CallLog
-from deployments.stages.replica import StageReplica
+from deployments.stages.replica import StageReplica, error_as_value, errors_as_values
 from deployments.streams import OpenStreams
-from omni_ray.config import ARStageConfig, LimitsConfig, validate
+from omni_ray.config import ARStageConfig, LimitsConfig, MediaConfig, validate
 from omni_ray.errors import EngineError, OmniError
 from omni_ray.stages.ar import ARStageEngine, merge_deltas, pretokenize
 from omni_ray.stages.requests import ARRequest, Handoff
@@ -51,11 +54,12 @@ def _stage_error(e: Exception) -> OmniError:
 
 @serve.deployment
 class ARDeployment(StageReplica):
-    def __init__(self, stage: str, config: dict, limits: dict | None = None, services: dict | None = None):
+    def __init__(self, stage: str, config: dict, limits: dict | None = None, services: dict | None = None,
+                 media: dict | None = None):
         self.stage, self.replica = stage, replica_id()
         self.config: ARStageConfig = validate(ARStageConfig, config)
         self.limits: LimitsConfig = validate(LimitsConfig, limits or {})
-        self.engine = ARStageEngine(self.config.engine, self.limits)
+        self.engine = ARStageEngine(self.config.engine, self.limits, media=validate(MediaConfig, media or {}))
         self.engine.start()
         self.pins = Pins()
         self.streams = OpenStreams(self.config.streaming)
@@ -71,7 +75,7 @@ class ARDeployment(StageReplica):
         with engine steps x streams."""
         with self.streams.open():
             deltas = self.engine.generate(req, interval=self.streams.interval)
-            async for delta in self.metrics.stream(deltas, req.request_id):
+            async for delta in errors_as_values(self.metrics.stream(deltas, req.request_id)):
                 yield delta
 
     async def generate_batch(self, reqs: list[ARRequest], unary: list[int] | None = None,
@@ -99,8 +103,11 @@ class ARDeployment(StageReplica):
         for rid in request_ids:
             self.engine.abort(rid)
 
-    async def complete(self, req: ARRequest) -> dict:
+    async def complete(self, req: ARRequest) -> dict | OmniError:
         """The whole generation as one delta (non-streaming callers: one message, not one per token)."""
+        return await error_as_value(self._complete(req))
+
+    async def _complete(self, req: ARRequest) -> dict:
         return merge_deltas([d async for d in self._complete_deltas(req)])
 
     async def _complete_deltas(self, req: ARRequest) -> AsyncIterator[dict]:
@@ -113,7 +120,10 @@ class ARDeployment(StageReplica):
                 d["replica_s"] = time.perf_counter() - t0
             yield d
 
-    async def encode(self, req: ARRequest) -> Handoff:
+    async def encode(self, req: ARRequest) -> Handoff | OmniError:
+        return await error_as_value(self._encode(req))
+
+    async def _encode(self, req: ARRequest) -> Handoff:
         with self.metrics.track(req.request_id, "encode"):
             hs = await self.engine.encode(req)    # [T, H] float32 CPU
         ref = ray.put(hs.numpy())

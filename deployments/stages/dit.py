@@ -26,7 +26,7 @@ import torch
 from ray import serve
 
 from deployments.services import CapacityReporter, dit_cache
-from deployments.stages.replica import StageReplica
+from deployments.stages.replica import StageReplica, errors_as_values
 from omni_ray.config import DiTStageConfig, validate
 from omni_ray.errors import InvalidRequestError
 from omni_ray.stages.dit import DiTStageEngine
@@ -66,6 +66,11 @@ class DiTDeployment(StageReplica):
         log.info("DiT stage %r ready: model %s (cache %s)", stage, self.model, "on" if self.cache else "off")
 
     async def generate(self, req: DiTRequest) -> AsyncIterator[dict]:
+        """Progress events, then ``done`` with PNGs; a client error comes as the last item (a value)."""
+        async for ev in errors_as_values(self._tracked(req)):
+            yield ev
+
+    async def _tracked(self, req: DiTRequest) -> AsyncIterator[dict]:
         events = self._generate(req)
         with self.metrics.track(req.request_id, "images"):
             try:

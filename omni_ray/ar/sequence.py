@@ -21,7 +21,7 @@ _counter = itertools.count()
 
 class Sequence:
     def __init__(self, token_ids: list[int], params: SamplingParams | EncodeParams,
-                 request_id: str | None = None, block_size: int = 256):
+                 request_id: str | None = None, block_size: int = 256, mm=None):
         self.seq_id = next(_counter)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.status = SeqStatus.WAITING
@@ -29,6 +29,7 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.params = params
         self.block_size = block_size
+        self.mm = mm                       # MultiModalInputs (media items, M-RoPE positions) or None
         self.block_table: list[int] = []
         self.num_computed_tokens = 0       # tokens whose K/V are in the cache
         self.num_cached_tokens = 0         # of which came from the prefix cache (last admission)
@@ -86,6 +87,34 @@ class Sequence:
 
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    def block_key(self, i: int) -> tuple:
+        """What identifies block i's KV beyond the prefix before it: its tokens, and the content
+        hashes of the media whose placeholder tokens it holds (equal placeholders, other image:
+        other KV)."""
+        tokens = tuple(self.block_tokens(i))
+        if self.mm is None:
+            return tokens
+        lo, hi = i * self.block_size, (i + 1) * self.block_size
+        media = tuple((it.offset, it.hash) for it in self.mm.items if it.offset < hi and it.end > lo)
+        return (tokens, media) if media else tokens
+
+    @property
+    def rope_delta(self) -> int:
+        """Rope position minus token index after an M-RoPE prompt (0 for text)."""
+        return self.mm.rope_delta if self.mm is not None else 0
+
+    def positions(self, start: int, n: int):
+        """M-RoPE positions [3, n] (int64) of tokens start..start+n: the prompt's own, then index + delta."""
+        import torch
+
+        pos = self.mm.positions
+        T = pos.shape[1]
+        head = pos[:, start:min(start + n, T)]
+        if start + n <= T:
+            return head
+        tail = torch.arange(max(start, T), start + n, dtype=torch.long) + self.mm.rope_delta
+        return torch.cat([head, tail.expand(3, -1)], dim=1)
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -1,7 +1,7 @@
 """Bytes from a media reference: ``data:`` URLs and bare base64 always; ``http(s)`` URLs only
 when ``MediaConfig.allow_url_fetch`` is on (and then only from ``allowed_domains`` when that is
-set, with a timeout and the byte budget enforced while reading); ``file:`` and every other scheme
-never."""
+set, with a timeout and the byte budget enforced while reading); ``file:`` URLs only under
+``allowed_local_media_path`` (symlinks resolved first); every other scheme never."""
 
 from __future__ import annotations
 
@@ -54,6 +54,22 @@ def _fetch(url: str, param: str, cfg: MediaConfig, max_bytes: int) -> tuple[byte
         raise InvalidRequestError(f"{param}: could not fetch the URL ({type(e).__name__})", param=param) from None
 
 
+def _local(url: str, param: str, cfg: MediaConfig, max_bytes: int) -> tuple[bytes, str]:
+    from pathlib import Path
+    from urllib.parse import unquote
+
+    if not cfg.allowed_local_media_path:
+        raise InvalidRequestError(f"{param}: this server reads no local files (app.media.allowed_local_media_path "
+                                  "is not set)", param=param)
+    root = Path(cfg.allowed_local_media_path).resolve()
+    path = Path(unquote(urlsplit(url).path)).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise InvalidRequestError(f"{param}: not a file under app.media.allowed_local_media_path", param=param)
+    if path.stat().st_size > max_bytes:
+        raise InvalidRequestError(f"{param}: the media is over the {max_bytes} byte limit", param=param)
+    return path.read_bytes(), ""
+
+
 def read_source(ref: str | bytes, param: str, cfg: MediaConfig, max_bytes: int) -> tuple[bytes, str]:
     """(bytes, mime type or "") of a media reference, within ``max_bytes``."""
     if isinstance(ref, (bytes, bytearray)):
@@ -70,6 +86,8 @@ def read_source(ref: str | bytes, param: str, cfg: MediaConfig, max_bytes: int) 
             raise InvalidRequestError(f"{param}: this server does not fetch URLs (app.media.allow_url_fetch is "
                                       "off); send the media inline as a base64 data: URL", param=param)
         return _fetch(ref, param, cfg, max_bytes)
+    if scheme == "file":
+        return _local(ref, param, cfg, max_bytes)
     if scheme:
         raise InvalidRequestError(f"{param}: URL scheme {scheme!r} is not accepted (data: URLs only)", param=param)
     return _b64(ref.strip(), param, max_bytes), ""

@@ -15,13 +15,16 @@ engine's outputs become plain dict deltas (what a Serve replica streams back):
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import AsyncIterator
 
 import torch
 
 from omni_ray.ar.engine.token_bytes import TokenTable, token_table
-from omni_ray.config import AREngineConfig, LimitsConfig
+from omni_ray.ar.multimodal import MultiModalInputs
+from omni_ray.ar.multimodal.prompts import chat_inputs, data_inputs
+from omni_ray.config import AREngineConfig, LimitsConfig, MediaConfig
 from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_prompt_tokens
 from omni_ray.stages.protocol import EngineStage
@@ -59,6 +62,24 @@ def prompt_ids(tokenizer, req: ARRequest, max_prompt_tokens: int | None = None) 
         ids = req.prompt                                # token ids; the engine checks the vocabulary
     check_prompt_tokens(len(ids), max_prompt_tokens)
     return list(ids)
+
+
+def media_prompt(proc, req: ARRequest, media: MediaConfig, max_prompt_tokens: int | None = None) -> MultiModalInputs:
+    """A request with images / audio -> its processed prompt (``omni_ray.ar.multimodal``)."""
+    if proc is None:
+        raise InvalidRequestError("this model takes text only; image / audio inputs are not accepted",
+                                  param="messages" if req.messages is not None else "multi_modal_data")
+    if req.messages is not None:
+        mm = chat_inputs(proc, req.messages, media)
+    elif req.system_prompt:                  # the prompt (with its placeholders) as the user turn
+        text = proc.tokenizer.apply_chat_template([{"role": "system", "content": req.system_prompt},
+                                                   {"role": "user", "content": req.prompt}],
+                                                  tokenize=False, add_generation_prompt=True)
+        mm = data_inputs(proc, text, req.multi_modal_data or {}, media)
+    else:
+        mm = data_inputs(proc, req.prompt, req.multi_modal_data, media)
+    check_prompt_tokens(len(mm.token_ids), max_prompt_tokens)
+    return mm
 
 
 def pretokenize(tokenizer, reqs: list[ARRequest]) -> list[ARRequest]:
@@ -121,8 +142,9 @@ class ARStageEngine(EngineStage):
 
     kind = "ar"
 
-    def __init__(self, config: AREngineConfig, limits: LimitsConfig | None = None, engine=None):
-        self.config, self.limits = config, limits or LimitsConfig()
+    def __init__(self, config: AREngineConfig, limits: LimitsConfig | None = None, engine=None,
+                 media: MediaConfig | None = None):
+        self.config, self.limits, self.media = config, limits or LimitsConfig(), media or MediaConfig()
         self.engine = engine                   # an AsyncLLM (built by ``start`` unless given)
 
     def start(self) -> None:
@@ -138,14 +160,23 @@ class ARStageEngine(EngineStage):
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    async def prompt(self, req: ARRequest) -> list[int] | MultiModalInputs:
+        """The request's token ids, or its processed multimodal prompt (media decoded and checked under
+        ``app.media``, the checkpoint's processor; in a worker thread, off the replica's event loop)."""
+        if not req.has_media:
+            return prompt_ids(self.engine.tokenizer, req, self.limits.max_prompt_tokens)
+        return await asyncio.to_thread(media_prompt, self.engine.mm_processor, req, self.media,
+                                       self.limits.max_prompt_tokens)
+
     async def generate(self, req: ARRequest, interval=None) -> AsyncIterator[dict]:
         engine = self.engine
-        ids = prompt_ids(engine.tokenizer, req, self.limits.max_prompt_tokens)
-        params = req.params.resolve_max_tokens(len(ids), engine.max_model_len, self.limits.max_tokens)
+        prompt = await self.prompt(req)
+        n = len(prompt.token_ids) if isinstance(prompt, MultiModalInputs) else len(prompt)
+        params = req.params.resolve_max_tokens(n, engine.max_model_len, self.limits.max_tokens)
         table = token_table(engine.tokenizer) if params.logprobs is not None or params.prompt_logprobs is not None \
             else None
         first = True
-        async for out in engine.generate(ids, params, req.request_id, interval=interval):
+        async for out in engine.generate(prompt, params, req.request_id, interval=interval):
             d = {"text": out.text, "token_ids": list(out.token_ids),
                  "finished": out.finished, "finish_reason": out.finish_reason,
                  "num_prompt_tokens": out.num_prompt_tokens, "num_output_tokens": out.num_output_tokens}
@@ -154,11 +185,11 @@ class ARStageEngine(EngineStage):
             if out.prompt_logprobs is not None:
                 d["prompt_logprobs"] = prompt_logprob_entries(table, out.prompt_logprobs)
             if first and req.echo:
+                ids = prompt.token_ids if isinstance(prompt, MultiModalInputs) else prompt
                 d["prompt_text"] = req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(ids)
             first = False
             yield d
 
     async def encode(self, req: ARRequest) -> torch.Tensor:
         """Prompt hidden states [T, H] (float32, CPU)."""
-        ids = prompt_ids(self.engine.tokenizer, req, self.limits.max_prompt_tokens)
-        return await self.engine.encode(ids, req.request_id, layer=req.layer)
+        return await self.engine.encode(await self.prompt(req), req.request_id, layer=req.layer)

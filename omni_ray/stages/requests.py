@@ -8,10 +8,10 @@ A request carries its id, its inputs by modality and its params:
               params=SamplingParams(...), layer=None, multi_modal_data=None, tools=None)
     DiTRequest(request_id, prompt="a fox" | None, params=DiffusionParams(...), conditioning=Handoff | None)
 
-``multi_modal_data`` ({"image": ..., "audio": ...}, vLLM's name) and ``Handoff`` (hidden states of
-another stage, by object-store reference or by value) are how the coming encoder, talker and
-vocoder stages' inputs travel; no stage takes images or audio yet, so an AR request with them is
-refused here.
+``multi_modal_data`` ({"image": ..., "audio": ...}, vLLM's name, with a text prompt) or chat
+``messages`` with image / audio content parts carry media to an AR stage whose model takes them;
+``Handoff`` (hidden states of another stage, by object-store reference or by value) carries a
+stage's output to the next.
 """
 
 from __future__ import annotations
@@ -77,19 +77,32 @@ class ARRequest:
             raise InvalidRequestError(f"layer must be an integer, got {self.layer!r}", param="layer")
         if self.tools is not None and (self.messages is None or not isinstance(self.tools, list)):
             raise InvalidRequestError("tools need chat messages and must be a list", param="tools")
-        if self.multi_modal_data:
-            raise InvalidRequestError(f"this stage takes text; {sorted(self.multi_modal_data)} inputs are not "
-                                      "supported yet", param="multi_modal_data")
+        if self.multi_modal_data is not None:
+            if not isinstance(self.multi_modal_data, dict) or set(self.multi_modal_data) - {"image", "audio"}:
+                raise InvalidRequestError("multi_modal_data must be a dict with 'image' and / or 'audio'",
+                                          param="multi_modal_data")
+            if self.multi_modal_data and not isinstance(self.prompt, str):
+                raise InvalidRequestError("multi_modal_data goes with a text prompt holding the model's "
+                                          "placeholder tokens", param="multi_modal_data")
+        if self.tools and self.has_media:
+            raise InvalidRequestError("tools with image or audio content are not supported yet", param="tools")
 
     @property
     def is_plain_text(self) -> bool:
         """A text prompt used as it is (no chat template): what a batch can tokenize at once."""
-        return isinstance(self.prompt, str) and self.messages is None and not self.system_prompt
+        return isinstance(self.prompt, str) and self.messages is None and not self.system_prompt \
+            and not self.multi_modal_data
+
+    @property
+    def has_media(self) -> bool:
+        from omni_ray.ar.multimodal.prompts import has_media
+
+        return bool(self.multi_modal_data) or (self.messages is not None and has_media(self.messages))
 
     def input_digest(self) -> str:
         """What this request's prompt hidden states are a function of (cache keys, handoff source)."""
         parts = [self.prompt, self.messages, self.system_prompt, self.layer] + ([self.tools] if self.tools else [])
-        return json.dumps(parts, sort_keys=True)
+        return json.dumps(parts, sort_keys=True, default=repr)
 
 
 @dataclass

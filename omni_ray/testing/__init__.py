@@ -34,6 +34,8 @@ def _builders() -> dict[str, Callable[[Path], None]]:
         out[f"tiny:{name}"] = lambda p, n=name: tiny_ar.build_ar(p, n)
     for name, build in tiny_mm.TINY_MM.items():  # multimodal: Qwen2.5-VL, Qwen2.5-Omni
         out[f"tiny:{name}"] = build
+    for name, build in tiny_mm.MM_SHAPES.items():
+        out[f"shape:{name}"] = build
     for name in tiny_ar.SHAPES:  # real sizes: bf16, built on the GPU when there is one
         out[f"shape:{name}"] = lambda p, n=name: tiny_ar.build_ar(p, n, dtype=torch.bfloat16, device=_fast_device())
     try:  # DiT families register themselves in tiny_dit

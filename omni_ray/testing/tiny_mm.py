@@ -177,3 +177,42 @@ def _save_processor(out: Path, processor_class: str, template: str, feature_extr
 
 
 TINY_MM = {"qwen2.5-vl": build_qwen2_5_vl, "qwen2.5-omni": build_qwen2_5_omni}
+
+# Qwen2.5-VL-7B-Instruct's config.json and preprocessor_config.json values (benchmarks: random bf16 weights)
+VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0})
+VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                    tokens_per_second=2, out_hidden_size=3584)
+
+
+def build_qwen2_5_vl_7b_shape(out: Path, seed: int = 0) -> None:
+    """``shape:qwen2.5-vl-7b``: the real model's dimensions and processor settings, random bf16 weights
+    (built on the GPU when there is one), a tokenizer covering the whole vocabulary."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    template = mm_template("<|vision_start|><|image_pad|><|vision_end|>",
+                           "<|vision_start|><|video_pad|><|vision_end|>", None)
+    ids = save_tokenizer(out, "chatml", extra_special=VL_TOKENS, chat_template=template,
+                         fill_to=VL_7B_TEXT["vocab_size"])
+    text = dict(VL_7B_TEXT, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
+    config = Qwen2_5_VLConfig(vision_config=dict(VL_7B_VISION), text_config=text,
+                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                              eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
+    config.dtype = torch.bfloat16
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="4GB")
+    proc = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12845056}, patch_size=14,
+                                    temporal_patch_size=2, merge_size=2)
+    cfg = proc.to_dict()
+    cfg.pop("_processor_class", None)
+    cfg["processor_class"] = "Qwen2_5_VLProcessor"
+    (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    (out / "chat_template.jinja").write_text(template)
+
+
+MM_SHAPES = {"qwen2.5-vl-7b": build_qwen2_5_vl_7b_shape}

@@ -98,6 +98,21 @@ def test_core_tracks_states_and_timestamps():
     assert st["processed"]["completed"] == 1 and st["stages"]["dit"]["running"] == 0 and c.live == {}
 
 
+def test_core_counts_client_errors_apart_from_failures():
+    """A request that ends with a 4xx (bad input found by a stage) is a client_error: counted on its
+    own, not as failed, and its slot is freed like any other end."""
+    c, clock = core(default_stage_capacity=2)
+    for rid in ("bad", "broken", "good"):
+        c.handle("A", [("admit", rid, "chat", ("llm",), "normal", clock.t)])
+    c.handle("A", [("finish", "bad", "client_error", "prompt is too long", clock.t),
+                   ("finish", "broken", "failed", "engine step failed", clock.t)])
+    st = c.status()
+    assert {k: st["processed"][k] for k in ("client_error", "failed", "completed")} == \
+        {"client_error": 1, "failed": 1, "completed": 0}
+    assert c.request("bad")["state"] == "client_error" and c.request("bad")["error"] == "prompt is too long"
+    assert st["stages"]["llm"]["running"] == 1 and c.take("A")["granted"][-1] == ("good", "llm")
+
+
 def test_core_bounded_queue_and_priority_grants():
     c, clock = core(default_stage_capacity=1, max_queue_size=3)
     c.handle("A", [("admit", "hold", "p", ("s",), "normal", clock.t)])

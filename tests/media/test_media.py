@@ -44,7 +44,8 @@ def test_image_from_data_url_base64_and_pil():
 
 @pytest.mark.parametrize("ref, words", [
     ("http://example.com/a.png", "does not fetch URLs"),
-    ("file:///etc/passwd", "scheme 'file'"),
+    ("file:///etc/passwd", "reads no local files"),
+    ("ftp://host/a.png", "scheme .ftp."),
     ("data:image/png,abc", "only base64"),
     ("data:image/png;base64,@@@", "not valid base64"),
     (data_url(b"not an image"), "not a decodable image"),
@@ -101,3 +102,17 @@ def test_audio_offline_array_and_limits():
         load_audio(base64.b64encode(wav()).decode(), "audio", MediaConfig(), 16000, fmt="aac")
     with pytest.raises(InvalidRequestError, match="finite"):
         load_audio((np.array([np.nan, 0.0]), 16000), "audio", MediaConfig(), 16000)
+
+
+def test_local_files_only_under_the_configured_directory(tmp_path):
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "a.png").write_bytes(png())
+    (tmp_path / "secret.png").write_bytes(png())
+    (tmp_path / "ok" / "link.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(InvalidRequestError, match="reads no local files"):
+        load_image(f"file://{tmp_path}/ok/a.png", "img", MediaConfig())
+    cfg = MediaConfig(allowed_local_media_path=str(tmp_path / "ok"))
+    assert load_image(f"file://{tmp_path}/ok/a.png", "img", cfg).size == (8, 6)
+    for bad in (f"file://{tmp_path}/secret.png", f"file://{tmp_path}/ok/../secret.png", f"file://{tmp_path}/ok/link.png"):
+        with pytest.raises(InvalidRequestError, match="not a file under"):
+            load_image(bad, "img", cfg)

@@ -25,6 +25,8 @@ def test_options_single_rank():
     assert o["name"] == "llm" and o["num_replicas"] == 2 and o["max_ongoing_requests"] == 7
     assert o["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1, "resources": {"ar_gpu": 1}}
     assert "placement_group_bundles" not in o
+    # Serve's controller notices a crashed replica at its next check: 2 s by default (Serve's is 10 s)
+    assert (o["health_check_period_s"], o["health_check_timeout_s"]) == (2.0, 30.0)
 
 
 def test_options_tensor_parallel_bundles():

@@ -100,3 +100,10 @@ def test_a_template_without_tools_refuses_them():
         render_chat(tok, HISTORY[:1], TOOLS)
     assert e.value.param == "tools" and "does not render tools" in e.value.message
     assert render_chat(tok, HISTORY[:1]) == render_chat(tok, HISTORY[:1], [])
+
+
+def test_tools_with_media_are_refused_not_dropped():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(InvalidRequestError) as e:
+        ARRequest("r", messages=[{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}], tools=TOOLS)
+    assert e.value.param == "tools"

@@ -93,7 +93,8 @@ def test_prompt_rules_have_one_message():
     assert error_of(lambda: ARRequest("r", prompt="x", messages=[{"role": "user", "content": "y"}])).param == "prompt"
     assert error_of(lambda: ARRequest("r", messages=[])).param == "messages"
     assert error_of(lambda: ARRequest("r", prompt="x", params={"max_tokens": 3})).param == "params"
-    assert error_of(lambda: ARRequest("r", prompt="x", multi_modal_data={"image": b""})).param == "multi_modal_data"
+    assert error_of(lambda: ARRequest("r", prompt="x", multi_modal_data={"video": b""})).param == "multi_modal_data"
+    assert error_of(lambda: ARRequest("r", prompt=[1, 2], multi_modal_data={"image": b""})).param == "multi_modal_data"
 
 
 def test_size_is_parsed_in_one_place():

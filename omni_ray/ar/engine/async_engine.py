@@ -27,9 +27,11 @@ import torch
 
 from omni_ray.ar.engine.detokenizer import StreamText
 from omni_ray.ar.engine.engine_core import RequestOutput, make_core
+from omni_ray.ar.multimodal import MultiModalProcessor
 from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
 from omni_ray.config import AREngineConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
+from omni_ray.testing import resolve_model
 
 __all__ = ["AsyncLLM", "RequestOutput"]
 log = logging.getLogger(__name__)
@@ -107,6 +109,8 @@ class AsyncLLM:
         cfg = config if isinstance(config, AREngineConfig) else AREngineConfig.from_kwargs(config, **kwargs)
         self.core = make_core(cfg)
         self.tokenizer = self.core.tokenizer
+        # multimodal checkpoints: media are processed by the caller (a stage thread), not the engine loop
+        self.mm_processor = MultiModalProcessor.from_pretrained(resolve_model(cfg.model.path), self.tokenizer)
         self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None

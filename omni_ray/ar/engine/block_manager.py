@@ -1,8 +1,10 @@
 """Paged KV-cache bookkeeping: ref-counted blocks with prefix caching.
 
-A full block is identified by a hash of (the previous block's hash, its token ids), so a block
-is shared only when the whole prefix up to it is equal. Freed blocks keep their hash and stay
-findable until they are reused; reuse takes the least recently freed block first (LRU).
+A full block is identified by a hash of (the previous block's hash, its key: the token ids, and
+for a multimodal prompt the content hashes of the media in it), so a block is shared only when
+the whole prefix up to it is equal — the same placeholders for another image never match.
+Freed blocks keep their hash and stay findable until they are reused; reuse takes the least
+recently freed block first (LRU).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from omni_ray.ar.sequence import Sequence
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")    # token_ids: the block's key (Sequence.block_key)
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -39,7 +41,7 @@ class BlockManager:
         return len(self.free)
 
     @staticmethod
-    def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
+    def chain_hash(prev: int | None, tokens: tuple) -> int:
         return hash((prev, tokens))
 
     def _lookup(self, seq: Sequence) -> list[int]:
@@ -48,7 +50,7 @@ class BlockManager:
             return []
         hits, prev = [], None
         for i in range((len(seq) - 1) // self.block_size):
-            tokens = tuple(seq.block_tokens(i))
+            tokens = seq.block_key(i)
             h = self.chain_hash(prev, tokens)
             bid = self.hash_to_block.get(h)
             if bid is None or self.blocks[bid].token_ids != tokens:
@@ -108,7 +110,7 @@ class BlockManager:
         prev = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
         for i in range(seq.num_hashed_blocks, n_full):
             block = self.blocks[seq.block_table[i]]
-            tokens = tuple(seq.block_tokens(i))
+            tokens = seq.block_key(i)
             h = self.chain_hash(prev, tokens)
             if block.hash is None and h not in self.hash_to_block:
                 block.hash, block.token_ids = h, tokens

@@ -32,10 +32,12 @@ from omni_ray.ar.executor import make_executor
 from omni_ray.ar.grammar import GrammarCompiler, SequenceGrammar
 from omni_ray.ar.models import ArchConfig
 from omni_ray.ar.models.loader import read_hf_config
+from omni_ray.ar.multimodal import MultiModalInputs, MultiModalProcessor
+from omni_ray.ar.multimodal.prompts import chat_inputs, data_inputs, has_media
 from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
 from omni_ray.ar.sequence import SeqStatus, Sequence
 from omni_ray.ar.structured_outputs import StructuredOutputsParams
-from omni_ray.config import AREngineConfig, ModelConfig
+from omni_ray.config import AREngineConfig, MediaConfig, ModelConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
 from omni_ray.profiling import GcPauses
 from omni_ray.rules import check_prompt
@@ -77,6 +79,7 @@ class LLMEngine:
         self.config = cfg = fit_max_model_len(cfg, self.arch)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), trust_remote_code=False)
+        self.mm_processor = MultiModalProcessor.from_pretrained(self.model_path, self.tokenizer)  # None: text only
         self.runner = self._make_runner()
         self.eos_ids = set(self.arch.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -127,7 +130,9 @@ class LLMEngine:
         cfg = self.config
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         lookahead = 2 * cfg.decode_steps - 1 if cfg.async_decode and cfg.decode_steps > 1 else 0
-        self.scheduler = Scheduler(cfg.scheduler, self.block_manager, lookahead)
+        encoders = getattr(self.runner, "encoders", None)
+        self.scheduler = Scheduler(cfg.scheduler, self.block_manager, lookahead,
+                                   encoder_cache=encoders.cache if encoders is not None else None)
         self.stats = EngineStats()
         self.seqs: dict[str, Sequence] = {}
         self.compiling: list[Sequence] = []     # structured outputs: waiting for their grammar (not scheduled yet)
@@ -156,9 +161,35 @@ class LLMEngine:
                                       param="prompt")
         return ids
 
-    def make_sequence(self, prompt: str | list[int], params: SamplingParams | EncodeParams,
+    def process(self, prompt) -> str | list[int] | MultiModalInputs:
+        """A prompt in any accepted shape -> text, token ids or a processed multimodal prompt: vLLM's
+        dicts ``{"prompt": text, "multi_modal_data": {...}}`` / ``{"prompt_token_ids": [...]}`` too."""
+        if not isinstance(prompt, dict):
+            return prompt
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"})
+        if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+            raise InvalidRequestError("a prompt dict has 'prompt' (text) or 'prompt_token_ids', and optionally "
+                                      f"'multi_modal_data'; got {sorted(prompt)}", param="prompt")
+        data = prompt.get("multi_modal_data")
+        if not data:
+            return prompt.get("prompt", prompt.get("prompt_token_ids"))
+        if self.mm_processor is None:
+            raise InvalidRequestError(f"{self.model_name} takes text only; multi_modal_data is not accepted",
+                                      param="multi_modal_data")
+        return data_inputs(self.mm_processor, prompt.get("prompt"), data, MediaConfig())
+
+    def make_sequence(self, prompt, params: SamplingParams | EncodeParams,
                       request_id: str | None = None) -> Sequence:
-        """Validate and build a Sequence (raises InvalidRequestError, touches no engine state)."""
+        """Validate and build a Sequence (raises InvalidRequestError, touches no engine state). ``prompt``:
+        text, token ids, a ``MultiModalInputs`` or a vLLM prompt dict (``process``)."""
+        prompt = self.process(prompt)
+        mm = prompt if isinstance(prompt, MultiModalInputs) else None
+        if mm is not None:
+            if getattr(self.runner, "encoders", None) is None:
+                raise InvalidRequestError("this engine runs no media encoders (multimodal prompts need "
+                                          "tensor_parallel_size 1 for now)", param="multi_modal_data")
+            prompt = mm.token_ids if mm.items else prompt.token_ids
+            mm = mm if mm.items else None
         ids = self.tokenize(prompt)
         limit = self.max_model_len
         prompt_only = isinstance(params, EncodeParams) or getattr(params, "max_tokens", None) == 0
@@ -186,7 +217,7 @@ class LLMEngine:
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             # the constraint's syntax is checked now (InvalidRequestError); it compiles in a thread
             grammar = SequenceGrammar(self.grammar, self.grammar.submit(params.structured_outputs))
-        seq = Sequence(ids, params, request_id, self.config.cache.block_size)
+        seq = Sequence(ids, params, request_id, self.config.cache.block_size, mm=mm)
         seq.grammar = grammar
         if isinstance(params, SamplingParams) and params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
@@ -504,14 +535,13 @@ class LLMEngine:
         out.update(logprobs_of(seq))
         return out
 
-    def generate(self, prompts: list[str] | list[list[int]] | str, sampling_params=None,
-                 use_tqdm: bool = True) -> list[dict]:
+    def generate(self, prompts: list | str | dict, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
         """``[{"text", "token_ids", "finish_reason"}]`` in the order of ``prompts``; ``sampling_params``
         one for all, or a list with one per prompt (``ValueError`` when the lengths differ). With
         ``logprobs=k``: ``"logprobs"`` (each token's) and, k > 0, ``"top_logprobs"`` ([{id: logprob}]
         per token, k most likely first); with ``prompt_logprobs=k``: ``"prompt_logprobs"`` (None for
         the first prompt token, then {id: logprob} with the prompt token first, vLLM's shape)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict, MultiModalInputs)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompts):
@@ -538,6 +568,28 @@ class LLMEngine:
         finally:
             bar.close()
         return [self.output_of(s) for s in seqs]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = True,
+             **template_kw) -> list[dict]:
+        """``generate`` over one conversation or a list of them, each rendered by the checkpoint's chat
+        template; messages may carry OpenAI content parts (``image_url``, ``input_audio``) or offline
+        ones (``{"type": "image", "image": PIL}``, ``{"type": "audio", "audio": (array, rate)}``)."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        return self.generate([self.render(c, **template_kw) for c in convs], sampling_params, use_tqdm)
+
+    def render(self, messages: list[dict], **template_kw) -> list[int] | MultiModalInputs:
+        """One conversation -> token ids (text) or a processed multimodal prompt."""
+        if has_media(messages):
+            if self.mm_processor is None:
+                raise InvalidRequestError(f"{self.model_name} takes text only; image / audio parts are not "
+                                          "accepted", param="messages")
+            return chat_inputs(self.mm_processor, messages, MediaConfig(), **template_kw)
+        try:
+            out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                     **template_kw)
+        except Exception as err:  # template errors (e.g. role order) are the caller's fault
+            raise InvalidRequestError(f"chat template failed: {err}", param="messages") from None
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
 
     def _run_until(self, seqs: list[Sequence], progress=None) -> None:
         """Step until every one of ``seqs`` finished (with whatever else is queued). A step that

@@ -4,6 +4,10 @@ Every step mixes decodes (one token each) and prefill chunks under ``max_num_bat
 running sequences are served first (oldest first), then waiting ones are admitted while the
 budget, ``max_num_seqs`` and free blocks allow. When a running sequence needs a block and none is
 free, the newest running sequence is preempted (its blocks freed, recomputed later).
+
+Multimodal prompts: a chunk that reaches media whose encoder output is not cached spends the
+step's encoder budget (``max_num_encoder_tokens``) on it; past the budget the chunk stops right
+before that item (chunked prefill may still split a prompt inside an item already encoded).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from omni_ray.config import ARSchedulerConfig
 
 
 class Scheduler:
-    def __init__(self, cfg: ARSchedulerConfig, block_manager: BlockManager, lookahead: int = 0):
+    def __init__(self, cfg: ARSchedulerConfig, block_manager: BlockManager, lookahead: int = 0,
+                 encoder_cache=None):
         self.cfg = cfg
+        self.encoder_cache = encoder_cache      # multimodal models: what is encoded already (hash in cache)
+        self._enc_left, self._enc_seen = 0, set()
         self.bm = block_manager
         self.lookahead = lookahead      # decode slots allocated ahead when blocks are plentiful (async decode runs)
         self.waiting: deque[Sequence] = deque()
@@ -58,9 +65,26 @@ class Scheduler:
     # ------------------------------------------------------------------ step
     def _chunk(self, seq: Sequence, budget: int) -> int:
         remaining = len(seq) - seq.num_computed_tokens
-        if remaining <= budget:
-            return remaining
-        return budget if self.cfg.enable_chunked_prefill else 0
+        n = remaining if remaining <= budget else budget if self.cfg.enable_chunked_prefill else 0
+        if seq.mm is None or n <= 1 or not self.cfg.enable_chunked_prefill:     # unchunked: all its media at once
+            return n
+        return self._fit_media(seq, n)
+
+    def _fit_media(self, seq: Sequence, n: int) -> int:
+        """``n`` cut before the first media item of the chunk that the step's encoder budget cannot
+        take (an item over the whole budget goes alone, in a step that encodes nothing else)."""
+        start = seq.num_computed_tokens
+        for it in seq.mm.items:
+            if it.end <= start or it.offset >= start + n or it.hash in self._enc_seen:
+                continue
+            if self.encoder_cache is not None and it.hash in self.encoder_cache:
+                continue
+            fresh = self._enc_left == self.cfg.max_num_encoder_tokens
+            if it.length > self._enc_left and not fresh:
+                return max(0, it.offset - start)
+            self._enc_left = max(0, self._enc_left - it.length)
+            self._enc_seen.add(it.hash)
+        return n
 
     def _allocate_ahead(self, seq: Sequence) -> None:
         """Blocks for the decode slots after this step's, while the watermark stays free: a run
@@ -72,6 +96,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.cfg.max_num_batched_tokens
+        self._enc_left, self._enc_seen = self.cfg.max_num_encoder_tokens, set()
         picked: list[tuple[Sequence, int]] = []
         # 1) running sequences, oldest first; preempt the newest when blocks run out
         i = 0

@@ -33,7 +33,7 @@ from omni_ray.ar.batch import ScheduledBatch
 from omni_ray.ar.layers.attention import AttnMetadata
 from omni_ray.ar.layers.parallel import TPContext
 from omni_ray.ar.models import ArchConfig
-from omni_ray.ar.worker.model_runner import ModelRunner, StepOutput
+from omni_ray.ar.worker.model_runner import BT, ModelRunner, StepOutput
 from omni_ray.cluster.worker_group import RankContext, WorkerGroup
 from omni_ray.config import AREngineConfig
 from omni_ray.errors import EngineError, OmniError
@@ -49,7 +49,7 @@ def time_decode_forwards(runner: ModelRunner, bs: int = 1, iters: int = 50) -> f
     rows = r.g_in[:bs]
     rows.zero_()
     rows[:, 2] = 1                                   # position 0, context 1
-    rows[:, 3:] = r.num_blocks                       # every block-table entry -> the scratch block
+    rows[:, BT:] = r.num_blocks                       # every block-table entry -> the scratch block
     splits = 0 if r.graphs else r._splits(bs, iters + 2)
     sync = torch.cuda.synchronize if r.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():

@@ -31,13 +31,16 @@ from omni_ray.ar.worker.cuda_graphs import capture_decode_graphs, decode_graph_s
 from omni_ray.ar.worker.mixed_graphs import MixedStepGraphs
 from omni_ray.config import AREngineConfig
 from omni_ray.devices import resolve_device, resolve_dtype
-from omni_ray.errors import ConfigError, ResourceError
+from omni_ray.errors import ConfigError, InvalidRequestError, ResourceError
 
 log = logging.getLogger(__name__)
 
 # Log-probabilities of one row (a token): ([chosen id, top-1 id, ..., top-k id], [their logprobs]).
 RowLogprobs = tuple[list[int], list[float]]
 
+
+# decode input rows (g_in): token, KV index, context length, rope delta (M-RoPE prompts), then the block table
+BT = 4
 
 @dataclass
 class StepOutput:
@@ -92,6 +95,7 @@ class ModelRunner:
         if self.use_graphs and self.backend == "triton":
             ops.small_m = self._pick_small_gemv()
         self.peers = None     # tensor parallel: rank 0's link to the other ranks (omni_ray.ar.executor.tensor_parallel)
+        self.encoders = self._media_encoders(path)
         self.block_size = cfg.cache.block_size
         self.max_model_len = cfg.scheduler.max_model_len
         self.max_blocks = -(-self.max_model_len // self.block_size)
@@ -112,6 +116,16 @@ class ModelRunner:
             if cfg.mixed_graph_tokens > 0 and self.backend == "triton" and tp.size == 1:
                 self.mixed = MixedStepGraphs(self, cfg.mixed_graph_tokens)
                 self.mixed.capture(pool)
+
+    def _media_encoders(self, path: Path):
+        """The vision / audio towers of a multimodal checkpoint (single-rank engines), else None."""
+        from omni_ray.ar.models.loader import read_hf_config
+        from omni_ray.ar.models.mrope import MRopeSpec
+
+        if self.tp.size > 1 or MRopeSpec.from_hf(read_hf_config(path)) is None:
+            return None
+        from omni_ray.ar.multimodal.encoders import MediaEncoders
+        return MediaEncoders(path, self.device, self.dtype, self.cfg.scheduler.encoder_cache_tokens)
 
     def _pick_small_gemv(self) -> int:
         """Decode batches of <= MAX_M rows: the fused Triton GEMVs (norm / activation inside) or cuBLAS
@@ -263,6 +277,8 @@ class ModelRunner:
         np.cumsum(q_lens, out=cu[1:])
         dev = self.device
         t = lambda x, dt: torch.as_tensor(np.asarray(x), dtype=dt).to(dev, non_blocking=True)  # noqa: E731
+        if any(s.mm is not None for s in batch.seqs):
+            pos = self._mm_positions(batch, pos, cu)                  # [3, N] rope positions
         meta = AttnMetadata(
             slot_mapping=t(slots, torch.int64), context_lens=t(ctx_lens, torch.int32),
             block_tables=torch.from_numpy(table).to(dev, non_blocking=True), cu_seqlens_q=t(cu, torch.int32),
@@ -271,6 +287,27 @@ class ModelRunner:
         meta.decode_splits = self._splits(batch.num_decodes, meta.max_context_len)
         meta.decode_locks = self.decode_locks
         return t(ids, torch.int64), t(pos, torch.int64), meta, cu
+
+    @staticmethod
+    def _mm_positions(batch: ScheduledBatch, pos: list[int], cu: np.ndarray) -> torch.Tensor:
+        """Rope positions [3, N] of a batch with multimodal sequences: theirs from their M-RoPE
+        layout (``Sequence.positions``), everyone else's 1-D position on all three rows."""
+        out = torch.as_tensor(pos, dtype=torch.long).expand(3, -1).clone()
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
+            if seq.mm is not None:
+                out[:, cu[i]:cu[i + 1]] = seq.positions(seq.num_computed_tokens, n)
+        return out
+
+    def _mm_embeds(self, batch: ScheduledBatch, cu: np.ndarray):
+        """Encoder outputs for the placeholder tokens this step computes (None when there are none)."""
+        chunks = [(int(cu[i]), s, s.num_computed_tokens, n) for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new))
+                  if s.mm is not None and s.mm.items and s.num_computed_tokens < s.mm.items[-1].end]
+        if not chunks:
+            return None
+        if self.encoders is None:
+            raise InvalidRequestError("this engine runs no media encoders (multimodal prompts need "
+                                      "tensor_parallel_size 1 for now)", param="multi_modal_data")
+        return self.encoders.embeds(chunks)
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         ps = [s.params for s in seqs]
@@ -296,9 +333,10 @@ class ModelRunner:
         assert num_steps == 1, "multi-step runs are for pure decode batches"
         scored = [i for i, s in enumerate(batch.seqs) if wants_prompt_logprobs(s)]   # every prompt row's logits
         if (self.mixed is not None and self.mixed.covers(batch) and not scored
-                and not any(s.is_encode for s in batch.seqs)):
+                and not any(s.is_encode or s.mm is not None for s in batch.seqs)):
             return self._run_mixed(batch)
         ids, pos, meta, cu = self.prepare(batch)
+        embeds = self._mm_embeds(batch, cu)
         encode = [i for i, s in enumerate(batch.seqs) if s.is_encode]
         layers = tuple(sorted({self._layer_index(batch.seqs[i]) for i in encode} - {self.arch.num_layers}))
         # rows that produce a token: sequences whose known tokens are all computed after this step
@@ -307,7 +345,7 @@ class ModelRunner:
         rows = torch.as_tensor(cu[1:][sampled] - 1, device=self.device) if sampled else None
         if self.peers is not None:
             self.peers.forward(ids, pos, meta, rows)
-        hidden, captured, logits = self._forward(ids, pos, meta, layers, rows)
+        hidden, captured, logits = self._forward(ids, pos, meta, layers, rows, embeds)
         out = StepOutput([], None, [batch.seqs[i] for i in sampled], {})
         if sampled:
             self._sample(logits, out)
@@ -329,10 +367,11 @@ class ModelRunner:
             self._sample(self.g_logits[:len(idx)], out)
         return out
 
-    def _forward(self, ids, pos, meta: AttnMetadata, layers: tuple[int, ...], rows: torch.Tensor | None):
+    def _forward(self, ids, pos, meta: AttnMetadata, layers: tuple[int, ...], rows: torch.Tensor | None,
+                 embeds=None):
         """The eager forward (every tensor-parallel rank runs it): hidden [N, H], captured layers,
-        logits of ``rows`` (None when no row samples)."""
-        hidden, captured = self.model(ids, pos, meta, layers)
+        logits of ``rows`` (None when no row samples). ``embeds``: media encoder rows (rank 0 only)."""
+        hidden, captured = self.model(ids, pos, meta, layers, embeds=embeds)
         logits = self.model.compute_logits(hidden[rows]) if rows is not None else None
         return hidden, captured, logits
 
@@ -435,12 +474,12 @@ class ModelRunner:
         if not resume:
             rows = self.h_in_np[:bs]
             rows[n:bs] = 0
-            rows[n:bs, 3:] = self.num_blocks                      # padding rows write to the scratch block
+            rows[n:bs, BT:] = self.num_blocks                     # padding rows write to the scratch block
             for i, s in enumerate(seqs):
                 p = len(s) - 1
                 row = rows[i]
-                row[0], row[1], row[2] = s.token_ids[-1], p, p + 1
-                row[3:3 + len(s.block_table)] = s.block_table
+                row[0], row[1], row[2], row[3] = s.token_ids[-1], p, p + 1, s.rope_delta
+                row[BT:BT + len(s.block_table)] = s.block_table
             self.g_in[:bs].copy_(self.h_in[:bs], non_blocking=True)
         splits = 0 if self.graphs else self._splits(n, max(len(s) for s in seqs) + num_steps)
         sampled = n if st is not None else 0
@@ -492,13 +531,14 @@ class ModelRunner:
     # ------------------------------------------------------------------ decode steps (CUDA graphs)
     def _alloc_decode_buffers(self) -> None:
         """Persistent inputs/outputs of decode steps (what the graphs read and write).
-        g_in rows: [token, position, context length, block table ...] (int32), filled from a pinned
+        g_in rows: [token, KV index, context length, rope delta, block table ...] (int32; the rope
+        position is the KV index + delta, which only M-RoPE prompts make non-zero), filled from a pinned
         host copy in one transfer; g_tokens[step, row]: each step's token (the argmax, or
         what was sampled), g_lp_ids / g_lp[step, row, :1 + k] its id and top-k ids / their
         log-probabilities when asked (k up to MAX_LOGPROBS; only the asked columns are written and read)."""
         mb = self.max_graph_bs = max(self.graph_sizes) if self.graph_sizes else self.cfg.scheduler.max_num_seqs
         dev, cuda = self.device, self.device.type == "cuda"
-        cols = 3 + self.max_blocks
+        cols = BT + self.max_blocks
         self.h_in = torch.zeros(mb, cols, dtype=torch.int32, pin_memory=cuda)
         self.h_in_np = self.h_in.numpy()
         self.g_in = torch.zeros(mb, cols, dtype=torch.int32, device=dev)
@@ -521,19 +561,19 @@ class ModelRunner:
 
     def _decode_meta(self, bs: int, splits: int) -> AttnMetadata:
         inp = self.g_in[:bs]
-        return AttnMetadata(slot_mapping=None, context_lens=inp[:, 2], block_tables=inp[:, 3:],
+        return AttnMetadata(slot_mapping=None, context_lens=inp[:, 2], block_tables=inp[:, BT:],
                             cu_seqlens_q=None, num_decodes=bs, max_query_len=1,
                             max_context_len=self.max_model_len, decode_splits=splits,
                             decode_locks=self.decode_locks)
 
     def _decode_body(self, bs: int, meta: AttnMetadata) -> None:
         """One decode step on rows [:bs] of g_in, then advance g_in to the next step on the device."""
-        inp = self.g_in[:bs]                                              # [bs, 3 + max_blocks] int32
-        ids, pos = inp[:, 0].contiguous(), inp[:, 1].contiguous()
+        inp = self.g_in[:bs]                                              # [bs, BT + max_blocks] int32
+        ids, pos = inp[:, 0].contiguous(), inp[:, 1].contiguous()         # pos: the KV slot's index
         meta.context_lens = inp[:, 2].contiguous()
-        blk = inp[:, 3:].gather(1, (pos // self.block_size).long().unsqueeze(1)).squeeze(1)
+        blk = inp[:, BT:].gather(1, (pos // self.block_size).long().unsqueeze(1)).squeeze(1)
         meta.slot_mapping = blk.long() * self.block_size + (pos % self.block_size).long()
-        hidden = self.model(ids, pos, meta)[0]
+        hidden = self.model(ids, pos + inp[:, 3], meta)[0]             # rope position: + M-RoPE delta
         logits = self.model.compute_logits(hidden)
         self.g_logits[:bs] = logits
         nxt = logits.argmax(-1)                                           # greedy token [bs]

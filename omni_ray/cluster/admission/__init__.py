@@ -16,7 +16,8 @@ Usage in an ingress replica::
     client.stage_finished(rid, "llm")
     await client.enter_stage(rid, "dit")   # optional gate: frees "llm", waits for a slot on "dit"
     client.stage_started(rid, "dit"); client.stage_finished(rid, "dit")
-    client.finished(rid, "completed")  # or "failed" (error=...) / "cancelled"; frees everything
+    client.finished(rid, "completed")  # or "failed" (error=...) / "cancelled" / "client_error" (a 4xx,
+                                       # counted apart from failures); frees everything
 
     await client.cancel(rid)           # from any replica: True if the request was live
     ticket.cancelled                   # asyncio.Event, set when cancelled (also ticket.wait_cancelled())

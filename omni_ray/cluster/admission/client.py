@@ -39,7 +39,7 @@ from omni_ray.errors import InvalidRequestError, QueueFullError, RequestCancelle
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0
-STATUSES = ("completed", "failed", "cancelled")
+STATUSES = ("completed", "failed", "cancelled", "client_error")
 
 
 class Ticket:

@@ -10,7 +10,8 @@ Events (all idempotent, so a client may resend a batch after a failed call):
     ("start", rid, stage, t)                           the stage's engine call began (takes a slot
                                                        without waiting if none is held there)
     ("stage_done", rid, stage, t)                      free the stage's slot
-    ("finish", rid, status, error, t)                  terminal: completed | failed | cancelled
+    ("finish", rid, status, error, t)                  terminal: completed | failed | cancelled |
+                                                       client_error (a 4xx: the caller's, not a failure)
     ("cancel_req", rid, t)                             the owner learnt of a cancel itself (tracking)
     ("capacity", stage, replica_id, capacity|None)     a replica's concurrency (None: replica gone)
     ("resync", [rids])                                 after a restart/failure: the client's live set
@@ -75,7 +76,7 @@ class SchedulerCore:
         self.seen: dict[str, float] = {}             # client -> last contact
         self.lease_stages: dict[str, set[str]] = {}  # client -> stages it admits to (lent slots there)
         self.queued = 0                              # not yet admitted (the bounded queue)
-        self.counts = dict.fromkeys(("admitted", "rejected", "completed", "failed", "cancelled"), 0)
+        self.counts = dict.fromkeys(("admitted", "rejected", *TERMINAL), 0)
         self.metrics = Metrics(config.history_size)
 
     # ------------------------------------------------------------------ client protocol

@@ -6,7 +6,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-TERMINAL = ("completed", "failed", "cancelled")
+TERMINAL = ("completed", "failed", "cancelled", "client_error")   # client_error: a 4xx, not a failure
 
 
 @dataclass(slots=True)
@@ -16,7 +16,7 @@ class Record:
     stages: tuple[str, ...]
     priority: str
     owner: str
-    state: str = "queued"                 # queued | running | completed | failed | cancelled
+    state: str = "queued"                 # queued | running | completed | failed | cancelled | client_error
     stage: str | None = None              # the stage it is queued for or running on
     holds: str | None = None              # the stage whose slot it holds
     waiting: str | None = None            # the stage whose queue it is in

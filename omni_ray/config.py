@@ -344,6 +344,12 @@ class ARStageConfig(Strict):
     deployment: DeploymentConfig = DeploymentConfig()
     streaming: StreamingConfig = Field(default_factory=lambda: StreamingConfig(), description=(
         "how often this stage's replicas send each stream's merged deltas"))
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "none"] = Field("auto", description=(
+        "how chat completions with tools and tool_choice auto read the model's output (vLLM's "
+        "--tool-call-parser; omni_ray/tool_parsers): hermes (Qwen2.5, Qwen3, Hermes: <tool_call> JSON "
+        "blocks), llama3_json (Llama 3.x: JSON objects), none (tool_choice auto is refused; required and "
+        "named functions, constrained to JSON, work with any model); auto: by the checkpoint's "
+        "architecture (Qwen -> hermes, Llama -> llama3_json, others none)"))
 
 
 class DiTStageConfig(Strict):

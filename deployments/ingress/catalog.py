@@ -3,7 +3,7 @@
 import time
 
 from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep
-from omni_ray.errors import ModelNotFoundError
+from omni_ray.errors import ConfigError, ModelNotFoundError
 
 
 class Catalog:
@@ -12,6 +12,7 @@ class Catalog:
         self.kinds = {k: s.kind for k, s in config.stages.items()}
         self.names = {k: s.engine.model.served_name for k, s in config.stages.items()}
         self.created = int(time.time())
+        self._tool_parsers: dict[str, str | None] = {}
 
     def model_card(self, key: str) -> dict:
         """OpenAI's model object of stage ``key`` (``GET /v1/models``, ``/v1/models/{id}``), plus the stage."""
@@ -62,3 +63,19 @@ class Catalog:
             raise ModelNotFoundError(f"pipeline {name!r} not found; available: {sorted(self.config.pipelines)}",
                                      param="pipeline")
         return self.config.pipelines[name]
+
+    def tool_parser(self, stage: str) -> str | None:
+        """The tool-call parser of an AR stage (None: none); ``auto`` is its checkpoint's family's,
+        read once from its config.json."""
+        cache = self._tool_parsers
+        if stage not in cache:
+            name = self.config.stages[stage].tool_call_parser
+            if name == "auto":
+                from omni_ray.graphs.registry import architecture_of
+                from omni_ray.tool_parsers import default_parser
+                try:
+                    name = default_parser(architecture_of(self.config.stages[stage].engine.model.path))
+                except ConfigError:              # the checkpoint is not readable from here
+                    name = None
+            cache[stage] = None if name == "none" else name
+        return cache[stage]

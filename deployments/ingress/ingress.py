@@ -53,6 +53,8 @@ from deployments.openai.protocol import (
     PipelineRequest,
 )
 from deployments.openai.responses import Chat, Completion, b64_images, usage
+from deployments.openai.tool_calls import ToolChat
+from deployments.openai.tools import ToolCalling
 from deployments.services import dit_cache
 from deployments.streams import OpenStreams, cancellable
 from omni_ray.config import OmniConfig, PipelineConfig, validate
@@ -117,10 +119,11 @@ class Ingress:
         rid = self.ids.new(id_prefix)
         return stage, params, rid, text_requests(rid, prompts, body, params)
 
-    async def _text(self, body, prompts: list[dict], fmt_cls):
+    async def _text(self, body, prompts: list[dict], fmt_cls, tools: ToolCalling | None = None):
         stage, params, rid, reqs = self._text_prepare(body, prompts, "chatcmpl" if fmt_cls is Chat else "cmpl")
         fmt = fmt_cls(rid, self.names[stage], params.logprobs is not None, getattr(body, "echo", False))
         kind = "chat" if fmt_cls is Chat else "completions"
+        fmt = fmt if tools is None else ToolChat(fmt, tools)          # messages with tool calls
         if not body.stream:
             choices = await self.requests.unary(rid, kind, [stage], body.priority, self._collect(stage, reqs))
             return fmt.body(choices, usage(choices, {c.index // body.n: c.prompt_tokens for c in choices}))
@@ -140,8 +143,10 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
-        prompts = [{"messages": body.chat_messages()}]
-        return self._respond(await self._text(body, prompts, Chat))
+        stage = self.catalog.stage(body.model, "ar")
+        tools = body.tool_calling(self.catalog.tool_parser(stage), self.names[stage])
+        prompts = [{"messages": body.chat_messages()} | ({"tools": tools.tools} if tools else {})]
+        return self._respond(await self._text(body, prompts, Chat, tools))
 
     # ================================================================== pipelines and images
     @app.post("/v1/pipelines/{name}")

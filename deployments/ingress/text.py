@@ -53,8 +53,9 @@ async def render_text(fmt, body, indices: list[int], events) -> AsyncIterator[st
     async for i, d in events:
         offset = choices[i].stream_offset
         choices[i].add(d)
-        if d["text"] or d["finished"] or d.get("logprobs") or d.get("prompt_text"):
-            yield sse(fmt.chunk(i, d, offset))
+        if ((d["text"] or d["finished"] or d.get("logprobs") or d.get("prompt_text"))
+                and (c := fmt.chunk(i, d, offset)) is not None):          # None: a tool parser holds it back
+            yield sse(c)
     if body.include_usage:
         cs = list(choices.values())
         yield sse(fmt.usage_chunk(usage(cs, {c.index // body.n: c.prompt_tokens for c in cs})))

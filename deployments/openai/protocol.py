@@ -6,7 +6,8 @@ error becomes a 400 with OpenAI's error body). Their ranges are the engines' own
 ``to_sampling_params()`` / ``to_diffusion_params()`` check them, once, with the same message an
 offline caller gets. Fields OpenAI defines that omni-ray cannot honour (penalties, ``logit_bias``,
 ``functions``, ``suffix``, ``best_of`` != n, audio out, ``response_format: url``, ...: the
-``*_REFUSED`` tables) are rejected with a 400 naming the field rather than silently ignored.
+``*_REFUSED`` tables) are rejected with a 400 naming the field rather than silently ignored. Tool calling
+(``tools``, ``tool_choice``, tool-call history): deployments/openai/tools.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.openai.structured import ResponseFormat, StructuredOutputsBody, structured_outputs_of
+from deployments.openai.tools import ToolCallIn, ToolCalling, ToolChoice, ToolDefinition, constrain, history_message
 from omni_ray.ar.sampling_params import SAMPLING_RULES, SamplingParams
 from omni_ray.dit.params import DIFFUSION_RULES, DiffusionParams, parse_size
 from omni_ray.errors import InvalidRequestError
@@ -233,6 +235,8 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None      # assistant: the calls it made (deployments/openai/tools.py)
+    tool_call_id: str | None = None                 # tool: the call this is the result of
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -251,15 +255,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = bounded(None, S["max_tokens"])
     logprobs: bool = False
     top_logprobs: int | None = bounded(None, S["logprobs"])   # alternatives per token (0..20; needs logprobs)
-    tools: list | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     refused: ClassVar[dict] = CHAT_REFUSED
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
 
     @property
     def num_logprobs(self) -> int | None:
@@ -271,10 +270,18 @@ class ChatCompletionRequest(_Sampling):
 
     def chat_messages(self) -> list[dict]:
         out = []
-        for m in self.messages:
+        for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text()})
+            out.append(history_message(i, role, m.text(), m.tool_calls, m.tool_call_id, m.name))
         return out
+
+    def tool_calling(self, parser: str | None, model: str) -> ToolCalling | None:
+        """How this request calls tools (None: it does not), given its stage's tool-call parser."""
+        return ToolCalling.of(self.tools, self.tool_choice, self.parallel_tool_calls, parser, model)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The sampling params, constrained to tool calls by tool_choice required / named."""
+        return constrain(super().to_sampling_params(), self.tools, self.tool_choice, self.parallel_tool_calls)
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -31,12 +31,17 @@ from omni_ray.stages.protocol import EngineStage
 from omni_ray.stages.requests import ARRequest
 
 
-def render_chat(tokenizer, messages: list[dict]) -> list[int]:
-    if getattr(tokenizer, "chat_template", None) is None:
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The prompt ids of chat ``messages`` (with ``tools``, OpenAI's ``tools`` list, rendered by the
+    model's own chat template, as transformers' ``apply_chat_template(..., tools=...)``)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if tools and "tools" not in (template if isinstance(template, str) else " ".join((template or {}).values())):
+        raise InvalidRequestError("this model's chat template does not render tools", param="tools")
+    if template is None:
         text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
         return tokenizer.encode(text, add_special_tokens=True)
     try:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        out = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=True, add_generation_prompt=True)
     except Exception as err:  # template errors (e.g. role order) are the caller's fault
         raise InvalidRequestError(f"chat template failed: {err}", param="messages") from None
     return list(out["input_ids"] if hasattr(out, "keys") else out)
@@ -50,7 +55,7 @@ def prompt_ids(tokenizer, req: ARRequest, max_prompt_tokens: int | None = None) 
     if messages is None and req.system_prompt:
         messages = [{"role": "system", "content": req.system_prompt}, {"role": "user", "content": req.prompt}]
     if messages is not None:
-        ids = render_chat(tokenizer, messages)
+        ids = render_chat(tokenizer, messages, req.tools)
     elif isinstance(req.prompt, str):
         ids = tokenizer.encode(req.prompt, add_special_tokens=True)
     else:

@@ -5,7 +5,7 @@ they are built, not again where they arrive).
 A request carries its id, its inputs by modality and its params:
 
     ARRequest(request_id, prompt="a fox" | [ids] | None, messages=[...] | None, system_prompt=None,
-              params=SamplingParams(...), layer=None, multi_modal_data=None)
+              params=SamplingParams(...), layer=None, multi_modal_data=None, tools=None)
     DiTRequest(request_id, prompt="a fox" | None, params=DiffusionParams(...), conditioning=Handoff | None)
 
 ``multi_modal_data`` ({"image": ..., "audio": ...}, vLLM's name, with a text prompt) or chat
@@ -56,6 +56,7 @@ class ARRequest:
     layer: int | None = None                       # encode(): which layer's hidden states (None: the last)
     multi_modal_data: dict[str, Any] | None = None  # {"image": ..., "audio": ...}: for stages that take them
     echo: bool = False                             # the first delta carries the prompt as text (completions' echo)
+    tools: list[dict] | None = None                # OpenAI ``tools``: rendered by the chat template (messages only)
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -74,6 +75,8 @@ class ARRequest:
             raise InvalidRequestError("system_prompt must be a string", param="system_prompt")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise InvalidRequestError(f"layer must be an integer, got {self.layer!r}", param="layer")
+        if self.tools is not None and (self.messages is None or not isinstance(self.tools, list)):
+            raise InvalidRequestError("tools need chat messages and must be a list", param="tools")
         if self.multi_modal_data is not None:
             if not isinstance(self.multi_modal_data, dict) or set(self.multi_modal_data) - {"image", "audio"}:
                 raise InvalidRequestError("multi_modal_data must be a dict with 'image' and / or 'audio'",
@@ -81,6 +84,8 @@ class ARRequest:
             if self.multi_modal_data and not isinstance(self.prompt, str):
                 raise InvalidRequestError("multi_modal_data goes with a text prompt holding the model's "
                                           "placeholder tokens", param="multi_modal_data")
+        if self.tools and self.has_media:
+            raise InvalidRequestError("tools with image or audio content are not supported yet", param="tools")
 
     @property
     def is_plain_text(self) -> bool:
@@ -96,7 +101,8 @@ class ARRequest:
 
     def input_digest(self) -> str:
         """What this request's prompt hidden states are a function of (cache keys, handoff source)."""
-        return json.dumps([self.prompt, self.messages, self.system_prompt, self.layer], sort_keys=True, default=repr)
+        parts = [self.prompt, self.messages, self.system_prompt, self.layer] + ([self.tools] if self.tools else [])
+        return json.dumps(parts, sort_keys=True, default=repr)
 
 
 @dataclass

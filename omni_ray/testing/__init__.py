@@ -19,7 +19,7 @@ import torch
 
 from omni_ray.errors import ConfigError
 
-BUILDER_VERSION = "2"       # 2: shape checkpoints' tokenizers cover the whole vocabulary
+BUILDER_VERSION = "3"       # 2: shape checkpoints' tokenizers cover the whole vocabulary; 3: real chat templates
 
 
 def cache_root() -> Path:

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import torch
 
-from omni_ray.testing.tokenizer import save_tokenizer
+from omni_ray.testing.tokenizer import real_template, save_tokenizer
 
 _ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 500000.0}
 
-# name -> (config class name, template, config kwargs)
+# each family's real chat template (omni_ray/testing/templates): tools render as they do for the real model
+CHAT_TEMPLATES = {"Qwen3Config": "qwen3", "Qwen2Config": "qwen2_5", "LlamaConfig": "llama3_1"}
+
+# name -> (config class name, tokens, config kwargs)
 TINY_AR: dict[str, tuple[str, str, dict]] = {
     "qwen3": ("Qwen3Config", "chatml", dict(
         hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -53,7 +56,8 @@ def build_ar(out: Path, name: str, seed: int = 0, dtype: torch.dtype = torch.flo
     from transformers import AutoModelForCausalLM
 
     cls_name, template, kw = TINY_AR.get(name) or SHAPES[name]
-    special = save_tokenizer(out, template, fill_to=None if name in TINY_AR else kw.get("vocab_size"))
+    special = save_tokenizer(out, template, fill_to=None if name in TINY_AR else kw.get("vocab_size"),
+                             chat_template=real_template(CHAT_TEMPLATES[cls_name]), template_tokens=True)
     eos = special["<|im_end|>"] if template == "chatml" else special["<|eot_id|>"]
     kw = dict(kw)
     kw.setdefault("vocab_size", 1024)

@@ -19,12 +19,22 @@ def test_greedy_and_logprobs_match_transformers(model):
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch.float32).eval()
     for prompt, out in zip(PROMPTS, outs):
         ids = llm.tokenizer(prompt, return_tensors="pt").input_ids
-        ref = hf.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True)
-        ref_ids = ref.sequences[0, ids.shape[1]:].tolist()
+        ref_ids, ref_lp = greedy(hf, ids, N_NEW)
         assert out["token_ids"] == ref_ids, f"{model}: {prompt!r}"
-        ref_lp = torch.stack([l[0].float().log_softmax(-1)[t] for l, t in zip(ref.logits, ref_ids)])
         torch.testing.assert_close(torch.tensor(out["logprobs"]), ref_lp, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def greedy(hf, ids: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens and their logprobs, EOS included like any token (``ignore_eos``:
+    generate(min_new_tokens=...) would instead forbid EOS, which the engine does not)."""
+    out, lps = [], []
+    for _ in range(n):                          # whole forwards: no cache API differences across versions
+        logp = hf(torch.cat([ids, torch.tensor([out], dtype=ids.dtype)], 1)).logits[0, -1].float().log_softmax(-1)
+        t = int(logp.argmax())
+        out.append(t)
+        lps.append(logp[t])
+    return out, torch.stack(lps)
 
 
 def test_hidden_states_match_transformers(qwen3):

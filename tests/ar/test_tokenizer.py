@@ -102,3 +102,19 @@ def test_a_batch_of_plain_prompts_is_tokenized_in_one_call_as_one_by_one(tmp_pat
     for r, o in zip(reqs, out):
         assert prompt_ids(tok, o) == prompt_ids(tok, r)
     assert reqs[0].prompt == TEXT                                     # the caller's requests are not changed
+
+
+def test_a_stream_that_ends_inside_a_character_ends_as_the_whole_text(tmp_path):
+    """A stream cut by max_tokens inside a multi-byte character: its last text (``final``) carries
+    the incomplete character as the whole text's decode does ("\\ufffd"), so that the stream's text
+    equals the offline engine's."""
+    from omni_ray.ar.engine.detokenizer import StreamText
+
+    save_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    out = tok(" fox 🦊 done").input_ids
+    cut = next(k for k in range(1, len(out)) if tok.decode(out[:k]).endswith("\ufffd"))
+    st = StreamText(tok, skip_special=True)
+    got = [st.feed(tok("Once").input_ids, out[:1])] + [st.feed(None, [t]) for t in out[1:cut - 1]]
+    got.append(st.feed(None, out[cut - 1:cut], final=True))
+    assert "".join(got) == tok.decode(out[:cut]) and got[-1].endswith("\ufffd")

@@ -193,7 +193,7 @@ class AsyncLLM:
                 finished = _last(item)
                 if stream.text is not None and isinstance(item, RequestOutput):
                     # decoded as the caller takes it: once per message, not once per engine step
-                    item.text = stream.text.feed(item.context_ids, item.token_ids)
+                    item.text = stream.text.feed(item.context_ids, item.token_ids, final=finished)
                 yield item
                 if finished:
                     return

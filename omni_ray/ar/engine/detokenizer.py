@@ -54,10 +54,17 @@ class StreamText:
         self.ids: list[int] = []
         self.prefix = self.read = 0
 
-    def feed(self, context: list[int] | None, new_ids: list[int]) -> str:
+    def feed(self, context: list[int] | None, new_ids: list[int], final: bool = False) -> str:
+        """The text ``new_ids`` add; ``final`` (the stream's last ids): also a character left
+        incomplete at the end (as "\ufffd", as the whole text's decode has it)."""
         if context is not None:
             self.ids, self.prefix, self.read = list(context), 0, len(context)
         self.ids += new_ids
+        if final:
+            before = self.dec.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
+            rest = self.dec.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)[len(before):]
+            self.ids, self.prefix, self.read = [], 0, 0
+            return rest
         text, self.prefix, self.read = decode_window(self.dec, self.ids, self.prefix, self.read, self.skip)
         if self.prefix:
             del self.ids[:self.prefix]

@@ -405,7 +405,8 @@ class LimitsConfig(Strict):
     a 400 naming the field); prompt tokens of text prompts are counted by the AR replica right
     after tokenizing, before its engine sees the request."""
 
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP body bytes (Content-Length or counted)")
+    max_body_bytes: int = Field(32 << 20, ge=1024, description=(
+        "HTTP body bytes (Content-Length or counted); images and audio travel inside the body (base64)"))
     max_prompt_tokens: int = Field(8192, ge=1, description="tokens of one prompt (after the chat template)")
     max_tokens: int = Field(4096, ge=1, description="max_tokens / max_completion_tokens, stage_args included")
     max_n: int = Field(8, ge=1, description="choices per prompt (text n)")

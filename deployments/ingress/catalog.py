@@ -13,11 +13,26 @@ class Catalog:
         self.names = {k: s.engine.model.served_name for k, s in config.stages.items()}
         self.created = int(time.time())
         self._tool_parsers: dict[str, str | None] = {}
+        self._modalities: dict[str, dict | None] = {}
 
     def model_card(self, key: str) -> dict:
         """OpenAI's model object of stage ``key`` (``GET /v1/models``, ``/v1/models/{id}``), plus the stage."""
-        return {"id": self.names[key], "object": "model", "created": self.created, "owned_by": "omni-ray",
+        card = {"id": self.names[key], "object": "model", "created": self.created, "owned_by": "omni-ray",
                 "stage": key, "kind": self.kinds[key]}
+        modalities = self.modalities(key)
+        return card | {"modalities": modalities} if modalities else card
+
+    def modalities(self, key: str) -> dict | None:
+        """{"input": [...], "output": [...]}: what the stage's checkpoint takes and gives, from its stage
+        graph (omni_ray/graphs); None when the checkpoint is not readable from the ingress."""
+        if key not in self._modalities:
+            from omni_ray.graphs.registry import graph_for
+            try:
+                g = graph_for(self.config.stages[key].engine.model.path)
+                self._modalities[key] = {"input": sorted(g.inputs), "output": sorted(g.outputs)}
+            except ConfigError:
+                self._modalities[key] = None
+        return self._modalities[key]
 
     def model_cards(self) -> list[dict]:
         return [self.model_card(k) for k in self.kinds]

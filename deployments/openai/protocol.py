@@ -249,6 +249,35 @@ class ChatMessage(_Body):
             parts.append(str(part.get("text", "")))
         return "".join(parts)
 
+    def content_for_template(self, i: int) -> str | list[dict]:
+        """The text, or (a message with images / audio) its parts: ``text``, ``image_url`` ({"url": a
+        data: URL}) and ``input_audio`` ({"data": base64, "format"}) checked for shape here and decoded
+        by the AR stage (omni_ray/media: limits, no fetch unless configured)."""
+        if not isinstance(self.content, list) or all(p.get("type") == "text" for p in self.content):
+            return self.text()
+        out = []
+        for j, part in enumerate(self.content):
+            kind, where = part.get("type"), f"messages.{i}.content.{j}"
+            if kind == "text":
+                out.append({"type": "text", "text": str(part.get("text", ""))})
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str) or not url:
+                    raise InvalidRequestError("image_url needs a url (a data: URL)", param=f"{where}.image_url")
+                out.append({"type": "image_url", "image_url": {"url": url}})
+            elif kind == "input_audio":
+                audio = part.get("input_audio")
+                if not isinstance(audio, dict) or not isinstance(audio.get("data"), str) \
+                        or not isinstance(audio.get("format"), str):
+                    raise InvalidRequestError("input_audio needs data (base64) and format (wav, mp3, ...)",
+                                              param=f"{where}.input_audio")
+                out.append({"type": "input_audio", "input_audio": {"data": audio["data"], "format": audio["format"]}})
+            else:
+                raise InvalidRequestError(f"content part type {kind!r} is not supported (text, image_url, "
+                                          "input_audio)", param=where)
+        return out
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -272,7 +301,7 @@ class ChatCompletionRequest(_Sampling):
         out = []
         for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role
-            out.append(history_message(i, role, m.text(), m.tool_calls, m.tool_call_id, m.name))
+            out.append(history_message(i, role, m.content_for_template(i), m.tool_calls, m.tool_call_id, m.name))
         return out
 
     def tool_calling(self, parser: str | None, model: str) -> ToolCalling | None:

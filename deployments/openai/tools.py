@@ -110,7 +110,7 @@ def check_tools(tools: list[ToolDefinition] | None, tool_choice: ToolChoice | No
         raise InvalidRequestError("tool_choice 'required' needs tools", param="tool_choice")
 
 
-def history_message(i: int, role: str, content: str, tool_calls: list[ToolCallIn] | None,
+def history_message(i: int, role: str, content: str | list[dict], tool_calls: list[ToolCallIn] | None,
                     tool_call_id: str | None, name: str | None) -> dict:
     """One message for the chat template: an assistant's ``tool_calls`` with their arguments as
     objects (what the templates render, as vLLM passes them), a tool result with its call id."""

@@ -14,15 +14,17 @@ def causal_lm(cfg: dict) -> StageGraph:
 
 @register("Qwen2_5_VLForConditionalGeneration")
 def vision_language(cfg: dict) -> StageGraph:
-    """Qwen2.5-VL: one AR stage. Its vision tower is built but not yet scheduled: text in, text out."""
-    return StageGraph(cfg["architectures"][0], (StageNode("llm", "ar", "prompt", "text"),))
+    """Qwen2.5-VL: one AR stage running the vision tower beside the decoder: text and images in, text out."""
+    return StageGraph(cfg["architectures"][0], (StageNode("llm", "ar", "prompt", "text"),),
+                      inputs=frozenset({"text", "image"}))
 
 
 @register("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration")
 def omni_thinker(cfg: dict) -> StageGraph:
-    """Qwen2.5-Omni: its thinker as one AR stage, text in, text out (the talker and token2wav stages,
-    and images / audio in, come with their issues)."""
-    return StageGraph(cfg["architectures"][0], (StageNode("thinker", "ar", "prompt", "text"),))
+    """Qwen2.5-Omni: its thinker as one AR stage with the vision and audio towers: text, images and
+    audio in, text out (the talker and token2wav stages come with the speech issue)."""
+    return StageGraph(cfg["architectures"][0], (StageNode("thinker", "ar", "prompt", "text"),),
+                      inputs=frozenset({"text", "image", "audio"}))
 
 
 @register("PixArtSigmaPipeline", "StableDiffusion3Pipeline")

@@ -186,7 +186,7 @@ def main() -> None:
     if "hf_tok_per_s" in result:
         result["engine_vs_hf"] = round(best("image") / result["hf_tok_per_s"], 2)
         print(f"engine {result['engine_vs_hf']}x transformers on the image chats", flush=True)
-    print(write_result("bench_mm", result))
+    print(write_result(f"mm_{'cuda' if gpu else 'cpu_quick'}.json", result))
 
 
 if __name__ == "__main__":

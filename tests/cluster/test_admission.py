@@ -226,6 +226,23 @@ def test_core_lends_free_slots_and_takes_them_back_when_a_queue_forms():
     assert c.status()["stages"]["s"]["leased"] == 0
 
 
+def test_a_lease_admission_under_another_clients_id_does_not_leak_the_lent_slot():
+    """Request ids should be unique; when two ingress replicas still send one id (a client's own
+    X-Request-Id), the second's lease admission uses its lent slot all the same (no slot is left
+    counted as lent forever) and is counted as an id conflict, not taken for a replay."""
+    c, clock = core(default_stage_capacity=10, admission_lease=8)
+    for client in ("A", "B"):
+        c.handle(client, [("admit", f"{client}0", "p", ("s",), "normal", clock.t)])
+        c.take(client)
+    lent = c.status()["stages"]["s"]["leased"]
+    c.handle("A", [("lease_admit", "same-id", "p", ("s",), "normal", clock.t)])
+    c.handle("B", [("lease_admit", "same-id", "p", ("s",), "normal", clock.t)])
+    c.handle("B", [("lease_admit", "same-id", "p", ("s",), "normal", clock.t)])   # (a resend looks the same)
+    st = c.status()
+    assert st["stages"]["s"]["leased"] == lent - 3 and st["processed"]["id_conflicts"] == 2
+    assert c.request("same-id")["state"] == "running"            # A's request, tracked
+
+
 def test_core_without_leases_asks_every_time():
     c, clock = core(default_stage_capacity=10, admission_lease=0)
     c.handle("A", [("admit", "a0", "p", ("s",), "normal", clock.t)])

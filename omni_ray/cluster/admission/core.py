@@ -76,7 +76,7 @@ class SchedulerCore:
         self.seen: dict[str, float] = {}             # client -> last contact
         self.lease_stages: dict[str, set[str]] = {}  # client -> stages it admits to (lent slots there)
         self.queued = 0                              # not yet admitted (the bounded queue)
-        self.counts = dict.fromkeys(("admitted", "rejected", *TERMINAL), 0)
+        self.counts = dict.fromkeys(("admitted", "rejected", "id_conflicts", *TERMINAL), 0)
         self.metrics = Metrics(config.history_size)
 
     # ------------------------------------------------------------------ client protocol
@@ -130,7 +130,8 @@ class SchedulerCore:
         self._enqueue(rec, stage, t)
 
     def _ev_lease_admit(self, client, rid, pipeline, stages, priority, t):
-        if rid in self.live or rid in self.done:             # a replay
+        known = self.live.get(rid) or self.done.get(rid)
+        if known is not None and known.owner == client:      # a replay
             return
         stage = self._stage(stages[0])
         held = stage.leases.get(client, 0)
@@ -140,8 +141,12 @@ class SchedulerCore:
             stage.leases.pop(client, None)
             stage.revoking.discard(client)
         self.lease_stages.setdefault(client, set()).add(stage.name)
-        self._ev_register(client, rid, pipeline, stages, priority, stage.name, t, t)
         self.counts["admitted"] += 1
+        if known is not None and rid in self.live:           # another client's live id: the slot is used,
+            self.counts["id_conflicts"] += 1                 # not tracked (ids must be unique; see docs)
+            self._pump(stage)
+            return
+        self._ev_register(client, rid, pipeline, stages, priority, stage.name, t, t)
 
     def _ev_lease_return(self, client, stage_name, n, t):
         stage = self._stage(stage_name)

@@ -18,9 +18,11 @@ calls are not affected. Every ``probe_interval_s`` a background task probes ever
 replica that died while nothing called it is noticed before a request finds out.
 
 A call sent before the ingress noticed waits inside Serve's router for a new replica; it is held to
-the same bound: when its stage is down for certain (no running replica, or every one died: not
-merely slow to answer) for ``unavailable_wait_s`` and the call has had no answer yet (no first item,
-no result), it is cancelled with the same 503.
+the same bound: when its stage is down for certain (every replica it knows died, or a call lost its
+replica: not merely slow to answer, and not merely without a *running* replica, which a graceful
+delete or redeploy also shows while the draining replica finishes its calls) for
+``unavailable_wait_s`` and the call has had no answer yet (no first item, no result), it is
+cancelled with the same 503.
 
 Nothing here blocks the event loop: probes are Serve handle calls awaited with a timeout, one at a
 time per stage (concurrent /health requests share it).
@@ -143,7 +145,9 @@ class StageHealth:
                 return None
             return self._down(stage, f"no replica answered within {t:g} s", certain=False)
         except Exception as err:  # noqa: BLE001 - e.g. DeploymentUnavailableError: the router has no replica
-            return self._down(stage, f"no running replica ({type(err).__name__})")
+            # down, but not for certain: a graceful delete or redeploy also leaves the router without a
+            # running replica while the draining one still finishes the calls it holds
+            return self._down(stage, f"no running replica ({type(err).__name__})", certain=False)
         ok = [r for r in results if not isinstance(r, BaseException)]
         if ok:
             self._set(stage, True, f"{len(ok)} of {len(results)} replicas answered")

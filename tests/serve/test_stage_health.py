@@ -209,30 +209,32 @@ def test_a_call_sent_before_the_outage_was_noticed_is_held_to_the_same_bound():
 
         call = asyncio.ensure_future(first(h.stream("llm", never_answers)))
         await asyncio.sleep(0.05)
-        llm.mode = "none"                                  # the router has no replica left
+        llm.mode = "dead"                                  # every replica the router knows died
         await h.check()
         t0 = time.monotonic()
         with pytest.raises(StageUnavailableError):
             await asyncio.wait_for(call, 10)
         waited = time.monotonic() - t0
 
-        slow = FakeHandle("ok")
-        h2 = StageHealth({"llm": slow}, CFG)
-        call2 = asyncio.ensure_future(first(h2.stream("llm", never_answers)))
-        await asyncio.sleep(0.05)
-        slow.mode = "hang"                                 # no answer in time: not certain, nothing cancelled
-        await h2.check()
-        await asyncio.sleep(CFG.unavailable_wait_s + 0.3)
-        still_running = not call2.done()
-        call2.cancel()
-        await asyncio.gather(call2, return_exceptions=True)
+        still_running = []
+        for mode in ("hang", "none"):     # slow to answer; no *running* replica (a draining one finishes)
+            slow = FakeHandle("ok")
+            h2 = StageHealth({"llm": slow}, CFG)
+            call2 = asyncio.ensure_future(first(h2.stream("llm", never_answers)))
+            await asyncio.sleep(0.05)
+            slow.mode = mode                               # not certain: nothing cancelled
+            down = await h2.check()
+            await asyncio.sleep(CFG.unavailable_wait_s + 0.3)
+            still_running.append(down["llm"] is not None and not call2.done())
+            call2.cancel()
+            await asyncio.gather(call2, return_exceptions=True)
+            await h2.close()
         await h.close()
-        await h2.close()
         return waited, closed, still_running
 
     waited, closed, still_running = run(go())
     assert 0.4 <= waited < 5 and closed[:1] == [True]
-    assert still_running
+    assert still_running == [True, True]
 
 
 def test_successful_probes_leave_no_access_log_line():

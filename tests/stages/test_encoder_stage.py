@@ -13,7 +13,7 @@ import torch
 from omni_ray import OmniLLM
 from omni_ray.ar.sampling_params import SamplingParams
 from omni_ray.config import EncoderEngineConfig, load_config
-from omni_ray.errors import InvalidRequestError
+from omni_ray.errors import InvalidRequestError, ModelNotFoundError
 from omni_ray.stages import ARRequest
 from omni_ray.stages.encoder import EncoderStageEngine
 from tests.ar.conftest import PROMPTS, make_llm
@@ -22,16 +22,16 @@ from tests.ar.test_mm_encoders import _image, _wave
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
-def _ar(model: str, **extra) -> dict:
-    return {"kind": "ar", "engine": {"model": {"path": model}, "device": "cpu", "enforce_eager": True,
+def _ar(model: str, device: str, **extra) -> dict:
+    return {"kind": "ar", "engine": {"model": {"path": model}, "device": device, "enforce_eager": device == "cpu",
                                      "cache": {"block_size": 16, "num_blocks": 256},
                                      "scheduler": {"max_model_len": 512}}} | extra
 
 
-def split_config(model: str) -> dict:
+def split_config(model: str, device: str = "cpu") -> dict:
     """``inline``: the towers in the AR engine; ``split``: the same model with an encoder stage ``enc``."""
-    return {"stages": {"inline": _ar(model), "split": _ar(model, encoder="enc"),
-                       "enc": {"kind": "encoder", "engine": {"model": {"path": model}, "device": "cpu"}}}}
+    return {"stages": {"inline": _ar(model, device), "split": _ar(model, device, encoder="enc"),
+                       "enc": {"kind": "encoder", "engine": {"model": {"path": model}, "device": device}}}}
 
 
 def _chat(*parts, words="Describe it."):
@@ -45,14 +45,26 @@ def _tokens(omni: OmniLLM, stage: str, msgs: list[dict], rid: str) -> list[int]:
     return omni._run(run())
 
 
-@pytest.mark.parametrize("model, parts", [
-    ("tiny:qwen2.5-vl", [{"type": "image", "image": _image(100, 150, 1)},
-                         {"type": "image", "image": _image(64, 90, 2)}]),
-    ("tiny:qwen2.5-omni", [{"type": "image", "image": _image(90, 120, 3)},
-                           {"type": "audio", "audio": (_wave(16000 * 2 + 321, 4), 16000)}]),
-])
+CASES = [("tiny:qwen2.5-vl", [{"type": "image", "image": _image(100, 150, 1)},
+                             {"type": "image", "image": _image(64, 90, 2)}]),
+         ("tiny:qwen2.5-omni", [{"type": "image", "image": _image(90, 120, 3)},
+                               {"type": "audio", "audio": (_wave(16000 * 2 + 321, 4), 16000)}])]
+
+
+@pytest.mark.parametrize("model, parts", CASES)
 def test_offline_tokens_equal_inline(model, parts):
-    with OmniLLM(split_config(model)) as omni:
+    check_split_equals_inline(model, parts, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model, parts", CASES)
+def test_offline_tokens_equal_inline_cuda(model, parts):
+    """bf16 on CUDA (graphs on): the encoder stage's outputs reach the decoder bit for bit."""
+    check_split_equals_inline(model, parts, "cuda")
+
+
+def check_split_equals_inline(model: str, parts: list[dict], device: str) -> None:
+    with OmniLLM(split_config(model, device)) as omni:
         msgs = _chat(*parts)
         inline = _tokens(omni, "inline", msgs, "inline-1")
         split = _tokens(omni, "split", msgs, "split-1")
@@ -163,3 +175,23 @@ def test_config_names_an_encoder_stage():
     cfg["pipelines"] = {"p": {"steps": [{"stage": "enc"}]}}
     with pytest.raises(ConfigError, match="pipelines.p.steps.0.stage: 'enc' is an encoder stage"):
         load_config(cfg)
+
+
+def test_encoder_stage_is_a_deployment_but_no_model():
+    """The app builds a deployment for the encoder stage (one rank, its own options) and lists no model
+    for it: requests name the AR stage."""
+    from deployments.ingress.catalog import Catalog
+    from deployments.options import stage_options
+
+    raw = split_config("tiny:qwen2.5-vl")
+    raw["stages"]["split"]["engine"]["model"]["name"] = "vl"
+    raw["stages"]["enc"]["engine"]["model"]["name"] = "vl-towers"
+    cfg = load_config(raw)
+    opts = stage_options("enc", cfg.stages["enc"])
+    assert opts["name"] == "enc" and "placement_group_bundles" not in opts and opts["num_replicas"] == 1
+    cat = Catalog(cfg)
+    assert [c["stage"] for c in cat.model_cards()] == ["inline", "split"]
+    assert cat.kinds["enc"] == "encoder"
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        cat.model("vl-towers")                                  # the encoder's served name is no model
+    assert cat.model("vl")["stage"] == "split"

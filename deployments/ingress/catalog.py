@@ -43,7 +43,8 @@ class Catalog:
         for k in self.kinds:
             if self.names[k] == model_id and self.kinds[k] != "encoder":
                 return self.model_card(k)
-        raise ModelNotFoundError(f"The model {model_id!r} does not exist; models: {sorted(self.names.values())}",
+        served = sorted(n for k, n in self.names.items() if self.kinds[k] != "encoder")
+        raise ModelNotFoundError(f"The model {model_id!r} does not exist; models: {served}",
                                  param="model", code="model_not_found")
 
     def stage(self, model: str | None, kind: str) -> str:

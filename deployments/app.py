@@ -4,7 +4,9 @@
     serve run deployments.app:build_app config_path=my.yaml   # an OmniConfig, or a Serve config file
     serve.run(build_app({"config": cfg_dict}), name="omni")
 
-One deployment per stage, named by its stage key (``llm``, ``image``, ...), plus ``Ingress``.
+One deployment per stage, named by its stage key (``llm``, ``image``, ...), plus ``Ingress``. An encoder
+stage's handle goes to the AR stages that name it (``stages.<key>.encoder``) and to the ingress (for
+/health and /info only: requests never reach it from there).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from deployments.ingress.ingress import Ingress
 from deployments.options import deployment_options, stage_options
 from deployments.stages.ar import ARDeployment
 from deployments.stages.dit import DiTDeployment
-from omni_ray.config import ARStageConfig, OmniConfig, load_app_config, load_config
+from deployments.stages.encoder import EncoderDeployment
+from omni_ray.config import ARStageConfig, DiTStageConfig, EncoderStageConfig, OmniConfig, load_app_config, load_config
 from omni_ray.errors import ConfigError
 from omni_ray.graphs import expand_pipelines
 
@@ -40,11 +43,16 @@ def build_app(args: dict) -> Application:
     services = {"app": cfg.app.name, "scheduler": cfg.scheduler.model_dump(), "dit_cache": cfg.dit_cache.model_dump(),
                 "metrics": cfg.app.metrics.model_dump()}
     stages = {}
+    for key, stage in cfg.stages.items():        # encoder stages first: the AR stages that use them get their handle
+        if isinstance(stage, EncoderStageConfig):
+            stages[key] = EncoderDeployment.options(**stage_options(key, stage)).bind(key, stage.model_dump(), services)
     for key, stage in cfg.stages.items():
         opts = stage_options(key, stage)
         if isinstance(stage, ARStageConfig):
-            stages[key] = ARDeployment.options(**opts).bind(key, stage.model_dump(), limits, services, media)
-        else:
+            encoder = stages[stage.encoder] if stage.encoder else None
+            stages[key] = ARDeployment.options(**opts).bind(key, stage.model_dump(), limits, services, media, encoder)
+        elif isinstance(stage, DiTStageConfig):
             stages[key] = DiTDeployment.options(**opts).bind(key, stage.model_dump(), services)
+    stages = {k: stages[k] for k in cfg.stages}  # the config's order
     ingress = Ingress.options(**deployment_options("Ingress", cfg.app.ingress))
     return ingress.bind(cfg.model_dump(), stages)

@@ -7,18 +7,20 @@ bundle per rank; the replica actor itself sits in bundle 0, worker actors take t
 
 from __future__ import annotations
 
-from omni_ray.config import ARStageConfig, DeploymentConfig, DiTStageConfig
+from omni_ray.config import ARStageConfig, DeploymentConfig, DiTStageConfig, EncoderStageConfig
 
 
-def num_ranks(stage: ARStageConfig | DiTStageConfig) -> int:
+def num_ranks(stage: ARStageConfig | DiTStageConfig | EncoderStageConfig) -> int:
     if isinstance(stage, ARStageConfig):
         return stage.engine.parallel.tensor_parallel_size
+    if isinstance(stage, EncoderStageConfig):
+        return 1
     p = stage.engine.parallel
     return (2 if p.cfg_parallel else 1) * p.sequence_parallel_size
 
 
-def placement_strategy(stage: ARStageConfig | DiTStageConfig) -> str:
-    return stage.engine.parallel.placement_strategy
+def placement_strategy(stage: ARStageConfig | DiTStageConfig | EncoderStageConfig) -> str:
+    return "STRICT_PACK" if isinstance(stage, EncoderStageConfig) else stage.engine.parallel.placement_strategy
 
 
 def deployment_options(name: str, d: DeploymentConfig, ranks: int = 1, strategy: str = "STRICT_PACK",
@@ -56,7 +58,7 @@ def deployment_options(name: str, d: DeploymentConfig, ranks: int = 1, strategy:
     return opts
 
 
-def stage_options(name: str, stage: ARStageConfig | DiTStageConfig) -> dict:
+def stage_options(name: str, stage: ARStageConfig | DiTStageConfig | EncoderStageConfig) -> dict:
     opts = deployment_options(name, stage.deployment, num_ranks(stage), placement_strategy(stage),
                               stage.engine.device)
     if isinstance(stage, ARStageConfig):     # aborts of batched streams go to the replica that runs them

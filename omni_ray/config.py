@@ -164,6 +164,10 @@ class AREngineConfig(Strict):
     core_send_thread: bool = Field(True, description=(
         "engine core process: a second thread pickles and sends each step's outputs while the next "
         "step runs, so the loop goes from step to step without waiting for the send; off: sent inline"))
+    media_towers: bool = Field(True, description=(
+        "multimodal models: load the vision / audio towers in this engine and run them on the media of its "
+        "requests (inline); false: the towers run elsewhere (an encoder stage, `stages.<name>.encoder`) and "
+        "every image / audio item reaches the engine with its embedding (an item without one is refused)"))
     core_process: Literal["auto", "on", "off"] = Field("auto", description=(
         "AsyncLLM (serving): step the engine in its own child process, so the serving event loop never "
         "shares a GIL with it (vLLM's EngineCore); auto: on with tensor_parallel_size 1 (on CPU "
@@ -350,6 +354,41 @@ class ARStageConfig(Strict):
         "blocks), llama3_json (Llama 3.x: JSON objects), none (tool_choice auto is refused; required and "
         "named functions, constrained to JSON, work with any model); auto: by the checkpoint's "
         "architecture (Qwen -> hermes, Llama -> llama3_json, others none)"))
+    encoder: str | None = Field(None, description=(
+        "multimodal models: a key of `stages` naming an encoder stage (kind encoder) that runs this model's "
+        "vision / audio towers: the replica sends a request's images and audio there and hands the "
+        "embeddings (object-store refs) to its engine, which then loads no towers; none: the towers run "
+        "inline in this stage's engine. Tokens are the same either way"))
+
+    def engine_config(self) -> AREngineConfig:
+        """The engine as this stage runs it: without its media towers when an encoder stage runs them."""
+        return self.engine.model_copy(update={"media_towers": False}) if self.encoder else self.engine
+
+
+class EncoderEngineConfig(Strict):
+    """The media encoders of a multimodal checkpoint (vision / audio towers) on their own, batching the
+    items of concurrent requests into one tower call per kind."""
+
+    model: ModelConfig
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU")
+    batch_wait_s: float = Field(0.002, ge=0, le=1, description=(
+        "a call waits this long for others to join its batch (the first call of an idle engine too)"))
+    max_batch_tokens: int = Field(16384, ge=1, description=(
+        "placeholder tokens (encoder output rows) of the items in one batch; calls past it wait for the "
+        "next (a call larger than this runs alone)"))
+    cache_tokens: int = Field(32768, ge=0, description=(
+        "encoder output rows kept by content hash, so the same image or clip in another request is not "
+        "encoded again (0: nothing kept beyond a batch)"))
+
+
+class EncoderStageConfig(Strict):
+    """An encoder stage: one Serve deployment whose replicas each run the media encoders of a multimodal
+    checkpoint, used by the AR stages that name it in `encoder` (not a pipeline step), so encoder replicas
+    scale apart from the decoder (vLLM's encode / prefill / decode split)."""
+
+    kind: Literal["encoder"] = Field("encoder", description="a media encoder stage (vision / audio towers)")
+    engine: EncoderEngineConfig
+    deployment: DeploymentConfig = DeploymentConfig()
 
 
 class DiTStageConfig(Strict):
@@ -360,7 +399,7 @@ class DiTStageConfig(Strict):
     deployment: DeploymentConfig = DeploymentConfig()
 
 
-StageConfig = Annotated[Union[ARStageConfig, DiTStageConfig], Field(discriminator="kind")]
+StageConfig = Annotated[Union[ARStageConfig, DiTStageConfig, EncoderStageConfig], Field(discriminator="kind")]
 
 
 class PipelineStep(Strict):
@@ -507,6 +546,15 @@ class OmniConfig(Strict):
     dit_cache: DiTCacheConfig = DiTCacheConfig()
 
     @model_validator(mode="after")
+    def _check_encoders(self):
+        for key, stage in self.stages.items():
+            enc = getattr(stage, "encoder", None)
+            if enc is not None and (enc not in self.stages or self.stages[enc].kind != "encoder"):
+                found = f"stage {enc!r} is {self.stages[enc].kind}" if enc in self.stages else f"no stage {enc!r}"
+                raise ValueError(f"stages.{key}.encoder: names an encoder stage (kind encoder); {found}")
+        return self
+
+    @model_validator(mode="after")
     def _check_pipelines(self):
         for pname, p in self.pipelines.items():
             if p.graph is not None:
@@ -517,6 +565,9 @@ class OmniConfig(Strict):
                 if step.stage not in self.stages:
                     raise ValueError(f"pipelines.{pname}.steps.{i}.stage: unknown stage {step.stage!r}")
                 kind = self.stages[step.stage].kind
+                if kind == "encoder":
+                    raise ValueError(f"pipelines.{pname}.steps.{i}.stage: {step.stage!r} is an encoder stage, "
+                                     "used by the AR stages that name it in `encoder`, not a pipeline step")
                 if kind == "dit" and step.output != "images":
                     raise ValueError(f"pipelines.{pname}.steps.{i}.output: a DiT stage outputs images")
                 if kind == "ar" and step.output == "images":

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 
 import torch
 
-from omni_ray.config import ARStageConfig, OmniConfig, load_app_config
+from omni_ray.config import ARStageConfig, EncoderStageConfig, OmniConfig, load_app_config
 from omni_ray.errors import EngineError, InvalidRequestError, ModelNotFoundError
 from omni_ray.graphs import expand_pipelines
 from omni_ray.rules import check_text
@@ -87,7 +87,7 @@ class _Stages:
         self.config = expand_pipelines(load_app_config(config))
         self._defaults = stage_defaults(self._stage_list) if self._stage_list else {}
         self._stages: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()         # reentrant: an AR stage builds the encoder stage it uses
 
     # ------------------------------------------------------------------ engines
     def stage(self, name: str):
@@ -99,10 +99,14 @@ class _Stages:
                 cfg = self.config.stages[name]
                 if isinstance(cfg, ARStageConfig):
                     from omni_ray.stages.ar import ARStageEngine
-                    eng = cfg.engine                  # offline: the engine in this process unless asked
+                    eng = cfg.engine_config()         # offline: the engine in this process unless asked
                     if eng.core_process == "auto":
                         eng = eng.model_copy(update={"core_process": "off"})
-                    stage = ARStageEngine(eng, self.config.app.limits, media=self.config.app.media)
+                    encoder = self.stage(cfg.encoder).encode if cfg.encoder else None   # its encoder stage, here
+                    stage = ARStageEngine(eng, self.config.app.limits, media=self.config.app.media, encoder=encoder)
+                elif isinstance(cfg, EncoderStageConfig):
+                    from omni_ray.stages.encoder import EncoderStageEngine
+                    stage = EncoderStageEngine(cfg.engine)
                 else:
                     from omni_ray.stages.dit import DiTStageEngine
                     stage = DiTStageEngine(cfg.engine)

@@ -35,14 +35,16 @@ class Catalog:
         return self._modalities[key]
 
     def model_cards(self) -> list[dict]:
-        return [self.model_card(k) for k in self.kinds]
+        return [self.model_card(k) for k in self.kinds if self.kinds[k] != "encoder"]
 
     def model(self, model_id: str) -> dict:
-        """The model object whose id (a served name; ids may contain '/') is ``model_id``; 404 otherwise."""
+        """The model object whose id (a served name; ids may contain '/') is ``model_id``; 404 otherwise.
+        Encoder stages serve no requests of their own: they are no models here."""
         for k in self.kinds:
-            if self.names[k] == model_id:
+            if self.names[k] == model_id and self.kinds[k] != "encoder":
                 return self.model_card(k)
-        raise ModelNotFoundError(f"The model {model_id!r} does not exist; models: {sorted(self.names.values())}",
+        served = sorted(n for k, n in self.names.items() if self.kinds[k] != "encoder")
+        raise ModelNotFoundError(f"The model {model_id!r} does not exist; models: {served}",
                                  param="model", code="model_not_found")
 
     def stage(self, model: str | None, kind: str) -> str:

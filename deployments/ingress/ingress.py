@@ -83,7 +83,8 @@ class Ingress:
         batch = self.config.app.stage_call_batch
         self.stage_health = StageHealth(stages, self.config.app.stage_health)
         self.backends = {k: RemoteAR(h, cache, self.names[k], batch, k, self.stage_health) if self.kinds[k] == "ar"
-                         else RemoteDiT(h, k, self.stage_health) for k, h in stages.items()}
+                         else RemoteDiT(h, k, self.stage_health) for k, h in stages.items()
+                         if self.kinds[k] != "encoder"}           # encoder stages: called by AR replicas only
         self.limits = self.config.app.limits
         self.admission = Admission(self.config)
         self.requests = Lifecycle(self.config.app, self.admission, OpenStreams(self.config.app.streaming))

@@ -16,6 +16,9 @@ of handed-out hidden states and the profiling probes (deployments/stages/probes.
 A client error (a 4xx, e.g. a prompt over the token limit) comes back as a value: the last item
 of a stream, the result of ``complete`` / ``encode`` (deployments/stages/replica.py says why).
 
+With ``encoder`` (the handle of an encoder stage, ``stages.<key>.encoder``) the replica sends a
+request's images and audio there and gives its engine (which loads no towers) the embeddings.
+
 ``encode`` puts the hidden states in the object store and returns a Handoff holding the reference,
 so neither Serve nor the ingress resolves it; the DiT replica that receives it does.
 A caller that goes away (client disconnect, ``cancel()``) raises CancelledError here, which
@@ -36,6 +39,7 @@ from ray import serve
 
 from deployments.services import CapacityReporter, replica_id
 from deployments.stages.batch import fan_in
+from deployments.stages.encoder import remote_encoder
 from deployments.stages.pins import Pins
 from deployments.stages.probes import CallLog
 from deployments.stages.replica import StageReplica, error_as_value, errors_as_values
@@ -55,11 +59,13 @@ def _stage_error(e: Exception) -> OmniError:
 @serve.deployment
 class ARDeployment(StageReplica):
     def __init__(self, stage: str, config: dict, limits: dict | None = None, services: dict | None = None,
-                 media: dict | None = None):
+                 media: dict | None = None, encoder=None):
         self.stage, self.replica = stage, replica_id()
         self.config: ARStageConfig = validate(ARStageConfig, config)
         self.limits: LimitsConfig = validate(LimitsConfig, limits or {})
-        self.engine = ARStageEngine(self.config.engine, self.limits, media=validate(MediaConfig, media or {}))
+        # ``encoder``: the handle of the encoder stage that runs this model's towers (stages.<key>.encoder)
+        self.engine = ARStageEngine(self.config.engine_config(), self.limits, media=validate(MediaConfig, media or {}),
+                                    encoder=remote_encoder(encoder) if encoder is not None else None)
         self.engine.start()
         self.pins = Pins()
         self.streams = OpenStreams(self.config.streaming)

@@ -27,6 +27,7 @@ from omni_ray.ar.multimodal.prompts import chat_inputs, data_inputs
 from omni_ray.config import AREngineConfig, LimitsConfig, MediaConfig
 from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_prompt_tokens
+from omni_ray.stages.encoder import Encode, attach_embeddings
 from omni_ray.stages.protocol import EngineStage
 from omni_ray.stages.requests import ARRequest
 
@@ -143,9 +144,10 @@ class ARStageEngine(EngineStage):
     kind = "ar"
 
     def __init__(self, config: AREngineConfig, limits: LimitsConfig | None = None, engine=None,
-                 media: MediaConfig | None = None):
+                 media: MediaConfig | None = None, encoder: Encode | None = None):
         self.config, self.limits, self.media = config, limits or LimitsConfig(), media or MediaConfig()
         self.engine = engine                   # an AsyncLLM (built by ``start`` unless given)
+        self.encoder = encoder                 # media items -> embeddings (an encoder stage), else None: inline
 
     def start(self) -> None:
         if self.engine is None:
@@ -162,11 +164,13 @@ class ARStageEngine(EngineStage):
 
     async def prompt(self, req: ARRequest) -> list[int] | MultiModalInputs:
         """The request's token ids, or its processed multimodal prompt (media decoded and checked under
-        ``app.media``, the checkpoint's processor; in a worker thread, off the replica's event loop)."""
+        ``app.media``, the checkpoint's processor; in a worker thread, off the replica's event loop).
+        With an ``encoder`` (an encoder stage) the media items carry their embeddings."""
         if not req.has_media:
             return prompt_ids(self.engine.tokenizer, req, self.limits.max_prompt_tokens)
-        return await asyncio.to_thread(media_prompt, self.engine.mm_processor, req, self.media,
-                                       self.limits.max_prompt_tokens)
+        mm = await asyncio.to_thread(media_prompt, self.engine.mm_processor, req, self.media,
+                                     self.limits.max_prompt_tokens)
+        return mm if self.encoder is None else await attach_embeddings(mm, self.encoder)
 
     async def generate(self, req: ARRequest, interval=None) -> AsyncIterator[dict]:
         engine = self.engine

@@ -7,7 +7,8 @@ as Ray Serve LLM's server is over its engine protocol) and the offline ``OmniLLM
     eng.abort(request_id); eng.check_health(); eng.stats(); await eng.shutdown()
 
 Adapters: ``omni_ray.stages.ar.ARStageEngine`` (over ``AsyncLLM``), ``omni_ray.stages.dit.DiTStageEngine``
-(over ``AsyncDiTEngine``). An encoder, talker or vocoder stage is one more adapter.
+(over ``AsyncDiTEngine``), ``omni_ray.stages.encoder.EncoderStageEngine`` (media towers only). A talker or
+vocoder stage is one more adapter.
 """
 
 from __future__ import annotations

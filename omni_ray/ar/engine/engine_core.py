@@ -25,7 +25,9 @@ import logging
 import os
 import pickle
 import queue
+import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -306,8 +308,9 @@ class ProcessCore:
 
     # ------------------------------------------------------------------ plumbing
     def _send(self, msg) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
-            self.conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            write_frame(self.conn.fileno(), data)
 
     def _recv(self):
         return pickle.loads(self.conn.recv_bytes())
@@ -386,6 +389,20 @@ def _serve_child(fd: int) -> None:
         except Exception:  # noqa: BLE001
             pass
         raise SystemExit(1) from None
+
+
+def write_frame(fd: int, data: bytes) -> None:
+    """``data`` as one ``Connection.recv_bytes`` message on ``fd``, whole even when ``fd`` is non-blocking
+    (the event loop's ``add_reader`` makes it so under uvloop): a message larger than the socket's buffer
+    (a prompt with images: megabytes of pixels) waits for the reader instead of failing half-written."""
+    n = len(data)
+    header = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+    for chunk in (memoryview(header), memoryview(data)):
+        while chunk:
+            try:
+                chunk = chunk[os.write(fd, chunk):]
+            except BlockingIOError:
+                select.select([], [fd], [])
 
 
 def _sender(send):

@@ -188,6 +188,7 @@ class LLMEngine:
             if getattr(self.runner, "encoders", None) is None:
                 raise InvalidRequestError("this engine runs no media encoders (multimodal prompts need "
                                           "tensor_parallel_size 1 for now)", param="multi_modal_data")
+            self._check_embeddings(mm)
             prompt = mm.token_ids if mm.items else prompt.token_ids
             mm = mm if mm.items else None
         ids = self.tokenize(prompt)
@@ -222,6 +223,21 @@ class LLMEngine:
         if isinstance(params, SamplingParams) and params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         return seq
+
+    def _check_embeddings(self, mm: MultiModalInputs) -> None:
+        """Media that come with their encoder output need its shape; without towers every item needs one."""
+        towers = self.config.media_towers
+        for i, it in enumerate(mm.items):
+            if it.embedding is None:
+                if not towers:
+                    raise InvalidRequestError(
+                        f"this engine loads no media encoders (media_towers is off: an encoder stage runs them) "
+                        f"and {it.kind} item {i} came without its embedding", param="multi_modal_data")
+                continue
+            want = (it.length, self.arch.hidden_size)
+            if tuple(it.embedding.shape) != want:
+                raise InvalidRequestError(f"{it.kind} item {i}: embedding of shape {list(it.embedding.shape)}; "
+                                          f"this model needs {list(want)}", param="multi_modal_data")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | EncodeParams | None = None,
                     request_id: str | None = None) -> Sequence:
@@ -634,7 +650,13 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_cache_usage": 1.0 - bm.num_free_blocks / bm.num_blocks,
             "grammar_matchers": self.grammar.num_active, "grammar_compiling": len(self.compiling),
-        }
+        } | self._media_stats()
+
+    def _media_stats(self) -> dict:
+        """Multimodal engines: media items run through this engine's towers / taken with their embedding."""
+        enc = getattr(self.runner, "encoders", None)
+        return {} if enc is None else {"media_encoded_items": enc.encoded_items, "media_received_items":
+                                       enc.received_items}
 
 
 def logprobs_of(seq: Sequence) -> dict:

@@ -7,7 +7,8 @@ free, the newest running sequence is preempted (its blocks freed, recomputed lat
 
 Multimodal prompts: a chunk that reaches media whose encoder output is not cached spends the
 step's encoder budget (``max_num_encoder_tokens``) on it; past the budget the chunk stops right
-before that item (chunked prefill may still split a prompt inside an item already encoded).
+before that item (chunked prefill may still split a prompt inside an item already encoded). An item
+that came with its embedding (an encoder stage ran the tower) costs nothing.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class Scheduler:
         for it in seq.mm.items:
             if it.end <= start or it.offset >= start + n or it.hash in self._enc_seen:
                 continue
-            if self.encoder_cache is not None and it.hash in self.encoder_cache:
-                continue
+            if it.embedding is not None or (self.encoder_cache is not None and it.hash in self.encoder_cache):
+                continue                        # computed already (an encoder stage's output, or cached)
             fresh = self._enc_left == self.cfg.max_num_encoder_tokens
             if it.length > self._enc_left and not fresh:
                 return max(0, it.offset - start)

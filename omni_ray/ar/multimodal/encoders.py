@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from omni_ray.ar.multimodal.inputs import MediaItem
+from omni_ray.errors import InvalidRequestError
 
 
 class EncoderCache:
@@ -45,19 +46,30 @@ class EncoderCache:
 
 
 class MediaEncoders:
-    """The towers a checkpoint has (``visual`` for images, ``audio_tower`` for audio), on one device."""
+    """The towers a checkpoint has (``visual`` for images, ``audio_tower`` for audio), on one device.
+    ``towers=False`` (the towers run in an encoder stage of their own): no tower is loaded and every
+    item comes with its ``embedding``, which goes into the cache as a tower's output would."""
 
-    def __init__(self, path: str | Path, device: torch.device, dtype: torch.dtype, cache_rows: int):
+    def __init__(self, path: str | Path, device: torch.device, dtype: torch.dtype, cache_rows: int,
+                 towers: bool = True):
         from omni_ray.ar.models.loader import read_hf_config
         from omni_ray.ar.models.qwen2_5_omni_audio import load_audio_tower
         from omni_ray.ar.models.qwen2_5_vl_vision import load_vision_tower
 
-        self.device, self.dtype = device, dtype
-        self.vision = load_vision_tower(path, dtype, device)
+        self.device, self.dtype, self.towers = device, dtype, towers
         mt = read_hf_config(path).get("model_type")
-        self.audio = load_audio_tower(path, dtype, device) if mt in ("qwen2_5_omni", "qwen2_5_omni_thinker") else None
+        self.vision = load_vision_tower(path, dtype, device) if towers else None
+        self.audio = load_audio_tower(path, dtype, device) if towers and mt in (
+            "qwen2_5_omni", "qwen2_5_omni_thinker") else None
         self.cache = EncoderCache(cache_rows)
         self.encoded_items = 0                  # items run through a tower (misses), for stats and tests
+        self.received_items = 0                 # items whose embedding came with them (towers=False)
+
+    def outputs(self, items: list[MediaItem]) -> list[torch.Tensor]:
+        """The encoder outputs of ``items`` [length, hidden] each, on the CPU (an encoder stage's answer):
+        cached ones reused, the others encoded in one tower call per kind."""
+        self.ensure(items)
+        return [self.cache.get(it.hash).cpu() for it in items]
 
     @torch.inference_mode()
     def _encode(self, items: list[MediaItem]) -> list[torch.Tensor]:
@@ -81,7 +93,8 @@ class MediaEncoders:
         return list(out.split(want))
 
     def ensure(self, items: list[MediaItem]) -> None:
-        """Encode the items not in the cache (each distinct content once), batched per kind."""
+        """Encode the items not in the cache (each distinct content once), batched per kind; an item
+        that carries its ``embedding`` is taken as it is."""
         keep = {it.hash for it in items}
         missing: dict[str, MediaItem] = {}
         for it in items:
@@ -90,9 +103,16 @@ class MediaEncoders:
             elif it.hash not in missing:
                 self.cache.misses += 1
                 missing[it.hash] = it
+        given = [it for it in missing.values() if it.embedding is not None]
+        for it in given:
+            self.cache.put(it.hash, it.embedding.to(self.device, self.dtype), keep)
+        self.received_items += len(given)
         for kind in ("image", "audio"):
-            todo = [it for it in missing.values() if it.kind == kind]
+            todo = [it for it in missing.values() if it.kind == kind and it.embedding is None]
             if todo:
+                if (self.vision if kind == "image" else self.audio) is None:
+                    raise InvalidRequestError(f"this engine has no {kind} encoder and the {kind} came without "
+                                              "its embedding", param="multi_modal_data")
                 for it, value in zip(todo, self._encode(todo)):
                     self.cache.put(it.hash, value, keep)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -28,6 +29,13 @@ class MediaItem:
     inputs: dict[str, torch.Tensor]         # image: pixel_values [P, C*T*p*p], image_grid_thw [1, 3];
                                             # audio: input_features [1, mel, frames], feature_attention_mask [1, frames]
     hash: str = ""
+    embedding: torch.Tensor | None = None   # its encoder output [length, hidden], computed elsewhere (an encoder
+                                            # stage): the engine takes it instead of running a tower
+
+    def without_inputs(self, embedding: torch.Tensor) -> "MediaItem":
+        """This item with its encoder output and without the encoder inputs (what an engine without
+        towers needs: the hash, placement and rows; pixels and features stay behind)."""
+        return dataclasses.replace(self, inputs={}, embedding=embedding)
 
     def __post_init__(self):
         if not self.hash:

@@ -125,7 +125,8 @@ class ModelRunner:
         if self.tp.size > 1 or MRopeSpec.from_hf(read_hf_config(path)) is None:
             return None
         from omni_ray.ar.multimodal.encoders import MediaEncoders
-        return MediaEncoders(path, self.device, self.dtype, self.cfg.scheduler.encoder_cache_tokens)
+        return MediaEncoders(path, self.device, self.dtype, self.cfg.scheduler.encoder_cache_tokens,
+                             towers=self.cfg.media_towers)
 
     def _pick_small_gemv(self) -> int:
         """Decode batches of <= MAX_M rows: the fused Triton GEMVs (norm / activation inside) or cuBLAS

@@ -229,14 +229,17 @@ class Ingress:
                             model: str | None = None, max_tokens: int | None = 64, temperature: float = 1.0,
                             top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
                             n: int = 1, logprobs: int | bool | None = None, ignore_eos: bool = False,
-                            priority: str = "normal") -> dict:
-        """One text generation. ``messages`` uses the chat template; ``prompt`` is raw text or token ids.
+                            priority: str = "normal", response_format: dict | None = None) -> dict:
+        """One text generation. ``messages`` uses the chat template (content parts with images / audio
+        for models that take them); ``prompt`` is raw text or token ids; ``response_format`` as the HTTP
+        API's (``json_object``, ``json_schema``: the output follows it).
         Returns ``{"text", "token_ids", "finish_reason", "usage", "model"}`` (plus ``choices`` when n > 1,
         ``logprobs`` when asked: ``logprobs=k`` gives one entry per token, ``{"id", "token" (its text),
         "logprob", "bytes", "top_logprobs": [k such entries]}``)."""
         body, prompts = text_body(prompt, messages, model=model, max_tokens=max_tokens, logprobs=logprobs,
                                   temperature=temperature, top_p=top_p, seed=seed, stop=stop, n=n,
-                                  ignore_eos=ignore_eos, priority=priority)
+                                  ignore_eos=ignore_eos, priority=priority,
+                                  **({"response_format": response_format} if response_format is not None else {}))
         stage, _, rid, reqs = self._text_prepare(body, prompts, "handle")
         choices = await self.requests.unary(rid, "generate_text", [stage], priority, self._collect(stage, reqs))
         c = choices[0]

@@ -19,6 +19,22 @@ def test_generate_text(omni_handle):
     assert out["usage"]["completion_tokens"] == len(out["token_ids"]) <= 5
 
 
+def test_generate_text_follows_a_json_schema(omni_handle):
+    """response_format through the Python handle, as over HTTP: the random-weight model's output is
+    valid JSON of the schema only because decoding is constrained."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    out = omni_handle.generate_text.remote(
+        messages=[{"role": "user", "content": "a number"}], max_tokens=48, temperature=1.0, seed=5,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}).result()
+    assert out["finish_reason"] == "stop", out
+    jsonschema.validate(json.loads(out["text"]), schema)
+
+
 def test_stream_text(omni_handle):
     deltas = list(omni_handle.options(stream=True).stream_text.remote("Hello", max_tokens=6, temperature=0.0))
     full = omni_handle.generate_text.remote("Hello", max_tokens=6, temperature=0.0).result()

@@ -102,7 +102,10 @@ def test_metrics_endpoint_has_every_metric_with_labels(traffic):
         return (all(n in got for n in names) and series(got, "omni_dit_cache_lookups_total", result="hit")
                 and series(got, "omni_client_errors_total", stage="ingress", kind="not_found_error")
                 and series(got, "omni_client_errors_total", stage="llm", kind="invalid_request_error")
-                and any(float(s["__value__"]) > 0 for s in series(got, "omni_dit_step_cache_skip_rate")))
+                and any(float(s["__value__"]) > 0 for s in series(got, "omni_dit_step_cache_skip_rate"))
+                # a sampled counter (every metrics.interval_s): wait for the sample after the repeat
+                and any(float(s["__value__"]) > 0
+                        for s in series(got, "omni_prefix_cache_hit_tokens_total", stage="llm")))
 
     got = scrape_until(url, complete)
     missing = [n for n in names if n not in got]

@@ -24,6 +24,7 @@ import torch
 from omni_ray.ar.engine.token_bytes import TokenTable, token_table
 from omni_ray.ar.multimodal import MultiModalInputs
 from omni_ray.ar.multimodal.prompts import chat_inputs, data_inputs
+from omni_ray.ar.text_encoding import TextEncoding, text_encoding_for
 from omni_ray.config import AREngineConfig, LimitsConfig, MediaConfig
 from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_prompt_tokens
@@ -161,6 +162,13 @@ class ARStageEngine(EngineStage):
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def text_encoding(self) -> TextEncoding | None:
+        """The text-encoder recipe of the diffusers pipeline whose ``text_encoder`` this stage runs (its
+        model path is that pipeline's directory), else None."""
+        pipeline = self.engine.layout.pipeline
+        return text_encoding_for(pipeline) if pipeline else None
 
     async def prompt(self, req: ARRequest) -> list[int] | MultiModalInputs:
         """The request's token ids, or its processed multimodal prompt (media decoded and checked under

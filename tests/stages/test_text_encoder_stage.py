@@ -38,6 +38,7 @@ def test_prompt_and_negative_in_one_step_equal_diffusers_then_the_template_is_ca
     async def main():
         eng = stage("tiny:qwen-image", core_process="off")   # adds of one loop turn start together (ProcessCore too)
         try:
+            assert eng.text_encoding is QWEN_IMAGE                         # the recipe of the model's pipeline
             s0 = eng.engine.stats()
             got = await asyncio.gather(*(eng.encode(ARRequest(f"q-{i}", prompt=p, encoding=QWEN_IMAGE))
                                          for i, p in enumerate((PROMPT, NEGATIVE))))
@@ -72,6 +73,7 @@ def test_edit_takes_the_users_image_as_sent_and_equals_diffusers():
     async def main():
         eng = stage("tiny:qwen-image-edit", core_process="off")
         try:
+            assert eng.text_encoding is QWEN_IMAGE_EDIT
             req = ARRequest("e-1", prompt="make the sky purple", multi_modal_data={"image": sent},
                             encoding=QWEN_IMAGE_EDIT)
             got = await eng.encode(req)

@@ -122,6 +122,7 @@ def test_qwen_image_hidden_states_equal_diffusers_and_the_prefix_cache_serves_th
     embeds, mask = pipe.encode_prompt(PROMPTS, device="cpu")
     want = reference_rows(embeds.detach(), mask)
     assert want[0].shape[0] != want[1].shape[0]                       # two lengths: a padded reference
+    assert llm.mm_processor is None and llm.runner.encoders.vision is None     # text only: no vision tower loaded
     bs, drop = llm.config.cache.block_size, QWEN_IMAGE.drop_tokens
     got = llm.encode(PROMPTS, encoding=QWEN_IMAGE)                    # one step, nothing cached yet
     for g, w in zip(got, want):

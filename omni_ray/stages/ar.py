@@ -213,6 +213,11 @@ class ARStageEngine(EngineStage):
         prompt = await self.encoding_prompt(req)
         return await self.engine.encode(prompt, req.request_id, layer=enc.layer, drop_tokens=enc.drop_tokens)
 
+    async def encode_batch(self, reqs: list[ARRequest]) -> list[torch.Tensor]:
+        """``encode`` of each request, added to the engine together so that they run in one step (a prompt and
+        its negative prompt, sent as one stage call); the first bad request's error is raised."""
+        return list(await asyncio.gather(*(self.encode(r) for r in reqs)))
+
     async def encoding_prompt(self, req: ARRequest) -> list[int] | MultiModalInputs:
         """A text-encoder request's engine prompt: the recipe's template, truncation and image (resized as
         the pipeline does, then the model's processor: in a worker thread, off the replica's event loop)."""

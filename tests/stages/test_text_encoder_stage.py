@@ -40,8 +40,8 @@ def test_prompt_and_negative_in_one_step_equal_diffusers_then_the_template_is_ca
         try:
             assert eng.text_encoding is QWEN_IMAGE                         # the recipe of the model's pipeline
             s0 = eng.engine.stats()
-            got = await asyncio.gather(*(eng.encode(ARRequest(f"q-{i}", prompt=p, encoding=QWEN_IMAGE))
-                                         for i, p in enumerate((PROMPT, NEGATIVE))))
+            got = await eng.encode_batch([ARRequest(f"q-{i}", prompt=p, encoding=QWEN_IMAGE)
+                                          for i, p in enumerate((PROMPT, NEGATIVE))])
             s1 = eng.engine.stats()
             again = await eng.encode(ARRequest("q-2", prompt=PROMPT, encoding=QWEN_IMAGE))
             s2 = eng.engine.stats()

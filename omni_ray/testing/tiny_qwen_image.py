@@ -61,8 +61,10 @@ def _text_encoder_parts(out: Path, processor: bool, seed: int, shape: bool) -> i
         return json.loads((enc / "config.json").read_text())["text_config"]["hidden_size"]
 
 
-def build_qwen_image(out: Path, edit: bool = False, seed: int = 0, shape: bool = False) -> None:
-    """A Qwen-Image (``edit``: Qwen-Image-Edit) directory; ``shape``: the real dimensions in bf16."""
+def build_qwen_image(out: Path, edit: bool = False, seed: int = 0, shape: bool = False, denoiser: bool = True) -> None:
+    """A Qwen-Image (``edit``: Qwen-Image-Edit) directory; ``shape``: the real dimensions in bf16;
+    ``denoiser=False``: the text encoder's parts only (transformer and VAE ``[null, null]`` in the index:
+    what an AR stage loads, without writing the 20B transformer: 16 GB on disk instead of 57)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
     from omni_ray.testing.tiny_dit import _save, _write_index
@@ -70,6 +72,17 @@ def build_qwen_image(out: Path, edit: bool = False, seed: int = 0, shape: bool =
     dtype = torch.bfloat16 if shape else torch.float32
     device = "cuda" if shape and torch.cuda.is_available() else "cpu"
     hidden = _text_encoder_parts(out, edit, seed, shape)
+    comps = {"scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+             "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
+             "tokenizer": ("transformers", "Qwen2Tokenizer"),
+             "transformer": ("diffusers", "QwenImageTransformer2DModel") if denoiser else None,
+             "vae": ("diffusers", "AutoencoderKLQwenImage") if denoiser else None}
+    if edit:
+        comps["processor"] = ("transformers", "Qwen2VLProcessor")
+    FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER).save_pretrained(out / "scheduler")
+    _write_index(out, "QwenImageEditPipeline" if edit else "QwenImagePipeline", comps)
+    if not denoiser:
+        return
     torch.manual_seed(seed + 1)
     tr_cfg = dict(QWEN_IMAGE_TRANSFORMER if shape else TINY_TRANSFORMER, joint_attention_dim=hidden)
     with torch.device(device):
@@ -80,15 +93,6 @@ def build_qwen_image(out: Path, edit: bool = False, seed: int = 0, shape: bool =
         vae.register_to_config(latents_mean=(torch.randn(16, generator=g) * 0.5).tolist(),
                                latents_std=(torch.rand(16, generator=g) + 0.5).tolist())
     _save(vae, out / "vae", dtype)
-    FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER).save_pretrained(out / "scheduler")
-    comps = {"scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-             "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
-             "tokenizer": ("transformers", "Qwen2Tokenizer"),
-             "transformer": ("diffusers", "QwenImageTransformer2DModel"),
-             "vae": ("diffusers", "AutoencoderKLQwenImage")}
-    if edit:
-        comps["processor"] = ("transformers", "Qwen2VLProcessor")
-    _write_index(out, "QwenImageEditPipeline" if edit else "QwenImagePipeline", comps)
 
 
 def builders() -> dict[str, Callable[[Path], None]]:
@@ -97,4 +101,5 @@ def builders() -> dict[str, Callable[[Path], None]]:
         "tiny:qwen-image-edit": lambda p: build_qwen_image(p, edit=True),
         "shape:qwen-image": lambda p: build_qwen_image(p, shape=True),
         "shape:qwen-image-edit": lambda p: build_qwen_image(p, edit=True, shape=True),
+        "shape:qwen-image-text-encoder": lambda p: build_qwen_image(p, shape=True, denoiser=False),
     }

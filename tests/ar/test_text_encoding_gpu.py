@@ -1,4 +1,4 @@
-"""Qwen-Image's text encoder at its real shape on CUDA (``shape:qwen-image``: the diffusers layout with a
+"""Qwen-Image's text encoder at its real shape on CUDA (``shape:qwen-image-text-encoder``: the diffusers layout with a
 7B Qwen2.5-VL of random weights, bf16): the AR engine loads ``text_encoder/`` + ``tokenizer/`` from the
 pipeline directory, its hidden states follow diffusers' ``encode_prompt`` (bf16, so compared by cosine),
 the template comes from the prefix cache, and the encode time of a burst is printed beside diffusers'.
@@ -50,7 +50,7 @@ def test_shape_qwen_image_text_encoder_on_cuda():
     from diffusers import QwenImagePipeline
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    path = resolve_model("shape:qwen-image")
+    path = resolve_model("shape:qwen-image-text-encoder")      # the 7B encoder parts only (16 GB)
     enc = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=torch.bfloat16).cuda()
     pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=enc.eval(), transformer=None,
                              tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"))

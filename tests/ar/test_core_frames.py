@@ -34,3 +34,36 @@ def test_large_message_over_a_non_blocking_socket():
         t.join(timeout=30)
         parent.close()
     assert got == [msg, b"next"]
+
+
+def test_frame_reader_reassembles_messages_split_across_reads():
+    """The parent reads the core's replies from a non-blocking fd: a large reply (hidden states) comes
+    over several readable callbacks, and several small ones may come in one."""
+    from omni_ray.ar.engine.engine_core import FrameReader
+
+    reader_end, writer_end = socket.socketpair()
+    reader_end.setblocking(False)
+    big = os.urandom(5 << 20) + b"end"
+    got, reader = [], FrameReader()
+
+    def write():
+        for data in (b"a", big, b"b", b"c"):
+            write_frame(writer_end.fileno(), data)
+        writer_end.close()
+
+    t = threading.Thread(target=write)
+    t.start()
+    calls = 0
+    try:
+        while True:
+            try:
+                got += reader.read(reader_end.fileno())
+            except EOFError:
+                break
+            calls += 1
+            time.sleep(0.001)
+    finally:
+        t.join(timeout=30)
+        reader_end.close()
+    assert got == [b"a", big, b"b", b"c"]
+    assert calls > 2                                              # the big one did span several reads

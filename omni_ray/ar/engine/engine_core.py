@@ -270,6 +270,7 @@ class ProcessCore:
         self._outbox_lock = threading.Lock()
         self._flush_due = False                      # a flush is scheduled on the loop
         self._lock = threading.Lock()                # sends come from the loop and from shutdown
+        self._frames = FrameReader()                 # results: whole messages out of a non-blocking socket
         # profiling (engine.step_log): when this process sent requests on to the core
         self._flush_log = open(config.step_log, "a", buffering=1) if config.step_log else None  # noqa: SIM115
         deadline = time.monotonic() + start_timeout_s
@@ -289,6 +290,7 @@ class ProcessCore:
         """Read results on ``loop`` from now on (called again when the caller's loop changes)."""
         self._stop_reading()
         self._loop, self._deliver, self._fail = loop, deliver, fail
+        os.set_blocking(self.conn.fileno(), False)   # as uvloop's add_reader leaves it: reads never block the loop
         loop.add_reader(self.conn.fileno(), self._readable)
         self._flush()              # what a previous loop queued and closed before flushing
 
@@ -353,18 +355,23 @@ class ProcessCore:
         return pickle.loads(self.conn.recv_bytes())
 
     def _readable(self) -> None:
+        """Whatever the socket holds now, cut into whole messages (``FrameReader``): under uvloop the fd
+        is non-blocking, so a large reply (hidden states: megabytes) arrives over several callbacks."""
         try:
-            while self.conn.poll():
-                msg = self._recv()
-                if msg[0] == "out":
-                    self._stats = msg[2]
-                    if msg[1]:
-                        self._deliver(msg[1])
-                else:                                 # ("fatal", err)
-                    self._stop_reading()
-                    self._fail(msg[1] if isinstance(msg[1], BaseException) else EngineError(str(msg[1])))
-                    return
+            frames = self._frames.read(self.conn.fileno())
         except (EOFError, OSError):
+            frames = None
+        for data in frames or ():
+            msg = pickle.loads(data)
+            if msg[0] == "out":
+                self._stats = msg[2]
+                if msg[1]:
+                    self._deliver(msg[1])
+            else:                                 # ("fatal", err)
+                self._stop_reading()
+                self._fail(msg[1] if isinstance(msg[1], BaseException) else EngineError(str(msg[1])))
+                return
+        if frames is None:
             self._stop_reading()
             code = self.proc.poll()
             self._fail(EngineError(f"AR engine process exited (code {code})"))
@@ -440,6 +447,44 @@ def write_frame(fd: int, data: bytes) -> None:
                 chunk = chunk[os.write(fd, chunk):]
             except BlockingIOError:
                 select.select([], [fd], [])
+
+
+class FrameReader:
+    """The reading side of ``write_frame`` over a non-blocking fd: ``read(fd)`` takes what the socket
+    holds and returns the messages completed so far (a message may span many calls); raises EOFError
+    when the writer is gone."""
+
+    def __init__(self):
+        self._buf = bytearray()
+
+    def read(self, fd: int) -> list[bytes]:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                raise EOFError
+            self._buf += chunk
+            if len(chunk) < 1 << 20:
+                break
+        out = []
+        while True:
+            size, start = self._frame_size()
+            if size is None or len(self._buf) < start + size:
+                return out
+            out.append(bytes(self._buf[start:start + size]))
+            del self._buf[:start + size]
+
+    def _frame_size(self) -> tuple[int | None, int]:
+        if len(self._buf) < 4:
+            return None, 0
+        (n,) = struct.unpack_from("!i", self._buf)
+        if n >= 0:
+            return n, 4
+        if len(self._buf) < 12:
+            return None, 0
+        return struct.unpack_from("!Q", self._buf, 4)[0], 12
 
 
 def _sender(send):

@@ -69,7 +69,7 @@ async def read_form(request, media: MediaConfig, param: str = "image") -> list[t
     ``app.media.max_image_bytes`` each (the whole body is within ``app.limits.max_body_bytes``, the
     Gate's check)."""
     ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
+    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise InvalidRequestError("this route takes OpenAI's multipart/form-data form (an image file, prompt, ...), "
                                   f"not {ctype.split(';')[0] or 'an unnamed content type'}", param=param)
     try:

@@ -195,5 +195,25 @@ class ARStageEngine(EngineStage):
             yield d
 
     async def encode(self, req: ARRequest) -> torch.Tensor:
-        """Prompt hidden states [T, H] (float32, CPU)."""
-        return await self.engine.encode(await self.prompt(req), req.request_id, layer=req.layer)
+        """Prompt hidden states [T, H] (float32, CPU). With ``req.encoding`` (a text-encoder recipe,
+        ``omni_ray.ar.text_encoding``) what the recipe's pipeline conditions on: [T - drop_tokens, H] of its
+        layer, the template's dropped prefix served by the prefix cache. Concurrent calls (a prompt and
+        its negative prompt) reach the engine in one loop turn and run in one step."""
+        enc = req.encoding
+        if enc is None:
+            return await self.engine.encode(await self.prompt(req), req.request_id, layer=req.layer)
+        prompt = await self.encoding_prompt(req)
+        return await self.engine.encode(prompt, req.request_id, layer=enc.layer, drop_tokens=enc.drop_tokens)
+
+    async def encoding_prompt(self, req: ARRequest) -> list[int] | MultiModalInputs:
+        """A text-encoder request's engine prompt: the recipe's template, truncation and image (resized as
+        the pipeline does, then the model's processor: in a worker thread, off the replica's event loop)."""
+        enc, engine = req.encoding, self.engine
+        image = (req.multi_modal_data or {}).get("image")
+        if image is None:
+            ids = enc.inputs(engine.tokenizer, engine.mm_processor, req.prompt)
+            check_prompt_tokens(len(ids), self.limits.max_prompt_tokens)
+            return ids
+        mm = await asyncio.to_thread(enc.inputs, engine.tokenizer, engine.mm_processor, req.prompt, image, self.media)
+        check_prompt_tokens(len(mm.token_ids), self.limits.max_prompt_tokens)
+        return mm if self.encoder is None else await attach_embeddings(mm, self.encoder)

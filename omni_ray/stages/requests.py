@@ -5,7 +5,7 @@ they are built, not again where they arrive).
 A request carries its id, its inputs by modality and its params:
 
     ARRequest(request_id, prompt="a fox" | [ids] | None, messages=[...] | None, system_prompt=None,
-              params=SamplingParams(...), layer=None, multi_modal_data=None, tools=None)
+              params=SamplingParams(...), layer=None, multi_modal_data=None, tools=None, encoding=None)
     DiTRequest(request_id, prompt="a fox" | None, params=DiffusionParams(...), conditioning=Handoff | None,
                negative_conditioning=Handoff | None, image=ImageInput | None)
 
@@ -18,12 +18,14 @@ stage that takes it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from omni_ray.ar.sampling_params import SamplingParams
+from omni_ray.ar.text_encoding import TextEncoding
 from omni_ray.dit.params import DiffusionParams
 from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_prompt
@@ -60,6 +62,8 @@ class ARRequest:
     multi_modal_data: dict[str, Any] | None = None  # {"image": ..., "audio": ...}: for stages that take them
     echo: bool = False                             # the first delta carries the prompt as text (completions' echo)
     tools: list[dict] | None = None                # OpenAI ``tools``: rendered by the chat template (messages only)
+    encoding: TextEncoding | None = None           # encode(): a text-encoder recipe (omni_ray.ar.text_encoding) over
+                                                   # ``prompt`` (+ multi_modal_data {"image": ...} for image recipes)
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -89,6 +93,18 @@ class ARRequest:
                                           "placeholder tokens", param="multi_modal_data")
         if self.tools and self.has_media:
             raise InvalidRequestError("tools with image or audio content are not supported yet", param="tools")
+        if self.encoding is not None:
+            self._check_encoding()
+
+    def _check_encoding(self) -> None:
+        if not isinstance(self.encoding, TextEncoding):
+            raise InvalidRequestError(f"encoding must be a TextEncoding, got {type(self.encoding).__name__}",
+                                      param="encoding")
+        if not isinstance(self.prompt, str) or self.messages is not None or self.system_prompt or self.tools:
+            raise InvalidRequestError("a text-encoder request takes a text prompt (the recipe's template wraps "
+                                      "it), no messages, system_prompt or tools", param="prompt")
+        if self.multi_modal_data and set(self.multi_modal_data) != {"image"}:
+            raise InvalidRequestError("a text-encoder request takes an image only", param="multi_modal_data")
 
     @property
     def is_plain_text(self) -> bool:
@@ -105,7 +121,30 @@ class ARRequest:
     def input_digest(self) -> str:
         """What this request's prompt hidden states are a function of (cache keys, handoff source)."""
         parts = [self.prompt, self.messages, self.system_prompt, self.layer] + ([self.tools] if self.tools else [])
+        if self.encoding is not None:
+            parts.append(dataclasses.asdict(self.encoding))
+        if self.multi_modal_data:
+            parts.append(media_digest(self.multi_modal_data))
         return json.dumps(parts, sort_keys=True, default=repr)
+
+
+def media_digest(data: dict) -> dict:
+    """``multi_modal_data`` by content: a sha256 per image / clip (PIL pixels, bytes, or the string given)."""
+    def one(x) -> str:
+        h = hashlib.sha256()
+        if hasattr(x, "tobytes") and hasattr(x, "mode"):           # a PIL image
+            h.update(f"{x.mode}{x.size}".encode())
+            h.update(x.tobytes())
+        elif isinstance(x, (bytes, bytearray)):
+            h.update(bytes(x))
+        elif isinstance(x, tuple) and len(x) == 2 and hasattr(x[0], "tobytes"):   # audio (array, rate)
+            h.update(f"{x[1]}".encode())
+            h.update(x[0].tobytes())
+        else:
+            h.update(repr(x).encode())
+        return h.hexdigest()
+
+    return {k: [one(x) for x in (v if isinstance(v, list) else [v])] for k, v in sorted(data.items())}
 
 
 @dataclass

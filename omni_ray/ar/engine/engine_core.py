@@ -135,7 +135,7 @@ class ThreadCore:
         from omni_ray.ar.engine.llm_engine import LLMEngine
 
         self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
+        self.tokenizer, self.layout = self.engine.tokenizer, self.engine.layout
         self.model_name, self.max_model_len = self.engine.model_name, self.engine.max_model_len
         self._core = CoreLoop(self.engine)
         self._lock = threading.Lock()                 # guards the two lists (never held over a step)
@@ -214,12 +214,10 @@ class ProcessCore:
     ("out", items, stats) / ("fatal", err) back."""
 
     def __init__(self, config: AREngineConfig, start_timeout_s: float = 900.0):
-        from transformers import AutoTokenizer
+        from omni_ray.ar.models.checkpoint import checkpoint_layout
 
-        from omni_ray.testing import resolve_model
-
-        path = resolve_model(config.model.path)      # generate tiny/shape checkpoints once, here
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        self.layout = checkpoint_layout(config.model.path)      # generate tiny/shape checkpoints once, here
+        self.tokenizer = self.layout.load_tokenizer()
         self.model_name, self.max_model_len = config.model.served_name, config.scheduler.max_model_len
         parent, child = socket.socketpair()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))

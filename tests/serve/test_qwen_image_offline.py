@@ -32,7 +32,12 @@ def omni():
 def _diffusers(cls_name: str, spec: str):
     import diffusers
 
-    pipe = getattr(diffusers, cls_name).from_pretrained(str(resolve_model(spec)), torch_dtype=torch.float32)
+    path = resolve_model(spec)
+    kw = {}
+    if (path / "processor").is_dir():          # the processor as the PIL backend (the pinned CPU torch has no torchvision)
+        from tests.ar.test_mm_encoders import auto_processor
+        kw["processor"] = auto_processor(path / "processor")
+    pipe = getattr(diffusers, cls_name).from_pretrained(str(path), dtype=torch.float32, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

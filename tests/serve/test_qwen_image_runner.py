@@ -3,6 +3,7 @@ encoder gets the pipeline's recipe, the negative prompt is encoded beside the pr
 flight at once) only when the DiT step runs true CFG, and an edit's image reaches both stages."""
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -82,7 +83,10 @@ def test_an_edit_image_reaches_both_stages_and_both_encodes():
     assert dit.reqs[0].image is img and dit.reqs[0].negative_conditioning is not None
     other = ImageInput.of(Image.new("RGB", (32, 24), (10, 200, 31)))
     assert other.digest != img.digest and ImageInput.of(img.image).digest == img.digest
-    assert img.digest in ar.reqs[0].input_digest()                 # hidden-state cache keys see the image
+    # hidden-state cache keys (and the hand-off's source) see the image by content
+    again = dataclasses.replace(ar.reqs[0], multi_modal_data={"image": ImageInput.of(img.image.copy())})
+    assert again.input_digest() == ar.reqs[0].input_digest()
+    assert dataclasses.replace(ar.reqs[0], multi_modal_data={"image": other}).input_digest() != again.input_digest()
 
 
 def test_image_required_by_edit_and_refused_elsewhere():

@@ -53,7 +53,8 @@ def test_images_generations_on_qwen_image(client):
     for model in ("qwen-image", "tiny-qwen-image"):           # the pipeline, or its DiT stage's model
         r = client.post("/v1/images/generations", json={"model": model, "prompt": "a lighthouse", "n": 2, **ARGS})
         assert r.status_code == 200, r.text
-        assert r.json()["model"] == "qwen-image" and [size_of(d["b64_json"]) for d in r.json()["data"]] == [(48, 32)] * 2
+        body = r.json()
+        assert body["model"] == "qwen-image" and [size_of(d["b64_json"]) for d in body["data"]] == [(48, 32)] * 2
 
 
 def test_models_list_their_modalities(oai):

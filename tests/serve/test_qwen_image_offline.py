@@ -34,7 +34,7 @@ def _diffusers(cls_name: str, spec: str):
 
     path = resolve_model(spec)
     kw = {}
-    if (path / "processor").is_dir():          # the processor as the PIL backend (the pinned CPU torch has no torchvision)
+    if (path / "processor").is_dir():      # the processor's PIL backend (the pinned CPU torch has no torchvision)
         from tests.ar.test_mm_encoders import auto_processor
         kw["processor"] = auto_processor(path / "processor")
     pipe = getattr(diffusers, cls_name).from_pretrained(str(path), dtype=torch.float32, **kw)

@@ -96,3 +96,28 @@ def test_an_edit_model_needs_its_image_on_generations(client):
     r = client.post("/v1/images/generations", json={"model": "qwen-image-edit", "prompt": "x", **ARGS})
     assert r.status_code == 400 and r.json()["error"]["param"] == "image"
     assert "/v1/images/edits" in r.json()["error"]["message"]
+
+
+def test_the_edit_pipeline_takes_a_data_url_and_caches_by_the_image(client):
+    def data_url(color) -> str:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 28), color).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    body = {"prompt": f"make it red {uuid.uuid4().hex[:8]}", "image": data_url((30, 120, 200)), **ARGS}
+    first = client.post("/v1/pipelines/qwen-image-edit", json=body)
+    assert first.status_code == 200, first.text
+    second = client.post("/v1/pipelines/qwen-image-edit", json=body)
+    other = client.post("/v1/pipelines/qwen-image-edit", json=body | {"image": data_url((31, 120, 200))})
+    assert second.status_code == other.status_code == 200, second.text + other.text
+    first, second, other = first.json(), second.json(), other.json()
+    assert [r["stages"][1]["image_cache"] for r in (first, second, other)] == ["miss", "hit", "miss"]
+    assert second["images"] == first["images"] and other["images"] != second["images"]
+    r = client.post("/v1/pipelines/qwen-image", json=body)            # takes no input image
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+
+
+def test_the_python_handle_edits_an_image(omni_handle):
+    out = omni_handle.generate_images.remote("make it red", model="qwen-image-edit", image=png_bytes(), size="48x32",
+                                             num_inference_steps=2, seed=2, output_format="pil").result()
+    assert out["model"] == "qwen-image-edit" and out["images"][0].size == (48, 32)

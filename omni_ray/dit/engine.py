@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from omni_ray.config import DiTEngineConfig, ModelConfig, validate
 from omni_ray.devices import resolve_device, resolve_dtype
 from omni_ray.dit.batcher import Batcher
-from omni_ray.dit.families import Cond, load_family
+from omni_ray.dit.families import Cond, DiTFamily, load_family
 from omni_ray.dit.images import decode_outputs
 from omni_ray.dit.parallel import Layout, ParallelRunner, build_parallel_runner, make_layout
 from omni_ray.dit.parallel.rank import prepare_family
@@ -28,7 +28,7 @@ from omni_ray.dit.params import DiffusionParams
 from omni_ray.dit.request import DiTRequest, Status
 from omni_ray.dit.runner import DiTRunner
 from omni_ray.dit.validation import build_request
-from omni_ray.errors import InvalidRequestError
+from omni_ray.errors import ConfigError, InvalidRequestError
 from omni_ray.testing import resolve_model
 
 
@@ -37,7 +37,8 @@ def _bad(param: str, msg: str):
 
 
 class DiTEngine:
-    def __init__(self, model: str | ModelConfig | DiTEngineConfig, **kwargs):
+    def __init__(self, model: str | ModelConfig | DiTEngineConfig, family: DiTFamily | None = None, **kwargs):
+        """``family``: an already built family (``from_components``); then nothing is loaded from disk."""
         if isinstance(model, DiTEngineConfig):
             cfg = model
         else:
@@ -48,13 +49,20 @@ class DiTEngine:
         self.config = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        self.model_path = resolve_model(cfg.model.path)
         layout = make_layout(cfg)
         self.parallel: ParallelRunner | None = None   # cfg / sequence parallel: ranks as Ray actors
-        if layout is not None:                        # each rank (rank 0: here) loads the model on its device
+        if family is not None:
+            if layout is not None:
+                raise ConfigError("an engine over in-memory components runs on one device (no parallel layout)")
+            self.model_path = None
+            self.family, self.device, self.dtype = family, family.device, family.dtype
+            self.runner = DiTRunner(family, prepare_family(family, cfg, Layout(1, 1)))
+        elif layout is not None:                      # each rank (rank 0: here) loads the model on its device
+            self.model_path = resolve_model(cfg.model.path)
             self.runner = self.parallel = build_parallel_runner(cfg, self.model_path, self.dtype, layout)
             self.family, self.device = self.runner.family, self.runner.family.device
         else:
+            self.model_path = resolve_model(cfg.model.path)
             self.family = load_family(self.model_path, self.device, self.dtype, cfg.max_sequence_length,
                                       cfg.model.allow_pickle)
             self.runner = DiTRunner(self.family, prepare_family(self.family, cfg, Layout(1, 1)))
@@ -69,6 +77,20 @@ class DiTEngine:
         self._arrivals = itertools.count()
         self._neg_conds: OrderedDict[str, Cond] = OrderedDict()   # negative prompt -> projected conditioning
         self.counts = {"added": 0, "finished": 0, "aborted": 0, "images": 0, "vae_batches": 0}
+
+    @classmethod
+    def from_components(cls, pipeline_class: str, components: dict, config: DiTEngineConfig) -> "DiTEngine":
+        """An engine over components already in memory (``{"transformer", "vae", "scheduler", ...}`` as
+        ``load_components`` returns them), e.g. a benchmark's random weights built on the GPU: no
+        checkpoint is written or read. ``pipeline_class`` picks the family (model_index.json's name)."""
+        from omni_ray.dit.families import FAMILIES
+
+        if pipeline_class not in FAMILIES:
+            raise ConfigError(f"pipeline {pipeline_class!r} is not supported; omni-ray runs {sorted(FAMILIES)}")
+        tr = components["transformer"]
+        p = next(tr.parameters())
+        family = FAMILIES[pipeline_class](components, p.device, p.dtype, config.max_sequence_length)
+        return cls(config, family=family)
 
     @property
     def model_name(self) -> str:

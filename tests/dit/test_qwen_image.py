@@ -222,3 +222,45 @@ def test_edit_validates_the_image(edit):
         assert err.value.param == "image"
     req = edit.make_request(None, DiffusionParams(), image=Image.new("RGBA", (300, 200)), **kw)
     assert (req.height, req.width) == (832, 1248)                              # the pipeline's default size
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cache", [None, {"method": "fbcache", "threshold": 0.3},
+                                   {"method": "teacache", "threshold": 0.5}])
+def test_cuda_graphs_match_eager(cache):
+    """Graph replays (captions padded to a bucket under a mask) give the eager engine's latents."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    engines = [DiTEngine(DiTEngineConfig(model=ModelConfig(path="tiny:qwen-image", dtype="float32"), device="cuda",
+                                         cuda_graphs=graphs)) for graphs in (True, False)]
+    g = torch.Generator().manual_seed(0)
+    dim = engines[0].family.caption_dim
+    embeds = [torch.randn(n, dim, generator=g) for n in (7, 12, 9)]
+    negs = [torch.randn(5, dim, generator=g), None, torch.randn(9, dim, generator=g)]
+    outs = []
+    for eng in engines:
+        reqs = [eng.add_request(None, DiffusionParams(height=32, width=48, num_inference_steps=n, seed=i, cache=cache),
+                                prompt_embeds=e, negative_prompt_embeds=ne, output_type="latent")
+                for i, (n, e, ne) in enumerate(zip((6, 4, 5), embeds, negs))]
+        while not all(r.is_finished for r in reqs):
+            eng.step()
+        outs.append([r.images[0] for r in reqs])
+    assert engines[0].runner.graphs.replays > 0
+    for a, b in zip(*outs):
+        assert _rel(a, b) < 1e-3
+
+
+def test_engine_from_components_in_memory(qwen, embeds):
+    """``DiTEngine.from_components``: components built in memory (as the GPU benchmark builds the real
+    shape), no checkpoint directory: the same images as the engine loaded from disk."""
+    eng = DiTEngine.from_components("QwenImagePipeline", {"transformer": qwen.family.transformer,
+                                                          "vae": qwen.family.vae,
+                                                          "scheduler": qwen.family.base_scheduler},
+                                    DiTEngineConfig(model=ModelConfig(path="in-memory"), device="cpu"))
+    assert eng.model_path is None
+    params = DiffusionParams(height=32, width=32, num_inference_steps=2, seed=1)
+    kw = _kw(embeds, "ugly", "blurry, low quality")
+    a = eng.generate(None, params, output_type="latent", use_tqdm=False, **kw)[0]
+    b = qwen.generate(None, params, output_type="latent", use_tqdm=False, **kw)[0]
+    assert torch.equal(a, b)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from omni_ray.config import MediaConfig
 from omni_ray.errors import InvalidRequestError
-from omni_ray.media import load_image
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,8 @@ class TextEncoding:
             if len(image) != 1:
                 raise InvalidRequestError(f"this text encoder takes one image, got {len(image)}", param="image")
             image = image[0]
+        from omni_ray.media import load_image
+
         image = load_image(image, "image", media or MediaConfig())
         mm = processor(text, images=[self.prepare_image(image)], add_special_tokens=True)
         if self.max_tokens is not None and len(mm.token_ids) > self.max_tokens + self.drop_tokens:

@@ -51,6 +51,17 @@ def with_image_positions(text_encoder):
     return text_encoder
 
 
+def t2i_pipeline(path):
+    """diffusers' ``QwenImagePipeline`` with the checkpoint's text encoder and tokenizer (all that
+    encode_prompt uses; ``from_pretrained`` would load the transformer and VAE too)."""
+    from diffusers import QwenImagePipeline
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    enc = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=torch.float32)
+    return QwenImagePipeline(scheduler=None, vae=None, text_encoder=enc.eval(),
+                             tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"), transformer=None)
+
+
 def edit_pipeline(path):
     """diffusers' ``QwenImageEditPipeline`` from the checkpoint's text encoder (``with_image_positions``),
     tokenizer and processor (the processor class built as tests/ar/test_mm_encoders.py does without
@@ -76,10 +87,7 @@ def pipeline_image(pipe, img: Image.Image) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def qwen_image():
-    from diffusers import QwenImagePipeline
-
-    path = resolve_model("tiny:qwen-image")
-    return QwenImagePipeline.from_pretrained(path, dtype=torch.float32), make_llm("tiny:qwen-image")
+    return t2i_pipeline(resolve_model("tiny:qwen-image")), make_llm("tiny:qwen-image")
 
 
 def test_recipes_are_the_pipelines_own_settings():
@@ -114,6 +122,7 @@ def test_qwen_image_hidden_states_equal_diffusers_and_the_prefix_cache_serves_th
     embeds, mask = pipe.encode_prompt(PROMPTS, device="cpu")
     want = reference_rows(embeds.detach(), mask)
     assert want[0].shape[0] != want[1].shape[0]                       # two lengths: a padded reference
+    assert llm.mm_processor is None and llm.runner.encoders.vision is None     # text only: no vision tower loaded
     bs, drop = llm.config.cache.block_size, QWEN_IMAGE.drop_tokens
     got = llm.encode(PROMPTS, encoding=QWEN_IMAGE)                    # one step, nothing cached yet
     for g, w in zip(got, want):

@@ -17,7 +17,7 @@ from omni_ray.errors import InvalidRequestError
 from omni_ray.stages import ARRequest
 from omni_ray.stages.ar import ARStageEngine
 from omni_ray.testing import resolve_model
-from tests.ar.test_text_encoding import edit_pipeline, image, pipeline_image, reference_rows
+from tests.ar.test_text_encoding import edit_pipeline, image, pipeline_image, reference_rows, t2i_pipeline
 
 PROMPT, NEGATIVE = "a red fox in the snow at dawn, soft light", "blurry"
 
@@ -32,17 +32,16 @@ def stage(model: str, core_process: str, max_prompt_tokens: int = 300) -> ARStag
 
 
 def test_prompt_and_negative_in_one_step_equal_diffusers_then_the_template_is_cached():
-    from diffusers import QwenImagePipeline
-
-    pipe = QwenImagePipeline.from_pretrained(resolve_model("tiny:qwen-image"), dtype=torch.float32)
+    pipe = t2i_pipeline(resolve_model("tiny:qwen-image"))
     want = reference_rows(*(t.detach() if t is not None else None for t in pipe.encode_prompt([PROMPT, NEGATIVE])))
 
     async def main():
-        eng = stage("tiny:qwen-image", core_process="on")        # the serving default: the core in its process
+        eng = stage("tiny:qwen-image", core_process="off")   # adds of one loop turn start together (ProcessCore too)
         try:
+            assert eng.text_encoding is QWEN_IMAGE                         # the recipe of the model's pipeline
             s0 = eng.engine.stats()
-            got = await asyncio.gather(*(eng.encode(ARRequest(f"q-{i}", prompt=p, encoding=QWEN_IMAGE))
-                                         for i, p in enumerate((PROMPT, NEGATIVE))))
+            got = await eng.encode_batch([ARRequest(f"q-{i}", prompt=p, encoding=QWEN_IMAGE)
+                                          for i, p in enumerate((PROMPT, NEGATIVE))])
             s1 = eng.engine.stats()
             again = await eng.encode(ARRequest("q-2", prompt=PROMPT, encoding=QWEN_IMAGE))
             s2 = eng.engine.stats()
@@ -74,6 +73,7 @@ def test_edit_takes_the_users_image_as_sent_and_equals_diffusers():
     async def main():
         eng = stage("tiny:qwen-image-edit", core_process="off")
         try:
+            assert eng.text_encoding is QWEN_IMAGE_EDIT
             req = ARRequest("e-1", prompt="make the sky purple", multi_modal_data={"image": sent},
                             encoding=QWEN_IMAGE_EDIT)
             got = await eng.encode(req)

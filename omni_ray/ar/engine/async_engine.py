@@ -110,8 +110,8 @@ class AsyncLLM:
         self.core = make_core(cfg)
         self.tokenizer = self.core.tokenizer
         # multimodal checkpoints: media are processed by the caller (a stage thread), not the engine loop
-        layout = getattr(self.core, "layout", None) or checkpoint_layout(cfg.model.path)
-        self.mm_processor = MultiModalProcessor.from_pretrained(layout, self.tokenizer)
+        self.layout = getattr(self.core, "layout", None) or checkpoint_layout(cfg.model.path)
+        self.mm_processor = MultiModalProcessor.from_pretrained(self.layout, self.tokenizer)
         self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None

@@ -80,6 +80,10 @@ class LLMEngine:
         self.config = cfg = fit_max_model_len(cfg, self.arch)
         self.tokenizer = self.layout.load_tokenizer()
         self.mm_processor = MultiModalProcessor.from_pretrained(self.layout, self.tokenizer)  # None: text only
+        if self.mm_processor is None and self.layout.pipeline is not None and cfg.media_towers:
+            # a pipeline's VL text encoder without an image processor (Qwen-Image): text only, so its
+            # vision tower's weights are not loaded
+            self.config = cfg = cfg.model_copy(update={"media_towers": False})
         self.runner = self._make_runner()
         self.eos_ids = set(self.arch.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

@@ -8,7 +8,8 @@ request (``omni_ray.stages.requests``). *Where* the stage runs is a backend:
     online   deployments/ingress/remote_stages.py: Serve handles to the stage deployments
 
 A backend has ``generate(req)`` (an async iterator of dicts) and, for AR stages, ``async
-encode(req) -> Handoff``. ``run_pipeline`` yields events (dicts with a ``type``): ``stage_start``,
+encode(req) -> Handoff`` (and optionally ``encode_batch(reqs)``: a prompt and its negative prompt in
+one call). ``run_pipeline`` yields events (dicts with a ``type``): ``stage_start``,
 ``text`` (a delta), ``progress`` (a denoising step), ``stage_end`` (timings), and one final
 ``result``. Hidden states move between steps as a ``Handoff``: online its ref is a Ray ObjectRef
 the runner never resolves.
@@ -183,10 +184,14 @@ def check_image(name: str, pipeline: PipelineConfig, image: Any) -> None:
 
 
 async def _encode(backend, req: ARRequest, negative: ARRequest | None) -> tuple[Handoff, Handoff | None]:
-    """The prompt's Handoff, and the negative prompt's, both requests in flight at once."""
+    """The prompt's Handoff, and the negative prompt's, both requests in flight at once: in one stage
+    call (one engine step) where the backend has ``encode_batch``."""
     if negative is None:
         return await backend.encode(req), None
-    pos, neg = await asyncio.gather(backend.encode(req), backend.encode(negative))
+    if hasattr(backend, "encode_batch"):
+        pos, neg = await backend.encode_batch([req, negative])
+    else:
+        pos, neg = await asyncio.gather(backend.encode(req), backend.encode(negative))
     return pos, neg
 
 

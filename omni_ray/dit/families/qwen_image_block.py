@@ -86,6 +86,7 @@ class QwenImageBlock(nn.Module):
         self.k = kernels
         a = block.attn
         self.heads = a.heads
+        self.sp = None                      # a sequence-parallel group (Ulysses), set by parallel.ulysses
         self.qkv_w, self.qkv_b = _fuse([a.to_q, a.to_k, a.to_v])
         self.cqkv_w, self.cqkv_b = _fuse([a.add_q_proj, a.add_k_proj, a.add_v_proj])
 
@@ -102,6 +103,12 @@ class QwenImageBlock(nn.Module):
         c = k.ln_modulate(ctx, None, None, blk.txt_norm1.eps, 1 + t_sc1, t_sh1)
         qkv = F.linear(h, self.qkv_w, self.qkv_b).view(B, N, 3, H, -1)
         cqkv = F.linear(c, self.cqkv_w, self.cqkv_b).view(B, T, 3, H, -1)
+        if self.sp is not None and self.sp.active:          # x holds this rank's shard of the image tokens
+            from omni_ray.dit.parallel.ulysses import ulysses_qwen_attention
+            img_o, txt_o = ulysses_qwen_attention(self.sp, a, qkv, cqkv, ctx_bias, rope)
+            x = k.gated_add(x, i_g1, a.to_out[0](img_o))
+            ctx = k.gated_add(ctx, t_g1, a.to_add_out(txt_o))
+            return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)
         q = k.joint_qk(cqkv[:, :, 0], qkv[:, :, 0], a.norm_added_q.weight, a.norm_q.weight, a.norm_added_q.eps,
                        a.norm_q.eps, rope).transpose(1, 2)                            # [B, H, T + N, d]
         kk = k.joint_qk(cqkv[:, :, 1], qkv[:, :, 1], a.norm_added_k.weight, a.norm_k.weight, a.norm_added_k.eps,
@@ -112,7 +119,10 @@ class QwenImageBlock(nn.Module):
         x = k.gated_add(x, i_g1, a.to_out[0](o[:, T:].reshape(B, N, D)))
         ctx = k.gated_add(ctx, t_g1, a.to_add_out(o[:, :T].reshape(B, T, D)))
 
-        # the two MLPs
+        return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)
+
+    def _mlps(self, x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2):
+        blk, k = self.block, self.k
         x = k.gated_add(x, i_g2, mlp(blk.img_mlp, k.ln_modulate(x, None, None, blk.img_norm2.eps, 1 + i_sc2, i_sh2)))
         ctx = k.gated_add(ctx, t_g2, mlp(blk.txt_mlp, k.ln_modulate(ctx, None, None, blk.txt_norm2.eps, 1 + t_sc2,
                                                                      t_sh2)))

@@ -69,8 +69,9 @@ def load_component(path: Path, name: str, library: str, cls_name: str, device: t
 
 
 def load_components(path: Path, device: torch.device, dtype: torch.dtype,
-                    allow_pickle: bool = False) -> tuple[str, dict]:
-    """Returns (pipeline class name, {component name: object or None})."""
+                    allow_pickle: bool = False, skip: frozenset | set = frozenset()) -> tuple[str, dict]:
+    """Returns (pipeline class name, {component name: object or None}); components named in ``skip``
+    (a family's text encoder that runs as a stage of its own) are not loaded and come back as None."""
     index = read_model_index(path)
     pipeline = index.get("_class_name", "")
     comps: dict = {}
@@ -80,6 +81,6 @@ def load_components(path: Path, device: torch.device, dtype: torch.dtype,
         if not isinstance(spec, list) or len(spec) != 2:
             continue
         library, cls_name = spec
-        comps[name] = None if library is None else load_component(
+        comps[name] = None if library is None or name in skip else load_component(
             path, name, library, cls_name, device, dtype, allow_pickle)
     return pipeline, comps

@@ -6,12 +6,14 @@ A request carries its id, its inputs by modality and its params:
 
     ARRequest(request_id, prompt="a fox" | [ids] | None, messages=[...] | None, system_prompt=None,
               params=SamplingParams(...), layer=None, multi_modal_data=None, tools=None, encoding=None)
-    DiTRequest(request_id, prompt="a fox" | None, params=DiffusionParams(...), conditioning=Handoff | None)
+    DiTRequest(request_id, prompt="a fox" | None, params=DiffusionParams(...), conditioning=Handoff | None,
+               negative_conditioning=Handoff | None, image=ImageInput | None)
 
 ``multi_modal_data`` ({"image": ..., "audio": ...}, vLLM's name, with a text prompt) or chat
 ``messages`` with image / audio content parts carry media to an AR stage whose model takes them;
 ``Handoff`` (hidden states of another stage, by object-store reference or by value) carries a
-stage's output to the next.
+stage's output to the next; ``ImageInput`` carries the request's own image (image edit) to every
+stage that takes it.
 """
 
 from __future__ import annotations
@@ -146,11 +148,39 @@ def media_digest(data: dict) -> dict:
 
 
 @dataclass
+class ImageInput:
+    """A request's input image (image edit), checked once where the request came in: ``ref`` (online:
+    an ObjectRef of its encoded bytes, put once by the ingress and resolved only in the stage replicas
+    that use it) or ``image`` (offline: the PIL image). ``digest``: sha256 of its RGB pixels and size,
+    the same online and offline (cache keys: the DiT cache keys conditioning and images by it)."""
+
+    digest: str
+    size: tuple[int, int]                 # (width, height)
+    ref: Any = None
+    image: Any = None
+
+    @classmethod
+    def of(cls, image, ref: Any = None, keep: bool = True) -> "ImageInput":
+        """``image`` (PIL, RGB, already checked) with its digest; ``keep=False`` keeps only ``ref``."""
+        h = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+        h.update(image.tobytes())
+        return cls(h.hexdigest()[:32], (image.width, image.height), ref=ref, image=image if keep else None)
+
+    def __repr__(self) -> str:            # what digests of the requests that carry it read (never the pixels)
+        return f"ImageInput(sha256:{self.digest}, {self.size[0]}x{self.size[1]})"
+
+    def public(self) -> dict:
+        return {"digest": self.digest, "size": list(self.size)}
+
+
+@dataclass
 class DiTRequest:
     request_id: str
     prompt: str | None = None
     params: DiffusionParams = field(default_factory=DiffusionParams)
     conditioning: Handoff | None = None            # an AR stage's prompt hidden states, used instead of the prompt
+    negative_conditioning: Handoff | None = None   # ... and of the negative prompt (true CFG), encoded beside it
+    image: ImageInput | None = None                # the input image of an edit (the engine VAE-encodes it)
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -160,5 +190,10 @@ class DiTRequest:
                                       param="params")
         if self.prompt is not None and not isinstance(self.prompt, str):
             raise InvalidRequestError("prompt must be a string", param="prompt")
-        if self.conditioning is not None and not isinstance(self.conditioning, Handoff):
-            raise InvalidRequestError("conditioning must be a Handoff", param="conditioning")
+        for name in ("conditioning", "negative_conditioning"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), Handoff):
+                raise InvalidRequestError(f"{name} must be a Handoff", param=name)
+        if self.negative_conditioning is not None and self.conditioning is None:
+            raise InvalidRequestError("negative_conditioning goes with conditioning", param="negative_conditioning")
+        if self.image is not None and not isinstance(self.image, ImageInput):
+            raise InvalidRequestError("image must be an ImageInput", param="image")

@@ -66,7 +66,8 @@ def test_layout_splits_rows_and_tokens():
 
 def test_step_header_round_trip():
     meta = {"x": ((3, 4, 8, 8), torch.bfloat16), "t": ((3,), torch.float32),
-            "cond": {"ctx": ((3, 7, 32), torch.bfloat16), "bias": None, "pooled": ((3, 32), torch.float16)}}
+            "cond": {"ctx": ((3, 7, 32), torch.bfloat16), "bias": None, "pooled": ((3, 32), torch.float16)},
+            "shapes": ((1, 4, 6), (1, 8, 8))}
     values = encode_meta(meta)
     assert len(values) <= 62                                           # fits one WorkerGroup.post
     assert decode_meta(np.asarray(values)) == meta
@@ -100,6 +101,29 @@ def test_cfg_parallel_equals_single_process(ray_up, reference):
             engine.make_request("a fox", DiffusionParams(height=64, width=64, cache={"method": "teacache"}))
         assert err.value.param == "cache" and err.value.http_status == 400
         engine.check_health()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("parallel", [{"cfg_parallel": True}, {"cfg_parallel": True, "sequence_parallel_size": 2}])
+def test_qwen_image_parallel_equals_single_process(ray_up, parallel):
+    """Packed latents, true CFG with a negative of another length (a caption mask), a request
+    without CFG beside it (an odd number of rows); Ulysses over the image tokens (6 and 9 per image:
+    even and uneven splits; the caption whole on each rank)."""
+    ref_engine = DiTEngine(config("tiny:qwen-image", {}))
+    engine = DiTEngine(config("tiny:qwen-image", parallel))
+    g = torch.Generator().manual_seed(0)
+    dim = ref_engine.family.caption_dim
+    embeds = [torch.randn(n, dim, generator=g) for n in (9, 6, 11)]
+    negs = [torch.randn(4, dim, generator=g), None, torch.randn(11, dim, generator=g)]
+    params = [DiffusionParams(height=h, width=48, num_inference_steps=3, seed=i) for i, h in enumerate((32, 48, 32))]
+
+    def run(eng):
+        out = eng.generate(None, params, prompt_embeds=embeds, negative_prompt_embeds=negs, output_type="latent",
+                           use_tqdm=False)
+        return [torch.as_tensor(o) for o in out]
+    try:
+        assert_same(run(engine), run(ref_engine))
     finally:
         engine.shutdown()
 

@@ -222,6 +222,11 @@ class DiTEngineConfig(Strict):
     vae_batch_size: int = Field(8, ge=1, description="finished images VAE-decoded together")
     max_pixels: int = Field(1024 * 1024, ge=64, description="height*width limit per image")
     max_steps: int = Field(100, ge=1, description="num_inference_steps limit per request")
+    default_steps: int | None = Field(None, ge=1, description=
+        "num_inference_steps of a request that gives none; None = the family's (PixArt 20, SD3 28, Qwen-Image 50)")
+    default_size: str | None = Field(None, pattern=r"^\d+x\d+$", description=
+        "'WxH' of a request that gives no size; None = the model's default (an edit: its input image's aspect ratio, "
+        "scaled down to max_pixels where needed)")
     max_images_per_prompt: int = Field(4, ge=1, description="num_images_per_prompt limit per request")
     compile: bool = Field(False, description="torch.compile the transformer")
     parallel: DiTParallelConfig = DiTParallelConfig()

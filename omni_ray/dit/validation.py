@@ -33,8 +33,10 @@ def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: Diffusio
     embeds, mask = check_conditioning(fam, cfg.model.served_name, prompt, prompt_embeds, prompt_mask)
     neg_embeds, neg_mask = check_negative(fam, negative_prompt_embeds, negative_prompt_mask)
     default_h = default_w = fam.default_size
+    if cfg.default_size is not None:
+        default_w, default_h = (int(v) for v in cfg.default_size.split("x"))
     if image is not None:
-        default_h, default_w = fam.check_image(image)        # InvalidRequestError(param="image")
+        default_h, default_w = fit_pixels(*fam.check_image(image), cfg.max_pixels, fam.stride)  # param="image"
         if image.width * image.height > cfg.max_pixels * 4:
             _bad("image", f"the input image has {image.width * image.height} pixels; the limit is "
                  f"{cfg.max_pixels * 4}")
@@ -49,7 +51,7 @@ def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: Diffusio
             _bad(name, f"{name} must be at most {fam.max_size} for this model, got {v}")
     if h * w > cfg.max_pixels:
         _bad("size", f"{h}x{w} = {h * w} pixels exceeds the limit of {cfg.max_pixels}")
-    steps = params.num_inference_steps or fam.default_steps
+    steps = params.num_inference_steps or cfg.default_steps or fam.default_steps
     if steps > cfg.max_steps:
         _bad("num_inference_steps", f"num_inference_steps must be at most {cfg.max_steps}, got {steps}")
     n, n_max = params.num_images_per_prompt, min(cfg.max_images_per_prompt, cfg.max_batch_size)
@@ -69,6 +71,14 @@ def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: Diffusio
         cache=params.step_cache, prompt_embeds=embeds, prompt_mask=mask, output_type=output_type,
         negative_prompt_embeds=neg_embeds, negative_prompt_mask=neg_mask, image=image,
         cfg=fam.cfg_enabled(g, has_negative))
+
+
+def fit_pixels(h: int, w: int, max_pixels: int, stride: int) -> tuple[int, int]:
+    """(h, w) scaled down at its aspect ratio to at most ``max_pixels``, multiples of ``stride``."""
+    if h * w <= max_pixels:
+        return h, w
+    scale = (max_pixels / (h * w)) ** 0.5
+    return max(stride, int(h * scale) // stride * stride), max(stride, int(w * scale) // stride * stride)
 
 
 def check_negative(fam: DiTFamily, embeds, mask):

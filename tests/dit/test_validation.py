@@ -79,3 +79,20 @@ def test_defaults_come_from_the_family(pixart, sd3):
     r = sd3.make_request("a cat")
     assert (r.num_steps, r.guidance_scale) == (28, 7.0)
     assert pixart.make_request("a", DiffusionParams(seed=None)).seed != pixart.make_request("a").seed
+
+
+def test_config_defaults_for_size_and_steps():
+    """``default_size`` / ``default_steps`` fill what a request leaves out; the request's own win."""
+    eng = make_engine("tiny:pixart", default_size="64x32", default_steps=3)
+    r = eng.make_request("a cat", DiffusionParams())
+    assert (r.height, r.width, r.num_steps) == (32, 64, 3)
+    r = eng.make_request("a cat", DiffusionParams(height=16, width=24, num_inference_steps=5))
+    assert (r.height, r.width, r.num_steps) == (16, 24, 5)
+
+
+def test_fit_pixels_keeps_the_aspect_ratio_under_the_limit():
+    from omni_ray.dit.validation import fit_pixels
+
+    assert fit_pixels(1024, 1024, 1 << 20, 16) == (1024, 1024)
+    h, w = fit_pixels(768, 1344, 262144, 16)                       # an edit's 1 MP default on a 0.25 MP engine
+    assert h * w <= 262144 and h % 16 == 0 and w % 16 == 0 and abs(w / h - 1344 / 768) < 0.1

@@ -35,6 +35,9 @@ def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: Diffusio
     default_h = default_w = fam.default_size
     if image is not None:
         default_h, default_w = fam.check_image(image)        # InvalidRequestError(param="image")
+        if image.width * image.height > cfg.max_pixels * 4:
+            _bad("image", f"the input image has {image.width * image.height} pixels; the limit is "
+                 f"{cfg.max_pixels * 4}")
     elif fam.accepts_image:
         _bad("image", "this model edits an input image: pass image=")
     h = params.height or default_h

@@ -264,3 +264,16 @@ def test_engine_from_components_in_memory(qwen, embeds):
     a = eng.generate(None, params, output_type="latent", use_tqdm=False, **kw)[0]
     b = qwen.generate(None, params, output_type="latent", use_tqdm=False, **kw)[0]
     assert torch.equal(a, b)
+
+
+def test_negative_embeds_on_a_family_without_caption_masks(sd3):
+    """Negative embeds work for every family; SD3 attends to every caption token, so both CFG halves need
+    equal lengths: another length is refused before any work."""
+    dim = sd3.family.caption_dim
+    with pytest.raises(InvalidRequestError) as err:
+        sd3.make_request(None, DiffusionParams(height=32, width=32), prompt_embeds=torch.randn(12, dim),
+                         negative_prompt_embeds=torch.randn(9, dim))
+    assert err.value.param == "negative_prompt_embeds"
+    req = sd3.make_request(None, DiffusionParams(height=32, width=32), prompt_embeds=torch.randn(12, dim),
+                           negative_prompt_embeds=torch.randn(12, dim))
+    assert req.do_cfg

@@ -221,7 +221,7 @@ def main() -> None:
     neg = random_embeds(8, tcfg["joint_attention_dim"], "cuda", dtype, lengths=(12, 14, 10, 16, 12, 18, 11, 13))
 
     result: dict = {"device": device_name(), "dtype": "bfloat16", "compile": a.compile, "cuda_graphs": not a.no_graphs,
-                    "steps": steps, "true_cfg_scale": TRUE_CFG, "peak_tflops": peak / 1e12,
+                    "quick": a.quick, "steps": steps, "true_cfg_scale": TRUE_CFG, "peak_tflops": peak / 1e12,
                     "prompt_tokens": [p.shape[0] for p in pos], "negative_tokens": [x.shape[0] for x in neg]}
     result["latency"] = bench_latency(engine, pipe, pos, neg, sizes, steps)
     result["concurrent"] = [r for s in sizes for r in bench_concurrent(engine, pos, neg, tcfg, s, steps, peak)]

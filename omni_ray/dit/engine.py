@@ -110,6 +110,12 @@ class DiTEngine:
             _bad("request_id", f"request id {request_id!r} is already in use")
         req = build_request(self.family, self.config, prompt, params, request_id, prompt_embeds, prompt_mask,
                             output_type, negative_prompt_embeds, negative_prompt_mask, image)
+        fam = self.family
+        if req.negative_prompt_embeds is not None and not fam.supports_caption_mask:
+            tokens = req.prompt_embeds.shape[0] if req.prompt_embeds is not None else fam.max_embed_tokens
+            if req.negative_prompt_embeds.shape[0] != tokens:     # both CFG halves share one unmasked forward
+                _bad("negative_prompt_embeds", f"negative_prompt_embeds must have {tokens} tokens, as the prompt's: "
+                     "this model attends to every caption token")
         if self.parallel is not None:
             self.parallel.check_request(req)      # no step caching; EngineError once a rank died
         return req
@@ -240,10 +246,6 @@ class DiTEngine:
             r.latents = fam.prepare_latents(r.num_images, r.height, r.width, r.generator, r.scheduler)
             r.shapes = fam.latent_shapes(r)
             caption = () if fam.supports_caption_mask else (r.cond.tokens.shape[0],)
-            if r.do_cfg and not fam.supports_caption_mask and r.neg_cond.tokens.shape[0] != caption[0]:
-                raise InvalidRequestError("negative_prompt_embeds must have as many tokens as prompt_embeds for "
-                                          "this model (it attends to every caption token)",
-                                          param="negative_prompt_embeds")
             r.key = (r.height // fam.vae_scale_factor, r.width // fam.vae_scale_factor, *caption, *r.shapes)
             with self._lock:
                 if r.status is Status.ABORTED:

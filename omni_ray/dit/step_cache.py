@@ -18,6 +18,8 @@ distances of all the batch's requests at once.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from omni_ray.dit.params import StepCacheParams
@@ -44,15 +46,36 @@ def relative_l1(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return (cur - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
 
 
-def rescale(d: float, coefficients: tuple | None) -> float:
-    """TeaCache's rescaled distance: the family's polynomial (numpy order, highest power first) of the
-    relative L1 of the modulated input, fitted to predict the relative L1 of the model's output."""
-    if coefficients is None:
-        return d
+def _poly(coefficients: tuple, d: float) -> float:
     out = 0.0
     for c in coefficients:
         out = out * d + c
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _rising_until(coefficients: tuple) -> float:
+    """Where the polynomial first stops rising on [0, 1] (a fit is only meaningful on that part)."""
+    prev = _poly(coefficients, 0.0)
+    for i in range(1, 1001):
+        cur = _poly(coefficients, i / 1000)
+        if cur < prev:
+            return (i - 1) / 1000
+        prev = cur
+    return 1.0
+
+
+def rescale(d: float, coefficients: tuple | None) -> float:
+    """TeaCache's rescaled distance: the family's polynomial (numpy order, highest power first) of the
+    relative L1 of the modulated input, fitted to predict the relative L1 of the model's output. Past
+    the polynomial's rising part (a quartic fit turns down, even negative, for large distances) the
+    larger of its peak and the raw distance counts, so a big change never reads as a small one."""
+    if coefficients is None:
+        return d
+    top = _rising_until(coefficients)
+    if d <= top:
+        return _poly(coefficients, d)
+    return max(_poly(coefficients, top), d)
 
 
 def decide(states: list[StepCacheState], signals: list[torch.Tensor], forced: list[bool]) -> list[bool]:

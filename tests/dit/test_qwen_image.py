@@ -264,3 +264,28 @@ def test_engine_from_components_in_memory(qwen, embeds):
     a = eng.generate(None, params, output_type="latent", use_tqdm=False, **kw)[0]
     b = qwen.generate(None, params, output_type="latent", use_tqdm=False, **kw)[0]
     assert torch.equal(a, b)
+
+
+def test_negative_embeds_on_a_family_without_caption_masks(sd3):
+    """Negative embeds work for every family; SD3 attends to every caption token, so both CFG halves need
+    equal lengths: another length is refused before any work."""
+    dim = sd3.family.caption_dim
+    with pytest.raises(InvalidRequestError) as err:
+        sd3.make_request(None, DiffusionParams(height=32, width=32), prompt_embeds=torch.randn(12, dim),
+                         negative_prompt_embeds=torch.randn(9, dim))
+    assert err.value.param == "negative_prompt_embeds"
+    req = sd3.make_request(None, DiffusionParams(height=32, width=32), prompt_embeds=torch.randn(12, dim),
+                           negative_prompt_embeds=torch.randn(12, dim))
+    assert req.do_cfg
+
+
+def test_teacache_rescaling():
+    """The family's published polynomial on its rising part; past it a large change never counts as small;
+    other families keep the raw distance."""
+    from omni_ray.dit.families import PixArtFamily, QwenImageFamily
+    from omni_ray.dit.step_cache import rescale
+
+    c = QwenImageFamily.teacache_coefficients
+    assert PixArtFamily.teacache_coefficients is None and rescale(0.123, None) == 0.123
+    assert rescale(0.1, c) == pytest.approx(float(np.polyval(c, 0.1)))
+    assert all(rescale(d, c) >= d for d in (0.45, 0.6, 1.5)) and float(np.polyval(c, 0.6)) < 0

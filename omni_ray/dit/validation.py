@@ -37,9 +37,6 @@ def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: Diffusio
         default_w, default_h = (int(v) for v in cfg.default_size.split("x"))
     if image is not None:
         default_h, default_w = fit_pixels(*fam.check_image(image), cfg.max_pixels, fam.stride)  # param="image"
-        if image.width * image.height > cfg.max_pixels * 4:
-            _bad("image", f"the input image has {image.width * image.height} pixels; the limit is "
-                 f"{cfg.max_pixels * 4}")
     elif fam.accepts_image:
         _bad("image", "this model edits an input image: pass image=")
     h = params.height or default_h

@@ -223,6 +223,9 @@ class DiTEngineConfig(Strict):
     max_pixels: int = Field(1024 * 1024, ge=64, description="height*width limit per image")
     max_steps: int = Field(100, ge=1, description="num_inference_steps limit per request")
     max_images_per_prompt: int = Field(4, ge=1, description="num_images_per_prompt limit per request")
+    max_frames: int = Field(129, ge=1, description="video models: num_frames limit per video")
+    vae_decode_chunk: int = Field(2, ge=1, description="video models: latent frames VAE-decoded per engine "
+                                  "step while other requests denoise (all at once when none does)")
     compile: bool = Field(False, description="torch.compile the transformer")
     parallel: DiTParallelConfig = DiTParallelConfig()
     fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "

@@ -119,6 +119,7 @@ class DiTEngine:
     @staticmethod
     def _release(req: DiTRequest) -> None:
         req.latents = req.cond = req.neg_cond = req.cache_state = req.scheduler = None
+        req.extra.pop("condition", None)          # image-to-video: the encoded first frame
 
     def check_health(self) -> None:
         """Raise EngineError if a parallel worker rank died (a single-process engine is always fine)."""
@@ -196,9 +197,9 @@ class DiTEngine:
             r.generator = torch.Generator(device=self.device).manual_seed(r.seed)
             r.scheduler = fam.new_scheduler(r.num_steps, r.height, r.width)
             r.timesteps = r.scheduler.timesteps
-            r.latents = fam.prepare_latents(r.num_images, r.height, r.width, r.generator, r.scheduler)
+            fam.prepare_request(r)
             caption = () if fam.supports_caption_mask else (r.cond.tokens.shape[0],)
-            r.key = (r.height // fam.vae_scale_factor, r.width // fam.vae_scale_factor, *caption)
+            r.key = (*r.latents.shape[2:], *caption)      # latent size (frames, height, width)
             with self._lock:
                 if r.status is Status.ABORTED:
                     self._release(r)

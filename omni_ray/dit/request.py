@@ -35,6 +35,9 @@ class DiTRequest:
     prompt_mask: torch.Tensor | None = None        # [T]
     output_type: str = "pil"                       # "pil" | "np" | "latent"
     arrival: int = 0
+    num_frames: int = 1                            # video models: frames per video
+    image: Any = None                              # image-to-video: the first frame
+    boundary: float | None = None                  # two-expert models: the timestep where the second takes over
 
     status: Status = Status.WAITING
     cond: Cond | None = None
@@ -52,6 +55,13 @@ class DiTRequest:
     images: list | None = None
     error: BaseException | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def batch_key(self) -> tuple:
+        """``key``, plus the expert of the next step on two-expert models (a forward uses one)."""
+        if self.boundary is None or self.is_done:
+            return self.key
+        return (*self.key, int(float(self.timesteps[self.step_idx]) < self.boundary))
 
     @property
     def do_cfg(self) -> bool:

@@ -70,7 +70,7 @@ class DiTRunner:
             t = r.timesteps[r.step_idx]
             if hasattr(r.scheduler, "scale_model_input"):
                 lat = r.scheduler.scale_model_input(lat, t)
-            xs.append(lat)
+            xs.append(self.family.model_input(r, lat))
             ts += [float(t)] * lat.shape[0]
             conds += ([r.neg_cond] * r.num_images if r.do_cfg else []) + [r.cond] * r.num_images
         key = tuple(r.arrival for r in reqs)      # arrival numbers are unique per engine (ids get reused)

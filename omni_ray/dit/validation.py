@@ -30,8 +30,9 @@ def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: Diffusio
         _bad("params", f"params must be DiffusionParams, got {type(params).__name__}")
     params.validate()
     embeds, mask = check_conditioning(fam, cfg.model.served_name, prompt, prompt_embeds, prompt_mask)
-    h = params.height or fam.default_size
-    w = params.width or fam.default_size
+    dh, dw = fam.default_hw
+    h = params.height or dh
+    w = params.width or dw
     for name, v in (("height", h), ("width", w)):
         if v % fam.stride:
             _bad(name, f"{name} must be a multiple of {fam.stride} (VAE scale x patch size), got {v}")
@@ -49,12 +50,14 @@ def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: Diffusio
         _bad("negative_prompt", "this model has no text encoder, so it cannot take a negative_prompt")
     if output_type not in OUTPUT_TYPES:
         _bad("output_type", f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    num_frames, image = fam.check_media(params, cfg)
     g = fam.default_guidance if params.guidance_scale is None else float(params.guidance_scale)
     seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     return DiTRequest(
         request_id=request_id or uuid.uuid4().hex, prompt=prompt, height=h, width=w, num_steps=steps,
         guidance_scale=g, seed=seed, num_images=n, negative_prompt=params.negative_prompt or "",
-        cache=params.step_cache, prompt_embeds=embeds, prompt_mask=mask, output_type=output_type)
+        cache=params.step_cache, prompt_embeds=embeds, prompt_mask=mask, output_type=output_type,
+        num_frames=num_frames, image=image, boundary=fam.boundary_timestep)
 
 
 def check_conditioning(fam: DiTFamily, model_name: str, prompt, embeds, mask):

@@ -61,6 +61,7 @@ class DiTFamily(ABC):
     default_guidance: float = 4.5
     default_max_sequence_length: int = 300
     supports_caption_mask: bool = True   # can pad captions of different lengths inside one batch
+    extra_components: frozenset = frozenset()   # components the loader skips unless asked (image_encoder)
 
     def __init__(self, comps: dict, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None):
         self.device, self.dtype = device, dtype
@@ -91,6 +92,29 @@ class DiTFamily(ABC):
     @property
     def default_size(self) -> int:
         return self.transformer.config.sample_size * self.vae_scale_factor
+
+    @property
+    def default_hw(self) -> tuple[int, int]:
+        """(height, width) of a request that names neither."""
+        return self.default_size, self.default_size
+
+    boundary_timestep: float | None = None   # two-expert models: the timestep where the second one takes over
+
+    def check_media(self, params, cfg) -> tuple[int, object]:
+        """A request's (num_frames, input image) after the family's checks (InvalidRequestError
+        naming the field). Image models: one frame, no input image."""
+        from omni_ray.errors import InvalidRequestError
+
+        if params.num_frames not in (None, 1):
+            raise InvalidRequestError("num_frames: this model generates images, not videos", param="num_frames")
+        if params.image is not None:
+            raise InvalidRequestError("image: this model takes no input image", param="image")
+        return 1, None
+
+    def prepare_request(self, r) -> None:
+        """Admission (on the engine's device thread): the request's initial latents, and any
+        per-request conditioning its family adds (an input image's)."""
+        r.latents = self.prepare_latents(r.num_images, r.height, r.width, r.generator, r.scheduler)
 
     @property
     def max_size(self) -> int | None:
@@ -153,6 +177,10 @@ class DiTFamily(ABC):
 
         shape = (n, self.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def model_input(self, r, lat: torch.Tensor) -> torch.Tensor:
+        """A request's transformer input from its (CFG-doubled) latents (I2V adds its image's channels)."""
+        return lat
 
     def step_kwargs(self, generator: torch.Generator) -> dict:
         return {}

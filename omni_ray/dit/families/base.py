@@ -61,6 +61,7 @@ class DiTFamily(ABC):
     default_guidance: float = 4.5
     default_max_sequence_length: int = 300
     supports_caption_mask: bool = True   # can pad captions of different lengths inside one batch
+    produces_video: bool = False         # outputs are frame arrays, decoded chunk by chunk (video_decode.py)
     extra_components: frozenset = frozenset()   # components the loader skips unless asked (image_encoder)
 
     def __init__(self, comps: dict, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None):

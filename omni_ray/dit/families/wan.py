@@ -58,6 +58,7 @@ class WanFamily(DiTFamily):
     default_max_sequence_length = 512
     default_num_frames = 81
     supports_caption_mask = False
+    produces_video = True
     takes_image = False
 
     def __init__(self, comps: dict, device, dtype, max_sequence_length):   # noqa: D107 (no super: no 2-D VAE)

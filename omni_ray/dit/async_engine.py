@@ -52,16 +52,23 @@ class AsyncDiTEngine:
     # ------------------------------------------------------------------ public API
     async def generate(self, prompt: str | None, params: DiffusionParams, request_id: str,
                        prompt_embeds: torch.Tensor | None = None,
-                       prompt_mask: torch.Tensor | None = None) -> AsyncIterator[DiTEvent]:
+                       prompt_mask: torch.Tensor | None = None,
+                       negative_prompt_embeds: torch.Tensor | None = None,
+                       negative_prompt_mask: torch.Tensor | None = None,
+                       image=None) -> AsyncIterator[DiTEvent]:
         """Yields ``DiTEvent("progress", step, total)`` per denoising step, then
         ``DiTEvent("done", images=[PIL.Image, ...])``. Bad parameters raise InvalidRequestError
-        before any work; ``abort(request_id)`` ends it with RequestCancelledError."""
+        before any work; ``abort(request_id)`` ends it with RequestCancelledError.
+        ``negative_prompt_embeds`` / ``negative_prompt_mask``: the negative's conditioning (the AR
+        stage's hidden states of it); ``image``: an edit model's input image (PIL)."""
         self.check_health()
         if self._closed:
             raise EngineError("the DiT engine is shut down")
         if request_id in self._queues:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        req = self.engine.make_request(prompt, params, request_id, prompt_embeds, prompt_mask)
+        req = self.engine.make_request(prompt, params, request_id, prompt_embeds, prompt_mask,
+                                       negative_prompt_embeds=negative_prompt_embeds,
+                                       negative_prompt_mask=negative_prompt_mask, image=image)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._to_add.append(req)

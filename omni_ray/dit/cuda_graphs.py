@@ -5,7 +5,8 @@ The runner asks for block ranges: ``[0, L)`` on uncached steps, ``[0, 1)`` and `
 step-cached ones (whose row subsets vary per step). A graph is captured lazily per (range, row
 bucket, caption bucket, shapes) the first time it is seen, then replayed. Rows are padded up to a
 bucket (1, 2, 4, 8, then multiples of 8) and, for families with caption masks, caption tokens
-up to a multiple of 64; padded caption positions are masked out (-10000, as diffusers masks),
+up to a multiple of 64 (also for a family that masks only captions of differing lengths, so that
+one graph serves every prompt length); padded caption positions are masked out (-10000, as diffusers masks),
 padded rows are computed and dropped. Graphs of the same shapes share their input buffers and
 all graphs share one memory pool; outputs are copied out right after each replay. A shape whose
 capture fails runs eagerly from then on.
@@ -65,20 +66,25 @@ class GraphedBlocks:
         R = row_bucket(rows, self.max_rows)
         if R is None or rows == 0:
             return False
-        Tp = -(-T // CAPTION_MULTIPLE) * CAPTION_MULTIPLE if st.ctx_bias is not None else T
-        io_key = (R, Tp, *st.x.shape[1:], *st.ctx.shape[2:], *st.temb.shape[1:], st.ctx_bias is not None,
-                  st.grid)
+        bias = st.ctx_bias
+        if bias is None and self.family.supports_caption_mask and T % CAPTION_MULTIPLE:
+            # a family that masks captions only when they differ (Qwen-Image): pad to the bucket under a
+            # mask rather than capture a graph per caption length
+            bias = torch.zeros(rows, 1, T, dtype=st.x.dtype, device=st.x.device)
+        Tp = -(-T // CAPTION_MULTIPLE) * CAPTION_MULTIPLE if bias is not None else T
+        io_key = (R, Tp, *st.x.shape[1:], *st.ctx.shape[2:], *st.temb.shape[1:], bias is not None,
+                  st.grid, st.shapes)
         key = (lo, hi, *io_key)
         if key in self.failed:
             return False
-        io = self.ios.get(io_key) or self._io(io_key, st, R, Tp)
+        io = self.ios.get(io_key) or self._io(io_key, st, R, Tp, bias)
         io.x[:rows].copy_(st.x)
         io.ctx[:rows, :T].copy_(st.ctx)
         io.temb[:rows].copy_(st.temb)
         if io.bias is not None:
-            io.bias[:rows, :, :T].copy_(st.ctx_bias)
+            io.bias[:rows, :, :T].copy_(bias)
             io.bias[:rows, :, T:].fill_(-10000.0)
-        g = self.graphs.get(key) or self._capture(key, io, st.grid, lo, hi)
+        g = self.graphs.get(key) or self._capture(key, io, st.grid, st.shapes, lo, hi)
         if g is None:
             return False
         g.graph.replay()
@@ -88,20 +94,20 @@ class GraphedBlocks:
             st.ctx = g.ctx[:rows, :T].clone()
         return True
 
-    def _io(self, io_key, st: BlockState, R: int, Tp: int) -> _IO:
+    def _io(self, io_key, st: BlockState, R: int, Tp: int, bias: torch.Tensor | None) -> _IO:
         def z(shape, like):
             return torch.zeros(shape, dtype=like.dtype, device=like.device)
         io = _IO(x=z((R, *st.x.shape[1:]), st.x), ctx=z((R, Tp, *st.ctx.shape[2:]), st.ctx),
-                 bias=None if st.ctx_bias is None else z((R, 1, Tp), st.ctx_bias),
+                 bias=None if bias is None else z((R, 1, Tp), bias),
                  temb=z((R, *st.temb.shape[1:]), st.temb))
         self.ios[io_key] = io
         return io
 
-    def _capture(self, key, io: _IO, grid, lo: int, hi: int) -> _Graph | None:
+    def _capture(self, key, io: _IO, grid, shapes, lo: int, hi: int) -> _Graph | None:
         fam = self.family
 
         def body():
-            s = BlockState(x=io.x, ctx=io.ctx, ctx_bias=io.bias, temb=io.temb, emb=io.temb, grid=grid)
+            s = BlockState(x=io.x, ctx=io.ctx, ctx_bias=io.bias, temb=io.temb, emb=io.temb, grid=grid, shapes=shapes)
             for i in range(lo, hi):
                 fam.run_block(i, s)
             return s.x, s.ctx

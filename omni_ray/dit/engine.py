@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from omni_ray.config import DiTEngineConfig, ModelConfig, validate
 from omni_ray.devices import resolve_device, resolve_dtype
 from omni_ray.dit.batcher import Batcher
-from omni_ray.dit.families import Cond, load_family
+from omni_ray.dit.families import Cond, DiTFamily, load_family
 from omni_ray.dit.images import decode_outputs
 from omni_ray.dit.parallel import Layout, ParallelRunner, build_parallel_runner, make_layout
 from omni_ray.dit.parallel.rank import prepare_family
@@ -34,7 +34,7 @@ from omni_ray.dit.request import DiTRequest, Status
 from omni_ray.dit.runner import DiTRunner
 from omni_ray.dit.validation import build_request
 from omni_ray.dit.video_decode import VideoDecode, video_outputs
-from omni_ray.errors import InvalidRequestError
+from omni_ray.errors import ConfigError, InvalidRequestError
 from omni_ray.testing import resolve_model
 
 
@@ -43,7 +43,8 @@ def _bad(param: str, msg: str):
 
 
 class DiTEngine:
-    def __init__(self, model: str | ModelConfig | DiTEngineConfig, **kwargs):
+    def __init__(self, model: str | ModelConfig | DiTEngineConfig, family: DiTFamily | None = None, **kwargs):
+        """``family``: an already built family (``from_components``); then nothing is loaded from disk."""
         if isinstance(model, DiTEngineConfig):
             cfg = model
         else:
@@ -54,13 +55,20 @@ class DiTEngine:
         self.config = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        self.model_path = resolve_model(cfg.model.path)
         layout = make_layout(cfg)
         self.parallel: ParallelRunner | None = None   # cfg / sequence parallel: ranks as Ray actors
-        if layout is not None:                        # each rank (rank 0: here) loads the model on its device
+        if family is not None:
+            if layout is not None:
+                raise ConfigError("an engine over in-memory components runs on one device (no parallel layout)")
+            self.model_path = None
+            self.family, self.device, self.dtype = family, family.device, family.dtype
+            self.runner = DiTRunner(family, prepare_family(family, cfg, Layout(1, 1)))
+        elif layout is not None:                      # each rank (rank 0: here) loads the model on its device
+            self.model_path = resolve_model(cfg.model.path)
             self.runner = self.parallel = build_parallel_runner(cfg, self.model_path, self.dtype, layout)
             self.family, self.device = self.runner.family, self.runner.family.device
         else:
+            self.model_path = resolve_model(cfg.model.path)
             self.family = load_family(self.model_path, self.device, self.dtype, cfg.max_sequence_length,
                                       cfg.model.allow_pickle)
             self.runner = DiTRunner(self.family, prepare_family(self.family, cfg, Layout(1, 1)))
@@ -78,6 +86,20 @@ class DiTEngine:
                        "video_decode_chunks": 0}
         self._decoding: list[tuple[DiTRequest, VideoDecode]] = []   # finished videos being VAE-decoded
 
+    @classmethod
+    def from_components(cls, pipeline_class: str, components: dict, config: DiTEngineConfig) -> "DiTEngine":
+        """An engine over components already in memory (``{"transformer", "vae", "scheduler", ...}`` as
+        ``load_components`` returns them), e.g. a benchmark's random weights built on the GPU: no
+        checkpoint is written or read. ``pipeline_class`` picks the family (model_index.json's name)."""
+        from omni_ray.dit.families import FAMILIES
+
+        if pipeline_class not in FAMILIES:
+            raise ConfigError(f"pipeline {pipeline_class!r} is not supported; omni-ray runs {sorted(FAMILIES)}")
+        tr = components["transformer"]
+        p = next(tr.parameters())
+        family = FAMILIES[pipeline_class](components, p.device, p.dtype, config.max_sequence_length)
+        return cls(config, family=family)
+
     @property
     def model_name(self) -> str:
         return self.config.model.served_name
@@ -85,20 +107,27 @@ class DiTEngine:
     # ------------------------------------------------------------------ requests
     def make_request(self, prompt: str | None, params: DiffusionParams | None = None, request_id: str | None = None,
                      prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
-                     output_type: str = "pil") -> DiTRequest:
-        """Validate and build a request (raises InvalidRequestError; touches no engine state or GPU)."""
+                     output_type: str = "pil", negative_prompt_embeds: torch.Tensor | None = None,
+                     negative_prompt_mask: torch.Tensor | None = None, image=None) -> DiTRequest:
+        """Validate and build a request (raises InvalidRequestError; touches no engine state or GPU).
+
+        ``negative_prompt_embeds`` / ``negative_prompt_mask``: the negative prompt's conditioning (e.g. the
+        AR stage's hidden states of it), used instead of encoding ``params.negative_prompt``; ``image``:
+        the input image (PIL) of an edit model."""
         if request_id is not None and request_id in self.requests:
             _bad("request_id", f"request id {request_id!r} is already in use")
         req = build_request(self.family, self.config, prompt, params, request_id, prompt_embeds, prompt_mask,
-                            output_type)
+                            output_type, negative_prompt_embeds, negative_prompt_mask, image)
         if self.parallel is not None:
             self.parallel.check_request(req)      # no step caching; EngineError once a rank died
         return req
 
     def add_request(self, prompt: str | None, params: DiffusionParams | None = None, request_id: str | None = None,
                     prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
-                    output_type: str = "pil") -> DiTRequest:
-        req = self.make_request(prompt, params, request_id, prompt_embeds, prompt_mask, output_type)
+                    output_type: str = "pil", negative_prompt_embeds: torch.Tensor | None = None,
+                    negative_prompt_mask: torch.Tensor | None = None, image=None) -> DiTRequest:
+        req = self.make_request(prompt, params, request_id, prompt_embeds, prompt_mask, output_type,
+                                negative_prompt_embeds, negative_prompt_mask, image)
         self.add(req)
         return req
 
@@ -127,8 +156,8 @@ class DiTEngine:
 
     @staticmethod
     def _release(req: DiTRequest) -> None:
-        req.latents = req.cond = req.neg_cond = req.cache_state = req.scheduler = None
-        req.extra.pop("condition", None)          # image-to-video: the encoded first frame
+        req.latents = req.cond = req.neg_cond = req.cache_state = req.scheduler = req.cond_latents = None
+        req.image = None
 
     def check_health(self) -> None:
         """Raise EngineError if a parallel worker rank died (a single-process engine is always fine)."""
@@ -169,6 +198,10 @@ class DiTEngine:
             embeds, mask = embeds[:keep], mask[:keep]
         return self.family.project(embeds, mask)
 
+    def _given(self, embeds: torch.Tensor, mask: torch.Tensor | None) -> Cond:
+        """The conditioning of a request's own embeds (prompt_embeds / negative_prompt_embeds)."""
+        return self._cond(embeds.to(self.device, self.dtype), None if mask is None else mask.to(self.device))
+
     def _negative(self, text: str, encoded: dict) -> Cond:
         if text in self._neg_conds:
             self._neg_conds.move_to_end(text)
@@ -190,7 +223,8 @@ class DiTEngine:
         fam = self.family
         texts = {r.prompt for r in reqs if r.prompt_embeds is None}
         if fam.has_text_encoder:
-            texts |= {r.negative_prompt for r in reqs if r.do_cfg and r.negative_prompt not in self._neg_conds}
+            texts |= {r.negative_prompt for r in reqs
+                      if r.do_cfg and r.negative_prompt_embeds is None and r.negative_prompt not in self._neg_conds}
         encoded: dict = {}
         if texts:
             order = sorted(texts)
@@ -198,17 +232,26 @@ class DiTEngine:
             encoded = {t: (embeds[i], mask[i]) for i, t in enumerate(order)}
         for r in reqs:
             if r.prompt_embeds is not None:
-                r.cond = self._cond(r.prompt_embeds.to(self.device, self.dtype),
-                                    None if r.prompt_mask is None else r.prompt_mask.to(self.device))
+                r.cond = self._given(r.prompt_embeds, r.prompt_mask)
             else:
                 r.cond = self._cond(*encoded[r.prompt])
-            r.neg_cond = self._negative(r.negative_prompt, encoded) if r.do_cfg else None
+            if not r.do_cfg:
+                r.neg_cond = None
+            elif r.negative_prompt_embeds is not None:
+                r.neg_cond = self._given(r.negative_prompt_embeds, r.negative_prompt_mask)
+            else:
+                r.neg_cond = self._negative(r.negative_prompt, encoded)
             r.generator = torch.Generator(device=self.device).manual_seed(r.seed)
             r.scheduler = fam.new_scheduler(r.num_steps, r.height, r.width)
             r.timesteps = r.scheduler.timesteps
-            fam.prepare_request(r)
+            fam.prepare_request(r)                # initial latents; an input image's cond_latents
+            r.shapes = fam.latent_shapes(r)
             caption = () if fam.supports_caption_mask else (r.cond.tokens.shape[0],)
-            r.key = (*r.latents.shape[2:], *caption)      # latent size (frames, height, width)
+            if r.do_cfg and not fam.supports_caption_mask and r.neg_cond.tokens.shape[0] != caption[0]:
+                raise InvalidRequestError("negative_prompt_embeds must have as many tokens as prompt_embeds for "
+                                          "this model (it attends to every caption token)",
+                                          param="negative_prompt_embeds")
+            r.key = (r.height // fam.vae_scale_factor, r.width // fam.vae_scale_factor, *caption, *r.shapes)
             with self._lock:
                 if r.status is Status.ABORTED:
                     self._release(r)
@@ -308,20 +351,27 @@ class DiTEngine:
                  params: DiffusionParams | list[DiffusionParams] | None = None,
                  prompt_embeds: torch.Tensor | list[torch.Tensor] | None = None,
                  prompt_mask: torch.Tensor | list[torch.Tensor] | None = None,
-                 use_tqdm: bool = True, output_type: str = "pil") -> list:
+                 use_tqdm: bool = True, output_type: str = "pil",
+                 negative_prompt_embeds: torch.Tensor | list[torch.Tensor] | None = None,
+                 negative_prompt_mask: torch.Tensor | list[torch.Tensor] | None = None,
+                 image=None) -> list:
         """Images for each prompt (``num_images_per_prompt`` each, in prompt order): PIL images,
         or float [H, W, 3] arrays in [0, 1] (``output_type="np"``), or latents (``"latent"``).
+        ``image``: an edit model's input image (one PIL image for all prompts, or a list).
         Video models give one array per video: uint8 [F, H, W, 3] (``"pil"``) or float32 [F, H, W, 3]
-        in [0, 1] (``"np"``)."""
+        in [0, 1] (``"np"``); an image-to-video model's ``image`` is the first frame."""
         n = self._num_prompts(prompts, prompt_embeds)
         prompts = [prompts] * n if prompts is None or isinstance(prompts, str) else list(prompts)
         plist = params if isinstance(params, list) else [params] * n
         embeds = self._per_prompt(prompt_embeds, n, 3)
         masks = self._per_prompt(prompt_mask, n, 2)
-        if len(prompts) != n or len(plist) != n:
-            _bad("params", "prompts, params and prompt_embeds must have the same length")
-        reqs = [self.make_request(p, sp, None, e, m, output_type)              # validate all first
-                for p, sp, e, m in zip(prompts, plist, embeds, masks)]
+        neg_embeds = self._per_prompt(negative_prompt_embeds, n, 3)
+        neg_masks = self._per_prompt(negative_prompt_mask, n, 2)
+        images = list(image) if isinstance(image, (list, tuple)) else [image] * n
+        if len(prompts) != n or len(plist) != n or len(images) != n:
+            _bad("params", "prompts, params, prompt_embeds and images must have the same length")
+        reqs = [self.make_request(p, sp, None, e, m, output_type, ne, nm, im)     # validate all first
+                for p, sp, e, m, ne, nm, im in zip(prompts, plist, embeds, masks, neg_embeds, neg_masks, images)]
         for r in reqs:
             self.add(r)
         bar = tqdm(total=sum(r.num_steps for r in reqs), desc="Denoising", unit="step", dynamic_ncols=True,

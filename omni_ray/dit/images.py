@@ -17,9 +17,9 @@ def decode_outputs(family: DiTFamily, reqs: list[DiTRequest], vae_batch_size: in
         if r.output_type == "latent":
             r.images = list(r.latents.float().cpu())
     batches, chunk = 0, []
-    for r in (r for r in reqs if r.output_type != "latent"):     # one latent size per batch
+    for r in (r for r in reqs if r.output_type != "latent"):     # one image size per batch
         if chunk and (sum(c.num_images for c in chunk) + r.num_images > vae_batch_size
-                      or chunk[0].latents.shape[-2:] != r.latents.shape[-2:]):
+                      or (chunk[0].height, chunk[0].width) != (r.height, r.width)):
             _decode(family, chunk)
             batches, chunk = batches + 1, []
         chunk.append(r)
@@ -30,7 +30,8 @@ def decode_outputs(family: DiTFamily, reqs: list[DiTRequest], vae_batch_size: in
 
 
 def _decode(family: DiTFamily, reqs: list[DiTRequest]) -> None:
-    images = family.decode(torch.cat([r.latents for r in reqs]))
+    latents = family.unpack_latents(torch.cat([r.latents for r in reqs]), reqs[0].height, reqs[0].width)
+    images = family.decode(latents)
     images = (images.float() / 2 + 0.5).clamp(0, 1)                          # [B, 3, H, W]
     u8 = f32 = None
     if any(r.output_type == "pil" for r in reqs):

@@ -99,9 +99,11 @@ def _load_keeping_fp32(cls, folder: Path, dtype: torch.dtype, use_safetensors):
 
 
 def load_components(path: Path, device: torch.device, dtype: torch.dtype,
-                    allow_pickle: bool = False, keep: frozenset = frozenset()) -> tuple[str, dict]:
-    """Returns (pipeline class name, {component name: object or None}). ``keep``: components
-    loaded although most families skip them (``image_encoder`` for Wan I2V)."""
+                    allow_pickle: bool = False, skip: frozenset | set = frozenset(),
+                    keep: frozenset | set = frozenset()) -> tuple[str, dict]:
+    """Returns (pipeline class name, {component name: object or None}); components named in ``skip``
+    (a family's text encoder that runs as a stage of its own) are not loaded and come back as None.
+    ``keep``: components loaded although most families skip them (``image_encoder`` for Wan I2V)."""
     index = read_model_index(path)
     pipeline = index.get("_class_name", "")
     comps: dict = {}
@@ -112,6 +114,6 @@ def load_components(path: Path, device: torch.device, dtype: torch.dtype,
             comps[name] = spec                  # a pipeline setting (Wan2.2: boundary_ratio)
             continue
         library, cls_name = spec
-        comps[name] = None if library is None else load_component(
+        comps[name] = None if library is None or name in skip else load_component(
             path, name, library, cls_name, device, dtype, allow_pickle)
     return pipeline, comps

@@ -87,18 +87,6 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return h, w
 
 
-def image_digest(image: Any) -> str:
-    """sha256 of an input image's mode, size and pixels (cache keys of image-conditioned requests)."""
-    import hashlib
-
-    import numpy as np
-
-    arr = np.asarray(image)
-    h = hashlib.sha256(f"{getattr(image, 'mode', '')}:{arr.shape}:{arr.dtype}".encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
-
-
 @dataclass
 class DiffusionParams:
     """What to generate. ``None`` fields take the model family's defaults."""
@@ -112,7 +100,6 @@ class DiffusionParams:
     num_images_per_prompt: int = 1
     cache: Any = None                        # None | "off" | "fbcache" | {"method", "threshold"} | StepCacheParams
     num_frames: int | None = None            # video models: frames per video (Wan: 4k + 1)
-    image: Any = None                        # image-to-video: the first frame (PIL.Image)
     step_cache: StepCacheParams | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -128,9 +115,8 @@ class DiffusionParams:
     def key_fields(self) -> dict:
         """The request's fields as plain JSON values (the DiT cache keys images by them)."""
         c = self.step_cache
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name not in ("cache", "image")} | {
-            "cache": None if c is None else {"method": c.method, "threshold": c.threshold},
-            **({"image": image_digest(self.image)} if self.image is not None else {})}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name != "cache"} | {
+            "cache": None if c is None else {"method": c.method, "threshold": c.threshold}}
 
 
 DIFFUSION_KEYS = frozenset(f.name for f in fields(DiffusionParams) if f.init)

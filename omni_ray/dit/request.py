@@ -34,15 +34,20 @@ class DiTRequest:
     prompt_embeds: torch.Tensor | None = None      # [T, W] given by the caller (skips the text encoder)
     prompt_mask: torch.Tensor | None = None        # [T]
     output_type: str = "pil"                       # "pil" | "np" | "latent"
+    negative_prompt_embeds: torch.Tensor | None = None   # [T', W] the negative's conditioning, given by the caller
+    negative_prompt_mask: torch.Tensor | None = None     # [T']
+    image: Any = None                              # input image (PIL, RGB) of an edit model
+    cfg: bool | None = None                        # runs classifier-free guidance (None: guidance_scale > 1)
     arrival: int = 0
     num_frames: int = 1                            # video models: frames per video
-    image: Any = None                              # image-to-video: the first frame
     boundary: float | None = None                  # two-expert models: the timestep where the second takes over
 
     status: Status = Status.WAITING
     cond: Cond | None = None
     neg_cond: Cond | None = None
-    latents: torch.Tensor | None = None            # [n, C, h, w]
+    latents: torch.Tensor | None = None            # [n, C, h, w] (packed families: [n, tokens, C])
+    cond_latents: torch.Tensor | None = None       # [n, M, C] input-image tokens after the noise ones (edit)
+    shapes: tuple = ()                             # the family's latent_shapes (part of the batching key)
     scheduler: Any = None
     timesteps: torch.Tensor | None = None          # CPU
     generator: torch.Generator | None = None
@@ -65,7 +70,7 @@ class DiTRequest:
 
     @property
     def do_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+        return self.guidance_scale > 1.0 if self.cfg is None else self.cfg
 
     @property
     def num_rows(self) -> int:

@@ -48,6 +48,7 @@ class DiTRunner:
         self.stats = RunnerStats()
         self._cond_key: tuple | None = None
         self._cond: tuple | None = None
+        self._shapes: tuple = ()
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -66,17 +67,21 @@ class DiTRunner:
     def _inputs(self, reqs: list[DiTRequest]):
         xs, ts, conds = [], [], []
         for r in reqs:
-            lat = torch.cat([r.latents, r.latents]) if r.do_cfg else r.latents
+            lat = r.latents
             t = r.timesteps[r.step_idx]
             if hasattr(r.scheduler, "scale_model_input"):
                 lat = r.scheduler.scale_model_input(lat, t)
-            xs.append(self.family.model_input(r, lat))
+            if r.cond_latents is not None:            # an edit's input-image tokens after the noise tokens
+                lat = torch.cat([lat, r.cond_latents], dim=1)     # (Wan I2V: the first frame's channels)
+            lat = torch.cat([lat, lat]) if r.do_cfg else lat
+            xs.append(lat)
             ts += [float(t)] * lat.shape[0]
             conds += ([r.neg_cond] * r.num_images if r.do_cfg else []) + [r.cond] * r.num_images
         key = tuple(r.arrival for r in reqs)      # arrival numbers are unique per engine (ids get reused)
         if key != self._cond_key:                   # membership changed: restack the captions
             self._cond_key, self._cond = key, self.family.batch_cond(conds)
         t = torch.tensor(ts, dtype=torch.float32).to(self.device, non_blocking=True)
+        self._shapes = reqs[0].shapes                 # equal within a batch (part of the batching key)
         return (torch.cat(xs), t, *self._cond)
 
     def _scheduler_steps(self, reqs: list[DiTRequest], pred: torch.Tensor) -> None:
@@ -85,7 +90,7 @@ class DiTRunner:
             out = pred[a:b]
             if r.do_cfg:
                 uncond, cond = out.chunk(2)
-                out = uncond + r.guidance_scale * (cond - uncond)
+                out = fam.combine_cfg(uncond, cond, r.guidance_scale)
             out = fam.model_output(out)
             t = r.timesteps[r.step_idx]
             r.latents = r.scheduler.step(out, t, r.latents, **fam.step_kwargs(r.generator), return_dict=False)[0]
@@ -96,7 +101,7 @@ class DiTRunner:
         fam, s = self.family, self.stats
         n_blocks = len(fam.blocks)
         s.block_evals_full += n_blocks * x.shape[0]
-        st = fam.embed(x, t, ctx, bias, pooled)
+        st = fam.embed(x, t, ctx, bias, pooled, self._shapes)
         if all(r.cache is None for r in reqs):
             self._blocks(st, 0, n_blocks)
             for r in reqs:
@@ -113,7 +118,7 @@ class DiTRunner:
         spans = _spans(reqs)
         for r in reqs:
             if r.cache is not None and r.cache_state is None:
-                r.cache_state = StepCacheState(r.cache)
+                r.cache_state = StepCacheState(r.cache, fam.teacache_coefficients)
         forced = [r.cache is not None and r.cache_state.forced(r.step_idx, r.total_steps) for r in reqs]
         x_in = st.x                                               # [B, N, D] before block 0
 
@@ -194,6 +199,6 @@ class DiTRunner:
     def _subset(self, st: BlockState, spans: list[tuple[int, int]], keep: list[int]) -> BlockState:
         """The rows of requests ``keep`` (indices into ``spans``) as a new state (or ``st`` if all)."""
         if len(keep) == len(spans):
-            return BlockState(st.x, st.ctx, st.ctx_bias, st.temb, st.emb, st.grid)
+            return BlockState(st.x, st.ctx, st.ctx_bias, st.temb, st.emb, st.grid, st.shapes)
         rows = [i for k in keep for i in range(*spans[k])]
         return st.select(torch.tensor(rows, dtype=torch.long, device=st.x.device))

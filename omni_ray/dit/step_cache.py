@@ -8,7 +8,8 @@ Both rules compare a cheap signal with the one from an earlier step, by relative
   added instead. The reference signal only moves on full steps, so drift accumulates until a
   recompute.
 * teacache: the signal is block 0's timestep-modulated input, compared step to step and
-  accumulated. While the sum stays under the threshold, every block is skipped (the residual of
+  accumulated (rescaled by the family's fitted polynomial, as the TeaCache paper does, where it has
+  one). While the sum stays under the threshold, every block is skipped (the residual of
   all blocks from the last full step is added); a full step resets the sum.
 
 The first and last denoising steps always run in full. One host sync per rule per step reads the
@@ -23,11 +24,12 @@ from omni_ray.dit.params import StepCacheParams
 
 
 class StepCacheState:
-    __slots__ = ("method", "threshold", "prev", "residual", "accum")
+    __slots__ = ("method", "threshold", "prev", "residual", "accum", "coefficients")
 
-    def __init__(self, params: StepCacheParams):
+    def __init__(self, params: StepCacheParams, coefficients: tuple | None = None):
         self.method = params.method
         self.threshold = params.threshold
+        self.coefficients = coefficients            # teacache: the family's rescaling polynomial (None: identity)
         self.prev: torch.Tensor | None = None       # the signal to compare with
         self.residual: torch.Tensor | None = None   # [rows, N, D] the skipped blocks' residual
         self.accum = 0.0                            # teacache: accumulated change since the last full step
@@ -42,6 +44,17 @@ def relative_l1(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return (cur - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
 
 
+def rescale(d: float, coefficients: tuple | None) -> float:
+    """TeaCache's rescaled distance: the family's polynomial (numpy order, highest power first) of the
+    relative L1 of the modulated input, fitted to predict the relative L1 of the model's output."""
+    if coefficients is None:
+        return d
+    out = 0.0
+    for c in coefficients:
+        out = out * d + c
+    return out
+
+
 def decide(states: list[StepCacheState], signals: list[torch.Tensor], forced: list[bool]) -> list[bool]:
     """Skip decisions (True = reuse) for requests of one method. Updates their state's reference
     signal and accumulator (residuals are stored by the caller after the full rows ran)."""
@@ -51,7 +64,7 @@ def decide(states: list[StepCacheState], signals: list[torch.Tensor], forced: li
     for st, sig, f in zip(states, signals, forced):
         d = None if f else next(values)
         if st.method == "teacache":
-            st.accum = 0.0 if f else st.accum + d
+            st.accum = 0.0 if f else st.accum + rescale(d, st.coefficients)
             skip = not f and st.accum < st.threshold
             if not skip:
                 st.accum = 0.0

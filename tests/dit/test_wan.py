@@ -51,8 +51,8 @@ def wan_pipeline(engine, i2v: bool = False):
     return pipe
 
 
-def gen(engine, prompt, output_type="np", **kw):
-    return engine.generate(prompt, DiffusionParams(**kw), output_type=output_type, use_tqdm=False)
+def gen(engine, prompt, output_type="np", image=None, **kw):
+    return engine.generate(prompt, DiffusionParams(**kw), output_type=output_type, use_tqdm=False, image=image)
 
 
 @pytest.mark.parametrize("negative", [None, "blurry, static"])
@@ -209,10 +209,9 @@ def test_step_cache_on_video_tokens(t2v, method):
     (dict(width=24), "width"), (dict(image=True), "image"),
 ])
 def test_t2v_bad_input(t2v, kw, param):
-    if "image" in kw:
-        kw = {"image": Image.new("RGB", (8, 8))}
+    image = Image.new("RGB", (8, 8)) if kw.pop("image", None) else None
     with pytest.raises(InvalidRequestError) as e:
-        t2v.add_request("a fox", DiffusionParams(**(dict(height=32, width=32) | kw)))
+        t2v.add_request("a fox", DiffusionParams(**(dict(height=32, width=32) | kw)), image=image)
     assert e.value.param == param
 
 
@@ -221,5 +220,5 @@ def test_i2v_needs_an_image(i2v):
         i2v.add_request("a fox", DiffusionParams(height=32, width=32, num_frames=5))
     assert e.value.param == "image"
     with pytest.raises(InvalidRequestError) as e:
-        i2v.add_request("a fox", DiffusionParams(height=32, width=32, num_frames=5, image=np.zeros((8, 8, 3))))
+        i2v.add_request("a fox", DiffusionParams(height=32, width=32, num_frames=5), image=np.zeros((8, 8, 3)))
     assert e.value.param == "image"

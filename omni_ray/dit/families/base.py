@@ -35,6 +35,8 @@ class BlockState:
     temb: torch.Tensor                   # [B, *] the blocks' timestep conditioning
     emb: torch.Tensor                    # [B, *] the final layer's conditioning
     grid: tuple[int, int]                # (h, w) in patches
+    shapes: tuple = ()                   # the batch's hashable geometry, shared by its rows (Qwen-Image: the
+                                         # (frame, h, w) patch grids of the noise and any condition image)
 
     def select(self, idx: torch.Tensor) -> "BlockState":
         """The rows ``idx`` (a LongTensor on the state's device), as a new state."""
@@ -61,6 +63,10 @@ class DiTFamily(ABC):
     default_guidance: float = 4.5
     default_max_sequence_length: int = 300
     supports_caption_mask: bool = True   # can pad captions of different lengths inside one batch
+    skip_components: frozenset = frozenset()  # model_index.json components the DiT replica never loads
+    text_encoder_note: str = ""          # appended to the error of a prompt-only request (no text encoder)
+    teacache_coefficients: tuple | None = None   # TeaCache's rescaling polynomial (numpy order); None: identity
+    accepts_image: bool = False          # takes a per-request input image (edit models)
     produces_video: bool = False         # outputs are frame arrays, decoded chunk by chunk (video_decode.py)
     extra_components: frozenset = frozenset()   # components the loader skips unless asked (image_encoder)
 
@@ -70,11 +76,14 @@ class DiTFamily(ABC):
         self.vae: nn.Module = comps["vae"]
         self.base_scheduler = comps["scheduler"]
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_scale_factor()
         self.patch_size = self.transformer.config.patch_size
         self.in_channels = self.transformer.config.in_channels
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self.block_fns: list = list(self.transformer.transformer_blocks)   # what run_block calls
+
+    def _vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def fuse_elementwise(self) -> None:
         """Compile the family's small elementwise helpers into fused kernels (if it has any)."""
@@ -101,20 +110,20 @@ class DiTFamily(ABC):
 
     boundary_timestep: float | None = None   # two-expert models: the timestep where the second one takes over
 
-    def check_media(self, params, cfg) -> tuple[int, object]:
-        """A request's (num_frames, input image) after the family's checks (InvalidRequestError
-        naming the field). Image models: one frame, no input image."""
+    def check_num_frames(self, num_frames: int | None, cfg) -> int:
+        """A request's frame count after the family's checks (InvalidRequestError naming the field).
+        Image models: one frame."""
         from omni_ray.errors import InvalidRequestError
 
-        if params.num_frames not in (None, 1):
+        if num_frames not in (None, 1):
             raise InvalidRequestError("num_frames: this model generates images, not videos", param="num_frames")
-        if params.image is not None:
-            raise InvalidRequestError("image: this model takes no input image", param="image")
-        return 1, None
+        return 1
 
     def prepare_request(self, r) -> None:
-        """Admission (on the engine's device thread): the request's initial latents, and any
-        per-request conditioning its family adds (an input image's)."""
+        """Admission (on the engine's device thread): an input image's ``cond_latents``, then the
+        request's initial latents (video families override it: 5-D latents, their own conditioning)."""
+        if r.image is not None:
+            r.cond_latents = self.encode_image(r.image, r.num_images)
         r.latents = self.prepare_latents(r.num_images, r.height, r.width, r.generator, r.scheduler)
 
     @property
@@ -179,12 +188,35 @@ class DiTFamily(ABC):
         shape = (n, self.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
-    def model_input(self, r, lat: torch.Tensor) -> torch.Tensor:
-        """A request's transformer input from its (CFG-doubled) latents (I2V adds its image's channels)."""
-        return lat
-
     def step_kwargs(self, generator: torch.Generator) -> dict:
         return {}
+
+    def cfg_enabled(self, guidance_scale: float, has_negative: bool) -> bool:
+        """Whether a request runs classifier-free guidance (a doubled batch)."""
+        return guidance_scale > 1.0
+
+    def combine_cfg(self, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """The guided prediction from the two halves."""
+        return uncond + scale * (cond - uncond)
+
+    def latent_shapes(self, req) -> tuple:
+        """A request's hashable geometry (``BlockState.shapes``), at admission; requests sharing a
+        forward have equal ones."""
+        return ()
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The engine's latents -> what ``decode`` takes (families with packed latents unpack here)."""
+        return latents
+
+    # ------------------------------------------------------------------ input images (edit models)
+    def check_image(self, image) -> tuple[int, int]:
+        """Validate a request's input image; returns the default (height, width) of the output."""
+        from omni_ray.errors import InvalidRequestError
+        raise InvalidRequestError("this model takes no input image", param="image")
+
+    def encode_image(self, image, n: int) -> torch.Tensor:
+        """An input image -> the condition tokens [n, M, C] appended after the noise tokens."""
+        raise NotImplementedError
 
     def model_output(self, pred: torch.Tensor) -> torch.Tensor:
         """The part of the transformer's output the scheduler takes (drops a learned variance)."""
@@ -193,8 +225,9 @@ class DiTFamily(ABC):
     # ------------------------------------------------------------------ transformer
     @abstractmethod
     def embed(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, ctx_bias: torch.Tensor | None,
-              pooled: torch.Tensor | None) -> BlockState:
-        """Latents [B, C, H, W] + timesteps [B] + batched conditioning -> the state before block 0."""
+              pooled: torch.Tensor | None, shapes: tuple = ()) -> BlockState:
+        """Latents [B, C, H, W] + timesteps [B] + batched conditioning (+ the batch's ``latent_shapes``)
+        -> the state before block 0."""
 
     @abstractmethod
     def run_block(self, i: int, st: BlockState) -> None:
@@ -208,9 +241,23 @@ class DiTFamily(ABC):
     def final(self, st: BlockState) -> torch.Tensor:
         """State after the last block -> prediction [B, C_out, H, W]."""
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx, ctx_bias, pooled) -> torch.Tensor:
+    def final_tokens(self, st: BlockState) -> torch.Tensor:
+        """The final layer on a token shard (sequence parallel): [B, n, D] -> [B, n, p*p*c_out].
+
+        ``final`` is token-wise up to its unpatchify; run it on a 1 x n grid and undo that reshape
+        (a pure permutation, so the values are the final layer's own)."""
+        B, n = st.x.shape[:2]
+        p, c = self.patch_size, self.out_channels
+        img = self.final(BlockState(st.x, st.ctx, st.ctx_bias, st.temb, st.emb, (1, n), st.shapes))
+        return torch.einsum("nchpwq->nhwpqc", img.reshape(B, c, 1, p, n, p)).reshape(B, n, p * p * c)
+
+    def assemble(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Gathered ``final_tokens`` of every shard [B, N, p*p*c_out] -> the prediction ``final`` gives."""
+        return unpatchify(tokens, grid, self.patch_size, self.out_channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx, ctx_bias, pooled, shapes: tuple = ()) -> torch.Tensor:
         """The whole transformer over our pieces (equals the diffusers module's forward)."""
-        st = self.embed(x, t, ctx, ctx_bias, pooled)
+        st = self.embed(x, t, ctx, ctx_bias, pooled, shapes)
         for i in range(len(self.blocks)):
             self.run_block(i, st)
         return self.final(st)

@@ -117,7 +117,7 @@ class SD3Family(DiTFamily):
             self._pos_cache[(h, w)] = self.transformer.pos_embed.cropped_pos_embed(h, w)
         return self._pos_cache[(h, w)]
 
-    def embed(self, x, t, ctx, ctx_bias, pooled) -> BlockState:
+    def embed(self, x, t, ctx, ctx_bias, pooled, shapes=()) -> BlockState:
         tr, p = self.transformer, self.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         tokens = tr.pos_embed.proj(x).flatten(2).transpose(1, 2)                  # [B, N, D]

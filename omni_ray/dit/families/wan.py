@@ -12,8 +12,9 @@ image-to-video (``WanImageToVideoPipeline``), as the diffusers pipelines run the
   projects them with the step's expert (Wan2.2's two experts have their own projections).
 * Image-to-video (Wan2.1): the CLIP image encoder's penultimate states ride in ``Cond.pooled``
   (projected by the expert's image embedder, put in front of the text, as the model does), and
-  the VAE-encoded first frame + the frame mask (20 channels) are concatenated to the latents at
-  every step (``model_input``). Checkpoints without an image encoder (Wan2.2 I2V) skip the CLIP part.
+  the VAE-encoded first frame + the frame mask (20 channels) are the request's ``cond_latents``,
+  concatenated to the latents' channels at every step. Checkpoints without an image encoder
+  (Wan2.2 I2V) skip the CLIP part.
 * Wan2.2's two experts (``transformer_2``, ``boundary_ratio`` in model_index.json): steps with
   ``t >= boundary_ratio * 1000`` run ``transformer``, later ones ``transformer_2``. The expert is
   part of a request's batch key (``DiTRequest.batch_key``), so one forward never mixes them, and of
@@ -59,7 +60,6 @@ class WanFamily(DiTFamily):
     default_num_frames = 81
     supports_caption_mask = False
     produces_video = True
-    takes_image = False
 
     def __init__(self, comps: dict, device, dtype, max_sequence_length):   # noqa: D107 (no super: no 2-D VAE)
         self.device, self.dtype = device, dtype
@@ -127,8 +127,8 @@ class WanFamily(DiTFamily):
     def num_latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.vae_scale_temporal + 1
 
-    def check_media(self, params, cfg) -> tuple[int, object]:
-        n = self.default_num_frames if params.num_frames is None else params.num_frames
+    def check_num_frames(self, num_frames: int | None, cfg) -> int:
+        n = self.default_num_frames if num_frames is None else num_frames
         k = self.vae_scale_temporal
         if (n - 1) % k:
             _bad("num_frames", f"num_frames must be {k}k + 1 (1, {k + 1}, {2 * k + 1}, ..., 81), got {n}")
@@ -137,12 +137,13 @@ class WanFamily(DiTFamily):
         if self.num_latent_frames(n) % self.patch_size[0]:
             _bad("num_frames", f"num_frames gives {self.num_latent_frames(n)} latent frames, not a multiple of "
                  f"the temporal patch {self.patch_size[0]}")
-        return n, self._check_image(params.image)
+        return n
 
-    def _check_image(self, image):
-        if image is not None:
-            _bad("image", "this is a text-to-video model: it takes no input image (use an image-to-video model)")
-        return None
+    def check_image(self, image) -> tuple[int, int]:
+        _bad("image", "this is a text-to-video model: it takes no input image (use an image-to-video model)")
+
+    def latent_shapes(self, r) -> tuple:
+        return (self.num_latent_frames(r.num_frames),)           # frames join the batching key
 
     # ------------------------------------------------------------------ conditioning
     @property
@@ -213,7 +214,7 @@ class WanFamily(DiTFamily):
             return 0
         return 0 if float(t[0]) >= self.boundary_timestep else 1
 
-    def embed(self, x, t, ctx, ctx_bias, pooled) -> BlockState:
+    def embed(self, x, t, ctx, ctx_bias, pooled, shapes: tuple = ()) -> BlockState:
         e = self.expert_index(t)
         tr = self.experts[e]
         pt, ph, pw = self.patch_size
@@ -223,7 +224,7 @@ class WanFamily(DiTFamily):
         if img is not None:
             ctx = torch.cat([img, ctx], dim=1)                   # image states in front of the text
         return BlockState(x=tokens, ctx=ctx, ctx_bias=None, temb=tproj.unflatten(1, (6, -1)), emb=temb,
-                          grid=(*grid, e))
+                          grid=(*grid, e), shapes=shapes)
 
     def run_block(self, i: int, st: BlockState) -> None:
         st.x = self.expert_fns[st.grid[3]][i](st.x, st.ctx, st.temb, self.rope(st.grid[:3]))
@@ -259,7 +260,7 @@ class WanI2VFamily(WanFamily):
 
     pipeline_class = "WanImageToVideoPipeline"
     extra_components = frozenset({"image_encoder"})
-    takes_image = True
+    accepts_image = True
 
     def __init__(self, comps: dict, device, dtype, max_sequence_length):
         super().__init__(comps, device, dtype, max_sequence_length)
@@ -272,17 +273,15 @@ class WanI2VFamily(WanFamily):
             raise ConfigError("Wan I2V splits image from text states at 512 text tokens: "
                               "max_sequence_length must be 512")
 
-    def _check_image(self, image):
+    def check_image(self, image) -> tuple[int, int]:
         from PIL import Image
 
-        if image is None:
-            _bad("image", "an image-to-video model needs an input image (the first frame)")
         if not isinstance(image, Image.Image):
             _bad("image", f"image must be a PIL.Image, got {type(image).__name__}")
-        return image.convert("RGB")
+        return self.default_hw
 
     @torch.no_grad()
-    def encode_image(self, image) -> torch.Tensor | None:
+    def clip_states(self, image) -> torch.Tensor | None:
         """CLIP's penultimate hidden states [T_img, image_dim] (None: the model takes none)."""
         if self.transformer.config.image_dim is None:
             return None
@@ -296,7 +295,7 @@ class WanI2VFamily(WanFamily):
 
         super().prepare_request(r)                                   # the noise first, as the pipeline
         n, _, F, h, w = r.latents.shape
-        image = self.video_processor.preprocess(r.image, height=r.height, width=r.width)
+        image = self.video_processor.preprocess(r.image.convert("RGB"), height=r.height, width=r.width)
         image = image.to(self.device, torch.float32).unsqueeze(2)                          # [1, 3, 1, H, W]
         video = torch.cat([image, image.new_zeros(1, 3, r.num_frames - 1, r.height, r.width)], dim=2)
         lat = retrieve_latents(self.vae.encode(video.to(self.vae.dtype)), sample_mode="argmax")
@@ -306,14 +305,8 @@ class WanI2VFamily(WanFamily):
         mask[:, :, 0] = 1
         mask = torch.cat([mask[:, :, :1].repeat_interleave(k, dim=2), mask[:, :, 1:]], dim=2)
         mask = mask.view(1, -1, k, h, w).transpose(1, 2)                                    # [1, k, F', h, w]
-        r.extra["condition"] = torch.cat([mask, lat], dim=1).repeat(n, 1, 1, 1, 1)          # [n, k + C, F', h, w]
-        states = self.encode_image(r.image)
+        r.cond_latents = torch.cat([mask, lat], dim=1).repeat(n, 1, 1, 1, 1)               # [n, k + C, F', h, w]
+        states = self.clip_states(r.image)
         r.cond = Cond(tokens=r.cond.tokens, pooled=states)
         if r.neg_cond is not None:
             r.neg_cond = Cond(tokens=r.neg_cond.tokens, pooled=states)
-
-    def model_input(self, r, lat: torch.Tensor) -> torch.Tensor:
-        cond = r.extra["condition"]
-        if lat.shape[0] != cond.shape[0]:                            # CFG: both halves see the frame
-            cond = cond.repeat(lat.shape[0] // cond.shape[0], 1, 1, 1, 1)
-        return torch.cat([lat, cond], dim=1)

@@ -178,6 +178,7 @@ def load_worker_family(path: Path, device: torch.device, dtype: torch.dtype, cfg
     pipeline = index.get("_class_name", "")
     skip = {"PixArtSigmaPipeline": {"text_encoder", "tokenizer"},
             "StableDiffusion3Pipeline": {"text_encoder_3", "tokenizer_3"}}.get(pipeline, set())
+    skip = set(skip) | set(FAMILIES[pipeline].skip_components)
     comps: dict = {}
     for name, spec_ in index.items():
         if name.startswith("_") or not isinstance(spec_, list) or len(spec_) != 2:

@@ -85,6 +85,9 @@ class DiTFamily(ABC):
     def _vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def set_attention_backend(self, name: str) -> None:
+        """Which SDPA kernel the blocks use (``DiTEngineConfig.attention_backend``; families that measure)."""
+
     def fuse_elementwise(self) -> None:
         """Compile the family's small elementwise helpers into fused kernels (if it has any)."""
 

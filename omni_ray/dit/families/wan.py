@@ -34,6 +34,7 @@ import re
 import torch
 
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
+from omni_ray.dit.families.wan_attention import SdpaChoice
 from omni_ray.errors import ConfigError, InvalidRequestError
 
 
@@ -88,6 +89,7 @@ class WanFamily(DiTFamily):
         self.expert_fns = [list(e.blocks) for e in self.experts]
         self.block_fns = self.expert_fns[0]
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sdpa = SdpaChoice(cfg.num_attention_heads, cfg.attention_head_dim, device, dtype)
         self._rope = self._rope_module()
         mean = torch.tensor(vcfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         std = torch.tensor(vcfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
@@ -102,6 +104,9 @@ class WanFamily(DiTFamily):
             return rope
         from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
         return WanRotaryPosEmbed(rope.attention_head_dim, rope.patch_size, rope.max_seq_len).to(self.device)
+
+    def set_attention_backend(self, name: str) -> None:
+        self.sdpa.mode = name
 
     def compile(self) -> None:
         self.expert_fns = [[torch.compile(f, dynamic=True) for f in fns] for fns in self.expert_fns]
@@ -220,6 +225,7 @@ class WanFamily(DiTFamily):
         pt, ph, pw = self.patch_size
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
         tokens = tr.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).contiguous()     # [B, N, D]
+        self.sdpa.prepare(tokens.shape[0], tokens.shape[1])      # measured once per token count (CUDA, auto)
         temb, tproj, ctx, img = tr.condition_embedder(t, ctx.to(self.dtype), pooled)
         if img is not None:
             ctx = torch.cat([img, ctx], dim=1)                   # image states in front of the text
@@ -227,7 +233,8 @@ class WanFamily(DiTFamily):
                           grid=(*grid, e), shapes=shapes)
 
     def run_block(self, i: int, st: BlockState) -> None:
-        st.x = self.expert_fns[st.grid[3]][i](st.x, st.ctx, st.temb, self.rope(st.grid[:3]))
+        with self.sdpa.context(st.x.shape[1]):
+            st.x = self.expert_fns[st.grid[3]][i](st.x, st.ctx, st.temb, self.rope(st.grid[:3]))
 
     def modulated_input(self, st: BlockState) -> torch.Tensor:
         b = self.experts[st.grid[3]].blocks[0]

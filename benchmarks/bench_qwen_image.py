@@ -157,7 +157,7 @@ def bench_concurrent(engine, pos, neg, cfg, size, steps, peak, n=8) -> list[dict
 def bench_diffusers_static(pipe, pos, cfg, size, peak, n=8) -> dict:
     """diffusers' transformer alone, one forward over a static batch of n (equal caption lengths)."""
     tr = pipe.transformer
-    t = 100
+    t = min(p.shape[0] for p in pos[:n])                 # equal lengths: no mask, as a static batch has none
     x = torch.randn(n, (size // 16) ** 2, 64, device=tr.device, dtype=tr.dtype)
     ctx = torch.stack([p[:t] for p in pos[:n]])
     ts = torch.full((n,), 0.5, device=tr.device, dtype=tr.dtype)

@@ -52,7 +52,7 @@ def build_app(args: dict) -> Application:
             encoder = stages[stage.encoder] if stage.encoder else None
             stages[key] = ARDeployment.options(**opts).bind(key, stage.model_dump(), limits, services, media, encoder)
         elif isinstance(stage, DiTStageConfig):
-            stages[key] = DiTDeployment.options(**opts).bind(key, stage.model_dump(), services)
+            stages[key] = DiTDeployment.options(**opts).bind(key, stage.model_dump(), services, media)
     stages = {k: stages[k] for k in cfg.stages}  # the config's order
     ingress = Ingress.options(**deployment_options("Ingress", cfg.app.ingress))
     return ingress.bind(cfg.model_dump(), stages)

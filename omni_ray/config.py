@@ -419,6 +419,10 @@ class PipelineStep(Strict):
         "what this stage gives the next: generated text, prompt hidden states (AR), or images (DiT)")
     system_prompt: str | None = Field(None, description="AR stages: a system message to wrap the input with")
     max_tokens: int | None = Field(None, ge=1, description="AR text stages: a default max_tokens")
+    encoding: str | None = Field(None, description=(
+        "AR hidden_states steps: the text-encoding recipe, named by a diffusers pipeline class (QwenImagePipeline, "
+        "QwenImageEditPipeline: its prompt template, leading tokens dropped); set by a graph pipeline; "
+        "none: the prompt's hidden states as they are"))
 
 
 class PipelineGraph(Strict):
@@ -437,6 +441,9 @@ class PipelineConfig(Strict):
     steps: list[PipelineStep] = Field(default_factory=list, description="the stages in order")
     graph: PipelineGraph | None = Field(None, description="the stage graph of a stage's checkpoint, instead of steps")
     description: str = Field("", description="shown by GET /v1/pipelines")
+    image: Literal["none", "required"] = Field("none", description=(
+        "the request's input image (image edit): required goes to every step of the pipeline (the AR text "
+        "encoder's vision tower, the DiT's VAE); none refuses one. A graph pipeline: its checkpoint's"))
 
     @model_validator(mode="after")
     def _steps_or_graph(self):

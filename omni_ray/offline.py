@@ -26,9 +26,10 @@ import torch
 from omni_ray.config import ARStageConfig, EncoderStageConfig, OmniConfig, load_app_config
 from omni_ray.errors import EngineError, InvalidRequestError, ModelNotFoundError
 from omni_ray.graphs import expand_pipelines
+from omni_ray.media.images import load_image
 from omni_ray.rules import check_text
-from omni_ray.runner import StageArgs, run_pipeline
-from omni_ray.stages.requests import ARRequest, DiTRequest, Handoff
+from omni_ray.runner import StageArgs, check_image, run_pipeline
+from omni_ray.stages.requests import ARRequest, DiTRequest, Handoff, ImageInput
 from omni_ray.vllm_omni_api import (
     DEFAULT_PIPELINE,
     request_from_stage_args,
@@ -50,6 +51,10 @@ class _LocalAR:
         return self.stage.generate(req)
 
     async def encode(self, req: ARRequest) -> Handoff:
+        mm = req.multi_modal_data
+        if mm and any(isinstance(v, ImageInput) for v in mm.values()):      # an edit's image, by value here
+            req = dataclasses.replace(req, multi_modal_data={
+                k: v.image if isinstance(v, ImageInput) else v for k, v in mm.items()})
         hs = await self.stage.encode(req)
         return Handoff(shape=list(hs.shape), tensor=hs)
 
@@ -170,10 +175,12 @@ class OmniLLM(_Stages):
 
     # ------------------------------------------------------------------ API
     def generate(self, pipeline: str | list[dict], prompt: str | list[str] | None = None, use_tqdm: bool = True,
-                 **stage_args) -> PipelineOutput | list[PipelineOutput] | list:
+                 image: Any = None, **stage_args) -> PipelineOutput | list[PipelineOutput] | list:
         """Run ``pipeline`` on one prompt or a list (run concurrently, batched by the engines).
         ``stage_args``: SamplingParams / DiffusionParams fields (``size`` "WxH", ``n``,
-        ``system_prompt``, ``layer``) and ``stage_args={stage: {...}}``. vLLM-omni's form,
+        ``system_prompt``, ``layer``) and ``stage_args={stage: {...}}``. ``image``: the input image of
+        a pipeline that edits one (``qwen-image-edit``): a PIL image, bytes, a data URL or base64,
+        checked under ``app.media``; one for every prompt, or a list with one per prompt. vLLM-omni's form,
         ``generate(stage_args)`` with one dict per stage, returns one ``StageOutput`` per stage
         (``prompt`` may then name the pipeline)."""
         self._check_open()
@@ -191,9 +198,21 @@ class OmniLLM(_Stages):
         args = StageArgs.from_kwargs(stage_args)
         pipe, kinds = self.config.pipelines[pipeline], self._kinds()
         args.validate(pipeline, pipe, kinds)
+        images = self._images(pipeline, pipe, image, len(prompts))
         backends = {s.stage: self._backend(s.stage) for s in pipe.steps}
-        outs = self._run(self._run_all(pipeline, pipe, backends, kinds, prompts, args, use_tqdm))
+        outs = self._run(self._run_all(pipeline, pipe, backends, kinds, prompts, args, use_tqdm, images))
         return outs[0] if single else outs
+
+    def _images(self, name: str, pipe, image: Any, n: int) -> list[ImageInput | None]:
+        """One checked input image per prompt (None each for pipelines that take none)."""
+        if isinstance(image, (list, tuple)):
+            if len(image) != n:
+                raise InvalidRequestError(f"got {len(image)} images for {n} prompts", param="image")
+            return [self._images(name, pipe, im, 1)[0] for im in image]
+        check_image(name, pipe, image)
+        if image is None:
+            return [None] * n
+        return [ImageInput.of(load_image(image, "image", self.config.app.media))] * n
 
     def _check_open(self) -> None:
         if not self._finalizer.alive:
@@ -208,14 +227,15 @@ class OmniLLM(_Stages):
             raise
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _run_all(self, name, pipe, backends, kinds, prompts, args, use_tqdm) -> list[PipelineOutput]:
+    async def _run_all(self, name, pipe, backends, kinds, prompts, args, use_tqdm, images) -> list[PipelineOutput]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc=f"pipeline {name}", disable=not use_tqdm, dynamic_ncols=True)
 
-        async def one(p: str) -> PipelineOutput:
+        async def one(p: str, image: ImageInput | None) -> PipelineOutput:
             out = PipelineOutput(pipeline=name, prompt=p)
-            async for ev in run_pipeline(pipe, backends, kinds, p, f"offline-{uuid.uuid4().hex[:12]}", args):
+            rid = f"offline-{uuid.uuid4().hex[:12]}"
+            async for ev in run_pipeline(pipe, backends, kinds, p, rid, args, image):
                 if ev["type"] == "result":
                     hs = ev["hidden_states"]
                     out = dataclasses.replace(out, text=ev["text"], images=ev["images"], stages=ev["stages"],
@@ -224,7 +244,7 @@ class OmniLLM(_Stages):
             return out
 
         try:
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
+            return list(await asyncio.gather(*(one(p, im) for p, im in zip(prompts, images))))
         finally:
             bar.close()
 

@@ -16,6 +16,7 @@ the runner never resolves.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping
@@ -23,8 +24,8 @@ from typing import Any, AsyncIterator, Mapping
 from omni_ray.ar.sampling_params import SAMPLING_KEYS, SamplingParams
 from omni_ray.config import PipelineConfig, PipelineStep
 from omni_ray.dit.params import DIFFUSION_KEYS, DIFFUSION_RULES, DiffusionParams, parse_size
-from omni_ray.errors import EngineError, InvalidRequestError
-from omni_ray.stages.requests import ARRequest, DiTRequest, Handoff
+from omni_ray.errors import ConfigError, EngineError, InvalidRequestError
+from omni_ray.stages.requests import ARRequest, DiTRequest, Handoff, ImageInput
 
 AR_STEP_KEYS = SAMPLING_KEYS | {"system_prompt", "layer"}           # SamplingParams + the request's own
 DIT_STEP_KEYS = DIFFUSION_KEYS | {"prompt", "size", "n"}             # DiffusionParams + prompt, OpenAI's names
@@ -122,32 +123,94 @@ class StageArgs:
         return self._built[i]
 
 
-def step_request(i: int, step: PipelineStep, kind: str, value: Any, args: StageArgs, rid: str):
-    """The typed request of step ``i`` given its input ``value`` (text, or a Handoff)."""
+def step_request(i: int, step: PipelineStep, kind: str, value: Any, args: StageArgs, rid: str,
+                 negative: Handoff | None = None, image: ImageInput | None = None):
+    """The typed request of step ``i`` given its input ``value`` (text, or a Handoff); ``negative``:
+    the negative prompt's Handoff (a DiT step under true CFG); ``image``: the request's input image
+    (pipelines that take one: every step gets it)."""
     params, extra = args.params_for(i, step, kind)
     if kind == "ar":
         system = extra["system_prompt"]
         if step.output == "hidden_states":   # the prompt itself (with the system prompt if any) is encoded
-            return ARRequest(rid, prompt=value, system_prompt=system, layer=extra["layer"])
+            return encode_request(rid, value, step, extra, image)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": value}]
         return ARRequest(rid, messages=messages, params=params)
     if isinstance(value, Handoff):
-        return DiTRequest(rid, prompt=extra["prompt"], params=params, conditioning=value)
-    return DiTRequest(rid, prompt=value, params=params)
+        return DiTRequest(rid, prompt=extra["prompt"], params=params, conditioning=value,
+                          negative_conditioning=negative, image=image)
+    return DiTRequest(rid, prompt=value, params=params, image=image)
+
+
+def encode_request(rid: str, text: str, step: PipelineStep, extra: dict, image: ImageInput | None) -> ARRequest:
+    """An AR hidden_states step's request: the prompt as it is, or through the step's text-encoding
+    recipe (``step.encoding``: a diffusers pipeline's template; the edit image goes through the VL
+    model's vision tower with it)."""
+    kw: dict = {}
+    if step.encoding:
+        from omni_ray.ar.text_encoding import text_encoding_for
+
+        kw["encoding"] = text_encoding_for(step.encoding)
+        if kw["encoding"] is None:
+            raise ConfigError(f"stage {step.stage!r}: no text-encoding recipe for {step.encoding!r}")
+    if image is not None:
+        kw["multi_modal_data"] = {"image": image}
+    return ARRequest(rid, prompt=text, system_prompt=extra["system_prompt"], layer=extra["layer"], **kw)
+
+
+def negative_prompt_for(i: int, pipeline: PipelineConfig, kinds: Mapping[str, str], args: StageArgs) -> str | None:
+    """The negative prompt that AR step ``i`` encodes beside the prompt: when it encodes with a
+    pipeline's recipe and the DiT step it feeds runs true CFG with one (``negative_prompt`` given,
+    guidance not <= 1: diffusers' ``true_cfg_scale > 1 and has_neg_prompt``)."""
+    step = pipeline.steps[i]
+    if step.output != "hidden_states" or not step.encoding or i + 1 >= len(pipeline.steps):
+        return None
+    nxt = pipeline.steps[i + 1]
+    if kinds[nxt.stage] != "dit":
+        return None
+    params, _ = args.params_for(i + 1, nxt, "dit")
+    if params.negative_prompt is None or (params.guidance_scale is not None and params.guidance_scale <= 1.0):
+        return None
+    return params.negative_prompt
+
+
+def check_image(name: str, pipeline: PipelineConfig, image: Any) -> None:
+    """A pipeline that needs an input image gets one; one that takes none gets none (400 naming ``image``)."""
+    if pipeline.image == "required" and image is None:
+        raise InvalidRequestError(f"{name} edits an image: give the input image (POST /v1/images/edits, "
+                                  "or `image` of a pipeline request)", param="image")
+    if pipeline.image == "none" and image is not None:
+        raise InvalidRequestError(f"{name} takes no input image", param="image")
+
+
+async def _encode(backend, req: ARRequest, negative: ARRequest | None) -> tuple[Handoff, Handoff | None]:
+    """The prompt's Handoff, and the negative prompt's, both requests in flight at once."""
+    if negative is None:
+        return await backend.encode(req), None
+    pos, neg = await asyncio.gather(backend.encode(req), backend.encode(negative))
+    return pos, neg
+
+
+def _handoff_info(h: Handoff) -> dict:
+    return {"shape": list(h.shape)} | {k: v for k, v in (("object_id", h.object_id), ("cache", h.cache))
+                                       if v is not None}
 
 
 async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], kinds: Mapping[str, str],
-                       prompt: str, request_id: str, args: StageArgs | None = None) -> AsyncIterator[dict]:
+                       prompt: str, request_id: str, args: StageArgs | None = None,
+                       image: ImageInput | None = None) -> AsyncIterator[dict]:
     """Run every step of ``pipeline``; ``backends[stage]`` has ``generate(req)`` (async iterator)
-    and, for AR stages, ``async encode(req) -> Handoff``."""
+    and, for AR stages, ``async encode(req) -> Handoff``. ``image``: the request's input image, for
+    a pipeline whose ``image`` is required (it goes to every step)."""
     args = args or StageArgs()
     value: Any = prompt
+    negative: Handoff | None = None
+    check_image("this pipeline", pipeline, image)
     stages: list[dict] = []
     result: dict = {"text": None, "images": None, "hidden_states": None}
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     for i, step in enumerate(pipeline.steps):
         kind, backend = kinds[step.stage], backends[step.stage]
-        req = step_request(i, step, kind, value, args, f"{request_id}-{i}")
+        req = step_request(i, step, kind, value, args, f"{request_id}-{i}", negative, image)
         yield {"type": "stage_start", "step": i, "stage": step.stage, "input": step.input, "output": step.output}
         t0 = time.perf_counter()
         info: dict = {}
@@ -168,10 +231,13 @@ async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], ki
             if i + 1 < len(pipeline.steps) and not value.strip():
                 value, info["fallback"] = prompt, "empty rewrite; the next stage got the original prompt"
         elif kind == "ar":
-            value = result["hidden_states"] = await backend.encode(req)
-            usage["prompt_tokens"] += value.shape[0]           # [T, H]: the prompt's T tokens were encoded
-            info = {"shape": list(value.shape)} | {k: v for k, v in (("object_id", value.object_id),
-                                                                      ("cache", value.cache)) if v is not None}
+            neg_text = negative_prompt_for(i, pipeline, kinds, args)
+            neg_req = None if neg_text is None else encode_request(
+                f"{request_id}-{i}-neg", neg_text, step, args.params_for(i, step, kind)[1], image)
+            value, negative = await _encode(backend, req, neg_req)
+            result["hidden_states"] = value
+            usage["prompt_tokens"] += value.shape[0] + (negative.shape[0] if negative else 0)   # [T, H]: T tokens
+            info = _handoff_info(value) | ({"negative": _handoff_info(negative)} if negative else {})
         else:
             images, extra = None, {}
             async for ev in backend.generate(req):

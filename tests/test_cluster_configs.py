@@ -138,10 +138,12 @@ def test_check_mode_fails_on_drift(tmp_path):
     cmd = [sys.executable, "-m", "cluster_configs.generate", "--check"]
     ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    for name, text in generate.render().items():
-        (tmp_path / name).write_text(text.replace("maxReplicas: 4", "maxReplicas: 5"))
+    rendered = generate.render()
+    n = int(re.search(r"maxReplicas: (\d+)", next(iter(rendered.values()))).group(1))   # a worker group's bound
+    for name, text in rendered.items():
+        (tmp_path / name).write_text(text.replace(f"maxReplicas: {n}", f"maxReplicas: {n + 1}"))
     drift = subprocess.run(cmd + ["--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
-    assert drift.returncode == 1 and "+      maxReplicas: 4" in drift.stdout
+    assert drift.returncode == 1 and f"+      maxReplicas: {n}" in drift.stdout
 
 
 # ----------------------------------------------------------------------------- consistency

@@ -115,3 +115,34 @@ def test_register_adds_an_entry_once(tmp_path, monkeypatch):
     assert "TestOnlyForCausalLM" in registered() and graph_for(tmp_path).roles == ("llm",)
     with pytest.raises(ValueError, match="twice"):
         register("TestOnlyForCausalLM")(one)
+
+
+@pytest.mark.parametrize("spec,edit", [("tiny:qwen-image", False), ("tiny:qwen-image-edit", True)])
+def test_qwen_image_is_a_text_encoder_on_the_ar_engine_then_the_dit(spec, edit):
+    g = graph_for(spec)
+    assert g.architecture == ("QwenImageEditPipeline" if edit else "QwenImagePipeline")
+    assert [(n.role, n.engine, n.takes, n.gives, n.component) for n in g.nodes] == [
+        ("text_encoder", "ar", "prompt", "hidden_states", "text_encoder"),
+        ("denoiser", "dit", "hidden_states", "images", None)]
+    assert g.requires == g.inputs == ({"text", "image"} if edit else {"text"}) and g.outputs == {"image"}
+    pipe = g.pipeline({"text_encoder": "enc", "denoiser": "dit"})
+    assert [(s.stage, s.encoding) for s in pipe.steps] == [("enc", g.architecture), ("dit", None)]
+    assert pipe.image == ("required" if edit else "none")
+
+
+def test_the_default_apps_qwen_image_pipelines():
+    pipes = expand_pipelines(load_app_config("serve_config.yaml")).pipelines
+    for name in ("qwen-image", "qwen-image-edit"):
+        assert [(s.stage, s.input, s.output) for s in pipes[name].steps] == [
+            (f"{name}-encoder", "prompt", "hidden_states"), (name, "hidden_states", "images")]
+    assert pipes["qwen-image"].steps[0].encoding == "QwenImagePipeline" and pipes["qwen-image"].image == "none"
+    assert pipes["qwen-image-edit"].steps[0].encoding == "QwenImageEditPipeline"
+    assert pipes["qwen-image-edit"].image == "required"
+
+
+def test_a_text_encoder_role_loads_the_same_checkpoint():
+    raw = load_app_config("serve_config.yaml").model_dump()
+    raw["pipelines"] = {"p": {"graph": {"model": "qwen-image", "stages": {"text_encoder": "llm"}}}}
+    with pytest.raises(ConfigError, match="role text_encoder of QwenImagePipeline loads text_encoder/ of the "
+                                          "checkpoint 'tiny:qwen-image'; stage 'llm' loads 'tiny:qwen3'"):
+        expand_pipelines(validate(OmniConfig, raw))

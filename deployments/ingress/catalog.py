@@ -3,7 +3,7 @@
 import time
 
 from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep
-from omni_ray.errors import ConfigError, ModelNotFoundError
+from omni_ray.errors import ConfigError, InvalidRequestError, ModelNotFoundError
 
 
 class Catalog:
@@ -24,12 +24,15 @@ class Catalog:
 
     def modalities(self, key: str) -> dict | None:
         """{"input": [...], "output": [...]}: what the stage's checkpoint takes and gives, from its stage
-        graph (omni_ray/graphs); None when the checkpoint is not readable from the ingress."""
+        graph (omni_ray/graphs); a stage that runs an inner role of its graph (Qwen-Image's text encoder)
+        gives that role's hand-off (hidden_states). None when the checkpoint is not readable here."""
         if key not in self._modalities:
             from omni_ray.graphs.registry import graph_for
             try:
                 g = graph_for(self.config.stages[key].engine.model.path)
-                self._modalities[key] = {"input": sorted(g.inputs), "output": sorted(g.outputs)}
+                mine = [n for n in g.nodes if n.engine == self.kinds[key]]
+                out = sorted(g.outputs) if not mine or mine[-1] is g.nodes[-1] else [mine[-1].gives]
+                self._modalities[key] = {"input": sorted(g.inputs), "output": out}
             except ConfigError:
                 self._modalities[key] = None
         return self._modalities[key]
@@ -74,6 +77,20 @@ class Catalog:
         if feeds and not direct:
             return feeds[0]
         return self.names[stage], PipelineConfig(steps=[PipelineStep(stage=stage, input="prompt", output="images")])
+
+    def edit_pipeline(self, model: str | None) -> tuple[str, PipelineConfig]:
+        """The pipeline of an image edit (``/v1/images/edits``): as ``image_pipeline``, for a model that
+        takes an input image (None: the first such pipeline); 400 for one that takes none."""
+        edits = [n for n, p in self.config.pipelines.items() if p.image == "required"]
+        if model is None:
+            if not edits:
+                raise ModelNotFoundError("this app serves no model that edits images", param="model")
+            return edits[0], self.config.pipelines[edits[0]]
+        name, pipe = self.image_pipeline(model)
+        if pipe.image != "required":
+            raise InvalidRequestError(f"model {model!r} takes no input image; models that edit images: {edits}",
+                                      param="model")
+        return name, pipe
 
     def pipeline(self, name: str) -> PipelineConfig:
         if name not in self.config.pipelines:

@@ -5,6 +5,7 @@ set; keys, body size and stray exceptions are handled by the Gate middleware bef
 a body, the other limits by the routes before any stage is called):
     GET  /health  /info  /v1/models  /v1/models/{id}  /v1/pipelines
     POST /v1/completions  /v1/chat/completions  /v1/images/generations
+    POST /v1/images/edits         (OpenAI's multipart form: image file + prompt; models that edit images)
     POST /v1/pipelines/{name}     (or /v1/pipelines/run with a "pipeline" field; "stream": true for SSE)
     POST /generate                (vLLM-omni's route: the same runner, pipeline and stage_args optional)
     POST /v1/requests/{id}/cancel (through the omni scheduler)
@@ -26,7 +27,7 @@ import asyncio
 import time
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -37,6 +38,7 @@ from deployments.ingress.gate import OPEN_PATHS, Gate, GateSettings
 from deployments.ingress.handle_args import images_as, text_body, validated
 from deployments.ingress.http import SSE_HEADERS, health_response, install_handlers
 from deployments.ingress.info import describe
+from deployments.ingress.input_image import EDIT_OPENAPI, input_image, read_form
 from deployments.ingress.lifecycle import Lifecycle, new_id
 from deployments.ingress.limits import check_pipeline_limits, check_text_limits
 from deployments.ingress.openapi_doc import install_openapi
@@ -45,6 +47,7 @@ from deployments.ingress.remote_stages import RemoteAR, RemoteDiT
 from deployments.ingress.request_ids import RequestIds
 from deployments.ingress.stage_health import StageHealth
 from deployments.ingress.text import collect, render_text, text_events, text_requests
+from deployments.openai.image_edits import parse_edit_form
 from deployments.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -60,7 +63,8 @@ from deployments.streams import OpenStreams, cancellable
 from omni_ray.config import OmniConfig, PipelineConfig, validate
 from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_text
-from omni_ray.runner import StageArgs
+from omni_ray.runner import StageArgs, check_image
+from omni_ray.stages.requests import ImageInput
 
 app = FastAPI(title="omni-ray", description="OpenAI-compatible serving of multi-stage omni models")
 install_handlers(app)
@@ -106,10 +110,16 @@ class Ingress:
         return lambda t: text_events(self.backends[stage], stage, reqs, t)
 
     async def _run_collect(self, rid: str, name: str, pipe: PipelineConfig, prompt: str, args: StageArgs,
-                           priority: str) -> dict:
+                           priority: str, image: ImageInput | None = None) -> dict:
         return await self.requests.unary(
             rid, name, [s.stage for s in pipe.steps], priority,
-            lambda t: pipeline_result(self.backends, self.kinds, rid, pipe, prompt, args, t))
+            lambda t: pipeline_result(self.backends, self.kinds, rid, pipe, prompt, args, t, image))
+
+    async def _image(self, name: str, pipe: PipelineConfig, source) -> ImageInput | None:
+        """The request's input image, checked and put in the object store (input_image.py); a pipeline
+        that needs one gets one, one that takes none gets none."""
+        check_image(name, pipe, source)
+        return None if source is None else await input_image(source, self.config.app.media)
 
     # ================================================================== text
     def _text_prepare(self, body, prompts: list[dict], id_prefix: str):
@@ -160,16 +170,17 @@ class Ingress:
         check_text(body.prompt)
         args = body.to_stage_args()
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
+        image = await self._image(name, pipe, body.image)
         rid = self.ids.new("pipe")
         if not body.stream:
-            res = await self._run_collect(rid, name, pipe, body.prompt, args, body.priority)
+            res = await self._run_collect(rid, name, pipe, body.prompt, args, body.priority, image)
             out = {"id": rid, "object": "pipeline.result", "created": int(time.time()), "pipeline": name,
                    **public(res)}
             out.pop("type")
             return out
         return self._respond(await self.requests.stream(
             rid, name, [s.stage for s in pipe.steps], body.priority,
-            lambda t: pipeline_events(self.backends, self.kinds, rid, pipe, body.prompt, args, t),
+            lambda t: pipeline_events(self.backends, self.kinds, rid, pipe, body.prompt, args, t, image),
             lambda ev: ev["type"] != "stage_start",          # up to the first stage's first output
             lambda events: render_pipeline(rid, name, events)))
 
@@ -183,7 +194,21 @@ class Ingress:
         check_text(body.prompt)
         args = StageArgs(image=body.diffusion())
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
+        check_image(name, pipe, None)            # an edit model: 400 pointing to /v1/images/edits
         res = await self._run_collect(self.ids.new("img"), "images", pipe, body.prompt, args, body.priority)
+        return {"created": int(time.time()), "data": b64_images(res["images"]), "model": name}
+
+    @app.post("/v1/images/edits", openapi_extra=EDIT_OPENAPI)
+    async def images_edits(self, request: Request):
+        """OpenAI's image edit: a multipart form (deployments/openai/image_edits.py says what is honoured)."""
+        body, upload = parse_edit_form(await read_form(request, self.config.app.media))
+        name, pipe = self.catalog.edit_pipeline(body.model)
+        check_text(body.prompt)
+        args = StageArgs(image=body.diffusion())
+        check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
+        image = await self._image(name, pipe, upload)
+        res = await self._run_collect(self.ids.new("img"), "image_edits", pipe, body.prompt, args, body.priority,
+                                      image)
         return {"created": int(time.time()), "data": b64_images(res["images"]), "model": name}
 
     @app.post("/v1/requests/{request_id}/cancel")
@@ -277,29 +302,34 @@ class Ingress:
     async def generate_images(self, prompt: str, *, model: str | None = None, n: int = 1, size: str | None = None,
                               num_inference_steps: int | None = None, guidance_scale: float | None = None,
                               seed: int | None = None, negative_prompt: str | None = None, cache: Any = None,
-                              output_format: str = "png", priority: str = "normal") -> dict:
-        """Images for a prompt: ``{"images": [PNG bytes] | [PIL.Image], "stages": [...], "model"}``."""
+                              output_format: str = "png", priority: str = "normal", image: Any = None) -> dict:
+        """Images for a prompt: ``{"images": [PNG bytes] | [PIL.Image], "stages": [...], "model"}``.
+        ``image`` (PNG / JPEG bytes, a data URL, base64 or a PIL image): the image to edit, for a model
+        that edits images (as ``/v1/images/edits``)."""
         body = validated(ImageGenerationRequest, prompt=prompt, model=model, n=n, size=size,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                          negative_prompt=negative_prompt, cache=cache, priority=priority)
-        name, pipe = self.catalog.image_pipeline(model)
+        name, pipe = self.catalog.image_pipeline(model) if image is None else self.catalog.edit_pipeline(model)
         check_text(body.prompt)
         args = StageArgs(image=body.diffusion())
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
-        res = await self._run_collect(new_id("handle"), "images", pipe, prompt, args, priority)
+        source = await self._image(name, pipe, image)
+        res = await self._run_collect(new_id("handle"), "images", pipe, prompt, args, priority, source)
         return {"model": name, "images": images_as(res["images"], output_format), "stages": res["stages"]}
 
     async def run_pipeline(self, name: str, prompt: str, *, output_format: str = "png", priority: str = "normal",
-                           **stage_args) -> dict:
+                           image: Any = None, **stage_args) -> dict:
         """Run a pipeline: ``{"text", "images", "hidden_states" (metadata), "stages", "usage"}``.
-        ``stage_args``: max_tokens, temperature, seed, size, num_inference_steps, ..., stage_args={stage: {...}}."""
+        ``stage_args``: max_tokens, temperature, seed, size, num_inference_steps, ..., stage_args={stage: {...}};
+        ``image``: the input image of a pipeline that edits one (bytes, data URL, base64 or PIL)."""
         pipe = self.catalog.pipeline(name)
         check_text(prompt)
         if priority not in ("high", "normal", "low"):
             raise InvalidRequestError(f"priority must be high, normal or low, got {priority!r}", param="priority")
         args = StageArgs.from_kwargs(stage_args)
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
-        res = await self._run_collect(new_id("handle"), name, pipe, prompt, args, priority)
+        source = await self._image(name, pipe, image)
+        res = await self._run_collect(new_id("handle"), name, pipe, prompt, args, priority, source)
         out = public(res, images=lambda pngs: images_as(pngs, output_format)) | {"pipeline": name}
         out.pop("type")
         return out

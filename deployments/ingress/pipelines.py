@@ -7,14 +7,15 @@ from deployments.openai.responses import b64_images
 from omni_ray.config import PipelineConfig
 from omni_ray.errors import OmniError
 from omni_ray.runner import StageArgs, run_pipeline
+from omni_ray.stages.requests import ImageInput
 
 
 async def pipeline_events(backends: dict, kinds: dict, rid: str, pipe: PipelineConfig, prompt: str,
-                          args: StageArgs, ticket) -> AsyncIterator[dict]:
+                          args: StageArgs, ticket, image: ImageInput | None = None) -> AsyncIterator[dict]:
     """run_pipeline, with the scheduler gating and told about each stage."""
     current = None
     try:
-        async for ev in run_pipeline(pipe, backends, kinds, prompt, rid, args):
+        async for ev in run_pipeline(pipe, backends, kinds, prompt, rid, args, image):
             if ev["type"] == "stage_start":
                 current = ev["stage"]
                 await ticket.stage_started(current)      # waits for a slot on a later stage
@@ -28,8 +29,8 @@ async def pipeline_events(backends: dict, kinds: dict, rid: str, pipe: PipelineC
 
 
 async def pipeline_result(backends: dict, kinds: dict, rid: str, pipe: PipelineConfig, prompt: str,
-                          args: StageArgs, ticket) -> dict:
-    async for ev in pipeline_events(backends, kinds, rid, pipe, prompt, args, ticket):
+                          args: StageArgs, ticket, image: ImageInput | None = None) -> dict:
+    async for ev in pipeline_events(backends, kinds, rid, pipe, prompt, args, ticket, image):
         if ev["type"] == "result":
             return ev
     raise OmniError("pipeline ended without a result")

@@ -363,6 +363,7 @@ class PipelineRequest(_ImageArgs):
 
     pipeline: str | None = None                     # for /v1/pipelines/run
     prompt: str = Field(json_schema_extra={"minLength": 1})     # checked by the route (rules.check_text)
+    image: str | None = None                        # pipelines that edit an image: a data: URL or base64
     stream: bool = False
     priority: Priority = "normal"
     max_tokens: int | None = bounded(None, S["max_tokens"])

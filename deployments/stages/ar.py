@@ -28,6 +28,7 @@ ends the engine generator, which aborts the request and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -47,9 +48,22 @@ from deployments.streams import OpenStreams
 from omni_ray.config import ARStageConfig, LimitsConfig, MediaConfig, validate
 from omni_ray.errors import EngineError, OmniError
 from omni_ray.stages.ar import ARStageEngine, merge_deltas, pretokenize
-from omni_ray.stages.requests import ARRequest, Handoff
+from omni_ray.stages.requests import ARRequest, Handoff, ImageInput
 
 log = logging.getLogger("ray.serve")
+
+
+async def resolve_images(req: ARRequest) -> ARRequest:
+    """``req`` with its ``ImageInput``s (an edit's input image: the ref of the bytes the ingress put
+    once in the object store for both stages) resolved into those bytes, which the engine decodes
+    under app.media as any image; other requests unchanged."""
+    mm = req.multi_modal_data
+    if not mm or not any(isinstance(v, ImageInput) for v in mm.values()):
+        return req
+    out = {}
+    for k, v in mm.items():
+        out[k] = (v.image if v.image is not None else await v.ref) if isinstance(v, ImageInput) else v
+    return dataclasses.replace(req, multi_modal_data=out)
 
 
 def _stage_error(e: Exception) -> OmniError:
@@ -131,10 +145,11 @@ class ARDeployment(StageReplica):
 
     async def _encode(self, req: ARRequest) -> Handoff:
         with self.metrics.track(req.request_id, "encode"):
-            hs = await self.engine.encode(req)    # [T, H] float32 CPU
+            hs = await self.engine.encode(await resolve_images(req))    # [T, H] float32 CPU
         ref = ray.put(hs.numpy())
         self.pins.hold(ref, hs.numel() * hs.element_size())   # until the next stage has it (deployments/stages/pins.py)
         # what the hidden states are a function of: lets the DiT cache key images conditioned on them
+        # (``req`` as it came: an input image by its digest)
         source = {"model": self.engine.model_name,
                   "input": hashlib.sha256(req.input_digest().encode()).hexdigest()[:32]}
         return Handoff(shape=list(hs.shape), ref=ref, dtype=str(hs.dtype).replace("torch.", ""),

@@ -11,10 +11,17 @@ materialised (from the object store, zero-copy on one node). Images leave the re
 With ``dit_cache.enabled`` the replica consults the application's DiT cache:
   * images of a deterministic request (it has a seed): a hit skips the engine entirely;
   * text-encoder conditioning of a prompt: a hit skips the text encoder (``prompt_embeds``).
+Image keys of hidden-state requests are what the hand-offs are a function of (the encoder's model and
+input, the negative prompt's too) and, for an edit, the input image's digest.
+
+``req.negative_conditioning`` (true CFG when the text encoder is an AR stage) is resolved here beside
+``req.conditioning``; ``req.image`` (an edit's input image) holds the ref of the bytes the ingress put
+once in the object store, resolved and decoded here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -27,10 +34,11 @@ from ray import serve
 
 from deployments.services import CapacityReporter, dit_cache
 from deployments.stages.replica import StageReplica, errors_as_values
-from omni_ray.config import DiTStageConfig, validate
+from omni_ray.config import DiTStageConfig, MediaConfig, validate
 from omni_ray.errors import InvalidRequestError
+from omni_ray.media.images import decode_image
 from omni_ray.stages.dit import DiTStageEngine
-from omni_ray.stages.requests import DiTRequest, Handoff
+from omni_ray.stages.requests import DiTRequest, Handoff, ImageInput
 
 log = logging.getLogger("ray.serve")
 
@@ -39,6 +47,21 @@ def to_png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+async def _none():
+    return None
+
+
+async def fetch_image(image: ImageInput, media: MediaConfig):
+    """The edit's input image as PIL: the ingress's bytes (checked there under app.media) from the
+    object store, decoded here under the same limits; offline requests carry the image itself."""
+    if image.image is not None:
+        return image.image
+    if image.ref is None:
+        raise InvalidRequestError("the input image carries neither an image nor an object reference", param="image")
+    data = await image.ref
+    return decode_image(data, "image", media)
 
 
 async def fetch_hidden(hidden: Handoff) -> torch.Tensor:
@@ -53,9 +76,10 @@ async def fetch_hidden(hidden: Handoff) -> torch.Tensor:
 
 @serve.deployment
 class DiTDeployment(StageReplica):
-    def __init__(self, stage: str, config: dict, services: dict | None = None):
+    def __init__(self, stage: str, config: dict, services: dict | None = None, media: dict | None = None):
         self.stage = stage
         self.config: DiTStageConfig = validate(DiTStageConfig, config)
+        self.media: MediaConfig = validate(MediaConfig, media or {})     # edits' input images (app.media)
         self.model = self.config.engine.model.served_name
         self.engine = DiTStageEngine(self.config.engine)
         self.engine.start()
@@ -80,8 +104,10 @@ class DiTDeployment(StageReplica):
                 await events.aclose()
 
     async def _generate(self, req: DiTRequest) -> AsyncIterator[dict]:
-        hidden = req.conditioning
+        hidden, neg = req.conditioning, req.negative_conditioning
         info: dict = {"received_object_id": hidden.ref.hex()} if hidden is not None and hidden.ref is not None else {}
+        if neg is not None and neg.ref is not None:
+            info["received_negative_object_id"] = neg.ref.hex()
         key = self._image_key(req)
         if key is not None:
             pngs = await self.cache.get(key)
@@ -89,12 +115,13 @@ class DiTDeployment(StageReplica):
             if pngs is not None:
                 yield {"kind": "done", "images": list(pngs), "info": info | {"image_cache": "hit"}}
                 return
-        embeds, mask = None, None
-        if hidden is not None:
-            embeds = await fetch_hidden(hidden)
+        embeds, mask, negative = None, None, None
+        if hidden is not None:      # the prompt's and the negative prompt's, resolved together
+            embeds, negative = await asyncio.gather(fetch_hidden(hidden), fetch_hidden(neg) if neg else _none())
         elif isinstance(req.prompt, str) and req.prompt.strip():
             embeds, mask = await self._conditioning(req)
-        async for ev in self.engine.generate(req, embeds, mask):
+        image = await fetch_image(req.image, self.media) if req.image is not None else None
+        async for ev in self.engine.generate(req, embeds, mask, negative, image):
             if ev["kind"] == "done":
                 pngs = [to_png(im) for im in ev["images"]]
                 if key is not None:
@@ -109,10 +136,15 @@ class DiTDeployment(StageReplica):
             return None
         from omni_ray.cluster.dit_cache import image_key
 
-        hidden = req.conditioning
-        what = req.prompt if hidden is None else json.dumps(hidden.source, sort_keys=True)
-        if not what or (hidden is not None and not hidden.source):
+        hidden, neg = req.conditioning, req.negative_conditioning
+        if hidden is not None and (not hidden.source or (neg is not None and not neg.source)):
             return None
+        what = req.prompt if hidden is None else json.dumps(
+            [hidden.source] + ([neg.source] if neg is not None else []), sort_keys=True)
+        if not what:
+            return None
+        if req.image is not None:           # an edit: the input image is part of what the image is a function of
+            what = f"{what}|image:{req.image.digest}"
         return image_key(self.model, what, req.params.key_fields())
 
     async def _conditioning(self, req: DiTRequest):

@@ -4,7 +4,8 @@ Loaded on first use: the request types (``omni_ray.ar.sampling_params``) import 
 
 _EXPORTS = {"LLM": "omni_ray.ar.engine.llm_engine", "LLMEngine": "omni_ray.ar.engine.llm_engine",
             "SamplingParams": "omni_ray.ar.sampling_params", "EncodeParams": "omni_ray.ar.sampling_params",
-            "AsyncLLM": "omni_ray.ar.engine.async_engine", "RequestOutput": "omni_ray.ar.engine.async_engine"}
+            "AsyncLLM": "omni_ray.ar.engine.async_engine", "RequestOutput": "omni_ray.ar.engine.async_engine",
+            "TextEncoding": "omni_ray.ar.text_encoding", "text_encoding_for": "omni_ray.ar.text_encoding"}
 __all__ = list(_EXPORTS)
 
 

@@ -110,7 +110,12 @@ class EncodeParams:
 
     ``layer=-1`` gives the final (normed) hidden states, ``layer=k`` the residual stream after
     decoder layer k (the same indexing as transformers' ``output_hidden_states[k]``; 0 is the
-    embeddings)."""
+    embeddings).
+
+    ``drop_tokens=k``: the first k prompt positions need their K/V but not their hidden states (a
+    text encoder's template prefix): the output is the rows of positions k.., and those k positions
+    may come from the prefix cache (full blocks), so a shared template is computed once."""
 
     layer: int | None = None
     extra: dict = field(default_factory=dict)
+    drop_tokens: int = 0

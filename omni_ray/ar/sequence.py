@@ -60,10 +60,18 @@ class Sequence:
         return isinstance(self.params, EncodeParams)
 
     @property
-    def needs_every_position(self) -> bool:
-        """Hidden states or prompt log-probabilities of every prompt position: the prefix cache holds
-        neither, so such a sequence computes its whole prompt."""
-        return self.is_encode or getattr(self.params, "prompt_logprobs", None) is not None
+    def num_cacheable_tokens(self) -> int:
+        """Leading prompt tokens that may come from the prefix cache. The cache holds K/V only, not
+        hidden states or logits: an encode request computes every position whose hidden state it
+        returns (all after ``drop_tokens``), a request for prompt log-probabilities its whole prompt."""
+        if self.is_encode:
+            return self.params.drop_tokens
+        return 0 if getattr(self.params, "prompt_logprobs", None) is not None else len(self.token_ids)
+
+    @property
+    def num_dropped_rows(self) -> int:
+        """Encode requests: the leading positions whose hidden states are not returned."""
+        return self.params.drop_tokens if self.is_encode else 0
 
     @property
     def num_output_tokens(self) -> int:

@@ -39,3 +39,17 @@ def text_to_image(cfg: dict) -> StageGraph:
         nodes = (StageNode("text_encoder", "ar", "prompt", "hidden_states"),
                  StageNode("denoiser", "dit", "hidden_states", "images"))
     return StageGraph(arch, nodes, outputs=frozenset({"image"}))
+
+
+@register("QwenImagePipeline", "QwenImageEditPipeline")
+def qwen_image(cfg: dict) -> StageGraph:
+    """Qwen-Image: its Qwen2.5-VL text encoder on the AR engine (the pipeline's prompt template, its
+    last hidden states) conditions the MMDiT + VAE on the DiT engine. One directory serves both
+    stages: the AR stage loads its ``text_encoder/`` (and tokenizer / processor), the DiT stage the
+    rest. Edit: the source image goes to both (the VL vision tower; the VAE's latents)."""
+    arch = cfg["_class_name"]
+    edit = arch == "QwenImageEditPipeline"
+    nodes = (StageNode("text_encoder", "ar", "prompt", "hidden_states", component="text_encoder", encoding=arch),
+             StageNode("denoiser", "dit", "hidden_states", "images"))
+    need = frozenset({"text", "image"} if edit else {"text"})
+    return StageGraph(arch, nodes, inputs=need, outputs=frozenset({"image"}), requires=need)

@@ -35,6 +35,11 @@ def _expand(cfg: OmniConfig, name: str, p: PipelineConfig) -> PipelineConfig:
         if kind != n.engine:
             raise ConfigError(f"{where}: role {n.role} of {graph.architecture} runs on the {n.engine} engine; "
                               f"stage {roles[n.role]!r} is {kind}")
+        if n.component is not None:          # e.g. Qwen-Image's text encoder: the same directory's text_encoder/
+            path, own = cfg.stages[roles[n.role]].engine.model.path, cfg.stages[p.graph.model].engine.model.path
+            if path.rstrip("/") not in (own.rstrip("/"), f"{own.rstrip('/')}/{n.component}"):
+                raise ConfigError(f"{where}: role {n.role} of {graph.architecture} loads {n.component}/ of the "
+                                  f"checkpoint {own!r}; stage {roles[n.role]!r} loads {path!r}")
     out = graph.pipeline(roles, p.description)
     # the expanded steps must also pass the config's own pipeline checks
     validate(OmniConfig, cfg.model_dump() | {"pipelines": {name: out.model_dump()}})

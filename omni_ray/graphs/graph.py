@@ -22,6 +22,7 @@ class StageNode:
     takes: Handoff
     gives: Handoff
     component: str | None = None   # the checkpoint subfolder it loads (diffusers' "text_encoder"); None: the root
+    encoding: str | None = None    # AR hidden_states: the text-encoding recipe (a diffusers pipeline class)
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,11 @@ class StageGraph:
     nodes: tuple[StageNode, ...]
     inputs: frozenset[str] = frozenset({"text"})     # modalities a request may carry
     outputs: frozenset[str] = frozenset({"text"})    # modalities it returns
+    requires: frozenset[str] = frozenset({"text"})   # modalities every request must carry (edit: text, image)
 
     def __post_init__(self):
+        if not self.requires <= self.inputs:
+            raise ValueError(f"{self.architecture}: requires {sorted(self.requires)} beyond its inputs")
         if not self.nodes or self.nodes[0].takes != "prompt":
             raise ValueError(f"{self.architecture}: a graph starts with a stage that takes the prompt")
         for a, b in zip(self.nodes, self.nodes[1:]):
@@ -52,6 +56,9 @@ class StageGraph:
             if n.takes not in ("prompt", "text", "hidden_states") or n.gives not in ("text", "hidden_states", "images"):
                 raise ConfigError(f"{self.architecture}: stage {n.role} hands over {n.takes} -> {n.gives}, "
                                   "which the pipeline runner does not carry yet")
-            steps.append(PipelineStep(stage=stages[n.role], input=n.takes, output=n.gives))
-        return PipelineConfig(steps=steps, description=description or f"{self.architecture}: "
+            steps.append(PipelineStep(stage=stages[n.role], input=n.takes, output=n.gives, encoding=n.encoding))
+        # the runner carries a request's image to every step: only for graphs that need one (edit);
+        # a VL model's optional images come through chat content parts, not pipelines
+        return PipelineConfig(steps=steps, image="required" if "image" in self.requires else "none",
+                              description=description or f"{self.architecture}: "
                               + " -> ".join(f"{n.role} ({n.engine})" for n in self.nodes))

@@ -24,6 +24,7 @@ import torch
 from omni_ray.ar.engine.token_bytes import TokenTable, token_table
 from omni_ray.ar.multimodal import MultiModalInputs
 from omni_ray.ar.multimodal.prompts import chat_inputs, data_inputs
+from omni_ray.ar.text_encoding import TextEncoding, text_encoding_for
 from omni_ray.config import AREngineConfig, LimitsConfig, MediaConfig
 from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_prompt_tokens
@@ -162,6 +163,13 @@ class ARStageEngine(EngineStage):
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def text_encoding(self) -> TextEncoding | None:
+        """The text-encoder recipe of the diffusers pipeline whose ``text_encoder`` this stage runs (its
+        model path is that pipeline's directory), else None."""
+        pipeline = self.engine.layout.pipeline
+        return text_encoding_for(pipeline) if pipeline else None
+
     async def prompt(self, req: ARRequest) -> list[int] | MultiModalInputs:
         """The request's token ids, or its processed multimodal prompt (media decoded and checked under
         ``app.media``, the checkpoint's processor; in a worker thread, off the replica's event loop).
@@ -195,5 +203,30 @@ class ARStageEngine(EngineStage):
             yield d
 
     async def encode(self, req: ARRequest) -> torch.Tensor:
-        """Prompt hidden states [T, H] (float32, CPU)."""
-        return await self.engine.encode(await self.prompt(req), req.request_id, layer=req.layer)
+        """Prompt hidden states [T, H] (float32, CPU). With ``req.encoding`` (a text-encoder recipe,
+        ``omni_ray.ar.text_encoding``) what the recipe's pipeline conditions on: [T - drop_tokens, H] of its
+        layer, the template's dropped prefix served by the prefix cache. Concurrent calls (a prompt and
+        its negative prompt) reach the engine in one loop turn and run in one step."""
+        enc = req.encoding
+        if enc is None:
+            return await self.engine.encode(await self.prompt(req), req.request_id, layer=req.layer)
+        prompt = await self.encoding_prompt(req)
+        return await self.engine.encode(prompt, req.request_id, layer=enc.layer, drop_tokens=enc.drop_tokens)
+
+    async def encode_batch(self, reqs: list[ARRequest]) -> list[torch.Tensor]:
+        """``encode`` of each request, added to the engine together so that they run in one step (a prompt and
+        its negative prompt, sent as one stage call); the first bad request's error is raised."""
+        return list(await asyncio.gather(*(self.encode(r) for r in reqs)))
+
+    async def encoding_prompt(self, req: ARRequest) -> list[int] | MultiModalInputs:
+        """A text-encoder request's engine prompt: the recipe's template, truncation and image (resized as
+        the pipeline does, then the model's processor: in a worker thread, off the replica's event loop)."""
+        enc, engine = req.encoding, self.engine
+        image = (req.multi_modal_data or {}).get("image")
+        if image is None:
+            ids = enc.inputs(engine.tokenizer, engine.mm_processor, req.prompt)
+            check_prompt_tokens(len(ids), self.limits.max_prompt_tokens)
+            return ids
+        mm = await asyncio.to_thread(enc.inputs, engine.tokenizer, engine.mm_processor, req.prompt, image, self.media)
+        check_prompt_tokens(len(mm.token_ids), self.limits.max_prompt_tokens)
+        return mm if self.encoder is None else await attach_embeddings(mm, self.encoder)

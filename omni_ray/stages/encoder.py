@@ -56,14 +56,14 @@ class EncoderStageEngine:
     def start(self) -> None:
         if self.encoders is not None:
             return
+        from omni_ray.ar.models.checkpoint import checkpoint_layout
         from omni_ray.ar.models.loader import read_hf_config
         from omni_ray.ar.models.mrope import MRopeSpec
         from omni_ray.ar.multimodal.encoders import MediaEncoders
         from omni_ray.devices import resolve_device, resolve_dtype
         from omni_ray.errors import ConfigError
-        from omni_ray.testing import resolve_model
 
-        path = resolve_model(self.config.model.path)
+        path = checkpoint_layout(self.config.model.path).weights
         if MRopeSpec.from_hf(read_hf_config(path)) is None:
             raise ConfigError(f"{self.config.model.path}: not a multimodal checkpoint (no media encoders to run)")
         device = resolve_device(self.config.device)

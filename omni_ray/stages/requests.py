@@ -5,22 +5,27 @@ they are built, not again where they arrive).
 A request carries its id, its inputs by modality and its params:
 
     ARRequest(request_id, prompt="a fox" | [ids] | None, messages=[...] | None, system_prompt=None,
-              params=SamplingParams(...), layer=None, multi_modal_data=None, tools=None)
-    DiTRequest(request_id, prompt="a fox" | None, params=DiffusionParams(...), conditioning=Handoff | None)
+              params=SamplingParams(...), layer=None, multi_modal_data=None, tools=None, encoding=None)
+    DiTRequest(request_id, prompt="a fox" | None, params=DiffusionParams(...), conditioning=Handoff | None,
+               negative_conditioning=Handoff | None, image=ImageInput | None)
 
 ``multi_modal_data`` ({"image": ..., "audio": ...}, vLLM's name, with a text prompt) or chat
 ``messages`` with image / audio content parts carry media to an AR stage whose model takes them;
 ``Handoff`` (hidden states of another stage, by object-store reference or by value) carries a
-stage's output to the next.
+stage's output to the next; ``ImageInput`` carries the request's own image (image edit) to every
+stage that takes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from omni_ray.ar.sampling_params import SamplingParams
+from omni_ray.ar.text_encoding import TextEncoding
 from omni_ray.dit.params import DiffusionParams
 from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_prompt
@@ -57,6 +62,8 @@ class ARRequest:
     multi_modal_data: dict[str, Any] | None = None  # {"image": ..., "audio": ...}: for stages that take them
     echo: bool = False                             # the first delta carries the prompt as text (completions' echo)
     tools: list[dict] | None = None                # OpenAI ``tools``: rendered by the chat template (messages only)
+    encoding: TextEncoding | None = None           # encode(): a text-encoder recipe (omni_ray.ar.text_encoding) over
+                                                   # ``prompt`` (+ multi_modal_data {"image": ...} for image recipes)
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -86,6 +93,18 @@ class ARRequest:
                                           "placeholder tokens", param="multi_modal_data")
         if self.tools and self.has_media:
             raise InvalidRequestError("tools with image or audio content are not supported yet", param="tools")
+        if self.encoding is not None:
+            self._check_encoding()
+
+    def _check_encoding(self) -> None:
+        if not isinstance(self.encoding, TextEncoding):
+            raise InvalidRequestError(f"encoding must be a TextEncoding, got {type(self.encoding).__name__}",
+                                      param="encoding")
+        if not isinstance(self.prompt, str) or self.messages is not None or self.system_prompt or self.tools:
+            raise InvalidRequestError("a text-encoder request takes a text prompt (the recipe's template wraps "
+                                      "it), no messages, system_prompt or tools", param="prompt")
+        if self.multi_modal_data and set(self.multi_modal_data) != {"image"}:
+            raise InvalidRequestError("a text-encoder request takes an image only", param="multi_modal_data")
 
     @property
     def is_plain_text(self) -> bool:
@@ -102,7 +121,56 @@ class ARRequest:
     def input_digest(self) -> str:
         """What this request's prompt hidden states are a function of (cache keys, handoff source)."""
         parts = [self.prompt, self.messages, self.system_prompt, self.layer] + ([self.tools] if self.tools else [])
+        if self.encoding is not None:
+            parts.append(dataclasses.asdict(self.encoding))
+        if self.multi_modal_data:
+            parts.append(media_digest(self.multi_modal_data))
         return json.dumps(parts, sort_keys=True, default=repr)
+
+
+def media_digest(data: dict) -> dict:
+    """``multi_modal_data`` by content: a sha256 per image / clip (PIL pixels, bytes, or the string given)."""
+    def one(x) -> str:
+        h = hashlib.sha256()
+        if hasattr(x, "tobytes") and hasattr(x, "mode"):           # a PIL image
+            h.update(f"{x.mode}{x.size}".encode())
+            h.update(x.tobytes())
+        elif isinstance(x, (bytes, bytearray)):
+            h.update(bytes(x))
+        elif isinstance(x, tuple) and len(x) == 2 and hasattr(x[0], "tobytes"):   # audio (array, rate)
+            h.update(f"{x[1]}".encode())
+            h.update(x[0].tobytes())
+        else:
+            h.update(repr(x).encode())
+        return h.hexdigest()
+
+    return {k: [one(x) for x in (v if isinstance(v, list) else [v])] for k, v in sorted(data.items())}
+
+
+@dataclass
+class ImageInput:
+    """A request's input image (image edit), checked once where the request came in: ``ref`` (online:
+    an ObjectRef of its encoded bytes, put once by the ingress and resolved only in the stage replicas
+    that use it) or ``image`` (offline: the PIL image). ``digest``: sha256 of its RGB pixels and size,
+    the same online and offline (cache keys: the DiT cache keys conditioning and images by it)."""
+
+    digest: str
+    size: tuple[int, int]                 # (width, height)
+    ref: Any = None
+    image: Any = None
+
+    @classmethod
+    def of(cls, image, ref: Any = None, keep: bool = True) -> "ImageInput":
+        """``image`` (PIL, RGB, already checked) with its digest; ``keep=False`` keeps only ``ref``."""
+        h = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+        h.update(image.tobytes())
+        return cls(h.hexdigest()[:32], (image.width, image.height), ref=ref, image=image if keep else None)
+
+    def __repr__(self) -> str:            # what digests of the requests that carry it read (never the pixels)
+        return f"ImageInput(sha256:{self.digest}, {self.size[0]}x{self.size[1]})"
+
+    def public(self) -> dict:
+        return {"digest": self.digest, "size": list(self.size)}
 
 
 @dataclass
@@ -111,6 +179,8 @@ class DiTRequest:
     prompt: str | None = None
     params: DiffusionParams = field(default_factory=DiffusionParams)
     conditioning: Handoff | None = None            # an AR stage's prompt hidden states, used instead of the prompt
+    negative_conditioning: Handoff | None = None   # ... and of the negative prompt (true CFG), encoded beside it
+    image: ImageInput | None = None                # the input image of an edit (the engine VAE-encodes it)
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -120,5 +190,10 @@ class DiTRequest:
                                       param="params")
         if self.prompt is not None and not isinstance(self.prompt, str):
             raise InvalidRequestError("prompt must be a string", param="prompt")
-        if self.conditioning is not None and not isinstance(self.conditioning, Handoff):
-            raise InvalidRequestError("conditioning must be a Handoff", param="conditioning")
+        for name in ("conditioning", "negative_conditioning"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), Handoff):
+                raise InvalidRequestError(f"{name} must be a Handoff", param=name)
+        if self.negative_conditioning is not None and self.conditioning is None:
+            raise InvalidRequestError("negative_conditioning goes with conditioning", param="negative_conditioning")
+        if self.image is not None and not isinstance(self.image, ImageInput):
+            raise InvalidRequestError("image must be an ImageInput", param="image")

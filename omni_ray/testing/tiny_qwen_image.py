@@ -52,7 +52,7 @@ def _text_encoder_parts(out: Path, processor: bool, seed: int, shape: bool) -> i
             if f.name in tok_files or f.name == "chat_template.jinja":
                 shutil.copy(f, tok / f.name)
             elif f.name not in ("preprocessor_config.json",):
-                shutil.copy(f, enc / f.name)
+                shutil.move(f, enc / f.name)            # moved: the 7B shape's weights are never on disk twice
         if processor:
             proc = out / "processor"
             proc.mkdir()

@@ -66,7 +66,8 @@ def test_layout_splits_rows_and_tokens():
 
 def test_step_header_round_trip():
     meta = {"x": ((3, 4, 8, 8), torch.bfloat16), "t": ((3,), torch.float32),
-            "cond": {"ctx": ((3, 7, 32), torch.bfloat16), "bias": None, "pooled": ((3, 32), torch.float16)}}
+            "cond": {"ctx": ((3, 7, 32), torch.bfloat16), "bias": None, "pooled": ((3, 32), torch.float16)},
+            "shapes": ((1, 4, 6), (1, 8, 8))}
     values = encode_meta(meta)
     assert len(values) <= 62                                           # fits one WorkerGroup.post
     assert decode_meta(np.asarray(values)) == meta
@@ -81,6 +82,8 @@ def test_bad_layouts_are_config_errors():
             DiTEngine(config("tiny:pixart", {"sequence_parallel_size": sp}))
     with pytest.raises(ConfigError, match="compile"):
         DiTEngine(config("tiny:pixart", {"sequence_parallel_size": 2}, compile=True))
+    with pytest.raises(ConfigError, match="cfg_parallel"):
+        DiTEngine(config("tiny:qwen-image", {"sequence_parallel_size": 2}))
 
 
 # ----------------------------------------------------------------------------- on Ray
@@ -100,6 +103,27 @@ def test_cfg_parallel_equals_single_process(ray_up, reference):
             engine.make_request("a fox", DiffusionParams(height=64, width=64, cache={"method": "teacache"}))
         assert err.value.param == "cache" and err.value.http_status == 400
         engine.check_health()
+    finally:
+        engine.shutdown()
+
+
+def test_qwen_image_cfg_parallel_equals_single_process(ray_up):
+    """Packed latents, true CFG with a negative of another length (a caption mask), a request
+    without CFG beside it (an odd number of rows)."""
+    ref_engine = DiTEngine(config("tiny:qwen-image", {}))
+    engine = DiTEngine(config("tiny:qwen-image", {"cfg_parallel": True}))
+    g = torch.Generator().manual_seed(0)
+    dim = ref_engine.family.caption_dim
+    embeds = [torch.randn(n, dim, generator=g) for n in (9, 6, 11)]
+    negs = [torch.randn(4, dim, generator=g), None, torch.randn(11, dim, generator=g)]
+    params = [DiffusionParams(height=32, width=48, num_inference_steps=3, seed=i) for i in range(3)]
+
+    def run(eng):
+        out = eng.generate(None, params, prompt_embeds=embeds, negative_prompt_embeds=negs, output_type="latent",
+                           use_tqdm=False)
+        return [torch.as_tensor(o) for o in out]
+    try:
+        assert_same(run(engine), run(ref_engine))
     finally:
         engine.shutdown()
 

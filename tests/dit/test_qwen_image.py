@@ -249,3 +249,18 @@ def test_cuda_graphs_match_eager(cache):
     assert engines[0].runner.graphs.replays > 0
     for a, b in zip(*outs):
         assert _rel(a, b) < 1e-3
+
+
+def test_engine_from_components_in_memory(qwen, embeds):
+    """``DiTEngine.from_components``: components built in memory (as the GPU benchmark builds the real
+    shape), no checkpoint directory: the same images as the engine loaded from disk."""
+    eng = DiTEngine.from_components("QwenImagePipeline", {"transformer": qwen.family.transformer,
+                                                          "vae": qwen.family.vae,
+                                                          "scheduler": qwen.family.base_scheduler},
+                                    DiTEngineConfig(model=ModelConfig(path="in-memory"), device="cpu"))
+    assert eng.model_path is None
+    params = DiffusionParams(height=32, width=32, num_inference_steps=2, seed=1)
+    kw = _kw(embeds, "ugly", "blurry, low quality")
+    a = eng.generate(None, params, output_type="latent", use_tqdm=False, **kw)[0]
+    b = qwen.generate(None, params, output_type="latent", use_tqdm=False, **kw)[0]
+    assert torch.equal(a, b)

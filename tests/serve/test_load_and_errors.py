@@ -147,9 +147,11 @@ def test_errors_do_not_disturb_other_requests(client):
 def test_health_and_info(client):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
-    assert set(info["stages"]) == {"llm", "vl", "image", "image-llm"}
+    assert set(info["stages"]) == {"llm", "vl", "image", "image-llm", "qwen-image-encoder", "qwen-image",
+                                   "qwen-image-edit-encoder", "qwen-image-edit"}
     assert set(info["versions"]) >= {"omni_ray", "ray", "torch"}
-    assert set(info["pipelines"]) == {"chat", "image", "text2image", "text2image-llm-encoder"}
+    assert set(info["pipelines"]) == {"chat", "image", "text2image", "text2image-llm-encoder",
+                                      "qwen-image", "qwen-image-edit"}
     assert "scheduler" in info
     assert info["stages"]["image"]["kind"] == "dit" and info["stages"]["llm"]["stats"]["healthy"]
 

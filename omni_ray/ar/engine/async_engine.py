@@ -27,11 +27,11 @@ import torch
 
 from omni_ray.ar.engine.detokenizer import StreamText
 from omni_ray.ar.engine.engine_core import RequestOutput, make_core
+from omni_ray.ar.models.checkpoint import checkpoint_layout
 from omni_ray.ar.multimodal import MultiModalProcessor
 from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
 from omni_ray.config import AREngineConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
-from omni_ray.testing import resolve_model
 
 __all__ = ["AsyncLLM", "RequestOutput"]
 log = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ class AsyncLLM:
         self.core = make_core(cfg)
         self.tokenizer = self.core.tokenizer
         # multimodal checkpoints: media are processed by the caller (a stage thread), not the engine loop
-        self.mm_processor = MultiModalProcessor.from_pretrained(resolve_model(cfg.model.path), self.tokenizer)
+        self.layout = getattr(self.core, "layout", None) or checkpoint_layout(cfg.model.path)
+        self.mm_processor = MultiModalProcessor.from_pretrained(self.layout, self.tokenizer)
         self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
@@ -137,9 +138,12 @@ class AsyncLLM:
         async for out in self._submit(prompt, params, request_id, stream_text=True, interval=interval):
             yield out
 
-    async def encode(self, prompt: str | list[int], request_id: str, layer: int | None = None) -> torch.Tensor:
-        """Prompt hidden states [T, H] (float32, CPU)."""
-        async for out in self._submit(prompt, EncodeParams(layer), request_id, stream_text=False):
+    async def encode(self, prompt: str | list[int], request_id: str, layer: int | None = None,
+                     drop_tokens: int = 0) -> torch.Tensor:
+        """Prompt hidden states [T, H] (float32, CPU); ``drop_tokens=k``: rows k.. only ([T - k, H]), the
+        first k positions served by the prefix cache where it holds them."""
+        params = EncodeParams(layer, drop_tokens=drop_tokens)
+        async for out in self._submit(prompt, params, request_id, stream_text=False):
             return torch.from_numpy(out)
         raise EngineError(f"request {request_id} ended without hidden states")
 

@@ -49,7 +49,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits, prev = [], None
-        for i in range((len(seq) - 1) // self.block_size):
+        for i in range(min(len(seq) - 1, seq.num_cacheable_tokens) // self.block_size):
             tokens = seq.block_key(i)
             h = self.chain_hash(prev, tokens)
             bid = self.hash_to_block.get(h)
@@ -75,11 +75,12 @@ class BlockManager:
         return need <= self.num_free_blocks  # conservative: ignores cache hits
 
     def admit(self, seq: Sequence) -> None:
-        """First scheduling of a waiting sequence: take its cached prefix blocks. Encode (hidden-state)
-        requests and those asking for prompt log-probabilities take none: they need every position's
-        hidden state or logits, which the cache does not hold (vLLM does the same)."""
+        """First scheduling of a waiting sequence: take its cached prefix blocks, up to
+        ``seq.num_cacheable_tokens``: encode (hidden-state) requests only within their dropped prefix,
+        those asking for prompt log-probabilities none (the cache holds K/V, not hidden states or
+        logits; vLLM does the same)."""
         assert not seq.block_table
-        hits = [] if seq.needs_every_position else self._lookup(seq)
+        hits = self._lookup(seq)
         for bid in hits:
             block = self.blocks[bid]
             if block.ref_count == 0:

@@ -135,7 +135,7 @@ class ThreadCore:
         from omni_ray.ar.engine.llm_engine import LLMEngine
 
         self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
+        self.tokenizer, self.layout = self.engine.tokenizer, self.engine.layout
         self.model_name, self.max_model_len = self.engine.model_name, self.engine.max_model_len
         self._core = CoreLoop(self.engine)
         self._lock = threading.Lock()                 # guards the two lists (never held over a step)
@@ -144,6 +144,8 @@ class ThreadCore:
         self._work = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._target = None                           # (loop, deliver, fail) once started
+        self._turn: list[tuple] = []                  # adds of the current event-loop turn (loop thread only)
 
     def start(self, loop: asyncio.AbstractEventLoop, deliver, fail) -> None:
         """Hand results to ``loop`` from now on (called again when the caller's loop changes)."""
@@ -161,11 +163,48 @@ class ThreadCore:
             loop.call_soon_threadsafe(self._target[which], arg)
 
     def add(self, rid: str, prompt, params, stream_text: bool) -> None:
-        with self._lock:
-            self._adds.append((rid, prompt, params, stream_text))
-        self._work.set()
+        """Queued for the engine thread at the end of this event-loop turn, with the turn's other adds
+        (as ProcessCore sends them): requests made together (a prompt and its negative prompt, gathered)
+        start in one step even while the engine is busy."""
+        item = (rid, prompt, params, stream_text)
+        loop = self._loop_here()
+        if loop is None:
+            with self._lock:
+                self._adds.append(item)
+            self._work.set()
+            return
+        self._turn.append(item)
+        if len(self._turn) == 1:
+            loop.call_soon(self._end_turn)
+
+    def _loop_here(self):
+        """The caller's loop when this is called on it (not closed), else None."""
+        loop = self._target[0] if self._target is not None else None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        return loop if loop is not None and running is loop and not loop.is_closed() else None
+
+    def _end_turn(self) -> None:
+        turn, self._turn = self._turn, []
+        if turn:
+            with self._lock:
+                self._adds += turn
+            self._work.set()
 
     def abort(self, rid: str) -> None:
+        if self._loop_here() is not None:
+            if any(item[0] == rid for item in self._turn):         # not handed over yet: never reaches the engine
+                self._turn = [item for item in self._turn if item[0] != rid]
+                return
+        elif self._target is not None and not self._target[0].is_closed():
+            # another thread (a Serve worker): after the loop's pending turn, so never before its add
+            self._target[0].call_soon_threadsafe(self._abort_now, rid)
+            return
+        self._abort_now(rid)
+
+    def _abort_now(self, rid: str) -> None:
         with self._lock:
             self._aborts.append(rid)
         self._work.set()
@@ -214,12 +253,10 @@ class ProcessCore:
     ("out", items, stats) / ("fatal", err) back."""
 
     def __init__(self, config: AREngineConfig, start_timeout_s: float = 900.0):
-        from transformers import AutoTokenizer
+        from omni_ray.ar.models.checkpoint import checkpoint_layout
 
-        from omni_ray.testing import resolve_model
-
-        path = resolve_model(config.model.path)      # generate tiny/shape checkpoints once, here
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        self.layout = checkpoint_layout(config.model.path)      # generate tiny/shape checkpoints once, here
+        self.tokenizer = self.layout.load_tokenizer()
         self.model_name, self.max_model_len = config.model.served_name, config.scheduler.max_model_len
         parent, child = socket.socketpair()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))

@@ -31,6 +31,7 @@ from omni_ray.ar.engine.scheduler import Scheduler
 from omni_ray.ar.executor import make_executor
 from omni_ray.ar.grammar import GrammarCompiler, SequenceGrammar
 from omni_ray.ar.models import ArchConfig
+from omni_ray.ar.models.checkpoint import checkpoint_layout
 from omni_ray.ar.models.loader import read_hf_config
 from omni_ray.ar.multimodal import MultiModalInputs, MultiModalProcessor
 from omni_ray.ar.multimodal.prompts import chat_inputs, data_inputs, has_media
@@ -41,7 +42,6 @@ from omni_ray.config import AREngineConfig, MediaConfig, ModelConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
 from omni_ray.profiling import GcPauses
 from omni_ray.rules import check_prompt
-from omni_ray.testing import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,16 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model: str | ModelConfig | AREngineConfig, **kwargs):
         cfg = model if isinstance(model, AREngineConfig) else AREngineConfig.from_kwargs(model, **kwargs)
-        self.model_path = resolve_model(cfg.model.path)
+        self.layout = checkpoint_layout(cfg.model.path)     # which folders hold weights / tokenizer / processor
+        self.model_path = self.layout.weights
         self.arch = ArchConfig.from_hf(read_hf_config(self.model_path))
         self.config = cfg = fit_max_model_len(cfg, self.arch)
-        from transformers import AutoTokenizer
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), trust_remote_code=False)
-        self.mm_processor = MultiModalProcessor.from_pretrained(self.model_path, self.tokenizer)  # None: text only
+        self.tokenizer = self.layout.load_tokenizer()
+        self.mm_processor = MultiModalProcessor.from_pretrained(self.layout, self.tokenizer)  # None: text only
+        if self.mm_processor is None and self.layout.pipeline is not None and cfg.media_towers:
+            # a pipeline's VL text encoder without an image processor (Qwen-Image): text only, so its
+            # vision tower's weights are not loaded
+            self.config = cfg = cfg.model_copy(update={"media_towers": False})
         self.runner = self._make_runner()
         self.eos_ids = set(self.arch.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -210,6 +214,12 @@ class LLMEngine:
             if params.layer is not None and not -self.arch.num_layers - 1 <= params.layer <= self.arch.num_layers:
                 raise InvalidRequestError(f"layer must be in [-{self.arch.num_layers + 1}, {self.arch.num_layers}]",
                                           param="layer")
+            drop = params.drop_tokens
+            if isinstance(drop, bool) or not isinstance(drop, int) or drop < 0:
+                raise InvalidRequestError(f"drop_tokens must be an integer >= 0, got {drop!r}", param="drop_tokens")
+            if drop >= len(ids):
+                raise InvalidRequestError(f"prompt has {len(ids)} tokens, none past the {drop} dropped ones",
+                                          param="prompt")
         else:
             raise InvalidRequestError("params must be SamplingParams or EncodeParams")
         if request_id is not None and request_id in self.seqs:
@@ -628,15 +638,37 @@ class LLMEngine:
                     self.abort(s.request_id)
             raise
 
-    def encode(self, prompts: list[str] | str, layer: int | None = None) -> list[torch.Tensor]:
-        """Prompt hidden states [T, H] for each prompt (batched with whatever else is queued)."""
-        if isinstance(prompts, str):
+    def encode(self, prompts: list | str, layer: int | None = None, drop_tokens: int = 0,
+               encoding=None) -> list[torch.Tensor]:
+        """Prompt hidden states [T, H] for each prompt (batched with whatever else is queued); with
+        ``drop_tokens=k`` the rows of positions k.. ([T - k, H]). ``encoding`` (a ``TextEncoding``,
+        ``omni_ray.ar.text_encoding``: a diffusers pipeline's text-encoder recipe) formats each prompt
+        (text, or ``{"prompt": text, "multi_modal_data": {"image": PIL}}``) as that pipeline does and
+        returns what it conditions on: [T - drop_tokens, H] float32 of its layer."""
+        if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        seqs = [self.make_sequence(p, EncodeParams(layer)) for p in prompts]
+        if encoding is not None:
+            params = EncodeParams(encoding.layer, drop_tokens=encoding.drop_tokens)
+            prompts = [self.encoding_inputs(encoding, p) for p in prompts]
+        else:
+            params = EncodeParams(layer, drop_tokens=drop_tokens)
+        seqs = [self.make_sequence(p, params) for p in prompts]
         for seq in seqs:
             self.add_sequence(seq)
         self._run_until(seqs)
         return [torch.cat(s.hidden_chunks) for s in seqs]
+
+    def encoding_inputs(self, encoding, prompt):
+        """A text-encoder recipe's engine prompt for ``prompt``: text, or vLLM's dict with the image in
+        ``multi_modal_data`` (``{"prompt": text, "multi_modal_data": {"image": PIL}}``)."""
+        image = None
+        if isinstance(prompt, dict):
+            data = prompt.get("multi_modal_data") or {}
+            if set(prompt) - {"prompt", "multi_modal_data"} or set(data) - {"image"}:
+                raise InvalidRequestError("a prompt dict for a text encoder has 'prompt' and optionally "
+                                          "'multi_modal_data': {'image': ...}", param="prompt")
+            prompt, image = prompt.get("prompt"), data.get("image")
+        return encoding.inputs(self.tokenizer, self.mm_processor, prompt, image)
 
     def engine_stats(self) -> dict:
         bm = self.block_manager

@@ -13,8 +13,6 @@ Videos are not accepted yet.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -41,21 +39,28 @@ class MultiModalProcessor:
         self.audio_token = tok(spec.audio_token_id) if spec.audio_token_id is not None else None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, tokenizer=None) -> "MultiModalProcessor | None":
-        """From a checkpoint directory; None for a text-only family."""
-        from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
+    def from_pretrained(cls, path, tokenizer=None) -> "MultiModalProcessor | None":
+        """From a model path or its ``CheckpointLayout`` (``omni_ray.ar.models.checkpoint``: the config in
+        the weights folder, the image processor settings in the processor folder); None for a text-only
+        family, and for a diffusers pipeline that ships no image processor (Qwen-Image: text only)."""
+        from transformers import AutoFeatureExtractor, AutoImageProcessor
 
+        from omni_ray.ar.models.checkpoint import CheckpointLayout, checkpoint_layout
         from omni_ray.ar.models.loader import read_hf_config
 
-        spec = MRopeSpec.from_hf(read_hf_config(path))
+        layout = path if isinstance(path, CheckpointLayout) else checkpoint_layout(path)
+        spec = MRopeSpec.from_hf(read_hf_config(layout.weights))
         if spec is None:
             return None
-        if not (Path(path) / "preprocessor_config.json").is_file():
-            raise ConfigError(f"{path}: a {spec.family} checkpoint needs preprocessor_config.json (its image "
+        folder = layout.processor
+        if not (folder / "preprocessor_config.json").is_file():
+            if layout.pipeline is not None:
+                return None
+            raise ConfigError(f"{folder}: a {spec.family} checkpoint needs preprocessor_config.json (its image "
                               "processor settings)")
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-        image = AutoImageProcessor.from_pretrained(path)
-        audio = AutoFeatureExtractor.from_pretrained(path) if spec.audio_token_id is not None else None
+        tokenizer = tokenizer or layout.load_tokenizer()
+        image = AutoImageProcessor.from_pretrained(folder)
+        audio = AutoFeatureExtractor.from_pretrained(folder) if spec.audio_token_id is not None else None
         return cls(tokenizer, spec, image, audio)
 
     @property

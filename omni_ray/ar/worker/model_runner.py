@@ -356,7 +356,8 @@ class ModelRunner:
         for i in encode:
             seq, layer = batch.seqs[i], self._layer_index(batch.seqs[i])
             src = hidden if layer == self.arch.num_layers else captured[layer]
-            out.hidden[seq.seq_id] = src[cu[i]:cu[i + 1]].float().cpu()
+            skip = min(max(0, seq.num_dropped_rows - seq.num_computed_tokens), int(cu[i + 1] - cu[i]))
+            out.hidden[seq.seq_id] = src[cu[i] + skip:cu[i + 1]].float().cpu()
         return out
 
     def _run_mixed(self, batch: ScheduledBatch) -> StepOutput:

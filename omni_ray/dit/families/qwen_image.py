@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
+from omni_ray.dit.families.qwen_image_block import Kernels, QwenImageBlock, supported
 from omni_ray.errors import ConfigError, InvalidRequestError
 
 MASKED = -10000.0             # additive bias of a padded caption token (exp underflows to exactly 0)
@@ -70,8 +71,13 @@ class QwenImageFamily(DiTFamily):
             raise ConfigError("Qwen-Image adapter expects the transformer's RoPE with scale_rope")
         self.out_channels = self.transformer.out_channels
         self.latent_channels = cfg.in_channels // (self.patch_size * self.patch_size)
-        self._vid_freqs: dict[tuple, torch.Tensor] = {}
-        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        if not all(supported(b) for b in self.blocks):
+            raise ConfigError("Qwen-Image adapter: a transformer block of an unexpected layout")
+        self.kernels = Kernels()
+        self.block_fns = [QwenImageBlock(b, self.kernels) for b in self.blocks]
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None        # RoPE cos / sin per position
+        self._vid_freqs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def _vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.temperal_downsample)
@@ -153,14 +159,31 @@ class QwenImageFamily(DiTFamily):
         return _pipeline()._unpack_latents(latents, height, width, self.vae_scale_factor)  # [n, C, 1, h, w]
 
     # ------------------------------------------------------------------ transformer
-    def _rope(self, shapes: tuple, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image freqs [N, d/2], text freqs [T, d/2]) of a batch geometry; cached, so that CUDA graphs
-        read the same tensors at every replay (text freqs are views of the module's device table)."""
+    def fuse_elementwise(self) -> None:
+        self.kernels.fuse()
+
+    def _rope(self, shapes: tuple, text_len: int) -> tuple[torch.Tensor, ...]:
+        """(image cos, image sin [N, d/2], text cos, text sin [T, d/2]) of a batch geometry, fp32, as the
+        module's ``pos_embed`` gives them (complex): the image grids' frequencies, the text's from
+        position max(h/2, w/2) on. Cached, so that CUDA graphs read the same tensors at every replay
+        (the text's are views of one per-position table)."""
         key = (shapes, text_len)
         rope = self._rope_cache.get(key)
         if rope is None:
-            vid, txt = self.transformer.pos_embed([list(shapes)], device=self.device, max_txt_seq_len=text_len)
-            rope = self._rope_cache[key] = (self._vid_freqs.setdefault(shapes, vid), txt)
+            pe = self.transformer.pos_embed
+            if self._table is None:
+                pos = pe.pos_freqs.to(self.device)
+                self._table = (pos.real.contiguous(), pos.imag.contiguous())
+            if shapes not in self._vid_freqs:
+                vid = pe([list(shapes)], device=self.device, max_txt_seq_len=0)[0]
+                self._vid_freqs[shapes] = (vid.real.contiguous(), vid.imag.contiguous())
+            start = max(max(h // 2, w // 2) for _, h, w in shapes)
+            if start + text_len > self._table[0].shape[0]:
+                raise InvalidRequestError(f"{text_len} caption tokens do not fit the model's RoPE table at this "
+                                          "size", param="prompt_embeds")
+            cos, sin = self._table
+            rope = self._rope_cache[key] = (*self._vid_freqs[shapes], cos[start:start + text_len],
+                                            sin[start:start + text_len])
         return rope
 
     def embed(self, x, t, ctx, ctx_bias, pooled, shapes=()) -> BlockState:
@@ -171,10 +194,7 @@ class QwenImageFamily(DiTFamily):
                           shapes=shapes)
 
     def run_block(self, i: int, st: BlockState) -> None:
-        mask = None if st.ctx_bias is None else st.ctx_bias[:, 0] > MASKED / 2          # [B, T] bool
-        st.ctx, st.x = self.block_fns[i](hidden_states=st.x, encoder_hidden_states=st.ctx,
-                                         encoder_hidden_states_mask=mask, temb=st.temb,
-                                         image_rotary_emb=self._rope(st.shapes, st.ctx.shape[1]))
+        st.x, st.ctx = self.block_fns[i](st.x, st.ctx, st.ctx_bias, st.temb, self._rope(st.shapes, st.ctx.shape[1]))
 
     def modulated_input(self, st: BlockState) -> torch.Tensor:
         blk = self.blocks[0]

@@ -61,6 +61,11 @@ def check_layout(layout: Layout, path: Path, cfg: DiTEngineConfig) -> None:
     config, before any rank loads it)."""
     if layout.sp == 1:
         return
+    index = path / "model_index.json"
+    pipeline = json.loads(index.read_text()).get("_class_name", "") if index.exists() else ""
+    if pipeline in ("QwenImagePipeline", "QwenImageEditPipeline"):
+        raise ConfigError(f"parallel.sequence_parallel_size > 1 is not implemented for {pipeline} yet (its joint "
+                          "attention and 3D RoPE need a Ulysses processor); use parallel.cfg_parallel")
     tcfg = path / "transformer" / "config.json"
     heads = json.loads(tcfg.read_text()).get("num_attention_heads") if tcfg.exists() else None
     if not heads:

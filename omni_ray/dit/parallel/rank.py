@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from omni_ray.config import DiTEngineConfig
-from omni_ray.dit.families.base import BlockState, DiTFamily, unpatchify
+from omni_ray.dit.families.base import BlockState, DiTFamily
 from omni_ray.dit.parallel.layout import Layout, check_blocks
 from omni_ray.dit.parallel.ulysses import SPGroup, install
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 COND_KEYS = ("ctx", "bias", "pooled")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SLOT = 6                                  # ints per tensor in a step header: ndim, dtype, 4 dims
+_MAX_SHAPES = 4                            # (frame, h, w) triples of a batch's latent geometry
 
 
 def spec(t: torch.Tensor | None):
@@ -39,8 +40,9 @@ def spec(t: torch.Tensor | None):
 
 
 def encode_meta(meta: dict) -> list[int]:
-    """A step's meta (shapes and dtypes of x, t and, when re-sent, ctx/bias/pooled) as the ints
-    of one ``WorkerGroup.post`` header: [cond sent] + 5 x [ndim or -1, dtype, dims...]."""
+    """A step's meta (shapes and dtypes of x, t and, when re-sent, ctx/bias/pooled; the batch's
+    latent geometry) as the ints of one ``WorkerGroup.post`` header:
+    [cond sent] + 5 x [ndim or -1, dtype, dims...] + [number of geometry triples, triples...]."""
     cond = meta["cond"]
     specs = [meta["x"], meta["t"]] + [cond[k] if cond else None for k in COND_KEYS]
     out = [int(cond is not None)]
@@ -52,7 +54,11 @@ def encode_meta(meta: dict) -> list[int]:
         if len(shape) > _SLOT - 2:
             raise ValueError(f"cannot post a {len(shape)}-D tensor's shape")
         out += [len(shape), DTYPES.index(dtype), *shape] + [0] * (_SLOT - 2 - len(shape))
-    return out
+    shapes = meta.get("shapes", ())
+    if len(shapes) > _MAX_SHAPES or any(len(s) != 3 for s in shapes):
+        raise ValueError(f"cannot post the batch geometry {shapes!r}")
+    flat = [int(v) for s in shapes for v in s]
+    return out + [len(shapes)] + flat + [0] * (3 * _MAX_SHAPES - len(flat))
 
 
 def decode_meta(values) -> dict:
@@ -62,18 +68,9 @@ def decode_meta(values) -> dict:
         ndim, dtype, *dims = v[1 + j * _SLOT:1 + (j + 1) * _SLOT]
         specs.append(None if ndim < 0 else (tuple(dims[:ndim]), DTYPES[dtype]))
     cond = dict(zip(COND_KEYS, specs[2:])) if v[0] else None
-    return {"x": specs[0], "t": specs[1], "cond": cond}
-
-
-def final_tokens(fam: DiTFamily, st: BlockState) -> torch.Tensor:
-    """The final layer on a token shard: [B, n, D] -> [B, n, p*p*c_out] (before unpatchify).
-
-    ``fam.final`` is token-wise up to its unpatchify; run it on a 1 x n grid and undo that
-    reshape (a pure permutation, so the values are the final layer's own)."""
-    B, n = st.x.shape[:2]
-    p, c = fam.patch_size, fam.out_channels
-    img = fam.final(BlockState(st.x, st.ctx, st.ctx_bias, st.temb, st.emb, (1, n)))   # [B, c, p, n*p]
-    return torch.einsum("nchpwq->nhwpqc", img.reshape(B, c, 1, p, n, p)).reshape(B, n, p * p * c)
+    g = 1 + 5 * _SLOT
+    shapes = tuple(tuple(v[g + 1 + 3 * i:g + 4 + 3 * i]) for i in range(v[g]))
+    return {"x": specs[0], "t": specs[1], "cond": cond, "shapes": shapes}
 
 
 class DiTRank:
@@ -110,11 +107,11 @@ class DiTRank:
             self._cond = tuple(None if v is None else v.index_select(0, idx) for v in cond)
         x, t = self._broadcast("x", meta["x"]), self._broadcast("t", meta["t"])
         self._staged = {}
-        st = self.family.embed(x.index_select(0, idx), t.index_select(0, idx), *self._cond)
+        st = self.family.embed(x.index_select(0, idx), t.index_select(0, idx), *self._cond, meta.get("shapes", ()))
         grid, tokens = st.grid, st.x.shape[1]
         counts = self._shard(st)
         self._blocks(st)
-        out = final_tokens(self.family, st)                    # [r, n, p*p*c]
+        out = self.family.final_tokens(st)                     # [r, n, p*p*c]
         self.steps += 1
         return self._gather(out, counts, rows, grid, tokens)
 
@@ -164,7 +161,7 @@ class DiTRank:
                   for c in range(L.cfg)]
         pred = torch.cat(groups)[:rows]                          # [R, N, p*p*c]
         assert pred.shape[1] == tokens
-        return unpatchify(pred, grid, self.family.patch_size, self.family.out_channels)
+        return self.family.assemble(pred, grid)
 
 
 # ----------------------------------------------------------------------------- building ranks

@@ -59,7 +59,8 @@ class ParallelRunner(DiTRunner):
             raise InvalidRequestError("step caching is not supported with parallel DiT", param="cache")
         new_cond = ctx is not self._sent_ctx
         meta = {"x": spec(x), "t": spec(t),
-                "cond": {"ctx": spec(ctx), "bias": spec(bias), "pooled": spec(pooled)} if new_cond else None}
+                "cond": {"ctx": spec(ctx), "bias": spec(bias), "pooled": spec(pooled)} if new_cond else None,
+                "shapes": self._shapes}
         values = encode_meta(meta)
         wg = self.workers
         with wg.lock:                          # the header and the step's collectives stay together

@@ -1,0 +1,101 @@
+"""A lean forward for diffusers' ``QwenImageTransformerBlock`` (the dual-stream MMDiT block).
+
+The same math as the diffusers block and its ``QwenDoubleStreamAttnProcessor2_0``, in fewer kernels:
+one fused q/k/v projection per stream (the block's own linears become views into the fused weight,
+so nothing is stored twice and the diffusers module still runs unchanged), RoPE in real arithmetic
+on precomputed cos / sin (the complex product of ``apply_rotary_emb_qwen``, written out, in fp32),
+``addcmul`` for the gated residuals, one SDPA over [text | image] with an additive caption mask only
+when the batch has one. ``fuse_elementwise()`` compiles the small helpers (layer norm + modulation,
+q/k RMS norm + RoPE, gated residual) into fused kernels without compiling the whole block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni_ray.dit.families.pixart_block import _fuse, gated_add, ln_modulate
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' RMSNorm over the head dim, then RoPE: x [B, S, H, d], cos / sin [S, d/2] fp32."""
+    h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            h = h.to(weight.dtype)
+        h = h * weight
+    else:
+        h = h.to(x.dtype)
+    out_dtype = h.dtype
+    h = h.float()
+    x0, x1 = h[..., 0::2], h[..., 1::2]
+    c, s = cos[None, :, None], sin[None, :, None]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(out_dtype)
+
+
+class Kernels:
+    """The elementwise helpers a block calls: eager, or compiled into fused kernels."""
+
+    def __init__(self):
+        self.ln_modulate, self.gated_add, self.qk_norm_rope = ln_modulate, gated_add, qk_norm_rope
+
+    def fuse(self) -> None:
+        self.ln_modulate = torch.compile(ln_modulate)
+        self.gated_add = torch.compile(gated_add)
+        self.qk_norm_rope = torch.compile(qk_norm_rope)
+
+
+def supported(block: nn.Module) -> bool:
+    a = block.attn
+    return (not getattr(block, "zero_cond_t", False) and a.norm_q is not None and a.norm_added_q is not None
+            and type(block.img_mlp.net[0]).__name__ == "GELU" and type(block.txt_mlp.net[0]).__name__ == "GELU")
+
+
+class QwenImageBlock(nn.Module):
+    """``QwenImageBlock(block, kernels)(x, ctx, ctx_bias, temb, rope) -> (x, ctx)``; ``rope`` =
+    (image cos, image sin, text cos, text sin), each [tokens, head_dim / 2] fp32."""
+
+    def __init__(self, block: nn.Module, kernels: Kernels):
+        super().__init__()
+        self.block = block
+        self.k = kernels
+        a = block.attn
+        self.heads = a.heads
+        self.qkv_w, self.qkv_b = _fuse([a.to_q, a.to_k, a.to_v])
+        self.cqkv_w, self.cqkv_b = _fuse([a.add_q_proj, a.add_k_proj, a.add_v_proj])
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_bias: torch.Tensor | None, temb: torch.Tensor,
+                rope: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        blk, k, a = self.block, self.k, self.block.attn
+        B, N, D = x.shape
+        T, H = ctx.shape[1], self.heads
+        i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = blk.img_mod(temb)[:, None].chunk(6, dim=-1)   # [B, 1, D] each
+        t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = blk.txt_mod(temb)[:, None].chunk(6, dim=-1)
+        img_cos, img_sin, txt_cos, txt_sin = rope
+
+        # joint attention: [text | image], each stream with its own projections
+        h = k.ln_modulate(x, None, None, blk.img_norm1.eps, 1 + i_sc1, i_sh1)
+        c = k.ln_modulate(ctx, None, None, blk.txt_norm1.eps, 1 + t_sc1, t_sh1)
+        qkv = F.linear(h, self.qkv_w, self.qkv_b).view(B, N, 3, H, -1)
+        cqkv = F.linear(c, self.cqkv_w, self.cqkv_b).view(B, T, 3, H, -1)
+        q = k.qk_norm_rope(qkv[:, :, 0], a.norm_q.weight, a.norm_q.eps, img_cos, img_sin)
+        kk = k.qk_norm_rope(qkv[:, :, 1], a.norm_k.weight, a.norm_k.eps, img_cos, img_sin)
+        cq = k.qk_norm_rope(cqkv[:, :, 0], a.norm_added_q.weight, a.norm_added_q.eps, txt_cos, txt_sin)
+        ck = k.qk_norm_rope(cqkv[:, :, 1], a.norm_added_k.weight, a.norm_added_k.eps, txt_cos, txt_sin)
+        q = torch.cat([cq, q], dim=1).transpose(1, 2)                                # [B, H, T + N, d]
+        kk = torch.cat([ck, kk], dim=1).transpose(1, 2)
+        v = torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], dim=1).transpose(1, 2)
+        mask = None if ctx_bias is None else F.pad(ctx_bias, (0, N))[:, None]         # [B, 1, 1, T + N]
+        o = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2).reshape(B, T + N, D)
+        x = k.gated_add(x, i_g1, a.to_out[0](o[:, T:]))
+        ctx = k.gated_add(ctx, t_g1, a.to_add_out(o[:, :T]))
+
+        # the two MLPs
+        x = k.gated_add(x, i_g2, blk.img_mlp(k.ln_modulate(x, None, None, blk.img_norm2.eps, 1 + i_sc2, i_sh2)))
+        ctx = k.gated_add(ctx, t_g2, blk.txt_mlp(k.ln_modulate(ctx, None, None, blk.txt_norm2.eps, 1 + t_sc2,
+                                                                t_sh2)))
+        if x.dtype == torch.float16:              # as the diffusers block: keep fp16 finite
+            x, ctx = x.clip(-65504, 65504), ctx.clip(-65504, 65504)
+        return x, ctx

@@ -291,6 +291,16 @@ class DiTCacheConfig(Strict):
     call_timeout_s: float = Field(5.0, gt=0, description="a client call slower than this counts as a miss")
 
 
+class VideoJobsConfig(Strict):
+    """The video job API (``/v1/videos``): finished MP4s live in the object store, indexed by a DiT cache
+    actor of their own (``omni-dit-cache-{app}-videos``) that drops them by TTL and byte budget."""
+
+    ttl_s: float = Field(3600.0, gt=0, description="a finished video (and its job) is kept this long")
+    max_bytes: int = Field(4 << 30, ge=0, description="MP4 bytes kept in the object store before the oldest go")
+    max_jobs: int = Field(1000, ge=1, description="jobs an ingress replica remembers (finished ones go first)")
+    default_fps: int = Field(16, ge=1, le=120, description="frames per second when a request names none")
+
+
 # ----------------------------------------------------------------------------- serve
 class AutoscalingConfig(Strict):
     """Serve autoscaling of a deployment (maps onto Serve's autoscaling_config)."""
@@ -557,6 +567,7 @@ class OmniConfig(Strict):
         "named pipelines over the stages (POST /v1/pipelines/<name>)")
     scheduler: OmniSchedulerConfig = OmniSchedulerConfig()
     dit_cache: DiTCacheConfig = DiTCacheConfig()
+    videos: VideoJobsConfig = VideoJobsConfig()
 
     @model_validator(mode="after")
     def _check_encoders(self):

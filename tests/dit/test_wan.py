@@ -222,3 +222,11 @@ def test_i2v_needs_an_image(i2v):
     with pytest.raises(InvalidRequestError) as e:
         i2v.add_request("a fox", DiffusionParams(height=32, width=32, num_frames=5), image=np.zeros((8, 8, 3)))
     assert e.value.param == "image"
+
+
+@pytest.mark.parametrize("parallel", [{"cfg_parallel": True}, {"sequence_parallel_size": 2}])
+def test_parallel_layouts_are_refused_for_now(parallel):
+    from omni_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not implemented for WanPipeline"):
+        make_engine("tiny:wan2.1-t2v", parallel=parallel)

@@ -35,6 +35,7 @@ import torch
 
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
 from omni_ray.dit.families.wan_attention import SdpaChoice
+from omni_ray.dit.families.wan_block import DiffusersBlock, Kernels, WanBlock, supported
 from omni_ray.errors import ConfigError, InvalidRequestError
 
 
@@ -86,7 +87,9 @@ class WanFamily(DiTFamily):
         self.patch_size = tuple(cfg.patch_size)
         self.in_channels, self.out_channels = cfg.in_channels, cfg.out_channels or cfg.in_channels
         self.latent_channels = vcfg.z_dim
-        self.expert_fns = [list(e.blocks) for e in self.experts]
+        self.kernels = Kernels()
+        self.expert_fns = [[WanBlock(b, self.kernels) if supported(b) else DiffusersBlock(b) for b in e.blocks]
+                           for e in self.experts]
         self.block_fns = self.expert_fns[0]
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sdpa = SdpaChoice(cfg.num_attention_heads, cfg.attention_head_dim, device, dtype)
@@ -104,6 +107,9 @@ class WanFamily(DiTFamily):
             return rope
         from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
         return WanRotaryPosEmbed(rope.attention_head_dim, rope.patch_size, rope.max_seq_len).to(self.device)
+
+    def fuse_elementwise(self) -> None:
+        self.kernels.fuse()
 
     def set_attention_backend(self, name: str) -> None:
         self.sdpa.mode = name
@@ -203,14 +209,16 @@ class WanFamily(DiTFamily):
         r.latents = randn_tensor(shape, generator=r.generator, device=self.device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ transformer
-    def rope(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [1, F*H*W, 1, head_dim] for a (frames, rows, columns) token grid, float32."""
+    def rope(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+        """For a (frames, rows, columns) token grid, float32: (cos, sin) [N, head_dim / 2] of each rotated
+        pair (the lean block's), then diffusers' (cos, sin) [1, N, 1, head_dim]. Cached: CUDA graphs read
+        the same tensors at every replay."""
         if grid not in self._rope_cache:
             pt, ph, pw = self.patch_size
             f, h, w = grid
             probe = torch.empty((1, 1, f * pt, h * ph, w * pw), device="meta")
-            cos, sin = self._rope(probe)
-            self._rope_cache[grid] = (cos.to(self.device, torch.float32), sin.to(self.device, torch.float32))
+            cos, sin = (t.to(self.device, torch.float32) for t in self._rope(probe))
+            self._rope_cache[grid] = (cos[0, :, 0, 0::2].contiguous(), sin[0, :, 0, 1::2].contiguous(), cos, sin)
         return self._rope_cache[grid]
 
     def expert_index(self, t: torch.Tensor) -> int:

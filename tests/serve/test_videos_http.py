@@ -2,6 +2,7 @@
 answered at once, polled to ``completed``, its MP4 decoded back by PyAV (frame count, size, rate);
 DELETE of a running job frees its DiT slot (the engine's counters); bad input is a 400 naming the field."""
 
+import base64
 import io
 import time
 import uuid
@@ -82,6 +83,26 @@ def test_bad_video_requests_are_400_naming_the_field(client, body, param):
     r = client.post("/v1/videos", json={"prompt": "a fox", "size": "32x32", "num_frames": 5} | body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_image_to_video_job(client):
+    import av
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 40), (200, 90, 30)).save(buf, format="PNG")
+    frame = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"model": "tiny-wan2.1-i2v", "prompt": "it starts to move", "size": "48x32", "num_frames": 5,
+            "num_inference_steps": 2, "seed": 3}
+    missing = client.post("/v1/videos", json=body)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "input_reference"
+    r = client.post("/v1/videos", json=body | {"input_reference": frame})
+    assert r.status_code == 200, r.text
+    done = wait_for(client, r.json()["id"], lambda j: j["status"] not in ("queued", "in_progress"))
+    assert done["status"] == "completed", done
+    with av.open(io.BytesIO(client.get(f"/v1/videos/{done['id']}/content").content)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+    assert len(frames) == 5 and frames[0].shape == (32, 48, 3)
 
 
 def test_unknown_videos_and_video_models_elsewhere(client):

@@ -230,3 +230,16 @@ def test_parallel_layouts_are_refused_for_now(parallel):
 
     with pytest.raises(ConfigError, match="not implemented for WanPipeline"):
         make_engine("tiny:wan2.1-t2v", parallel=parallel)
+
+
+def test_lean_block_equals_the_diffusers_block(t2v, monkeypatch):
+    """The engine's blocks (fused projections, half-width RoPE) give diffusers' blocks' latents."""
+    from omni_ray.dit.families import wan
+
+    monkeypatch.setattr(wan, "supported", lambda block: False)
+    plain = make_engine("tiny:wan2.1-t2v")
+    assert all(type(f).__name__ == "DiffusersBlock" for f in plain.family.block_fns)
+    assert all(type(f).__name__ == "WanBlock" for f in t2v.family.block_fns)
+    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=9, negative_prompt="dull")
+    a, b = (gen(e, "a heron", "latent", **kw)[0] for e in (t2v, plain))
+    assert (a - b).abs().max() < 1e-5

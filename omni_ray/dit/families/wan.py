@@ -63,7 +63,7 @@ class WanFamily(DiTFamily):
     supports_caption_mask = False
     produces_video = True
 
-    def __init__(self, comps: dict, device, dtype, max_sequence_length):   # noqa: D107 (no super: no 2-D VAE)
+    def __init__(self, comps: dict, device, dtype, max_sequence_length):     # (not the base one: a 3-D VAE)
         self.device, self.dtype = device, dtype
         self.experts = [m for m in (comps.get("transformer"), comps.get("transformer_2")) if m is not None]
         if not self.experts:

@@ -51,12 +51,21 @@ class _LocalAR:
         return self.stage.generate(req)
 
     async def encode(self, req: ARRequest) -> Handoff:
-        mm = req.multi_modal_data
-        if mm and any(isinstance(v, ImageInput) for v in mm.values()):      # an edit's image, by value here
-            req = dataclasses.replace(req, multi_modal_data={
-                k: v.image if isinstance(v, ImageInput) else v for k, v in mm.items()})
-        hs = await self.stage.encode(req)
-        return Handoff(shape=list(hs.shape), tensor=hs)
+        return (await self.encode_batch([req]))[0]
+
+    async def encode_batch(self, reqs: list[ARRequest]) -> list[Handoff]:
+        """Several requests added to the engine together (a prompt and its negative prompt: one step)."""
+        hss = await self.stage.encode_batch([_by_value(r) for r in reqs])
+        return [Handoff(shape=list(hs.shape), tensor=hs) for hs in hss]
+
+
+def _by_value(req: ARRequest) -> ARRequest:
+    """``req`` with an edit's ``ImageInput`` as the image itself (offline: no object store)."""
+    mm = req.multi_modal_data
+    if not mm or not any(isinstance(v, ImageInput) for v in mm.values()):
+        return req
+    return dataclasses.replace(req, multi_modal_data={k: v.image if isinstance(v, ImageInput) else v
+                                                      for k, v in mm.items()})
 
 
 class _LocalDiT:

@@ -8,7 +8,8 @@ request (``omni_ray.stages.requests``). *Where* the stage runs is a backend:
     online   deployments/ingress/remote_stages.py: Serve handles to the stage deployments
 
 A backend has ``generate(req)`` (an async iterator of dicts) and, for AR stages, ``async
-encode(req) -> Handoff``. ``run_pipeline`` yields events (dicts with a ``type``): ``stage_start``,
+encode(req) -> Handoff`` (and optionally ``encode_batch(reqs)``: a prompt and its negative prompt in
+one call). ``run_pipeline`` yields events (dicts with a ``type``): ``stage_start``,
 ``text`` (a delta), ``progress`` (a denoising step), ``stage_end`` (timings), and one final
 ``result``. Hidden states move between steps as a ``Handoff``: online its ref is a Ray ObjectRef
 the runner never resolves.
@@ -170,6 +171,9 @@ def negative_prompt_for(i: int, pipeline: PipelineConfig, kinds: Mapping[str, st
     params, _ = args.params_for(i + 1, nxt, "dit")
     if params.negative_prompt is None or (params.guidance_scale is not None and params.guidance_scale <= 1.0):
         return None
+    if not params.negative_prompt:
+        raise InvalidRequestError("negative_prompt is empty: the text encoder needs some text (e.g. \" \"), or "
+                                  "leave it out for no true CFG", param="negative_prompt")
     return params.negative_prompt
 
 
@@ -183,10 +187,14 @@ def check_image(name: str, pipeline: PipelineConfig, image: Any) -> None:
 
 
 async def _encode(backend, req: ARRequest, negative: ARRequest | None) -> tuple[Handoff, Handoff | None]:
-    """The prompt's Handoff, and the negative prompt's, both requests in flight at once."""
+    """The prompt's Handoff, and the negative prompt's, both requests in flight at once: in one stage
+    call (one engine step) where the backend has ``encode_batch``."""
     if negative is None:
         return await backend.encode(req), None
-    pos, neg = await asyncio.gather(backend.encode(req), backend.encode(negative))
+    if hasattr(backend, "encode_batch"):
+        pos, neg = await backend.encode_batch([req, negative])
+    else:
+        pos, neg = await asyncio.gather(backend.encode(req), backend.encode(negative))
     return pos, neg
 
 
@@ -205,6 +213,8 @@ async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], ki
     value: Any = prompt
     negative: Handoff | None = None
     check_image("this pipeline", pipeline, image)
+    negatives = {i: negative_prompt_for(i, pipeline, kinds, args) for i in range(len(pipeline.steps))
+                 if kinds[pipeline.steps[i].stage] == "ar"}             # checked before the first stage runs
     stages: list[dict] = []
     result: dict = {"text": None, "images": None, "hidden_states": None}
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -231,7 +241,7 @@ async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], ki
             if i + 1 < len(pipeline.steps) and not value.strip():
                 value, info["fallback"] = prompt, "empty rewrite; the next stage got the original prompt"
         elif kind == "ar":
-            neg_text = negative_prompt_for(i, pipeline, kinds, args)
+            neg_text = negatives[i]
             neg_req = None if neg_text is None else encode_request(
                 f"{request_id}-{i}-neg", neg_text, step, args.params_for(i, step, kind)[1], image)
             value, negative = await _encode(backend, req, neg_req)

@@ -78,21 +78,37 @@ class RemoteAR:
 
     async def encode(self, req: ARRequest) -> Handoff:
         """The stage's Handoff (its ref unresolved), ``cache`` set to hit | miss | off."""
-        key = None
+        return (await self.encode_batch([req]))[0]
+
+    async def encode_batch(self, reqs: list[ARRequest]) -> list[Handoff]:
+        """``encode`` of each request (a prompt and its negative prompt); the cache misses go to the
+        stage in one call, so that one replica runs them in one engine step."""
+        keys: list[str | None] = [None] * len(reqs)
+        outs: list[Handoff | None] = [None] * len(reqs)
         if self.cache is not None:
             from omni_ray.cluster.dit_cache import hidden_states_key
-            key = hidden_states_key(self.model, req)
-            hit = await self.cache.get_entry(key)
-            if hit is not None and hit[1]:
-                ref, meta = hit
-                return Handoff(**meta, ref=ref, object_id=ref.hex(), cache="hit")
-        out: Handoff = await self.health.unary(self.stage, lambda: unary(self.unary.encode.remote(req)))
-        if key is not None:           # index it in the background: the caller does not wait for the copy
-            meta = {"shape": out.shape, "dtype": out.dtype, "source": out.source}
-            task = asyncio.ensure_future(self.cache.put_ref(key, out.ref, meta=meta, model=self.model))
-            self._puts.add(task)
-            task.add_done_callback(self._puts.discard)
-        return dataclasses.replace(out, cache="miss" if key else "off")
+            for i, req in enumerate(reqs):
+                keys[i] = hidden_states_key(self.model, req)
+                hit = await self.cache.get_entry(keys[i])
+                if hit is not None and hit[1]:
+                    ref, meta = hit
+                    outs[i] = Handoff(**meta, ref=ref, object_id=ref.hex(), cache="hit")
+        todo = [i for i, o in enumerate(outs) if o is None]
+        if len(todo) == 1:
+            got = [await self.health.unary(self.stage, lambda: unary(self.unary.encode.remote(reqs[todo[0]])))]
+        elif todo:
+            misses = [reqs[i] for i in todo]
+            got = await self.health.unary(self.stage, lambda: unary(self.unary.encode_batch.remote(misses)))
+        else:
+            got = []
+        for i, out in zip(todo, got):
+            if keys[i] is not None:   # index it in the background: the caller does not wait for the copy
+                meta = {"shape": out.shape, "dtype": out.dtype, "source": out.source}
+                task = asyncio.ensure_future(self.cache.put_ref(keys[i], out.ref, meta=meta, model=self.model))
+                self._puts.add(task)
+                task.add_done_callback(self._puts.discard)
+            outs[i] = dataclasses.replace(out, cache="miss" if keys[i] else "off")
+        return outs
 
 
 class RemoteDiT:

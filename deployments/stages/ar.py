@@ -4,6 +4,7 @@ replica serves (continuous batching across HTTP requests).
     handle.options(stream=True).generate.remote(req)   -> dict deltas (text, token_ids, ...)
     await handle.complete.remote(req)                  -> the same deltas merged into one
     await handle.encode.remote(req)                    -> Handoff(ref=ObjectRef, shape=[T, H], ...)
+    await handle.encode_batch.remote([req, neg])       -> [Handoff, Handoff] (one engine step)
     handle.options(stream=True).generate_batch.remote([req, ...], unary=[i, ...], sent_at=t)
         -> lists of (index, delta) (the requests at ``unary`` are paced like ``complete``)
     await handle.abort.remote([request_id], replica=id)            -> aborts in a batched call
@@ -142,6 +143,14 @@ class ARDeployment(StageReplica):
 
     async def encode(self, req: ARRequest) -> Handoff | OmniError:
         return await error_as_value(self._encode(req))
+
+    async def encode_batch(self, reqs: list[ARRequest]) -> list[Handoff] | OmniError:
+        """``encode`` of several requests in one call (a prompt and its negative prompt): added to the
+        engine together, so they run in one step."""
+        return await error_as_value(self._encode_batch(reqs))
+
+    async def _encode_batch(self, reqs: list[ARRequest]) -> list[Handoff]:
+        return list(await asyncio.gather(*(self._encode(r) for r in reqs)))
 
     async def _encode(self, req: ARRequest) -> Handoff:
         with self.metrics.track(req.request_id, "encode"):

@@ -112,6 +112,8 @@ def test_the_edit_pipeline_takes_a_data_url_and_caches_by_the_image(client):
     assert second.status_code == other.status_code == 200, second.text + other.text
     first, second, other = first.json(), second.json(), other.json()
     assert [r["stages"][1]["image_cache"] for r in (first, second, other)] == ["miss", "hit", "miss"]
+    # the text encoder's output is cached by the prompt and the image's digest too
+    assert [r["stages"][0]["cache"] for r in (first, second, other)] == ["miss", "hit", "miss"]
     assert second["images"] == first["images"] and other["images"] != second["images"]
     r = client.post("/v1/pipelines/qwen-image", json=body)            # takes no input image
     assert r.status_code == 400 and r.json()["error"]["param"] == "image"

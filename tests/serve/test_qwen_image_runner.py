@@ -97,3 +97,9 @@ def test_image_required_by_edit_and_refused_elsewhere():
     with pytest.raises(InvalidRequestError, match="takes no input image") as e:
         run("qwen-image", image=img)
     assert e.value.param == "image"
+
+
+def test_an_empty_negative_prompt_is_a_400_naming_it():
+    with pytest.raises(InvalidRequestError, match="negative_prompt is empty") as e:
+        run("qwen-image", negative_prompt="", guidance_scale=4.0)
+    assert e.value.param == "negative_prompt"

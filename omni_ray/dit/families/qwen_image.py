@@ -78,6 +78,7 @@ class QwenImageFamily(DiTFamily):
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None        # RoPE cos / sin per position
         self._vid_freqs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self.sp = None                      # the Ulysses group of a sequence-parallel rank
 
     def _vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.temperal_downsample)
@@ -194,7 +195,12 @@ class QwenImageFamily(DiTFamily):
                           shapes=shapes)
 
     def run_block(self, i: int, st: BlockState) -> None:
-        st.x, st.ctx = self.block_fns[i](st.x, st.ctx, st.ctx_bias, st.temb, self._rope(st.shapes, st.ctx.shape[1]))
+        rope = self._rope(st.shapes, st.ctx.shape[1])
+        if self.sp is not None and self.sp.active:       # sequence parallel: this rank's image rows
+            lo = sum(self.sp.counts[:self.sp.index])
+            n = self.sp.counts[self.sp.index]
+            rope = (rope[0][lo:lo + n], rope[1][lo:lo + n], *rope[2:])
+        st.x, st.ctx = self.block_fns[i](st.x, st.ctx, st.ctx_bias, st.temb, rope)
 
     def modulated_input(self, st: BlockState) -> torch.Tensor:
         blk = self.blocks[0]

@@ -5,8 +5,9 @@ one fused q/k/v projection per stream (the block's own linears become views into
 so nothing is stored twice and the diffusers module still runs unchanged), RoPE in real arithmetic
 on precomputed cos / sin (the complex product of ``apply_rotary_emb_qwen``, written out, in fp32),
 ``addcmul`` for the gated residuals, one SDPA over [text | image] with an additive caption mask only
-when the batch has one. ``fuse_elementwise()`` compiles the small helpers (layer norm + modulation,
-q/k RMS norm + RoPE, gated residual) into fused kernels without compiling the whole block.
+when the batch has one, the MLPs' GELU in the GEMM epilogue on CUDA. ``fuse_elementwise()`` compiles
+the small helpers (layer norm + modulation, q/k RMS norm + RoPE + the joint concatenation, gated
+residual) into fused kernels without compiling the whole block.
 """
 
 from __future__ import annotations
@@ -35,16 +36,38 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(out_dtype)
 
 
+def joint_qk(txt: torch.Tensor, img: torch.Tensor, w_txt: torch.Tensor | None, w_img: torch.Tensor | None,
+             eps_txt: float, eps_img: float, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The joint queries (or keys) [B, T + N, H, d]: [text | image], each stream RMS-normed with its own
+    weight and rotated (one fused kernel when compiled: the concatenation is written in place)."""
+    img_cos, img_sin, txt_cos, txt_sin = rope
+    return torch.cat([qk_norm_rope(txt, w_txt, eps_txt, txt_cos, txt_sin),
+                      qk_norm_rope(img, w_img, eps_img, img_cos, img_sin)], dim=1)
+
+
+def mlp(ff: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``FeedForward`` (Linear -> GELU(tanh) -> Linear); on CUDA the GELU runs in the first
+    GEMM's epilogue (cuBLASLt), saving a pass over the 4x-wide activations."""
+    act = ff.net[0]
+    proj = act.proj
+    if h.is_cuda and act.approximate == "tanh" and proj.bias is not None:
+        y = torch._addmm_activation(proj.bias, h.reshape(-1, h.shape[-1]), proj.weight.t(), use_gelu=True)
+        y = y.view(*h.shape[:-1], -1)
+    else:
+        y = F.gelu(proj(h), approximate=act.approximate)
+    return ff.net[2](y)
+
+
 class Kernels:
     """The elementwise helpers a block calls: eager, or compiled into fused kernels."""
 
     def __init__(self):
-        self.ln_modulate, self.gated_add, self.qk_norm_rope = ln_modulate, gated_add, qk_norm_rope
+        self.ln_modulate, self.gated_add, self.joint_qk = ln_modulate, gated_add, joint_qk
 
     def fuse(self) -> None:
         self.ln_modulate = torch.compile(ln_modulate)
         self.gated_add = torch.compile(gated_add)
-        self.qk_norm_rope = torch.compile(qk_norm_rope)
+        self.joint_qk = torch.compile(joint_qk)
 
 
 def supported(block: nn.Module) -> bool:
@@ -63,6 +86,7 @@ class QwenImageBlock(nn.Module):
         self.k = kernels
         a = block.attn
         self.heads = a.heads
+        self.sp = None                      # a sequence-parallel group (Ulysses), set by parallel.ulysses
         self.qkv_w, self.qkv_b = _fuse([a.to_q, a.to_k, a.to_v])
         self.cqkv_w, self.cqkv_b = _fuse([a.add_q_proj, a.add_k_proj, a.add_v_proj])
 
@@ -73,29 +97,35 @@ class QwenImageBlock(nn.Module):
         T, H = ctx.shape[1], self.heads
         i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = blk.img_mod(temb)[:, None].chunk(6, dim=-1)   # [B, 1, D] each
         t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = blk.txt_mod(temb)[:, None].chunk(6, dim=-1)
-        img_cos, img_sin, txt_cos, txt_sin = rope
 
         # joint attention: [text | image], each stream with its own projections
         h = k.ln_modulate(x, None, None, blk.img_norm1.eps, 1 + i_sc1, i_sh1)
         c = k.ln_modulate(ctx, None, None, blk.txt_norm1.eps, 1 + t_sc1, t_sh1)
         qkv = F.linear(h, self.qkv_w, self.qkv_b).view(B, N, 3, H, -1)
         cqkv = F.linear(c, self.cqkv_w, self.cqkv_b).view(B, T, 3, H, -1)
-        q = k.qk_norm_rope(qkv[:, :, 0], a.norm_q.weight, a.norm_q.eps, img_cos, img_sin)
-        kk = k.qk_norm_rope(qkv[:, :, 1], a.norm_k.weight, a.norm_k.eps, img_cos, img_sin)
-        cq = k.qk_norm_rope(cqkv[:, :, 0], a.norm_added_q.weight, a.norm_added_q.eps, txt_cos, txt_sin)
-        ck = k.qk_norm_rope(cqkv[:, :, 1], a.norm_added_k.weight, a.norm_added_k.eps, txt_cos, txt_sin)
-        q = torch.cat([cq, q], dim=1).transpose(1, 2)                                # [B, H, T + N, d]
-        kk = torch.cat([ck, kk], dim=1).transpose(1, 2)
+        if self.sp is not None and self.sp.active:          # x holds this rank's shard of the image tokens
+            from omni_ray.dit.parallel.ulysses import ulysses_qwen_attention
+            img_o, txt_o = ulysses_qwen_attention(self.sp, a, qkv, cqkv, ctx_bias, rope)
+            x = k.gated_add(x, i_g1, a.to_out[0](img_o))
+            ctx = k.gated_add(ctx, t_g1, a.to_add_out(txt_o))
+            return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)
+        q = k.joint_qk(cqkv[:, :, 0], qkv[:, :, 0], a.norm_added_q.weight, a.norm_q.weight, a.norm_added_q.eps,
+                       a.norm_q.eps, rope).transpose(1, 2)                            # [B, H, T + N, d]
+        kk = k.joint_qk(cqkv[:, :, 1], qkv[:, :, 1], a.norm_added_k.weight, a.norm_k.weight, a.norm_added_k.eps,
+                        a.norm_k.eps, rope).transpose(1, 2)
         v = torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], dim=1).transpose(1, 2)
         mask = None if ctx_bias is None else F.pad(ctx_bias, (0, N))[:, None]         # [B, 1, 1, T + N]
-        o = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2).reshape(B, T + N, D)
-        x = k.gated_add(x, i_g1, a.to_out[0](o[:, T:]))
-        ctx = k.gated_add(ctx, t_g1, a.to_add_out(o[:, :T]))
+        o = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2)   # [B, T + N, H, d]
+        x = k.gated_add(x, i_g1, a.to_out[0](o[:, T:].reshape(B, N, D)))
+        ctx = k.gated_add(ctx, t_g1, a.to_add_out(o[:, :T].reshape(B, T, D)))
 
-        # the two MLPs
-        x = k.gated_add(x, i_g2, blk.img_mlp(k.ln_modulate(x, None, None, blk.img_norm2.eps, 1 + i_sc2, i_sh2)))
-        ctx = k.gated_add(ctx, t_g2, blk.txt_mlp(k.ln_modulate(ctx, None, None, blk.txt_norm2.eps, 1 + t_sc2,
-                                                                t_sh2)))
+        return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)
+
+    def _mlps(self, x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2):
+        blk, k = self.block, self.k
+        x = k.gated_add(x, i_g2, mlp(blk.img_mlp, k.ln_modulate(x, None, None, blk.img_norm2.eps, 1 + i_sc2, i_sh2)))
+        ctx = k.gated_add(ctx, t_g2, mlp(blk.txt_mlp, k.ln_modulate(ctx, None, None, blk.txt_norm2.eps, 1 + t_sc2,
+                                                                     t_sh2)))
         if x.dtype == torch.float16:              # as the diffusers block: keep fp16 finite
             x, ctx = x.clip(-65504, 65504), ctx.clip(-65504, 65504)
         return x, ctx

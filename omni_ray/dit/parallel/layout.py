@@ -66,9 +66,6 @@ def check_layout(layout: Layout, path: Path, cfg: DiTEngineConfig) -> None:
                           f"{pipeline} yet (5-D latents and 3D RoPE in the ranks' step header); one GPU per replica")
     if layout.sp == 1:
         return
-    if pipeline in ("QwenImagePipeline", "QwenImageEditPipeline"):
-        raise ConfigError(f"parallel.sequence_parallel_size > 1 is not implemented for {pipeline} yet (its joint "
-                          "attention and 3D RoPE need a Ulysses processor); use parallel.cfg_parallel")
     tcfg = path / "transformer" / "config.json"
     heads = json.loads(tcfg.read_text()).get("num_attention_heads") if tcfg.exists() else None
     if not heads:

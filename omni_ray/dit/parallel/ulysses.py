@@ -8,6 +8,9 @@ caption to the image tokens; every rank computes the caption's q/k/v for all hea
 heads, and all-gathers the caption's output over heads (the caption stream stays whole, and equal,
 on every rank).
 
+Qwen-Image's joint attention likewise: each rank rotates its shard's image queries / keys with the
+shard's RoPE rows before the all-to-all, and the caption (whole on every rank) takes the rank's heads.
+
 Shards may differ by one token (``Layout.token_counts``), so the all-to-alls take split sizes.
 """
 
@@ -128,6 +131,41 @@ def install_sd3(family, sp: SPGroup) -> None:
                 attn.set_processor(UlyssesJointAttnProcessor(sp, attn.processor))
 
 
+# ----------------------------------------------------------------------------- Qwen-Image (block hook)
+def ulysses_qwen_attention(sp: SPGroup, attn, qkv: torch.Tensor, cqkv: torch.Tensor, ctx_bias: torch.Tensor | None,
+                           rope: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-Image's joint attention with the image tokens sequence-parallel: qkv [B, n, 3, H, d] of this
+    rank's image shard (``rope``'s image rows are the shard's), cqkv [B, T, 3, H, d] of the whole caption
+    (equal on every rank). Returns (image output [B, n, H*d], caption output [B, T, H*d])."""
+    from omni_ray.dit.families.qwen_image_block import qk_norm_rope
+
+    img_cos, img_sin, txt_cos, txt_sin = rope
+    H = qkv.shape[3]
+    q = qk_norm_rope(qkv[:, :, 0], attn.norm_q.weight, attn.norm_q.eps, img_cos, img_sin)
+    k = qk_norm_rope(qkv[:, :, 1], attn.norm_k.weight, attn.norm_k.eps, img_cos, img_sin)
+    q, k, v = sp.seq_to_heads(torch.stack([q, k, qkv[:, :, 2]], dim=2)).permute(2, 1, 3, 0, 4)  # [B, H/S, N, d]
+    h = H // sp.size
+    mine = slice(sp.index * h, (sp.index + 1) * h)
+    cq = qk_norm_rope(cqkv[:, :, 0, mine], attn.norm_added_q.weight, attn.norm_added_q.eps, txt_cos, txt_sin)
+    ck = qk_norm_rope(cqkv[:, :, 1, mine], attn.norm_added_k.weight, attn.norm_added_k.eps, txt_cos, txt_sin)
+    cv = cqkv[:, :, 2, mine]
+    T, N = cqkv.shape[1], q.shape[2]
+    q = torch.cat([cq.transpose(1, 2), q], dim=2)                                   # [B, H/S, T + N, d]
+    k = torch.cat([ck.transpose(1, 2), k], dim=2)
+    v = torch.cat([cv.transpose(1, 2), v], dim=2)
+    mask = None if ctx_bias is None else F.pad(ctx_bias, (0, N))[:, None]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    img = sp.heads_to_seq(o[:, :, T:])
+    c = sp.gather_heads(o[:, :, :T])                                                # [B, H, T, d]
+    return img.to(qkv.dtype), c.transpose(1, 2).reshape(c.shape[0], T, -1).to(qkv.dtype)
+
+
+def install_qwen_image(family, sp: SPGroup) -> None:
+    family.sp = sp
+    for f in family.block_fns:
+        f.sp = sp
+
+
 def install(family, sp: SPGroup) -> None:
     """Route the family's image self-attention through Ulysses (a no-op while ``sp`` is inactive)."""
     name = type(family).__name__
@@ -135,6 +173,8 @@ def install(family, sp: SPGroup) -> None:
         install_pixart(family, sp)
     elif name == "SD3Family":
         install_sd3(family, sp)
+    elif name in ("QwenImageFamily", "QwenImageEditFamily"):
+        install_qwen_image(family, sp)
     else:
         from omni_ray.errors import ConfigError
         raise ConfigError(f"sequence parallel is not implemented for {name}")

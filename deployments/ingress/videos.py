@@ -7,8 +7,9 @@ DiT stage whose model makes videos, and its MP4 is kept in the object store.
 * The job is admitted by the omni scheduler like any request (its id is the job id, so
   ``POST /v1/requests/{id}/cancel`` works too), calls the stage (``progress`` follows the denoising
   steps) and stores the MP4 the replica encoded in a DiT cache actor of its own
-  (``omni-dit-cache-{app}-videos``: ``ttl`` strategy, ``videos.ttl_s`` and ``videos.max_bytes``); the
-  ingress keeps no video bytes and writes nothing to disk.
+  (``omni-dit-cache-{app}-videos``, made on the first video: ``ttl`` strategy, ``videos.ttl_s`` and
+  ``videos.max_bytes``; ``kill_cache(app)`` ends it with the app's cache); the ingress keeps no video
+  bytes and writes nothing to disk.
 * ``DELETE`` cancels a running job (the stage call is cancelled, which aborts the request in the DiT
   engine and frees its slot at once) and drops a finished one's MP4.
 
@@ -101,7 +102,7 @@ class VideoJobs:
         self.catalog, self.backends, self.lifecycle, self.ids = catalog, backends, lifecycle, ids
         store_cfg = DiTCacheConfig(strategy="ttl", ttl_s=self.cfg.ttl_s, max_bytes=self.cfg.max_bytes,
                                    cache_images=False, cache_conditioning=False, detached=config.dit_cache.detached)
-        self.store = DiTCacheClient.connect(f"{config.app.name}-videos", store_cfg)
+        self.store = DiTCacheClient(f"{config.app.name}-videos", store_cfg)   # its actor: made on first use
         self.jobs: OrderedDict[str, VideoJob] = OrderedDict()
         self._geometry: dict[str, Geometry] = {}
 

@@ -228,6 +228,12 @@ class DiTEngineConfig(Strict):
         "'WxH' of a request that gives no size; None = the model's default (an edit: its input image's aspect ratio, "
         "scaled down to max_pixels where needed)")
     max_images_per_prompt: int = Field(4, ge=1, description="num_images_per_prompt limit per request")
+    max_frames: int = Field(129, ge=1, description="video models: num_frames limit per video")
+    attention_backend: Literal["auto", "default", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto", description="video models on CUDA: the SDPA kernel of the attention (auto: the fastest, "
+        "measured once per token count; default: torch's own order)")
+    vae_decode_chunk: int = Field(2, ge=1, description="video models: latent frames VAE-decoded per engine "
+                                  "step while other requests denoise (all at once when none does)")
     compile: bool = Field(False, description="torch.compile the transformer")
     parallel: DiTParallelConfig = DiTParallelConfig()
     fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "
@@ -288,6 +294,16 @@ class DiTCacheConfig(Strict):
     # issue 6 (dit cache) additions
     detached: bool = Field(True, description="detached actor: outlives the replica that created it")
     call_timeout_s: float = Field(5.0, gt=0, description="a client call slower than this counts as a miss")
+
+
+class VideoJobsConfig(Strict):
+    """The video job API (``/v1/videos``): finished MP4s live in the object store, indexed by a DiT cache
+    actor of their own (``omni-dit-cache-{app}-videos``) that drops them by TTL and byte budget."""
+
+    ttl_s: float = Field(3600.0, gt=0, description="a finished video (and its job) is kept this long")
+    max_bytes: int = Field(4 << 30, ge=0, description="MP4 bytes kept in the object store before the oldest go")
+    max_jobs: int = Field(1000, ge=1, description="jobs an ingress replica remembers (finished ones go first)")
+    default_fps: int = Field(16, ge=1, le=120, description="frames per second when a request names none")
 
 
 # ----------------------------------------------------------------------------- serve
@@ -556,6 +572,7 @@ class OmniConfig(Strict):
         "named pipelines over the stages (POST /v1/pipelines/<name>)")
     scheduler: OmniSchedulerConfig = OmniSchedulerConfig()
     dit_cache: DiTCacheConfig = DiTCacheConfig()
+    videos: VideoJobsConfig = VideoJobsConfig()
 
     @model_validator(mode="after")
     def _check_encoders(self):

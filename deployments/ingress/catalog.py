@@ -70,6 +70,8 @@ class Catalog:
         if p is not None and p.steps[-1].output == "images":
             return model, p
         stage = self.stage(model, "dit")
+        if "video" in ((self.modalities(stage) or {}).get("output") or []):
+            raise InvalidRequestError(f"model {model!r} generates videos: use POST /v1/videos", param="model")
         feeds = [(n, p) for n, p in self.config.pipelines.items()
                  if p.steps[-1].stage == stage and p.steps[-1].input == "hidden_states"]
         direct = any(s.stage == stage and s.input != "hidden_states" for p in self.config.pipelines.values()

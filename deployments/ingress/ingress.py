@@ -9,6 +9,7 @@ a body, the other limits by the routes before any stage is called):
     POST /v1/pipelines/{name}     (or /v1/pipelines/run with a "pipeline" field; "stream": true for SSE)
     POST /generate                (vLLM-omni's route: the same runner, pipeline and stage_args optional)
     POST /v1/requests/{id}/cancel (through the omni scheduler)
+    POST /v1/videos, GET /v1/videos[/{id}[/content]], DELETE /v1/videos/{id}   (video jobs: videos.py)
 
 Python, for other Ray apps (``serve.get_app_handle("omni")``):
     h = serve.get_app_handle("omni")
@@ -28,7 +29,7 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -47,6 +48,7 @@ from deployments.ingress.remote_stages import RemoteAR, RemoteDiT
 from deployments.ingress.request_ids import RequestIds
 from deployments.ingress.stage_health import StageHealth
 from deployments.ingress.text import collect, render_text, text_events, text_requests
+from deployments.ingress.videos import VideoJobs
 from deployments.openai.image_edits import parse_edit_form
 from deployments.openai.protocol import (
     ChatCompletionRequest,
@@ -58,6 +60,7 @@ from deployments.openai.protocol import (
 from deployments.openai.responses import Chat, Completion, b64_images, usage
 from deployments.openai.tool_calls import ToolChat
 from deployments.openai.tools import ToolCalling
+from deployments.openai.videos import VideoGenerationRequest
 from deployments.services import dit_cache
 from deployments.streams import OpenStreams, cancellable
 from omni_ray.config import OmniConfig, PipelineConfig, validate
@@ -93,6 +96,7 @@ class Ingress:
         self.admission = Admission(self.config)
         self.requests = Lifecycle(self.config.app, self.admission, OpenStreams(self.config.app.streaming))
         self.ids = RequestIds()                 # <prefix>-<X-Request-Id>, unique (request_ids.py)
+        self.videos = VideoJobs(self.config, self.catalog, self.backends, self.requests, self.ids)   # /v1/videos
 
     def __serve_build_asgi_app__(self):
         """Called by Serve after __init__: hand this replica's keys and limits to the Gate, and its
@@ -210,6 +214,29 @@ class Ingress:
         res = await self._run_collect(self.ids.new("img"), "image_edits", pipe, body.prompt, args, body.priority,
                                       image)
         return {"created": int(time.time()), "data": b64_images(res["images"]), "model": name}
+
+    # ================================================================== video jobs (videos.py)
+    @app.post("/v1/videos")
+    async def videos_create(self, body: VideoGenerationRequest):
+        """A video job, answered at once (``status: queued``); poll it, then download its MP4."""
+        return await self.videos.create(body)
+
+    @app.get("/v1/videos")
+    async def videos_list(self):
+        return {"object": "list", "data": [self.videos.get(k) for k in list(self.videos.jobs)]}
+
+    @app.get("/v1/videos/{video_id}")
+    async def videos_get(self, video_id: str):
+        return self.videos.get(video_id)
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def videos_content(self, video_id: str):
+        return Response(await self.videos.content(video_id), media_type="video/mp4")
+
+    @app.delete("/v1/videos/{video_id}")
+    async def videos_delete(self, video_id: str):
+        """Cancel a running job (its DiT slot is freed) or delete a finished video."""
+        return await self.videos.delete(video_id)
 
     @app.post("/v1/requests/{request_id}/cancel")
     async def cancel_request(self, request_id: str):

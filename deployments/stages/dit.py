@@ -6,7 +6,8 @@
 ``req`` is an ``omni_ray.stages.DiTRequest``; the replica is a thin shim over the stage engine
 (``omni_ray.stages.dit.DiTStageEngine``). ``req.conditioning`` is an AR stage's Handoff (an
 ObjectRef, its shape and source): this replica is the first place the hidden-state tensor is
-materialised (from the object store, zero-copy on one node). Images leave the replica as PNG bytes.
+materialised (from the object store, zero-copy on one node). Images leave the replica as PNG bytes,
+videos (families that make them) as MP4 bytes: ``{"kind": "done", "videos": [MP4 bytes], "info"}``.
 
 With ``dit_cache.enabled`` the replica consults the application's DiT cache:
   * images of a deterministic request (it has a seed): a hit skips the engine entirely;
@@ -37,10 +38,12 @@ from deployments.stages.replica import StageReplica, errors_as_values
 from omni_ray.config import DiTStageConfig, MediaConfig, validate
 from omni_ray.errors import InvalidRequestError
 from omni_ray.media.images import decode_image
+from omni_ray.media.video import encode_mp4
 from omni_ray.stages.dit import DiTStageEngine
 from omni_ray.stages.requests import DiTRequest, Handoff, ImageInput
 
 log = logging.getLogger("ray.serve")
+DEFAULT_FPS = 16                         # Wan's frame rate
 
 
 def to_png(image) -> bytes:
@@ -122,7 +125,10 @@ class DiTDeployment(StageReplica):
             embeds, mask = await self._conditioning(req)
         image = await fetch_image(req.image, self.media) if req.image is not None else None
         async for ev in self.engine.generate(req, embeds, mask, negative, image):
-            if ev["kind"] == "done":
+            if ev["kind"] == "done" and self.engine.family.produces_video:      # frames -> MP4, off the loop
+                videos = [await asyncio.to_thread(encode_mp4, v, req.fps or DEFAULT_FPS) for v in ev["images"]]
+                ev = {"kind": "done", "videos": videos, "info": info | dict(ev.get("info") or {})}
+            elif ev["kind"] == "done":
                 pngs = [to_png(im) for im in ev["images"]]
                 if key is not None:
                     await self.cache.put(key, pngs, model=self.model)
@@ -132,7 +138,7 @@ class DiTDeployment(StageReplica):
 
     # ------------------------------------------------------------------ cache
     def _image_key(self, req: DiTRequest) -> str | None:
-        if self.cache is None:
+        if self.cache is None or self.engine.family.produces_video:     # videos are kept by the video jobs
             return None
         from omni_ray.cluster.dit_cache import image_key
 

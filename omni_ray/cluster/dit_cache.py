@@ -270,6 +270,8 @@ def get_or_create_cache(app_name: str, config: DiTCacheConfig):
 
 
 def kill_cache(app_name: str) -> bool:
+    """Kill the app's DiT cache actor (and its video store's, ``/v1/videos``, if one was made)."""
+    named_actor.kill(cache_name(f"{app_name}-videos"))
     return named_actor.kill(cache_name(app_name))
 
 

@@ -50,7 +50,7 @@ class Batcher:
             return []
         groups: dict[tuple, list[DiTRequest]] = {}
         for r in self.running:
-            groups.setdefault(r.key, []).append(r)
+            groups.setdefault(r.batch_key, []).append(r)
         batch = min(groups.values(), key=lambda g: (min(r.last_served for r in g), min(r.arrival for r in g)))
         for r in batch:
             r.last_served = self.tick

@@ -6,6 +6,11 @@
 Every ``step()`` admits waiting requests (text encoding, initial noise, their own scheduler),
 runs one transformer forward for the next group of compatible requests, steps each one's
 scheduler, and VAE-decodes (in batches) the requests that just finished.
+
+Videos (families with ``produces_video``) leave the denoising batch when their last step is done
+and are VAE-decoded a few latent frames per engine step (``vae_decode_chunk``) while other
+requests denoise, all at once when nothing else waits (``omni_ray/dit/video_decode.py``): one
+finished video never stalls the others' denoising for the whole decode.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from omni_ray.dit.params import DiffusionParams
 from omni_ray.dit.request import DiTRequest, Status
 from omni_ray.dit.runner import DiTRunner
 from omni_ray.dit.validation import build_request
+from omni_ray.dit.video_decode import VideoDecode, video_outputs
 from omni_ray.errors import ConfigError, InvalidRequestError
 from omni_ray.testing import resolve_model
 
@@ -76,7 +82,9 @@ class DiTEngine:
         self._in_flight: set[DiTRequest] = set()
         self._arrivals = itertools.count()
         self._neg_conds: OrderedDict[str, Cond] = OrderedDict()   # negative prompt -> projected conditioning
-        self.counts = {"added": 0, "finished": 0, "aborted": 0, "images": 0, "vae_batches": 0}
+        self.counts = {"added": 0, "finished": 0, "aborted": 0, "images": 0, "vae_batches": 0,
+                       "video_decode_chunks": 0}
+        self._decoding: list[tuple[DiTRequest, VideoDecode]] = []   # finished videos being VAE-decoded
 
     @classmethod
     def from_components(cls, pipeline_class: str, components: dict, config: DiTEngineConfig) -> "DiTEngine":
@@ -145,6 +153,7 @@ class DiTEngine:
             if req is None:
                 return False
             self.batcher.remove(req)
+            self._decoding = [(q, d) for q, d in self._decoding if q is not req]
             req.status = Status.ABORTED
             if req not in self._in_flight:
                 self._release(req)
@@ -168,7 +177,7 @@ class DiTEngine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return self.batcher.has_work()
+            return self.batcher.has_work() or bool(self._decoding)
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
@@ -241,9 +250,7 @@ class DiTEngine:
             r.generator = torch.Generator(device=self.device).manual_seed(r.seed)
             r.scheduler = fam.new_scheduler(r.num_steps, r.height, r.width)
             r.timesteps = r.scheduler.timesteps
-            if r.image is not None:
-                r.cond_latents = fam.encode_image(r.image, r.num_images)
-            r.latents = fam.prepare_latents(r.num_images, r.height, r.width, r.generator, r.scheduler)
+            fam.prepare_request(r)                # initial latents; an input image's cond_latents
             r.shapes = fam.latent_shapes(r)
             caption = () if fam.supports_caption_mask else (r.cond.tokens.shape[0],)
             r.key = (r.height // fam.vae_scale_factor, r.width // fam.vae_scale_factor, *caption, *r.shapes)
@@ -273,8 +280,16 @@ class DiTEngine:
         with self._lock:
             batch = self.batcher.schedule()
             self._in_flight.update(batch)
-        if not batch:
-            return []
+        events: list[tuple[DiTRequest, str]] = []
+        if batch:
+            events = self._denoise(batch)
+        if self._decoding:
+            with self._lock:
+                busy = self.batcher.has_work()
+            events += self._decode_videos(busy)
+        return events
+
+    def _denoise(self, batch: list[DiTRequest]) -> list[tuple[DiTRequest, str]]:
         try:
             self.runner.step(batch)
             with self._lock:
@@ -283,6 +298,10 @@ class DiTEngine:
                 for r in done:
                     self.batcher.remove(r)
             events = [(r, "progress") for r in live]
+            videos = [r for r in done if self.family.produces_video and r.output_type != "latent"]
+            done = [r for r in done if r not in videos]
+            for r in videos:                     # decoded chunk by chunk, from this step on
+                self._decoding.append((r, VideoDecode(self.family.vae, self.family.denormalize(r.latents))))
             if done:
                 self.counts["vae_batches"] += decode_outputs(self.family, done, self.config.vae_batch_size)
                 with self._lock:
@@ -296,6 +315,30 @@ class DiTEngine:
                 for r in batch:
                     if r.status is Status.ABORTED:
                         self._release(r)
+        return events
+
+    def _decode_videos(self, busy: bool) -> list[tuple[DiTRequest, str]]:
+        """Advance the finished videos' VAE decodes: the oldest by ``vae_decode_chunk`` latent frames
+        while other requests denoise (``busy``), else every one to its end."""
+        with self._lock:
+            self._decoding = [(r, d) for r, d in self._decoding if r.status is Status.RUNNING]   # drop aborted
+            jobs = self._decoding[:1] if busy else list(self._decoding)
+        events = []
+        for r, job in jobs:
+            while not job.finished:
+                job.step(self.config.vae_decode_chunk)
+                self.counts["video_decode_chunks"] += 1
+                if busy:
+                    break
+            if not job.finished:
+                continue
+            video = job.result()
+            with self._lock:
+                self._decoding = [(q, d) for q, d in self._decoding if q is not r]
+                if r.status is Status.RUNNING:
+                    r.images = video_outputs(video, r.output_type)
+                    self._complete(r)
+                    events.append((r, "done"))
         return events
 
     def _complete(self, r: DiTRequest) -> None:
@@ -316,7 +359,9 @@ class DiTEngine:
                  image=None) -> list:
         """Images for each prompt (``num_images_per_prompt`` each, in prompt order): PIL images,
         or float [H, W, 3] arrays in [0, 1] (``output_type="np"``), or latents (``"latent"``).
-        ``image``: an edit model's input image (one PIL image for all prompts, or a list)."""
+        ``image``: an edit model's input image (one PIL image for all prompts, or a list).
+        Video models give one array per video: uint8 [F, H, W, 3] (``"pil"``) or float32 [F, H, W, 3]
+        in [0, 1] (``"np"``); an image-to-video model's ``image`` is the first frame."""
         n = self._num_prompts(prompts, prompt_embeds)
         prompts = [prompts] * n if prompts is None or isinstance(prompts, str) else list(prompts)
         plist = params if isinstance(params, list) else [params] * n
@@ -376,6 +421,8 @@ class DiTEngine:
         s = self.runner.stats
         return {
             "active_requests": len(self.batcher.running),
+            "decoding_videos": len(self._decoding),
+            "video_decode_chunks": self.counts["video_decode_chunks"],
             "active_images": self.batcher.running_images,
             "waiting_requests": len(self.batcher.waiting),
             "steps": s.forwards,

@@ -11,6 +11,7 @@ text encoder).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from omni_ray.errors import ConfigError
 
 _SKIP = {"feature_extractor", "image_encoder", "safety_checker"}
+_PROCESSOR_SUFFIXES = ("ImageProcessor", "FeatureExtractor", "Processor")
 
 
 def read_model_index(path: Path) -> dict:
@@ -50,14 +52,20 @@ def load_component(path: Path, name: str, library: str, cls_name: str, device: t
     if "scheduler" in name.lower() or cls_name.endswith("Scheduler"):
         import diffusers
         return getattr(diffusers, cls_name).from_pretrained(str(folder), local_files_only=True)
+    if cls_name.endswith(_PROCESSOR_SUFFIXES):             # no weights: an image processor's config
+        import transformers
+        return getattr(transformers, cls_name).from_pretrained(str(folder), local_files_only=True)
     _check_weights(folder, allow_pickle)
     # True: safetensors or nothing; None: safetensors where present, else the (allowed) pickle files
     use_safetensors = None if allow_pickle else True
     if library == "diffusers":
         import diffusers
         cls = getattr(diffusers, cls_name)
-        model = cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=use_safetensors,
-                                    local_files_only=True)
+        if getattr(cls, "_keep_in_fp32_modules", None) and importlib.util.find_spec("accelerate") is None:
+            model = _load_keeping_fp32(cls, folder, dtype, use_safetensors)
+        else:
+            model = cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=use_safetensors,
+                                        local_files_only=True)
     elif library == "transformers":
         import transformers
         cls = getattr(transformers, cls_name)
@@ -68,17 +76,42 @@ def load_component(path: Path, name: str, library: str, cls_name: str, device: t
     return model.to(device).eval().requires_grad_(False)
 
 
+def _load_keeping_fp32(cls, folder: Path, dtype: torch.dtype, use_safetensors):
+    """``from_pretrained`` of a model whose class keeps some modules in float32 (Wan: norms, time
+    embedder, modulation tables), without accelerate (which diffusers needs for that): load it in
+    ``dtype`` through a subclass without the list, then read those modules' tensors again from the
+    safetensors files in float32, as diffusers does."""
+    from safetensors import safe_open
+
+    keep = list(cls._keep_in_fp32_modules)
+    plain = type(cls.__name__, (cls,), {"_keep_in_fp32_modules": None})
+    model = plain.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=use_safetensors,
+                                  local_files_only=True)
+    if dtype == torch.float32:
+        return model
+    params = dict(model.named_parameters())
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                if k in params and any(m in k.split(".") for m in keep):
+                    params[k].data = sf.get_tensor(k).float()
+    return model
+
+
 def load_components(path: Path, device: torch.device, dtype: torch.dtype,
-                    allow_pickle: bool = False, skip: frozenset | set = frozenset()) -> tuple[str, dict]:
+                    allow_pickle: bool = False, skip: frozenset | set = frozenset(),
+                    keep: frozenset | set = frozenset()) -> tuple[str, dict]:
     """Returns (pipeline class name, {component name: object or None}); components named in ``skip``
-    (a family's text encoder that runs as a stage of its own) are not loaded and come back as None."""
+    (a family's text encoder that runs as a stage of its own) are not loaded and come back as None.
+    ``keep``: components loaded although most families skip them (``image_encoder`` for Wan I2V)."""
     index = read_model_index(path)
     pipeline = index.get("_class_name", "")
     comps: dict = {}
     for name, spec in index.items():
-        if name.startswith("_") or name in _SKIP:
+        if name.startswith("_") or (name in _SKIP and name not in keep):
             continue
         if not isinstance(spec, list) or len(spec) != 2:
+            comps[name] = spec                  # a pipeline setting (Wan2.2: boundary_ratio)
             continue
         library, cls_name = spec
         comps[name] = None if library is None or name in skip else load_component(

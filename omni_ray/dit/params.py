@@ -69,6 +69,7 @@ DIFFUSION_RULES: dict[str, Rule] = {
     "guidance_scale": Rule("number", ge=0.0, note="(<= 1: no classifier-free guidance)"),
     "seed": Rule("integer", ge=0, lt=2**63),
     "num_images_per_prompt": Rule("integer", ge=1, optional=False),
+    "num_frames": Rule("integer", ge=1, note="(video models; None: the model's default)"),
 }
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -98,6 +99,7 @@ class DiffusionParams:
     negative_prompt: str | None = None
     num_images_per_prompt: int = 1
     cache: Any = None                        # None | "off" | "fbcache" | {"method", "threshold"} | StepCacheParams
+    num_frames: int | None = None            # video models: frames per video (Wan: 4k + 1)
     step_cache: StepCacheParams | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):

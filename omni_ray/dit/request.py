@@ -39,6 +39,8 @@ class DiTRequest:
     image: Any = None                              # input image (PIL, RGB) of an edit model
     cfg: bool | None = None                        # runs classifier-free guidance (None: guidance_scale > 1)
     arrival: int = 0
+    num_frames: int = 1                            # video models: frames per video
+    boundary: float | None = None                  # two-expert models: the timestep where the second takes over
 
     status: Status = Status.WAITING
     cond: Cond | None = None
@@ -58,6 +60,13 @@ class DiTRequest:
     images: list | None = None
     error: BaseException | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def batch_key(self) -> tuple:
+        """``key``, plus the expert of the next step on two-expert models (a forward uses one)."""
+        if self.boundary is None or self.is_done:
+            return self.key
+        return (*self.key, int(float(self.timesteps[self.step_idx]) < self.boundary))
 
     @property
     def do_cfg(self) -> bool:

@@ -72,7 +72,7 @@ class DiTRunner:
             if hasattr(r.scheduler, "scale_model_input"):
                 lat = r.scheduler.scale_model_input(lat, t)
             if r.cond_latents is not None:            # an edit's input-image tokens after the noise tokens
-                lat = torch.cat([lat, r.cond_latents], dim=1)
+                lat = torch.cat([lat, r.cond_latents], dim=1)     # (Wan I2V: the first frame's channels)
             lat = torch.cat([lat, lat]) if r.do_cfg else lat
             xs.append(lat)
             ts += [float(t)] * lat.shape[0]

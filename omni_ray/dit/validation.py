@@ -32,13 +32,13 @@ def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: Diffusio
     params.validate()
     embeds, mask = check_conditioning(fam, cfg.model.served_name, prompt, prompt_embeds, prompt_mask)
     neg_embeds, neg_mask = check_negative(fam, negative_prompt_embeds, negative_prompt_mask)
-    default_h = default_w = fam.default_size
+    default_h, default_w = fam.default_hw
     if cfg.default_size is not None:
         default_w, default_h = (int(v) for v in cfg.default_size.split("x"))
     if image is not None:
         default_h, default_w = fit_pixels(*fam.check_image(image), cfg.max_pixels, fam.stride)  # param="image"
     elif fam.accepts_image:
-        _bad("image", "this model edits an input image: pass image=")
+        _bad("image", "this model takes an input image: pass image=")
     h = params.height or default_h
     w = params.width or default_w
     for name, v in (("height", h), ("width", w)):
@@ -59,6 +59,7 @@ def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: Diffusio
              + (f" as text ({fam.text_encoder_note}); pass negative_prompt_embeds" if fam.text_encoder_note else ""))
     if output_type not in OUTPUT_TYPES:
         _bad("output_type", f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    num_frames = fam.check_num_frames(params.num_frames, cfg)
     g = fam.default_guidance if params.guidance_scale is None else float(params.guidance_scale)
     has_negative = neg_embeds is not None or params.negative_prompt is not None
     seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
@@ -67,7 +68,7 @@ def build_request(fam: DiTFamily, cfg: DiTEngineConfig, prompt, params: Diffusio
         guidance_scale=g, seed=seed, num_images=n, negative_prompt=params.negative_prompt or "",
         cache=params.step_cache, prompt_embeds=embeds, prompt_mask=mask, output_type=output_type,
         negative_prompt_embeds=neg_embeds, negative_prompt_mask=neg_mask, image=image,
-        cfg=fam.cfg_enabled(g, has_negative))
+        cfg=fam.cfg_enabled(g, has_negative), num_frames=num_frames, boundary=fam.boundary_timestep)
 
 
 def fit_pixels(h: int, w: int, max_pixels: int, stride: int) -> tuple[int, int]:

@@ -53,3 +53,15 @@ def qwen_image(cfg: dict) -> StageGraph:
              StageNode("denoiser", "dit", "hidden_states", "images"))
     need = frozenset({"text", "image"} if edit else {"text"})
     return StageGraph(arch, nodes, inputs=need, outputs=frozenset({"image"}), requires=need)
+
+
+@register("WanPipeline", "WanImageToVideoPipeline")
+def wan_video(cfg: dict) -> StageGraph:
+    """Wan2.1 / Wan2.2 text- and image-to-video: one DiT stage (its UMT5 text encoder, and for I2V its
+    CLIP image encoder, run inside it). Videos are long jobs: the video API (``/v1/videos``) calls the
+    stage itself; the pipeline runner carries no video hand-off."""
+    arch = cfg["_class_name"]
+    i2v = arch == "WanImageToVideoPipeline"
+    need = frozenset({"text", "image"} if i2v else {"text"})
+    return StageGraph(arch, (StageNode("denoiser", "dit", "prompt", "video"),), inputs=need,
+                      outputs=frozenset({"video"}), requires=need)

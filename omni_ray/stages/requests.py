@@ -181,6 +181,7 @@ class DiTRequest:
     conditioning: Handoff | None = None            # an AR stage's prompt hidden states, used instead of the prompt
     negative_conditioning: Handoff | None = None   # ... and of the negative prompt (true CFG), encoded beside it
     image: ImageInput | None = None                # the input image of an edit (the engine VAE-encodes it)
+    fps: int | None = None                         # video models: frames per second of the MP4 the replica encodes
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -197,3 +198,5 @@ class DiTRequest:
             raise InvalidRequestError("negative_conditioning goes with conditioning", param="negative_conditioning")
         if self.image is not None and not isinstance(self.image, ImageInput):
             raise InvalidRequestError("image must be an ImageInput", param="image")
+        if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, int) or self.fps < 1):
+            raise InvalidRequestError(f"fps must be a positive integer, got {self.fps!r}", param="fps")

@@ -39,9 +39,10 @@ def _builders() -> dict[str, Callable[[Path], None]]:
     for name in tiny_ar.SHAPES:  # real sizes: bf16, built on the GPU when there is one
         out[f"shape:{name}"] = lambda p, n=name: tiny_ar.build_ar(p, n, dtype=torch.bfloat16, device=_fast_device())
     try:  # DiT families register themselves in tiny_dit
-        from omni_ray.testing import tiny_dit, tiny_qwen_image
+        from omni_ray.testing import tiny_dit, tiny_qwen_image, tiny_wan
         out.update(tiny_dit.builders())
         out.update(tiny_qwen_image.builders())
+        out.update(tiny_wan.builders())
     except ImportError:
         pass
     return out

@@ -148,7 +148,7 @@ def test_health_and_info(client):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
     assert set(info["stages"]) == {"llm", "vl", "image", "image-llm", "qwen-image-encoder", "qwen-image",
-                                   "qwen-image-edit-encoder", "qwen-image-edit"}
+                                   "qwen-image-edit-encoder", "qwen-image-edit", "video", "video-i2v"}
     assert set(info["versions"]) >= {"omni_ray", "ray", "torch"}
     assert set(info["pipelines"]) == {"chat", "image", "text2image", "text2image-llm-encoder",
                                       "qwen-image", "qwen-image-edit"}

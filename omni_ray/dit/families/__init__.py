@@ -13,10 +13,11 @@ from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
 from omni_ray.dit.families.pixart import PixArtFamily
 from omni_ray.dit.families.qwen_image import QwenImageEditFamily, QwenImageFamily
 from omni_ray.dit.families.sd3 import SD3Family
+from omni_ray.dit.families.wan import WanFamily, WanI2VFamily
 from omni_ray.errors import ConfigError
 
 FAMILIES: dict[str, type[DiTFamily]] = {f.pipeline_class: f for f in (PixArtFamily, SD3Family, QwenImageFamily,
-                                                                  QwenImageEditFamily)}
+                                                                  QwenImageEditFamily, WanFamily, WanI2VFamily)}
 
 
 def load_family(path: Path, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None = None,
@@ -26,9 +27,10 @@ def load_family(path: Path, device: torch.device, dtype: torch.dtype, max_sequen
     pipeline = read_model_index(path).get("_class_name", "")
     if pipeline not in FAMILIES:
         raise ConfigError(f"{path}: pipeline {pipeline!r} is not supported; omni-ray runs {sorted(FAMILIES)}")
-    _, comps = load_components(path, device, dtype, allow_pickle, FAMILIES[pipeline].skip_components)
-    return FAMILIES[pipeline](comps, device, dtype, max_sequence_length)
+    fam = FAMILIES[pipeline]
+    _, comps = load_components(path, device, dtype, allow_pickle, fam.skip_components, keep=fam.extra_components)
+    return fam(comps, device, dtype, max_sequence_length)
 
 
 __all__ = ["FAMILIES", "BlockState", "Cond", "DiTFamily", "PixArtFamily", "QwenImageEditFamily", "QwenImageFamily",
-           "SD3Family", "load_family"]
+           "SD3Family", "WanFamily", "WanI2VFamily", "load_family"]

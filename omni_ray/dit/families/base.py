@@ -67,6 +67,8 @@ class DiTFamily(ABC):
     text_encoder_note: str = ""          # appended to the error of a prompt-only request (no text encoder)
     teacache_coefficients: tuple | None = None   # TeaCache's rescaling polynomial (numpy order); None: identity
     accepts_image: bool = False          # takes a per-request input image (edit models)
+    produces_video: bool = False         # outputs are frame arrays, decoded chunk by chunk (video_decode.py)
+    extra_components: frozenset = frozenset()   # components the loader skips unless asked (image_encoder)
 
     def __init__(self, comps: dict, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None):
         self.device, self.dtype = device, dtype
@@ -82,6 +84,9 @@ class DiTFamily(ABC):
 
     def _vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def set_attention_backend(self, name: str) -> None:
+        """Which SDPA kernel the blocks use (``DiTEngineConfig.attention_backend``; families that measure)."""
 
     def fuse_elementwise(self) -> None:
         """Compile the family's small elementwise helpers into fused kernels (if it has any)."""
@@ -100,6 +105,29 @@ class DiTFamily(ABC):
     @property
     def default_size(self) -> int:
         return self.transformer.config.sample_size * self.vae_scale_factor
+
+    @property
+    def default_hw(self) -> tuple[int, int]:
+        """(height, width) of a request that names neither."""
+        return self.default_size, self.default_size
+
+    boundary_timestep: float | None = None   # two-expert models: the timestep where the second one takes over
+
+    def check_num_frames(self, num_frames: int | None, cfg) -> int:
+        """A request's frame count after the family's checks (InvalidRequestError naming the field).
+        Image models: one frame."""
+        from omni_ray.errors import InvalidRequestError
+
+        if num_frames not in (None, 1):
+            raise InvalidRequestError("num_frames: this model generates images, not videos", param="num_frames")
+        return 1
+
+    def prepare_request(self, r) -> None:
+        """Admission (on the engine's device thread): an input image's ``cond_latents``, then the
+        request's initial latents (video families override it: 5-D latents, their own conditioning)."""
+        if r.image is not None:
+            r.cond_latents = self.encode_image(r.image, r.num_images)
+        r.latents = self.prepare_latents(r.num_images, r.height, r.width, r.generator, r.scheduler)
 
     @property
     def max_size(self) -> int | None:

@@ -59,6 +59,11 @@ def make_layout(cfg: DiTEngineConfig) -> Layout | None:
 def check_layout(layout: Layout, path: Path, cfg: DiTEngineConfig) -> None:
     """Raise ConfigError for a layout this model / config cannot run (read from the model's
     config, before any rank loads it)."""
+    index = path / "model_index.json"
+    pipeline = json.loads(index.read_text()).get("_class_name", "") if index.exists() else ""
+    if pipeline in ("WanPipeline", "WanImageToVideoPipeline"):
+        raise ConfigError(f"parallel layouts (cfg_parallel, sequence_parallel_size) are not implemented for "
+                          f"{pipeline} yet (5-D latents and 3D RoPE in the ranks' step header); one GPU per replica")
     if layout.sp == 1:
         return
     tcfg = path / "transformer" / "config.json"

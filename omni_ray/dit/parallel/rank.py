@@ -195,6 +195,7 @@ def prepare_family(fam: DiTFamily, cfg: DiTEngineConfig, layout: Layout):
     """The config's speed-ups on a loaded family; returns its CUDA graphs (None: run eagerly).
     Sequence-parallel blocks hold collectives, so they are never graph-captured."""
     cuda = fam.device.type == "cuda"
+    fam.set_attention_backend(cfg.attention_backend)
     if cfg.fuse_elementwise and cuda:
         fam.fuse_elementwise()
     if cfg.compile:

@@ -1,0 +1,122 @@
+"""A lean forward for diffusers' ``WanTransformerBlock``, in fewer kernels than the diffusers block.
+
+The same math as the block and its ``WanAttnProcessor`` (fp32 layer norms and modulation, fp32 gated
+residuals, RMS norm of q / k across heads, Wan's interleaved RoPE in fp32): one fused q/k/v projection
+for self-attention and one k/v projection for the cross-attention (the block's own linears become views
+into the fused weights, so nothing is stored twice and the diffusers module still runs unchanged),
+RoPE on precomputed half-width cos / sin written as one ``stack`` instead of diffusers' strided stores,
+and ``fuse_elementwise()`` compiles the small helpers (layer norm + modulation, RMS norm + RoPE, gated
+residual) into fused kernels without compiling the GEMMs or the attention. Video tokens make every
+elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost real bandwidth: fusing them matters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni_ray.dit.families.pixart_block import _fuse
+
+
+def modulate(x: torch.Tensor, eps: float, scale1: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(LayerNorm(x) in fp32 * scale1 + shift) in x's dtype; scale1 / shift [B, 1, D] fp32."""
+    return (F.layer_norm(x.float(), x.shape[-1:], None, None, eps) * scale1 + shift).type_as(x)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """(x + y * gate) in fp32, back in x's dtype (the block's residuals)."""
+    return (x.float() + y.float() * gate).type_as(x)
+
+
+def rms_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, cos: torch.Tensor | None,
+             sin: torch.Tensor | None) -> torch.Tensor:
+    """RMS norm over all heads (diffusers' ``rms_norm_across_heads``), then Wan's RoPE (pairs (2i, 2i+1)
+    rotated by cos / sin [N, d/2] fp32) when given: x [B, N, H*d] -> [B, N, H, d]."""
+    h = F.rms_norm(x, x.shape[-1:], weight, eps).unflatten(2, (heads, -1))
+    if cos is None:
+        return h
+    x1, x2 = h.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[None, :, None], sin[None, :, None]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(h)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, N, H, d] x 3 -> [B, N, H*d] (SDPA, no mask: Wan attends to every token)."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return o.transpose(1, 2).flatten(2).type_as(q)
+
+
+class Kernels:
+    """The elementwise helpers a block calls: eager, or compiled into fused kernels."""
+
+    def __init__(self):
+        self.modulate, self.gated_residual, self.rms_rope = modulate, gated_residual, rms_rope
+
+    def fuse(self) -> None:
+        self.modulate = torch.compile(modulate)
+        self.gated_residual = torch.compile(gated_residual)
+        self.rms_rope = torch.compile(rms_rope)
+
+
+class DiffusersBlock(nn.Module):
+    """A block ``WanBlock`` does not cover, run as diffusers runs it (same call as ``WanBlock``)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, ctx, temb, rope):
+        return self.block(x, ctx, temb, rope[2:])
+
+
+def supported(block: nn.Module) -> bool:
+    a1, a2 = block.attn1, block.attn2
+    return (isinstance(a1.norm_q, nn.RMSNorm) and isinstance(a2.norm_q, nn.RMSNorm)
+            and not getattr(a1, "fused_projections", False) and not getattr(a2, "fused_projections", False)
+            and type(block.ffn.net[0]).__name__ == "GELU" and block.ffn.net[0].approximate == "tanh")
+
+
+class WanBlock(nn.Module):
+    """``WanBlock(block, kernels)(x, ctx, temb, rope) -> x``: temb [B, 6, D] (the block's timestep
+    projection), ctx [B, T_img + 512, D] (projected image states first on I2V), rope = (cos, sin)
+    [N, d/2] fp32, then diffusers' full tables (unused here)."""
+
+    def __init__(self, block: nn.Module, kernels: Kernels):
+        super().__init__()
+        self.block, self.k = block, kernels
+        a1, a2 = block.attn1, block.attn2
+        self.heads = a1.heads
+        self.qkv_w, self.qkv_b = _fuse([a1.to_q, a1.to_k, a1.to_v])
+        self.kv_w, self.kv_b = _fuse([a2.to_k, a2.to_v])
+        self.img = a2.add_k_proj is not None
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        blk, k = self.block, self.k
+        a1, a2, H = blk.attn1, blk.attn2, self.heads
+        sh1, sc1, g1, sh2, sc2, g2 = (blk.scale_shift_table + temb.float()).chunk(6, dim=1)   # [B, 1, D] fp32
+        cos, sin = rope[:2]
+
+        # self-attention
+        h = k.modulate(x, blk.norm1.eps, 1 + sc1, sh1)
+        q, kk, v = F.linear(h, self.qkv_w, self.qkv_b).chunk(3, dim=-1)
+        q = k.rms_rope(q, a1.norm_q.weight, a1.norm_q.eps, H, cos, sin)
+        kk = k.rms_rope(kk, a1.norm_k.weight, a1.norm_k.eps, H, cos, sin)
+        x = k.gated_residual(x, a1.to_out[0](attention(q, kk, v.unflatten(2, (H, -1)))), g1)
+
+        # cross-attention (text; I2V: the image states too, through their own k / v)
+        h = blk.norm2(x.float()).type_as(x) if isinstance(blk.norm2, nn.LayerNorm) else x
+        img_len = ctx.shape[1] - 512 if self.img else 0
+        q = k.rms_rope(a2.to_q(h), a2.norm_q.weight, a2.norm_q.eps, H, None, None)
+        ck, cv = F.linear(ctx[:, img_len:], self.kv_w, self.kv_b).chunk(2, dim=-1)
+        o = attention(q, k.rms_rope(ck, a2.norm_k.weight, a2.norm_k.eps, H, None, None), cv.unflatten(2, (H, -1)))
+        if self.img:
+            c_img = ctx[:, :img_len]
+            ik = a2.add_k_proj(c_img)
+            ik = F.rms_norm(ik, ik.shape[-1:], a2.norm_added_k.weight, a2.norm_added_k.eps)
+            o = o + attention(q, ik.unflatten(2, (H, -1)), a2.add_v_proj(c_img).unflatten(2, (H, -1)))
+        x = x + a2.to_out[0](o)
+
+        # feed-forward
+        return k.gated_residual(x, blk.ffn(k.modulate(x, blk.norm3.eps, 1 + sc2, sh2)), g2)

@@ -98,3 +98,30 @@ def test_wan_parallel_equals_single_process(ray_up, model, layout):
         assert_same(videos(engine, model), reference(model))
     finally:
         engine.shutdown()
+
+
+# ----------------------------------------------------------------------------- on GPUs (NCCL)
+@pytest.mark.gpu
+@pytest.mark.ray
+@pytest.mark.parametrize("layout", ["cfg2", "sp2"])
+def test_wan_parallel_on_gpus_equals_one_gpu(ray_up, layout):
+    """The same on 2 GPUs over NCCL, in float32 (the patch embedding's and VAE's cuDNN convolutions may
+    pick other TF32 algorithms for other row counts: a looser bound than on the CPU)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    model = "tiny:wan2.1-t2v"
+
+    def engine(parallel):
+        return DiTEngine(DiTEngineConfig(model=ModelConfig(path=model, dtype="float32"), device="cuda",
+                                         parallel=parallel))
+    single = engine({})
+    ref = videos(single, model)
+    del single
+    par = engine(LAYOUTS[layout])
+    try:
+        assert par.engine_stats()["parallel"]["backend"] == "nccl"
+        got = videos(par, model)
+    finally:
+        par.shutdown()
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape and float(np.std(r)) > 0.01 and np.abs(g - r).max() < 1e-2

@@ -430,8 +430,9 @@ class PipelineStep(Strict):
     input: Literal["prompt", "text", "hidden_states"] = Field(
         "prompt", description="what this stage takes: the request's prompt, the previous stage's text, "
                               "or its prompt hidden states")
-    output: Literal["text", "hidden_states", "images"] = Field("text", description=
-        "what this stage gives the next: generated text, prompt hidden states (AR), or images (DiT)")
+    output: Literal["text", "hidden_states", "images", "videos"] = Field("text", description=
+        "what this stage gives the next: generated text, prompt hidden states (AR), images or videos (DiT; "
+        "videos: MP4s over HTTP, frame arrays offline; a pipeline's last step)")
     system_prompt: str | None = Field(None, description="AR stages: a system message to wrap the input with")
     max_tokens: int | None = Field(None, ge=1, description="AR text stages: a default max_tokens")
     encoding: str | None = Field(None, description=(
@@ -597,10 +598,11 @@ class OmniConfig(Strict):
                 if kind == "encoder":
                     raise ValueError(f"pipelines.{pname}.steps.{i}.stage: {step.stage!r} is an encoder stage, "
                                      "used by the AR stages that name it in `encoder`, not a pipeline step")
-                if kind == "dit" and step.output != "images":
-                    raise ValueError(f"pipelines.{pname}.steps.{i}.output: a DiT stage outputs images")
-                if kind == "ar" and step.output == "images":
-                    raise ValueError(f"pipelines.{pname}.steps.{i}.output: an AR stage cannot output images")
+                if kind == "dit" and step.output not in ("images", "videos"):
+                    raise ValueError(f"pipelines.{pname}.steps.{i}.output: a DiT stage outputs images or videos")
+                if kind == "ar" and step.output in ("images", "videos"):
+                    raise ValueError(f"pipelines.{pname}.steps.{i}.output: an AR stage cannot output "
+                                     f"{step.output}")
                 if i == 0 and step.input != "prompt":
                     raise ValueError(f"pipelines.{pname}.steps.0.input: the first step takes the prompt")
                 if i > 0 and step.input != p.steps[i - 1].output:

@@ -82,6 +82,7 @@ class PipelineOutput:
     prompt: str
     text: str | None = None
     images: list | None = None                       # PIL images
+    videos: list | None = None                       # video pipelines: uint8 frame arrays [F, H, W, 3]
     hidden_states: torch.Tensor | None = None        # [T, H] when the last step outputs hidden states
     stages: list[dict] = field(default_factory=list)  # per step: stage, elapsed_s, ...
     usage: dict = field(default_factory=dict)
@@ -247,7 +248,8 @@ class OmniLLM(_Stages):
             async for ev in run_pipeline(pipe, backends, kinds, p, rid, args, image):
                 if ev["type"] == "result":
                     hs = ev["hidden_states"]
-                    out = dataclasses.replace(out, text=ev["text"], images=ev["images"], stages=ev["stages"],
+                    out = dataclasses.replace(out, text=ev["text"], images=ev["images"], videos=ev["videos"],
+                                              stages=ev["stages"],
                                               usage=ev["usage"], hidden_states=hs.tensor if hs else None)
             bar.update(1)
             return out

@@ -11,8 +11,9 @@ A backend has ``generate(req)`` (an async iterator of dicts) and, for AR stages,
 encode(req) -> Handoff`` (and optionally ``encode_batch(reqs)``: a prompt and its negative prompt in
 one call). ``run_pipeline`` yields events (dicts with a ``type``): ``stage_start``,
 ``text`` (a delta), ``progress`` (a denoising step), ``stage_end`` (timings), and one final
-``result``. Hidden states move between steps as a ``Handoff``: online its ref is a Ray ObjectRef
-the runner never resolves.
+``result`` (``videos``: the MP4s a Serve DiT stage encodes, or the frame arrays of an offline one).
+Hidden states move between steps as a ``Handoff``: online its ref is a Ray ObjectRef the runner
+never resolves.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], ki
     negatives = {i: negative_prompt_for(i, pipeline, kinds, args) for i in range(len(pipeline.steps))
                  if kinds[pipeline.steps[i].stage] == "ar"}             # checked before the first stage runs
     stages: list[dict] = []
-    result: dict = {"text": None, "images": None, "hidden_states": None}
+    result: dict = {"text": None, "images": None, "hidden_states": None, "videos": None}
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     for i, step in enumerate(pipeline.steps):
         kind, backend = kinds[step.stage], backends[step.stage]
@@ -249,17 +250,20 @@ async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], ki
             usage["prompt_tokens"] += value.shape[0] + (negative.shape[0] if negative else 0)   # [T, H]: T tokens
             info = _handoff_info(value) | ({"negative": _handoff_info(negative)} if negative else {})
         else:
-            images, extra = None, {}
+            images, extra, videos = None, {}, False
             async for ev in backend.generate(req):
                 if ev["kind"] == "progress":
                     yield {"type": "progress", "step": i, "stage": step.stage,
                            "current": ev["step"], "total": ev["total"]}
-                elif ev["kind"] == "done":
-                    images, extra = ev["images"], ev.get("info") or {}
+                elif ev["kind"] == "done":          # a video model's Serve stage sends MP4s as "videos"
+                    images, extra, videos = ev.get("videos", ev.get("images")), ev.get("info") or {}, "videos" in ev
             if images is None:
-                raise EngineError(f"stage {step.stage!r} ended without images")
-            value = result["images"] = images
-            info = {"num_images": len(images), **extra}
+                raise EngineError(f"stage {step.stage!r} ended without {step.output}")
+            if videos and step.output != "videos":
+                raise ConfigError(f"pipeline step {i}: stage {step.stage!r} makes videos; write the step's "
+                                  "output as videos")
+            value = result[step.output] = images
+            info = {f"num_{step.output}": len(images), **extra}
         elapsed = time.perf_counter() - t0
         stages.append({"step": i, "stage": step.stage, "output": step.output, "elapsed_s": elapsed, **info})
         yield {"type": "stage_end", **stages[-1]}

@@ -37,12 +37,14 @@ async def pipeline_result(backends: dict, kinds: dict, rid: str, pipe: PipelineC
 
 
 def public(ev: dict, images=b64_images) -> dict:
-    """An event as plain data: images via ``images`` (base64 for JSON), hidden states as metadata
-    (the ObjectRef never leaves Ray)."""
+    """An event as plain data: images via ``images`` (base64 for JSON), videos as base64 MP4s, hidden
+    states as metadata (the ObjectRef never leaves Ray)."""
     if ev["type"] != "result":
         return ev
-    out = {k: v for k, v in ev.items() if k not in ("images", "hidden_states")}
+    out = {k: v for k, v in ev.items() if k not in ("images", "hidden_states", "videos")}
     out["images"] = images(ev["images"]) if ev.get("images") else None
+    out["videos"] = [{"b64_json": b["b64_json"], "content_type": "video/mp4"} for b in b64_images(ev["videos"])] \
+        if ev.get("videos") else None
     hs = ev.get("hidden_states")
     out["hidden_states"] = hs.public() if hs else None
     return out

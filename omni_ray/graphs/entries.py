@@ -59,7 +59,8 @@ def qwen_image(cfg: dict) -> StageGraph:
 def wan_video(cfg: dict) -> StageGraph:
     """Wan2.1 / Wan2.2 text- and image-to-video: one DiT stage (its UMT5 text encoder, and for I2V its
     CLIP image encoder, run inside it). Videos are long jobs: the video API (``/v1/videos``) calls the
-    stage itself; the pipeline runner carries no video hand-off."""
+    stage itself; a pipeline of this graph (``output: videos``) streams the denoising progress and ends
+    with the MP4."""
     arch = cfg["_class_name"]
     i2v = arch == "WanImageToVideoPipeline"
     need = frozenset({"text", "image"} if i2v else {"text"})

@@ -53,10 +53,12 @@ class StageGraph:
             raise ConfigError(f"{self.architecture} runs as {list(self.roles)}: no stage given for {missing}")
         steps = []
         for n in self.nodes:
-            if n.takes not in ("prompt", "text", "hidden_states") or n.gives not in ("text", "hidden_states", "images"):
+            gives = "videos" if n.gives == "video" else n.gives          # a video model's step: its MP4s
+            if n.takes not in ("prompt", "text", "hidden_states") or gives not in ("text", "hidden_states", "images",
+                                                                                    "videos"):
                 raise ConfigError(f"{self.architecture}: stage {n.role} hands over {n.takes} -> {n.gives}, "
                                   "which the pipeline runner does not carry yet")
-            steps.append(PipelineStep(stage=stages[n.role], input=n.takes, output=n.gives, encoding=n.encoding))
+            steps.append(PipelineStep(stage=stages[n.role], input=n.takes, output=gives, encoding=n.encoding))
         # the runner carries a request's image to every step: only for graphs that need one (edit);
         # a VL model's optional images come through chat content parts, not pipelines
         return PipelineConfig(steps=steps, image="required" if "image" in self.requires else "none",

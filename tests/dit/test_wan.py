@@ -224,14 +224,6 @@ def test_i2v_needs_an_image(i2v):
     assert e.value.param == "image"
 
 
-@pytest.mark.parametrize("parallel", [{"cfg_parallel": True}, {"sequence_parallel_size": 2}])
-def test_parallel_layouts_are_refused_for_now(parallel):
-    from omni_ray.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="not implemented for WanPipeline"):
-        make_engine("tiny:wan2.1-t2v", parallel=parallel)
-
-
 def test_lean_block_equals_the_diffusers_block(t2v, monkeypatch):
     """The engine's blocks (fused projections, half-width RoPE) give diffusers' blocks' latents."""
     from omni_ray.dit.families import wan

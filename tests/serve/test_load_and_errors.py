@@ -151,7 +151,7 @@ def test_health_and_info(client):
                                    "qwen-image-edit-encoder", "qwen-image-edit", "video", "video-i2v"}
     assert set(info["versions"]) >= {"omni_ray", "ray", "torch"}
     assert set(info["pipelines"]) == {"chat", "image", "text2image", "text2image-llm-encoder",
-                                      "qwen-image", "qwen-image-edit"}
+                                      "qwen-image", "qwen-image-edit", "video"}
     assert "scheduler" in info
     assert info["stages"]["image"]["kind"] == "dit" and info["stages"]["llm"]["stats"]["healthy"]
 

@@ -94,6 +94,7 @@ class WanFamily(DiTFamily):
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sdpa = SdpaChoice(cfg.num_attention_heads, cfg.attention_head_dim, device, dtype)
         self._rope = self._rope_module()
+        self.sp = None                       # the Ulysses group of a sequence-parallel rank (parallel/ulysses.py)
         mean = torch.tensor(vcfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         std = torch.tensor(vcfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.latents_mean, self.latents_std = mean.to(device), std.to(device)
@@ -154,7 +155,11 @@ class WanFamily(DiTFamily):
         _bad("image", "this is a text-to-video model: it takes no input image (use an image-to-video model)")
 
     def latent_shapes(self, r) -> tuple:
-        return (self.num_latent_frames(r.num_frames),)           # frames join the batching key
+        """The request's (frames, rows, columns) patch grid: frames join the batching key, and a
+        parallel step's header carries it."""
+        pt, ph, pw = self.patch_size
+        h, w = r.height // self.vae_scale_factor, r.width // self.vae_scale_factor
+        return ((self.num_latent_frames(r.num_frames) // pt, h // ph, w // pw),)
 
     # ------------------------------------------------------------------ conditioning
     @property
@@ -241,8 +246,13 @@ class WanFamily(DiTFamily):
                           grid=(*grid, e), shapes=shapes)
 
     def run_block(self, i: int, st: BlockState) -> None:
-        with self.sdpa.context(st.x.shape[1]):
-            st.x = self.expert_fns[st.grid[3]][i](st.x, st.ctx, st.temb, self.rope(st.grid[:3]))
+        f, h, w, e = st.grid
+        rope = self.rope((f, h, w))
+        if self.sp is not None and self.sp.active:           # sequence parallel: this rank's token rows
+            lo, n = sum(self.sp.counts[:self.sp.index]), self.sp.counts[self.sp.index]
+            rope = (rope[0][lo:lo + n], rope[1][lo:lo + n], *rope[2:])
+        with self.sdpa.context(f * h * w):                   # self-attention runs over all f*h*w tokens
+            st.x = self.expert_fns[e][i](st.x, st.ctx, st.temb, rope)
 
     def modulated_input(self, st: BlockState) -> torch.Tensor:
         b = self.experts[st.grid[3]].blocks[0]
@@ -250,13 +260,21 @@ class WanFamily(DiTFamily):
         return (b.norm1(st.x.float()) * (1 + scale) + shift).type_as(st.x)
 
     def final(self, st: BlockState) -> torch.Tensor:
+        return self.assemble(self.final_tokens(st), st.grid)                              # [B, C, F', H', W']
+
+    def final_tokens(self, st: BlockState) -> torch.Tensor:
+        """The output norm and projection, token-wise: [B, n, D] -> [B, n, pt*ph*pw*C] (a token shard
+        under sequence parallel)."""
         tr = self.experts[st.grid[3]]
         shift, scale = (tr.scale_shift_table + st.emb.unsqueeze(1)).chunk(2, dim=1)
-        x = tr.proj_out((tr.norm_out(st.x.float()) * (1 + scale) + shift).type_as(st.x))
-        f, h, w = st.grid[:3]
+        return tr.proj_out((tr.norm_out(st.x.float()) * (1 + scale) + shift).type_as(st.x))
+
+    def assemble(self, tokens: torch.Tensor, grid: tuple) -> torch.Tensor:
+        """Every token's ``final_tokens`` [B, f*h*w, pt*ph*pw*C] -> the prediction [B, C, F', H', W']."""
+        f, h, w = grid[:3]
         pt, ph, pw = self.patch_size
-        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)                                 # [B, C, F', H', W']
+        x = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
     # ------------------------------------------------------------------ VAE
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -280,8 +298,8 @@ class WanI2VFamily(WanFamily):
     def __init__(self, comps: dict, device, dtype, max_sequence_length):
         super().__init__(comps, device, dtype, max_sequence_length)
         self.image_encoder, self.image_processor = comps.get("image_encoder"), comps.get("image_processor")
-        if self.transformer.config.image_dim is not None and (self.image_encoder is None
-                                                              or self.image_processor is None):
+        if self.transformer.config.image_dim is not None and not comps.get("_denoiser_only") and (
+                self.image_encoder is None or self.image_processor is None):   # (a parallel worker rank: no CLIP)
             raise ConfigError("this Wan I2V transformer takes CLIP image states: the model needs image_encoder/ "
                               "and image_processor/")
         if self.transformer.config.image_dim is not None and self.max_sequence_length != 512:

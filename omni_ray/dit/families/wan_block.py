@@ -80,7 +80,9 @@ def supported(block: nn.Module) -> bool:
 class WanBlock(nn.Module):
     """``WanBlock(block, kernels)(x, ctx, temb, rope) -> x``: temb [B, 6, D] (the block's timestep
     projection), ctx [B, T_img + 512, D] (projected image states first on I2V), rope = (cos, sin)
-    [N, d/2] fp32, then diffusers' full tables (unused here)."""
+    [N, d/2] fp32, then diffusers' full tables (unused here). Sequence parallel: x holds this rank's
+    token shard and cos / sin its rows; only self-attention needs the other shards (Ulysses), the
+    cross-attention reads the whole (replicated) context and the rest is token-wise."""
 
     def __init__(self, block: nn.Module, kernels: Kernels):
         super().__init__()
@@ -90,6 +92,7 @@ class WanBlock(nn.Module):
         self.qkv_w, self.qkv_b = _fuse([a1.to_q, a1.to_k, a1.to_v])
         self.kv_w, self.kv_b = _fuse([a2.to_k, a2.to_v])
         self.img = a2.add_k_proj is not None
+        self.self_attention = attention     # sequence parallel swaps in Ulysses (parallel/ulysses.py)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -103,7 +106,7 @@ class WanBlock(nn.Module):
         q, kk, v = F.linear(h, self.qkv_w, self.qkv_b).chunk(3, dim=-1)
         q = k.rms_rope(q, a1.norm_q.weight, a1.norm_q.eps, H, cos, sin)
         kk = k.rms_rope(kk, a1.norm_k.weight, a1.norm_k.eps, H, cos, sin)
-        x = k.gated_residual(x, a1.to_out[0](attention(q, kk, v.unflatten(2, (H, -1)))), g1)
+        x = k.gated_residual(x, a1.to_out[0](self.self_attention(q, kk, v.unflatten(2, (H, -1)))), g1)
 
         # cross-attention (text; I2V: the image states too, through their own k / v)
         h = blk.norm2(x.float()).type_as(x) if isinstance(blk.norm2, nn.LayerNorm) else x

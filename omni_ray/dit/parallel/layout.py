@@ -59,11 +59,6 @@ def make_layout(cfg: DiTEngineConfig) -> Layout | None:
 def check_layout(layout: Layout, path: Path, cfg: DiTEngineConfig) -> None:
     """Raise ConfigError for a layout this model / config cannot run (read from the model's
     config, before any rank loads it)."""
-    index = path / "model_index.json"
-    pipeline = json.loads(index.read_text()).get("_class_name", "") if index.exists() else ""
-    if pipeline in ("WanPipeline", "WanImageToVideoPipeline"):
-        raise ConfigError(f"parallel layouts (cfg_parallel, sequence_parallel_size) are not implemented for "
-                          f"{pipeline} yet (5-D latents and 3D RoPE in the ranks' step header); one GPU per replica")
     if layout.sp == 1:
         return
     tcfg = path / "transformer" / "config.json"
@@ -79,8 +74,16 @@ def check_layout(layout: Layout, path: Path, cfg: DiTEngineConfig) -> None:
 
 
 def check_blocks(family, layout: Layout) -> None:
-    """Sequence parallel hooks PixArt's fast block path: every block must take it."""
-    if layout.sp > 1 and type(family).__name__ == "PixArtFamily" and \
-            not all(getattr(f, "fast", False) for f in family.block_fns):
+    """Sequence parallel hooks the families' lean blocks (PixArt's fast path, Wan's ``WanBlock``):
+    every block must be one."""
+    if layout.sp == 1:
+        return
+    name = type(family).__name__
+    if name == "PixArtFamily" and not all(getattr(f, "fast", False) for f in family.block_fns):
         raise ConfigError("sequence parallel needs PixArt blocks of the plain ada_norm_single layout; "
                           "this transformer's blocks are not supported")
+    if name in ("WanFamily", "WanI2VFamily"):
+        from omni_ray.dit.families.wan_block import WanBlock
+        if not all(isinstance(f, WanBlock) for fns in family.expert_fns for f in fns):
+            raise ConfigError("sequence parallel needs Wan blocks with RMS q/k norms across heads and a tanh-GELU "
+                              "feed-forward (every Wan2.1 / Wan2.2 checkpoint); this transformer's blocks differ")

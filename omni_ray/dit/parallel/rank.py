@@ -5,7 +5,7 @@ Every rank runs ``DiTRank.forward(meta)`` for every denoising step, in lockstep 
 tensors travel as collectives on the tensor group:
 
 1. broadcast from rank 0: the caption rows (only when the batch's membership changed), the
-   latents ``x [R, C, h, w]`` and timesteps ``t [R]``;
+   latents ``x [R, C, h, w]`` (video: ``[R, C, F', h, w]``) and timesteps ``t [R]``;
 2. each rank embeds its row group's rows, keeps its token shard, runs every block (Ulysses
    all-to-alls inside self-attention when sequence parallel) and the final layer on its tokens;
 3. all-gather of every rank's ``[rows, tokens, p*p*c]``; rank 0 reassembles and unpatchifies
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 COND_KEYS = ("ctx", "bias", "pooled")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_SLOT = 6                                  # ints per tensor in a step header: ndim, dtype, 4 dims
+_SLOT = 7                                  # ints per tensor in a step header: ndim, dtype, 5 dims (video)
 _MAX_SHAPES = 4                            # (frame, h, w) triples of a batch's latent geometry
 
 
@@ -42,7 +42,7 @@ def spec(t: torch.Tensor | None):
 def encode_meta(meta: dict) -> list[int]:
     """A step's meta (shapes and dtypes of x, t and, when re-sent, ctx/bias/pooled; the batch's
     latent geometry) as the ints of one ``WorkerGroup.post`` header:
-    [cond sent] + 5 x [ndim or -1, dtype, dims...] + [number of geometry triples, triples...]."""
+    [cond sent] + 5 x [ndim or -1, dtype, 5 dims] + [number of geometry triples, triples...]."""
     cond = meta["cond"]
     specs = [meta["x"], meta["t"]] + [cond[k] if cond else None for k in COND_KEYS]
     out = [int(cond is not None)]
@@ -165,25 +165,33 @@ class DiTRank:
 
 
 # ----------------------------------------------------------------------------- building ranks
+# what a worker rank never loads: text / image encoders (rank 0 encodes every prompt and image)
+WORKER_SKIP = {"PixArtSigmaPipeline": {"text_encoder", "tokenizer"},
+               "StableDiffusion3Pipeline": {"text_encoder_3", "tokenizer_3"},
+               "WanPipeline": {"text_encoder", "tokenizer"},
+               "WanImageToVideoPipeline": {"text_encoder", "tokenizer", "image_encoder", "image_processor"}}
+
+
 def load_worker_family(path: Path, device: torch.device, dtype: torch.dtype, cfg: DiTEngineConfig) -> DiTFamily:
-    """The family a worker rank needs: the transformer on its device, without the big text encoder
-    (PixArt's T5, SD3's T5) and with the VAE on the CPU (only its config is read)."""
+    """The family a worker rank needs: the transformer(s) on its device, without the big text encoder
+    (PixArt's T5, SD3's T5, Wan's UMT5) or Wan I2V's CLIP, and with the VAE on the CPU (only its config
+    is read). Pipeline settings (Wan2.2's ``boundary_ratio``) pass through as the family reads them;
+    ``_denoiser_only`` tells the family that the encoders are left out on purpose."""
     from omni_ray.dit.families import FAMILIES
     from omni_ray.dit.loader import load_component, read_model_index
 
     index = read_model_index(path)
     pipeline = index.get("_class_name", "")
-    skip = {"PixArtSigmaPipeline": {"text_encoder", "tokenizer"},
-            "StableDiffusion3Pipeline": {"text_encoder_3", "tokenizer_3"}}.get(pipeline, set())
-    skip = set(skip) | set(FAMILIES[pipeline].skip_components)
-    comps: dict = {}
+    skip = WORKER_SKIP.get(pipeline, set()) | set(FAMILIES[pipeline].skip_components)
+    comps: dict = {"_denoiser_only": True}
     for name, spec_ in index.items():
-        if name.startswith("_") or not isinstance(spec_, list) or len(spec_) != 2:
+        if name.startswith("_") or name in ("feature_extractor", "safety_checker"):
             continue
-        if name in ("feature_extractor", "image_encoder", "safety_checker"):
+        if not isinstance(spec_, list) or len(spec_) != 2:
+            comps[name] = spec_                 # a pipeline setting (Wan2.2: boundary_ratio)
             continue
         library, cls_name = spec_
-        if library is None or name in skip:
+        if library is None or name in skip or name == "image_encoder":
             comps[name] = None
             continue
         dev = torch.device("cpu") if name == "vae" else device

@@ -11,6 +11,10 @@ on every rank).
 Qwen-Image's joint attention likewise: each rank rotates its shard's image queries / keys with the
 shard's RoPE rows before the all-to-all, and the caption (whole on every rank) takes the rank's heads.
 
+Wan's self-attention over the frame-height-width tokens likewise: q / k are RMS-normed (across all
+heads, token-wise) and rotated with the shard's 3-D RoPE rows before the all-to-all; its
+cross-attention reads the text (and I2V image) context, whole on every rank, with the local queries.
+
 Shards may differ by one token (``Layout.token_counts``), so the all-to-alls take split sizes.
 """
 
@@ -166,6 +170,27 @@ def install_qwen_image(family, sp: SPGroup) -> None:
         f.sp = sp
 
 
+# ----------------------------------------------------------------------------- Wan (block hook)
+def ulysses_wan_attention(sp: SPGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Drop-in for ``wan_block.attention`` on a token shard: q, k, v [B, n, H, d] (q / k already normed
+    and rotated with the shard's RoPE rows) -> [B, n, H*d]."""
+    from omni_ray.dit.families.wan_block import attention
+
+    if not sp.active:
+        return attention(q, k, v)
+    q, k, v = sp.seq_to_heads(torch.stack([q, k, v], dim=2)).permute(2, 1, 3, 0, 4)     # each [B, H/S, N, d]
+    return sp.heads_to_seq(F.scaled_dot_product_attention(q, k, v)).type_as(q)
+
+
+def install_wan(family, sp: SPGroup) -> None:
+    """Every expert's blocks (Wan2.2: both), and the family's RoPE rows and SDPA measurement."""
+    family.sp = sp
+    family.sdpa.heads = family.sdpa.heads // sp.size          # each rank attends with H/S heads
+    for fns in family.expert_fns:
+        for f in fns:
+            f.self_attention = partial(ulysses_wan_attention, sp)
+
+
 def install(family, sp: SPGroup) -> None:
     """Route the family's image self-attention through Ulysses (a no-op while ``sp`` is inactive)."""
     name = type(family).__name__
@@ -175,6 +200,8 @@ def install(family, sp: SPGroup) -> None:
         install_sd3(family, sp)
     elif name in ("QwenImageFamily", "QwenImageEditFamily"):
         install_qwen_image(family, sp)
+    elif name in ("WanFamily", "WanI2VFamily"):
+        install_wan(family, sp)
     else:
         from omni_ray.errors import ConfigError
         raise ConfigError(f"sequence parallel is not implemented for {name}")

@@ -55,12 +55,13 @@ class AsyncDiTEngine:
                        prompt_mask: torch.Tensor | None = None,
                        negative_prompt_embeds: torch.Tensor | None = None,
                        negative_prompt_mask: torch.Tensor | None = None,
-                       image=None) -> AsyncIterator[DiTEvent]:
+                       image=None, speech=None) -> AsyncIterator[DiTEvent]:
         """Yields ``DiTEvent("progress", step, total)`` per denoising step, then
         ``DiTEvent("done", images=[PIL.Image, ...])``. Bad parameters raise InvalidRequestError
         before any work; ``abort(request_id)`` ends it with RequestCancelledError.
         ``negative_prompt_embeds`` / ``negative_prompt_mask``: the negative's conditioning (the AR
-        stage's hidden states of it); ``image``: an edit model's input image (PIL)."""
+        stage's hidden states of it); ``image``: an edit model's input image (PIL); ``speech``: a speech
+        model's ``SpeechInput`` (``done`` then carries ``[waveform]``)."""
         self.check_health()
         if self._closed:
             raise EngineError("the DiT engine is shut down")
@@ -68,7 +69,7 @@ class AsyncDiTEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         req = self.engine.make_request(prompt, params, request_id, prompt_embeds, prompt_mask,
                                        negative_prompt_embeds=negative_prompt_embeds,
-                                       negative_prompt_mask=negative_prompt_mask, image=image)
+                                       negative_prompt_mask=negative_prompt_mask, image=image, speech=speech)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._to_add.append(req)

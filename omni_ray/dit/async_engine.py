@@ -55,19 +55,19 @@ class AsyncDiTEngine:
                        prompt_mask: torch.Tensor | None = None,
                        negative_prompt_embeds: torch.Tensor | None = None,
                        negative_prompt_mask: torch.Tensor | None = None,
-                       image=None, speech=None) -> AsyncIterator[DiTEvent]:
+                       image=None, speech=None, output_type: str = "pil") -> AsyncIterator[DiTEvent]:
         """Yields ``DiTEvent("progress", step, total)`` per denoising step, then
         ``DiTEvent("done", images=[PIL.Image, ...])``. Bad parameters raise InvalidRequestError
         before any work; ``abort(request_id)`` ends it with RequestCancelledError.
         ``negative_prompt_embeds`` / ``negative_prompt_mask``: the negative's conditioning (the AR
         stage's hidden states of it); ``image``: an edit model's input image (PIL); ``speech``: a speech
-        model's ``SpeechInput`` (``done`` then carries ``[waveform]``)."""
+        model's ``SpeechInput`` (``done`` then carries ``[waveform]``, or ``[mel]`` with ``output_type="latent"``)."""
         self.check_health()
         if self._closed:
             raise EngineError("the DiT engine is shut down")
         if request_id in self._queues:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        req = self.engine.make_request(prompt, params, request_id, prompt_embeds, prompt_mask,
+        req = self.engine.make_request(prompt, params, request_id, prompt_embeds, prompt_mask, output_type,
                                        negative_prompt_embeds=negative_prompt_embeds,
                                        negative_prompt_mask=negative_prompt_mask, image=image, speech=speech)
         queue: asyncio.Queue = asyncio.Queue()

@@ -97,27 +97,64 @@ def stream_noise(fam, seed: int, frames: int | None = None) -> torch.Tensor:
     return torch.randn([1, n, fam.mel_dim], generator=g, dtype=torch.float32)[0]
 
 
-def chunk_inputs(fam, plan: ChunkPlan, codes: torch.Tensor, voice: str | None, noise: torch.Tensor,
-                 sway_coefficient: float | None = -1.0) -> list[tuple[int, int, SpeechInput]]:
-    """(chunk index, window start, the window's SpeechInput) for every chunk of a whole utterance."""
-    frames = codes.shape[0] * plan.repeats
-    out = []
-    for i in range(plan.num_chunks(frames)):
-        a, b = plan.window(i, frames)
-        out.append((i, a, SpeechInput(codes[a // plan.repeats:b // plan.repeats], voice, sway_coefficient,
-                                      noise[a:b])))
-    return out
+class SpeechStream:
+    """One utterance synthesized chunk by chunk while its codes arrive (the streamed token2wav stage).
+
+        stream = SpeechStream(engine.family, voice="Chelsie", seed=0)
+        for window in stream.push(new_codes, finished):       # the chunks now computable, in order
+            mel = <a speech request of window.speech with output_type="latent">
+            audio_piece = stream.audio(window, mel)            # float32 samples, in chunk order
+    """
+
+    def __init__(self, fam, voice: str | None = None, seed: int = 0, sway_coefficient: float | None = -1.0,
+                 noise: torch.Tensor | None = None):
+        self.fam, self.plan = fam, ChunkPlan.for_family(fam)
+        self.voice, self.sway = fam.resolve_voice(voice), sway_coefficient     # InvalidRequestError(param="voice")
+        self.noise = stream_noise(fam, seed) if noise is None else noise
+        self.codes = torch.zeros(0, dtype=torch.long)
+        self.finished = False
+        self.next_chunk = 0
+        self.splicer = ChunkSplicer(fam, self.plan)
+
+    def push(self, codes, finished: bool = False) -> list["ChunkWindow"]:
+        """Add codes (a possibly empty list / 1-D tensor); returns the windows that became computable."""
+        if self.finished:
+            raise ValueError("the stream is finished")
+        if len(codes):
+            self.codes = torch.cat([self.codes, self.fam.check_codes(codes)])
+        self.finished = finished
+        frames = self.codes.shape[0] * self.plan.repeats
+        if frames > self.noise.shape[0]:
+            raise ValueError(f"{frames} mel frames exceed the stream's noise ({self.noise.shape[0]} frames)")
+        out = []
+        while frames and self.next_chunk < self.plan.num_chunks(frames) and \
+                self.plan.ready(self.next_chunk, self.codes.shape[0], finished):
+            i = self.next_chunk
+            a, b = self.plan.window(i, frames)
+            r = self.plan.repeats
+            out.append(ChunkWindow(i, a, finished and self.plan.is_last(i, frames),
+                                   SpeechInput(self.codes[a // r:b // r], self.voice, self.sway, self.noise[a:b])))
+            self.next_chunk += 1
+        return out
+
+    def audio(self, window: "ChunkWindow", mel: torch.Tensor) -> np.ndarray:
+        """The window's mel [T_window, mel] -> its waveform piece (windows in order)."""
+        return self.splicer.add(window.index, mel, window.start, window.last)
+
+
+@dataclass
+class ChunkWindow:
+    index: int
+    start: int                 # the window's first mel frame in the utterance
+    last: bool
+    speech: SpeechInput        # the window's codes and noise: one speech request
 
 
 def synthesize_chunked(engine, codes, voice: str | None, params: DiffusionParams, noise: torch.Tensor,
                        sway_coefficient: float | None = -1.0) -> list[np.ndarray]:
     """A whole utterance chunk by chunk on ``engine`` (all windows in one batch): the waveform pieces,
     in order. ``noise``: the stream's ``y_all`` (at least ``len(codes) * repeats`` frames)."""
-    fam = engine.family
-    codes = fam.check_codes(codes)
-    plan = ChunkPlan.for_family(fam)
-    jobs = chunk_inputs(fam, plan, codes, voice, noise, sway_coefficient)
-    mels = engine.generate(params=params, speech=[s for _, _, s in jobs], output_type="latent", use_tqdm=False)
-    splicer = ChunkSplicer(fam, plan)
-    frames = codes.shape[0] * plan.repeats
-    return [splicer.add(i, mel, a, plan.is_last(i, frames)) for (i, a, _), mel in zip(jobs, mels)]
+    stream = SpeechStream(engine.family, voice, sway_coefficient=sway_coefficient, noise=noise)
+    windows = stream.push(codes, finished=True)
+    mels = engine.generate(params=params, speech=[w.speech for w in windows], output_type="latent", use_tqdm=False)
+    return [stream.audio(w, mel) for w, mel in zip(windows, mels)]

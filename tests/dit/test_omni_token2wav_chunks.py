@@ -49,3 +49,25 @@ def test_chunks_concatenate_to_the_whole_utterance(engine):
     piece = synthesize_chunked(engine, one, "Ethan", params, noise)
     alone = engine.generate(params=params, speech=SpeechInput(one, "Ethan", noise=noise[:60]), use_tqdm=False)[0]
     assert len(piece) == 1 and np.abs(piece[0] - alone).max() < 1e-5
+
+
+def test_streamed_codes_give_the_whole_utterances_windows(engine):
+    """Codes arriving 7 at a time: each window is handed out as soon as its right context exists, and
+    the windows equal those of the whole utterance (so the audio does too)."""
+    from omni_ray.dit.token2wav_chunks import SpeechStream
+
+    codes = torch.randint(0, 64, (130,), generator=torch.Generator().manual_seed(1))
+    noise = stream_noise(engine.family, 3, 260)
+    whole = SpeechStream(engine.family, "Ethan", noise=noise).push(codes, finished=True)
+    stream, got, seen_at = SpeechStream(engine.family, "Ethan", noise=noise), [], []
+    for a in range(0, 130, 7):
+        new = stream.push(codes[a:a + 7], finished=a + 7 >= 130)
+        got += new
+        seen_at += [min(a + 7, 130)] * len(new)
+    assert [(w.index, w.start, w.last) for w in got] == [(w.index, w.start, w.last) for w in whole]
+    assert [w.last for w in got] == [False, False, False, True]
+    assert seen_at[:3] == [49, 84, 126]                 # chunk i needs 36 (i + 1) + 12 codes: 48, 84, 120
+    for w, x in zip(got, whole):
+        assert torch.equal(w.speech.codes, x.speech.codes) and torch.equal(w.speech.noise, x.speech.noise)
+    with pytest.raises(ValueError):
+        stream.push([1])

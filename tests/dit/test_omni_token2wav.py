@@ -168,3 +168,21 @@ def test_async_engine_streams_progress_then_the_waveform(ckpt):
     events = asyncio.run(run())
     assert [e.kind for e in events] == ["progress"] * 4 + ["done"]
     assert events[-1].images[0].shape == (6 * 240,)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_transformers_on_cuda(ckpt):
+    """The same on the GPU (float32 both sides; tolerance 1e-4: cuDNN / SDPA kernels of other batch shapes)."""
+    from omni_ray.config import DiTEngineConfig, ModelConfig
+    from omni_ray.dit import DiTEngine
+
+    eng = DiTEngine(DiTEngineConfig(model=ModelConfig(path=str(ckpt)), device="cuda"))
+    model, voices = reference_token2wav(ckpt)
+    model = model.cuda()
+    voices = {k: {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in v.items()} for k, v in voices.items()}
+    speech = [SpeechInput(_codes(n, n), "Ethan") for n in (8, 14)]
+    waves = eng.generate(params=DiffusionParams(seed=4, num_inference_steps=STEPS), speech=speech, use_tqdm=False)
+    for s, wave in zip(speech, waves):
+        _, ref = reference_speech(model, voices, s.codes.cuda(), "Ethan", 4, STEPS)
+        assert np.abs(wave - ref.cpu().numpy()).max() < 1e-4

@@ -64,6 +64,8 @@ def test_bad_requests_are_refused_and_the_engine_keeps_working(engine):
         (dict(speech=SpeechInput([1, 2, 65])), "codes"),                  # the codec has 64 + 1 rows: 0..64
         (dict(speech=SpeechInput([1, -1])), "codes"),
         (dict(speech=SpeechInput(torch.rand(4))), "codes"),
+        (dict(speech=SpeechInput(torch.ones(4, dtype=torch.bool))), "codes"),
+        (dict(speech=SpeechInput([1.0, 2.0])), "codes"),
         (dict(speech=SpeechInput([])), "codes"),
         (dict(speech=SpeechInput(torch.zeros(20000, dtype=torch.long))), "codes"),   # past max_position_embeddings
         (dict(speech=SpeechInput(codes, noise=torch.zeros(3, 80))), "noise"),
@@ -81,6 +83,7 @@ def test_bad_requests_are_refused_and_the_engine_keeps_working(engine):
             engine.make_request(kw.pop("prompt", None), kw.pop("params", None), **kw)
         assert err.value.param == param, (kw, err.value)
     assert engine.family.resolve_voice("chelsie") == "Chelsie"          # case-insensitive, as OpenAI's voice names
+    assert torch.equal(engine.family.check_codes(np.array([3, 4], dtype=np.int32)), torch.tensor([3, 4]))
     mel = engine.generate(params=DiffusionParams(seed=0, num_inference_steps=2), speech=SpeechInput(codes),
                           output_type="latent", use_tqdm=False)[0]
     assert mel.shape == (10, 80) and torch.isfinite(mel).all()

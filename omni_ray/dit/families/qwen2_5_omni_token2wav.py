@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
@@ -141,8 +142,11 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
             if not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
                 _bad("codes", "codes must be integers")
             codes = torch.tensor(codes, dtype=torch.long)
-        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex():
-            _bad("codes", "codes must be a list of ints or an integer torch.Tensor [N]")
+        elif isinstance(codes, np.ndarray) and codes.dtype.kind in "iu":
+            codes = torch.from_numpy(codes.astype(np.int64))
+        if (not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex()
+                or codes.dtype == torch.bool):
+            _bad("codes", "codes must be a list of ints or an integer torch.Tensor / numpy array [N]")
         if codes.dim() == 2 and codes.shape[0] == 1:
             codes = codes[0]
         if codes.dim() != 1 or codes.numel() == 0:

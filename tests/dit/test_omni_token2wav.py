@@ -1,8 +1,9 @@
 """Qwen2.5-Omni token2wav on the DiT engine against transformers' token2wav (float32, CPU).
 
-Tolerance: 1e-5 absolute on mels (values of order 1-5) and waveforms (order 0.1). The engine runs
-transformers' own modules in the reference's order of operations; what differs is the batch
-(padded rows, both CFG halves of several requests in one forward), whose reductions may round
+Tolerance: 1e-5 absolute on mels (values of order 1-5; measured <= 1e-6) and 3e-5 on waveforms (rms
+~0.14; measured <= 6.3e-6: the vocoder's ~240x upsampling amplifies the mel's last-bit differences).
+The engine runs transformers' own modules in the reference's order of operations; what differs is the
+batch (padded rows, both CFG halves of several requests in one forward), whose reductions may round
 differently.
 """
 
@@ -20,6 +21,7 @@ from tests.dit.conftest import make_engine
 from tests.dit.omni_token2wav_utils import reference_speech, reference_token2wav, spread_checkpoint
 
 TOL = 1e-5
+WAVE_TOL = 3e-5
 STEPS = 3                      # time points: 2 RK4 intervals, 8 forwards (the reference's default is 10)
 
 
@@ -108,7 +110,7 @@ def test_mel_and_waveform_equal_transformers_batched(engine, reference):
         assert mel.shape == ref_mel.shape == (2 * n, 80)
         assert isinstance(wave, np.ndarray) and wave.dtype == np.float32 and wave.shape == (2 * n * hop,)
         assert (mel - ref_mel).abs().max() < TOL, (n, voice)
-        assert np.abs(wave - ref_wave.numpy()).max() < TOL, (n, voice)
+        assert np.abs(wave - ref_wave.numpy()).max() < WAVE_TOL, (n, voice)
         assert 0.01 < wave.std() < 0.9                                # a waveform, not silence or the clamp
     assert engine.family.sample_rate == 24000
 
@@ -119,7 +121,7 @@ def test_batched_equals_alone(engine):
     together = engine.generate(params=params, speech=[short, long_], use_tqdm=False)
     assert engine.engine_stats()["max_batch_size"] >= 2
     alone = engine.generate(params=params, speech=short, use_tqdm=False)[0]
-    assert np.abs(together[0] - alone).max() < TOL
+    assert np.abs(together[0] - alone).max() < WAVE_TOL
 
 
 def test_without_guidance_and_sway(engine, reference):

@@ -48,7 +48,7 @@ def test_chunks_concatenate_to_the_whole_utterance(engine):
     one = codes[:30]                                                      # one chunk: the whole window
     piece = synthesize_chunked(engine, one, "Ethan", params, noise)
     alone = engine.generate(params=params, speech=SpeechInput(one, "Ethan", noise=noise[:60]), use_tqdm=False)[0]
-    assert len(piece) == 1 and np.abs(piece[0] - alone).max() < 1e-5
+    assert len(piece) == 1 and np.abs(piece[0] - alone).max() < 3e-5      # the same request
 
 
 def test_streamed_codes_give_the_whole_utterances_windows(engine):

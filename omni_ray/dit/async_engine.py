@@ -98,6 +98,12 @@ class AsyncDiTEngine:
         self.check_health()
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.encode_prompt, prompts)
 
+    async def run_between_steps(self, fn, *args):
+        """``fn(*args)`` on the engine's worker thread, between steps: device work outside the engine's
+        requests (a speech stream's vocoder: ``SpeechStream.audio``) that never overlaps a step."""
+        self.check_health()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     def abort(self, request_id: str) -> None:
         """End the request now: its caller gets RequestCancelledError and its slot is free for
         the next step (a step in flight finishes without it)."""

@@ -71,3 +71,32 @@ def test_streamed_codes_give_the_whole_utterances_windows(engine):
         assert torch.equal(w.speech.codes, x.speech.codes) and torch.equal(w.speech.noise, x.speech.noise)
     with pytest.raises(ValueError):
         stream.push([1])
+
+
+def test_a_stream_on_the_async_engine(engine):
+    """The stage's loop: windows as speech requests returning mels, the vocoder between engine steps."""
+    import asyncio
+
+    from omni_ray.dit import AsyncDiTEngine
+    from omni_ray.dit.token2wav_chunks import SpeechStream
+
+    codes = torch.randint(0, 64, (60,), generator=torch.Generator().manual_seed(2))    # 120 frames: 2 chunks
+    params = DiffusionParams(seed=0, num_inference_steps=2)
+
+    async def run():
+        eng = AsyncDiTEngine(engine.config, family=engine.family)        # the same loaded model
+        stream, pieces = SpeechStream(engine.family, "Chelsie", seed=9), []
+        try:
+            for a in (0, 50):
+                for w in stream.push(codes[a:a + 50], finished=a == 50):
+                    async for ev in eng.generate(None, params, f"s-{w.index}", speech=w.speech, output_type="latent"):
+                        pass
+                    pieces.append(await eng.run_between_steps(stream.audio, w, ev.images[0]))
+        finally:
+            await eng.shutdown()
+        return stream, pieces
+
+    stream, pieces = asyncio.run(run())
+    offline = synthesize_chunked(engine, codes, "Chelsie", params, stream.noise)
+    assert [len(p) for p in pieces] == [len(p) for p in offline] == [52 * 240, 68 * 240]
+    assert all(np.abs(p - q).max() < 3e-5 for p, q in zip(pieces, offline))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, device_name, table, write_result  # noqa: E402
+from benchmarks.common import Timer, device_name, matmul_peak, table, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 from omni_ray.testing.tiny_qwen_image import QWEN_IMAGE_SCHEDULER, QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_VAE  # noqa: E402
@@ -99,20 +99,6 @@ def forward_flops(cfg: dict, size: int, text_lens: list[int]) -> float:
         per_block += 4 * (n_img + t) ** 2 * d                              # QK^T and PV
     edges = sum(2 * n_img * (cfg["in_channels"] * d + d * 4 * cfg["out_channels"]) for _ in text_lens)
     return per_block * cfg["num_layers"] + edges
-
-
-def matmul_peak(n: int = 8192, reps: int = 20) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        a @ b
-    end.record()
-    end.synchronize()
-    return 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3)
 
 
 # ----------------------------------------------------------------------------- sections

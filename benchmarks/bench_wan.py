@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, device_name, table, write_result  # noqa: E402
+from benchmarks.common import Timer, device_name, matmul_peak, table, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 from omni_ray.dit.families.wan_attention import time_backends  # noqa: E402
@@ -120,20 +120,6 @@ def forward_flops(cfg: dict, frames: int, rows: int) -> float:
     d, f, n, L = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], tokens(cfg, frames), TEXT_LEN
     block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * d + 4 * L * d * d + 4 * n * L * d + 4 * n * d * f
     return rows * cfg["num_layers"] * block
-
-
-def matmul_peak(n: int = 8192, reps: int = 20) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        a @ b
-    end.record()
-    end.synchronize()
-    return 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3)
 
 
 # ----------------------------------------------------------------------------- sections

@@ -35,6 +35,21 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * n * 2 / sorted(times)[len(times) // 2]
 
 
+def matmul_peak(n: int = 8192, reps: int = 20) -> float:
+    """The measured bf16 matmul rate (FLOP/s) of an n x n x n GEMM: the peak compute-bound kernels are held to."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()

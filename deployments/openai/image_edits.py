@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
-from deployments.openai.protocol import IMAGE_REFUSED, Priority, _ImageArgs, _unset
+from deployments.openai.protocol import IMAGE_REFUSED, ImageGenerationRequest, _unset
 from omni_ray.errors import InvalidRequestError
 
 EDIT_REFUSED = IMAGE_REFUSED | {
@@ -34,11 +34,9 @@ _FLOAT = {"guidance_scale"}
 _BOOL = {"stream"}
 
 
-class ImageEditRequest(_ImageArgs):
-    prompt: str = Field(json_schema_extra={"minLength": 1})     # checked by the route (rules.check_text)
-    model: str | None = None
-    priority: Priority = "normal"
-    user: str | None = None
+class ImageEditRequest(ImageGenerationRequest):
+    """The form's fields other than the image file: those of a generation, with the edit's refusals."""
+
     refused: ClassVar[dict] = EDIT_REFUSED
 
 

@@ -39,11 +39,11 @@ TINY_VAE = dict(QWEN_IMAGE_VAE, base_dim=8, num_res_blocks=1)
 
 def _text_encoder_parts(out: Path, processor: bool, seed: int, shape: bool) -> int:
     """text_encoder/, tokenizer/ (and processor/) from a Qwen2.5-VL checkpoint; returns its hidden size."""
-    from omni_ray.testing import tiny_mm
+    from omni_ray.testing.tiny_mm import build_qwen2_5_vl, build_qwen2_5_vl_7b_shape
 
     with tempfile.TemporaryDirectory() as tmp:
         vl = Path(tmp)
-        (tiny_mm.build_qwen2_5_vl_7b_shape if shape else tiny_mm.build_qwen2_5_vl)(vl, seed=seed)
+        (build_qwen2_5_vl_7b_shape if shape else build_qwen2_5_vl)(vl, seed=seed)
         enc, tok = out / "text_encoder", out / "tokenizer"
         enc.mkdir()
         tok.mkdir()

@@ -10,7 +10,23 @@ from tests.reliability.conftest import API_KEY, GUARD_LIMITS
 
 pytestmark = pytest.mark.ray
 
-# a valid request for every route of the app (path template -> (method, concrete path, body))
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# the edit form, sent as multipart (``send``): this app serves no edit model, so with the key it is a 400
+# that names the model, past the key check
+EDIT_FORM = {"files": {"image": ("in.png", _png(), "image/png")},
+             "data": {"prompt": "make it blue", "model": "tiny-pixart", "size": "32x32"}}
+
+# a request for every route of the app (path template -> (method, concrete path, body[, status with the
+# right key: 200 unless the guarded app cannot serve it, e.g. no edit or video model]))
 VALID = {
     "/v1/models": ("GET", "/v1/models", None),
     "/v1/models/{model_id}": ("GET", "/v1/models/tiny-qwen3", None),
@@ -25,7 +41,19 @@ VALID = {
     "/generate": ("POST", "/generate", {"prompt": "hi", "pipeline": "chat", "max_tokens": 2}),
     "/v1/requests/{request_id}/cancel": ("POST", "/v1/requests/nope-123/cancel", None),
     "/health": ("GET", "/health", None),
+    "/v1/images/edits": ("POST", "/v1/images/edits", EDIT_FORM, 400),
+    "/v1/videos": ("GET", "/v1/videos", None),
+    "/v1/videos/{video_id}": ("GET", "/v1/videos/video-nope", None, 404),
+    "/v1/videos/{video_id}/content": ("GET", "/v1/videos/video-nope/content", None, 404),
 }
+
+
+def send(route: str, url: str, headers: dict, timeout: float) -> httpx.Response:
+    method, path, body, *_ = VALID[route]
+    if body is EDIT_FORM:
+        return httpx.request(method, url + path, files=body["files"], data=body["data"], headers=headers,
+                             timeout=timeout)
+    return httpx.request(method, url + path, json=body, headers=headers, timeout=timeout)
 KEYED = {"authorization": f"Bearer {API_KEY}"}
 
 
@@ -42,9 +70,8 @@ def test_every_documented_route_is_covered(guard):
 @pytest.mark.parametrize("auth", [None, "Bearer wrong-key-0123456789", f"Basic {API_KEY}", "Bearer",
                                   f"Bearer {API_KEY}x", API_KEY])
 def test_without_the_right_key_401(guard, route, auth):
-    method, path, body = VALID[route]
     headers = {"authorization": auth} if auth is not None else {}
-    r = httpx.request(method, guard.url + path, json=body, headers=headers, timeout=60)
+    r = send(route, guard.url, headers, 60)
     assert r.status_code == 401, r.text
     assert r.json()["error"]["type"] == "authentication_error"
     assert r.headers["www-authenticate"] == "Bearer"
@@ -52,9 +79,9 @@ def test_without_the_right_key_401(guard, route, auth):
 
 @pytest.mark.parametrize("route", sorted(VALID))
 def test_with_the_right_key_200(guard, route):
-    method, path, body = VALID[route]
-    r = httpx.request(method, guard.url + path, json=body, headers=KEYED, timeout=120)
-    assert r.status_code == 200, r.text
+    r = send(route, guard.url, KEYED, 120)
+    want = VALID[route][3] if len(VALID[route]) > 3 else 200
+    assert r.status_code == want, r.text
 
 
 def test_health_is_open_and_docs_are_not(guard):

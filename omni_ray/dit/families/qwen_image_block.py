@@ -105,7 +105,7 @@ class QwenImageBlock(nn.Module):
         cqkv = F.linear(c, self.cqkv_w, self.cqkv_b).view(B, T, 3, H, -1)
         if self.sp is not None and self.sp.active:          # x holds this rank's shard of the image tokens
             from omni_ray.dit.parallel.ulysses import ulysses_qwen_attention
-            img_o, txt_o = ulysses_qwen_attention(self.sp, a, qkv, cqkv, ctx_bias, rope)
+            img_o, txt_o = ulysses_qwen_attention(self.sp, a, qkv, cqkv, ctx_bias, rope, qk_norm_rope)
             x = k.gated_add(x, i_g1, a.to_out[0](img_o))
             ctx = k.gated_add(ctx, t_g1, a.to_add_out(txt_o))
             return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)

@@ -133,11 +133,11 @@ def install_sd3(family, sp: SPGroup) -> None:
 
 # ----------------------------------------------------------------------------- Qwen-Image (block hook)
 def ulysses_qwen_attention(sp: SPGroup, attn, qkv: torch.Tensor, cqkv: torch.Tensor, ctx_bias: torch.Tensor | None,
-                           rope: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                           rope: tuple[torch.Tensor, ...], qk_norm_rope) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen-Image's joint attention with the image tokens sequence-parallel: qkv [B, n, 3, H, d] of this
     rank's image shard (``rope``'s image rows are the shard's), cqkv [B, T, 3, H, d] of the whole caption
-    (equal on every rank). Returns (image output [B, n, H*d], caption output [B, T, H*d])."""
-    from omni_ray.dit.families.qwen_image_block import qk_norm_rope
+    (equal on every rank); ``qk_norm_rope(x, weight, eps, cos, sin)`` is the family's q / k norm + RoPE.
+    Returns (image output [B, n, H*d], caption output [B, T, H*d])."""
 
     img_cos, img_sin, txt_cos, txt_sin = rope
     H = qkv.shape[3]

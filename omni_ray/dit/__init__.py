@@ -5,7 +5,7 @@ Loaded on first use: the request types (``omni_ray.dit.params``) import without 
 
 _EXPORTS = {"AsyncDiTEngine": "omni_ray.dit.async_engine", "DiTEngine": "omni_ray.dit.engine",
             "DiTEvent": "omni_ray.dit.params", "DiffusionParams": "omni_ray.dit.params",
-            "StepCacheParams": "omni_ray.dit.params"}
+            "StepCacheParams": "omni_ray.dit.params", "SpeechInput": "omni_ray.dit.speech"}
 __all__ = list(_EXPORTS)
 
 

@@ -55,20 +55,21 @@ class AsyncDiTEngine:
                        prompt_mask: torch.Tensor | None = None,
                        negative_prompt_embeds: torch.Tensor | None = None,
                        negative_prompt_mask: torch.Tensor | None = None,
-                       image=None) -> AsyncIterator[DiTEvent]:
+                       image=None, speech=None, output_type: str = "pil") -> AsyncIterator[DiTEvent]:
         """Yields ``DiTEvent("progress", step, total)`` per denoising step, then
         ``DiTEvent("done", images=[PIL.Image, ...])``. Bad parameters raise InvalidRequestError
         before any work; ``abort(request_id)`` ends it with RequestCancelledError.
         ``negative_prompt_embeds`` / ``negative_prompt_mask``: the negative's conditioning (the AR
-        stage's hidden states of it); ``image``: an edit model's input image (PIL)."""
+        stage's hidden states of it); ``image``: an edit model's input image (PIL); ``speech``: a speech
+        model's ``SpeechInput`` (``done`` then carries ``[waveform]``, or ``[mel]`` with ``output_type="latent"``)."""
         self.check_health()
         if self._closed:
             raise EngineError("the DiT engine is shut down")
         if request_id in self._queues:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        req = self.engine.make_request(prompt, params, request_id, prompt_embeds, prompt_mask,
+        req = self.engine.make_request(prompt, params, request_id, prompt_embeds, prompt_mask, output_type,
                                        negative_prompt_embeds=negative_prompt_embeds,
-                                       negative_prompt_mask=negative_prompt_mask, image=image)
+                                       negative_prompt_mask=negative_prompt_mask, image=image, speech=speech)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._to_add.append(req)
@@ -96,6 +97,12 @@ class AsyncDiTEngine:
         [B, T, H], mask [B, T]) on the CPU, to cache and pass back as prompt_embeds / prompt_mask."""
         self.check_health()
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.encode_prompt, prompts)
+
+    async def run_between_steps(self, fn, *args):
+        """``fn(*args)`` on the engine's worker thread, between steps: device work outside the engine's
+        requests (a speech stream's vocoder: ``SpeechStream.audio``) that never overlaps a step."""
+        self.check_health()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def abort(self, request_id: str) -> None:
         """End the request now: its caller gets RequestCancelledError and its slot is free for

@@ -32,6 +32,7 @@ from omni_ray.dit.parallel.rank import prepare_family
 from omni_ray.dit.params import DiffusionParams
 from omni_ray.dit.request import DiTRequest, Status
 from omni_ray.dit.runner import DiTRunner
+from omni_ray.dit.speech import SpeechInput, audio_outputs, build_speech_request
 from omni_ray.dit.validation import build_request
 from omni_ray.dit.video_decode import VideoDecode, video_outputs
 from omni_ray.errors import ConfigError, InvalidRequestError
@@ -108,14 +109,21 @@ class DiTEngine:
     def make_request(self, prompt: str | None, params: DiffusionParams | None = None, request_id: str | None = None,
                      prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
                      output_type: str = "pil", negative_prompt_embeds: torch.Tensor | None = None,
-                     negative_prompt_mask: torch.Tensor | None = None, image=None) -> DiTRequest:
+                     negative_prompt_mask: torch.Tensor | None = None, image=None,
+                     speech: SpeechInput | None = None) -> DiTRequest:
         """Validate and build a request (raises InvalidRequestError; touches no engine state or GPU).
 
         ``negative_prompt_embeds`` / ``negative_prompt_mask``: the negative prompt's conditioning (e.g. the
         AR stage's hidden states of it), used instead of encoding ``params.negative_prompt``; ``image``:
-        the input image (PIL) of an edit model."""
+        the input image (PIL) of an edit model; ``speech``: the codec tokens and voice of a speech model
+        (omni_ray/dit/speech.py), which takes nothing else."""
         if request_id is not None and request_id in self.requests:
             _bad("request_id", f"request id {request_id!r} is already in use")
+        if speech is not None or self.family.produces_audio:
+            return self._speech_request(prompt, params, request_id, output_type, speech,
+                                        prompt_embeds=prompt_embeds, prompt_mask=prompt_mask, image=image,
+                                        negative_prompt_embeds=negative_prompt_embeds,
+                                        negative_prompt_mask=negative_prompt_mask)
         req = build_request(self.family, self.config, prompt, params, request_id, prompt_embeds, prompt_mask,
                             output_type, negative_prompt_embeds, negative_prompt_mask, image)
         fam = self.family
@@ -128,12 +136,25 @@ class DiTEngine:
             self.parallel.check_request(req)      # no step caching; EngineError once a rank died
         return req
 
+    def _speech_request(self, prompt, params, request_id, output_type, speech, **others) -> DiTRequest:
+        if not self.family.produces_audio:
+            _bad("speech", f"model {self.model_name!r} does not synthesize speech")
+        if speech is None:
+            _bad("speech", f"model {self.model_name!r} synthesizes speech: pass speech=SpeechInput(codes, voice)")
+        for name, v in others.items():
+            if v is not None:
+                _bad(name, f"{name} does not apply to speech synthesis")
+        if self.parallel is not None:
+            _bad("speech", "speech synthesis runs on one device (no parallel layout)")
+        return build_speech_request(self.family, self.config, prompt, params, request_id, speech, output_type)
+
     def add_request(self, prompt: str | None, params: DiffusionParams | None = None, request_id: str | None = None,
                     prompt_embeds: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
                     output_type: str = "pil", negative_prompt_embeds: torch.Tensor | None = None,
-                    negative_prompt_mask: torch.Tensor | None = None, image=None) -> DiTRequest:
+                    negative_prompt_mask: torch.Tensor | None = None, image=None,
+                    speech: SpeechInput | None = None) -> DiTRequest:
         req = self.make_request(prompt, params, request_id, prompt_embeds, prompt_mask, output_type,
-                                negative_prompt_embeds, negative_prompt_mask, image)
+                                negative_prompt_embeds, negative_prompt_mask, image, speech)
         self.add(req)
         return req
 
@@ -163,7 +184,7 @@ class DiTEngine:
     @staticmethod
     def _release(req: DiTRequest) -> None:
         req.latents = req.cond = req.neg_cond = req.cache_state = req.scheduler = req.cond_latents = None
-        req.image = None
+        req.image = req.speech = None
 
     def check_health(self) -> None:
         """Raise EngineError if a parallel worker rank died (a single-process engine is always fine)."""
@@ -227,7 +248,7 @@ class DiTEngine:
     @torch.no_grad()
     def _admit(self, reqs: list[DiTRequest]) -> None:
         fam = self.family
-        texts = {r.prompt for r in reqs if r.prompt_embeds is None}
+        texts = {r.prompt for r in reqs if r.prompt_embeds is None and r.speech is None}
         if fam.has_text_encoder:
             texts |= {r.negative_prompt for r in reqs
                       if r.do_cfg and r.negative_prompt_embeds is None and r.negative_prompt not in self._neg_conds}
@@ -237,28 +258,32 @@ class DiTEngine:
             embeds, mask = fam.encode_prompt(order)
             encoded = {t: (embeds[i], mask[i]) for i, t in enumerate(order)}
         for r in reqs:
-            if r.prompt_embeds is not None:
-                r.cond = self._given(r.prompt_embeds, r.prompt_mask)
-            else:
-                r.cond = self._cond(*encoded[r.prompt])
-            if not r.do_cfg:
-                r.neg_cond = None
-            elif r.negative_prompt_embeds is not None:
-                r.neg_cond = self._given(r.negative_prompt_embeds, r.negative_prompt_mask)
-            else:
-                r.neg_cond = self._negative(r.negative_prompt, encoded)
+            if r.speech is None:                  # speech: the family conditions it in prepare_request
+                self._condition(r, encoded)
             r.generator = torch.Generator(device=self.device).manual_seed(r.seed)
             r.scheduler = fam.new_scheduler(r.num_steps, r.height, r.width)
             r.timesteps = r.scheduler.timesteps
             fam.prepare_request(r)                # initial latents; an input image's cond_latents
             r.shapes = fam.latent_shapes(r)
-            caption = () if fam.supports_caption_mask else (r.cond.tokens.shape[0],)
-            r.key = (r.height // fam.vae_scale_factor, r.width // fam.vae_scale_factor, *caption, *r.shapes)
+            r.key = fam.batch_key(r)
             with self._lock:
                 if r.status is Status.ABORTED:
                     self._release(r)
                 else:
                     self.batcher.start(r)
+
+    def _condition(self, r: DiTRequest, encoded: dict) -> None:
+        """A prompt's conditioning (its embeds, or the text encoder's) and its negative's."""
+        if r.prompt_embeds is not None:
+            r.cond = self._given(r.prompt_embeds, r.prompt_mask)
+        else:
+            r.cond = self._cond(*encoded[r.prompt])
+        if not r.do_cfg:
+            r.neg_cond = None
+        elif r.negative_prompt_embeds is not None:
+            r.neg_cond = self._given(r.negative_prompt_embeds, r.negative_prompt_mask)
+        else:
+            r.neg_cond = self._negative(r.negative_prompt, encoded)
 
     # ------------------------------------------------------------------ one engine step
     def step(self) -> list[tuple[DiTRequest, str]]:
@@ -303,7 +328,8 @@ class DiTEngine:
             for r in videos:                     # decoded chunk by chunk, from this step on
                 self._decoding.append((r, VideoDecode(self.family.vae, self.family.denormalize(r.latents))))
             if done:
-                self.counts["vae_batches"] += decode_outputs(self.family, done, self.config.vae_batch_size)
+                decode = audio_outputs if self.family.produces_audio else decode_outputs
+                self.counts["vae_batches"] += decode(self.family, done, self.config.vae_batch_size)
                 with self._lock:
                     done = [r for r in done if r.status is Status.RUNNING]     # not aborted meanwhile
                     for r in done:
@@ -356,13 +382,20 @@ class DiTEngine:
                  use_tqdm: bool = True, output_type: str = "pil",
                  negative_prompt_embeds: torch.Tensor | list[torch.Tensor] | None = None,
                  negative_prompt_mask: torch.Tensor | list[torch.Tensor] | None = None,
-                 image=None) -> list:
+                 image=None, speech: SpeechInput | list[SpeechInput] | None = None) -> list:
         """Images for each prompt (``num_images_per_prompt`` each, in prompt order): PIL images,
         or float [H, W, 3] arrays in [0, 1] (``output_type="np"``), or latents (``"latent"``).
         ``image``: an edit model's input image (one PIL image for all prompts, or a list).
         Video models give one array per video: uint8 [F, H, W, 3] (``"pil"``) or float32 [F, H, W, 3]
-        in [0, 1] (``"np"``); an image-to-video model's ``image`` is the first frame."""
-        n = self._num_prompts(prompts, prompt_embeds)
+        in [0, 1] (``"np"``); an image-to-video model's ``image`` is the first frame.
+        Speech models (``speech=``, one SpeechInput or a list, no prompts): one float32 waveform per
+        SpeechInput (numpy, at ``family.sample_rate``), or its mel [T_mel, mel_dim] (``"latent"``)."""
+        if speech is not None:
+            speech = list(speech) if isinstance(speech, (list, tuple)) else [speech]
+            n = len(speech)
+        else:
+            n = self._num_prompts(prompts, prompt_embeds)
+            speech = [None] * n
         prompts = [prompts] * n if prompts is None or isinstance(prompts, str) else list(prompts)
         plist = params if isinstance(params, list) else [params] * n
         embeds = self._per_prompt(prompt_embeds, n, 3)
@@ -372,8 +405,9 @@ class DiTEngine:
         images = list(image) if isinstance(image, (list, tuple)) else [image] * n
         if len(prompts) != n or len(plist) != n or len(images) != n:
             _bad("params", "prompts, params, prompt_embeds and images must have the same length")
-        reqs = [self.make_request(p, sp, None, e, m, output_type, ne, nm, im)     # validate all first
-                for p, sp, e, m, ne, nm, im in zip(prompts, plist, embeds, masks, neg_embeds, neg_masks, images)]
+        reqs = [self.make_request(p, sp, None, e, m, output_type, ne, nm, im, s)     # validate all first
+                for p, sp, e, m, ne, nm, im, s in zip(prompts, plist, embeds, masks, neg_embeds, neg_masks, images,
+                                                      speech)]
         for r in reqs:
             self.add(r)
         bar = tqdm(total=sum(r.num_steps for r in reqs), desc="Denoising", unit="step", dynamic_ncols=True,

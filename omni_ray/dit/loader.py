@@ -30,6 +30,15 @@ def read_model_index(path: Path) -> dict:
     return json.loads(f.read_text())
 
 
+def hf_architectures(path: Path) -> list[str]:
+    """config.json's ``architectures`` of a transformers checkpoint directory ([] without one)."""
+    f = path / "config.json"
+    if not f.exists():
+        return []
+    archs = json.loads(f.read_text()).get("architectures") or []
+    return [a for a in archs if isinstance(a, str)]
+
+
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
     if any(folder.rglob("*.safetensors")):
         return

@@ -41,6 +41,7 @@ class DiTRequest:
     arrival: int = 0
     num_frames: int = 1                            # video models: frames per video
     boundary: float | None = None                  # two-expert models: the timestep where the second takes over
+    speech: Any = None                             # speech families: SpeechInput (codec tokens, voice), speech.py
 
     status: Status = Status.WAITING
     cond: Cond | None = None

@@ -82,7 +82,7 @@ class DiTRunner:
             self._cond_key, self._cond = key, self.family.batch_cond(conds)
         t = torch.tensor(ts, dtype=torch.float32).to(self.device, non_blocking=True)
         self._shapes = reqs[0].shapes                 # equal within a batch (part of the batching key)
-        return (torch.cat(xs), t, *self._cond)
+        return (self.family.stack_latents(xs), t, *self._cond)
 
     def _scheduler_steps(self, reqs: list[DiTRequest], pred: torch.Tensor) -> None:
         fam = self.family
@@ -91,7 +91,7 @@ class DiTRunner:
             if r.do_cfg:
                 uncond, cond = out.chunk(2)
                 out = fam.combine_cfg(uncond, cond, r.guidance_scale)
-            out = fam.model_output(out)
+            out = fam.model_output(fam.request_output(out, r.latents))
             t = r.timesteps[r.step_idx]
             r.latents = r.scheduler.step(out, t, r.latents, **fam.step_kwargs(r.generator), return_dict=False)[0]
             r.step_idx += 1

@@ -11,6 +11,7 @@ import torch
 
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
 from omni_ray.dit.families.pixart import PixArtFamily
+from omni_ray.dit.families.qwen2_5_omni_token2wav import Qwen2_5OmniToken2WavFamily
 from omni_ray.dit.families.qwen_image import QwenImageEditFamily, QwenImageFamily
 from omni_ray.dit.families.sd3 import SD3Family
 from omni_ray.dit.families.wan import WanFamily, WanI2VFamily
@@ -19,11 +20,18 @@ from omni_ray.errors import ConfigError
 FAMILIES: dict[str, type[DiTFamily]] = {f.pipeline_class: f for f in (PixArtFamily, SD3Family, QwenImageFamily,
                                                                   QwenImageEditFamily, WanFamily, WanI2VFamily)}
 
+# transformers checkpoints (config.json ``architectures``, no model_index.json) whose part runs on the DiT engine
+HF_FAMILIES: dict[str, type[DiTFamily]] = {Qwen2_5OmniToken2WavFamily.pipeline_class: Qwen2_5OmniToken2WavFamily}
+
 
 def load_family(path: Path, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None = None,
                 allow_pickle: bool = False) -> DiTFamily:
-    from omni_ray.dit.loader import load_components, read_model_index
+    from omni_ray.dit.loader import hf_architectures, load_components, read_model_index
 
+    if not (path / "model_index.json").exists():
+        for arch in hf_architectures(path):
+            if arch in HF_FAMILIES:
+                return HF_FAMILIES[arch].load(path, device, dtype, max_sequence_length)
     pipeline = read_model_index(path).get("_class_name", "")
     if pipeline not in FAMILIES:
         raise ConfigError(f"{path}: pipeline {pipeline!r} is not supported; omni-ray runs {sorted(FAMILIES)}")
@@ -32,5 +40,5 @@ def load_family(path: Path, device: torch.device, dtype: torch.dtype, max_sequen
     return fam(comps, device, dtype, max_sequence_length)
 
 
-__all__ = ["FAMILIES", "BlockState", "Cond", "DiTFamily", "PixArtFamily", "QwenImageEditFamily", "QwenImageFamily",
-           "SD3Family", "WanFamily", "WanI2VFamily", "load_family"]
+__all__ = ["FAMILIES", "HF_FAMILIES", "BlockState", "Cond", "DiTFamily", "PixArtFamily", "Qwen2_5OmniToken2WavFamily",
+           "QwenImageEditFamily", "QwenImageFamily", "SD3Family", "WanFamily", "WanI2VFamily", "load_family"]

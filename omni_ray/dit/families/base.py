@@ -68,6 +68,7 @@ class DiTFamily(ABC):
     teacache_coefficients: tuple | None = None   # TeaCache's rescaling polynomial (numpy order); None: identity
     accepts_image: bool = False          # takes a per-request input image (edit models)
     produces_video: bool = False         # outputs are frame arrays, decoded chunk by chunk (video_decode.py)
+    produces_audio: bool = False         # speech: requests carry codec tokens (speech.py), outputs are waveforms
     extra_components: frozenset = frozenset()   # components the loader skips unless asked (image_encoder)
 
     def __init__(self, comps: dict, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None):
@@ -206,6 +207,20 @@ class DiTFamily(ABC):
         """A request's hashable geometry (``BlockState.shapes``), at admission; requests sharing a
         forward have equal ones."""
         return ()
+
+    def batch_key(self, r) -> tuple:
+        """Requests with equal keys share a forward (set at admission): the latent size, the caption
+        length for families without caption masks, the ``latent_shapes``."""
+        caption = () if self.supports_caption_mask else (r.cond.tokens.shape[0],)
+        return (r.height // self.vae_scale_factor, r.width // self.vae_scale_factor, *caption, *r.shapes)
+
+    def stack_latents(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """The batch's latents, request after request (families that pad rows of different lengths override)."""
+        return torch.cat(xs)
+
+    def request_output(self, out: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """A request's rows of the batch's prediction -> what its scheduler steps (drops padding)."""
+        return out
 
     def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The engine's latents -> what ``decode`` takes (families with packed latents unpack here)."""

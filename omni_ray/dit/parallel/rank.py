@@ -208,7 +208,7 @@ def prepare_family(fam: DiTFamily, cfg: DiTEngineConfig, layout: Layout):
         fam.fuse_elementwise()
     if cfg.compile:
         fam.compile()
-    if cfg.cuda_graphs and cuda and layout.sp == 1:
+    if cfg.cuda_graphs and cuda and layout.sp == 1 and not fam.produces_audio:   # speech: rows of any length
         from omni_ray.dit.cuda_graphs import GraphedBlocks
         return GraphedBlocks(fam, max_rows=2 * cfg.max_batch_size)
     return None

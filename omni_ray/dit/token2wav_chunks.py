@@ -1,0 +1,160 @@
+"""Chunked (streamed) token2wav: audio for a chunk of codec tokens with its left / right context,
+as Qwen2.5-Omni's own streaming code2wav does (Qwen's ``Qwen2Code2wav``, kept by vLLM-Omni as
+``Qwen2_5OmniToken2WavModel.process_little_chunk`` / ``_process_chunk_for_50hz``).
+
+The utterance's initial noise ``y_all`` is drawn once per stream; chunk ``i`` owns mel frames
+``[i * chunk, (i + 1) * chunk)`` and runs the ODE on the window
+``[i * chunk - past, (i + 1) * chunk + future)`` (clipped) with that window's codes and noise, as
+one ordinary speech request on the DiT engine (so chunks of many streams share forwards). Its mel
+is vocoded together with the previous chunk's last ``2 * overlap`` frames and ``overlap`` frames'
+worth of samples are cut at each inner edge, so the pieces join without a seam.
+
+50 Hz codes (``repeats`` 2): chunk 72 mel frames (3 DiT blocks of 24), past 48 (2 blocks: the
+look-back of the checkpoint's layers), future 24 (1 block: its look-ahead), overlap 20.
+
+The windows are not exact: each of the ``4 * (num_steps - 1)`` evaluations of the flow lets a frame
+see one more block of context each way, so frames near a window's edge miss context the
+whole-utterance ODE has. The difference to ``generate`` on the whole utterance is measured by
+tests/dit/test_omni_token2wav_chunks.py (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omni_ray.dit.params import DiffusionParams
+from omni_ray.dit.speech import SpeechInput
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    repeats: int          # mel frames per codec token
+    chunk: int            # mel frames a chunk owns
+    past: int             # left context (mel frames)
+    future: int           # right context (mel frames)
+    overlap: int          # vocoder overlap (mel frames) at each inner edge
+    hop: int              # waveform samples per mel frame
+
+    @classmethod
+    def for_family(cls, fam) -> "ChunkPlan":
+        """The reference's constants for the family's code rate (50 Hz: repeats 2; else 200 Hz-style)."""
+        block = 24 if fam.repeats == 2 else 32
+        hop = math.prod(fam.vae.config.upsample_rates)
+        return cls(fam.repeats, 3 * block, block * fam.repeats, block, 20 if fam.repeats == 2 else 13, hop)
+
+    def num_chunks(self, frames: int) -> int:
+        return max(1, -(-frames // self.chunk))
+
+    def window(self, i: int, frames: int) -> tuple[int, int]:
+        """Mel frames [start, end) of chunk ``i``'s ODE window in an utterance of ``frames``."""
+        return max(i * self.chunk - self.past, 0), min((i + 1) * self.chunk + self.future, frames)
+
+    def ready(self, i: int, num_codes: int, finished: bool) -> bool:
+        """Whether chunk ``i`` can run once ``num_codes`` codes are known (all of them when ``finished``)."""
+        return finished or (i + 1) * self.chunk + self.future <= num_codes * self.repeats
+
+    def is_last(self, i: int, frames: int) -> bool:
+        return i == self.num_chunks(frames) - 1
+
+
+class ChunkSplicer:
+    """One stream's vocoder state: window mels in chunk order -> waveform pieces that concatenate."""
+
+    def __init__(self, fam, plan: ChunkPlan):
+        self.fam, self.plan = fam, plan
+        self.prev: torch.Tensor | None = None        # the previous chunk's vocoded mel [T, mel]
+        self.next_index = 0
+
+    @torch.no_grad()
+    def add(self, i: int, window_mel: torch.Tensor, start: int, last: bool) -> np.ndarray:
+        """Chunk ``i``'s window mel [T_window, mel] (its window starting at frame ``start``) -> its
+        waveform piece (float32). Chunks come in order."""
+        if i != self.next_index:
+            raise ValueError(f"chunk {i} came before chunk {self.next_index}")
+        p, m = self.plan, window_mel.float()
+        a = i * p.chunk - start                          # the chunk's own frames in its window
+        own = m[a:] if last else m[a:a + p.chunk]        # (the reference: [past:-future] of a full window)
+        mel = own if i == 0 else torch.cat([self.prev[-2 * p.overlap:], own])
+        audio = self.fam.decode(mel[None])[0]
+        cut = p.overlap * p.hop
+        if i > 0:
+            audio = audio[cut:]
+        if not last:
+            audio = audio[:-cut]
+        self.prev, self.next_index = mel, i + 1
+        return audio.numpy()
+
+
+def stream_noise(fam, seed: int, frames: int | None = None) -> torch.Tensor:
+    """A stream's initial noise ``y_all`` [frames, mel] (CPU, float32): the reference draws it once for the
+    longest utterance (``frames`` None: the DiT's position limit), chunks read their windows of it."""
+    g = torch.Generator().manual_seed(seed)
+    n = frames or fam.max_sequence_length
+    return torch.randn([1, n, fam.mel_dim], generator=g, dtype=torch.float32)[0]
+
+
+class SpeechStream:
+    """One utterance synthesized chunk by chunk while its codes arrive (the streamed token2wav stage).
+
+        stream = SpeechStream(engine.family, voice="Chelsie", seed=0)
+        for window in stream.push(new_codes, finished):       # the chunks now computable, in order
+            mel = <a speech request of window.speech with output_type="latent">
+            audio_piece = stream.audio(window, mel)            # float32 samples, in chunk order
+    """
+
+    def __init__(self, fam, voice: str | None = None, seed: int = 0, sway_coefficient: float | None = -1.0,
+                 noise: torch.Tensor | None = None):
+        self.fam, self.plan = fam, ChunkPlan.for_family(fam)
+        self.voice, self.sway = fam.resolve_voice(voice), sway_coefficient     # InvalidRequestError(param="voice")
+        self.noise = stream_noise(fam, seed) if noise is None else noise
+        self.codes = torch.zeros(0, dtype=torch.long)
+        self.finished = False
+        self.next_chunk = 0
+        self.splicer = ChunkSplicer(fam, self.plan)
+
+    def push(self, codes, finished: bool = False) -> list["ChunkWindow"]:
+        """Add codes (a possibly empty list / 1-D tensor); returns the windows that became computable."""
+        if self.finished:
+            raise ValueError("the stream is finished")
+        if len(codes):
+            self.codes = torch.cat([self.codes, self.fam.check_codes(codes)])
+        self.finished = finished
+        frames = self.codes.shape[0] * self.plan.repeats
+        if frames > self.noise.shape[0]:
+            raise ValueError(f"{frames} mel frames exceed the stream's noise ({self.noise.shape[0]} frames)")
+        out = []
+        while frames and self.next_chunk < self.plan.num_chunks(frames) and \
+                self.plan.ready(self.next_chunk, self.codes.shape[0], finished):
+            i = self.next_chunk
+            a, b = self.plan.window(i, frames)
+            r = self.plan.repeats
+            out.append(ChunkWindow(i, a, finished and self.plan.is_last(i, frames),
+                                   SpeechInput(self.codes[a // r:b // r], self.voice, self.sway, self.noise[a:b])))
+            self.next_chunk += 1
+        return out
+
+    def audio(self, window: "ChunkWindow", mel: torch.Tensor) -> np.ndarray:
+        """The window's mel [T_window, mel] -> its waveform piece (windows in order)."""
+        return self.splicer.add(window.index, mel, window.start, window.last)
+
+
+@dataclass
+class ChunkWindow:
+    index: int
+    start: int                 # the window's first mel frame in the utterance
+    last: bool
+    speech: SpeechInput        # the window's codes and noise: one speech request
+
+
+def synthesize_chunked(engine, codes, voice: str | None, params: DiffusionParams, noise: torch.Tensor,
+                       sway_coefficient: float | None = -1.0) -> list[np.ndarray]:
+    """A whole utterance chunk by chunk on ``engine`` (all windows in one batch): the waveform pieces,
+    in order. ``noise``: the stream's ``y_all`` (at least ``len(codes) * repeats`` frames)."""
+    stream = SpeechStream(engine.family, voice, sway_coefficient=sway_coefficient, noise=noise)
+    windows = stream.push(codes, finished=True)
+    mels = engine.generate(params=params, speech=[w.speech for w in windows], output_type="latent", use_tqdm=False)
+    return [stream.audio(w, mel) for w, mel in zip(windows, mels)]

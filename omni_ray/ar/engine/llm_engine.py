@@ -30,6 +30,7 @@ from omni_ray.ar.engine.detokenizer import find_stop, update_text
 from omni_ray.ar.engine.scheduler import Scheduler
 from omni_ray.ar.executor import make_executor
 from omni_ray.ar.grammar import GrammarCompiler, SequenceGrammar
+from omni_ray.ar.input_embeds import InputEmbeds
 from omni_ray.ar.models import ArchConfig
 from omni_ray.ar.models.checkpoint import checkpoint_layout
 from omni_ray.ar.models.loader import read_hf_config
@@ -76,7 +77,7 @@ class LLMEngine:
         cfg = model if isinstance(model, AREngineConfig) else AREngineConfig.from_kwargs(model, **kwargs)
         self.layout = checkpoint_layout(cfg.model.path)     # which folders hold weights / tokenizer / processor
         self.model_path = self.layout.weights
-        self.arch = ArchConfig.from_hf(read_hf_config(self.model_path))
+        self.arch = ArchConfig.from_hf(read_hf_config(self.model_path), cfg.model.submodel)
         self.config = cfg = fit_max_model_len(cfg, self.arch)
         self.tokenizer = self.layout.load_tokenizer()
         self.mm_processor = MultiModalProcessor.from_pretrained(self.layout, self.tokenizer)  # None: text only
@@ -86,7 +87,7 @@ class LLMEngine:
             self.config = cfg = cfg.model_copy(update={"media_towers": False})
         self.runner = self._make_runner()
         self.eos_ids = set(self.arch.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer.eos_token_id is not None and self.arch.talker is None:   # the talker's are codec ids
             self.eos_ids.add(self.tokenizer.eos_token_id)
         # structured outputs: grammars compiled in threads against the model's vocabulary (omni_ray.ar.grammar)
         self.grammar = GrammarCompiler(self.tokenizer, self.arch.vocab_size, sorted(self.eos_ids),
@@ -186,7 +187,8 @@ class LLMEngine:
                       request_id: str | None = None) -> Sequence:
         """Validate and build a Sequence (raises InvalidRequestError, touches no engine state). ``prompt``:
         text, token ids, a ``MultiModalInputs`` or a vLLM prompt dict (``process``)."""
-        prompt = self.process(prompt)
+        embeds = self._input_embeds(prompt)
+        prompt = embeds[0] if embeds is not None else self.process(prompt)
         mm = prompt if isinstance(prompt, MultiModalInputs) else None
         if mm is not None:
             if getattr(self.runner, "encoders", None) is None:
@@ -228,11 +230,42 @@ class LLMEngine:
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             # the constraint's syntax is checked now (InvalidRequestError); it compiles in a thread
             grammar = SequenceGrammar(self.grammar, self.grammar.submit(params.structured_outputs))
-        seq = Sequence(ids, params, request_id, self.config.cache.block_size, mm=mm)
+        seq = Sequence(ids, params, request_id, self.config.cache.block_size, mm=mm,
+                       input_embeds=embeds[1] if embeds is not None else None)
         seq.grammar = grammar
         if isinstance(params, SamplingParams) and params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         return seq
+
+    def _input_embeds(self, prompt) -> tuple[list[int], InputEmbeds] | None:
+        """A prompt given as embeddings (``omni_ray/ar/input_embeds.py``): an ``InputEmbeds``, or vLLM's
+        ``{"prompt_embeds": [L, E]}`` (a tensor or an ``InputEmbeds``; optionally with ``"prompt_token_ids"``,
+        one per row, for models that read both) -> (token ids, rows); None for other prompts."""
+        if isinstance(prompt, dict) and "prompt_embeds" in prompt:
+            unknown = sorted(set(prompt) - {"prompt_embeds", "prompt_token_ids"})
+            if unknown:
+                raise InvalidRequestError(f"a prompt with 'prompt_embeds' takes only 'prompt_token_ids' beside it; "
+                                          f"got {unknown}", param="prompt")
+            embeds, ids = prompt["prompt_embeds"], prompt.get("prompt_token_ids")
+            embeds = embeds if isinstance(embeds, InputEmbeds) else InputEmbeds(embeds)
+        elif isinstance(prompt, InputEmbeds):
+            embeds, ids = prompt, None
+        else:
+            return None
+        if self.config.parallel.tensor_parallel_size > 1:
+            raise InvalidRequestError("prompt embeddings are not supported under tensor parallelism yet",
+                                      param="prompt_embeds")
+        width = self.arch.input_size or self.arch.hidden_size
+        if embeds.width != width:
+            raise InvalidRequestError(f"prompt_embeds rows have width {embeds.width}; this model takes {width}",
+                                      param="prompt_embeds")
+        if embeds.positions is not None and self.arch.mrope_section is None:
+            raise InvalidRequestError(f"{self.model_name} has no M-RoPE; positions are not accepted", param="positions")
+        ids = list(ids) if ids is not None else [0] * len(embeds)
+        if len(ids) != len(embeds):
+            raise InvalidRequestError(f"prompt_token_ids has {len(ids)} ids for {len(embeds)} prompt_embeds rows",
+                                      param="prompt_token_ids")
+        return ids, embeds
 
     def _check_embeddings(self, mm: MultiModalInputs) -> None:
         """Media that come with their encoder output need its shape; without towers every item needs one."""
@@ -488,7 +521,7 @@ class LLMEngine:
             return 1
         bs = self.config.cache.block_size
         for seq in batch.seqs:
-            if seq.is_encode:
+            if seq.is_encode or seq.input_embeds is not None:     # each step reads its own input row
                 return 1
             k = min(k, self.max_model_len - len(seq), len(seq.block_table) * bs - len(seq) + 1)
         return max(k, 1)
@@ -567,7 +600,7 @@ class LLMEngine:
         ``logprobs=k``: ``"logprobs"`` (each token's) and, k > 0, ``"top_logprobs"`` ([{id: logprob}]
         per token, k most likely first); with ``prompt_logprobs=k``: ``"prompt_logprobs"`` (None for
         the first prompt token, then {id: logprob} with the prompt token first, vLLM's shape)."""
-        if isinstance(prompts, (str, dict, MultiModalInputs)) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict, MultiModalInputs, InputEmbeds)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompts):

@@ -63,6 +63,27 @@ class TalkerInput:
         self._eos, self._pad = text_eos.reshape(-1).to(e.dtype), text_pad.reshape(-1).to(e.dtype)
         self._positions, self._rope_delta = positions, rope_delta
         self.embeds: InputEmbeds | None = None            # made by the first add_token
+        self._table: torch.Tensor | None = None           # the thinker's embedding table (from_thinker)
+
+    @classmethod
+    def from_thinker(cls, tokens: TalkerTokens, embedding: torch.Tensor, prompt_ids: list[int],
+                     prompt_hidden: torch.Tensor, speaker_bos: int, media_token_ids: tuple[int, ...] = (),
+                     positions: torch.Tensor | None = None, rope_delta: int = 0) -> "TalkerInput":
+        """From the thinker's embedding table [V, E] (``embed_tokens.weight``), its prompt token ids and
+        final hidden states [L, E]; ``media_token_ids``: the image / audio / video placeholder ids (their
+        rows take no embedding). ``add_thinker_token(token_id, hidden)`` then feeds generated tokens."""
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+        media = torch.isin(ids, torch.as_tensor(list(media_token_ids), dtype=torch.long)) if media_token_ids else None
+        table = embedding.detach()
+        self = cls(tokens, table[ids].to(prompt_hidden.dtype), prompt_hidden, table[speaker_bos],
+                   table[tokens.text_eos], table[tokens.text_pad], media, positions, rope_delta)
+        self._table = table
+        return self
+
+    def add_thinker_token(self, token_id: int | list[int], hidden: torch.Tensor) -> None:
+        """``add_token`` by token id (made by ``from_thinker``)."""
+        ids = torch.as_tensor(token_id, dtype=torch.long).reshape(-1)
+        self.add_token(self._table[ids].to(hidden.dtype), hidden)
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,0 +1,89 @@
+"""The engine's embeddings-in path (``InputEmbeds``) that the talker runs on: vLLM-style ``prompt_embeds``
+on a plain decoder, per-step rows streamed in while the request runs (it waits for them), bad input."""
+
+import pytest
+import torch
+
+from omni_ray.ar import SamplingParams
+from omni_ray.ar.input_embeds import InputEmbeds
+from omni_ray.errors import InvalidRequestError
+from tests.ar.conftest import make_llm
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+def test_prompt_embeds_equal_token_prompt(qwen3):
+    """A decoder fed its own token embeddings as ``prompt_embeds`` continues as from the token ids,
+    also batched with a token prompt; step rows add to the fed tokens' embeddings."""
+    ids = qwen3.tokenize("The old lighthouse stood at the edge of the harbour")
+    table = qwen3.runner.model.embed_tokens.weight.detach()
+    want = qwen3.generate([ids], GREEDY, use_tqdm=False)[0]["token_ids"]
+    outs = qwen3.generate([{"prompt_embeds": table[ids]}, ids[:5]], GREEDY, use_tqdm=False)
+    assert outs[0]["token_ids"] == want
+    assert outs[1]["token_ids"] == qwen3.generate([ids[:5]], GREEDY, use_tqdm=False)[0]["token_ids"]
+    zero = InputEmbeds(table[ids], steps=torch.zeros(3, table.shape[1]))      # adding zeros changes nothing
+    assert qwen3.generate(zero, GREEDY, use_tqdm=False)[0]["token_ids"] == want
+    pushed = InputEmbeds(table[ids], steps=5 * table[ids[:3]])                # ... other rows do
+    assert qwen3.generate(pushed, GREEDY, use_tqdm=False)[0]["token_ids"] != want
+
+
+def test_streamed_step_rows(qwen3):
+    """A request whose step rows arrive while it runs waits for each (keeps its blocks, other requests go
+    on), and ends with the tokens of the same rows given up front."""
+    ids = qwen3.tokenize("Hello! How can I help you today?")
+    table = qwen3.runner.model.embed_tokens.weight.detach()
+    rows = 3 * table[[7, 8, 9, 10]]
+    tail = 2 * table[11]
+    up_front = qwen3.generate(InputEmbeds(table[ids], steps=rows, tail=tail), GREEDY, use_tqdm=False)[0]
+    stream = InputEmbeds(table[ids], closed=False)
+    seq = qwen3.add_request({"prompt_embeds": stream}, GREEDY)
+    other = qwen3.add_request(ids, GREEDY)
+    for _ in range(4):
+        qwen3.step()
+    assert seq.num_output_tokens == 1 and not seq.is_finished and seq.block_table    # waits for its row 0
+    assert other.num_output_tokens > 1                                               # the other one went on
+    stream.push(rows[:2])
+    for _ in range(4):
+        qwen3.step()
+    assert seq.num_output_tokens == 3                                                # rows 0, 1 used
+    stream.push(rows[2:])
+    stream.close(tail)
+    while not qwen3.is_finished():
+        qwen3.step()
+    assert seq.output_token_ids == up_front["token_ids"]
+
+
+def test_bad_input_embeds(qwen3):
+    table = qwen3.runner.model.embed_tokens.weight.detach()
+    with pytest.raises(InvalidRequestError) as e:
+        qwen3.add_request({"prompt_embeds": torch.zeros(3, table.shape[1] + 1)}, GREEDY)
+    assert e.value.param == "prompt_embeds"
+    with pytest.raises(InvalidRequestError) as e:
+        qwen3.add_request({"prompt_embeds": table[:3], "prompt_token_ids": [1, 2]}, GREEDY)
+    assert e.value.param == "prompt_token_ids"
+    with pytest.raises(InvalidRequestError) as e:
+        qwen3.add_request({"prompt_embeds": table[:3], "prompt": "x"}, GREEDY)
+    assert e.value.param == "prompt"
+    with pytest.raises(InvalidRequestError) as e:
+        qwen3.add_request(InputEmbeds(table[:3], positions=torch.zeros(3, 3, dtype=torch.long)), GREEDY)
+    assert e.value.param == "positions"                     # qwen3 has no M-RoPE
+    with pytest.raises(InvalidRequestError) as e:
+        InputEmbeds(table[:3]).push(table[:1])              # closed
+    assert e.value.param == "step_embeds"
+    assert qwen3.generate(["Hi"], GREEDY, use_tqdm=False)[0]["token_ids"]      # the engine goes on
+
+
+def test_talker_rejects_thinker_width():
+    """The talker takes rows of the thinker's width (its embedding_size), nothing else."""
+    talker = make_llm("tiny:qwen2.5-omni", submodel="talker")
+    width = talker.arch.input_size
+    assert width != talker.arch.hidden_size
+    with pytest.raises(InvalidRequestError) as e:
+        talker.add_request({"prompt_embeds": torch.zeros(4, talker.arch.hidden_size)}, GREEDY)
+    assert e.value.param == "prompt_embeds"
+    out = talker.generate({"prompt_embeds": torch.randn(4, width, generator=torch.Generator().manual_seed(0)),
+                           "prompt_token_ids": [63, 63, 62, 60]}, GREEDY, use_tqdm=False)[0]
+    assert len(out["token_ids"]) == 6
+    logits = talker.runner.model.compute_logits(torch.randn(3, talker.arch.hidden_size))
+    assert torch.isneginf(logits[:, talker.arch.talker.codec_bos]).all()      # the codec start is never sampled
+    assert torch.isfinite(logits[:, :talker.arch.talker.codec_bos]).all()

@@ -7,9 +7,8 @@ produces are captured. omni-ray's talker, given the same thinker states (through
 stage graph will hand them over), produces the same codec tokens; so it does from omni-ray's own thinker
 (whose tokens and hidden states equal transformers'); a batch of two talker requests of different
 lengths gives each the tokens it gets alone.
-
-The reference's ``talker_repetition_penalty`` (1.05) is set to 1.0 here: omni-ray's sampler has no
-repetition penalty yet (see ``talker_sampling_params``).
+The talker samples with the reference's defaults but greedy (``talker_do_sample=False`` /
+``temperature=0``): its repetition penalty (1.05) and suppressed codec start token apply as in the reference.
 """
 
 import pytest
@@ -56,7 +55,6 @@ def ref():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), speaker="Chelsie",
                        thinker_max_new_tokens=THINKER_NEW, thinker_min_new_tokens=THINKER_NEW,
                        thinker_do_sample=False, talker_do_sample=False, talker_max_new_tokens=TALKER_NEW,
-                       talker_repetition_penalty=1.0,
                        talker_eos_token_id=[tk.tts_codec_pad_token_id, tk.tts_codec_end_token_id])
     res = got["thinker"]
     got["thinker_ids"] = res.sequences[0, len(PROMPT):].tolist()

@@ -87,3 +87,33 @@ def test_talker_rejects_thinker_width():
     logits = talker.runner.model.compute_logits(torch.randn(3, talker.arch.hidden_size))
     assert torch.isneginf(logits[:, talker.arch.talker.codec_bos]).all()      # the codec start is never sampled
     assert torch.isfinite(logits[:, :talker.arch.talker.codec_bos]).all()
+
+
+def test_repetition_penalty_equals_transformers(qwen3):
+    """``repetition_penalty`` (the talker's 1.05 by default): the processor equals transformers' on random
+    logits, and greedy continuations with a penalty equal transformers' generate (and differ from none)."""
+    from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
+
+    from omni_ray.ar.layers.sampler import apply_repetition_penalty
+    from omni_ray.testing import resolve_model
+
+    g = torch.Generator().manual_seed(0)
+    logits, seen = torch.randn(3, 50, generator=g), torch.randint(0, 50, (3, 7), generator=g)
+    want = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
+    got = logits.clone()
+    apply_repetition_penalty(got, [0, 1, 2], seen.tolist(), [1.3] * 3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model("tiny:qwen3"), dtype=torch.float32).eval()
+    ids = qwen3.tokenize("The old lighthouse stood at the edge of the harbour")
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                          repetition_penalty=1.5)[0, len(ids):].tolist()
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.5)
+    outs = qwen3.generate([ids, ids[:4]], [params, GREEDY], use_tqdm=False)      # batched with a plain request
+    assert outs[0]["token_ids"] == ref
+    assert ref != qwen3.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                                 use_tqdm=False)[0]["token_ids"]
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(repetition_penalty=0.0)
+    assert e.value.param == "repetition_penalty"

@@ -39,6 +39,7 @@ from omni_ray.ar.multimodal.prompts import chat_inputs, data_inputs, has_media
 from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
 from omni_ray.ar.sequence import SeqStatus, Sequence
 from omni_ray.ar.structured_outputs import StructuredOutputsParams
+from omni_ray.ar.worker.model_runner import needs_eager
 from omni_ray.config import AREngineConfig, MediaConfig, ModelConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
 from omni_ray.profiling import GcPauses
@@ -521,7 +522,7 @@ class LLMEngine:
             return 1
         bs = self.config.cache.block_size
         for seq in batch.seqs:
-            if seq.is_encode or seq.input_embeds is not None:     # each step reads its own input row
+            if seq.is_encode or needs_eager(seq):      # each step reads its own input row / its tokens so far
                 return 1
             k = min(k, self.max_model_len - len(seq), len(seq.block_table) * bs - len(seq) + 1)
         return max(k, 1)

@@ -30,10 +30,11 @@ from omni_ray.errors import InvalidRequestError
 
 def talker_sampling_params(tokens: TalkerTokens, **overrides) -> SamplingParams:
     """The reference's talker sampling (``generate(return_audio=True)``'s ``talker_*`` defaults: do_sample,
-    top_k 40, top_p 0.8, temperature 0.9, max_new_tokens 4096, eos = codec pad / end), with ``overrides``.
-    ``talker_repetition_penalty`` 1.05 is not applied: the engine's sampler has no repetition penalty yet."""
-    kw = dict(temperature=0.9, top_k=40, top_p=0.8, max_tokens=4096, stop_token_ids=tokens.stop_ids,
-              ignore_eos=False, skip_special_tokens=False)
+    top_k 40, top_p 0.8, temperature 0.9, repetition_penalty 1.05, max_new_tokens 4096, eos = codec pad /
+    end; the codec start token is suppressed by the model), with ``overrides`` (``temperature=0``: greedy,
+    as ``talker_do_sample=False``)."""
+    kw = dict(temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05, max_tokens=4096,
+              stop_token_ids=tokens.stop_ids, ignore_eos=False, skip_special_tokens=False)
     kw.update(overrides)
     return SamplingParams(**kw)
 

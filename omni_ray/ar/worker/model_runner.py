@@ -22,7 +22,7 @@ from omni_ray.ar.kernels.timing import graph_us
 from omni_ray.ar.layers.attention import AttnMetadata, pick_backend
 from omni_ray.ar.layers.ops import Ops
 from omni_ray.ar.layers.parallel import TP1, TPContext
-from omni_ray.ar.layers.sampler import SamplingTensors, sample, token_logprobs
+from omni_ray.ar.layers.sampler import SamplingTensors, apply_repetition_penalty, sample, token_logprobs
 from omni_ray.ar.models import ArchConfig, build_model
 from omni_ray.ar.models.loader import ReadStats, load_weights
 from omni_ray.ar.sampling_params import MAX_LOGPROBS
@@ -65,6 +65,12 @@ class DecodeLaunch(NamedTuple):
 def is_greedy(seqs: list[Sequence]) -> bool:
     """Every sequence takes the argmax and wants no log-probabilities (the graphs' own token)."""
     return all(s.params.temperature == 0 and s.params.logprobs is None for s in seqs)
+
+
+def needs_eager(seq: Sequence) -> bool:
+    """Steps of this sequence run eagerly, one token a step: its rows come as embeddings, or its
+    logits depend on its tokens so far (repetition penalty), which the graphs' on-device feed cannot apply."""
+    return seq.input_embeds is not None or getattr(seq.params, "repetition_penalty", 1.0) != 1.0
 
 
 def wants_prompt_logprobs(seq: Sequence) -> bool:
@@ -355,7 +361,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, num_steps: int = 1) -> StepOutput:
         """One step of ``batch`` (``num_steps`` greedy decode steps when the engine asks for them)."""
         n = len(batch.seqs)
-        embedded = any(s.input_embeds is not None for s in batch.seqs)     # rows of their own: eager
+        embedded = any(needs_eager(s) for s in batch.seqs)
         if (batch.num_decodes == n and n <= self.max_graph_bs and not embedded
                 and not any(s.is_encode for s in batch.seqs)):
             return self._run_decode(batch, num_steps)
@@ -415,6 +421,9 @@ class ModelRunner:
         return self.grammar_masks
 
     def _sample(self, logits: torch.Tensor, out: StepOutput) -> None:
+        if rows := [i for i, s in enumerate(out.sampled) if s.params.repetition_penalty != 1.0]:
+            apply_repetition_penalty(logits, rows, [out.sampled[i].token_ids for i in rows],
+                                     [out.sampled[i].params.repetition_penalty for i in rows])
         if rows := constrained_rows(out.sampled):      # host fill while the device computes the forward
             self._masks().apply(logits, [out.sampled[i].grammar.matcher for i in rows], rows)
         if is_greedy(out.sampled):

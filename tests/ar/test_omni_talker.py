@@ -27,15 +27,24 @@ class _Stop(Exception):
 
 
 @pytest.fixture(scope="module")
-def ref():
-    """transformers' run: thinker result, the talker's generate kwargs (cloned before its forward adds the
-    codec embeddings in place) and its codec tokens."""
+def hf_model():
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     from omni_ray.testing import resolve_model
 
     path = resolve_model("tiny:qwen2.5-omni")
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ref(hf_model):
+    ids = torch.tensor([PROMPT])
+    return _reference(hf_model, input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def _reference(model, thinker_new=THINKER_NEW, talker_new=TALKER_NEW, **inputs) -> dict:
+    """transformers' run: thinker result, the talker's generate kwargs (cloned before its forward adds the
+    codec embeddings in place) and its codec tokens."""
     got = {}
     thinker_generate, talker_generate = model.thinker.generate, model.talker.generate
 
@@ -44,25 +53,29 @@ def ref():
         return got["thinker"]
 
     def talker(**kw):
+        # transformers 5 passes the thinker's pixel_values on to the talker, whose generate refuses them
+        # (it reads image_grid_thw only): dropped here, as the talker never uses them
+        kw.pop("pixel_values", None)
         got["talker_kwargs"] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kw.items()}
         got["codes"] = talker_generate(**kw)[0, kw["input_ids"].shape[1]:].tolist()
         raise _Stop
 
     model.thinker.generate, model.talker.generate = thinker, talker
     tk = model.config.talker_config
-    ids = torch.tensor([PROMPT])
-    with pytest.raises(_Stop), torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), speaker="Chelsie",
-                       thinker_max_new_tokens=THINKER_NEW, thinker_min_new_tokens=THINKER_NEW,
-                       thinker_do_sample=False, talker_do_sample=False, talker_max_new_tokens=TALKER_NEW,
-                       talker_eos_token_id=[tk.tts_codec_pad_token_id, tk.tts_codec_end_token_id])
+    try:
+        with pytest.raises(_Stop), torch.no_grad():
+            model.generate(**inputs, speaker="Chelsie",
+                           thinker_max_new_tokens=thinker_new, thinker_min_new_tokens=thinker_new,
+                           thinker_do_sample=False, talker_do_sample=False, talker_max_new_tokens=talker_new,
+                           talker_eos_token_id=[tk.tts_codec_pad_token_id, tk.tts_codec_end_token_id])
+    finally:
+        del model.thinker.generate, model.talker.generate          # the class methods again
     res = got["thinker"]
-    got["thinker_ids"] = res.sequences[0, len(PROMPT):].tolist()
+    got["thinker_ids"] = res.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     got["embeds"] = [h[0][0] for h in res.hidden_states]          # per forward: [n, E] input embeddings
     got["hidden"] = [h[-1][0] for h in res.hidden_states]         # ... and final hidden states
     got["table"] = model.thinker.get_input_embeddings().weight.detach()
     got["bos"] = model.speaker_map["Chelsie"]["bos_token"]
-    got["path"] = path
     return got
 
 
@@ -135,3 +148,37 @@ def test_talker_batched_equals_alone(ref, talker):
     assert [o["token_ids"] for o in both] == [o["token_ids"] for o in alone]
     assert alone[0]["token_ids"] == ref["codes"]
     assert max(before, talker.stats.max_batch_size) >= 2
+
+
+def test_talker_image_prompt_equal_transformers(hf_model, talker):
+    """A thinker prompt with an image: the talker's M-RoPE positions (the thinker prompt's, from
+    ``mrope_positions``, and two more) and zeroed placeholder embeddings give the reference's codec tokens."""
+    from omni_ray.ar.models.loader import read_hf_config
+    from omni_ray.ar.models.mrope import MRopeSpec, mrope_positions
+    from omni_ray.testing import resolve_model
+    from tests.ar.test_mm_encoders import _image, auto_processor
+
+    path = resolve_model("tiny:qwen2.5-omni")
+    proc = auto_processor(path)
+    parts = [{"type": "image"}, {"type": "text", "text": "Describe it."}]
+    text = proc.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False)
+    inputs = proc(text=[text], images=[_image(64, 90, 1)], return_tensors="pt")
+    ref = _reference(hf_model, thinker_new=4, talker_new=8, **inputs)
+    ids = inputs["input_ids"][0]
+    cfg = read_hf_config(path)
+    positions, delta = mrope_positions(ids, MRopeSpec.from_hf(cfg), inputs["image_grid_thw"])
+    assert delta != 0                                                    # positions that 1-D would get wrong
+    tokens = talker.arch.talker
+    inp = TalkerInput.from_thinker(tokens, ref["table"], ids.tolist(), ref["hidden"][0], ref["bos"],
+                                   media_token_ids=(cfg["thinker_config"]["image_token_index"],),
+                                   positions=positions, rope_delta=delta)
+    for k in range(1, len(ref["hidden"])):
+        inp.add_thinker_token(ref["thinker_ids"][k - 1], ref["hidden"][k][0])
+    inp.finish()
+    kw = ref["talker_kwargs"]
+    torch.testing.assert_close(inp.embeds.prompt, kw["inputs_embeds"][0], rtol=0, atol=0)
+    want, want_delta = hf_model.talker.get_rope_index(kw["input_text_ids"], kw["image_grid_thw"], None,
+                                                      kw["attention_mask"])
+    assert torch.equal(inp.embeds.positions, want[:, 0]) and inp.embeds.rope_delta == int(want_delta)
+    got = talker.generate(inp.prompt(), _greedy(talker, 8), use_tqdm=False)[0]["token_ids"]
+    assert got == ref["codes"]

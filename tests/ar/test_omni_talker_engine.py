@@ -117,3 +117,24 @@ def test_repetition_penalty_equals_transformers(qwen3):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(repetition_penalty=0.0)
     assert e.value.param == "repetition_penalty"
+
+
+def test_preempted_and_aborted_embeds_requests():
+    """Out of KV blocks, a request with step rows is preempted and recomputed (its prompt rows and the
+    step rows of its tokens so far again) to the tokens it gets alone; aborting one that waits for its
+    next row frees its blocks."""
+    llm = make_llm(num_kvcache_blocks=5, max_num_seqs=2, max_model_len=64)
+    table = llm.runner.model.embed_tokens.weight.detach()
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    reqs = [(table[list(range(5 + k, 25 + k))], 3 * table[list(range(40 + k, 70 + k))]) for k in (0, 7)]
+    alone = [llm.generate(InputEmbeds(p, steps=s), params, use_tqdm=False)[0]["token_ids"] for p, s in reqs]
+    both = llm.generate([InputEmbeds(p, steps=s) for p, s in reqs], params, use_tqdm=False)
+    assert llm.scheduler.num_preemptions > 0
+    assert [o["token_ids"] for o in both] == alone
+    stream = InputEmbeds(reqs[0][0], closed=False)
+    seq = llm.add_request({"prompt_embeds": stream}, params, request_id="waiting")
+    for _ in range(3):
+        llm.step()
+    assert seq.block_table and not seq.is_finished
+    assert llm.abort("waiting") and seq.finish_reason == "abort"
+    assert llm.block_manager.num_free_blocks == 5 and llm.is_finished()

@@ -138,3 +138,15 @@ def test_preempted_and_aborted_embeds_requests():
     assert seq.block_table and not seq.is_finished
     assert llm.abort("waiting") and seq.finish_reason == "abort"
     assert llm.block_manager.num_free_blocks == 5 and llm.is_finished()
+
+
+def test_readme_talker_example():
+    """The README's talker example runs as written and gives codec tokens."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if 'submodel="talker"' in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)      # noqa: S102 - the repository's own README
+    assert len(scope["codes"]) == 32 and all(0 <= c < scope["talker"].arch.vocab_size for c in scope["codes"])

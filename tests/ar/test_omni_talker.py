@@ -182,3 +182,16 @@ def test_talker_image_prompt_equal_transformers(hf_model, talker):
     assert torch.equal(inp.embeds.positions, want[:, 0]) and inp.embeds.rope_delta == int(want_delta)
     got = talker.generate(inp.prompt(), _greedy(talker, 8), use_tqdm=False)[0]["token_ids"]
     assert got == ref["codes"]
+
+
+@pytest.mark.gpu
+def test_talker_on_cuda_equals_transformers(ref):
+    """On CUDA (float32; graphs captured, Triton attention over the paged cache, decode rows eager): the
+    reference's codec tokens, alone and batched."""
+    llm = make_llm("tiny:qwen2.5-omni", submodel="talker", device="cuda", dtype="float32", enforce_eager=False)
+    tokens = llm.arch.talker
+    outs = llm.generate([_talker_input(ref, tokens).prompt(), _talker_input(ref, tokens, 4).prompt()],
+                        [_greedy(llm), _greedy(llm, TALKER_NEW - 3)], use_tqdm=False)
+    assert outs[0]["token_ids"] == ref["codes"]
+    alone = llm.generate(_talker_input(ref, tokens, 4).prompt(), _greedy(llm, TALKER_NEW - 3), use_tqdm=False)
+    assert outs[1]["token_ids"] == alone[0]["token_ids"]

@@ -84,6 +84,10 @@ def test_talker_rejects_thinker_width():
     out = talker.generate({"prompt_embeds": torch.randn(4, width, generator=torch.Generator().manual_seed(0)),
                            "prompt_token_ids": [63, 63, 62, 60]}, GREEDY, use_tqdm=False)[0]
     assert len(out["token_ids"]) == 6
+    from omni_ray.ar.structured_outputs import StructuredOutputsParams
+    with pytest.raises(InvalidRequestError) as e:      # a text constraint over codec tokens
+        talker.add_request([1, 2, 3], SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True)))
+    assert e.value.param == "structured_outputs"
     logits = talker.runner.model.compute_logits(torch.randn(3, talker.arch.hidden_size))
     assert torch.isneginf(logits[:, talker.arch.talker.codec_bos]).all()      # the codec start is never sampled
     assert torch.isfinite(logits[:, :talker.arch.talker.codec_bos]).all()

@@ -115,11 +115,12 @@ class LLMEngine:
         greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=1)
         json_object = StructuredOutputsParams(json_object=True)       # the bitmask kernels compile now too
+        text = self.arch.talker is None                               # the talker samples codec tokens
         constrained = [SamplingParams(temperature=t, max_tokens=4, structured_outputs=json_object) for t in (0.0, 0.8)]
         waves = [[(1, greedy)],
                  [(n, p) for n, p in ((7, greedy), (33, sampled), (min(130, longest), greedy),
                                       (longest, SamplingParams(temperature=0.0, max_tokens=3, logprobs=5)),
-                                      (9, constrained[0]), (11, constrained[1]))],
+                                      *(((9, constrained[0]), (11, constrained[1])) if text else ()))],
                  *([(rng.randint(5, 40), greedy) for _ in range(b)] for b in sorted({
                      min(32, most), most, max(1, most // 2 + 3)}))]
         for i, wave in enumerate(waves):
@@ -228,6 +229,9 @@ class LLMEngine:
         if request_id is not None and request_id in self.seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         grammar = None
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None and self.arch.talker:
+            raise InvalidRequestError("structured outputs constrain text; this model samples speech codec tokens",
+                                      param="structured_outputs")
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             # the constraint's syntax is checked now (InvalidRequestError); it compiles in a thread
             grammar = SequenceGrammar(self.grammar, self.grammar.submit(params.structured_outputs))

@@ -9,7 +9,8 @@ Any AR model can take them (``LLMEngine.add_request({"prompt_embeds": ...}, para
   (decode input k is the token at position L + k). The Qwen2.5-Omni talker gets the thinker's
   projected states of the next text position this way. They may arrive while the request runs
   (``push``): a sequence whose next step has no row yet waits (the scheduler skips it) until
-  ``push`` or ``close``. After ``close``, steps past the pushed ones add ``tail`` (or nothing).
+  ``push`` or ``close`` (which call ``on_input``: the engine's wake-up, ``LLMEngine.input_event``).
+  After ``close``, steps past the pushed ones add ``tail`` (or nothing).
 * ``positions`` [3, L] / ``rope_delta``: M-RoPE positions of the prompt rows, for M-RoPE models
   (decode position of index i >= L: i + rope_delta); None: 1-D positions 0, 1, ...
 
@@ -38,6 +39,7 @@ class InputEmbeds:
         self._lock = threading.Lock()          # push / close may come from another thread than the engine's
         self.tail: torch.Tensor | None = None
         self.closed = False
+        self.on_input = None                   # the engine's wake-up: called after each push / close
         if positions is not None and tuple(positions.shape) != (3, prompt.shape[0]):
             raise InvalidRequestError(f"positions must be [3, {prompt.shape[0]}], got {list(positions.shape)}",
                                       param="positions")
@@ -69,11 +71,15 @@ class InputEmbeds:
         new = [r for p in parts for r in self._row(p, "step_embeds")]
         with self._lock:
             self._steps.extend(new)
+        if self.on_input is not None:
+            self.on_input()
 
     def close(self, tail: torch.Tensor | None = None) -> None:
         """No more step rows; steps past them add ``tail`` [E] (None: nothing)."""
         self.tail = self._row(tail, "tail")[0] if tail is not None else None
         self.closed = True
+        if self.on_input is not None:
+            self.on_input()
 
     def ready(self, step: int) -> bool:
         """Decode step ``step`` (0 = the first decode) has its row, or never gets one."""

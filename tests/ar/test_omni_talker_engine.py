@@ -154,3 +154,42 @@ def test_readme_talker_example():
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)      # noqa: S102 - the repository's own README
     assert len(scope["codes"]) == 32 and all(0 <= c < scope["talker"].arch.vocab_size for c in scope["codes"])
+
+
+def test_fed_from_another_thread(qwen3):
+    """generate() over a request whose rows another thread feeds: the engine reports that it waits for
+    input (and sleeps on ``input_event`` instead of stepping), each push wakes it, and the tokens equal
+    those of the same rows given up front."""
+    import threading
+
+    ids = qwen3.tokenize("A lighthouse")
+    table = qwen3.runner.model.embed_tokens.weight.detach()
+    rows = 3 * table[[7, 8, 9, 10, 11]]                 # max_tokens 6: the first token, then 5 fed steps
+    want = qwen3.generate(InputEmbeds(table[ids], steps=rows), GREEDY, use_tqdm=False)[0]["token_ids"]
+    stream = InputEmbeds(table[ids], closed=False)
+    waited = []
+    wait = qwen3.input_event.wait
+
+    def feeder():
+        for k in range(rows.shape[0]):
+            if not fed.wait(timeout=60):                # the engine is idle, waiting for row k (else: fail, not hang)
+                stream.close()
+                return
+            fed.clear()
+            waited.append(qwen3.waits_for_input())
+            stream.push(rows[k])
+
+    def spy(timeout=None):                              # the engine's idle wait: let the feeder go on
+        fed.set()
+        return wait(timeout)
+
+    fed = threading.Event()
+    qwen3.input_event.wait = spy
+    try:
+        thread = threading.Thread(target=feeder, daemon=True)
+        thread.start()
+        got = qwen3.generate({"prompt_embeds": stream}, GREEDY, use_tqdm=False)[0]["token_ids"]
+        thread.join(timeout=60)
+    finally:
+        del qwen3.input_event.wait
+    assert got == want and len(waited) == rows.shape[0] and all(waited)

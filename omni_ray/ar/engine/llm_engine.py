@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
@@ -93,6 +94,7 @@ class LLMEngine:
         # structured outputs: grammars compiled in threads against the model's vocabulary (omni_ray.ar.grammar)
         self.grammar = GrammarCompiler(self.tokenizer, self.arch.vocab_size, sorted(self.eos_ids),
                                        cfg.structured_outputs)
+        self.input_event = threading.Event()    # set when streamed input rows arrive (InputEmbeds.on_input)
         self._reset()
         # profiling: one JSON line per step (wall-clock start, duration, batch, requests added since)
         self.step_log = open(cfg.step_log, "a", buffering=1) if cfg.step_log else None  # noqa: SIM115
@@ -295,6 +297,8 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
+        if seq.input_embeds is not None and not seq.input_embeds.closed:
+            seq.input_embeds.on_input = self.input_event.set        # streamed rows wake an idle loop
         if seq.grammar is not None:
             self.compiling.append(seq)              # scheduled once its grammar is compiled (_admit_compiled)
         else:
@@ -312,6 +316,13 @@ class LLMEngine:
             seq.grammar.free()
         self.seqs.pop(request_id, None)
         return seq is not None
+
+    def waits_for_input(self) -> bool:
+        """Work is left, but only sequences waiting for their next input row (streamed ``InputEmbeds``):
+        stepping is useless until a ``push`` / ``close`` sets ``input_event``."""
+        sch = self.scheduler
+        return (bool(sch.running) and not sch.waiting and not self.compiling and self._inflight is None
+                and all(s.waits_for_input for s in sch.running))
 
     def is_finished(self) -> bool:
         return self._inflight is None and not self.scheduler.has_work() and not self.compiling
@@ -661,6 +672,9 @@ class LLMEngine:
         usable."""
         try:
             while not all(s.is_finished for s in seqs):
+                if self.waits_for_input():              # another thread feeds the rows: sleep until it does
+                    self.input_event.wait(0.1)
+                    self.input_event.clear()
                 t0 = time.perf_counter()
                 p0, d0 = self.stats.prefill_tokens, self.stats.decode_tokens
                 changed = self.step_seqs()

@@ -38,6 +38,9 @@ class ModelConfig(Strict):
         "accepted for vLLM-style kwargs, must stay false: omni-ray never runs code shipped with a checkpoint "
         "(its model code is its own; tokenizers load without remote code)"))
     allow_pickle: bool = Field(False, description="allow pickle-based weight files (.bin/.pt)")
+    submodel: Literal["talker"] | None = Field(None, description=(
+        "which model of a multi-model checkpoint an AR engine runs: talker = the Qwen2.5-Omni talker "
+        "(thinker states -> speech codec tokens); default: the language model (the Omni thinker)"))
 
     @field_validator("trust_remote_code")
     @classmethod
@@ -194,6 +197,7 @@ class AREngineConfig(Strict):
             "tensor_parallel_size": ("parallel", "tensor_parallel_size"),
             "dtype": ("model", "dtype"),
             "trust_remote_code": ("model", "trust_remote_code"),
+            "submodel": ("model", "submodel"),
         }
         tree: dict[str, Any] = {"model": model.model_dump() if isinstance(model, ModelConfig) else {"path": str(model)}}
         for k, v in kw.items():

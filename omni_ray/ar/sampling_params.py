@@ -24,6 +24,8 @@ SAMPLING_RULES: dict[str, Rule] = {
     "top_p": Rule("number", gt=0.0, le=1.0, optional=False),
     "top_k": Rule("integer", ge=-1, optional=False, note="(-1 or 0: off)"),
     "min_p": Rule("number", ge=0.0, le=1.0, optional=False),
+    "repetition_penalty": Rule("number", gt=0.0, le=10.0, optional=False,
+                               note="(1: off; > 1 discourages the prompt's and output's tokens)"),
     "max_tokens": Rule("integer", ge=0, note="(0: the prompt only; None: up to the context length)"),
     "seed": Rule("integer", ge=0, lt=2**63),
     "logprobs": Rule("integer", ge=0, le=MAX_LOGPROBS, note="(alternatives besides the chosen token; None: off)"),
@@ -43,6 +45,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1                   # -1 / 0 = off
     min_p: float = 0.0
+    repetition_penalty: float = 1.0   # vLLM / transformers: seen tokens' logits / p (> 0) or * p (< 0); eager steps
     max_tokens: int | None = 16       # None: fill the context (``resolve_max_tokens``)
     ignore_eos: bool = False
     stop: list[str] | None = None

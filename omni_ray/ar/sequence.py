@@ -21,7 +21,7 @@ _counter = itertools.count()
 
 class Sequence:
     def __init__(self, token_ids: list[int], params: SamplingParams | EncodeParams,
-                 request_id: str | None = None, block_size: int = 256, mm=None):
+                 request_id: str | None = None, block_size: int = 256, mm=None, input_embeds=None):
         self.seq_id = next(_counter)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.status = SeqStatus.WAITING
@@ -30,6 +30,7 @@ class Sequence:
         self.params = params
         self.block_size = block_size
         self.mm = mm                       # MultiModalInputs (media items, M-RoPE positions) or None
+        self.input_embeds = input_embeds   # InputEmbeds (omni_ray/ar/input_embeds.py): rows in, not token ids
         self.block_table: list[int] = []
         self.num_computed_tokens = 0       # tokens whose K/V are in the cache
         self.num_cached_tokens = 0         # of which came from the prefix cache (last admission)
@@ -64,6 +65,8 @@ class Sequence:
         """Leading prompt tokens that may come from the prefix cache. The cache holds K/V only, not
         hidden states or logits: an encode request computes every position whose hidden state it
         returns (all after ``drop_tokens``), a request for prompt log-probabilities its whole prompt."""
+        if self.input_embeds is not None:
+            return 0
         if self.is_encode:
             return self.params.drop_tokens
         return 0 if getattr(self.params, "prompt_logprobs", None) is not None else len(self.token_ids)
@@ -101,6 +104,8 @@ class Sequence:
         hashes of the media whose placeholder tokens it holds (equal placeholders, other image:
         other KV)."""
         tokens = tuple(self.block_tokens(i))
+        if self.input_embeds is not None:          # K/V of its own rows: never shared
+            return (tokens, ("embeds", self.seq_id))
         if self.mm is None:
             return tokens
         lo, hi = i * self.block_size, (i + 1) * self.block_size
@@ -110,12 +115,26 @@ class Sequence:
     @property
     def rope_delta(self) -> int:
         """Rope position minus token index after an M-RoPE prompt (0 for text)."""
+        if self.input_embeds is not None and self.input_embeds.positions is not None:
+            return self.input_embeds.rope_delta
         return self.mm.rope_delta if self.mm is not None else 0
+
+    @property
+    def has_mrope_positions(self) -> bool:
+        """Its prompt has M-RoPE positions of its own (media, or input embeddings that came with them)."""
+        return self.mm is not None or (self.input_embeds is not None and self.input_embeds.positions is not None)
+
+    @property
+    def waits_for_input(self) -> bool:
+        """Its next decode step's input row has not arrived yet (streamed input embeddings)."""
+        e = self.input_embeds
+        return (e is not None and not self.in_prefill and self.num_computed_tokens >= len(e)
+                and not e.ready(self.num_computed_tokens - len(e)))
 
     def positions(self, start: int, n: int):
         """M-RoPE positions [3, n] (int64) of tokens start..start+n: the prompt's own, then index + delta."""
-        import torch
-
+        if self.mm is None:
+            return self.input_embeds.position_rows(start, n)
         pos = self.mm.positions
         T = pos.shape[1]
         head = pos[:, start:min(start + n, T)]

@@ -142,6 +142,7 @@ class ThreadCore:
         self._adds: list[tuple] = []
         self._aborts: list[str] = []
         self._work = threading.Event()
+        self.engine.input_event = self._work          # streamed input rows wake the loop as requests do
         self._stop = False
         self._thread: threading.Thread | None = None
         self._target = None                           # (loop, deliver, fail) once started
@@ -238,7 +239,7 @@ class ThreadCore:
                     items += self._core.step()
                 if items:
                     self._call(1, items)
-                if not busy:
+                if not busy or self.engine.waits_for_input():     # idle until a request, abort or input row
                     self._work.wait()
                     self._work.clear()
         except BaseException as err:  # the engine is broken: fail everyone, report unhealthy
@@ -406,7 +407,7 @@ def _serve_child(fd: int) -> None:
     try:
         while True:
             adds, aborts = [], []
-            wait = None if engine.is_finished() else 0     # idle: block until a message comes
+            wait = None if engine.is_finished() or engine.waits_for_input() else 0   # idle: block until a message
             while conn.poll(wait):
                 msg = pickle.loads(conn.recv_bytes())
                 for m in (msg[1] if msg[0] == "batch" else [msg]):

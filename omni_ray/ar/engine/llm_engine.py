@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
@@ -30,6 +31,7 @@ from omni_ray.ar.engine.detokenizer import find_stop, update_text
 from omni_ray.ar.engine.scheduler import Scheduler
 from omni_ray.ar.executor import make_executor
 from omni_ray.ar.grammar import GrammarCompiler, SequenceGrammar
+from omni_ray.ar.input_embeds import InputEmbeds
 from omni_ray.ar.models import ArchConfig
 from omni_ray.ar.models.checkpoint import checkpoint_layout
 from omni_ray.ar.models.loader import read_hf_config
@@ -38,6 +40,7 @@ from omni_ray.ar.multimodal.prompts import chat_inputs, data_inputs, has_media
 from omni_ray.ar.sampling_params import EncodeParams, SamplingParams
 from omni_ray.ar.sequence import SeqStatus, Sequence
 from omni_ray.ar.structured_outputs import StructuredOutputsParams
+from omni_ray.ar.worker.model_runner import needs_eager
 from omni_ray.config import AREngineConfig, MediaConfig, ModelConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
 from omni_ray.profiling import GcPauses
@@ -76,7 +79,7 @@ class LLMEngine:
         cfg = model if isinstance(model, AREngineConfig) else AREngineConfig.from_kwargs(model, **kwargs)
         self.layout = checkpoint_layout(cfg.model.path)     # which folders hold weights / tokenizer / processor
         self.model_path = self.layout.weights
-        self.arch = ArchConfig.from_hf(read_hf_config(self.model_path))
+        self.arch = ArchConfig.from_hf(read_hf_config(self.model_path), cfg.model.submodel)
         self.config = cfg = fit_max_model_len(cfg, self.arch)
         self.tokenizer = self.layout.load_tokenizer()
         self.mm_processor = MultiModalProcessor.from_pretrained(self.layout, self.tokenizer)  # None: text only
@@ -86,11 +89,12 @@ class LLMEngine:
             self.config = cfg = cfg.model_copy(update={"media_towers": False})
         self.runner = self._make_runner()
         self.eos_ids = set(self.arch.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer.eos_token_id is not None and self.arch.talker is None:   # the talker's are codec ids
             self.eos_ids.add(self.tokenizer.eos_token_id)
         # structured outputs: grammars compiled in threads against the model's vocabulary (omni_ray.ar.grammar)
         self.grammar = GrammarCompiler(self.tokenizer, self.arch.vocab_size, sorted(self.eos_ids),
                                        cfg.structured_outputs)
+        self.input_event = threading.Event()    # set when streamed input rows arrive (InputEmbeds.on_input)
         self._reset()
         # profiling: one JSON line per step (wall-clock start, duration, batch, requests added since)
         self.step_log = open(cfg.step_log, "a", buffering=1) if cfg.step_log else None  # noqa: SIM115
@@ -113,11 +117,12 @@ class LLMEngine:
         greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=1)
         json_object = StructuredOutputsParams(json_object=True)       # the bitmask kernels compile now too
+        text = self.arch.talker is None                               # the talker samples codec tokens
         constrained = [SamplingParams(temperature=t, max_tokens=4, structured_outputs=json_object) for t in (0.0, 0.8)]
         waves = [[(1, greedy)],
                  [(n, p) for n, p in ((7, greedy), (33, sampled), (min(130, longest), greedy),
                                       (longest, SamplingParams(temperature=0.0, max_tokens=3, logprobs=5)),
-                                      (9, constrained[0]), (11, constrained[1]))],
+                                      *(((9, constrained[0]), (11, constrained[1])) if text else ()))],
                  *([(rng.randint(5, 40), greedy) for _ in range(b)] for b in sorted({
                      min(32, most), most, max(1, most // 2 + 3)}))]
         for i, wave in enumerate(waves):
@@ -186,7 +191,8 @@ class LLMEngine:
                       request_id: str | None = None) -> Sequence:
         """Validate and build a Sequence (raises InvalidRequestError, touches no engine state). ``prompt``:
         text, token ids, a ``MultiModalInputs`` or a vLLM prompt dict (``process``)."""
-        prompt = self.process(prompt)
+        embeds = self._input_embeds(prompt)
+        prompt = embeds[0] if embeds is not None else self.process(prompt)
         mm = prompt if isinstance(prompt, MultiModalInputs) else None
         if mm is not None:
             if getattr(self.runner, "encoders", None) is None:
@@ -225,14 +231,48 @@ class LLMEngine:
         if request_id is not None and request_id in self.seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         grammar = None
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None and self.arch.talker:
+            raise InvalidRequestError("structured outputs constrain text; this model samples speech codec tokens",
+                                      param="structured_outputs")
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             # the constraint's syntax is checked now (InvalidRequestError); it compiles in a thread
             grammar = SequenceGrammar(self.grammar, self.grammar.submit(params.structured_outputs))
-        seq = Sequence(ids, params, request_id, self.config.cache.block_size, mm=mm)
+        seq = Sequence(ids, params, request_id, self.config.cache.block_size, mm=mm,
+                       input_embeds=embeds[1] if embeds is not None else None)
         seq.grammar = grammar
         if isinstance(params, SamplingParams) and params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         return seq
+
+    def _input_embeds(self, prompt) -> tuple[list[int], InputEmbeds] | None:
+        """A prompt given as embeddings (``omni_ray/ar/input_embeds.py``): an ``InputEmbeds``, or vLLM's
+        ``{"prompt_embeds": [L, E]}`` (a tensor or an ``InputEmbeds``; optionally with ``"prompt_token_ids"``,
+        one per row, for models that read both) -> (token ids, rows); None for other prompts."""
+        if isinstance(prompt, dict) and "prompt_embeds" in prompt:
+            unknown = sorted(set(prompt) - {"prompt_embeds", "prompt_token_ids"})
+            if unknown:
+                raise InvalidRequestError(f"a prompt with 'prompt_embeds' takes only 'prompt_token_ids' beside it; "
+                                          f"got {unknown}", param="prompt")
+            embeds, ids = prompt["prompt_embeds"], prompt.get("prompt_token_ids")
+            embeds = embeds if isinstance(embeds, InputEmbeds) else InputEmbeds(embeds)
+        elif isinstance(prompt, InputEmbeds):
+            embeds, ids = prompt, None
+        else:
+            return None
+        if self.config.parallel.tensor_parallel_size > 1:
+            raise InvalidRequestError("prompt embeddings are not supported under tensor parallelism yet",
+                                      param="prompt_embeds")
+        width = self.arch.input_size or self.arch.hidden_size
+        if embeds.width != width:
+            raise InvalidRequestError(f"prompt_embeds rows have width {embeds.width}; this model takes {width}",
+                                      param="prompt_embeds")
+        if embeds.positions is not None and self.arch.mrope_section is None:
+            raise InvalidRequestError(f"{self.model_name} has no M-RoPE; positions are not accepted", param="positions")
+        ids = list(ids) if ids is not None else [0] * len(embeds)
+        if len(ids) != len(embeds):
+            raise InvalidRequestError(f"prompt_token_ids has {len(ids)} ids for {len(embeds)} prompt_embeds rows",
+                                      param="prompt_token_ids")
+        return ids, embeds
 
     def _check_embeddings(self, mm: MultiModalInputs) -> None:
         """Media that come with their encoder output need its shape; without towers every item needs one."""
@@ -257,6 +297,8 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
+        if seq.input_embeds is not None and not seq.input_embeds.closed:
+            seq.input_embeds.on_input = self.input_event.set        # streamed rows wake an idle loop
         if seq.grammar is not None:
             self.compiling.append(seq)              # scheduled once its grammar is compiled (_admit_compiled)
         else:
@@ -274,6 +316,13 @@ class LLMEngine:
             seq.grammar.free()
         self.seqs.pop(request_id, None)
         return seq is not None
+
+    def waits_for_input(self) -> bool:
+        """Work is left, but only sequences waiting for their next input row (streamed ``InputEmbeds``):
+        stepping is useless until a ``push`` / ``close`` sets ``input_event``."""
+        sch = self.scheduler
+        return (bool(sch.running) and not sch.waiting and not self.compiling and self._inflight is None
+                and all(s.waits_for_input for s in sch.running))
 
     def is_finished(self) -> bool:
         return self._inflight is None and not self.scheduler.has_work() and not self.compiling
@@ -488,7 +537,7 @@ class LLMEngine:
             return 1
         bs = self.config.cache.block_size
         for seq in batch.seqs:
-            if seq.is_encode:
+            if seq.is_encode or needs_eager(seq):      # each step reads its own input row / its tokens so far
                 return 1
             k = min(k, self.max_model_len - len(seq), len(seq.block_table) * bs - len(seq) + 1)
         return max(k, 1)
@@ -567,7 +616,7 @@ class LLMEngine:
         ``logprobs=k``: ``"logprobs"`` (each token's) and, k > 0, ``"top_logprobs"`` ([{id: logprob}]
         per token, k most likely first); with ``prompt_logprobs=k``: ``"prompt_logprobs"`` (None for
         the first prompt token, then {id: logprob} with the prompt token first, vLLM's shape)."""
-        if isinstance(prompts, (str, dict, MultiModalInputs)) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict, MultiModalInputs, InputEmbeds)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompts):
@@ -623,6 +672,9 @@ class LLMEngine:
         usable."""
         try:
             while not all(s.is_finished for s in seqs):
+                if self.waits_for_input():              # another thread feeds the rows: sleep until it does
+                    self.input_event.wait(0.1)
+                    self.input_event.clear()
                 t0 = time.perf_counter()
                 p0, d0 = self.stats.prefill_tokens, self.stats.decode_tokens
                 changed = self.step_seqs()

@@ -9,6 +9,9 @@ Multimodal prompts: a chunk that reaches media whose encoder output is not cache
 step's encoder budget (``max_num_encoder_tokens``) on it; past the budget the chunk stops right
 before that item (chunked prefill may still split a prompt inside an item already encoded). An item
 that came with its embedding (an encoder stage ran the tower) costs nothing.
+
+A sequence fed streamed input embeddings (``omni_ray/ar/input_embeds.py``) whose next decode row
+has not arrived sits out the step, keeping its blocks.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ step
     def _chunk(self, seq: Sequence, budget: int) -> int:
+        if seq.waits_for_input:                 # streamed input embeddings: its next row is not here yet
+            return 0
         remaining = len(seq) - seq.num_computed_tokens
         n = remaining if remaining <= budget else budget if self.cfg.enable_chunked_prefill else 0
         if seq.mm is None or n <= 1 or not self.cfg.enable_chunked_prefill:     # unchunked: all its media at once

@@ -58,6 +58,20 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[tor
     return torch.cat([ids[:, None].long(), top_ids], 1), torch.cat([chosen, top_lp], 1)
 
 
+def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], token_ids: list[list[int]],
+                             penalties: list[float]) -> None:
+    """In place, transformers' / vLLM's repetition penalty: for each row in ``rows``, the logits of the
+    tokens in its ``token_ids`` (prompt and output so far) divided by its penalty where positive,
+    multiplied where negative."""
+    width = max(len(ids) for ids in token_ids)
+    ids = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for t in token_ids], device=logits.device)
+    r = torch.as_tensor(rows, device=logits.device)
+    p = torch.tensor(penalties, dtype=logits.dtype, device=logits.device)[:, None]
+    score = logits[r].gather(1, ids)
+    score = torch.where(score < 0, score * p, score / p)
+    logits[r] = logits[r].scatter(1, ids, score)
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """logits [B, V] -> (token ids [B], ``token_logprobs`` (ids, logprobs) [B, 1 + k] or None)."""
     logits = logits.float()

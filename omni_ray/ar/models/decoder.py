@@ -80,9 +80,17 @@ class ArchConfig:
     mrope_section: list[int] | None = None          # M-RoPE: head-dim/2 sections taking t, h, w positions
     weight_prefixes: tuple[tuple[str, str], ...] = (("model.", ""),)   # checkpoint prefix -> ours
     ignored_prefixes: tuple[str, ...] = ()          # checkpoint tensors skipped on purpose
+    input_size: int | None = None     # width of the input embeddings when the model projects them (the talker)
+    talker: object | None = None      # the Qwen2.5-Omni talker's special tokens (qwen2_5_omni_talker.TalkerTokens)
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ArchConfig":
+    def from_hf(cls, cfg: dict, submodel: str | None = None) -> "ArchConfig":
+        """The architecture of ``cfg`` (config.json); ``submodel="talker"``: the Qwen2.5-Omni talker's."""
+        if submodel == "talker":
+            from omni_ray.ar.models.qwen2_5_omni_talker import talker_arch
+            return talker_arch(cfg)
+        if submodel is not None:
+            raise ConfigError(f"unknown submodel {submodel!r} (known: talker)")
         mt = cfg.get("model_type")
         if mt not in _TEXT_FAMILIES and mt not in _MM_FAMILIES:
             raise ConfigError(f"unsupported architecture model_type={mt!r} "
@@ -232,16 +240,15 @@ class DecoderForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                 capture_layers: tuple[int, ...] = (), embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                add_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """input_ids [N]; positions [N], or [3, N] (t, h, w) for M-RoPE -> final hidden states
         [N, hidden] (normed), and the residual stream after each layer in ``capture_layers`` (HF
         ``hidden_states`` indexing). ``embeds`` = (rows [M] int64, values [M, hidden]): encoder
-        outputs that replace the token embeddings of those rows (the placeholder tokens)."""
+        outputs or prompt embeddings that replace the token embeddings of those rows (the placeholder
+        tokens); ``add_embeds`` = (rows, values): added to the token embeddings of those rows."""
         positions, cos, sin = self.rope(positions)
-        x, residual = self.embed_tokens(input_ids), None
-        if embeds is not None:
-            rows, values = embeds
-            x = x.index_copy(0, rows, values.to(x.dtype))
+        x, residual = self.embed(input_ids, embeds, add_embeds), None
         captured = {0: x} if 0 in capture_layers else {}
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, cos, sin, meta)
@@ -249,6 +256,17 @@ class DecoderForCausalLM(nn.Module):
                 captured[i + 1] = x + residual
         x, _ = self.norm(x, residual)
         return x, captured
+
+    def embed(self, input_ids: torch.Tensor, embeds=None, add_embeds=None) -> torch.Tensor:
+        """The input rows [N, hidden]: token embeddings, ``embeds`` rows replaced, ``add_embeds`` rows added."""
+        x = self.embed_tokens(input_ids)
+        if embeds is not None:
+            rows, values = embeds
+            x = x.index_copy(0, rows, values.to(x.dtype))
+        if add_embeds is not None:
+            rows, values = add_embeds
+            x = x.index_add(0, rows, values.to(x.dtype))
+        return x
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(positions the attention layers get, cos, sin). 1-D positions: the fused kernel reads the

@@ -22,8 +22,8 @@ from omni_ray.ar.kernels.timing import graph_us
 from omni_ray.ar.layers.attention import AttnMetadata, pick_backend
 from omni_ray.ar.layers.ops import Ops
 from omni_ray.ar.layers.parallel import TP1, TPContext
-from omni_ray.ar.layers.sampler import SamplingTensors, sample, token_logprobs
-from omni_ray.ar.models import ArchConfig, DecoderForCausalLM
+from omni_ray.ar.layers.sampler import SamplingTensors, apply_repetition_penalty, sample, token_logprobs
+from omni_ray.ar.models import ArchConfig, build_model
 from omni_ray.ar.models.loader import ReadStats, load_weights
 from omni_ray.ar.sampling_params import MAX_LOGPROBS
 from omni_ray.ar.sequence import Sequence
@@ -67,6 +67,12 @@ def is_greedy(seqs: list[Sequence]) -> bool:
     return all(s.params.temperature == 0 and s.params.logprobs is None for s in seqs)
 
 
+def needs_eager(seq: Sequence) -> bool:
+    """Steps of this sequence run eagerly, one token a step: its rows come as embeddings, or its
+    logits depend on its tokens so far (repetition penalty), which the graphs' on-device feed cannot apply."""
+    return seq.input_embeds is not None or getattr(seq.params, "repetition_penalty", 1.0) != 1.0
+
+
 def wants_prompt_logprobs(seq: Sequence) -> bool:
     """A sequence still in its prompt whose prompt tokens' log-probabilities were asked for."""
     return getattr(seq.params, "prompt_logprobs", None) is not None and seq.num_computed_tokens < seq.num_prompt_tokens
@@ -87,7 +93,7 @@ class ModelRunner:
         ops = Ops().for_cuda(cfg.elementwise) if self.use_graphs else Ops()
         torch.manual_seed(cfg.seed)
         with torch.device(self.device):
-            model = DecoderForCausalLM(arch, tp, self.backend, ops)
+            model = build_model(arch, tp, self.backend, ops)
         self.model = model.to(self.dtype).eval()
         self.model.rope_cos, self.model.rope_sin = self.model.rope_cos.float(), self.model.rope_sin.float()
         self.load_stats = ReadStats()                 # what this rank read from the checkpoint
@@ -122,7 +128,7 @@ class ModelRunner:
         from omni_ray.ar.models.loader import read_hf_config
         from omni_ray.ar.models.mrope import MRopeSpec
 
-        if self.tp.size > 1 or MRopeSpec.from_hf(read_hf_config(path)) is None:
+        if self.tp.size > 1 or self.arch.talker is not None or MRopeSpec.from_hf(read_hf_config(path)) is None:
             return None
         from omni_ray.ar.multimodal.encoders import MediaEncoders
         return MediaEncoders(path, self.device, self.dtype, self.cfg.scheduler.encoder_cache_tokens,
@@ -278,7 +284,7 @@ class ModelRunner:
         np.cumsum(q_lens, out=cu[1:])
         dev = self.device
         t = lambda x, dt: torch.as_tensor(np.asarray(x), dtype=dt).to(dev, non_blocking=True)  # noqa: E731
-        if any(s.mm is not None for s in batch.seqs):
+        if any(s.has_mrope_positions for s in batch.seqs):
             pos = self._mm_positions(batch, pos, cu)                  # [3, N] rope positions
         meta = AttnMetadata(
             slot_mapping=t(slots, torch.int64), context_lens=t(ctx_lens, torch.int32),
@@ -295,7 +301,7 @@ class ModelRunner:
         layout (``Sequence.positions``), everyone else's 1-D position on all three rows."""
         out = torch.as_tensor(pos, dtype=torch.long).expand(3, -1).clone()
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
-            if seq.mm is not None:
+            if seq.has_mrope_positions:
                 out[:, cu[i]:cu[i + 1]] = seq.positions(seq.num_computed_tokens, n)
         return out
 
@@ -309,6 +315,32 @@ class ModelRunner:
             raise InvalidRequestError("this engine runs no media encoders (multimodal prompts need "
                                       "tensor_parallel_size 1 for now)", param="multi_modal_data")
         return self.encoders.embeds(chunks)
+
+    def _input_embeds(self, batch: ScheduledBatch, cu: np.ndarray, media):
+        """Rows of this step that come as embeddings (``Sequence.input_embeds``): (replacing rows, values)
+        merged with the media rows ``media``, and (added rows, values); each None when there are none."""
+        rep_i, rep_v, add_i, add_v = [], [], [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
+            if seq.input_embeds is None:
+                continue
+            ri, rv, ai, av = seq.input_embeds.rows(seq.num_computed_tokens, n)
+            if rv is not None:
+                rep_i += [int(cu[i]) + j for j in ri]
+                rep_v.append(rv)
+            if av is not None:
+                add_i += [int(cu[i]) + j for j in ai]
+                add_v.append(av)
+        if not rep_i and not add_i:
+            return media, None
+        dev, dt = self.device, self.dtype
+        if rep_i:
+            rows = torch.as_tensor(rep_i, dtype=torch.long).to(dev)
+            vals = torch.cat(rep_v).to(dev, dt)
+            if media is not None:
+                rows, vals = torch.cat([media[0], rows]), torch.cat([media[1].to(dt), vals])
+            media = (rows, vals)
+        add = (torch.as_tensor(add_i, dtype=torch.long).to(dev), torch.cat(add_v).to(dev, dt)) if add_i else None
+        return media, add
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         ps = [s.params for s in seqs]
@@ -329,15 +361,17 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, num_steps: int = 1) -> StepOutput:
         """One step of ``batch`` (``num_steps`` greedy decode steps when the engine asks for them)."""
         n = len(batch.seqs)
-        if batch.num_decodes == n and n <= self.max_graph_bs and not any(s.is_encode for s in batch.seqs):
+        embedded = any(needs_eager(s) for s in batch.seqs)
+        if (batch.num_decodes == n and n <= self.max_graph_bs and not embedded
+                and not any(s.is_encode for s in batch.seqs)):
             return self._run_decode(batch, num_steps)
         assert num_steps == 1, "multi-step runs are for pure decode batches"
         scored = [i for i, s in enumerate(batch.seqs) if wants_prompt_logprobs(s)]   # every prompt row's logits
         if (self.mixed is not None and self.mixed.covers(batch) and not scored
-                and not any(s.is_encode or s.mm is not None for s in batch.seqs)):
+                and not embedded and not any(s.is_encode or s.mm is not None for s in batch.seqs)):
             return self._run_mixed(batch)
         ids, pos, meta, cu = self.prepare(batch)
-        embeds = self._mm_embeds(batch, cu)
+        embeds, add = self._input_embeds(batch, cu, self._mm_embeds(batch, cu))
         encode = [i for i, s in enumerate(batch.seqs) if s.is_encode]
         layers = tuple(sorted({self._layer_index(batch.seqs[i]) for i in encode} - {self.arch.num_layers}))
         # rows that produce a token: sequences whose known tokens are all computed after this step
@@ -346,7 +380,7 @@ class ModelRunner:
         rows = torch.as_tensor(cu[1:][sampled] - 1, device=self.device) if sampled else None
         if self.peers is not None:
             self.peers.forward(ids, pos, meta, rows)
-        hidden, captured, logits = self._forward(ids, pos, meta, layers, rows, embeds)
+        hidden, captured, logits = self._forward(ids, pos, meta, layers, rows, embeds, add)
         out = StepOutput([], None, [batch.seqs[i] for i in sampled], {})
         if sampled:
             self._sample(logits, out)
@@ -370,10 +404,11 @@ class ModelRunner:
         return out
 
     def _forward(self, ids, pos, meta: AttnMetadata, layers: tuple[int, ...], rows: torch.Tensor | None,
-                 embeds=None):
+                 embeds=None, add=None):
         """The eager forward (every tensor-parallel rank runs it): hidden [N, H], captured layers,
-        logits of ``rows`` (None when no row samples). ``embeds``: media encoder rows (rank 0 only)."""
-        hidden, captured = self.model(ids, pos, meta, layers, embeds=embeds)
+        logits of ``rows`` (None when no row samples). ``embeds``: rows replacing token embeddings (media
+        encoder outputs, prompt embeddings), ``add``: rows added to them (rank 0 only)."""
+        hidden, captured = self.model(ids, pos, meta, layers, embeds=embeds, add_embeds=add)
         logits = self.model.compute_logits(hidden[rows]) if rows is not None else None
         return hidden, captured, logits
 
@@ -386,6 +421,9 @@ class ModelRunner:
         return self.grammar_masks
 
     def _sample(self, logits: torch.Tensor, out: StepOutput) -> None:
+        if rows := [i for i, s in enumerate(out.sampled) if s.params.repetition_penalty != 1.0]:
+            apply_repetition_penalty(logits, rows, [out.sampled[i].token_ids for i in rows],
+                                     [out.sampled[i].params.repetition_penalty for i in rows])
         if rows := constrained_rows(out.sampled):      # host fill while the device computes the forward
             self._masks().apply(logits, [out.sampled[i].grammar.matcher for i in rows], rows)
         if is_greedy(out.sampled):

@@ -32,7 +32,7 @@ from omni_ray.ar.engine.scheduler import Scheduler
 from omni_ray.ar.executor import make_executor
 from omni_ray.ar.grammar import GrammarCompiler, SequenceGrammar
 from omni_ray.ar.input_embeds import InputEmbeds
-from omni_ray.ar.models import ArchConfig
+from omni_ray.ar.models import ArchConfig, arch_config
 from omni_ray.ar.models.checkpoint import checkpoint_layout
 from omni_ray.ar.models.loader import read_hf_config
 from omni_ray.ar.multimodal import MultiModalInputs, MultiModalProcessor
@@ -79,7 +79,7 @@ class LLMEngine:
         cfg = model if isinstance(model, AREngineConfig) else AREngineConfig.from_kwargs(model, **kwargs)
         self.layout = checkpoint_layout(cfg.model.path)     # which folders hold weights / tokenizer / processor
         self.model_path = self.layout.weights
-        self.arch = ArchConfig.from_hf(read_hf_config(self.model_path), cfg.model.submodel)
+        self.arch = arch_config(read_hf_config(self.model_path), cfg.model.submodel)
         self.config = cfg = fit_max_model_len(cfg, self.arch)
         self.tokenizer = self.layout.load_tokenizer()
         self.mm_processor = MultiModalProcessor.from_pretrained(self.layout, self.tokenizer)  # None: text only

@@ -10,6 +10,18 @@ from omni_ray.ar.models.decoder import ArchConfig, DecoderForCausalLM
 SUPPORTED = ("qwen3", "qwen2", "llama", "qwen2_5_vl", "qwen2_5_omni", "qwen2_5_omni_thinker", "qwen2_5_omni_talker")
 
 
+def arch_config(cfg: dict, submodel: str | None = None) -> ArchConfig:
+    """The architecture of a checkpoint's config.json; ``submodel="talker"``: the Qwen2.5-Omni talker's."""
+    from omni_ray.errors import ConfigError
+
+    if submodel is None:
+        return ArchConfig.from_hf(cfg)
+    if submodel == "talker":
+        from omni_ray.ar.models.qwen2_5_omni_talker import talker_arch
+        return talker_arch(cfg)
+    raise ConfigError(f"unknown submodel {submodel!r} (known: talker)")
+
+
 def build_model(arch: ArchConfig, tp=None, backend: str = "torch", ops=None) -> DecoderForCausalLM:
     """The module for ``arch``: the talker for ``qwen2_5_omni_talker``, the Llama-family decoder otherwise."""
     from omni_ray.ar.layers.parallel import TP1
@@ -19,4 +31,4 @@ def build_model(arch: ArchConfig, tp=None, backend: str = "torch", ops=None) -> 
     return cls(arch, tp or TP1, backend, ops)
 
 
-__all__ = ["ArchConfig", "DecoderForCausalLM", "SUPPORTED", "build_model"]
+__all__ = ["ArchConfig", "DecoderForCausalLM", "SUPPORTED", "arch_config", "build_model"]

@@ -84,13 +84,8 @@ class ArchConfig:
     talker: object | None = None      # the Qwen2.5-Omni talker's special tokens (qwen2_5_omni_talker.TalkerTokens)
 
     @classmethod
-    def from_hf(cls, cfg: dict, submodel: str | None = None) -> "ArchConfig":
-        """The architecture of ``cfg`` (config.json); ``submodel="talker"``: the Qwen2.5-Omni talker's."""
-        if submodel == "talker":
-            from omni_ray.ar.models.qwen2_5_omni_talker import talker_arch
-            return talker_arch(cfg)
-        if submodel is not None:
-            raise ConfigError(f"unknown submodel {submodel!r} (known: talker)")
+    def from_hf(cls, cfg: dict) -> "ArchConfig":
+        """The architecture of ``cfg`` (config.json); a checkpoint's other submodels: ``models.arch_config``."""
         mt = cfg.get("model_type")
         if mt not in _TEXT_FAMILIES and mt not in _MM_FAMILIES:
             raise ConfigError(f"unsupported architecture model_type={mt!r} "

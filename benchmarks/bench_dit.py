@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, table, write_result  # noqa: E402
+from benchmarks.common import Timer, psnr, table, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 
@@ -75,11 +75,6 @@ def run_engine(engine: DiTEngine, conds: list[dict], size: int, steps: list[int]
     return engine.generate(None, params, prompt_embeds=[c["prompt_embeds"][0] for c in conds],
                            prompt_mask=[c["prompt_attention_mask"][0] for c in conds], use_tqdm=False,
                            output_type="np")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def bench_throughput(engine, pipe, conds, a) -> dict:

@@ -23,11 +23,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, device_name, matmul_peak, table, write_result  # noqa: E402
+from benchmarks.common import Timer, device_name, matmul_peak, psnr, table, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 from omni_ray.testing.tiny_qwen_image import QWEN_IMAGE_SCHEDULER, QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_VAE  # noqa: E402
@@ -80,11 +79,6 @@ def run_pipeline(pipe, pos: torch.Tensor, neg: torch.Tensor | None, size: int, s
     kw = {} if neg is None else {"negative_prompt_embeds": neg[None]}
     return pipe(prompt_embeds=pos[None], height=size, width=size, num_inference_steps=steps, true_cfg_scale=TRUE_CFG,
                 generator=gen, output_type="np", **kw).images[0]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 # ----------------------------------------------------------------------------- FLOPs and peak

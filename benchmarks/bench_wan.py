@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, device_name, matmul_peak, table, write_result  # noqa: E402
+from benchmarks.common import Timer, device_name, matmul_peak, psnr, table, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 from omni_ray.dit.families.wan_attention import time_backends  # noqa: E402
@@ -104,11 +104,6 @@ def run_pipeline(pipe, pos: torch.Tensor, neg: torch.Tensor, frames: int, steps:
     return pipe(prompt_embeds=pos[None], negative_prompt_embeds=neg[None], height=HEIGHT, width=WIDTH,
                 num_frames=frames, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=gen,
                 output_type="np").frames[0]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def tokens(cfg: dict, frames: int) -> int:

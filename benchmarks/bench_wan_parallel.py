@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, table, write_result  # noqa: E402
+from benchmarks.common import Timer, psnr, table, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 
@@ -100,11 +100,6 @@ def measure(engine: DiTEngine, cond: dict, a) -> dict:
         den.append(t.s)
     return {"latency_s": min(lat), "latent_s": min(den), "step_ms": 1e3 * min(den) / a.steps,
             "latency_all_s": lat, "video": np.asarray(video, np.float64) / (255 if video.dtype == np.uint8 else 1)}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def main() -> None:

@@ -50,6 +50,14 @@ def matmul_peak(n: int = 8192, reps: int = 20) -> float:
     return 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3)
 
 
+def psnr(a, b) -> float:
+    """PSNR in dB of two images / videos in [0, 1] (inf when equal)."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -5,6 +5,10 @@ import time
 from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep
 from omni_ray.errors import ConfigError, InvalidRequestError, ModelNotFoundError
 
+# stages that are parts of another stage's model, not models of their own: media encoders (called by their AR
+# stage), a talker and token2wav (speech out of a thinker's pipeline)
+INNER_KINDS = frozenset({"encoder", "talker", "token2wav"})
+
 
 class Catalog:
     def __init__(self, config: OmniConfig):
@@ -38,15 +42,15 @@ class Catalog:
         return self._modalities[key]
 
     def model_cards(self) -> list[dict]:
-        return [self.model_card(k) for k in self.kinds if self.kinds[k] != "encoder"]
+        return [self.model_card(k) for k in self.kinds if self.kinds[k] not in INNER_KINDS]
 
     def model(self, model_id: str) -> dict:
         """The model object whose id (a served name; ids may contain '/') is ``model_id``; 404 otherwise.
-        Encoder stages serve no requests of their own: they are no models here."""
+        Encoder and speech stages serve no requests of their own: they are no models here."""
         for k in self.kinds:
-            if self.names[k] == model_id and self.kinds[k] != "encoder":
+            if self.names[k] == model_id and self.kinds[k] not in INNER_KINDS:
                 return self.model_card(k)
-        served = sorted(n for k, n in self.names.items() if self.kinds[k] != "encoder")
+        served = sorted(n for k, n in self.names.items() if self.kinds[k] not in INNER_KINDS)
         raise ModelNotFoundError(f"The model {model_id!r} does not exist; models: {served}",
                                  param="model", code="model_not_found")
 

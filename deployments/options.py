@@ -7,30 +7,19 @@ bundle per rank; the replica actor itself sits in bundle 0, worker actors take t
 
 from __future__ import annotations
 
-from omni_ray.config import (
-    AREngineConfig,
-    ARStageConfig,
-    DeploymentConfig,
-    DiTStageConfig,
-    EncoderStageConfig,
-    TalkerStageConfig,
-    Token2WavStageConfig,
-)
-
-Stage = ARStageConfig | DiTStageConfig | EncoderStageConfig | TalkerStageConfig | Token2WavStageConfig
-PINNED = (ARStageConfig, TalkerStageConfig, Token2WavStageConfig)   # stages whose later calls follow a stream
+from omni_ray.config import ARStageConfig, DeploymentConfig, DiTStageConfig, EncoderStageConfig
 
 
-def num_ranks(stage: Stage) -> int:
+def num_ranks(stage: ARStageConfig | DiTStageConfig | EncoderStageConfig) -> int:
+    if isinstance(stage, ARStageConfig):
+        return stage.engine.parallel.tensor_parallel_size
     if isinstance(stage, EncoderStageConfig):
         return 1
-    if isinstance(stage.engine, AREngineConfig):        # AR and talker stages
-        return stage.engine.parallel.tensor_parallel_size
     p = stage.engine.parallel
     return (2 if p.cfg_parallel else 1) * p.sequence_parallel_size
 
 
-def placement_strategy(stage: Stage) -> str:
+def placement_strategy(stage: ARStageConfig | DiTStageConfig | EncoderStageConfig) -> str:
     return "STRICT_PACK" if isinstance(stage, EncoderStageConfig) else stage.engine.parallel.placement_strategy
 
 
@@ -69,10 +58,11 @@ def deployment_options(name: str, d: DeploymentConfig, ranks: int = 1, strategy:
     return opts
 
 
-def stage_options(name: str, stage: Stage) -> dict:
+def stage_options(name: str, stage: ARStageConfig | DiTStageConfig | EncoderStageConfig, pinned: bool = False) -> dict:
+    """``pinned``: a speech stage (talker, token2wav), whose ``feed`` calls go to the replica of their stream."""
     opts = deployment_options(name, stage.deployment, num_ranks(stage), placement_strategy(stage),
                               stage.engine.device)
-    if isinstance(stage, PINNED):     # aborts of batched streams, feeds of speech streams: to their replica
+    if pinned or isinstance(stage, ARStageConfig):     # aborts of batched streams, feeds: to their replica
         from deployments.stages.routing import ROUTER
         opts["request_router_config"] = {"request_router_class": ROUTER}
     return opts

@@ -424,32 +424,7 @@ class DiTStageConfig(Strict):
     deployment: DeploymentConfig = DeploymentConfig()
 
 
-class TalkerStageConfig(Strict):
-    """A talker stage (speech out): one Serve deployment whose replicas each run the talker of a Qwen2.5-Omni
-    checkpoint on the AR engine (``model.submodel: talker`` implied), fed the thinker stage's hidden states
-    as they come; its codec tokens go on to a token2wav stage."""
-
-    kind: Literal["talker"] = Field("talker", description="a talker stage: thinker states -> speech codec tokens")
-    engine: AREngineConfig
-    deployment: DeploymentConfig = DeploymentConfig()
-
-    def engine_config(self) -> AREngineConfig:
-        """The engine as this stage runs it: the checkpoint's talker."""
-        return self.engine.model_copy(update={"model": self.engine.model.model_copy(update={"submodel": "talker"})})
-
-
-class Token2WavStageConfig(Strict):
-    """A token2wav stage (speech out): one Serve deployment whose replicas each run a Qwen2.5-Omni checkpoint's
-    token2wav (flow-matching DiT + BigVGAN vocoder) on the DiT engine, fed codec tokens as the talker makes
-    them and streaming waveform chunks."""
-
-    kind: Literal["token2wav"] = Field("token2wav", description="a token2wav stage: codec tokens -> waveform")
-    engine: DiTEngineConfig
-    deployment: DeploymentConfig = DeploymentConfig()
-
-
-StageConfig = Annotated[Union[ARStageConfig, DiTStageConfig, EncoderStageConfig, TalkerStageConfig,
-                              Token2WavStageConfig], Field(discriminator="kind")]
+StageConfig = Annotated[Union[ARStageConfig, DiTStageConfig, EncoderStageConfig], Field(discriminator="kind")]
 
 
 class PipelineStep(Strict):

@@ -47,10 +47,9 @@ def test_unknown_keys_and_the_stage_kind():
     assert "stages.llm.engine.max_num_seqs: Extra inputs are not permitted" in error(cfg)
     cfg = bare()
     del cfg["stages"]["llm"]["kind"]
-    kinds = "'ar', 'dit', 'encoder', 'talker', 'token2wav'"
-    assert error(cfg) == f"invalid OmniConfig: stages.llm.kind: required: one of {kinds}"
+    assert error(cfg) == "invalid OmniConfig: stages.llm.kind: required: one of 'ar', 'dit', 'encoder'"
     cfg["stages"]["llm"]["kind"] = "gan"
-    assert error(cfg) == f"invalid OmniConfig: stages.llm.kind: 'gan' is not one of {kinds}"
+    assert error(cfg) == "invalid OmniConfig: stages.llm.kind: 'gan' is not one of 'ar', 'dit', 'encoder'"
 
 
 def test_model_checks_name_their_own_path_without_pydantics_prefix():

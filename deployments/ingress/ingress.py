@@ -89,7 +89,7 @@ class Ingress:
         cache = dit_cache({"app": self.config.app.name, "dit_cache": self.config.dit_cache.model_dump()})
         batch = self.config.app.stage_call_batch
         self.stage_health = StageHealth(stages, self.config.app.stage_health)
-        self.backends = remote_backends(stages, self.kinds, self.names, self.stage_health, cache, batch)
+        self.backends = remote_backends(stages, self.catalog, self.stage_health, cache, batch)
         self.limits = self.config.app.limits
         self.admission = Admission(self.config)
         self.requests = Lifecycle(self.config.app, self.admission, OpenStreams(self.config.app.streaming))

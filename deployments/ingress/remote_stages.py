@@ -82,6 +82,11 @@ class RemoteAR:
             return self.health.stream(self.stage, lambda: self.batcher.stream(req))
         return self.health.stream(self.stage, lambda: stream(self.streaming.generate.remote(req)))
 
+    async def thinker_prompt(self, req: ARRequest) -> tuple[list[int], Any, int]:
+        """(prompt token ids, M-RoPE positions [3, L] or None, rope delta) of a thinker request as the stage
+        processes it (a speech request's talker prompt; omni_ray/runner_speech.py)."""
+        return await self.health.unary(self.stage, lambda: unary(self.unary.thinker_prompt.remote(req)))
+
     async def complete(self, req: ARRequest) -> dict:
         if self.batcher is not None:
             return await self.health.unary(self.stage, lambda: self.batcher.complete(req))
@@ -192,7 +197,19 @@ class _Fed:
 
 
 class RemoteTalker(_Fed):
-    """The talker stage: ``generate(TalkerRequest)`` -> codec deltas; ``feed(request_id, ThinkerRows)``."""
+    """The talker stage: ``generate(TalkerRequest)`` -> codec deltas; ``feed(request_id, ThinkerRows)``;
+    ``voices`` (the checkpoint's spk_dict.pt, read once here: the runner checks a request's voice before any
+    stage runs)."""
+
+    def __init__(self, handle: DeploymentHandle, stage: str, health: StageHealth | None = None,
+                 path: str | None = None):
+        super().__init__(handle, stage, health)
+        self.path = path
+
+    @property
+    def voices(self) -> list[str]:
+        from omni_ray.stages.voices import speech_voices
+        return speech_voices(self.path)
 
     def generate(self, req: TalkerRequest) -> AsyncIterator[dict]:
         return super().generate(req)
@@ -211,17 +228,18 @@ class RemoteToken2Wav(_Fed):
         await super().feed(request_id, list(codes), finished)
 
 
-def remote_backends(handles: dict[str, DeploymentHandle], kinds: dict[str, str], names: dict[str, str],
-                    health: StageHealth, cache=None, batch: int = 1) -> dict:
+def remote_backends(handles: dict[str, DeploymentHandle], catalog, health: StageHealth, cache=None,
+                    batch: int = 1) -> dict:
     """The runner's backend of each stage the ingress calls (encoder stages: called by AR replicas only)."""
     out: dict = {}
     for k, h in handles.items():
-        if kinds[k] == "ar":
-            out[k] = RemoteAR(h, cache, names[k], batch, k, health)
-        elif kinds[k] == "dit":
-            out[k] = RemoteDiT(h, k, health)
-        elif kinds[k] == "talker":
-            out[k] = RemoteTalker(h, k, health)
-        elif kinds[k] == "token2wav":
+        speech, kind = catalog.speech.get(k), catalog.kinds[k]
+        if speech == "talker":
+            out[k] = RemoteTalker(h, k, health, catalog.config.stages[k].engine.model.path)
+        elif speech == "token2wav":
             out[k] = RemoteToken2Wav(h, k, health)
+        elif kind == "ar":
+            out[k] = RemoteAR(h, cache, catalog.names[k], batch, k, health)
+        elif kind == "dit":
+            out[k] = RemoteDiT(h, k, health)
     return out

@@ -141,6 +141,19 @@ class ARDeployment(StageReplica):
                 d["replica_s"] = time.perf_counter() - t0
             yield d
 
+    async def thinker_prompt(self, req: ARRequest) -> tuple[list[int], Any, int] | OmniError:
+        """(prompt token ids, M-RoPE positions [3, L] or None, rope delta) of ``req`` as the engine processes
+        it: what a speech request's talker prompt needs beside the thinker's streamed hidden states."""
+        return await error_as_value(self._thinker_prompt(req))
+
+    async def _thinker_prompt(self, req: ARRequest) -> tuple[list[int], Any, int]:
+        from omni_ray.ar.multimodal import MultiModalInputs
+
+        prompt = await self.engine.prompt(await resolve_images(req))
+        if isinstance(prompt, MultiModalInputs):
+            return list(prompt.token_ids), prompt.positions, prompt.rope_delta
+        return list(prompt), None, 0
+
     async def encode(self, req: ARRequest) -> Handoff | OmniError:
         return await error_as_value(self._encode(req))
 

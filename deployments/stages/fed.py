@@ -16,6 +16,20 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from deployments.stages.replica import errors_as_values
+from omni_ray.config import ARStageConfig, DiTStageConfig, OmniConfig
+
+
+def fed_stages(cfg: OmniConfig) -> dict[str, str]:
+    """The speech stages of ``cfg`` (pipelines expanded): stage key -> ``talker`` (an AR stage running
+    ``model.submodel: talker``) or ``token2wav`` (a DiT stage that a pipeline step feeds codec_tokens). They
+    deploy as their own shims and are parts of their thinker's model, not models of their own."""
+    out = {k: "talker" for k, s in cfg.stages.items()
+           if isinstance(s, ARStageConfig) and s.engine.model.submodel == "talker"}
+    for p in cfg.pipelines.values():
+        for step in p.steps:
+            if step.input == "codec_tokens" and isinstance(cfg.stages[step.stage], DiTStageConfig):
+                out[step.stage] = "token2wav"
+    return out
 
 
 async def fed_stream(replica: str, request_id: str, engine, items: AsyncIterator[dict]) -> AsyncIterator:

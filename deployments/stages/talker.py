@@ -21,10 +21,9 @@ from typing import AsyncIterator
 from ray import serve
 
 from deployments.services import CapacityReporter, replica_id
-from deployments.stages.dit import fetch_hidden
 from deployments.stages.fed import fed_stream
 from deployments.stages.replica import StageReplica, error_as_value
-from omni_ray.config import LimitsConfig, TalkerStageConfig, validate
+from omni_ray.config import ARStageConfig, LimitsConfig, validate
 from omni_ray.errors import OmniError
 from omni_ray.stages.requests import Handoff, TalkerRequest, ThinkerRows
 from omni_ray.stages.talker import TalkerStageEngine
@@ -33,17 +32,19 @@ log = logging.getLogger("ray.serve")
 
 
 async def by_value(h: Handoff | None) -> Handoff | None:
-    """A Handoff whose ObjectRef is resolved into its tensor (one by value, or None, as it is)."""
+    """A Handoff with its rows resolved here from the object store (``Handoff.resolve``); one by value, or
+    None, as it is."""
     if h is None or h.ref is None:
         return h
-    return dataclasses.replace(h, ref=None, tensor=await fetch_hidden(h))
+    t = await h.resolve()
+    return Handoff(shape=list(t.shape), tensor=t, dtype=h.dtype)
 
 
 @serve.deployment
 class TalkerDeployment(StageReplica):
     def __init__(self, stage: str, config: dict, limits: dict | None = None, services: dict | None = None):
         self.stage, self.replica = stage, replica_id()
-        self.config: TalkerStageConfig = validate(TalkerStageConfig, config)
+        self.config: ARStageConfig = validate(ARStageConfig, config)       # model.submodel: talker
         self.engine = TalkerStageEngine(self.config.engine_config(), validate(LimitsConfig, limits or {}))
         self.engine.start()
         capacity = min(self.config.deployment.max_ongoing_requests, self.config.engine.scheduler.max_num_seqs)

@@ -21,7 +21,7 @@ from ray import serve
 from deployments.services import CapacityReporter, replica_id
 from deployments.stages.fed import fed_stream
 from deployments.stages.replica import StageReplica, error_as_value
-from omni_ray.config import Token2WavStageConfig, validate
+from omni_ray.config import DiTStageConfig, validate
 from omni_ray.errors import OmniError
 from omni_ray.stages.requests import SpeechRequest
 from omni_ray.stages.token2wav import Token2WavStageEngine
@@ -33,7 +33,7 @@ log = logging.getLogger("ray.serve")
 class Token2WavDeployment(StageReplica):
     def __init__(self, stage: str, config: dict, services: dict | None = None):
         self.stage, self.replica = stage, replica_id()
-        self.config: Token2WavStageConfig = validate(Token2WavStageConfig, config)
+        self.config: DiTStageConfig = validate(DiTStageConfig, config)      # a Qwen2.5-Omni checkpoint
         self.engine = Token2WavStageEngine(self.config.engine)
         self.engine.start()
         capacity = min(self.config.deployment.max_ongoing_requests, self.config.engine.max_batch_size)

@@ -18,6 +18,7 @@ stage that takes it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -39,6 +40,7 @@ class Handoff:
     shape: list[int]
     ref: Any = None
     tensor: Any = None
+    span: tuple[int, int] | None = None   # by reference: rows [start, stop) of what ``ref`` holds (``rows``)
     dtype: str | None = None
     object_id: str | None = None
     source: dict | None = None            # what they are a function of (model, input digest): cache keys
@@ -49,6 +51,38 @@ class Handoff:
         out = {"shape": list(self.shape), "dtype": self.dtype, "object_id": self.object_id,
                "source": self.source, "cache": self.cache}
         return {k: v for k, v in out.items() if v is not None}
+
+    def rows(self, start: int, stop: int | None = None) -> "Handoff":
+        """Rows [start, stop) of these hidden states, without resolving them (a runner splitting a thinker's
+        streamed rows between the talker's prompt and its feeds): by value a slice of the tensor, by
+        reference the same references and the ``span``, cut where they are resolved (``resolve``)."""
+        n = self.shape[0]
+        stop = n if stop is None else stop
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"rows [{start}, {stop}) of a hand-off of {n} rows")
+        shape = [stop - start, *self.shape[1:]]
+        if self.ref is None:
+            return Handoff(shape, tensor=None if self.tensor is None else self.tensor[start:stop], dtype=self.dtype)
+        base = self.span[0] if self.span else 0
+        return Handoff(shape, ref=self.ref, span=(base + start, base + stop), dtype=self.dtype)
+
+    async def resolve(self):
+        """The rows as a CPU tensor: by value, or fetched from the object store (by the consuming replica: the
+        only place they are resolved), several references concatenated in order, cut to ``span``."""
+        import warnings
+
+        import torch
+
+        if self.tensor is not None:
+            return torch.as_tensor(self.tensor)
+        if self.ref is None:
+            raise InvalidRequestError("a hand-off carries neither a tensor nor a reference", param="hidden")
+        refs = self.ref if isinstance(self.ref, list) else [self.ref]
+        with warnings.catch_warnings():        # the store's buffers are read-only; consumers copy what they keep
+            warnings.simplefilter("ignore", UserWarning)
+            parts = [torch.as_tensor(x) for x in await asyncio.gather(*refs)]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return t if self.span is None else t[self.span[0]:self.span[1]]
 
 
 @dataclass

@@ -155,8 +155,20 @@ def test_feeds_after_the_end_are_dropped_and_an_early_stop_cancels_the_call():
     assert [c for c in handle.calls if c[0] == "feed"] == []
 
 
-def test_backends_by_stage_kind():
+def test_backends_of_the_speech_stages():
+    from deployments.ingress.catalog import Catalog
+    from omni_ray.config import OmniConfig, validate
+    from omni_ray.graphs import expand_pipelines
+    from tests.serve.conftest import app_config
+
+    catalog = Catalog(expand_pipelines(validate(OmniConfig, app_config())))
+    assert catalog.speech == {"omni-talker": "talker", "omni-token2wav": "token2wav"}
+    keys = ["omni", "omni-talker", "omni-token2wav"]
     h = Handle([Replica("r0")])
-    kinds = {"t": "talker", "w": "token2wav", "e": "encoder"}
-    out = remote_backends({k: h for k in kinds}, kinds, {k: k for k in kinds}, StageHealth({k: h for k in kinds}))
-    assert isinstance(out["t"], RemoteTalker) and isinstance(out["w"], RemoteToken2Wav) and "e" not in out
+    out = remote_backends({k: h for k in keys}, catalog, StageHealth({k: h for k in keys}))
+    assert isinstance(out["omni-talker"], RemoteTalker) and isinstance(out["omni-token2wav"], RemoteToken2Wav)
+    assert type(out["omni"]).__name__ == "RemoteAR"
+    assert out["omni-talker"].voices and out["omni-talker"].voices == sorted(out["omni-talker"].voices)
+    # parts of the omni model, not models of their own
+    ids = [m["id"] for m in catalog.model_cards()]
+    assert "tiny-qwen2.5-omni" in ids and not any(i.endswith(("-talker", "-token2wav")) for i in ids)

@@ -35,7 +35,9 @@ from omni_ray.rules import check_prompt
 @dataclass
 class Handoff:
     """Hidden states passed from one stage to the next: ``ref`` (an ObjectRef, online: resolved
-    only by the consuming replica) or ``tensor`` (offline, [T, H])."""
+    only by the consuming replica) or ``tensor`` (offline, [T, H]). A stream's rows (an AR delta's
+    ``hidden_states``) come as one Handoff per delta; deltas merged on the way hold them ``join``ed:
+    ``ref`` a list of ObjectRefs (``refs``: their rows in order), or one tensor."""
 
     shape: list[int]
     ref: Any = None
@@ -45,6 +47,24 @@ class Handoff:
     object_id: str | None = None
     source: dict | None = None            # what they are a function of (model, input digest): cache keys
     cache: str | None = None              # the ingress's DiT cache: "hit" | "miss" | "off"
+
+    @property
+    def refs(self) -> list:
+        """The object-store references of its rows, in row order (none when it holds them by value)."""
+        return [] if self.ref is None else list(self.ref) if isinstance(self.ref, list) else [self.ref]
+
+    @classmethod
+    def join(cls, parts: list["Handoff"]) -> "Handoff":
+        """Consecutive row blocks of one stream as one Handoff: [sum of n, H]; by value the tensors
+        concatenated, by reference ``ref`` the list of the parts' references."""
+        if len(parts) == 1:
+            return parts[0]
+        shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
+        if all(p.tensor is not None for p in parts):
+            import torch
+
+            return cls(shape, tensor=torch.cat([p.tensor for p in parts]), dtype=parts[0].dtype)
+        return cls(shape, ref=[r for p in parts for r in p.refs], dtype=parts[0].dtype)
 
     def public(self) -> dict:
         """Plain data for responses and stage timings (never the ref or the tensor)."""

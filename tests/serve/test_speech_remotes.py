@@ -172,3 +172,29 @@ def test_backends_of_the_speech_stages():
     # parts of the omni model, not models of their own
     ids = [m["id"] for m in catalog.model_cards()]
     assert "tiny-qwen2.5-omni" in ids and not any(i.endswith(("-talker", "-token2wav")) for i in ids)
+
+
+def test_rows_of_a_handoff_by_reference_resolve_where_they_are_consumed():
+    """The runner splits a thinker delta's rows (prompt | fed tokens) without resolving them; the talker
+    replica resolves the references (several, joined in order) and cuts the span."""
+    import torch
+
+    from omni_ray.stages.requests import Handoff
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        a, b = torch.arange(12.0).reshape(4, 3), torch.arange(12.0, 21.0).reshape(3, 3)
+        refs = [loop.create_future(), loop.create_future()]          # stand-ins of ObjectRefs: awaitables
+        h = Handoff.join([Handoff([4, 3], ref=refs[0]), Handoff([3, 3], ref=refs[1])])
+        prompt, rest = h.rows(0, 5), h.rows(5)
+        tail = rest.rows(1)
+        assert prompt.tensor is None and prompt.shape == [5, 3] and rest.shape == [2, 3] and tail.span == (6, 7)
+        refs[0].set_result(a.numpy())
+        refs[1].set_result(b.numpy())
+        whole = torch.cat([a, b])
+        got = [await x.resolve() for x in (prompt, rest, tail)]
+        assert torch.equal(got[0], whole[:5]) and torch.equal(got[1], whole[5:]) and torch.equal(got[2], whole[6:])
+        by_value = Handoff([7, 3], tensor=whole).rows(2, 4)
+        assert torch.equal(await by_value.resolve(), whole[2:4]) and by_value.shape == [2, 3]
+
+    asyncio.run(go())

@@ -30,13 +30,18 @@ class Catalog:
     def modalities(self, key: str) -> dict | None:
         """{"input": [...], "output": [...]}: what the stage's checkpoint takes and gives, from its stage
         graph (omni_ray/graphs); a stage that runs an inner role of its graph (Qwen-Image's text encoder)
-        gives that role's hand-off (hidden_states). None when the checkpoint is not readable here."""
+        gives that role's hand-off (hidden_states); Qwen2.5-Omni's thinker the model's text and audio (its talker
+        and token2wav stages speak). None when the checkpoint is not readable here."""
         if key not in self._modalities:
             from omni_ray.graphs.registry import graph_for
             try:
-                g = graph_for(self.config.stages[key].engine.model.path)
-                mine = [n for n in g.nodes if n.engine == self.kinds[key]]
-                out = sorted(g.outputs) if not mine or mine[-1] is g.nodes[-1] else [mine[-1].gives]
+                model = self.config.stages[key].engine.model
+                g = graph_for(model.path)
+                mine = [n for n in g.nodes if n.engine == self.kinds[key]
+                        and n.submodel == getattr(model, "submodel", None)]
+                # the model's own outputs: its last stage's, or a text stage's (a thinker: audio by its talker)
+                whole = not mine or mine[-1] is g.nodes[-1] or mine[-1].gives == "text"
+                out = sorted(g.outputs) if whole else [mine[-1].gives]
                 self._modalities[key] = {"input": sorted(g.inputs), "output": out}
             except ConfigError:
                 self._modalities[key] = None

@@ -172,6 +172,7 @@ def test_backends_of_the_speech_stages():
     # parts of the omni model, not models of their own
     ids = [m["id"] for m in catalog.model_cards()]
     assert "tiny-qwen2.5-omni" in ids and not any(i.endswith(("-talker", "-token2wav")) for i in ids)
+    assert catalog.modalities("omni") == {"input": ["audio", "image", "text"], "output": ["audio", "text"]}
 
 
 def test_rows_of_a_handoff_by_reference_resolve_where_they_are_consumed():

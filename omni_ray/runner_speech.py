@@ -91,6 +91,12 @@ def _rows(x) -> torch.Tensor:
     return torch.as_tensor(x).float()
 
 
+def _as_handoff(x) -> Handoff:
+    """A thinker delta's rows as a Handoff: as it came (online: object-store references, never resolved in
+    the runner; offline: by value), or a tensor wrapped by value."""
+    return x if isinstance(x, Handoff) else _handoff(_rows(x))
+
+
 def _handoff(t: torch.Tensor) -> Handoff:
     return Handoff(shape=list(t.shape), tensor=t, dtype=str(t.dtype).removeprefix("torch."))
 
@@ -146,17 +152,17 @@ async def run_speech(pipeline: PipelineConfig, backends: Mapping[str, Any], kind
                 events.put_nowait(("event", {"type": "text", "step": 0, "stage": names[0], "delta": out["text"]}))
             tokens += out.get("token_ids") or []
             if out.get("hidden_states") is not None:
-                rows = _rows(out["hidden_states"])
+                rows = _as_handoff(out["hidden_states"])      # online: references, split here unresolved
                 if not started:
                     n = out["num_prompt_tokens"]
                     ids, pos, delta = out.get("prompt_token_ids"), out.get("prompt_positions"), out.get("rope_delta")
                     if ids is None:                   # the stream names no prompt ids: the stage's processing
                         ids, pos, delta = await thinker.thinker_prompt(th_req)
-                    spawn(run_talker(TalkerRequest(rids[1], voice, tk_params, list(ids), _handoff(rows[:n]),
+                    spawn(run_talker(TalkerRequest(rids[1], voice, tk_params, list(ids), rows.rows(0, n),
                                                    pos, int(delta or 0))))
-                    started, rows = True, rows[n:]
+                    started, rows = True, rows.rows(n)
                 if rows.shape[0]:
-                    await talker.feed(rids[1], ThinkerRows(tokens[fed:fed + rows.shape[0]], _handoff(rows)))
+                    await talker.feed(rids[1], ThinkerRows(tokens[fed:fed + rows.shape[0]], rows))
                     fed += rows.shape[0]
             last = out
         if last is None:

@@ -11,6 +11,7 @@ bounds of that test (max |diff| < 2e-3, relative rms < 1e-3; an utterance of one
 """
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -136,7 +137,7 @@ def test_speech_equals_transformers(omni, reference):
     assert _last_codes(omni) == [codes] and len(codes) == TALKER_NEW
     assert out.sample_rate == 24000 and out.voice == "Chelsie"
     assert [s["stage"] for s in out.stages] == ["thinker", "talker", "token2wav"]
-    assert out.stages[2]["num_chunks"] == 2
+    assert out.stages[0]["hidden_states"] == "streamed" and out.stages[2]["num_chunks"] == 2
     _close(out.audio, wav, chunks=2)
 
 
@@ -247,3 +248,66 @@ def test_cancelling_aborts_all_three_stages(omni):
         assert t2w.stats()["active_requests"] == 0 and not t2w._feeds and not talker._feeds
     out = omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
     assert out.stages[1]["num_codes"] == TALKER_NEW
+
+
+def _backends(omni, pipe):
+    return {s.stage: omni._backend(s.stage) for s in pipe.steps}
+
+
+def test_talker_runs_while_the_thinker_decodes(omni):
+    """Streamed hand-off: the talker's first codes come before the thinker's last token."""
+    pipe, kinds = omni.config.pipelines["omni"], omni._kinds()
+    backends = _backends(omni, pipe)
+    times: dict = {}
+    thinker_generate = backends["thinker"].generate
+
+    async def thinker(req):
+        async for d in thinker_generate(req):
+            times["thinker_last"] = time.perf_counter()
+            yield d
+
+    backends["thinker"].generate = thinker
+    talker_feed = backends["token2wav"].feed
+
+    async def first_codes(rid, codes, finished):
+        times.setdefault("first_codes", time.perf_counter())
+        await talker_feed(rid, codes, finished)
+
+    backends["token2wav"].feed = first_codes
+    args = StageArgs.from_kwargs(SPEECH | {"max_tokens": 40})
+    args.validate("omni", pipe, kinds)
+
+    async def run():
+        return [ev async for ev in run_pipeline(pipe, backends, kinds, PROMPT, "overlap-1", args,
+                                                audio={"voice": "Chelsie"})]
+
+    events = omni._run(run())
+    assert events[-1]["stages"][0]["hidden_states"] == "streamed"
+    assert times["first_codes"] < times["thinker_last"]
+
+
+def test_thinker_without_streamed_states_falls_back(omni):
+    """A thinker stage whose deltas carry no hidden states: the talker starts after it, from one encode of the
+    prompt and the fed tokens, and makes the same codes and audio."""
+    pipe, kinds = omni.config.pipelines["omni"], omni._kinds()
+    backends = _backends(omni, pipe)
+    generate = backends["thinker"].generate
+
+    async def no_rows(req):
+        async for d in generate(req):
+            yield {k: v for k, v in d.items() if k not in ("hidden_states", "prompt_positions", "rope_delta")}
+
+    backends["thinker"].generate = no_rows
+    args = StageArgs.from_kwargs(SPEECH)
+    args.validate("omni", pipe, kinds)
+    streamed = omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
+    want = _last_codes(omni)[0]
+
+    async def run():
+        return [ev async for ev in run_pipeline(pipe, backends, kinds, PROMPT, "fallback-1", args,
+                                                audio={"voice": "Chelsie"})]
+
+    result = omni._run(run())[-1]
+    assert result["stages"][0]["hidden_states"] == "encoded after the thinker"
+    assert _last_codes(omni)[0] == want
+    assert np.abs(result["audio"]["samples"] - streamed.audio).max() < 1e-5

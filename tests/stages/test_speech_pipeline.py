@@ -311,3 +311,51 @@ def test_thinker_without_streamed_states_falls_back(omni):
     assert result["stages"][0]["hidden_states"] == "encoded after the thinker"
     assert _last_codes(omni)[0] == want
     assert np.abs(result["audio"]["samples"] - streamed.audio).max() < 1e-5
+
+
+def test_bad_speech_stage_args_are_refused_before_any_stage_runs(omni):
+    before = omni.stage("thinker").stats()["steps"]
+    for stage_args, param in (({"talker": {"stop": ["x"]}}, "stage_args.talker.stop"),
+                              ({"talker": {"system_prompt": "hi"}}, "stage_args.talker.system_prompt"),
+                              ({"token2wav": {"num_inference_steps": 1}}, "stage_args.token2wav.num_inference_steps"),
+                              ({"token2wav": {"size": "64x64"}}, "stage_args.token2wav.height")):
+        with pytest.raises(InvalidRequestError) as e:
+            omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, stage_args=stage_args)
+        assert e.value.param == param
+    assert omni.stage("thinker").stats()["steps"] == before
+
+
+def test_a_failing_stage_aborts_the_others(omni):
+    """token2wav fails after its first chunk: the error reaches the caller, the thinker's and talker's requests
+    are aborted, and the engines go on."""
+    from omni_ray.errors import EngineError
+
+    pipe, kinds = omni.config.pipelines["omni"], omni._kinds()
+    backends = _backends(omni, pipe)
+    generate = backends["token2wav"].generate
+
+    async def failing(req):
+        async for d in generate(req):
+            yield d
+            raise EngineError("token2wav broke")
+
+    backends["token2wav"].generate = failing
+    aborted = []
+    for b in backends.values():
+        b.abort = (lambda f: lambda rid: (aborted.append(rid), f(rid)))(b.abort)
+    args = StageArgs.from_kwargs(SPEECH | {"max_tokens": 40})
+    args.validate("omni", pipe, kinds)
+
+    async def run():
+        return [ev async for ev in run_pipeline(pipe, backends, kinds, PROMPT, "fail-1", args,
+                                                audio={"voice": "Chelsie"})]
+
+    with pytest.raises(EngineError, match="token2wav broke"):
+        omni._run(run())
+    assert sorted(aborted) == [f"fail-1-{i}" for i in range(3)]
+    omni._run(asyncio.sleep(0.05))
+    for s in (omni.stage("thinker"), omni.stage("talker")):
+        st = s.stats()
+        assert st["num_running"] == st["num_waiting"] == 0
+    assert omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH).stages[1][
+        "num_codes"] == TALKER_NEW

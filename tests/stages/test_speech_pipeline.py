@@ -33,29 +33,37 @@ def ckpt(tmp_path_factory):
     return spread_omni_checkpoint(tmp_path_factory.mktemp("omni"))
 
 
+def speech_config(path: str, device: str = "cpu") -> dict:
+    ar = {"device": device, "enforce_eager": device == "cpu", "cache": {"num_blocks": 64},
+          "scheduler": {"max_num_batched_tokens": 1024, "max_num_seqs": 4, "max_model_len": 1024}}
+    model = {"path": path} | ({"dtype": "float32"} if device != "cpu" else {})
+    return {"stages": {"thinker": {"kind": "ar", "engine": {"model": model} | ar},
+                       "talker": {"kind": "ar", "engine": {"model": model | {"submodel": "talker"}} | ar},
+                       "token2wav": {"kind": "dit", "engine": {"model": {"path": path}, "device": device}}},
+            "pipelines": {"omni": {"graph": {"model": "thinker",
+                                             "stages": {"talker": "talker", "token2wav": "token2wav"}}},
+                          "text": {"steps": [{"stage": "thinker"}]}}}
+
+
 @pytest.fixture(scope="module")
 def omni(ckpt):
-    path = str(ckpt)
-    ar = {"device": "cpu", "enforce_eager": True, "cache": {"num_blocks": 64},
-          "scheduler": {"max_num_batched_tokens": 1024, "max_num_seqs": 4, "max_model_len": 1024}}
-    cfg = {"stages": {"thinker": {"kind": "ar", "engine": {"model": {"path": path}} | ar},
-                      "talker": {"kind": "ar", "engine": {"model": {"path": path, "submodel": "talker"}} | ar},
-                      "token2wav": {"kind": "dit", "engine": {"model": {"path": path}, "device": "cpu"}}},
-           "pipelines": {"omni": {"graph": {"model": "thinker",
-                                            "stages": {"talker": "talker", "token2wav": "token2wav"}}},
-                         "text": {"steps": [{"stage": "thinker"}]}}}
-    with OmniLLM(cfg) as o:
-        o.codes = {}
-        talker = o.stage("talker")
-        generate = talker.generate
+    with OmniLLM(speech_config(str(ckpt))) as o:
+        yield record_codes(o)
 
-        async def recorded(req):                          # the codec tokens each talker request yields
-            async for d in generate(req):
-                o.codes.setdefault(req.request_id, []).extend(d["codes"])
-                yield d
 
-        talker.generate = recorded
-        yield o
+def record_codes(o: OmniLLM) -> OmniLLM:
+    """``o.codes``: the codec tokens each talker request yields (by request id, in order)."""
+    o.codes = {}
+    talker = o.stage("talker")
+    generate = talker.generate
+
+    async def recorded(req):
+        async for d in generate(req):
+            o.codes.setdefault(req.request_id, []).extend(d["codes"])
+            yield d
+
+    talker.generate = recorded
+    return o
 
 
 def _last_codes(omni, n=1):
@@ -359,3 +367,19 @@ def test_a_failing_stage_aborts_the_others(omni):
         assert st["num_running"] == st["num_waiting"] == 0
     assert omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH).stages[1][
         "num_codes"] == TALKER_NEW
+
+
+@pytest.mark.gpu
+def test_speech_on_cuda_equals_transformers(ckpt, reference):
+    """On CUDA (float32 thinker and talker with their CUDA graphs, token2wav in float32): the reference's thinker
+    tokens and talker codes, the waveform within the chunking bound, and two requests batched as alone."""
+    tokens, codes, wav = reference
+    with OmniLLM(speech_config(str(ckpt), "cuda")) as o:
+        record_codes(o)
+        out = o.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
+        assert out.text == o.stage("thinker").tokenizer.decode(tokens)
+        assert _last_codes(o) == [codes] and out.stages[0]["hidden_states"] == "streamed"
+        _close(out.audio, wav, chunks=2)
+        both = o.generate("omni", [PROMPT, "The lighthouse"], audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
+        assert both[0].text == out.text and np.abs(both[0].audio - out.audio).max() < 1e-4
+        assert o.stage("talker").stats()["max_batch_size"] >= 2

@@ -133,8 +133,10 @@ async def run_speech(pipeline: PipelineConfig, backends: Mapping[str, Any], kind
                                  params=th_params)
     per_stage = args.per_stage
     seed = {"seed": args.text["seed"]} if args.text.get("seed") is not None else {}
-    tk_params = SamplingParams(**(TALKER_DEFAULTS | seed | _only(per_stage.get(names[1], {}), TALKER_KEYS,
-                                                                  names[1])))
+    # the reference's sampling; its max_new_tokens (4096) as a cap: up to the talker's context, at most
+    # limits.max_tokens (the talker stage resolves None), unless the request names max_tokens
+    tk_params = SamplingParams(**(TALKER_DEFAULTS | {"max_tokens": None} | seed
+                                  | _only(per_stage.get(names[1], {}), TALKER_KEYS, names[1])))
     dkw = seed | _only(per_stage.get(names[2], {}), TOKEN2WAV_KEYS, names[2])
     if dkw.get("num_inference_steps") is not None and dkw["num_inference_steps"] < 2:
         raise InvalidRequestError(f"stage_args.{names[2]}.num_inference_steps must be at least 2 (time points of "

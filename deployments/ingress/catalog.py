@@ -14,6 +14,7 @@ class Catalog:
         self.created = int(time.time())
         self._tool_parsers: dict[str, str | None] = {}
         self._modalities: dict[str, dict | None] = {}
+        self._voices: dict[str, list[str] | None] = {}
 
     def model_card(self, key: str) -> dict:
         """OpenAI's model object of stage ``key`` (``GET /v1/models``, ``/v1/models/{id}``), plus the stage."""
@@ -93,6 +94,36 @@ class Catalog:
             raise InvalidRequestError(f"model {model!r} takes no input image; models that edit images: {edits}",
                                       param="model")
         return name, pipe
+
+    def speech_pipeline(self, model: str | None, param: str = "model") -> tuple[str, PipelineConfig]:
+        """(name, pipeline) that speaks for ``model``: a pipeline's name whose last step outputs audio, or
+        a chat model (AR stage: served name or key) whose speech pipeline that is (its first step runs that
+        stage); None: the first speech pipeline. 400 naming ``param`` for a model that does not speak."""
+        speech = {n: p for n, p in self.config.pipelines.items() if p.steps and p.steps[-1].output == "audio"}
+        if model is not None and model in speech:
+            return model, speech[model]
+        if model is None and speech:
+            return next(iter(speech.items()))
+        stage = self.stage(model, "ar")                  # 404 for an unknown model
+        for n, p in speech.items():
+            if p.steps[0].stage == stage:
+                return n, p
+        speakers = sorted({self.names[p.steps[0].stage] for p in speech.values()})
+        raise InvalidRequestError(f"model {self.names[stage]!r} has no speech output (no pipeline from it to "
+                                  f"audio); models that speak: {speakers}", param=param)
+
+    def voices(self, pipe: PipelineConfig) -> list[str] | None:
+        """The voices of a speech pipeline (its checkpoint's ``spk_dict.pt``); None when not readable here
+        (the token2wav stage still checks the voice)."""
+        stage = pipe.steps[-1].stage
+        if stage not in self._voices:
+            try:
+                from omni_ray import speech_voices
+
+                self._voices[stage] = sorted(speech_voices(self.config.stages[stage].engine.model.path))
+            except (ImportError, ConfigError, OSError):
+                self._voices[stage] = None
+        return self._voices[stage]
 
     def pipeline(self, name: str) -> PipelineConfig:
         if name not in self.config.pipelines:

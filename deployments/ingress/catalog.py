@@ -118,7 +118,7 @@ class Catalog:
         stage = pipe.steps[-1].stage
         if stage not in self._voices:
             try:
-                from omni_ray import speech_voices
+                from omni_ray.stages.voices import speech_voices
 
                 self._voices[stage] = sorted(speech_voices(self.config.stages[stage].engine.model.path))
             except (ImportError, ConfigError, OSError):

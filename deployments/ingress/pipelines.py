@@ -20,7 +20,7 @@ async def pipeline_events(backends: dict, kinds: dict, rid: str, pipe: PipelineC
             if ev["type"] == "stage_start":
                 current = ev["stage"]
                 await ticket.stage_started(current)      # waits for a slot on a later stage
-            elif ev["type"] == "stage_end":
+            elif ev["type"] == "stage_end" and ev.get("stage", current) == current:   # speech: stages overlap
                 await ticket.stage_finished(current)
                 current = None
             yield ev

@@ -34,14 +34,6 @@ def _ready(ev: dict) -> bool:
     return ev["type"] in ("text", "audio", "result")
 
 
-def prompt_of(messages: list[dict]) -> str:
-    """The last message's text: the runner's ``prompt`` (logs, fallbacks) when it runs on messages."""
-    content = messages[-1].get("content") or ""
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-
-
 async def render_chat_audio(chunks: ChatAudioChunks, events) -> AsyncIterator[str]:
     """SSE of a streamed audio reply (the Lifecycle adds ``[DONE]``, or an error event)."""
     yield sse(chunks.first())
@@ -80,8 +72,8 @@ class SpeechRoutes:
     def _run(self, rid: str, pipe: PipelineConfig, args: StageArgs, messages: list[dict], voice: str, whole=False):
         """``work(ticket)`` of the Lifecycle: the runner's events, or (``whole``) its result."""
         run = pipeline_result if whole else pipeline_events
-        return lambda t: run(self.backends, self.kinds, rid, pipe, prompt_of(messages), args, t,
-                             messages=messages, audio={"voice": voice})
+        return lambda t: run(self.backends, self.kinds, rid, pipe, None, args, t, messages=messages,
+                             audio={"voice": voice})
 
     async def chat(self, body: ChatCompletionRequest):
         """A chat completion with ``modalities: ["text", "audio"]``: the reply (a dict) or its SSE stream."""

@@ -25,6 +25,7 @@ from deployments.openai.protocol import ChatCompletionRequest, Priority, _Body, 
 from omni_ray.ar.sampling_params import SAMPLING_RULES
 from omni_ray.errors import InvalidRequestError
 from omni_ray.media.audio_out import STREAM_FORMATS
+from omni_ray.stages.voices import resolve_voice
 
 SPEECH_TEMPLATE = "Repeat the following text exactly, word for word, and say nothing else:\n\n{input}"
 MAX_SPEECH_INPUT = 4096                      # characters, as OpenAI's
@@ -34,12 +35,16 @@ SPEECH_REFUSED = {
 
 
 def check_voice(voice: Any, voices: list[str] | None, param: str) -> str:
-    """The voice name, if ``voices`` (the checkpoint's; None: not known here, the stage checks it) has it."""
+    """The checkpoint's name of ``voice`` (exact, or its one case-insensitive match, as the stages resolve
+    it) from ``voices`` (None: not known here; the stages check it)."""
     if isinstance(voice, dict):
         raise InvalidRequestError(f"custom voice objects are not supported; voices: {voices}", param=param)
-    if voices is not None and voice not in voices:
-        raise InvalidRequestError(f"unknown voice {voice!r}; this model's voices: {voices}", param=param)
-    return voice
+    if voices is None:
+        return voice
+    try:
+        return resolve_voice(voices, voice)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(e.message, param=param) from None
 
 
 def check_chat_audio(body: ChatCompletionRequest, voices: list[str] | None) -> None:
@@ -51,7 +56,7 @@ def check_chat_audio(body: ChatCompletionRequest, voices: list[str] | None) -> N
     if body.audio is None:
         raise InvalidRequestError('modalities asks for audio: give audio: {"voice": ..., "format": ...}',
                                   param="audio")
-    check_voice(body.audio.voice, voices, "audio.voice")
+    body.audio.voice = check_voice(body.audio.voice, voices, "audio.voice")
     if body.stream and body.audio.format != "pcm16":
         raise InvalidRequestError(f"a streamed audio reply is pcm16, got format {body.audio.format!r}",
                                   param="audio.format")

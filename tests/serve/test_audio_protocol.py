@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from deployments.ingress.speech import prompt_of, render_chat_audio, render_speech, render_speech_sse
+from deployments.ingress.speech import render_chat_audio, render_speech, render_speech_sse
 from deployments.openai.audio import SPEECH_TEMPLATE, SpeechRequest, check_chat_audio, sampling_args, seeded
 from deployments.openai.audio_responses import ChatAudioChunks, SpeechBytes, chat_audio_body
 from deployments.openai.protocol import ChatCompletionRequest
@@ -99,6 +99,9 @@ def test_chat_audio_accepts_what_it_serves():
     check_chat_audio(body(audio={"voice": "Ethan", "format": "pcm16"}, stream=True), VOICES)
     check_chat_audio(body(modalities=["audio"]), VOICES)
     check_chat_audio(body(audio={"voice": "any", "format": "wav"}), None)      # voices unknown here: the stage checks
+    req = body(audio={"voice": "ethan", "format": "wav"})
+    check_chat_audio(req, VOICES)
+    assert req.audio.voice == "Ethan"                              # the checkpoint's name, as the stages resolve it
 
 
 def test_a_format_openai_does_not_define_is_400():
@@ -235,9 +238,3 @@ def test_speech_sse_reports_a_later_failure_in_band():
 
     lines = collect(render_speech_sse(SpeechBytes("pcm", True), failing()))
     assert json.loads(lines[-1].removeprefix("data: "))["error"]["param"] == "voice"
-
-
-def test_the_runners_prompt_is_the_last_messages_text():
-    assert prompt_of([{"role": "user", "content": "hi"}]) == "hi"
-    assert prompt_of([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"},
-                                                   {"type": "text", "text": "b"}]}]) == "ab"

@@ -116,9 +116,10 @@ class Lifecycle:
 
     async def _sse(self, ticket, events, render) -> AsyncIterator[str]:
         err = None
+        # events merged per message; [DONE] goes in the last one (the end is not held for the interval)
+        merged = self.open_streams.stream(prepend_all([], render(events), tail=[DONE]), "".join)
         try:
-            # events merged per message; [DONE] goes in the last one (the end is not held for the interval)
-            async for chunk in self.open_streams.stream(prepend_all([], render(events), tail=[DONE]), "".join):
+            async for chunk in merged:
                 yield chunk
         except Exception as e:         # headers are sent: report in-band
             err = e
@@ -128,5 +129,6 @@ class Lifecycle:
             err = e
             raise
         finally:
+            await merged.aclose()      # closed at a yield: its pump task stops before ``events`` is closed
             await events.aclose()
             await ticket.release(err)

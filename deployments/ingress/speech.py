@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from deployments.ingress.http import SSE_HEADERS, error_event, sse
 from deployments.ingress.limits import check_pipeline_limits, check_text_limits
 from deployments.ingress.pipelines import pipeline_events, pipeline_result
-from deployments.openai.audio import SpeechRequest, check_chat_audio, check_voice, sampling_args, seeded
+from deployments.openai.audio import SpeechRequest, check_chat_audio, check_voice, per_stage, sampling_args, seeded
 from deployments.openai.audio_responses import ChatAudioChunks, SpeechBytes, b64, chat_audio_body, speech_usage
 from deployments.openai.protocol import ChatCompletionRequest
 from omni_ray.config import PipelineConfig
@@ -83,7 +83,8 @@ class SpeechRoutes:
         check_text_limits(body, self.limits)
         body.to_sampling_params()                           # the engine's rules, with the field's name
         seed = seeded(body.seed)
-        args = StageArgs(text=dict(seed), image=dict(seed), per_stage={pipe.steps[0].stage: sampling_args(body)})
+        args = StageArgs(text=dict(seed), image=dict(seed),
+                         per_stage=per_stage(pipe.steps[0].stage, sampling_args(body), body.stage_args))
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
         rid, messages, stages = self.ids.new("chatcmpl"), body.chat_messages(), [s.stage for s in pipe.steps]
         voice = body.audio.voice
@@ -104,7 +105,8 @@ class SpeechRoutes:
         voice = check_voice(body.voice, self.catalog.voices(pipe), "voice")
         seed = seeded(body.seed)
         args = StageArgs(text=dict(seed), image=dict(seed),
-                         per_stage={pipe.steps[0].stage: body.thinker_args(self.limits.max_tokens)})
+                         per_stage=per_stage(pipe.steps[0].stage, body.thinker_args(self.limits.max_tokens),
+                                             body.stage_args))
         check_pipeline_limits(name, pipe, self.kinds, args, self.limits)
         rid, messages, stages = self.ids.new("speech"), body.messages(), [s.stage for s in pipe.steps]
         out = SpeechBytes(body.response_format, body.streamed)

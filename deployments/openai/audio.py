@@ -13,6 +13,10 @@ What cannot be honoured is a 400 naming the field: an unknown voice (the voices 
 checkpoint's, ``spk_dict.pt``: Chelsie and Ethan for Qwen2.5-Omni-7B), custom voice objects, a
 streamed chat reply in a format other than pcm16, ``n`` > 1, tools, structured outputs and
 logprobs with audio, ``speed`` other than 1.0, ``instructions``.
+
+Extension (both routes): ``stage_args`` ``{stage: {...}}`` as ``/v1/pipelines/{name}`` takes it, for the
+stages of the speech pipeline: the talker's sampling (``max_tokens``, ``temperature``; default: its
+checkpoint's generation config) and token2wav's ``num_inference_steps`` / ``guidance_scale``.
 """
 
 from __future__ import annotations
@@ -87,6 +91,15 @@ def seeded(seed: int | None) -> dict:
     return {} if seed is None else {"seed": seed}
 
 
+def per_stage(thinker: str, thinker_args: dict, stage_args: dict | None) -> dict[str, dict]:
+    """``StageArgs.per_stage`` of a speech run: the request's ``stage_args`` (extension: e.g. the talker's
+    ``max_tokens``, token2wav's ``num_inference_steps``; checked against the pipeline's stages by the
+    runner's rules), the thinker's from the request's own fields unless ``stage_args`` names them."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in (stage_args or {}).items()}
+    out[thinker] = thinker_args | (out.get(thinker) or {})
+    return out
+
+
 class SpeechRequest(_Body):
     """``POST /v1/audio/speech`` (OpenAI's SpeechCreateParams, plus ``max_tokens`` / ``seed`` /
     ``priority``). ``model``: a chat model with a speech pipeline, or the pipeline's name (None: the
@@ -102,6 +115,7 @@ class SpeechRequest(_Body):
     max_tokens: int | None = bounded(None, SAMPLING_RULES["max_tokens"])   # extension: the thinker's reading
     seed: int | None = bounded(None, SAMPLING_RULES["seed"])                # extension: every stage's sampling
     priority: Priority = "normal"
+    stage_args: dict[str, dict[str, Any]] | None = None                     # extension: per speech stage
     refused: ClassVar[dict] = SPEECH_REFUSED
 
     def check(self) -> None:

@@ -296,7 +296,15 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     modalities: list[Literal["text", "audio"]] | None = None     # ["text", "audio"]: audio out (openai/audio.py)
     audio: ChatAudioParam | None = None
+    stage_args: dict[str, dict[str, Any]] | None = None          # extension, audio out: per speech stage
     refused: ClassVar[dict] = CHAT_REFUSED
+
+    @model_validator(mode="after")
+    def _stage_args_need_audio(self):
+        if self.stage_args and not self.wants_audio:
+            raise InvalidRequestError("stage_args applies to audio out (modalities with audio): the stages of the "
+                                      "model's speech pipeline", param="stage_args")
+        return self
 
     @property
     def wants_audio(self) -> bool:

@@ -238,3 +238,15 @@ def test_speech_sse_reports_a_later_failure_in_band():
 
     lines = collect(render_speech_sse(SpeechBytes("pcm", True), failing()))
     assert json.loads(lines[-1].removeprefix("data: "))["error"]["param"] == "voice"
+
+
+def test_stage_args_go_to_the_speech_stages_only():
+    from deployments.openai.audio import per_stage
+
+    with pytest.raises(InvalidRequestError) as e:
+        ChatCompletionRequest(messages=MSG, stage_args={"talker": {"max_tokens": 4}})
+    assert e.value.param == "stage_args"
+    got = per_stage("thinker", {"temperature": 0.5, "max_tokens": 8},
+                    {"talker": {"max_tokens": 4}, "thinker": {"max_tokens": 2}})
+    assert got == {"talker": {"max_tokens": 4}, "thinker": {"temperature": 0.5, "max_tokens": 2}}
+    assert per_stage("thinker", {"temperature": 0.0}, None) == {"thinker": {"temperature": 0.0}}

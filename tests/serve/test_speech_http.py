@@ -22,7 +22,9 @@ MSG = [{"role": "user", "content": "Say hello."}]
 RATE = 24000
 LSB = 1 / 32768
 # a short greedy, seeded reply: the thinker's tokens, the talker's codes and token2wav's noise all fixed
-KW = dict(model=MODEL, messages=MSG, max_tokens=4, temperature=0, seed=0, extra_body={"ignore_eos": True})
+FAST = {"omni-talker": {"max_tokens": 12}, "omni-token2wav": {"num_inference_steps": 2}}    # short, 2 ODE steps
+KW = dict(model=MODEL, messages=MSG, max_tokens=4, temperature=0, seed=0,
+          extra_body={"ignore_eos": True, "stage_args": FAST})
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,8 @@ def test_streamed_pcm16_chunks_make_the_whole_reply(oai):
 
 
 def test_speech_create_and_streaming_response(oai):
-    kw = dict(model=MODEL, voice="Chelsie", input="Hello there.", extra_body={"seed": 0, "max_tokens": 4})
+    kw = dict(model=MODEL, voice="Chelsie", input="Hello there.",
+              extra_body={"seed": 0, "max_tokens": 4, "stage_args": FAST})
     whole = oai.audio.speech.create(**kw, response_format="wav")
     y, rate = sf.read(io.BytesIO(whole.content), dtype="float32")
     assert rate == RATE and y.size > 0
@@ -82,7 +85,7 @@ def test_speech_create_and_streaming_response(oai):
 
 def test_speech_sse_events(client):
     body = {"model": MODEL, "voice": "Ethan", "input": "Hi.", "response_format": "pcm", "stream_format": "sse",
-            "seed": 0, "max_tokens": 3}
+            "seed": 0, "max_tokens": 3, "stage_args": FAST}
     with client.stream("POST", "/v1/audio/speech", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
@@ -114,22 +117,23 @@ def test_bad_requests_are_400s_naming_the_field(client, path, body, param):
 
 def busy(client) -> dict:
     stats = client.get("/info").json()["stages"]
-    return {k: sum(stats[k]["stats"].get(f, 0) for f in ("num_running", "num_waiting", "num_streams"))
-            for k in STAGES}
+    keys = ("num_running", "num_waiting", "num_streams", "active_requests", "waiting_requests")
+    return {k: sum(stats[k]["stats"].get(f, 0) for f in keys) for k in STAGES}
 
 
 def test_a_client_that_leaves_stops_every_stage(client, omni_url):
     import httpx
 
     body = KW | {"max_tokens": 400, "modalities": ["text", "audio"], "audio": {"voice": "Chelsie", "format": "pcm16"},
-                 "stream": True, "ignore_eos": True}
+                 "stream": True, "ignore_eos": True, "stage_args": {"omni-talker": {"max_tokens": 600}}}
     body.pop("extra_body")
     with httpx.Client(base_url=omni_url, timeout=120) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
-            while '"data"' not in next(lines):                 # up to the first audio chunk
+            while '"transcript"' not in next(lines):           # up to the first words
                 pass
+            assert any(busy(client).values())
     deadline = time.monotonic() + 60
     while any((b := busy(client)).values()):
         assert time.monotonic() < deadline, b

@@ -30,9 +30,13 @@ class Catalog:
         if key not in self._modalities:
             from omni_ray.graphs.registry import graph_for
             try:
-                g = graph_for(self.config.stages[key].engine.model.path)
-                mine = [n for n in g.nodes if n.engine == self.kinds[key]]
+                model = self.config.stages[key].engine.model
+                g = graph_for(model.path)
+                mine = [n for n in g.nodes if n.engine == self.kinds[key]
+                        and n.submodel == getattr(model, "submodel", None)]       # a thinker, not its talker
                 out = sorted(g.outputs) if not mine or mine[-1] is g.nodes[-1] else [mine[-1].gives]
+                if self.kinds[key] == "ar" and self._speaks(key):
+                    out = sorted({*out, "audio"})
                 self._modalities[key] = {"input": sorted(g.inputs), "output": out}
             except ConfigError:
                 self._modalities[key] = None
@@ -111,6 +115,10 @@ class Catalog:
         speakers = sorted({self.names[p.steps[0].stage] for p in speech.values()})
         raise InvalidRequestError(f"model {self.names[stage]!r} has no speech output (no pipeline from it to "
                                   f"audio); models that speak: {speakers}", param=param)
+
+    def _speaks(self, stage: str) -> bool:
+        return any(p.steps and p.steps[0].stage == stage and p.steps[-1].output == "audio"
+                   for p in self.config.pipelines.values())
 
     def voices(self, pipe: PipelineConfig) -> list[str] | None:
         """The voices of a speech pipeline (its checkpoint's ``spk_dict.pt``); None when not readable here

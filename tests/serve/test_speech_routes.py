@@ -179,3 +179,20 @@ def test_a_client_that_leaves_stops_every_stage(omni, routes):
         assert time.monotonic() < deadline, b
         time.sleep(0.1)
     assert omni.stats()["thinker"]["decode_tokens"] - before < 300          # stopped long before its end
+
+
+def test_the_catalog_finds_a_models_speech_pipeline():
+    from omni_ray.config import OmniConfig, validate
+    from omni_ray.graphs import expand_pipelines
+
+    cat = Catalog(expand_pipelines(validate(OmniConfig, config())))
+    assert cat.speech_pipeline(None)[0] == cat.speech_pipeline("omni")[0] == "omni-speech"       # served name
+    assert cat.speech_pipeline("thinker")[0] == cat.speech_pipeline("omni-speech")[0] == "omni-speech"
+    with pytest.raises(InvalidRequestError) as e:
+        cat.speech_pipeline("tiny-qwen3", param="modalities")
+    assert e.value.param == "modalities" and "['omni']" in e.value.message
+    assert cat.voices(cat.speech_pipeline(None)[1]) == ["Chelsie", "Ethan"]
+    assert cat.modalities("thinker")["output"] == ["audio", "text"]           # /v1/models: it speaks
+    assert cat.modalities("text")["output"] == ["text"]
+    no_speech = Catalog(expand_pipelines(validate(OmniConfig, config() | {"pipelines": {}})))
+    assert no_speech.modalities("thinker")["output"] == ["text"]

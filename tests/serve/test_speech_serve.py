@@ -54,7 +54,7 @@ class Recorder:
     """What the runner hands between stages: the thinker's hidden states, the talker's prompt and feeds."""
 
     def __init__(self, backends):
-        self.thinker_rows, self.talker_handoffs, self.codes = [], [], {}
+        self.thinker_rows, self.talker_handoffs, self.codes, self.prompt_ids = [], [], {}, []
         ar, talker = backends["omni"], backends["omni-talker"]
         generate, tk_generate, feed = ar.generate, talker.generate, talker.feed
 
@@ -62,6 +62,8 @@ class Recorder:
             async for d in generate(req):
                 if d.get("hidden_states") is not None:
                     self.thinker_rows.append(d["hidden_states"])
+                if d.get("prompt_token_ids"):
+                    self.prompt_ids.append(d["prompt_token_ids"])
                 yield d
 
         async def talker_generate(req):
@@ -132,6 +134,8 @@ def test_speech_through_serve_equals_offline_and_states_pass_by_reference(handle
     assert rec.thinker_rows and all(h.tensor is None and h.refs for h in rec.thinker_rows)
     assert rec.talker_handoffs and all(h.tensor is None and h.refs for h in rec.talker_handoffs)
     assert sum(h.shape[0] for h in rec.talker_handoffs) == sum(h.shape[0] for h in rec.thinker_rows)
+    # the thinker's first delta names its prompt (no second call for the talker's prompt ids)
+    assert len(rec.prompt_ids) == 1 and rec.talker_handoffs[0].shape[0] == len(rec.prompt_ids[0])
     (codes,) = rec.codes.values()
     assert len(codes) == 60 or res["stages"][1]["finish_reason"] == "stop"
 

@@ -73,6 +73,20 @@ def check_audio(audio: Any, pipeline: PipelineConfig, voices) -> str:
     return resolve_voice(list(voices), audio["voice"])
 
 
+# what a request may set of the speech stages (``stage_args``): the talker's sampling (codec tokens: no text
+# stops, constraints or logprobs), token2wav's ODE
+TALKER_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed", "ignore_eos")
+TOKEN2WAV_KEYS = ("num_inference_steps", "guidance_scale", "seed")
+
+
+def _only(kw: dict, keys: tuple[str, ...], stage: str) -> dict:
+    bad = sorted(set(kw) - set(keys))
+    if bad:
+        raise InvalidRequestError(f"stage_args.{stage}.{bad[0]}: not an argument of the {stage} stage (it takes "
+                                  f"{list(keys)})", param=f"stage_args.{stage}.{bad[0]}")
+    return dict(kw)
+
+
 def _speech_steps(pipeline: PipelineConfig, kinds: Mapping[str, str]):
     steps = pipeline.steps
     shape = [(kinds[s.stage], s.input, s.output) for s in steps]
@@ -119,9 +133,14 @@ async def run_speech(pipeline: PipelineConfig, backends: Mapping[str, Any], kind
                                  params=th_params)
     per_stage = args.per_stage
     seed = {"seed": args.text["seed"]} if args.text.get("seed") is not None else {}
-    tk_params = SamplingParams(**(TALKER_DEFAULTS | seed | per_stage.get(names[1], {})))
-    dkw = seed | {k: v for k, v in per_stage.get(names[2], {}).items()
-                  if k in ("num_inference_steps", "guidance_scale", "seed")}
+    # the reference's sampling; its max_new_tokens (4096) as a cap: up to the talker's context, at most
+    # limits.max_tokens (the talker stage resolves None), unless the request names max_tokens
+    tk_params = SamplingParams(**(TALKER_DEFAULTS | {"max_tokens": None} | seed
+                                  | _only(per_stage.get(names[1], {}), TALKER_KEYS, names[1])))
+    dkw = seed | _only(per_stage.get(names[2], {}), TOKEN2WAV_KEYS, names[2])
+    if dkw.get("num_inference_steps") is not None and dkw["num_inference_steps"] < 2:
+        raise InvalidRequestError(f"stage_args.{names[2]}.num_inference_steps must be at least 2 (time points of "
+                                  "the ODE grid)", param=f"stage_args.{names[2]}.num_inference_steps")
     t2w_req = SpeechRequest(rids[2], voice, DiffusionParams(**dkw))
 
     events: asyncio.Queue = asyncio.Queue()

@@ -140,8 +140,9 @@ class TalkerStageEngine(EngineStage):
             done = inp.embeds.closed
             pump = None if done else asyncio.get_running_loop().create_task(self._pump(inp, feed, req.request_id))
             prompt = inp.prompt()
-            stop = set(self.tokens.stop_ids)
-            params = dataclasses.replace(req.params, stop_token_ids=sorted(stop | set(req.params.stop_token_ids or [])),
+            stop = set(self.tokens.stop_ids)              # never yielded (no codes token2wav takes)
+            ends = set() if req.params.ignore_eos else stop    # ignore_eos: a fixed length (benchmarks)
+            params = dataclasses.replace(req.params, stop_token_ids=sorted(ends | set(req.params.stop_token_ids or [])),
                                          skip_special_tokens=False, structured_outputs=None)
             params = params.resolve_max_tokens(len(prompt["prompt_token_ids"]), self.engine.max_model_len,
                                                self.limits.max_tokens)

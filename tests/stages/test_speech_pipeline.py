@@ -11,6 +11,7 @@ bounds of that test (max |diff| < 2e-3, relative rms < 1e-3; an utterance of one
 """
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -32,29 +33,37 @@ def ckpt(tmp_path_factory):
     return spread_omni_checkpoint(tmp_path_factory.mktemp("omni"))
 
 
+def speech_config(path: str, device: str = "cpu") -> dict:
+    ar = {"device": device, "enforce_eager": device == "cpu", "cache": {"num_blocks": 64},
+          "scheduler": {"max_num_batched_tokens": 1024, "max_num_seqs": 4, "max_model_len": 1024}}
+    model = {"path": path} | ({"dtype": "float32"} if device != "cpu" else {})
+    return {"stages": {"thinker": {"kind": "ar", "engine": {"model": model} | ar},
+                       "talker": {"kind": "ar", "engine": {"model": model | {"submodel": "talker"}} | ar},
+                       "token2wav": {"kind": "dit", "engine": {"model": {"path": path}, "device": device}}},
+            "pipelines": {"omni": {"graph": {"model": "thinker",
+                                             "stages": {"talker": "talker", "token2wav": "token2wav"}}},
+                          "text": {"steps": [{"stage": "thinker"}]}}}
+
+
 @pytest.fixture(scope="module")
 def omni(ckpt):
-    path = str(ckpt)
-    ar = {"device": "cpu", "enforce_eager": True, "cache": {"num_blocks": 64},
-          "scheduler": {"max_num_batched_tokens": 1024, "max_num_seqs": 4, "max_model_len": 1024}}
-    cfg = {"stages": {"thinker": {"kind": "ar", "engine": {"model": {"path": path}} | ar},
-                      "talker": {"kind": "ar", "engine": {"model": {"path": path, "submodel": "talker"}} | ar},
-                      "token2wav": {"kind": "dit", "engine": {"model": {"path": path}, "device": "cpu"}}},
-           "pipelines": {"omni": {"graph": {"model": "thinker",
-                                            "stages": {"talker": "talker", "token2wav": "token2wav"}}},
-                         "text": {"steps": [{"stage": "thinker"}]}}}
-    with OmniLLM(cfg) as o:
-        o.codes = {}
-        talker = o.stage("talker")
-        generate = talker.generate
+    with OmniLLM(speech_config(str(ckpt))) as o:
+        yield record_codes(o)
 
-        async def recorded(req):                          # the codec tokens each talker request yields
-            async for d in generate(req):
-                o.codes.setdefault(req.request_id, []).extend(d["codes"])
-                yield d
 
-        talker.generate = recorded
-        yield o
+def record_codes(o: OmniLLM) -> OmniLLM:
+    """``o.codes``: the codec tokens each talker request yields (by request id, in order)."""
+    o.codes = {}
+    talker = o.stage("talker")
+    generate = talker.generate
+
+    async def recorded(req):
+        async for d in generate(req):
+            o.codes.setdefault(req.request_id, []).extend(d["codes"])
+            yield d
+
+    talker.generate = recorded
+    return o
 
 
 def _last_codes(omni, n=1):
@@ -136,7 +145,7 @@ def test_speech_equals_transformers(omni, reference):
     assert _last_codes(omni) == [codes] and len(codes) == TALKER_NEW
     assert out.sample_rate == 24000 and out.voice == "Chelsie"
     assert [s["stage"] for s in out.stages] == ["thinker", "talker", "token2wav"]
-    assert out.stages[2]["num_chunks"] == 2
+    assert out.stages[0]["hidden_states"] == "streamed" and out.stages[2]["num_chunks"] == 2
     _close(out.audio, wav, chunks=2)
 
 
@@ -247,3 +256,130 @@ def test_cancelling_aborts_all_three_stages(omni):
         assert t2w.stats()["active_requests"] == 0 and not t2w._feeds and not talker._feeds
     out = omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
     assert out.stages[1]["num_codes"] == TALKER_NEW
+
+
+def _backends(omni, pipe):
+    return {s.stage: omni._backend(s.stage) for s in pipe.steps}
+
+
+def test_talker_runs_while_the_thinker_decodes(omni):
+    """Streamed hand-off: the talker's first codes come before the thinker's last token."""
+    pipe, kinds = omni.config.pipelines["omni"], omni._kinds()
+    backends = _backends(omni, pipe)
+    times: dict = {}
+    thinker_generate = backends["thinker"].generate
+
+    async def thinker(req):
+        async for d in thinker_generate(req):
+            times["thinker_last"] = time.perf_counter()
+            yield d
+
+    backends["thinker"].generate = thinker
+    talker_feed = backends["token2wav"].feed
+
+    async def first_codes(rid, codes, finished):
+        times.setdefault("first_codes", time.perf_counter())
+        await talker_feed(rid, codes, finished)
+
+    backends["token2wav"].feed = first_codes
+    args = StageArgs.from_kwargs(SPEECH | {"max_tokens": 40})
+    args.validate("omni", pipe, kinds)
+
+    async def run():
+        return [ev async for ev in run_pipeline(pipe, backends, kinds, PROMPT, "overlap-1", args,
+                                                audio={"voice": "Chelsie"})]
+
+    events = omni._run(run())
+    assert events[-1]["stages"][0]["hidden_states"] == "streamed"
+    assert times["first_codes"] < times["thinker_last"]
+
+
+def test_thinker_without_streamed_states_falls_back(omni):
+    """A thinker stage whose deltas carry no hidden states: the talker starts after it, from one encode of the
+    prompt and the fed tokens, and makes the same codes and audio."""
+    pipe, kinds = omni.config.pipelines["omni"], omni._kinds()
+    backends = _backends(omni, pipe)
+    generate = backends["thinker"].generate
+
+    async def no_rows(req):
+        async for d in generate(req):
+            yield {k: v for k, v in d.items() if k not in ("hidden_states", "prompt_positions", "rope_delta")}
+
+    backends["thinker"].generate = no_rows
+    args = StageArgs.from_kwargs(SPEECH)
+    args.validate("omni", pipe, kinds)
+    streamed = omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
+    want = _last_codes(omni)[0]
+
+    async def run():
+        return [ev async for ev in run_pipeline(pipe, backends, kinds, PROMPT, "fallback-1", args,
+                                                audio={"voice": "Chelsie"})]
+
+    result = omni._run(run())[-1]
+    assert result["stages"][0]["hidden_states"] == "encoded after the thinker"
+    assert _last_codes(omni)[0] == want
+    assert np.abs(result["audio"]["samples"] - streamed.audio).max() < 1e-5
+
+
+def test_bad_speech_stage_args_are_refused_before_any_stage_runs(omni):
+    before = omni.stage("thinker").stats()["steps"]
+    for stage_args, param in (({"talker": {"stop": ["x"]}}, "stage_args.talker.stop"),
+                              ({"talker": {"system_prompt": "hi"}}, "stage_args.talker.system_prompt"),
+                              ({"token2wav": {"num_inference_steps": 1}}, "stage_args.token2wav.num_inference_steps"),
+                              ({"token2wav": {"size": "64x64"}}, "stage_args.token2wav.height")):
+        with pytest.raises(InvalidRequestError) as e:
+            omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, stage_args=stage_args)
+        assert e.value.param == param
+    assert omni.stage("thinker").stats()["steps"] == before
+
+
+def test_a_failing_stage_aborts_the_others(omni):
+    """token2wav fails after its first chunk: the error reaches the caller, the thinker's and talker's requests
+    are aborted, and the engines go on."""
+    from omni_ray.errors import EngineError
+
+    pipe, kinds = omni.config.pipelines["omni"], omni._kinds()
+    backends = _backends(omni, pipe)
+    generate = backends["token2wav"].generate
+
+    async def failing(req):
+        async for d in generate(req):
+            yield d
+            raise EngineError("token2wav broke")
+
+    backends["token2wav"].generate = failing
+    aborted = []
+    for b in backends.values():
+        b.abort = (lambda f: lambda rid: (aborted.append(rid), f(rid)))(b.abort)
+    args = StageArgs.from_kwargs(SPEECH | {"max_tokens": 40})
+    args.validate("omni", pipe, kinds)
+
+    async def run():
+        return [ev async for ev in run_pipeline(pipe, backends, kinds, PROMPT, "fail-1", args,
+                                                audio={"voice": "Chelsie"})]
+
+    with pytest.raises(EngineError, match="token2wav broke"):
+        omni._run(run())
+    assert sorted(aborted) == [f"fail-1-{i}" for i in range(3)]
+    omni._run(asyncio.sleep(0.05))
+    for s in (omni.stage("thinker"), omni.stage("talker")):
+        st = s.stats()
+        assert st["num_running"] == st["num_waiting"] == 0
+    assert omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH).stages[1][
+        "num_codes"] == TALKER_NEW
+
+
+@pytest.mark.gpu
+def test_speech_on_cuda_equals_transformers(ckpt, reference):
+    """On CUDA (float32 thinker and talker with their CUDA graphs, token2wav in float32): the reference's thinker
+    tokens and talker codes, the waveform within the chunking bound, and two requests batched as alone."""
+    tokens, codes, wav = reference
+    with OmniLLM(speech_config(str(ckpt), "cuda")) as o:
+        record_codes(o)
+        out = o.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
+        assert out.text == o.stage("thinker").tokenizer.decode(tokens)
+        assert _last_codes(o) == [codes] and out.stages[0]["hidden_states"] == "streamed"
+        _close(out.audio, wav, chunks=2)
+        both = o.generate("omni", [PROMPT, "The lighthouse"], audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
+        assert both[0].text == out.text and np.abs(both[0].audio - out.audio).max() < 1e-4
+        assert o.stage("talker").stats()["max_batch_size"] >= 2

@@ -19,6 +19,7 @@ class Catalog:
         self.created = int(time.time())
         self._tool_parsers: dict[str, str | None] = {}
         self._modalities: dict[str, dict | None] = {}
+        self._voices: dict[str, list[str] | None] = {}
 
     def model_card(self, key: str) -> dict:
         """OpenAI's model object of stage ``key`` (``GET /v1/models``, ``/v1/models/{id}``), plus the stage."""
@@ -30,18 +31,18 @@ class Catalog:
     def modalities(self, key: str) -> dict | None:
         """{"input": [...], "output": [...]}: what the stage's checkpoint takes and gives, from its stage
         graph (omni_ray/graphs); a stage that runs an inner role of its graph (Qwen-Image's text encoder)
-        gives that role's hand-off (hidden_states); Qwen2.5-Omni's thinker the model's text and audio (its talker
-        and token2wav stages speak). None when the checkpoint is not readable here."""
+        gives that role's hand-off (hidden_states); a thinker whose speech pipeline starts at it also audio.
+        None when the checkpoint is not readable here."""
         if key not in self._modalities:
             from omni_ray.graphs.registry import graph_for
             try:
                 model = self.config.stages[key].engine.model
                 g = graph_for(model.path)
                 mine = [n for n in g.nodes if n.engine == self.kinds[key]
-                        and n.submodel == getattr(model, "submodel", None)]
-                # the model's own outputs: its last stage's, or a text stage's (a thinker: audio by its talker)
-                whole = not mine or mine[-1] is g.nodes[-1] or mine[-1].gives == "text"
-                out = sorted(g.outputs) if whole else [mine[-1].gives]
+                        and n.submodel == getattr(model, "submodel", None)]       # a thinker, not its talker
+                out = sorted(g.outputs) if not mine or mine[-1] is g.nodes[-1] else [mine[-1].gives]
+                if self.kinds[key] == "ar" and self._speaks(key):
+                    out = sorted({*out, "audio"})
                 self._modalities[key] = {"input": sorted(g.inputs), "output": out}
             except ConfigError:
                 self._modalities[key] = None
@@ -103,6 +104,40 @@ class Catalog:
             raise InvalidRequestError(f"model {model!r} takes no input image; models that edit images: {edits}",
                                       param="model")
         return name, pipe
+
+    def speech_pipeline(self, model: str | None, param: str = "model") -> tuple[str, PipelineConfig]:
+        """(name, pipeline) that speaks for ``model``: a pipeline's name whose last step outputs audio, or
+        a chat model (AR stage: served name or key) whose speech pipeline that is (its first step runs that
+        stage); None: the first speech pipeline. 400 naming ``param`` for a model that does not speak."""
+        speech = {n: p for n, p in self.config.pipelines.items() if p.steps and p.steps[-1].output == "audio"}
+        if model is not None and model in speech:
+            return model, speech[model]
+        if model is None and speech:
+            return next(iter(speech.items()))
+        stage = self.stage(model, "ar")                  # 404 for an unknown model
+        for n, p in speech.items():
+            if p.steps[0].stage == stage:
+                return n, p
+        speakers = sorted({self.names[p.steps[0].stage] for p in speech.values()})
+        raise InvalidRequestError(f"model {self.names[stage]!r} has no speech output (no pipeline from it to "
+                                  f"audio); models that speak: {speakers}", param=param)
+
+    def _speaks(self, stage: str) -> bool:
+        return any(p.steps and p.steps[0].stage == stage and p.steps[-1].output == "audio"
+                   for p in self.config.pipelines.values())
+
+    def voices(self, pipe: PipelineConfig) -> list[str] | None:
+        """The voices of a speech pipeline (its checkpoint's ``spk_dict.pt``); None when not readable here
+        (the token2wav stage still checks the voice)."""
+        stage = pipe.steps[-1].stage
+        if stage not in self._voices:
+            try:
+                from omni_ray.stages.voices import speech_voices
+
+                self._voices[stage] = sorted(speech_voices(self.config.stages[stage].engine.model.path))
+            except (ImportError, ConfigError, OSError):
+                self._voices[stage] = None
+        return self._voices[stage]
 
     def pipeline(self, name: str) -> PipelineConfig:
         if name not in self.config.pipelines:

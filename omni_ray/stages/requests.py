@@ -59,6 +59,8 @@ class Handoff:
         concatenated, by reference ``ref`` the list of the parts' references."""
         if len(parts) == 1:
             return parts[0]
+        if any(p.span is not None for p in parts):      # rows of a reference: only the consumer cuts them
+            raise ValueError("cannot join hand-offs that are rows of a reference (span)")
         shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
         if all(p.tensor is not None for p in parts):
             import torch

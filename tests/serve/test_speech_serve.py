@@ -54,7 +54,7 @@ class Recorder:
     """What the runner hands between stages: the thinker's hidden states, the talker's prompt and feeds."""
 
     def __init__(self, backends):
-        self.thinker_rows, self.talker_handoffs, self.codes = [], [], {}
+        self.thinker_rows, self.talker_handoffs, self.codes, self.prompt_ids = [], [], {}, []
         ar, talker = backends["omni"], backends["omni-talker"]
         generate, tk_generate, feed = ar.generate, talker.generate, talker.feed
 
@@ -62,6 +62,8 @@ class Recorder:
             async for d in generate(req):
                 if d.get("hidden_states") is not None:
                     self.thinker_rows.append(d["hidden_states"])
+                if d.get("prompt_token_ids"):
+                    self.prompt_ids.append(d["prompt_token_ids"])
                 yield d
 
         async def talker_generate(req):
@@ -78,7 +80,7 @@ class Recorder:
         ar.generate, talker.generate, talker.feed = thinker, talker_generate, talker_feed
 
 
-async def run_online(handles, prompts, voice="Chelsie", stop_after_audio=False, speech=SPEECH):
+async def run_online(handles, prompts, voice="Chelsie", stop_after_audio=False, speech=SPEECH, messages=None):
     """(per prompt: its events, the Recorder) through the Serve handles."""
     from deployments.ingress.catalog import Catalog
     from deployments.ingress.remote_stages import remote_backends
@@ -98,7 +100,8 @@ async def run_online(handles, prompts, voice="Chelsie", stop_after_audio=False, 
         args = StageArgs.from_kwargs(copy.deepcopy(speech))
         args.validate(PIPE, pipe, catalog.kinds)
         events = []
-        run = run_pipeline(pipe, backends, catalog.kinds, prompt, f"sp-{i}-{id(prompts)}", args, audio={"voice": voice})
+        run = run_pipeline(pipe, backends, catalog.kinds, None if messages else prompt, f"sp-{i}-{id(prompts)}", args,
+                           audio={"voice": voice}, messages=messages)
         async with contextlib.aclosing(run) as evs:
             async for ev in evs:
                 events.append(ev)
@@ -132,8 +135,25 @@ def test_speech_through_serve_equals_offline_and_states_pass_by_reference(handle
     assert rec.thinker_rows and all(h.tensor is None and h.refs for h in rec.thinker_rows)
     assert rec.talker_handoffs and all(h.tensor is None and h.refs for h in rec.talker_handoffs)
     assert sum(h.shape[0] for h in rec.talker_handoffs) == sum(h.shape[0] for h in rec.thinker_rows)
+    # the thinker's first delta names its prompt (no second call for the talker's prompt ids)
+    assert len(rec.prompt_ids) == 1 and rec.talker_handoffs[0].shape[0] == len(rec.prompt_ids[0])
     (codes,) = rec.codes.values()
     assert len(codes) == 60 or res["stages"][1]["finish_reason"] == "stop"
+
+
+def test_image_in_text_and_audio_out_equals_offline(handles, offline):
+    """A chat request with an image: the thinker's M-RoPE positions reach the talker replica with its prompt."""
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 90, 3), dtype=np.uint8))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Describe it."}]}]
+    (events,), rec = asyncio.run(run_online(handles, [None], messages=msgs))
+    res = result(events)
+    ref = offline.generate(PIPE, messages=msgs, audio={"voice": "Chelsie"}, use_tqdm=False, **copy.deepcopy(SPEECH))
+    assert res["text"] == ref.text and res["usage"]["prompt_tokens"] == ref.usage["prompt_tokens"] > 20
+    assert res["audio"]["samples"].shape == ref.audio.shape and ref.audio.size > 0
+    assert np.abs(res["audio"]["samples"] - ref.audio).max() <= 1e-5
+    assert all(h.tensor is None and h.refs for h in rec.talker_handoffs)
 
 
 def test_two_concurrent_speech_requests_batch_in_the_talker(handles, offline):

@@ -50,7 +50,8 @@ def test_a_chat_reply_speaks_as_openai_answers(oai):
     y, rate = sf.read(io.BytesIO(base64.b64decode(msg.audio.data)), dtype="float32")
     assert rate == RATE and y.ndim == 1 and y.size > 0 and np.isfinite(y).all()
     assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
-    text = oai.chat.completions.create(**KW).choices[0].message.content        # text only: the thinker alone
+    text_only = KW | {"extra_body": {"ignore_eos": True}}
+    text = oai.chat.completions.create(**text_only).choices[0].message.content   # the thinker alone
     assert text == msg.audio.transcript
 
 

@@ -248,6 +248,9 @@ def test_text_only_request_skips_the_talker(omni):
     talker, t2w = omni.stage("talker").stats(), omni.stage("token2wav").stats()
     out = omni.generate("omni", PROMPT, max_tokens=4, temperature=0, use_tqdm=False)
     assert out.text and out.audio is None and [s["stage"] for s in out.stages] == ["thinker"]
+    conv = [{"role": "user", "content": PROMPT}]                  # the same as chat messages, two conversations
+    both = omni.generate("omni", messages=[conv, conv], max_tokens=4, temperature=0, use_tqdm=False)
+    assert [o.text for o in both] == [out.text] * 2 and all(o.prompt is None and o.audio is None for o in both)
     assert omni.stage("talker").stats()["steps"] == talker["steps"]
     assert omni.stage("token2wav").stats()["requests_added"] == t2w["requests_added"]
 

@@ -162,8 +162,12 @@ class OpenStreams:
     async def stream(self, it: AsyncIterator[T], merge_fn) -> AsyncIterator[T]:
         """``it``'s items merged by ``merge_fn`` at this replica's current interval."""
         with self.open():
-            async for item in coalesce(it, merge_fn, self.interval):
-                yield item
+            merged = coalesce(it, merge_fn, self.interval)
+            try:
+                async for item in merged:
+                    yield item
+            finally:
+                await merged.aclose()      # closed at a yield: coalesce's pump task is cancelled now
 
     @contextmanager
     def open(self):

@@ -5,6 +5,7 @@ set; keys, body size and stray exceptions are handled by the Gate middleware bef
 a body, the other limits by the routes before any stage is called):
     GET  /health  /info  /v1/models  /v1/models/{id}  /v1/pipelines
     POST /v1/completions  /v1/chat/completions  /v1/images/generations
+    POST /v1/audio/speech         (text to speech; chat completions with modalities ["text", "audio"]: speech.py)
     POST /v1/images/edits         (OpenAI's multipart form: image file + prompt; models that edit images)
     POST /v1/pipelines/{name}     (or /v1/pipelines/run with a "pipeline" field; "stream": true for SSE)
     POST /generate                (vLLM-omni's route: the same runner, pipeline and stage_args optional)
@@ -44,11 +45,13 @@ from deployments.ingress.lifecycle import Lifecycle, new_id
 from deployments.ingress.limits import check_pipeline_limits, check_text_limits
 from deployments.ingress.openapi_doc import install_openapi
 from deployments.ingress.pipelines import pipeline_events, pipeline_result, public, render_pipeline
-from deployments.ingress.remote_stages import RemoteAR, RemoteDiT
+from deployments.ingress.remote_stages import remote_backends
 from deployments.ingress.request_ids import RequestIds
+from deployments.ingress.speech import SPEECH_OPENAPI, SpeechRoutes
 from deployments.ingress.stage_health import StageHealth
 from deployments.ingress.text import collect, render_text, text_events, text_requests
 from deployments.ingress.videos import VideoJobs
+from deployments.openai.audio import SpeechRequest
 from deployments.openai.image_edits import parse_edit_form
 from deployments.openai.protocol import (
     ChatCompletionRequest,
@@ -89,14 +92,13 @@ class Ingress:
         cache = dit_cache({"app": self.config.app.name, "dit_cache": self.config.dit_cache.model_dump()})
         batch = self.config.app.stage_call_batch
         self.stage_health = StageHealth(stages, self.config.app.stage_health)
-        self.backends = {k: RemoteAR(h, cache, self.names[k], batch, k, self.stage_health) if self.kinds[k] == "ar"
-                         else RemoteDiT(h, k, self.stage_health) for k, h in stages.items()
-                         if self.kinds[k] != "encoder"}           # encoder stages: called by AR replicas only
+        self.backends = remote_backends(stages, self.catalog, self.stage_health, cache, batch)
         self.limits = self.config.app.limits
         self.admission = Admission(self.config)
         self.requests = Lifecycle(self.config.app, self.admission, OpenStreams(self.config.app.streaming))
         self.ids = RequestIds()                 # <prefix>-<X-Request-Id>, unique (request_ids.py)
         self.videos = VideoJobs(self.config, self.catalog, self.backends, self.requests, self.ids)   # /v1/videos
+        self.speech = SpeechRoutes(self)                                   # audio out (speech.py)
 
     def __serve_build_asgi_app__(self):
         """Called by Serve after __init__: hand this replica's keys and limits to the Gate, and its
@@ -158,10 +160,17 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
+        if body.wants_audio:                      # modalities ["text", "audio"]: the speech pipeline
+            return await self.speech.chat(body)
         stage = self.catalog.stage(body.model, "ar")
         tools = body.tool_calling(self.catalog.tool_parser(stage), self.names[stage])
         prompts = [{"messages": body.chat_messages()} | ({"tools": tools.tools} if tools else {})]
         return self._respond(await self._text(body, prompts, Chat, tools))
+
+    @app.post("/v1/audio/speech", response_class=Response, openapi_extra=SPEECH_OPENAPI)
+    async def audio_speech(self, body: SpeechRequest):
+        """OpenAI's text to speech on a model's speech pipeline (deployments/openai/audio.py says how)."""
+        return await self.speech.speech(body)
 
     # ================================================================== pipelines and images
     @app.post("/v1/pipelines/{name}")

@@ -80,9 +80,11 @@ class Lifecycle:
         finally:
             await ticket.release(err)
 
-    async def stream(self, rid: str, pipeline: str, stages: list[str], priority: str, events, ready, render):
+    async def stream(self, rid: str, pipeline: str, stages: list[str], priority: str, events, ready, render,
+                     raw: bool = False):
         """Admit, open ``events(ticket)`` and buffer it up to the first ``ready`` item, so bad input
-        fails the HTTP request (4xx) instead of the stream; then SSE-render the rest."""
+        fails the HTTP request (4xx) instead of the stream; then SSE-render the rest (``raw``: what
+        ``render`` yields as it is, no ``[DONE]``, a later failure ends the response)."""
         when = self.new_deadline()
         ticket = await self.admit(rid, pipeline, stages, priority, when)
         left = max(0.0, when - asyncio.get_running_loop().time())
@@ -98,13 +100,26 @@ class Lifecycle:
             await it.aclose()
             await ticket.release(e)
             raise typed(e) if isinstance(e, Exception) else e from None
-        return self._sse(ticket, prepend_all(head, it), render)
+        return (self._raw if raw else self._sse)(ticket, prepend_all(head, it), render)
+
+    async def _raw(self, ticket, events, render) -> AsyncIterator:
+        err = None
+        try:
+            async for chunk in render(events):
+                yield chunk
+        except BaseException as e:     # a failure, or the client went away
+            err = e
+            raise
+        finally:
+            await events.aclose()
+            await ticket.release(err)
 
     async def _sse(self, ticket, events, render) -> AsyncIterator[str]:
         err = None
+        # events merged per message; [DONE] goes in the last one (the end is not held for the interval)
+        merged = self.open_streams.stream(prepend_all([], render(events), tail=[DONE]), "".join)
         try:
-            # events merged per message; [DONE] goes in the last one (the end is not held for the interval)
-            async for chunk in self.open_streams.stream(prepend_all([], render(events), tail=[DONE]), "".join):
+            async for chunk in merged:
                 yield chunk
         except Exception as e:         # headers are sent: report in-band
             err = e
@@ -114,5 +129,6 @@ class Lifecycle:
             err = e
             raise
         finally:
+            await merged.aclose()      # closed at a yield: its pump task stops before ``events`` is closed
             await events.aclose()
             await ticket.release(err)

@@ -11,15 +11,16 @@ from omni_ray.stages.requests import ImageInput
 
 
 async def pipeline_events(backends: dict, kinds: dict, rid: str, pipe: PipelineConfig, prompt: str,
-                          args: StageArgs, ticket, image: ImageInput | None = None) -> AsyncIterator[dict]:
-    """run_pipeline, with the scheduler gating and told about each stage."""
+                          args: StageArgs, ticket, image: ImageInput | None = None, **inputs) -> AsyncIterator[dict]:
+    """run_pipeline, with the scheduler gating and told about each stage; ``inputs``: run_pipeline's
+    others (``messages``, ``audio``)."""
     current = None
     try:
-        async for ev in run_pipeline(pipe, backends, kinds, prompt, rid, args, image):
+        async for ev in run_pipeline(pipe, backends, kinds, prompt, rid, args, image, **inputs):
             if ev["type"] == "stage_start":
                 current = ev["stage"]
                 await ticket.stage_started(current)      # waits for a slot on a later stage
-            elif ev["type"] == "stage_end":
+            elif ev["type"] == "stage_end" and ev.get("stage", current) == current:   # speech: stages overlap
                 await ticket.stage_finished(current)
                 current = None
             yield ev
@@ -29,8 +30,8 @@ async def pipeline_events(backends: dict, kinds: dict, rid: str, pipe: PipelineC
 
 
 async def pipeline_result(backends: dict, kinds: dict, rid: str, pipe: PipelineConfig, prompt: str,
-                          args: StageArgs, ticket, image: ImageInput | None = None) -> dict:
-    async for ev in pipeline_events(backends, kinds, rid, pipe, prompt, args, ticket, image):
+                          args: StageArgs, ticket, image: ImageInput | None = None, **inputs) -> dict:
+    async for ev in pipeline_events(backends, kinds, rid, pipe, prompt, args, ticket, image, **inputs):
         if ev["type"] == "result":
             return ev
     raise OmniError("pipeline ended without a result")

@@ -5,9 +5,10 @@ error becomes a 400 with OpenAI's error body). Their ranges are the engines' own
 (``SAMPLING_RULES`` / ``DIFFUSION_RULES``): the fields document them as OpenAPI bounds and
 ``to_sampling_params()`` / ``to_diffusion_params()`` check them, once, with the same message an
 offline caller gets. Fields OpenAI defines that omni-ray cannot honour (penalties, ``logit_bias``,
-``functions``, ``suffix``, ``best_of`` != n, audio out, ``response_format: url``, ...: the
+``functions``, ``suffix``, ``best_of`` != n, ``response_format: url``, ...: the
 ``*_REFUSED`` tables) are rejected with a 400 naming the field rather than silently ignored. Tool calling
-(``tools``, ``tool_choice``, tool-call history): deployments/openai/tools.py.
+(``tools``, ``tool_choice``, tool-call history): deployments/openai/tools.py; audio out (``modalities``,
+``audio``) and ``/v1/audio/speech``: deployments/openai/audio.py.
 """
 
 from __future__ import annotations
@@ -85,8 +86,6 @@ TEXT_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 CHAT_REFUSED = TEXT_REFUSED | {
     "functions": (_unset(), "functions is deprecated by OpenAI and not supported; use tools"),
     "function_call": (_unset("none"), "function_call is deprecated by OpenAI and not supported; use tool_choice"),
-    "audio": (_unset(), "audio output is not supported (this server returns text)"),
-    "modalities": (_unset(["text"]), "only the text modality is supported (modalities: [\"text\"])"),
     "reasoning_effort": (_unset(), "reasoning_effort is not supported"),
     "verbosity": (_unset(), "verbosity is not supported"),
     "web_search_options": (_unset(), "web search is not supported"),
@@ -237,6 +236,7 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None      # assistant: the calls it made (deployments/openai/tools.py)
     tool_call_id: str | None = None                 # tool: the call this is the result of
+    audio: dict[str, Any] | None = None             # assistant: a previous audio reply ({"id"}): refused
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -279,6 +279,13 @@ class ChatMessage(_Body):
         return out
 
 
+class ChatAudioParam(_Body):
+    """``audio`` of a chat request (OpenAI's ChatCompletionAudioParam): checked by deployments/openai/audio.py."""
+
+    voice: str | dict[str, Any]
+    format: Literal["wav", "aac", "mp3", "flac", "opus", "pcm16"]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = bounded(None, S["max_tokens"])
@@ -287,7 +294,22 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    modalities: list[Literal["text", "audio"]] | None = None     # ["text", "audio"]: audio out (openai/audio.py)
+    audio: ChatAudioParam | None = None
+    stage_args: dict[str, dict[str, Any]] | None = None          # extension, audio out: per speech stage
     refused: ClassVar[dict] = CHAT_REFUSED
+
+    @model_validator(mode="after")
+    def _stage_args_need_audio(self):
+        if self.stage_args and not self.wants_audio:
+            raise InvalidRequestError("stage_args applies to audio out (modalities with audio): the stages of the "
+                                      "model's speech pipeline", param="stage_args")
+        return self
+
+    @property
+    def wants_audio(self) -> bool:
+        """Audio out was asked for (``modalities`` has audio, or ``audio`` is set: both are checked)."""
+        return "audio" in (self.modalities or []) or self.audio is not None
 
     @property
     def num_logprobs(self) -> int | None:
@@ -300,6 +322,9 @@ class ChatCompletionRequest(_Sampling):
     def chat_messages(self) -> list[dict]:
         out = []
         for i, m in enumerate(self.messages):
+            if m.audio:
+                raise InvalidRequestError("audio replies are not kept by this server: send the assistant's reply "
+                                          "as content (its transcript)", param=f"messages.{i}.audio")
             role = "system" if m.role == "developer" else m.role
             out.append(history_message(i, role, m.content_for_template(i), m.tool_calls, m.tool_call_id, m.name))
         return out

@@ -150,6 +150,19 @@ class ARDeployment(StageReplica):
                 d["replica_s"] = time.perf_counter() - t0
             yield d
 
+    async def thinker_prompt(self, req: ARRequest) -> tuple[list[int], Any, int] | OmniError:
+        """(prompt token ids, M-RoPE positions [3, L] or None, rope delta) of ``req`` as the engine processes
+        it: what a speech request's talker prompt needs beside the thinker's streamed hidden states."""
+        return await error_as_value(self._thinker_prompt(req))
+
+    async def _thinker_prompt(self, req: ARRequest) -> tuple[list[int], Any, int]:
+        from omni_ray.ar.multimodal import MultiModalInputs
+
+        prompt = await self.engine.prompt(await resolve_images(req))
+        if isinstance(prompt, MultiModalInputs):
+            return list(prompt.token_ids), prompt.positions, prompt.rope_delta
+        return list(prompt), None, 0
+
     def _put_rows(self, delta):
         """A delta's hidden-state rows (``return_hidden_states``) into the object store: the delta goes on with
         a Handoff of their reference, pinned until the next stage has read them; other items unchanged."""

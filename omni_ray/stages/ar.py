@@ -14,7 +14,8 @@ engine's outputs become plain dict deltas (what a Serve replica streams back):
     + "hidden_states" (params.return_hidden_states, a thinker feeding its talker): [n, H] float32, the final
       (normed) hidden states of the positions fed since the previous delta (the prompt's, then one per
       generated token once it is fed: all but the last); "prompt_positions" [3, L] and "rope_delta" in the
-      first delta when the prompt had M-RoPE positions (media). The Serve replica replaces the tensor by
+      first delta when the prompt had M-RoPE positions (media), and "prompt_token_ids" (the prompt as the engine
+      took it) in the first delta. The Serve replica replaces the tensor by
       a ``Handoff`` holding its ObjectRef; ``OmniLLM`` by one holding the tensor
 """
 
@@ -118,7 +119,7 @@ def merge_deltas(items: list[dict]) -> dict:
     rows = [d["hidden_states"] for d in items if d.get("hidden_states") is not None]
     if rows:                                                 # in order, none dropped
         out["hidden_states"] = torch.cat(rows) if isinstance(rows[0], torch.Tensor) else Handoff.join(rows)
-    for key in ("prompt_logprobs", "prompt_text", "prompt_positions", "rope_delta"):     # first delta only
+    for key in ("prompt_logprobs", "prompt_text", "prompt_positions", "rope_delta", "prompt_token_ids"):   # 1st only
         first = next((d[key] for d in items if key in d), None)
         if first is not None:
             out[key] = first
@@ -208,6 +209,8 @@ class ARStageEngine(EngineStage):
                 d["hidden_states"] = out.hidden_states
             if out.prompt_positions is not None:
                 d["prompt_positions"], d["rope_delta"] = out.prompt_positions, out.rope_delta
+            if first and params.return_hidden_states:      # whom the rows are of (a talker's prompt needs them)
+                d["prompt_token_ids"] = list(prompt.token_ids if isinstance(prompt, MultiModalInputs) else prompt)
             if first and req.echo:
                 ids = prompt.token_ids if isinstance(prompt, MultiModalInputs) else prompt
                 d["prompt_text"] = req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(ids)

@@ -18,6 +18,7 @@ stage that takes it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,7 @@ class Handoff:
     shape: list[int]
     ref: Any = None
     tensor: Any = None
+    span: tuple[int, int] | None = None   # by reference: rows [start, stop) of what ``ref`` holds (``rows``)
     dtype: str | None = None
     object_id: str | None = None
     source: dict | None = None            # what they are a function of (model, input digest): cache keys
@@ -57,6 +59,8 @@ class Handoff:
         concatenated, by reference ``ref`` the list of the parts' references."""
         if len(parts) == 1:
             return parts[0]
+        if any(p.span is not None for p in parts):      # rows of a reference: only the consumer cuts them
+            raise ValueError("cannot join hand-offs that are rows of a reference (span)")
         shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
         if all(p.tensor is not None for p in parts):
             import torch
@@ -69,6 +73,38 @@ class Handoff:
         out = {"shape": list(self.shape), "dtype": self.dtype, "object_id": self.object_id,
                "source": self.source, "cache": self.cache}
         return {k: v for k, v in out.items() if v is not None}
+
+    def rows(self, start: int, stop: int | None = None) -> "Handoff":
+        """Rows [start, stop) of these hidden states, without resolving them (a runner splitting a thinker's
+        streamed rows between the talker's prompt and its feeds): by value a slice of the tensor, by
+        reference the same references and the ``span``, cut where they are resolved (``resolve``)."""
+        n = self.shape[0]
+        stop = n if stop is None else stop
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"rows [{start}, {stop}) of a hand-off of {n} rows")
+        shape = [stop - start, *self.shape[1:]]
+        if self.ref is None:
+            return Handoff(shape, tensor=None if self.tensor is None else self.tensor[start:stop], dtype=self.dtype)
+        base = self.span[0] if self.span else 0
+        return Handoff(shape, ref=self.ref, span=(base + start, base + stop), dtype=self.dtype)
+
+    async def resolve(self):
+        """The rows as a CPU tensor: by value, or fetched from the object store (by the consuming replica: the
+        only place they are resolved), several references concatenated in order, cut to ``span``."""
+        import warnings
+
+        import torch
+
+        if self.tensor is not None:
+            return torch.as_tensor(self.tensor)
+        if self.ref is None:
+            raise InvalidRequestError("a hand-off carries neither a tensor nor a reference", param="hidden")
+        refs = self.ref if isinstance(self.ref, list) else [self.ref]
+        with warnings.catch_warnings():        # the store's buffers are read-only; consumers copy what they keep
+            warnings.simplefilter("ignore", UserWarning)
+            parts = [torch.as_tensor(x) for x in await asyncio.gather(*refs)]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return t if self.span is None else t[self.span[0]:self.span[1]]
 
 
 @dataclass
@@ -220,3 +256,71 @@ class DiTRequest:
             raise InvalidRequestError("image must be an ImageInput", param="image")
         if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, int) or self.fps < 1):
             raise InvalidRequestError(f"fps must be a positive integer, got {self.fps!r}", param="fps")
+
+
+# ----------------------------------------------------------------------------- speech (Qwen2.5-Omni)
+@dataclass
+class TalkerRequest:
+    """A talker stage's request (speech out): the thinker prompt's token ids and final hidden states
+    ``prompt_hidden`` ([L, E], a Handoff), M-RoPE ``positions`` [3, L] / ``rope_delta`` when the prompt
+    had media, the voice (its ``bos_token`` in spk_dict.pt). The thinker's generated tokens come after,
+    by ``feed(request_id, ThinkerRows)``; ``params``: the talker's sampling (codec stop tokens added by
+    the stage)."""
+
+    request_id: str
+    voice: str
+    params: SamplingParams
+    prompt_ids: list[int]
+    prompt_hidden: Handoff
+    positions: Any = None                          # torch.Tensor [3, L] | None
+    rope_delta: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
+        if not isinstance(self.voice, str) or not self.voice:
+            raise InvalidRequestError("voice must be a non-empty string", param="voice")
+        if not isinstance(self.params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(self.params).__name__}",
+                                      param="params")
+        if not isinstance(self.prompt_ids, list) or not self.prompt_ids:
+            raise InvalidRequestError("prompt_ids must be a non-empty list of token ids", param="prompt_ids")
+        if not isinstance(self.prompt_hidden, Handoff) or self.prompt_hidden.shape[:1] != [len(self.prompt_ids)]:
+            raise InvalidRequestError("prompt_hidden must be a Handoff of [len(prompt_ids), E] hidden states",
+                                      param="prompt_hidden")
+
+
+@dataclass
+class ThinkerRows:
+    """A feed of the thinker's generated tokens to a talker request: their ids and final hidden states
+    (``hidden`` [len(token_ids), E], a Handoff; None when no token came). ``finished=True`` ends the
+    thinker's part (its last token, never fed to the thinker, has no state and is not sent)."""
+
+    token_ids: list[int]
+    hidden: Handoff | None = None
+    finished: bool = False
+
+    def __post_init__(self):
+        n = len(self.token_ids)
+        if n and (self.hidden is None or self.hidden.shape[:1] != [n]):
+            raise InvalidRequestError(f"hidden must be a Handoff of [{n}, E] rows", param="hidden")
+
+
+@dataclass
+class SpeechRequest:
+    """A token2wav stage's request: the utterance's voice and ``params`` (DiffusionParams: ``seed`` draws the
+    stream's noise, ``num_inference_steps`` / ``guidance_scale`` the reference's ``num_steps`` / guidance).
+    The codec tokens come by ``feed(request_id, codes, finished)``."""
+
+    request_id: str
+    voice: str
+    params: DiffusionParams = field(default_factory=DiffusionParams)
+
+    def __post_init__(self):
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
+        if not isinstance(self.voice, str) or not self.voice:
+            raise InvalidRequestError("voice must be a non-empty string", param="voice")
+        if not isinstance(self.params, DiffusionParams):
+            raise InvalidRequestError(f"params must be DiffusionParams, got {type(self.params).__name__}",
+                                      param="params")

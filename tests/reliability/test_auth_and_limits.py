@@ -45,6 +45,7 @@ VALID = {
     "/v1/videos": ("GET", "/v1/videos", None),
     "/v1/videos/{video_id}": ("GET", "/v1/videos/video-nope", None, 404),
     "/v1/videos/{video_id}/content": ("GET", "/v1/videos/video-nope/content", None, 404),
+    "/v1/audio/speech": ("POST", "/v1/audio/speech", {"input": "hi", "voice": "Chelsie"}, 400),   # no talker here
 }
 
 

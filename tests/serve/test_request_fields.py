@@ -30,8 +30,6 @@ def refused(cls, **body) -> InvalidRequestError:
     ("function_call", "auto", "use tool_choice"),
     ("function_call", {"name": "f"}, "use tool_choice"),
     ("logit_bias", {"15": 100}, "logit_bias"),
-    ("audio", {"voice": "alloy", "format": "wav"}, "audio output"),
-    ("modalities", ["text", "audio"], "text modality"),
     ("reasoning_effort", "high", "reasoning_effort"),
     ("verbosity", "low", "verbosity"),
     ("web_search_options", {}, None),              # {} asks for nothing: accepted

@@ -55,10 +55,10 @@ def stage_config(a) -> dict:
                 "ingress": {"num_cpus": 1 if gpu else 0.25, "max_ongoing_requests": 1024}},
         "stages": {
             "omni": {"kind": "ar", "engine": {"model": model | {"name": "omni"} | dtype} | ar, "deployment": dep},
-            "omni-talker": {"kind": "talker", "engine": {"model": model | {"name": "omni-talker"} | dtype} | ar,
-                            "deployment": dep},
-            "omni-token2wav": {"kind": "token2wav", "engine": {"model": model | {"name": "omni-token2wav"},
-                                                               "device": a.device, "max_batch_size": 32},
+            "omni-talker": {"kind": "ar", "engine": {"model": model | {"name": "omni-talker", "submodel": "talker"}
+                                                     | dtype} | ar, "deployment": dep},
+            "omni-token2wav": {"kind": "dit", "engine": {"model": model | {"name": "omni-token2wav"},
+                                                         "device": a.device, "max_batch_size": 32},
                                "deployment": dep}},
         "pipelines": {"omni-speech": {"graph": {"model": "omni", "stages": {"talker": "omni-talker",
                                                                             "token2wav": "omni-token2wav"}}}},
@@ -160,9 +160,6 @@ def offline_rows(a) -> list[dict]:
     from omni_ray.runner import StageArgs, run_pipeline
 
     cfg = stage_config(a)
-    cfg["stages"]["omni-talker"] = {"kind": "ar", "engine": cfg["stages"]["omni-talker"]["engine"] |
-                                    {"model": cfg["stages"]["omni-talker"]["engine"]["model"] | {"submodel": "talker"}}}
-    cfg["stages"]["omni-token2wav"] = {"kind": "dit", "engine": cfg["stages"]["omni-token2wav"]["engine"]}
     for st in cfg["stages"].values():
         st.pop("deployment", None)
     cfg.pop("scheduler")

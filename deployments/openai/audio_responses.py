@@ -35,7 +35,7 @@ def b64(data: bytes) -> str:
 
 def finish_reason(result: dict) -> str:
     """The thinker's finish reason (the first step that reports one): ``stop`` or ``length``."""
-    return finish(next((s["finish_reason"] for s in result.get("stages") or [] if s.get("finish_reason")),
+    return finish(next((s["finish_reason"] for s in result.get("stages") or [] if s and s.get("finish_reason")),
                        "stop"))
 
 

@@ -54,13 +54,9 @@ def thinker_embedding(path) -> torch.Tensor:
 
 
 async def handoff_tensor(h: Handoff) -> torch.Tensor:
-    """A Handoff's rows as a float32 tensor: by value, or its object-store ref resolved here."""
-    x = h.tensor
-    if x is None:
-        if h.ref is None:
-            raise InvalidRequestError("a hand-off carries neither a tensor nor a reference", param="hidden")
-        x = await h.ref
-    return torch.as_tensor(x).float()
+    """A Handoff's rows as a float32 tensor: by value, or resolved here from the object store (``Handoff.resolve``:
+    several references in order, cut to its span)."""
+    return (await h.resolve()).float()
 
 
 class _Feed:

@@ -50,8 +50,27 @@ def test_a_chat_reply_speaks_as_openai_answers(oai):
     y, rate = sf.read(io.BytesIO(base64.b64decode(msg.audio.data)), dtype="float32")
     assert rate == RATE and y.ndim == 1 and y.size > 0 and np.isfinite(y).all()
     assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
-    text = oai.chat.completions.create(**KW).choices[0].message.content        # text only: the thinker alone
+    text_only = KW | {"extra_body": {"ignore_eos": True}}
+    text = oai.chat.completions.create(**text_only).choices[0].message.content   # the thinker alone
     assert text == msg.audio.transcript
+
+
+def test_image_and_audio_in_text_and_audio_out(oai):
+    from tests.ar.test_mm_encoders import _image, _wave
+
+    png, wav = io.BytesIO(), io.BytesIO()
+    _image(40, 56, 3).save(png, format="PNG")
+    sf.write(wav, _wave(8000, 4), 16000, format="WAV")
+    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png.getvalue())
+                                                   .decode()}},
+               {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.getvalue()).decode(),
+                                                       "format": "wav"}},
+               {"type": "text", "text": "What do you see and hear?"}]
+    r = chat_audio(oai, "flac", messages=[{"role": "user", "content": content}])
+    msg = r.choices[0].message
+    y, rate = sf.read(io.BytesIO(base64.b64decode(msg.audio.data)), dtype="float32")
+    assert rate == RATE and y.size > 0 and msg.audio.transcript
+    assert r.usage.prompt_tokens > 40                    # the image's and the audio's placeholders count
 
 
 def test_streamed_pcm16_chunks_make_the_whole_reply(oai):

@@ -71,50 +71,73 @@ def _last_codes(omni, n=1):
 
 
 @pytest.fixture(scope="module")
-def reference(ckpt, omni):
-    """transformers' whole model: (thinker tokens, talker codes, waveform) of PROMPT under the chat template."""
+def hf_model(ckpt):
     from transformers import Qwen2_5OmniForConditionalGeneration
 
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model, omni):
+    """transformers' whole model: (thinker tokens, talker codes, waveform) of PROMPT under the chat template."""
     from omni_ray.stages.ar import render_chat
 
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     ids = render_chat(omni.stage("thinker").tokenizer, [{"role": "user", "content": PROMPT}])
+    return run_reference(hf_model, THINKER_NEW, TALKER_NEW, STEPS, SEED, input_ids=torch.tensor([ids]))
+
+
+def run_reference(model, thinker_new: int, talker_new: int, steps: int, seed: int, **inputs):
+    """(thinker tokens, talker codes without the end token, waveform) of ``model.generate(return_audio=True)``,
+    greedy, the token2wav noise drawn right after ``torch.manual_seed(seed)``.
+
+    transformers >= 5.2x's ``generate`` drops an all-ones attention mask, and the talker's forward does its prompt
+    set-up only when it gets one: the codec pad / start embeddings added to its last two prompt rows, and its
+    M-RoPE positions (``get_rope_index`` over the thinker's prompt: media positions) with the decode offset. Without
+    a mask its speech path skips both (1-D positions, no codec rows), unlike the model's definition and Qwen's own
+    code; the hook below does that set-up in that case, as the talker's forward would with the mask."""
     got = {}
     talker_generate = model.talker.generate
+    tk = model.config.talker_config
+    codec = model.talker.get_input_embeddings().weight
 
     def talker(**kw):
+        kw.pop("pixel_values", None)     # transformers 5 hands the thinker's pixel_values on; the talker refuses them
         out = talker_generate(**kw)
         got["codes"] = out[0, kw["input_ids"].shape[1]:].tolist()
         return out
 
-    def seed(*_):                                               # the noise: drawn right after this
-        torch.manual_seed(SEED)
+    def draw_noise(*_):
+        torch.manual_seed(seed)
 
-    tk = model.config.talker_config
-    codec = model.talker.get_input_embeddings().weight
-
-    def prompt_rows(_mod, args, kw):
-        """transformers >= 5.2x's generate drops an all-ones attention mask, and the talker's forward only adds
-        the codec pad / start embeddings to its last two prompt rows (its prompt set-up) when it gets a mask:
-        done here in that case, as the model (and the original Qwen code) defines the prompt."""
+    def prompt_setup(mod, args, kw):
+        if kw.get("attention_mask") is not None or kw.get("position_ids") is not None:
+            return args, kw                          # the forward does it itself
+        cache = kw.get("cache")
+        past = cache.get_seq_length() if cache is not None else 0
         e = kw.get("inputs_embeds")
-        if e is not None and kw.get("attention_mask") is None and e.shape[1] == len(ids) + 2:
+        if past == 0 and e is not None:
             e = e.clone()
             e[:, -1] += codec[tk.tts_codec_start_token_id]
             e[:, -2] += codec[tk.tts_codec_pad_token_id]
-            kw = kw | {"inputs_embeds": e}
-        return args, kw
+            text = kw["input_text_ids"]
+            pos, got["delta"] = mod.get_rope_index(text, kw.get("image_grid_thw"), kw.get("video_grid_thw"),
+                                                   torch.ones_like(text), kw.get("use_audio_in_video"),
+                                                   kw.get("audio_feature_lengths"), kw.get("video_second_per_grid"))
+            return args, kw | {"inputs_embeds": e, "position_ids": pos}
+        n = (kw["input_ids"] if kw.get("input_ids") is not None else e).shape[1]
+        pos = (torch.arange(n) + past + got["delta"]).view(1, 1, -1).expand(3, 1, -1)
+        return args, kw | {"position_ids": pos}
 
     model.talker.generate = talker
-    hooks = [model.token2wav.register_forward_pre_hook(seed),
-             model.talker.register_forward_pre_hook(prompt_rows, with_kwargs=True)]
+    hooks = [model.token2wav.register_forward_pre_hook(draw_noise),
+             model.talker.register_forward_pre_hook(prompt_setup, with_kwargs=True)]
     try:
         with torch.no_grad():
-            seq, wav = model.generate(torch.tensor([ids]), speaker="Chelsie", thinker_max_new_tokens=THINKER_NEW,
-                                      thinker_min_new_tokens=THINKER_NEW, thinker_do_sample=False,
-                                      talker_do_sample=False, talker_max_new_tokens=TALKER_NEW,
+            seq, wav = model.generate(**inputs, speaker="Chelsie", thinker_max_new_tokens=thinker_new,
+                                      thinker_min_new_tokens=thinker_new, thinker_do_sample=False,
+                                      talker_do_sample=False, talker_max_new_tokens=talker_new,
                                       talker_eos_token_id=[tk.tts_codec_pad_token_id, tk.tts_codec_end_token_id],
-                                      token2wav_num_steps=STEPS)
+                                      token2wav_num_steps=steps)
     finally:
         for h in hooks:
             h.remove()
@@ -122,7 +145,7 @@ def reference(ckpt, omni):
     stops = {tk.tts_codec_pad_token_id, tk.tts_codec_end_token_id}
     codes = got["codes"]
     codes = codes[:next((i for i, c in enumerate(codes) if c in stops), len(codes))]
-    return seq[0, len(ids):].tolist(), codes, wav.numpy()
+    return seq[0, inputs["input_ids"].shape[1]:].tolist(), codes, wav.numpy()
 
 
 def _close(got: np.ndarray, want: np.ndarray, chunks: int) -> None:
@@ -188,26 +211,46 @@ def test_concurrent_requests_batch_in_talker_and_token2wav(omni):
         assert a.audio.shape == b.audio.shape and np.abs(a.audio - b.audio).max() < 3e-5
 
 
-def test_image_in_text_and_audio_out(omni):
-    """A chat request with an image: the thinker's M-RoPE prompt goes to the talker; text as without audio."""
-    from PIL import Image
+@pytest.mark.parametrize("media,min_codes", [("image", 4), ("image+audio", 1)])
+def test_media_in_text_and_audio_out(omni, hf_model, ckpt, media, min_codes):
+    """Chat requests with an image (and an audio clip): the thinker's M-RoPE prompt positions and its states go to
+    the talker (media rows without their embedding); text, codes and audio equal the reference's (one chunk), and
+    the text equals that of the request without audio out. (With the clip this tiny talker ends after 1 code.)"""
+    from tests.ar.test_mm_encoders import _image, _wave, auto_processor
+    from tests.stages.test_media_stage import _wav_b64
 
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 90, 3), dtype=np.uint8))
-    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Describe it."}]}]
+    img, wave = _image(64, 90, 1), _wave(16000, 4)
+    parts = [{"type": "image", "image": img}]
+    if media == "image+audio":
+        parts.append({"type": "input_audio", "input_audio": {"data": _wav_b64(wave), "format": "wav"}})
+    msgs = [{"role": "user", "content": parts + [{"type": "text", "text": "Describe it."}]}]
     kw = dict(max_tokens=4, temperature=0, ignore_eos=True, stage_args={
         "talker": {"temperature": 0, "max_tokens": 12}, "token2wav": {"num_inference_steps": 2, "seed": 0}})
     out = omni.generate("omni", messages=msgs, audio={"voice": "Chelsie"}, use_tqdm=False, **kw)
+    codes = _last_codes(omni)[0]
     text = omni.generate("omni", messages=msgs, use_tqdm=False, **kw)
     assert out.text == text.text and text.audio is None
-    assert out.usage["prompt_tokens"] > 20                  # the image's placeholder tokens
-    n = out.stages[1]["num_codes"]
-    assert n > 0 and out.audio.shape == (n * 2 * 240,) and np.isfinite(out.audio).all()
+
+    proc = auto_processor(ckpt)
+    chat = proc.apply_chat_template([{"role": "user", "content": [{"type": p["type"].removeprefix("input_")}
+                                                                  for p in parts] + msgs[0]["content"][-1:]}],
+                                    add_generation_prompt=True, tokenize=False)
+    audio = {"audio": [wave]} if media == "image+audio" else {}
+    inputs = dict(proc(text=[chat], images=[img], return_tensors="pt", **audio))
+    tokens, ref_codes, wav = run_reference(hf_model, 4, 12, 2, 0, **inputs)
+    assert out.usage["prompt_tokens"] == inputs["input_ids"].shape[1] > 20      # the placeholders count
+    assert out.text == omni.stage("thinker").tokenizer.decode(tokens)
+    assert codes == ref_codes and len(codes) >= min_codes, (codes, ref_codes)
+    _close(out.audio, wav, chunks=1)
 
 
 def test_text_only_request_skips_the_talker(omni):
     talker, t2w = omni.stage("talker").stats(), omni.stage("token2wav").stats()
     out = omni.generate("omni", PROMPT, max_tokens=4, temperature=0, use_tqdm=False)
     assert out.text and out.audio is None and [s["stage"] for s in out.stages] == ["thinker"]
+    conv = [{"role": "user", "content": PROMPT}]                  # the same as chat messages, two conversations
+    both = omni.generate("omni", messages=[conv, conv], max_tokens=4, temperature=0, use_tqdm=False)
+    assert [o.text for o in both] == [out.text] * 2 and all(o.prompt is None and o.audio is None for o in both)
     assert omni.stage("talker").stats()["steps"] == talker["steps"]
     assert omni.stage("token2wav").stats()["requests_added"] == t2w["requests_added"]
 

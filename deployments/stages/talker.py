@@ -23,6 +23,7 @@ from ray import serve
 from deployments.services import CapacityReporter, replica_id
 from deployments.stages.fed import fed_stream
 from deployments.stages.replica import StageReplica, error_as_value
+from deployments.streams import OpenStreams
 from omni_ray.config import ARStageConfig, LimitsConfig, validate
 from omni_ray.errors import OmniError
 from omni_ray.stages.requests import Handoff, TalkerRequest, ThinkerRows
@@ -40,6 +41,13 @@ async def by_value(h: Handoff | None) -> Handoff | None:
     return Handoff(shape=list(t.shape), tensor=t, dtype=h.dtype)
 
 
+def merge_codes(items: list[dict]) -> dict:
+    """Consecutive talker deltas as one: their codes in order, the last one's state."""
+    out = dict(items[-1])
+    out["codes"] = [c for d in items for c in d["codes"]]
+    return out
+
+
 @serve.deployment
 class TalkerDeployment(StageReplica):
     def __init__(self, stage: str, config: dict, limits: dict | None = None, services: dict | None = None):
@@ -47,14 +55,18 @@ class TalkerDeployment(StageReplica):
         self.config: ARStageConfig = validate(ARStageConfig, config)       # model.submodel: talker
         self.engine = TalkerStageEngine(self.config.engine_config(), validate(LimitsConfig, limits or {}))
         self.engine.start()
+        self.streams = OpenStreams(self.config.streaming)       # paced as the AR stage's streams (``streaming:``)
         capacity = min(self.config.deployment.max_ongoing_requests, self.config.engine.scheduler.max_num_seqs)
         self.capacity = CapacityReporter(services, stage, capacity)
         self.start_metrics(services, self.engine.model_name)
         log.info("talker stage %r ready: model %s, voices %s", stage, self.engine.model_name, self.engine.voices)
 
     async def generate(self, req: TalkerRequest) -> AsyncIterator[dict]:
-        """``{"replica": id}``, then the codec tokens as the engine makes them; a client error is the last item."""
-        async for item in fed_stream(self.replica, req.request_id, self.engine, self._codes(req)):
+        """``{"replica": id}``, then the codec tokens as the engine makes them (what comes within this replica's
+        stream interval merged into one message: under load one message, and one token2wav feed, per several
+        engine steps); a client error is the last item."""
+        codes = self.streams.stream(self._codes(req), merge_codes)
+        async for item in fed_stream(self.replica, req.request_id, self.engine, codes):
             yield item
 
     async def _codes(self, req: TalkerRequest) -> AsyncIterator[dict]:

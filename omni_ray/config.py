@@ -431,12 +431,14 @@ class PipelineStep(Strict):
     """One step of a pipeline: which stage runs, what it takes and what it gives the next step."""
 
     stage: str = Field(description="a key of `stages`")
-    input: Literal["prompt", "text", "hidden_states"] = Field(
+    input: Literal["prompt", "text", "hidden_states", "codec_tokens"] = Field(
         "prompt", description="what this stage takes: the request's prompt, the previous stage's text, "
-                              "or its prompt hidden states")
-    output: Literal["text", "hidden_states", "images", "videos"] = Field("text", description=
+                              "or its prompt hidden states; speech: a talker takes the thinker's text step (its "
+                              "tokens and their hidden states), token2wav the talker's codec_tokens")
+    output: Literal["text", "hidden_states", "images", "videos", "codec_tokens", "audio"] = Field("text", description=
         "what this stage gives the next: generated text, prompt hidden states (AR), images or videos (DiT; "
-        "videos: MP4s over HTTP, frame arrays offline; a pipeline's last step)")
+        "videos: MP4s over HTTP, frame arrays offline; a pipeline's last step); speech: codec_tokens (an AR "
+        "stage with model.submodel talker), audio (a DiT stage running token2wav, fed codec_tokens)")
     system_prompt: str | None = Field(None, description="AR stages: a system message to wrap the input with")
     max_tokens: int | None = Field(None, ge=1, description="AR text stages: a default max_tokens")
     encoding: str | None = Field(None, description=(
@@ -602,11 +604,18 @@ class OmniConfig(Strict):
                 if kind == "encoder":
                     raise ValueError(f"pipelines.{pname}.steps.{i}.stage: {step.stage!r} is an encoder stage, "
                                      "used by the AR stages that name it in `encoder`, not a pipeline step")
-                if kind == "dit" and step.output not in ("images", "videos"):
-                    raise ValueError(f"pipelines.{pname}.steps.{i}.output: a DiT stage outputs images or videos")
-                if kind == "ar" and step.output in ("images", "videos"):
+                if kind == "dit" and step.output not in ("images", "videos", "audio"):
+                    raise ValueError(f"pipelines.{pname}.steps.{i}.output: a DiT stage outputs images, videos or "
+                                     "audio")
+                if kind == "ar" and step.output in ("images", "videos", "audio"):
                     raise ValueError(f"pipelines.{pname}.steps.{i}.output: an AR stage cannot output "
                                      f"{step.output}")
+                talker = kind == "ar" and self.stages[step.stage].engine.model.submodel == "talker"
+                if talker != (step.output == "codec_tokens"):
+                    raise ValueError(f"pipelines.{pname}.steps.{i}.output: codec_tokens come from a talker stage "
+                                     "(an AR stage with model.submodel: talker), and a talker gives nothing else")
+                if (step.output == "audio") != (step.input == "codec_tokens"):
+                    raise ValueError(f"pipelines.{pname}.steps.{i}: audio is made from codec_tokens (token2wav)")
                 if i == 0 and step.input != "prompt":
                     raise ValueError(f"pipelines.{pname}.steps.0.input: the first step takes the prompt")
                 if i > 0 and step.input != p.steps[i - 1].output:

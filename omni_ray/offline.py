@@ -25,7 +25,7 @@ import torch
 
 from omni_ray.config import ARStageConfig, EncoderStageConfig, OmniConfig, load_app_config
 from omni_ray.errors import EngineError, InvalidRequestError, ModelNotFoundError
-from omni_ray.graphs import expand_pipelines
+from omni_ray.graphs import architecture_of, expand_pipelines
 from omni_ray.media.images import load_image
 from omni_ray.rules import check_text
 from omni_ray.runner import StageArgs, check_image, run_pipeline
@@ -48,7 +48,37 @@ class _LocalAR:
         self.stage = stage
 
     def generate(self, req: ARRequest) -> AsyncIterator[dict]:
-        return self.stage.generate(req)
+        return self.stage.generate(_by_value(req))
+
+    def abort(self, request_id: str) -> None:
+        self.stage.abort(request_id)
+
+    async def thinker_prompt(self, req: ARRequest) -> tuple[list[int], torch.Tensor | None, int]:
+        """(prompt token ids, M-RoPE positions [3, L] or None, rope delta) of a thinker request, as its stage
+        processes it."""
+        from omni_ray.ar.multimodal import MultiModalInputs
+
+        prompt = await self.stage.prompt(_by_value(req))
+        if isinstance(prompt, MultiModalInputs):
+            return list(prompt.token_ids), prompt.positions, prompt.rope_delta
+        return list(prompt), None, 0
+
+    async def thinker_states(self, req: ARRequest, fed: list[int]) -> tuple[list[int], Handoff, torch.Tensor | None,
+                                                                            int]:
+        """A thinker that does not stream its hidden states: its prompt and the tokens it fed itself (``fed``,
+        all its generated tokens but the last) encoded in one pass -> (prompt ids, final hidden states
+        [L + len(fed), E], M-RoPE positions, rope delta)."""
+        from omni_ray.ar.multimodal import MultiModalInputs
+
+        prompt = await self.stage.prompt(_by_value(req))
+        if isinstance(prompt, MultiModalInputs):
+            ids, pos, delta = list(prompt.token_ids), prompt.positions, prompt.rope_delta
+            full = dataclasses.replace(prompt, token_ids=ids + list(fed))
+        else:
+            ids, pos, delta = list(prompt), None, 0
+            full = ids + list(fed)
+        hs = await self.stage.engine.encode(full, f"{req.request_id}-states")
+        return ids, Handoff(shape=list(hs.shape), tensor=hs), pos, delta
 
     async def encode(self, req: ARRequest) -> Handoff:
         return (await self.encode_batch([req]))[0]
@@ -75,15 +105,32 @@ class _LocalDiT:
     def generate(self, req: DiTRequest) -> AsyncIterator[dict]:
         return self.stage.generate(req)
 
+    def abort(self, request_id: str) -> None:
+        self.stage.abort(request_id)
+
+
+class _LocalSpeech(_LocalDiT):
+    """A talker or token2wav stage in this process: ``feed`` and ``voices`` as the adapter has them."""
+
+    async def feed(self, request_id: str, *args) -> None:
+        await self.stage.feed(request_id, *args)
+
+    @property
+    def voices(self) -> list[str]:
+        return self.stage.voices
+
 
 @dataclass
 class PipelineOutput:
     pipeline: str
-    prompt: str
+    prompt: str | None                               # None: the request was chat messages
     text: str | None = None
     images: list | None = None                       # PIL images
     videos: list | None = None                       # video pipelines: uint8 frame arrays [F, H, W, 3]
     hidden_states: torch.Tensor | None = None        # [T, H] when the last step outputs hidden states
+    audio: Any = None                                # speech (``audio={"voice": ...}``): float32 samples [n]
+    sample_rate: int | None = None                   # ... at this rate (Hz)
+    voice: str | None = None
     stages: list[dict] = field(default_factory=list)  # per step: stage, elapsed_s, ...
     usage: dict = field(default_factory=dict)
 
@@ -112,7 +159,10 @@ class _Stages:
         with self._lock:
             if name not in self._stages:
                 cfg = self.config.stages[name]
-                if isinstance(cfg, ARStageConfig):
+                if isinstance(cfg, ARStageConfig) and cfg.engine.model.submodel == "talker":
+                    from omni_ray.stages.talker import TalkerStageEngine
+                    stage = TalkerStageEngine(cfg.engine_config(), self.config.app.limits)
+                elif isinstance(cfg, ARStageConfig):
                     from omni_ray.stages.ar import ARStageEngine
                     eng = cfg.engine_config()         # offline: the engine in this process unless asked
                     if eng.core_process == "auto":
@@ -122,6 +172,9 @@ class _Stages:
                 elif isinstance(cfg, EncoderStageConfig):
                     from omni_ray.stages.encoder import EncoderStageEngine
                     stage = EncoderStageEngine(cfg.engine)
+                elif architecture_of(cfg.engine.model.path) == "Qwen2_5OmniForConditionalGeneration":
+                    from omni_ray.stages.token2wav import Token2WavStageEngine
+                    stage = Token2WavStageEngine(cfg.engine)
                 else:
                     from omni_ray.stages.dit import DiTStageEngine
                     stage = DiTStageEngine(cfg.engine)
@@ -135,7 +188,7 @@ class _Stages:
 
     def _backend(self, stage: str):
         s = self.stage(stage)
-        return _LocalAR(s) if s.kind == "ar" else _LocalDiT(s)
+        return _LocalAR(s) if s.kind == "ar" else _LocalSpeech(s) if s.kind in ("talker", "token2wav") else _LocalDiT(s)
 
     def _kinds(self) -> dict[str, str]:
         return {k: v.kind for k, v in self.config.stages.items()}
@@ -185,12 +238,16 @@ class OmniLLM(_Stages):
 
     # ------------------------------------------------------------------ API
     def generate(self, pipeline: str | list[dict], prompt: str | list[str] | None = None, use_tqdm: bool = True,
-                 image: Any = None, **stage_args) -> PipelineOutput | list[PipelineOutput] | list:
+                 image: Any = None, messages: list[dict] | list[list[dict]] | None = None, audio: dict | None = None,
+                 **stage_args) -> PipelineOutput | list[PipelineOutput] | list:
         """Run ``pipeline`` on one prompt or a list (run concurrently, batched by the engines).
         ``stage_args``: SamplingParams / DiffusionParams fields (``size`` "WxH", ``n``,
         ``system_prompt``, ``layer``) and ``stage_args={stage: {...}}``. ``image``: the input image of
         a pipeline that edits one (``qwen-image-edit``): a PIL image, bytes, a data URL or base64,
-        checked under ``app.media``; one for every prompt, or a list with one per prompt. vLLM-omni's form,
+        checked under ``app.media``; one for every prompt, or a list with one per prompt. ``messages``: chat
+        messages (media content parts included) instead of ``prompt``: one conversation, or a list of them.
+        ``audio={"voice": "Chelsie"}``: speech out of a speech pipeline (Qwen2.5-Omni): the outputs' ``audio``
+        (float32 samples) and ``sample_rate``; without it such a pipeline answers with text only. vLLM-omni's form,
         ``generate(stage_args)`` with one dict per stage, returns one ``StageOutput`` per stage
         (``prompt`` may then name the pipeline)."""
         self._check_open()
@@ -199,18 +256,29 @@ class OmniLLM(_Stages):
         if pipeline not in self.config.pipelines:
             raise ModelNotFoundError(f"unknown pipeline {pipeline!r}; pipelines: {sorted(self.config.pipelines)}",
                                      param="pipeline")
-        single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt or [])
-        if not prompts:
-            raise InvalidRequestError("prompt must be a non-empty string or a list of them", param="prompt")
-        for p in prompts:
-            check_text(p)
+        if messages is not None:
+            if prompt is not None:
+                raise InvalidRequestError("give exactly one of prompt and messages", param="messages")
+            if not isinstance(messages, list) or not messages:
+                raise InvalidRequestError("messages must be a non-empty list of chat messages", param="messages")
+            single = isinstance(messages[0], dict)
+            convs = [messages] if single else list(messages)
+            prompts = [None] * len(convs)
+        else:
+            single = isinstance(prompt, str)
+            prompts = [prompt] if single else list(prompt or [])
+            convs = [None] * len(prompts)
+            if not prompts:
+                raise InvalidRequestError("prompt must be a non-empty string or a list of them", param="prompt")
+            for p in prompts:
+                check_text(p)
         args = StageArgs.from_kwargs(stage_args)
         pipe, kinds = self.config.pipelines[pipeline], self._kinds()
         args.validate(pipeline, pipe, kinds)
         images = self._images(pipeline, pipe, image, len(prompts))
         backends = {s.stage: self._backend(s.stage) for s in pipe.steps}
-        outs = self._run(self._run_all(pipeline, pipe, backends, kinds, prompts, args, use_tqdm, images))
+        outs = self._run(self._run_all(pipeline, pipe, backends, kinds, prompts, args, use_tqdm, images, convs,
+                                       audio))
         return outs[0] if single else outs
 
     def _images(self, name: str, pipe, image: Any, n: int) -> list[ImageInput | None]:
@@ -237,25 +305,29 @@ class OmniLLM(_Stages):
             raise
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _run_all(self, name, pipe, backends, kinds, prompts, args, use_tqdm, images) -> list[PipelineOutput]:
+    async def _run_all(self, name, pipe, backends, kinds, prompts, args, use_tqdm, images, convs=None,
+                       audio=None) -> list[PipelineOutput]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc=f"pipeline {name}", disable=not use_tqdm, dynamic_ncols=True)
 
-        async def one(p: str, image: ImageInput | None) -> PipelineOutput:
+        async def one(p: str | None, image: ImageInput | None, conv: list[dict] | None) -> PipelineOutput:
             out = PipelineOutput(pipeline=name, prompt=p)
             rid = f"offline-{uuid.uuid4().hex[:12]}"
-            async for ev in run_pipeline(pipe, backends, kinds, p, rid, args, image):
+            async for ev in run_pipeline(pipe, backends, kinds, p, rid, args, image, messages=conv, audio=audio):
                 if ev["type"] == "result":
-                    hs = ev["hidden_states"]
+                    hs, sound = ev["hidden_states"], ev.get("audio") or {}
                     out = dataclasses.replace(out, text=ev["text"], images=ev["images"], videos=ev["videos"],
                                               stages=ev["stages"],
-                                              usage=ev["usage"], hidden_states=hs.tensor if hs else None)
+                                              usage=ev["usage"], hidden_states=hs.tensor if hs else None,
+                                              audio=sound.get("samples"), sample_rate=sound.get("sample_rate"),
+                                              voice=sound.get("voice"))
             bar.update(1)
             return out
 
+        convs = convs or [None] * len(prompts)
         try:
-            return list(await asyncio.gather(*(one(p, im) for p, im in zip(prompts, images))))
+            return list(await asyncio.gather(*(one(p, im, c) for p, im, c in zip(prompts, images, convs))))
         finally:
             bar.close()
 

@@ -126,15 +126,20 @@ class StageArgs:
 
 
 def step_request(i: int, step: PipelineStep, kind: str, value: Any, args: StageArgs, rid: str,
-                 negative: Handoff | None = None, image: ImageInput | None = None):
+                 negative: Handoff | None = None, image: ImageInput | None = None, messages: list[dict] | None = None):
     """The typed request of step ``i`` given its input ``value`` (text, or a Handoff); ``negative``:
     the negative prompt's Handoff (a DiT step under true CFG); ``image``: the request's input image
-    (pipelines that take one: every step gets it)."""
+    (pipelines that take one: every step gets it); ``messages``: chat messages instead of ``value`` (an AR
+    text step; the step's system prompt goes first unless they have one)."""
     params, extra = args.params_for(i, step, kind)
     if kind == "ar":
         system = extra["system_prompt"]
         if step.output == "hidden_states":   # the prompt itself (with the system prompt if any) is encoded
             return encode_request(rid, value, step, extra, image)
+        if messages is not None:
+            own = any(isinstance(m, dict) and m.get("role") == "system" for m in messages)
+            return ARRequest(rid, messages=([{"role": "system", "content": system}] if system and not own else [])
+                             + list(messages), params=params)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": value}]
         return ARRequest(rid, messages=messages, params=params)
     if isinstance(value, Handoff):
@@ -205,12 +210,30 @@ def _handoff_info(h: Handoff) -> dict:
 
 
 async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], kinds: Mapping[str, str],
-                       prompt: str, request_id: str, args: StageArgs | None = None,
-                       image: ImageInput | None = None) -> AsyncIterator[dict]:
+                       prompt: str | None, request_id: str, args: StageArgs | None = None,
+                       image: ImageInput | None = None, messages: list[dict] | None = None,
+                       audio: dict | None = None) -> AsyncIterator[dict]:
     """Run every step of ``pipeline``; ``backends[stage]`` has ``generate(req)`` (async iterator)
     and, for AR stages, ``async encode(req) -> Handoff``. ``image``: the request's input image, for
-    a pipeline whose ``image`` is required (it goes to every step)."""
+    a pipeline whose ``image`` is required (it goes to every step). ``messages``: chat messages (media
+    parts included) instead of ``prompt`` for the first step (an AR text step). ``audio``: ``{"voice": ...}``
+    runs a speech pipeline's talker and token2wav steps (``omni_ray/runner_speech.py``: ``audio`` events,
+    the result's ``audio``); None runs its text steps only."""
+    from omni_ray.runner_speech import check_audio, is_speech, run_speech, text_part
+
     args = args or StageArgs()
+    if (prompt is None) == (messages is None):
+        raise InvalidRequestError("give exactly one of prompt and messages", param="messages")
+    if messages is not None and (kinds[pipeline.steps[0].stage] != "ar" or pipeline.steps[0].output != "text"):
+        raise InvalidRequestError("chat messages go to a pipeline whose first step generates text", param="messages")
+    if audio is not None:
+        talker = next(s.stage for s in pipeline.steps if s.output == "codec_tokens") if is_speech(pipeline) else None
+        voice = check_audio(audio, pipeline, backends[talker].voices if talker else [])
+        async for ev in run_speech(pipeline, backends, kinds, prompt, request_id, args, voice, messages):
+            yield ev
+        return
+    if is_speech(pipeline):
+        pipeline = text_part(pipeline)
     value: Any = prompt
     negative: Handoff | None = None
     check_image("this pipeline", pipeline, image)
@@ -221,7 +244,8 @@ async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], ki
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     for i, step in enumerate(pipeline.steps):
         kind, backend = kinds[step.stage], backends[step.stage]
-        req = step_request(i, step, kind, value, args, f"{request_id}-{i}", negative, image)
+        req = step_request(i, step, kind, value, args, f"{request_id}-{i}", negative, image, messages if i == 0
+                           else None)
         yield {"type": "stage_start", "step": i, "stage": step.stage, "input": step.input, "output": step.output}
         t0 = time.perf_counter()
         info: dict = {}

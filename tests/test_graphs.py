@@ -16,11 +16,44 @@ def test_causal_lms_are_one_ar_stage(spec):
     assert [(n.role, n.engine, n.takes, n.gives) for n in g.nodes] == [("llm", "ar", "prompt", "text")]
 
 
-@pytest.mark.parametrize("spec,role", [("tiny:qwen2.5-vl", "llm"), ("tiny:qwen2.5-omni", "thinker")])
-def test_multimodal_checkpoints_are_one_ar_stage_for_now(spec, role):
-    g = graph_for(spec)
-    assert g.architecture == architecture_of(spec)
-    assert [(n.role, n.engine, n.takes, n.gives) for n in g.nodes] == [(role, "ar", "prompt", "text")]
+def test_vision_language_is_one_ar_stage():
+    g = graph_for("tiny:qwen2.5-vl")
+    assert g.architecture == architecture_of("tiny:qwen2.5-vl")
+    assert [(n.role, n.engine, n.takes, n.gives) for n in g.nodes] == [("llm", "ar", "prompt", "text")]
+
+
+def test_qwen2_5_omni_is_thinker_talker_token2wav():
+    """The whole Omni checkpoint: three stages on one directory, text and audio out; its thinker-only
+    checkpoint (or one saved without the talker) stays text out."""
+    g = graph_for("tiny:qwen2.5-omni")
+    assert g.architecture == "Qwen2_5OmniForConditionalGeneration"
+    assert [(n.role, n.engine, n.takes, n.gives, n.submodel) for n in g.nodes] == [
+        ("thinker", "ar", "prompt", "text", None), ("talker", "ar", "text", "codec_tokens", "talker"),
+        ("token2wav", "dit", "codec_tokens", "audio", None)]
+    assert g.inputs == {"text", "image", "audio"} and g.outputs == {"text", "audio"}
+    from omni_ray.graphs.entries import omni_speech, omni_thinker
+
+    thinker_only = omni_thinker({"architectures": ["Qwen2_5OmniThinkerForConditionalGeneration"]})
+    assert thinker_only.roles == ("thinker",) and thinker_only.outputs == {"text"}
+    assert omni_speech({"architectures": ["Qwen2_5OmniForConditionalGeneration"],
+                        "enable_audio_output": False}).roles == ("thinker",)
+
+
+def test_speech_graph_pipeline_checks_its_stages():
+    ar = {"device": "cpu", "enforce_eager": True}
+    stages = {"thinker": {"kind": "ar", "engine": {"model": {"path": "tiny:qwen2.5-omni"}} | ar},
+              "talker": {"kind": "ar", "engine": {"model": {"path": "tiny:qwen2.5-omni", "submodel": "talker"}} | ar},
+              "t2w": {"kind": "dit", "engine": {"model": {"path": "tiny:qwen2.5-omni"}, "device": "cpu"}}}
+    graph = {"model": "thinker", "stages": {"talker": "talker", "token2wav": "t2w"}}
+    cfg = expand_pipelines(validate(OmniConfig, {"stages": stages, "pipelines": {"omni": {"graph": graph}}}))
+    assert [(s.stage, s.input, s.output) for s in cfg.pipelines["omni"].steps] == [
+        ("thinker", "prompt", "text"), ("talker", "text", "codec_tokens"), ("t2w", "codec_tokens", "audio")]
+    swapped = {"model": "thinker", "stages": {"talker": "thinker", "token2wav": "t2w"}}
+    with pytest.raises(ConfigError, match="submodel"):
+        expand_pipelines(validate(OmniConfig, {"stages": stages, "pipelines": {"omni": {"graph": swapped}}}))
+    with pytest.raises(ConfigError, match="codec_tokens come from a talker"):       # steps written by hand
+        validate(OmniConfig, {"stages": stages, "pipelines": {"p": {"steps": [
+            {"stage": "thinker"}, {"stage": "thinker", "input": "text", "output": "codec_tokens"}]}}})
 
 
 def test_text_to_image_with_and_without_its_own_text_encoder():

@@ -19,12 +19,28 @@ def vision_language(cfg: dict) -> StageGraph:
                       inputs=frozenset({"text", "image"}))
 
 
-@register("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration")
+@register("Qwen2_5OmniThinkerForConditionalGeneration")
 def omni_thinker(cfg: dict) -> StageGraph:
-    """Qwen2.5-Omni: its thinker as one AR stage with the vision and audio towers: text, images and
-    audio in, text out (the talker and token2wav stages come with the speech issue)."""
+    """A Qwen2.5-Omni thinker-only checkpoint: one AR stage with the vision and audio towers: text, images
+    and audio in, text out."""
     return StageGraph(cfg["architectures"][0], (StageNode("thinker", "ar", "prompt", "text"),),
                       inputs=frozenset({"text", "image", "audio"}))
+
+
+@register("Qwen2_5OmniForConditionalGeneration")
+def omni_speech(cfg: dict) -> StageGraph:
+    """Qwen2.5-Omni with speech out: the thinker (AR, with its towers) streams text and hands its hidden
+    states to the talker (AR, ``model.submodel: talker``), whose codec tokens token2wav (DiT engine, float32)
+    turns into a 24 kHz waveform; all three load the same directory. A request without ``audio`` runs the
+    thinker alone (omni_ray/runner_speech.py). A checkpoint saved without its talker
+    (``enable_audio_output: false``) is the thinker alone."""
+    thinker = StageNode("thinker", "ar", "prompt", "text")
+    if cfg.get("enable_audio_output") is False:
+        return StageGraph(cfg["architectures"][0], (thinker,), inputs=frozenset({"text", "image", "audio"}))
+    return StageGraph(cfg["architectures"][0], (thinker, StageNode("talker", "ar", "text", "codec_tokens",
+                                                                   submodel="talker"),
+                                                StageNode("token2wav", "dit", "codec_tokens", "audio")),
+                      inputs=frozenset({"text", "image", "audio"}), outputs=frozenset({"text", "audio"}))
 
 
 @register("PixArtSigmaPipeline", "StableDiffusion3Pipeline")

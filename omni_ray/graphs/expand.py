@@ -35,6 +35,15 @@ def _expand(cfg: OmniConfig, name: str, p: PipelineConfig) -> PipelineConfig:
         if kind != n.engine:
             raise ConfigError(f"{where}: role {n.role} of {graph.architecture} runs on the {n.engine} engine; "
                               f"stage {roles[n.role]!r} is {kind}")
+        submodel = cfg.stages[roles[n.role]].engine.model.submodel if kind == "ar" else None
+        if submodel != n.submodel:
+            raise ConfigError(f"{where}: role {n.role} of {graph.architecture} runs model.submodel "
+                              f"{n.submodel!r}; stage {roles[n.role]!r} runs {submodel!r}")
+        if n.submodel is not None or (n.engine == "dit" and n.takes == "codec_tokens"):   # the same checkpoint
+            path, own = cfg.stages[roles[n.role]].engine.model.path, cfg.stages[p.graph.model].engine.model.path
+            if path.rstrip("/") != own.rstrip("/"):
+                raise ConfigError(f"{where}: role {n.role} of {graph.architecture} loads the checkpoint {own!r}; "
+                                  f"stage {roles[n.role]!r} loads {path!r}")
         if n.component is not None:          # e.g. Qwen-Image's text encoder: the same directory's text_encoder/
             path, own = cfg.stages[roles[n.role]].engine.model.path, cfg.stages[p.graph.model].engine.model.path
             if path.rstrip("/") not in (own.rstrip("/"), f"{own.rstrip('/')}/{n.component}"):

@@ -23,6 +23,7 @@ class StageNode:
     gives: Handoff
     component: str | None = None   # the checkpoint subfolder it loads (diffusers' "text_encoder"); None: the root
     encoding: str | None = None    # AR hidden_states: the text-encoding recipe (a diffusers pipeline class)
+    submodel: str | None = None    # which model of the checkpoint the engine runs (model.submodel: talker)
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class StageGraph:
         steps = []
         for n in self.nodes:
             gives = "videos" if n.gives == "video" else n.gives          # a video model's step: its MP4s
-            if n.takes not in ("prompt", "text", "hidden_states") or gives not in ("text", "hidden_states", "images",
-                                                                                    "videos"):
+            if n.takes not in ("prompt", "text", "hidden_states", "codec_tokens") or gives not in (
+                    "text", "hidden_states", "images", "videos", "codec_tokens", "audio"):
                 raise ConfigError(f"{self.architecture}: stage {n.role} hands over {n.takes} -> {n.gives}, "
                                   "which the pipeline runner does not carry yet")
             steps.append(PipelineStep(stage=stages[n.role], input=n.takes, output=gives, encoding=n.encoding))

@@ -200,3 +200,71 @@ class DiTRequest:
             raise InvalidRequestError("image must be an ImageInput", param="image")
         if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, int) or self.fps < 1):
             raise InvalidRequestError(f"fps must be a positive integer, got {self.fps!r}", param="fps")
+
+
+# ----------------------------------------------------------------------------- speech (Qwen2.5-Omni)
+@dataclass
+class TalkerRequest:
+    """A talker stage's request (speech out): the thinker prompt's token ids and final hidden states
+    ``prompt_hidden`` ([L, E], a Handoff), M-RoPE ``positions`` [3, L] / ``rope_delta`` when the prompt
+    had media, the voice (its ``bos_token`` in spk_dict.pt). The thinker's generated tokens come after,
+    by ``feed(request_id, ThinkerRows)``; ``params``: the talker's sampling (codec stop tokens added by
+    the stage)."""
+
+    request_id: str
+    voice: str
+    params: SamplingParams
+    prompt_ids: list[int]
+    prompt_hidden: Handoff
+    positions: Any = None                          # torch.Tensor [3, L] | None
+    rope_delta: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
+        if not isinstance(self.voice, str) or not self.voice:
+            raise InvalidRequestError("voice must be a non-empty string", param="voice")
+        if not isinstance(self.params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(self.params).__name__}",
+                                      param="params")
+        if not isinstance(self.prompt_ids, list) or not self.prompt_ids:
+            raise InvalidRequestError("prompt_ids must be a non-empty list of token ids", param="prompt_ids")
+        if not isinstance(self.prompt_hidden, Handoff) or self.prompt_hidden.shape[:1] != [len(self.prompt_ids)]:
+            raise InvalidRequestError("prompt_hidden must be a Handoff of [len(prompt_ids), E] hidden states",
+                                      param="prompt_hidden")
+
+
+@dataclass
+class ThinkerRows:
+    """A feed of the thinker's generated tokens to a talker request: their ids and final hidden states
+    (``hidden`` [len(token_ids), E], a Handoff; None when no token came). ``finished=True`` ends the
+    thinker's part (its last token, never fed to the thinker, has no state and is not sent)."""
+
+    token_ids: list[int]
+    hidden: Handoff | None = None
+    finished: bool = False
+
+    def __post_init__(self):
+        n = len(self.token_ids)
+        if n and (self.hidden is None or self.hidden.shape[:1] != [n]):
+            raise InvalidRequestError(f"hidden must be a Handoff of [{n}, E] rows", param="hidden")
+
+
+@dataclass
+class SpeechRequest:
+    """A token2wav stage's request: the utterance's voice and ``params`` (DiffusionParams: ``seed`` draws the
+    stream's noise, ``num_inference_steps`` / ``guidance_scale`` the reference's ``num_steps`` / guidance).
+    The codec tokens come by ``feed(request_id, codes, finished)``."""
+
+    request_id: str
+    voice: str
+    params: DiffusionParams = field(default_factory=DiffusionParams)
+
+    def __post_init__(self):
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
+        if not isinstance(self.voice, str) or not self.voice:
+            raise InvalidRequestError("voice must be a non-empty string", param="voice")
+        if not isinstance(self.params, DiffusionParams):
+            raise InvalidRequestError(f"params must be DiffusionParams, got {type(self.params).__name__}",
+                                      param="params")

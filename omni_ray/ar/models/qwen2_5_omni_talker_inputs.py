@@ -27,14 +27,16 @@ from omni_ray.ar.models.qwen2_5_omni_talker import TalkerTokens
 from omni_ray.ar.sampling_params import SamplingParams
 from omni_ray.errors import InvalidRequestError
 
+# the reference's talker sampling defaults (``generate(return_audio=True)``'s ``talker_*`` arguments)
+TALKER_DEFAULTS = dict(temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05, max_tokens=4096)
+
 
 def talker_sampling_params(tokens: TalkerTokens, **overrides) -> SamplingParams:
     """The reference's talker sampling (``generate(return_audio=True)``'s ``talker_*`` defaults: do_sample,
     top_k 40, top_p 0.8, temperature 0.9, repetition_penalty 1.05, max_new_tokens 4096, eos = codec pad /
     end; the codec start token is suppressed by the model), with ``overrides`` (``temperature=0``: greedy,
     as ``talker_do_sample=False``)."""
-    kw = dict(temperature=0.9, top_k=40, top_p=0.8, repetition_penalty=1.05, max_tokens=4096,
-              stop_token_ids=tokens.stop_ids, ignore_eos=False, skip_special_tokens=False)
+    kw = TALKER_DEFAULTS | dict(stop_token_ids=tokens.stop_ids, ignore_eos=False, skip_special_tokens=False)
     kw.update(overrides)
     return SamplingParams(**kw)
 

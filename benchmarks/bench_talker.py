@@ -1,6 +1,9 @@
 """Qwen2.5-Omni talker on the AR engine vs transformers' talker ``generate``: codec tokens per second,
 time to the first codec token and the talker's real-time factor (seconds of compute per second of
-speech; the codec runs at 50 tokens per second of audio), at several concurrencies.
+speech; the codec runs at 50 tokens per second of audio), at several concurrencies. ``ms_per_code``: a
+stream's time per codec token after its first (the decode step time its user sees); ``rtf``: a stream's
+wall time per second of its audio (goal: <= 0.1, 200 codes in < 0.4 s). On a GPU the talker's decode steps
+replay the decode CUDA graphs (step rows and the repetition penalty on the device, multi-step runs).
 
 The talker is built in the 7B checkpoint's shape (transformers' ``Qwen2_5OmniTalkerConfig`` defaults:
 hidden 896, 24 layers, 12 heads / 4 KV heads of 128, codec vocabulary 8448, input rows of 3584), random
@@ -79,8 +82,9 @@ def run_omni_ray(llm, inputs, codes: int) -> dict:
                 first[s.seq_id] = now - t0
     total = time.perf_counter() - t0
     n_codes = sum(s.num_output_tokens for s in seqs)
-    return dict(first_code_ms=1e3 * sum(first.values()) / len(first), total_s=total, codes_per_s=n_codes / total,
-                rtf=total / (codes / CODEC_HZ))
+    first_ms = 1e3 * sum(first.values()) / len(first)
+    return dict(first_code_ms=first_ms, ms_per_code=(1e3 * total - first_ms) / max(1, codes - 1), total_s=total,
+                codes_per_s=n_codes / total, rtf=total / (codes / CODEC_HZ))
 
 
 def run_transformers(model, inputs, codes: int) -> dict:
@@ -107,8 +111,8 @@ def run_transformers(model, inputs, codes: int) -> dict:
                        pad_token_id=c.tts_codec_pad_token_id)
     sync()
     total = time.perf_counter() - t0
-    return dict(first_code_ms=float("nan"), total_s=total, codes_per_s=n * codes / total,
-                rtf=total / (codes / CODEC_HZ))
+    return dict(first_code_ms=float("nan"), ms_per_code=1e3 * total / codes, total_s=total,
+                codes_per_s=n * codes / total, rtf=total / (codes / CODEC_HZ))
 
 
 def main() -> None:
@@ -143,9 +147,12 @@ def main() -> None:
             rows.append(dict(engine="transformers", concurrency=c, **run_transformers(hf, inputs, args.codes)))
     print(f"talker ({'tiny' if args.tiny else '7B shape'}), {device_name()}, prompt {args.prompt} rows, "
           f"{args.codes} codes per request")
-    print(table(rows, ["engine", "concurrency", "first_code_ms", "total_s", "codes_per_s", "rtf"]))
+    print(f"decode CUDA graphs: {len(llm.runner.graphs)} batch sizes; {llm.stats.forwards} forwards in "
+          f"{llm.stats.steps} engine steps (multi-step decode runs)")
+    print(table(rows, ["engine", "concurrency", "first_code_ms", "ms_per_code", "total_s", "codes_per_s", "rtf"]))
     name = f"talker_{'cuda' if torch.cuda.is_available() else 'cpu_quick'}.json"
-    print(write_result(name, dict(args=vars(args), rows=rows)))
+    print(write_result(name, dict(args=vars(args), rows=rows, graphs=sorted(llm.runner.graphs),
+                                  forwards=llm.stats.forwards, steps=llm.stats.steps)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ random thinker rows: a prompt of ``--prompt`` rows and one row per decode step (
 them over), ``--codes`` codec tokens per request (EOS ignored), the reference's sampling.
 
     python benchmarks/bench_talker.py                          # GPU: 7B shape, concurrency 1 and 16
+                                                               # (graphs; eager steps; transformers)
     python benchmarks/bench_talker.py --tiny --codes 16        # CPU smoke run on tiny dimensions
 """
 
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--codes", type=int, default=200, help="codec tokens per request")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager-steps engine (rows from the host)")
     args = ap.parse_args()
     from transformers import Qwen2_5OmniTalkerForConditionalGeneration
 
@@ -131,18 +133,30 @@ def main() -> None:
 
     folder = Path(args.dir) if args.dir else cache_root() / ("bench-talker-tiny" if args.tiny else "bench-talker-7b")
     path = build_talker_dir(folder, args.tiny)
-    llm = LLM(str(path), submodel="talker", max_model_len=args.prompt + args.codes + 16,
-              enforce_eager=not torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    max_len = args.prompt + args.codes + 16
+    # KV blocks for the largest burst (not a share of the GPU: the eager engine and transformers share it)
+    kv = dict(num_kvcache_blocks=max(args.concurrency) * -(-max_len // 256) + 8, kvcache_block_size=256,
+              max_num_seqs=max(32, *args.concurrency)) if cuda else {}
+    llm = LLM(str(path), submodel="talker", max_model_len=max_len, enforce_eager=not cuda, **kv)
     width = llm.arch.input_size
     run_omni_ray(llm, make_inputs(1, args.prompt, 4, width), 4)               # warm-up
+    eager = None
+    if not args.no_eager:          # the talker before its decode graphs: one eager forward a step, rows from the host
+        eager = LLM(str(path), submodel="talker", max_model_len=max_len, enforce_eager=True, **kv)
+        eager.runner.step_rows = None
+        run_omni_ray(eager, make_inputs(1, args.prompt, 4, width), 4)
     hf = None
     if not args.no_transformers:
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = "cuda" if cuda else "cpu"
         hf = Qwen2_5OmniTalkerForConditionalGeneration.from_pretrained(path, dtype=llm.runner.dtype).to(dev).eval()
     rows = []
     for c in args.concurrency:
         inputs = make_inputs(c, args.prompt, args.codes, width, seed=c)
+        run_omni_ray(llm, make_inputs(c, args.prompt, 8, width, seed=c + 1), 8)       # this batch size, warm
         rows.append(dict(engine="omni-ray", concurrency=c, **run_omni_ray(llm, inputs, args.codes)))
+        if eager is not None:
+            rows.append(dict(engine="omni-ray eager steps", concurrency=c, **run_omni_ray(eager, inputs, args.codes)))
         if hf is not None:
             rows.append(dict(engine="transformers", concurrency=c, **run_transformers(hf, inputs, args.codes)))
     print(f"talker ({'tiny' if args.tiny else '7B shape'}), {device_name()}, prompt {args.prompt} rows, "

@@ -1,6 +1,9 @@
 """Qwen2.5-Omni talker on the AR engine vs transformers' talker ``generate``: codec tokens per second,
 time to the first codec token and the talker's real-time factor (seconds of compute per second of
-speech; the codec runs at 50 tokens per second of audio), at several concurrencies.
+speech; the codec runs at 50 tokens per second of audio), at several concurrencies. ``ms_per_code``: a
+stream's time per codec token after its first (the decode step time its user sees); ``rtf``: a stream's
+wall time per second of its audio (goal: <= 0.1, 200 codes in < 0.4 s). On a GPU the talker's decode steps
+replay the decode CUDA graphs (step rows and the repetition penalty on the device, multi-step runs).
 
 The talker is built in the 7B checkpoint's shape (transformers' ``Qwen2_5OmniTalkerConfig`` defaults:
 hidden 896, 24 layers, 12 heads / 4 KV heads of 128, codec vocabulary 8448, input rows of 3584), random
@@ -9,6 +12,7 @@ random thinker rows: a prompt of ``--prompt`` rows and one row per decode step (
 them over), ``--codes`` codec tokens per request (EOS ignored), the reference's sampling.
 
     python benchmarks/bench_talker.py                          # GPU: 7B shape, concurrency 1 and 16
+                                                               # (graphs; eager steps; transformers)
     python benchmarks/bench_talker.py --tiny --codes 16        # CPU smoke run on tiny dimensions
 """
 
@@ -79,8 +83,9 @@ def run_omni_ray(llm, inputs, codes: int) -> dict:
                 first[s.seq_id] = now - t0
     total = time.perf_counter() - t0
     n_codes = sum(s.num_output_tokens for s in seqs)
-    return dict(first_code_ms=1e3 * sum(first.values()) / len(first), total_s=total, codes_per_s=n_codes / total,
-                rtf=total / (codes / CODEC_HZ))
+    first_ms = 1e3 * sum(first.values()) / len(first)
+    return dict(first_code_ms=first_ms, ms_per_code=(1e3 * total - first_ms) / max(1, codes - 1), total_s=total,
+                codes_per_s=n_codes / total, rtf=total / (codes / CODEC_HZ))
 
 
 def run_transformers(model, inputs, codes: int) -> dict:
@@ -107,8 +112,8 @@ def run_transformers(model, inputs, codes: int) -> dict:
                        pad_token_id=c.tts_codec_pad_token_id)
     sync()
     total = time.perf_counter() - t0
-    return dict(first_code_ms=float("nan"), total_s=total, codes_per_s=n * codes / total,
-                rtf=total / (codes / CODEC_HZ))
+    return dict(first_code_ms=float("nan"), ms_per_code=1e3 * total / codes, total_s=total,
+                codes_per_s=n * codes / total, rtf=total / (codes / CODEC_HZ))
 
 
 def main() -> None:
@@ -119,6 +124,7 @@ def main() -> None:
     ap.add_argument("--codes", type=int, default=200, help="codec tokens per request")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager-steps engine (rows from the host)")
     args = ap.parse_args()
     from transformers import Qwen2_5OmniTalkerForConditionalGeneration
 
@@ -127,25 +133,40 @@ def main() -> None:
 
     folder = Path(args.dir) if args.dir else cache_root() / ("bench-talker-tiny" if args.tiny else "bench-talker-7b")
     path = build_talker_dir(folder, args.tiny)
-    llm = LLM(str(path), submodel="talker", max_model_len=args.prompt + args.codes + 16,
-              enforce_eager=not torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    max_len = args.prompt + args.codes + 16
+    # KV blocks for the largest burst (not a share of the GPU: the eager engine and transformers share it)
+    kv = dict(num_kvcache_blocks=max(args.concurrency) * -(-max_len // 256) + 8, kvcache_block_size=256,
+              max_num_seqs=max(32, *args.concurrency)) if cuda else {}
+    llm = LLM(str(path), submodel="talker", max_model_len=max_len, enforce_eager=not cuda, **kv)
     width = llm.arch.input_size
     run_omni_ray(llm, make_inputs(1, args.prompt, 4, width), 4)               # warm-up
+    eager = None
+    if not args.no_eager:          # the talker before its decode graphs: one eager forward a step, rows from the host
+        eager = LLM(str(path), submodel="talker", max_model_len=max_len, enforce_eager=True, **kv)
+        eager.runner.step_rows = None
+        run_omni_ray(eager, make_inputs(1, args.prompt, 4, width), 4)
     hf = None
     if not args.no_transformers:
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = "cuda" if cuda else "cpu"
         hf = Qwen2_5OmniTalkerForConditionalGeneration.from_pretrained(path, dtype=llm.runner.dtype).to(dev).eval()
     rows = []
     for c in args.concurrency:
         inputs = make_inputs(c, args.prompt, args.codes, width, seed=c)
+        run_omni_ray(llm, make_inputs(c, args.prompt, 8, width, seed=c + 1), 8)       # this batch size, warm
         rows.append(dict(engine="omni-ray", concurrency=c, **run_omni_ray(llm, inputs, args.codes)))
+        if eager is not None:
+            rows.append(dict(engine="omni-ray eager steps", concurrency=c, **run_omni_ray(eager, inputs, args.codes)))
         if hf is not None:
             rows.append(dict(engine="transformers", concurrency=c, **run_transformers(hf, inputs, args.codes)))
     print(f"talker ({'tiny' if args.tiny else '7B shape'}), {device_name()}, prompt {args.prompt} rows, "
           f"{args.codes} codes per request")
-    print(table(rows, ["engine", "concurrency", "first_code_ms", "total_s", "codes_per_s", "rtf"]))
+    print(f"decode CUDA graphs: {len(llm.runner.graphs)} batch sizes; {llm.stats.forwards} forwards in "
+          f"{llm.stats.steps} engine steps (multi-step decode runs)")
+    print(table(rows, ["engine", "concurrency", "first_code_ms", "ms_per_code", "total_s", "codes_per_s", "rtf"]))
     name = f"talker_{'cuda' if torch.cuda.is_available() else 'cpu_quick'}.json"
-    print(write_result(name, dict(args=vars(args), rows=rows)))
+    print(write_result(name, dict(args=vars(args), rows=rows, graphs=sorted(llm.runner.graphs),
+                                  forwards=llm.stats.forwards, steps=llm.stats.steps)))
 
 
 if __name__ == "__main__":

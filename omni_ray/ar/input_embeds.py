@@ -14,8 +14,10 @@ Any AR model can take them (``LLMEngine.add_request({"prompt_embeds": ...}, para
 * ``positions`` [3, L] / ``rope_delta``: M-RoPE positions of the prompt rows, for M-RoPE models
   (decode position of index i >= L: i + rope_delta); None: 1-D positions 0, 1, ...
 
-Such requests skip the prefix cache (their K/V depend on the rows, not on token ids alone) and
-take the eager path (no multi-step decode or CUDA graph replay: each step reads its own row).
+Such requests skip the prefix cache (their K/V depend on the rows, not on token ids alone). Models
+fed a row per step (the talker) run their decode steps in the decode CUDA graphs and multi-step runs
+(``omni_ray/ar/worker/step_rows.py``; a run goes only as far as the rows that have come); other models'
+requests with step rows take the eager path.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class InputEmbeds:
     def ready(self, step: int) -> bool:
         """Decode step ``step`` (0 = the first decode) has its row, or never gets one."""
         return self.closed or step < len(self._steps)
+
+    def available(self, step: int) -> int | float:
+        """How many consecutive decode steps from ``step`` have their rows (infinite once closed)."""
+        return float("inf") if self.closed else max(0, len(self._steps) - step)
 
     def step(self, k: int) -> torch.Tensor | None:
         """The row added at decode step k (None: nothing added)."""

@@ -215,55 +215,57 @@ def build_qwen2_5_vl_7b_shape(out: Path, seed: int = 0) -> None:
     (out / "chat_template.jinja").write_text(template)
 
 
+# Qwen2.5-Omni-7B's config.json values (benchmarks: random bf16 weights); its token2wav is transformers' default
+OMNI_7B_TEXT = dict(VL_7B_TEXT, max_position_embeddings=32768, tie_word_embeddings=False)
+OMNI_7B_AUDIO = dict(num_mel_bins=128, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                     d_model=1280, n_window=100, max_source_positions=1500, output_dim=3584)
+OMNI_7B_TALKER = dict(vocab_size=8448, embedding_size=3584, hidden_size=896, intermediate_size=18944,
+                      num_hidden_layers=24, num_attention_heads=12, num_key_value_heads=4, head_dim=128,
+                      max_position_embeddings=32768,
+                      rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
+                      tts_codec_start_token_id=8293, tts_codec_end_token_id=8294, tts_codec_pad_token_id=8292,
+                      tts_codec_mask_token_id=8296)
+OMNI_7B_CODES = 8192      # speech codes; the talker's ids past them are the codec's special tokens
+
+
 def build_qwen2_5_omni_7b_shape(out: Path, seed: int = 0) -> None:
-    """``shape:qwen2.5-omni-7b``: Qwen2.5-Omni-7B's dimensions (transformers' default ``Qwen2_5OmniConfig``:
-    thinker 7B with its vision and audio towers, talker, token2wav), random weights (bf16; token2wav float32, as
-    the model runs it) built on the GPU when there is one, a tokenizer covering the whole vocabulary, two voices
-    in spk_dict.pt. For benchmarks."""
+    """``shape:qwen2.5-omni-7b``: the whole ``Qwen2_5OmniForConditionalGeneration`` (thinker with its vision
+    and audio towers, talker, token2wav) in the 7B checkpoint's dimensions, random bf16 weights (built on the
+    GPU when there is one; ~22 GB on disk), a tokenizer covering the vocabulary with the placeholder tokens,
+    the voices (spk_dict.pt) in the real checkpoint's layout and the processor files. The talker's codec head
+    rows of the special tokens are zero (random weights would otherwise sample them: codes token2wav refuses,
+    stops at random lengths); its speech is as long as ``max_tokens`` says."""
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, WhisperFeatureExtractor
 
     template = mm_template("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>",
                            "<|audio_bos|><|AUDIO|><|audio_eos|>")
-    base = Qwen2_5OmniConfig()
-    vocab = base.thinker_config.text_config.vocab_size
     ids = save_tokenizer(out, "chatml", extra_special=OMNI_TOKENS, named_tokens=OMNI_NAMED, chat_template=template,
-                         fill_to=vocab)
+                         fill_to=OMNI_7B_TEXT["vocab_size"])
     mm_ids = dict(audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"],
                   video_token_index=ids["<|VIDEO|>"], audio_start_token_id=ids["<|audio_bos|>"],
                   audio_end_token_id=ids["<|audio_eos|>"])
-    thinker = base.thinker_config.to_dict()
-    thinker["text_config"].update(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    thinker.update(vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"], **mm_ids)
-    talker = base.talker_config.to_dict()
-    talker.update(tts_text_start_token_id=ids["<|im_start|>"], tts_text_end_token_id=ids["<|im_end|>"],
+    vision = {k: v for k, v in VL_7B_VISION.items() if k != "tokens_per_second"}
+    thinker = dict(audio_config=dict(OMNI_7B_AUDIO), vision_config=vision,
+                   text_config=dict(OMNI_7B_TEXT, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+                   vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"], **mm_ids)
+    talker = dict(OMNI_7B_TALKER, tts_text_start_token_id=ids["<|im_start|>"], tts_text_end_token_id=ids["<|im_end|>"],
                   tts_text_pad_token_id=ids["<|endoftext|>"], vision_start_token_id=ids["<|vision_bos|>"],
                   vision_end_token_id=ids["<|vision_eos|>"], **mm_ids)
-    config = Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker,
-                               token2wav_config=base.token2wav_config.to_dict())
+    config = Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker)
     config.dtype = torch.bfloat16
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
-    model.token2wav.float()
+    with torch.no_grad():     # as a trained talker: codes the token2wav knows (< 8192), never its special tokens
+        model.talker.codec_head.weight[OMNI_7B_CODES:] = 0
+    model.token2wav.float()   # as the model runs it
     model.save_pretrained(out, safe_serialization=True, max_shard_size="4GB")
-    dit = base.token2wav_config.dit_config
-    g = torch.Generator().manual_seed(seed)
-    spk = {name: {"cond": torch.randn(1, dit.enc_emb_dim, generator=g),
-                  "ref_mel": torch.randn(1, 300, dit.mel_dim, generator=g), "bos_token": ids["<|im_start|>"]}
-           for name in ("Chelsie", "Ethan")}
-    torch.save(spk, out / "spk_dict.pt")
-    audio = thinker["audio_config"]
-    fe = WhisperFeatureExtractor(feature_size=audio["num_mel_bins"], sampling_rate=16000, hop_length=160,
-                                 chunk_length=30, n_fft=400, return_attention_mask=True)
-    from transformers import Qwen2VLImageProcessorPil
-
-    proc = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12845056}, patch_size=14,
-                                    temporal_patch_size=2, merge_size=2)
-    cfg = proc.to_dict() | fe.to_dict()
-    cfg.pop("_processor_class", None)
-    cfg["processor_class"] = "Qwen2_5OmniProcessor"
-    (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    (out / "chat_template.jinja").write_text(template)
+    del model
+    dit = config.token2wav_config.dit_config
+    _save_speakers(out, dict(enc_emb_dim=dit.enc_emb_dim, mel_dim=dit.mel_dim), ids["<|im_start|>"], seed)
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400,
+                                 return_attention_mask=True)
+    _save_processor(out, "Qwen2_5OmniProcessor", template, feature_extractor=fe)
 
 
 MM_SHAPES = {"qwen2.5-vl-7b": build_qwen2_5_vl_7b_shape, "qwen2.5-omni-7b": build_qwen2_5_omni_7b_shape}

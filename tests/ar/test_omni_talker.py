@@ -186,8 +186,8 @@ def test_talker_image_prompt_equal_transformers(hf_model, talker):
 
 @pytest.mark.gpu
 def test_talker_on_cuda_equals_transformers(ref):
-    """On CUDA (float32; graphs captured, Triton attention over the paged cache, decode rows eager): the
-    reference's codec tokens, alone and batched."""
+    """On CUDA (float32; Triton attention over the paged cache, decode steps in the decode graphs with their
+    step rows and the repetition penalty on the device): the reference's codec tokens, alone and batched."""
     llm = make_llm("tiny:qwen2.5-omni", submodel="talker", device="cuda", dtype="float32", enforce_eager=False)
     tokens = llm.arch.talker
     outs = llm.generate([_talker_input(ref, tokens).prompt(), _talker_input(ref, tokens, 4).prompt()],

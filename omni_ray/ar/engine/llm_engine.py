@@ -469,6 +469,9 @@ class LLMEngine:
             if (seq.is_finished or seq.num_output_tokens + k >= seq.params.max_tokens
                     or len(seq) + 2 * k > self.max_model_len or len(seq) + 2 * k - 1 > len(seq.block_table) * bs):
                 return False
+            e = seq.input_embeds          # the next run's step rows (k steps past the run in flight) have come
+            if e is not None and e.available(len(seq) - 1 - len(e) + k) < k:
+                return False
         return True
 
     def _apply(self, batch, out, k: int, wall: float, t0: float) -> list[Sequence]:
@@ -540,10 +543,13 @@ class LLMEngine:
         if k == 1 or batch.num_decodes != len(batch.seqs):
             return 1
         bs = self.config.cache.block_size
+        step_rows = getattr(self.runner, "step_rows", None) is not None
         for seq in batch.seqs:
-            if seq.is_encode or needs_eager(seq):      # each step reads its own input row / its tokens so far
+            if seq.is_encode or needs_eager(seq, step_rows):      # each step reads its own input row
                 return 1
             k = min(k, self.max_model_len - len(seq), len(seq.block_table) * bs - len(seq) + 1)
+            if seq.input_embeds is not None:                # step rows streamed in: only as far as they came
+                k = min(k, seq.input_embeds.available(len(seq) - 1 - len(seq.input_embeds)))
         return max(k, 1)
 
     def _apply_extra_steps(self, out) -> None:

@@ -72,6 +72,13 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], token_ids: l
     logits[r] = logits[r].scatter(1, ids, score)
 
 
+def penalize_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> None:
+    """In place, the same penalty on the device: ``seen`` [B, V] bool marks each row's tokens so far,
+    ``penalty`` [B, 1] (in the logits' dtype; 1 leaves a row as it is)."""
+    scaled = torch.where(logits < 0, logits * penalty, logits / penalty)
+    logits.copy_(torch.where(seen, scaled, logits))
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """logits [B, V] -> (token ids [B], ``token_logprobs`` (ids, logprobs) [B, 1 + k] or None)."""
     logits = logits.float()

@@ -30,6 +30,8 @@ from omni_ray.ar.sampling_params import MAX_LOGPROBS
 from omni_ray.ar.sequence import Sequence
 from omni_ray.ar.worker.cuda_graphs import capture_decode_graphs, decode_graph_sizes
 from omni_ray.ar.worker.mixed_graphs import MixedStepGraphs
+from omni_ray.ar.worker.seen_tokens import SeenTokens, has_penalty
+from omni_ray.ar.worker.step_rows import StepRows
 from omni_ray.config import AREngineConfig
 from omni_ray.devices import resolve_device, resolve_dtype
 from omni_ray.errors import ConfigError, InvalidRequestError, ResourceError
@@ -70,10 +72,10 @@ def is_greedy(seqs: list[Sequence]) -> bool:
     return all(s.params.temperature == 0 and s.params.logprobs is None for s in seqs)
 
 
-def needs_eager(seq: Sequence) -> bool:
-    """Steps of this sequence run eagerly, one token a step: its rows come as embeddings, or its
-    logits depend on its tokens so far (repetition penalty), which the graphs' on-device feed cannot apply."""
-    return seq.input_embeds is not None or getattr(seq.params, "repetition_penalty", 1.0) != 1.0
+def needs_eager(seq: Sequence, step_rows: bool = False) -> bool:
+    """Steps of this sequence run eagerly, one token a step: its rows come as embeddings and the runner
+    has no step-row buffer (``step_rows``: models fed a row per decode step, the talker, have one)."""
+    return seq.input_embeds is not None and not step_rows
 
 
 def wants_prompt_logprobs(seq: Sequence) -> bool:
@@ -119,6 +121,10 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_sizes = decode_graph_sizes(cfg.scheduler.max_num_seqs) if self.use_graphs else []
         self._alloc_decode_buffers()
+        # models fed a row per decode step (the talker): their decode graphs add it (worker/step_rows.py)
+        self.step_rows = (StepRows(cfg.decode_steps, self.max_graph_bs, arch.input_size or arch.hidden_size,
+                                   self.dtype, self.device) if arch.talker is not None and tp.size == 1 else None)
+        self.seen: SeenTokens | None = None          # repetition penalty of decode runs (made on first use)
         self.mixed: MixedStepGraphs | None = None     # graphs of steps with prompt tokens (worker/mixed_graphs.py)
         if self.use_graphs:
             pool = capture_decode_graphs(self)
@@ -345,6 +351,12 @@ class ModelRunner:
         add = (torch.as_tensor(add_i, dtype=torch.long).to(dev), torch.cat(add_v).to(dev, dt)) if add_i else None
         return media, add
 
+    def _seen_tokens(self) -> SeenTokens:
+        """The repetition penalty's device mask (worker/seen_tokens.py), made on first use."""
+        if self.seen is None:
+            self.seen = SeenTokens(self.max_graph_bs, self.arch.vocab_size, self.dtype, self.device)
+        return self.seen
+
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         ps = [s.params for s in seqs]
         dev = self.device
@@ -364,8 +376,9 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, num_steps: int = 1) -> StepOutput:
         """One step of ``batch`` (``num_steps`` greedy decode steps when the engine asks for them)."""
         n = len(batch.seqs)
-        embedded = any(needs_eager(s) for s in batch.seqs)
-        if (batch.num_decodes == n and n <= self.max_graph_bs and not embedded
+        embedded = any(s.input_embeds is not None for s in batch.seqs)
+        if (batch.num_decodes == n and n <= self.max_graph_bs
+                and not any(needs_eager(s, self.step_rows is not None) for s in batch.seqs)
                 and not any(s.is_encode for s in batch.seqs)):
             return self._run_decode(batch, num_steps)
         assert num_steps == 1, "multi-step runs are for pure decode batches"
@@ -488,10 +501,14 @@ class ModelRunner:
             # constrained rows: each step's masks filled on the host while its forward runs (not resumable)
             assert not (rows and resume), "a batch with grammar-constrained rows is never resumed"
             self._launch_grammar = DecodeRun(self._masks(), seqs, rows) if rows else None
-            self._launch_st = None if is_greedy(seqs) and not rows else self._sampling_tensors(seqs)
+            penalized = any(has_penalty(s) for s in seqs)
+            self._launch_seen = self._seen_tokens() if penalized else None
+            if penalized:
+                self._launch_seen.load(seqs)
+            self._launch_st = None if is_greedy(seqs) and not rows and not penalized else self._sampling_tensors(seqs)
         st = self._launch_st
-        self._fill_decode(seqs, num_steps, resume, st)
         buf = self._tok_buf = 1 - self._tok_buf
+        self._fill_decode(seqs, num_steps, resume, st, buf)
         tokens = self.h_tok[buf][:num_steps * n].view(num_steps, n)         # contiguous: an async copy
         tokens.copy_(self.g_tokens[:num_steps, :n], non_blocking=True)
         logprobs = None
@@ -531,10 +548,11 @@ class ModelRunner:
         return out
 
     def _fill_decode(self, seqs: list[Sequence], num_steps: int, resume: bool = False,
-                     st: SamplingTensors | None = None) -> int:
-        """Decode inputs of ``seqs`` to the device (unless ``resume``), then the forwards; returns
-        the graph batch size. Padding rows aim every block-table column at the scratch block, so
-        that however far a resumed run advances them they write there."""
+                     st: SamplingTensors | None = None, buf: int = 0) -> int:
+        """Decode inputs of ``seqs`` to the device (unless ``resume``; step rows always, a resumed run's
+        ``num_steps`` later than the sequences say: the run in flight is not applied yet), then the
+        forwards; returns the graph batch size. Padding rows aim every block-table column at the
+        scratch block, so that however far a resumed run advances them they write there."""
         n = len(seqs)
         bs = next(b for b in self.graph_sizes if b >= n) if self.graphs else n
         if not resume:
@@ -547,6 +565,8 @@ class ModelRunner:
                 row[0], row[1], row[2], row[3] = s.token_ids[-1], p, p + 1, s.rope_delta
                 row[BT:BT + len(s.block_table)] = s.block_table
             self.g_in[:bs].copy_(self.h_in[:bs], non_blocking=True)
+        if self.step_rows is not None:
+            self.step_rows.fill(seqs, num_steps, bs, buf, offset=num_steps if resume else 0)
         splits = 0 if self.graphs else self._splits(n, max(len(s) for s in seqs) + num_steps)
         sampled = n if st is not None else 0
         if self.peers is not None:
@@ -562,6 +582,7 @@ class ModelRunner:
         every rank feeds them to its next forward."""
         self.g_step.zero_()
         grammar = self._launch_grammar if st is not None else None
+        seen = self._launch_seen if st is not None else None
         for step in range(num_steps):
             if self.graphs:
                 self.graphs[bs].replay()
@@ -571,11 +592,15 @@ class ModelRunner:
                 continue
             nxt = self.g_next[:sampled]                                   # [n] int32, contiguous
             if st is not None:
+                if seen is not None:                                      # repetition penalty, on the device
+                    seen.apply(self.g_logits[:sampled])
                 if grammar is not None:                                   # masks filled while the graph runs
                     grammar.mask(self.g_logits[:sampled], step)
                 ids, logprobs = sample(self.g_logits[:sampled], st)       # [n], ([n, 1 + k] x 2) | None
                 if grammar is not None:
                     grammar.sampled(ids, last=step == num_steps - 1)
+                if seen is not None:
+                    seen.mark(ids)
                 self.g_tokens[step, :sampled] = ids
                 if logprobs is not None:
                     w = logprobs[0].shape[1]
@@ -623,6 +648,7 @@ class ModelRunner:
         self._tok_buf = 0
         self._launch_st: SamplingTensors | None = None     # the last launch's (a resumed run reuses them)
         self._launch_grammar: DecodeRun | None = None       # the last launch's constrained rows
+        self._launch_seen: SeenTokens | None = None         # ... its tokens so far (repetition penalty)
         self.grammar_masks: GrammarMasks | None = None      # structured outputs' bitmasks (created on first use)
         self.g_step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.g_logits = torch.zeros(mb, self.arch.vocab_size, dtype=self.dtype, device=dev)
@@ -641,7 +667,8 @@ class ModelRunner:
         meta.context_lens = inp[:, 2].contiguous()
         blk = inp[:, BT:].gather(1, (pos // self.block_size).long().unsqueeze(1)).squeeze(1)
         meta.slot_mapping = blk.long() * self.block_size + (pos % self.block_size).long()
-        hidden = self.model(ids, pos + inp[:, 3], meta)[0]             # rope position: + M-RoPE delta
+        add = self.step_rows.read(self.g_step, bs) if self.step_rows is not None else None    # talker: step rows
+        hidden = self.model(ids, pos + inp[:, 3], meta, add_embeds=add)[0]    # rope position: + M-RoPE delta
         logits = self.model.compute_logits(hidden)
         self.g_logits[:bs] = logits
         self.g_hidden[:, :bs].index_copy_(0, self.g_step, hidden.unsqueeze(0))

@@ -27,12 +27,15 @@ import argparse
 import asyncio
 import math
 import statistics
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_name, sync, table, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import device_name, sync, table, write_result  # noqa: E402
 
 CODEC_HZ = 50                       # Qwen2.5-Omni codec tokens per second of audio
 VOICE = "Chelsie"

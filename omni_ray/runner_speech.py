@@ -117,10 +117,9 @@ def _handoff(t: torch.Tensor) -> Handoff:
 
 async def run_speech(pipeline: PipelineConfig, backends: Mapping[str, Any], kinds: Mapping[str, str],
                      prompt: str | None, request_id: str, args, voice: str,
-                     messages: list[dict] | None = None) -> AsyncIterator[dict]:
-    """The events of one speech request (module docstring); ``voice``: checked by ``check_audio``."""
-    from omni_ray.runner import step_request
-
+                     messages: list[dict] | None = None, *, step_request) -> AsyncIterator[dict]:
+    """The events of one speech request (module docstring); ``voice``: checked by ``check_audio``;
+    ``step_request``: the runner's (``omni_ray.runner.step_request``: passed in, no import circle)."""
     steps = _speech_steps(pipeline, kinds)
     names = [s.stage for s in steps]
     thinker, talker, t2w = (backends[n] for n in names)

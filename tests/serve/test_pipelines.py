@@ -29,7 +29,7 @@ def png_size(b64: str) -> tuple[int, int]:
 def test_pipeline_list(client):
     names = {p["id"] for p in client.get("/v1/pipelines").json()["data"]}
     assert names == {"chat", "image", "text2image", "text2image-llm-encoder", "qwen-image", "qwen-image-edit",
-                     "video"}
+                     "video", "omni"}
 
 
 def test_chat_pipeline(client):

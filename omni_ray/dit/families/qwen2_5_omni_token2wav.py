@@ -282,5 +282,6 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Mels [B, T, mel] -> waveforms [B, T * hop] float32 on the CPU (in [-1, 1])."""
-        wave = self.vae(latents.permute(0, 2, 1).float())       # the vocoder squeezes: [samples] when B == 1
-        return wave.reshape(latents.shape[0], -1).float()
+        mel = latents.to(self.device, torch.float32).permute(0, 2, 1)   # streamed windows' mels come from the host
+        wave = self.vae(mel)                                    # the vocoder squeezes: [samples] when B == 1
+        return wave.reshape(latents.shape[0], -1).float().cpu()

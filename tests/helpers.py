@@ -1,4 +1,4 @@
-"""Small helpers shared by test modules: a free TCP port, a local Ray cluster."""
+"""Small helpers shared by test modules: a free TCP port, a local Ray cluster, a fake Serve stream call."""
 
 from __future__ import annotations
 
@@ -25,3 +25,20 @@ def local_ray(num_cpus: int = 4):
     finally:
         if started:
             ray.shutdown()
+
+
+class FakeCall:
+    """A streaming Serve call: iterates the replica's generator in the caller's task (as Serve's stream
+    would deliver it); ``cancel`` records what Serve's cancellation does to the replica side."""
+
+    def __init__(self, agen):
+        self.agen, self.cancelled = agen, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.agen.__anext__()
+
+    def cancel(self):
+        self.cancelled = True

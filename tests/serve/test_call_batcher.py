@@ -11,27 +11,12 @@ from deployments.stages.ar import ARDeployment
 from omni_ray.ar import LLM, SamplingParams
 from omni_ray.errors import InvalidRequestError
 from omni_ray.stages import ARRequest
+from tests.helpers import FakeCall
 
 STAGE = {"engine": {"model": {"path": "tiny:qwen3"}, "enforce_eager": True, "core_process": "off",
                     "cache": {"block_size": 16, "num_blocks": 256}}}
 PROMPTS = ["the lighthouse keeper", "a message in a bottle", "waves", "the north wind", "at dusk", "gulls"]
 
-
-class FakeCall:
-    """A streaming call: iterates the replica's generator in the caller's task (as Serve's stream
-    would deliver it); ``cancel`` is what Serve's cancellation does to the replica side."""
-
-    def __init__(self, agen):
-        self.agen, self.cancelled = agen, False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self.agen.__anext__()
-
-    def cancel(self):
-        self.cancelled = True
 
 
 class FakeComplete:

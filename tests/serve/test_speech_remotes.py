@@ -7,22 +7,7 @@ import asyncio
 
 from deployments.ingress.remote_stages import RemoteTalker, RemoteToken2Wav, remote_backends
 from deployments.ingress.stage_health import StageHealth
-
-
-class Call:
-    """A streaming call: the replica's generator, iterated in the caller's task; ``cancel`` as Serve's."""
-
-    def __init__(self, agen):
-        self.agen, self.cancelled = agen, False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self.agen.__anext__()
-
-    def cancel(self):
-        self.cancelled = True
+from tests.helpers import FakeCall
 
 
 class Replica:
@@ -52,7 +37,7 @@ class Method:
         self.handle.calls.append((self.name, kw.get("replica")))
         out = getattr(replica, self.name)(*args, **kw)
         if self.stream:
-            call = Call(out)
+            call = FakeCall(out)
             self.handle.streams.append(call)
             return call
         return asyncio.ensure_future(out)

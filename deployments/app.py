@@ -4,7 +4,10 @@
     serve run deployments.app:build_app config_path=my.yaml   # an OmniConfig, or a Serve config file
     serve.run(build_app({"config": cfg_dict}), name="omni")
 
-One deployment per stage, named by its stage key (``llm``, ``image``, ...), plus ``Ingress``. An encoder
+One deployment per stage, named by its stage key (``llm``, ``image``, ...), plus ``Ingress``. Speech
+(Qwen2.5-Omni): the talker stage (an AR stage with ``model.submodel: talker``) and the token2wav stage (the DiT
+stage a pipeline feeds codec_tokens) deploy as their own shims (``deployments/stages/talker.py``,
+``token2wav.py``), each with its own replicas. An encoder
 stage's handle goes to the AR stages that name it (``stages.<key>.encoder``) and to the ingress (for
 /health and /info only: requests never reach it from there).
 """
@@ -18,6 +21,9 @@ from deployments.options import deployment_options, stage_options
 from deployments.stages.ar import ARDeployment
 from deployments.stages.dit import DiTDeployment
 from deployments.stages.encoder import EncoderDeployment
+from deployments.stages.fed import fed_stages
+from deployments.stages.talker import TalkerDeployment
+from deployments.stages.token2wav import Token2WavDeployment
 from omni_ray.config import ARStageConfig, DiTStageConfig, EncoderStageConfig, OmniConfig, load_app_config, load_config
 from omni_ray.errors import ConfigError
 from omni_ray.graphs import expand_pipelines
@@ -46,9 +52,14 @@ def build_app(args: dict) -> Application:
     for key, stage in cfg.stages.items():        # encoder stages first: the AR stages that use them get their handle
         if isinstance(stage, EncoderStageConfig):
             stages[key] = EncoderDeployment.options(**stage_options(key, stage)).bind(key, stage.model_dump(), services)
+    fed = fed_stages(cfg)                        # speech: talker and token2wav stages
     for key, stage in cfg.stages.items():
-        opts = stage_options(key, stage)
-        if isinstance(stage, ARStageConfig):
+        opts = stage_options(key, stage, pinned=key in fed)
+        if fed.get(key) == "talker":
+            stages[key] = TalkerDeployment.options(**opts).bind(key, stage.model_dump(), limits, services)
+        elif fed.get(key) == "token2wav":
+            stages[key] = Token2WavDeployment.options(**opts).bind(key, stage.model_dump(), services)
+        elif isinstance(stage, ARStageConfig):
             encoder = stages[stage.encoder] if stage.encoder else None
             stages[key] = ARDeployment.options(**opts).bind(key, stage.model_dump(), limits, services, media, encoder)
         elif isinstance(stage, DiTStageConfig):

@@ -58,10 +58,11 @@ def deployment_options(name: str, d: DeploymentConfig, ranks: int = 1, strategy:
     return opts
 
 
-def stage_options(name: str, stage: ARStageConfig | DiTStageConfig | EncoderStageConfig) -> dict:
+def stage_options(name: str, stage: ARStageConfig | DiTStageConfig | EncoderStageConfig, pinned: bool = False) -> dict:
+    """``pinned``: a speech stage (talker, token2wav), whose ``feed`` calls go to the replica of their stream."""
     opts = deployment_options(name, stage.deployment, num_ranks(stage), placement_strategy(stage),
                               stage.engine.device)
-    if isinstance(stage, ARStageConfig):     # aborts of batched streams go to the replica that runs them
+    if pinned or isinstance(stage, ARStageConfig):     # aborts of batched streams, feeds: to their replica
         from deployments.stages.routing import ROUTER
         opts["request_router_config"] = {"request_router_class": ROUTER}
     return opts

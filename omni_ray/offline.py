@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -47,8 +48,16 @@ class _LocalAR:
     def __init__(self, stage):
         self.stage = stage
 
-    def generate(self, req: ARRequest) -> AsyncIterator[dict]:
-        return self.stage.generate(_by_value(req))
+    async def generate(self, req: ARRequest) -> AsyncIterator[dict]:
+        """The stage's deltas; hidden-state rows (``return_hidden_states``) as a Handoff by value, as online
+        (where it holds their object-store reference)."""
+        async with contextlib.aclosing(self.stage.generate(_by_value(req))) as deltas:     # closed with us: aborts
+            async for d in deltas:
+                hs = d.get("hidden_states")
+                if hs is not None:
+                    d["hidden_states"] = Handoff(shape=list(hs.shape), tensor=hs,
+                                                 dtype=str(hs.dtype).replace("torch.", ""))
+                yield d
 
     def abort(self, request_id: str) -> None:
         self.stage.abort(request_id)

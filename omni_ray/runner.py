@@ -229,7 +229,8 @@ async def run_pipeline(pipeline: PipelineConfig, backends: Mapping[str, Any], ki
     if audio is not None:
         talker = next(s.stage for s in pipeline.steps if s.output == "codec_tokens") if is_speech(pipeline) else None
         voice = check_audio(audio, pipeline, backends[talker].voices if talker else [])
-        async for ev in run_speech(pipeline, backends, kinds, prompt, request_id, args, voice, messages):
+        async for ev in run_speech(pipeline, backends, kinds, prompt, request_id, args, voice, messages,
+                                   step_request=step_request):
             yield ev
         return
     if is_speech(pipeline):

@@ -73,6 +73,20 @@ def check_audio(audio: Any, pipeline: PipelineConfig, voices) -> str:
     return resolve_voice(list(voices), audio["voice"])
 
 
+# what a request may set of the speech stages (``stage_args``): the talker's sampling (codec tokens: no text
+# stops, constraints or logprobs), token2wav's ODE
+TALKER_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed", "ignore_eos")
+TOKEN2WAV_KEYS = ("num_inference_steps", "guidance_scale", "seed")
+
+
+def _only(kw: dict, keys: tuple[str, ...], stage: str) -> dict:
+    bad = sorted(set(kw) - set(keys))
+    if bad:
+        raise InvalidRequestError(f"stage_args.{stage}.{bad[0]}: not an argument of the {stage} stage (it takes "
+                                  f"{list(keys)})", param=f"stage_args.{stage}.{bad[0]}")
+    return dict(kw)
+
+
 def _speech_steps(pipeline: PipelineConfig, kinds: Mapping[str, str]):
     steps = pipeline.steps
     shape = [(kinds[s.stage], s.input, s.output) for s in steps]
@@ -91,16 +105,21 @@ def _rows(x) -> torch.Tensor:
     return torch.as_tensor(x).float()
 
 
+def _as_handoff(x) -> Handoff:
+    """A thinker delta's rows as a Handoff: as it came (online: object-store references, never resolved in
+    the runner; offline: by value), or a tensor wrapped by value."""
+    return x if isinstance(x, Handoff) else _handoff(_rows(x))
+
+
 def _handoff(t: torch.Tensor) -> Handoff:
     return Handoff(shape=list(t.shape), tensor=t, dtype=str(t.dtype).removeprefix("torch."))
 
 
 async def run_speech(pipeline: PipelineConfig, backends: Mapping[str, Any], kinds: Mapping[str, str],
                      prompt: str | None, request_id: str, args, voice: str,
-                     messages: list[dict] | None = None) -> AsyncIterator[dict]:
-    """The events of one speech request (module docstring); ``voice``: checked by ``check_audio``."""
-    from omni_ray.runner import step_request
-
+                     messages: list[dict] | None = None, *, step_request) -> AsyncIterator[dict]:
+    """The events of one speech request (module docstring); ``voice``: checked by ``check_audio``;
+    ``step_request``: the runner's (``omni_ray.runner.step_request``: passed in, no import circle)."""
     steps = _speech_steps(pipeline, kinds)
     names = [s.stage for s in steps]
     thinker, talker, t2w = (backends[n] for n in names)
@@ -113,9 +132,14 @@ async def run_speech(pipeline: PipelineConfig, backends: Mapping[str, Any], kind
                                  params=th_params)
     per_stage = args.per_stage
     seed = {"seed": args.text["seed"]} if args.text.get("seed") is not None else {}
-    tk_params = SamplingParams(**(TALKER_DEFAULTS | seed | per_stage.get(names[1], {})))
-    dkw = seed | {k: v for k, v in per_stage.get(names[2], {}).items()
-                  if k in ("num_inference_steps", "guidance_scale", "seed")}
+    # the reference's sampling; its max_new_tokens (4096) as a cap: up to the talker's context, at most
+    # limits.max_tokens (the talker stage resolves None), unless the request names max_tokens
+    tk_params = SamplingParams(**(TALKER_DEFAULTS | {"max_tokens": None} | seed
+                                  | _only(per_stage.get(names[1], {}), TALKER_KEYS, names[1])))
+    dkw = seed | _only(per_stage.get(names[2], {}), TOKEN2WAV_KEYS, names[2])
+    if dkw.get("num_inference_steps") is not None and dkw["num_inference_steps"] < 2:
+        raise InvalidRequestError(f"stage_args.{names[2]}.num_inference_steps must be at least 2 (time points of "
+                                  "the ODE grid)", param=f"stage_args.{names[2]}.num_inference_steps")
     t2w_req = SpeechRequest(rids[2], voice, DiffusionParams(**dkw))
 
     events: asyncio.Queue = asyncio.Queue()
@@ -146,17 +170,17 @@ async def run_speech(pipeline: PipelineConfig, backends: Mapping[str, Any], kind
                 events.put_nowait(("event", {"type": "text", "step": 0, "stage": names[0], "delta": out["text"]}))
             tokens += out.get("token_ids") or []
             if out.get("hidden_states") is not None:
-                rows = _rows(out["hidden_states"])
+                rows = _as_handoff(out["hidden_states"])      # online: references, split here unresolved
                 if not started:
                     n = out["num_prompt_tokens"]
                     ids, pos, delta = out.get("prompt_token_ids"), out.get("prompt_positions"), out.get("rope_delta")
                     if ids is None:                   # the stream names no prompt ids: the stage's processing
                         ids, pos, delta = await thinker.thinker_prompt(th_req)
-                    spawn(run_talker(TalkerRequest(rids[1], voice, tk_params, list(ids), _handoff(rows[:n]),
+                    spawn(run_talker(TalkerRequest(rids[1], voice, tk_params, list(ids), rows.rows(0, n),
                                                    pos, int(delta or 0))))
-                    started, rows = True, rows[n:]
+                    started, rows = True, rows.rows(n)
                 if rows.shape[0]:
-                    await talker.feed(rids[1], ThinkerRows(tokens[fed:fed + rows.shape[0]], _handoff(rows)))
+                    await talker.feed(rids[1], ThinkerRows(tokens[fed:fed + rows.shape[0]], rows))
                     fed += rows.shape[0]
             last = out
         if last is None:

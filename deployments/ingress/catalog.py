@@ -2,6 +2,7 @@
 
 import time
 
+from deployments.stages.fed import fed_stages
 from omni_ray.config import OmniConfig, PipelineConfig, PipelineStep
 from omni_ray.errors import ConfigError, InvalidRequestError, ModelNotFoundError
 
@@ -10,6 +11,10 @@ class Catalog:
     def __init__(self, config: OmniConfig):
         self.config = config
         self.kinds = {k: s.kind for k, s in config.stages.items()}
+        self.speech = fed_stages(config)        # stage key -> talker | token2wav
+        # parts of another stage's model, not models of their own: media encoders (called by their AR stage),
+        # a talker and token2wav (speech out of their thinker's pipeline)
+        self.inner = {k for k, kind in self.kinds.items() if kind == "encoder"} | set(self.speech)
         self.names = {k: s.engine.model.served_name for k, s in config.stages.items()}
         self.created = int(time.time())
         self._tool_parsers: dict[str, str | None] = {}
@@ -26,7 +31,8 @@ class Catalog:
     def modalities(self, key: str) -> dict | None:
         """{"input": [...], "output": [...]}: what the stage's checkpoint takes and gives, from its stage
         graph (omni_ray/graphs); a stage that runs an inner role of its graph (Qwen-Image's text encoder)
-        gives that role's hand-off (hidden_states). None when the checkpoint is not readable here."""
+        gives that role's hand-off (hidden_states); a thinker whose speech pipeline starts at it also audio.
+        None when the checkpoint is not readable here."""
         if key not in self._modalities:
             from omni_ray.graphs.registry import graph_for
             try:
@@ -43,21 +49,21 @@ class Catalog:
         return self._modalities[key]
 
     def model_cards(self) -> list[dict]:
-        return [self.model_card(k) for k in self.kinds if self.kinds[k] != "encoder"]
+        return [self.model_card(k) for k in self.kinds if k not in self.inner]
 
     def model(self, model_id: str) -> dict:
         """The model object whose id (a served name; ids may contain '/') is ``model_id``; 404 otherwise.
-        Encoder stages serve no requests of their own: they are no models here."""
+        Encoder and speech stages serve no requests of their own: they are no models here."""
         for k in self.kinds:
-            if self.names[k] == model_id and self.kinds[k] != "encoder":
+            if self.names[k] == model_id and k not in self.inner:
                 return self.model_card(k)
-        served = sorted(n for k, n in self.names.items() if self.kinds[k] != "encoder")
+        served = sorted(n for k, n in self.names.items() if k not in self.inner)
         raise ModelNotFoundError(f"The model {model_id!r} does not exist; models: {served}",
                                  param="model", code="model_not_found")
 
     def stage(self, model: str | None, kind: str) -> str:
         """The stage key a ``model`` field names (served name or stage key); None = the first of ``kind``."""
-        keys = [k for k, v in self.kinds.items() if v == kind]
+        keys = [k for k, v in self.kinds.items() if v == kind and k not in self.inner]
         if model is None:
             if not keys:
                 raise ModelNotFoundError(f"this app serves no {kind} model", param="model")

@@ -45,7 +45,7 @@ from deployments.ingress.lifecycle import Lifecycle, new_id
 from deployments.ingress.limits import check_pipeline_limits, check_text_limits
 from deployments.ingress.openapi_doc import install_openapi
 from deployments.ingress.pipelines import pipeline_events, pipeline_result, public, render_pipeline
-from deployments.ingress.remote_stages import RemoteAR, RemoteDiT
+from deployments.ingress.remote_stages import remote_backends
 from deployments.ingress.request_ids import RequestIds
 from deployments.ingress.speech import SPEECH_OPENAPI, SpeechRoutes
 from deployments.ingress.stage_health import StageHealth
@@ -92,9 +92,7 @@ class Ingress:
         cache = dit_cache({"app": self.config.app.name, "dit_cache": self.config.dit_cache.model_dump()})
         batch = self.config.app.stage_call_batch
         self.stage_health = StageHealth(stages, self.config.app.stage_health)
-        self.backends = {k: RemoteAR(h, cache, self.names[k], batch, k, self.stage_health) if self.kinds[k] == "ar"
-                         else RemoteDiT(h, k, self.stage_health) for k, h in stages.items()
-                         if self.kinds[k] != "encoder"}           # encoder stages: called by AR replicas only
+        self.backends = remote_backends(stages, self.catalog, self.stage_health, cache, batch)
         self.limits = self.config.app.limits
         self.admission = Admission(self.config)
         self.requests = Lifecycle(self.config.app, self.admission, OpenStreams(self.config.app.streaming))

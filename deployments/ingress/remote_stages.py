@@ -6,6 +6,11 @@ the AR stage as a ``Handoff`` holding an ObjectRef, passed on, unresolved, to th
 Streaming calls are cancelled when the consumer stops early (client disconnect), which raises
 CancelledError in the replica and aborts the engine request.
 
+Speech stages (talker, token2wav) are fed while they stream: the stage's first item names the replica
+that runs the request, and each ``feed`` for it waits until that is known, then goes there
+(``replica=id``: the PinnedRouter), one at a time in call order. Nothing is resolved here: the thinker's
+hidden states pass as the Handoffs (ObjectRefs) they came as.
+
 Every call goes through the ingress's StageHealth (``stage_health.py``): while the stage has no
 healthy replica it waits a bounded time, then 503; a call that loses its replica marks the stage
 down. A client error comes back from the replica as a value (deployments/stages/replica.py) and is
@@ -16,13 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
 from deployments.ingress.call_batcher import StreamBatcher
 from deployments.ingress.stage_health import StageHealth
 from omni_ray.stages.requests import ARRequest, DiTRequest, Handoff
+
+if TYPE_CHECKING:
+    from omni_ray.stages.requests import SpeechRequest, TalkerRequest, ThinkerRows
+
+FEED_WAIT_S = 300.0     # a feed waits this long for its request's stream to name its replica
+FORGET_S = 30.0         # an ended stream's replica is remembered this long (late feeds are dropped)
 
 
 async def stream(call) -> AsyncIterator:
@@ -71,6 +82,11 @@ class RemoteAR:
             return self.health.stream(self.stage, lambda: self.batcher.stream(req))
         return self.health.stream(self.stage, lambda: stream(self.streaming.generate.remote(req)))
 
+    async def thinker_prompt(self, req: ARRequest) -> tuple[list[int], Any, int]:
+        """(prompt token ids, M-RoPE positions [3, L] or None, rope delta) of a thinker request as the stage
+        processes it (a speech request's talker prompt; omni_ray/runner_speech.py)."""
+        return await self.health.unary(self.stage, lambda: unary(self.unary.thinker_prompt.remote(req)))
+
     async def complete(self, req: ARRequest) -> dict:
         if self.batcher is not None:
             return await self.health.unary(self.stage, lambda: self.batcher.complete(req))
@@ -118,3 +134,112 @@ class RemoteDiT:
 
     def generate(self, req: DiTRequest) -> AsyncIterator[dict]:
         return self.health.stream(self.stage, lambda: stream(self.streaming.generate.remote(req)))
+
+
+class _Fed:
+    """A stage whose requests are fed while they stream: ``generate(req)`` streams (the replica's first
+    item, ``{"replica": id}``, kept here), ``feed(request_id, *args)`` goes to that replica, in call order."""
+
+    def __init__(self, handle: DeploymentHandle, stage: str, health: StageHealth | None = None):
+        self.stage, self.health = stage, health or StageHealth({stage: handle})
+        self.streaming = handle.options(stream=True)
+        self.unary = handle.options(stream=False)
+        self._replicas: dict[str, asyncio.Future] = {}     # request id -> its replica id (None: it ended)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._done: set[str] = set()                      # streams that ended: their feeds are dropped
+
+    def _replica(self, request_id: str) -> asyncio.Future:
+        if request_id not in self._replicas:
+            self._replicas[request_id] = asyncio.get_running_loop().create_future()
+            self._locks[request_id] = asyncio.Lock()
+        return self._replicas[request_id]
+
+    def _forget(self, request_id: str, fut: asyncio.Future) -> None:
+        if self._replicas.get(request_id) is fut:
+            del self._replicas[request_id]
+            self._locks.pop(request_id, None)
+            self._done.discard(request_id)
+
+    def _ended(self, request_id: str) -> None:
+        fut = self._replica(request_id)
+        self._done.add(request_id)
+        if not fut.done():
+            fut.set_result(None)                  # feeds still waiting: nothing to feed any more
+        asyncio.get_running_loop().call_later(FORGET_S, self._forget, request_id, fut)
+
+    async def generate(self, req) -> AsyncIterator[dict]:
+        """The stage's items (the replica's id is not passed on)."""
+        where = self._replica(req.request_id)
+        try:
+            async for item in self.health.stream(self.stage, lambda: stream(self.streaming.generate.remote(req))):
+                if not where.done() and isinstance(item, dict) and "replica" in item:
+                    where.set_result(item["replica"])
+                    continue
+                yield item
+        finally:
+            self._ended(req.request_id)
+
+    async def feed(self, request_id: str, *args: Any) -> None:
+        """Send ``args`` to the replica running ``request_id``'s stream, once it is known (a stream that
+        ended, or never started within FEED_WAIT_S, takes no more feeds: they are dropped)."""
+        fut = self._replica(request_id)
+        lock = self._locks[request_id]
+        async with lock:                          # FIFO: feeds reach the replica in the order they were made
+            try:
+                replica = await asyncio.wait_for(asyncio.shield(fut), FEED_WAIT_S)
+            except TimeoutError:
+                self._forget(request_id, fut)
+                return
+            if replica is None or request_id in self._done:
+                return
+            await self.health.unary(self.stage, lambda: unary(
+                self.unary.feed.remote(request_id, *args, replica=replica)))
+
+
+class RemoteTalker(_Fed):
+    """The talker stage: ``generate(TalkerRequest)`` -> codec deltas; ``feed(request_id, ThinkerRows)``;
+    ``voices`` (the checkpoint's spk_dict.pt, read once here: the runner checks a request's voice before any
+    stage runs)."""
+
+    def __init__(self, handle: DeploymentHandle, stage: str, health: StageHealth | None = None,
+                 path: str | None = None):
+        super().__init__(handle, stage, health)
+        self.path = path
+
+    @property
+    def voices(self) -> list[str]:
+        from omni_ray.stages.voices import speech_voices
+        return speech_voices(self.path)
+
+    def generate(self, req: TalkerRequest) -> AsyncIterator[dict]:
+        return super().generate(req)
+
+    async def feed(self, request_id: str, rows: ThinkerRows) -> None:
+        await super().feed(request_id, rows)
+
+
+class RemoteToken2Wav(_Fed):
+    """The token2wav stage: ``generate(SpeechRequest)`` -> waveform chunks; ``feed(request_id, codes, finished)``."""
+
+    def generate(self, req: SpeechRequest) -> AsyncIterator[dict]:
+        return super().generate(req)
+
+    async def feed(self, request_id: str, codes: list[int], finished: bool) -> None:
+        await super().feed(request_id, list(codes), finished)
+
+
+def remote_backends(handles: dict[str, DeploymentHandle], catalog, health: StageHealth, cache=None,
+                    batch: int = 1) -> dict:
+    """The runner's backend of each stage the ingress calls (encoder stages: called by AR replicas only)."""
+    out: dict = {}
+    for k, h in handles.items():
+        speech, kind = catalog.speech.get(k), catalog.kinds[k]
+        if speech == "talker":
+            out[k] = RemoteTalker(h, k, health, catalog.config.stages[k].engine.model.path)
+        elif speech == "token2wav":
+            out[k] = RemoteToken2Wav(h, k, health)
+        elif kind == "ar":
+            out[k] = RemoteAR(h, cache, catalog.names[k], batch, k, health)
+        elif kind == "dit":
+            out[k] = RemoteDiT(h, k, health)
+    return out

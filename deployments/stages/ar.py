@@ -21,7 +21,10 @@ With ``encoder`` (the handle of an encoder stage, ``stages.<key>.encoder``) the 
 request's images and audio there and gives its engine (which loads no towers) the embeddings.
 
 ``encode`` puts the hidden states in the object store and returns a Handoff holding the reference,
-so neither Serve nor the ingress resolves it; the DiT replica that receives it does.
+so neither Serve nor the ingress resolves it; the DiT replica that receives it does. So do the
+deltas of a request with ``params.return_hidden_states`` (a thinker's rows for its talker): each
+delta's ``hidden_states`` is a Handoff of its own rows (pinned as encode's), ``complete`` one joined
+Handoff (``Handoff.refs``: the rows' references in order).
 A caller that goes away (client disconnect, ``cancel()``) raises CancelledError here, which
 ends the engine generator, which aborts the request and frees its KV blocks.
 """
@@ -29,6 +32,7 @@ ends the engine generator, which aborts the request and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -97,7 +101,7 @@ class ARDeployment(StageReplica):
         with self.streams.open():
             deltas = self.engine.generate(req, interval=self.streams.interval)
             async for delta in errors_as_values(self.metrics.stream(deltas, req.request_id)):
-                yield delta
+                yield self._put_rows(delta)
 
     async def generate_batch(self, reqs: list[ARRequest], unary: list[int] | None = None,
                              sent_at: float | None = None) -> AsyncIterator[list[tuple[int, Any]]]:
@@ -129,17 +133,47 @@ class ARDeployment(StageReplica):
         return await error_as_value(self._complete(req))
 
     async def _complete(self, req: ARRequest) -> dict:
-        return merge_deltas([d async for d in self._complete_deltas(req)])
+        return self._put_rows(merge_deltas([d async for d in self._engine_deltas(req)]))   # one put for all rows
 
     async def _complete_deltas(self, req: ARRequest) -> AsyncIterator[dict]:
         """A non-streaming request's deltas: the engine hands over the first output (time to first
         token) and then the rest at the end; the last carries ``replica_s`` (Server-Timing "engine")."""
+        async with contextlib.aclosing(self._engine_deltas(req)) as deltas:    # closed with us: aborts
+            async for d in deltas:
+                yield self._put_rows(d)
+
+    async def _engine_deltas(self, req: ARRequest) -> AsyncIterator[dict]:
         t0 = time.perf_counter()
         deltas = self.engine.generate(req, interval=math.inf)
         async for d in self.metrics.stream(deltas, req.request_id):
             if d["finished"]:
                 d["replica_s"] = time.perf_counter() - t0
             yield d
+
+    async def thinker_prompt(self, req: ARRequest) -> tuple[list[int], Any, int] | OmniError:
+        """(prompt token ids, M-RoPE positions [3, L] or None, rope delta) of ``req`` as the engine processes
+        it: what a speech request's talker prompt needs beside the thinker's streamed hidden states."""
+        return await error_as_value(self._thinker_prompt(req))
+
+    async def _thinker_prompt(self, req: ARRequest) -> tuple[list[int], Any, int]:
+        from omni_ray.ar.multimodal import MultiModalInputs
+
+        prompt = await self.engine.prompt(await resolve_images(req))
+        if isinstance(prompt, MultiModalInputs):
+            return list(prompt.token_ids), prompt.positions, prompt.rope_delta
+        return list(prompt), None, 0
+
+    def _put_rows(self, delta):
+        """A delta's hidden-state rows (``return_hidden_states``) into the object store: the delta goes on with
+        a Handoff of their reference, pinned until the next stage has read them; other items unchanged."""
+        hs = delta.get("hidden_states") if isinstance(delta, dict) else None
+        if hs is None:
+            return delta
+        ref = ray.put(hs.numpy())
+        self.pins.hold(ref, hs.numel() * hs.element_size())
+        delta["hidden_states"] = Handoff(shape=list(hs.shape), ref=ref, dtype=str(hs.dtype).replace("torch.", ""),
+                                         object_id=ref.hex())
+        return delta
 
     async def encode(self, req: ARRequest) -> Handoff | OmniError:
         return await error_as_value(self._encode(req))

@@ -1,10 +1,12 @@
-"""Request routing of the AR stage: Serve's default, plus calls pinned to one replica.
+"""Request routing of the AR and speech stages: Serve's default, plus calls pinned to one replica.
 
 A batched stage call (``ARDeployment.generate_batch``) runs several requests on one replica; to
 abort one of them, the ingress calls ``abort(ids, replica=<its id>)``, and this router sends that
 call to the replica named (Serve's power-of-two-choices for every other call, and for a replica
-that is gone: an abort of an unknown id does nothing). Configured per deployment with Serve's
-``request_router_config`` (``deployments.options``); the router runs in the caller's process.
+that is gone: an abort of an unknown id does nothing). The speech stages (talker, token2wav) route
+the ``feed`` calls of a stream the same way, to the replica that runs it (``deployments/stages/fed.py``).
+Configured per deployment with Serve's ``request_router_config`` (``deployments.options``); the router
+runs in the caller's process.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ SAMPLING_RULES: dict[str, Rule] = {
     "prompt_logprobs": Rule("integer", ge=0, le=MAX_LOGPROBS,
                             note="(alternatives besides each prompt token; None: off)"),
 }
-_FLAGS = ("ignore_eos", "skip_special_tokens")
+_FLAGS = ("ignore_eos", "skip_special_tokens", "return_hidden_states")
 
 
 def _bad(param: str, msg: str):
@@ -55,6 +55,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # each prompt token's (the first: None) and this many alternatives
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None   # constrained decoding (omni_ray.ar.grammar)
+    # the final (normed) hidden state of every position fed to the model, streamed in the outputs (a thinker's
+    # rows for its talker): engine / stage level only, not an HTTP field (ENGINE_ONLY_KEYS)
+    return_hidden_states: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -104,7 +107,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+# fields a pipeline wires, never a client: outside SAMPLING_KEYS (the step / HTTP arguments)
+ENGINE_ONLY_KEYS = frozenset({"return_hidden_states"})
+SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - ENGINE_ONLY_KEYS
 
 
 @dataclass

@@ -42,6 +42,11 @@ class Sequence:
         # prompt tokens' (params.prompt_logprobs set): position 0 has none; each other (logprob, top alternatives)
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None]
         self.hidden_chunks: list[torch.Tensor] = []   # encode requests: [n, H] per prefill chunk
+        # params.return_hidden_states: [n, H] float32 rows not handed out yet (position order), and how many
+        # positions have had theirs (a recomputed sequence skips those: preemption never repeats a row)
+        self.hidden_rows: list[torch.Tensor] = []
+        self.num_hidden_rows = 0
+        self.sent_positions = False             # ... and whether its prompt's M-RoPE positions went out
         self.generator: torch.Generator | None = None  # per-request seed
         self.grammar = None                     # structured outputs: its SequenceGrammar (omni_ray.ar.grammar)
         self.arrival = next(_counter)
@@ -64,12 +69,41 @@ class Sequence:
     def num_cacheable_tokens(self) -> int:
         """Leading prompt tokens that may come from the prefix cache. The cache holds K/V only, not
         hidden states or logits: an encode request computes every position whose hidden state it
-        returns (all after ``drop_tokens``), a request for prompt log-probabilities its whole prompt."""
+        returns (all after ``drop_tokens``), a request for prompt log-probabilities or for its hidden
+        states (``return_hidden_states``) its whole prompt."""
         if self.input_embeds is not None:
             return 0
         if self.is_encode:
             return self.params.drop_tokens
-        return 0 if getattr(self.params, "prompt_logprobs", None) is not None else len(self.token_ids)
+        if getattr(self.params, "prompt_logprobs", None) is not None or self.wants_hidden:
+            return 0
+        return len(self.token_ids)
+
+    @property
+    def wants_hidden(self) -> bool:
+        """A generating request that streams the hidden state of every position it feeds."""
+        return not self.is_encode and getattr(self.params, "return_hidden_states", False)
+
+    def add_hidden(self, rows: torch.Tensor, start: int) -> None:
+        """Rows of positions ``start..start + len(rows)`` just computed: those past the ones already
+        produced (a recompute after preemption computes earlier positions again) join ``hidden_rows``."""
+        skip = self.num_hidden_rows - start
+        if skip < len(rows):
+            self.hidden_rows.append(rows[max(skip, 0):])
+            self.num_hidden_rows = start + len(rows)
+
+    def take_hidden_output(self) -> dict:
+        """What an output of a ``return_hidden_states`` request carries: ``hidden_states``, the rows not handed
+        out yet as one [n, H] tensor (None when there are none), and with its first output ``prompt_positions``
+        [3, L] and ``rope_delta`` when its prompt had M-RoPE positions (media; else None)."""
+        rows, self.hidden_rows = self.hidden_rows, []
+        out = {"hidden_states": None if not rows else rows[0] if len(rows) == 1 else torch.cat(rows),
+               "prompt_positions": None, "rope_delta": None}
+        if not self.sent_positions and self.has_mrope_positions:
+            self.sent_positions = True
+            out["prompt_positions"] = self.positions(0, self.num_prompt_tokens).clone()
+            out["rope_delta"] = self.rope_delta
+        return out
 
     @property
     def num_dropped_rows(self) -> int:

@@ -11,6 +11,12 @@ engine's outputs become plain dict deltas (what a Serve replica streams back):
     + "prompt_logprobs" (params.prompt_logprobs set, first delta): one entry per prompt token (the first's
       logprob and top_logprobs None)
     + "prompt_text" (``req.echo``, first delta): the prompt as text (token-id prompts decoded)
+    + "hidden_states" (params.return_hidden_states, a thinker feeding its talker): [n, H] float32, the final
+      (normed) hidden states of the positions fed since the previous delta (the prompt's, then one per
+      generated token once it is fed: all but the last); "prompt_positions" [3, L] and "rope_delta" in the
+      first delta when the prompt had M-RoPE positions (media), and "prompt_token_ids" (the prompt as the engine
+      took it) in the first delta. The Serve replica replaces the tensor by
+      a ``Handoff`` holding its ObjectRef; ``OmniLLM`` by one holding the tensor
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from omni_ray.errors import InvalidRequestError
 from omni_ray.rules import check_prompt_tokens
 from omni_ray.stages.encoder import Encode, attach_embeddings
 from omni_ray.stages.protocol import EngineStage
-from omni_ray.stages.requests import ARRequest
+from omni_ray.stages.requests import ARRequest, Handoff
 
 
 def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
@@ -110,7 +116,10 @@ def merge_deltas(items: list[dict]) -> dict:
     out["token_ids"] = [t for d in items for t in d["token_ids"]]
     if any("logprobs" in d for d in items):
         out["logprobs"] = [x for d in items for x in (d.get("logprobs") or [])]
-    for key in ("prompt_logprobs", "prompt_text"):          # first delta only
+    rows = [d["hidden_states"] for d in items if d.get("hidden_states") is not None]
+    if rows:                                                 # in order, none dropped
+        out["hidden_states"] = torch.cat(rows) if isinstance(rows[0], torch.Tensor) else Handoff.join(rows)
+    for key in ("prompt_logprobs", "prompt_text", "prompt_positions", "rope_delta", "prompt_token_ids"):   # 1st only
         first = next((d[key] for d in items if key in d), None)
         if first is not None:
             out[key] = first
@@ -196,6 +205,12 @@ class ARStageEngine(EngineStage):
                 d["logprobs"] = logprob_entries(table, d["token_ids"], out.logprobs or [], out.top_logprobs)
             if out.prompt_logprobs is not None:
                 d["prompt_logprobs"] = prompt_logprob_entries(table, out.prompt_logprobs)
+            if out.hidden_states is not None:
+                d["hidden_states"] = out.hidden_states
+            if out.prompt_positions is not None:
+                d["prompt_positions"], d["rope_delta"] = out.prompt_positions, out.rope_delta
+            if first and params.return_hidden_states:      # whom the rows are of (a talker's prompt needs them)
+                d["prompt_token_ids"] = list(prompt.token_ids if isinstance(prompt, MultiModalInputs) else prompt)
             if first and req.echo:
                 ids = prompt.token_ids if isinstance(prompt, MultiModalInputs) else prompt
                 d["prompt_text"] = req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(ids)

@@ -18,6 +18,7 @@ stage that takes it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -34,21 +35,76 @@ from omni_ray.rules import check_prompt
 @dataclass
 class Handoff:
     """Hidden states passed from one stage to the next: ``ref`` (an ObjectRef, online: resolved
-    only by the consuming replica) or ``tensor`` (offline, [T, H])."""
+    only by the consuming replica) or ``tensor`` (offline, [T, H]). A stream's rows (an AR delta's
+    ``hidden_states``) come as one Handoff per delta; deltas merged on the way hold them ``join``ed:
+    ``ref`` a list of ObjectRefs (``refs``: their rows in order), or one tensor."""
 
     shape: list[int]
     ref: Any = None
     tensor: Any = None
+    span: tuple[int, int] | None = None   # by reference: rows [start, stop) of what ``ref`` holds (``rows``)
     dtype: str | None = None
     object_id: str | None = None
     source: dict | None = None            # what they are a function of (model, input digest): cache keys
     cache: str | None = None              # the ingress's DiT cache: "hit" | "miss" | "off"
+
+    @property
+    def refs(self) -> list:
+        """The object-store references of its rows, in row order (none when it holds them by value)."""
+        return [] if self.ref is None else list(self.ref) if isinstance(self.ref, list) else [self.ref]
+
+    @classmethod
+    def join(cls, parts: list["Handoff"]) -> "Handoff":
+        """Consecutive row blocks of one stream as one Handoff: [sum of n, H]; by value the tensors
+        concatenated, by reference ``ref`` the list of the parts' references."""
+        if len(parts) == 1:
+            return parts[0]
+        if any(p.span is not None for p in parts):      # rows of a reference: only the consumer cuts them
+            raise ValueError("cannot join hand-offs that are rows of a reference (span)")
+        shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
+        if all(p.tensor is not None for p in parts):
+            import torch
+
+            return cls(shape, tensor=torch.cat([p.tensor for p in parts]), dtype=parts[0].dtype)
+        return cls(shape, ref=[r for p in parts for r in p.refs], dtype=parts[0].dtype)
 
     def public(self) -> dict:
         """Plain data for responses and stage timings (never the ref or the tensor)."""
         out = {"shape": list(self.shape), "dtype": self.dtype, "object_id": self.object_id,
                "source": self.source, "cache": self.cache}
         return {k: v for k, v in out.items() if v is not None}
+
+    def rows(self, start: int, stop: int | None = None) -> "Handoff":
+        """Rows [start, stop) of these hidden states, without resolving them (a runner splitting a thinker's
+        streamed rows between the talker's prompt and its feeds): by value a slice of the tensor, by
+        reference the same references and the ``span``, cut where they are resolved (``resolve``)."""
+        n = self.shape[0]
+        stop = n if stop is None else stop
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"rows [{start}, {stop}) of a hand-off of {n} rows")
+        shape = [stop - start, *self.shape[1:]]
+        if self.ref is None:
+            return Handoff(shape, tensor=None if self.tensor is None else self.tensor[start:stop], dtype=self.dtype)
+        base = self.span[0] if self.span else 0
+        return Handoff(shape, ref=self.ref, span=(base + start, base + stop), dtype=self.dtype)
+
+    async def resolve(self):
+        """The rows as a CPU tensor: by value, or fetched from the object store (by the consuming replica: the
+        only place they are resolved), several references concatenated in order, cut to ``span``."""
+        import warnings
+
+        import torch
+
+        if self.tensor is not None:
+            return torch.as_tensor(self.tensor)
+        if self.ref is None:
+            raise InvalidRequestError("a hand-off carries neither a tensor nor a reference", param="hidden")
+        refs = self.ref if isinstance(self.ref, list) else [self.ref]
+        with warnings.catch_warnings():        # the store's buffers are read-only; consumers copy what they keep
+            warnings.simplefilter("ignore", UserWarning)
+            parts = [torch.as_tensor(x) for x in await asyncio.gather(*refs)]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return t if self.span is None else t[self.span[0]:self.span[1]]
 
 
 @dataclass

@@ -54,13 +54,9 @@ def thinker_embedding(path) -> torch.Tensor:
 
 
 async def handoff_tensor(h: Handoff) -> torch.Tensor:
-    """A Handoff's rows as a float32 tensor: by value, or its object-store ref resolved here."""
-    x = h.tensor
-    if x is None:
-        if h.ref is None:
-            raise InvalidRequestError("a hand-off carries neither a tensor nor a reference", param="hidden")
-        x = await h.ref
-    return torch.as_tensor(x).float()
+    """A Handoff's rows as a float32 tensor: by value, or resolved here from the object store (``Handoff.resolve``:
+    several references in order, cut to its span)."""
+    return (await h.resolve()).float()
 
 
 class _Feed:
@@ -140,8 +136,9 @@ class TalkerStageEngine(EngineStage):
             done = inp.embeds.closed
             pump = None if done else asyncio.get_running_loop().create_task(self._pump(inp, feed, req.request_id))
             prompt = inp.prompt()
-            stop = set(self.tokens.stop_ids)
-            params = dataclasses.replace(req.params, stop_token_ids=sorted(stop | set(req.params.stop_token_ids or [])),
+            stop = set(self.tokens.stop_ids)              # never yielded (no codes token2wav takes)
+            ends = set() if req.params.ignore_eos else stop    # ignore_eos: a fixed length (benchmarks)
+            params = dataclasses.replace(req.params, stop_token_ids=sorted(ends | set(req.params.stop_token_ids or [])),
                                          skip_special_tokens=False, structured_outputs=None)
             params = params.resolve_max_tokens(len(prompt["prompt_token_ids"]), self.engine.max_model_len,
                                                self.limits.max_tokens)

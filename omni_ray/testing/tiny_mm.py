@@ -215,4 +215,55 @@ def build_qwen2_5_vl_7b_shape(out: Path, seed: int = 0) -> None:
     (out / "chat_template.jinja").write_text(template)
 
 
-MM_SHAPES = {"qwen2.5-vl-7b": build_qwen2_5_vl_7b_shape}
+def build_qwen2_5_omni_7b_shape(out: Path, seed: int = 0) -> None:
+    """``shape:qwen2.5-omni-7b``: Qwen2.5-Omni-7B's dimensions (transformers' default ``Qwen2_5OmniConfig``:
+    thinker 7B with its vision and audio towers, talker, token2wav), random weights (bf16; token2wav float32, as
+    the model runs it) built on the GPU when there is one, a tokenizer covering the whole vocabulary, two voices
+    in spk_dict.pt. For benchmarks."""
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, WhisperFeatureExtractor
+
+    template = mm_template("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>",
+                           "<|audio_bos|><|AUDIO|><|audio_eos|>")
+    base = Qwen2_5OmniConfig()
+    vocab = base.thinker_config.text_config.vocab_size
+    ids = save_tokenizer(out, "chatml", extra_special=OMNI_TOKENS, named_tokens=OMNI_NAMED, chat_template=template,
+                         fill_to=vocab)
+    mm_ids = dict(audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"],
+                  video_token_index=ids["<|VIDEO|>"], audio_start_token_id=ids["<|audio_bos|>"],
+                  audio_end_token_id=ids["<|audio_eos|>"])
+    thinker = base.thinker_config.to_dict()
+    thinker["text_config"].update(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    thinker.update(vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"], **mm_ids)
+    talker = base.talker_config.to_dict()
+    talker.update(tts_text_start_token_id=ids["<|im_start|>"], tts_text_end_token_id=ids["<|im_end|>"],
+                  tts_text_pad_token_id=ids["<|endoftext|>"], vision_start_token_id=ids["<|vision_bos|>"],
+                  vision_end_token_id=ids["<|vision_eos|>"], **mm_ids)
+    config = Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker,
+                               token2wav_config=base.token2wav_config.to_dict())
+    config.dtype = torch.bfloat16
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
+    model.token2wav.float()
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="4GB")
+    dit = base.token2wav_config.dit_config
+    g = torch.Generator().manual_seed(seed)
+    spk = {name: {"cond": torch.randn(1, dit.enc_emb_dim, generator=g),
+                  "ref_mel": torch.randn(1, 300, dit.mel_dim, generator=g), "bos_token": ids["<|im_start|>"]}
+           for name in ("Chelsie", "Ethan")}
+    torch.save(spk, out / "spk_dict.pt")
+    audio = thinker["audio_config"]
+    fe = WhisperFeatureExtractor(feature_size=audio["num_mel_bins"], sampling_rate=16000, hop_length=160,
+                                 chunk_length=30, n_fft=400, return_attention_mask=True)
+    from transformers import Qwen2VLImageProcessorPil
+
+    proc = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12845056}, patch_size=14,
+                                    temporal_patch_size=2, merge_size=2)
+    cfg = proc.to_dict() | fe.to_dict()
+    cfg.pop("_processor_class", None)
+    cfg["processor_class"] = "Qwen2_5OmniProcessor"
+    (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    (out / "chat_template.jinja").write_text(template)
+
+
+MM_SHAPES = {"qwen2.5-vl-7b": build_qwen2_5_vl_7b_shape, "qwen2.5-omni-7b": build_qwen2_5_omni_7b_shape}

@@ -106,6 +106,33 @@ def test_encode_equals_offline_hidden_states(engine, offline):
     torch.testing.assert_close(got, want)
 
 
+def test_hidden_states_stream_and_merge(engine, offline):
+    """``return_hidden_states``: every output carries the rows new since the previous one (numpy across the
+    child process's pipe, a float32 tensor here); merged outputs (``interval``) concatenate them. All rows
+    equal the offline engine's; a request beside it without the flag gets none."""
+    params = lambda hidden=True: SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,  # noqa: E731
+                                                return_hidden_states=hidden)
+    want = offline.generate(PROMPTS[:2], params(), use_tqdm=False)
+
+    async def main():
+        return await asyncio.gather(*(
+            asyncio.gather(*[_outs(engine, p, params(), f"hid-{i}-{j}", interval) for i, p in enumerate(PROMPTS[:2])])
+            for j, interval in enumerate((None, math.inf))), _outs(engine, PROMPTS[2], params(False), "hid-off"))
+
+    each, merged, off = asyncio.run(main())
+    for outs, w in zip(each + merged, want * 2):
+        assert all(isinstance(o.hidden_states, torch.Tensor) and o.hidden_states.dtype == torch.float32
+                   for o in outs)
+        torch.testing.assert_close(torch.cat([o.hidden_states for o in outs]), w["hidden_states"], atol=1e-5, rtol=0)
+        assert [t for o in outs for t in o.token_ids] == w["token_ids"]
+    assert max(len(o) for o in each) > 2 and all(len(o) == 2 for o in merged)   # merged: the first, then the rest
+    assert all(o.hidden_states is None and o.prompt_positions is None for o in off)
+
+
+async def _outs(eng, prompt, params, rid, interval=None):
+    return [o async for o in eng.generate(prompt, params, rid, interval=interval)]
+
+
 def test_bad_request_fails_alone(engine):
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 

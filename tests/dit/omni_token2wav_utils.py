@@ -20,6 +20,28 @@ def spread_checkpoint(out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "spk_dict.pt"):
         shutil.copy(src / f, out / f)
+    from safetensors.torch import save_file
+
+    save_file(_spread_token2wav(src, seed), str(out / "model.safetensors"))
+    return out
+
+
+def spread_omni_checkpoint(out: Path, seed: int = 0) -> Path:
+    """The whole tiny:qwen2.5-omni (thinker, talker, tokenizer, processor files) with its ``token2wav.*``
+    tensors redrawn as ``spread_checkpoint`` draws them: a speech model whose waveform is not near zero."""
+    from safetensors.torch import load_file, save_file
+
+    src = resolve_model("tiny:qwen2.5-omni")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    tensors = load_file(str(src / "model.safetensors")) | _spread_token2wav(src, seed)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _spread_token2wav(src: Path, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for k, v in sorted(read_weights(src, "token2wav.").items()):
@@ -28,10 +50,7 @@ def spread_checkpoint(out: Path, seed: int = 0) -> Path:
         if k == "code2wav_bigvgan_model.conv_post.weight":
             w = w * 0.003
         tensors["token2wav." + k] = w.contiguous()
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(out / "model.safetensors"))
-    return out
+    return tensors
 
 
 def reference_token2wav(path: Path):

@@ -148,10 +148,12 @@ def test_health_and_info(client):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
     assert set(info["stages"]) == {"llm", "vl", "image", "image-llm", "qwen-image-encoder", "qwen-image",
-                                   "qwen-image-edit-encoder", "qwen-image-edit", "video", "video-i2v"}
+                                   "qwen-image-edit-encoder", "qwen-image-edit", "video", "video-i2v",
+                                   "omni", "omni-talker", "omni-token2wav"}
     assert set(info["versions"]) >= {"omni_ray", "ray", "torch"}
     assert set(info["pipelines"]) == {"chat", "image", "text2image", "text2image-llm-encoder",
-                                      "qwen-image", "qwen-image-edit", "video"}
+                                      "qwen-image", "qwen-image-edit", "video", "omni"}
+    assert info["stages"]["omni-talker"]["kind"] == "talker" and info["stages"]["omni-talker"]["voices"]
     assert "scheduler" in info
     assert info["stages"]["image"]["kind"] == "dit" and info["stages"]["llm"]["stats"]["healthy"]
 

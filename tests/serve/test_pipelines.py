@@ -29,7 +29,7 @@ def png_size(b64: str) -> tuple[int, int]:
 def test_pipeline_list(client):
     names = {p["id"] for p in client.get("/v1/pipelines").json()["data"]}
     assert names == {"chat", "image", "text2image", "text2image-llm-encoder", "qwen-image", "qwen-image-edit",
-                     "video"}
+                     "video", "omni"}
 
 
 def test_chat_pipeline(client):
@@ -104,6 +104,36 @@ def test_ar_encode_returns_an_unresolved_ref(omni_url):
     assert isinstance(out.ref, ray.ObjectRef)           # a reference, not the tensor
     arr = ray.get(out.ref)
     assert list(arr.shape) == out.shape and arr.shape[1] == 64
+
+
+def test_ar_generate_hands_hidden_states_as_unresolved_refs(omni_url):
+    """``return_hidden_states`` through the AR replica: each streamed delta's rows are a Handoff of an
+    ObjectRef (never the tensor), ``complete`` one Handoff joining them; resolved and concatenated they
+    equal the replica's encode of the prompt and the fed reply."""
+    import numpy as np
+    import ray
+    from ray import serve
+
+    from omni_ray.ar import SamplingParams
+    from omni_ray.ar.models.checkpoint import checkpoint_layout
+    from omni_ray.stages import ARRequest, Handoff
+
+    llm = serve.get_deployment_handle("llm", app_name="omni")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, return_hidden_states=True)
+    deltas = list(llm.options(stream=True).generate.remote(ARRequest("test-rows-1", prompt="a red fox",
+                                                                     params=params)))
+    parts = [d["hidden_states"] for d in deltas if "hidden_states" in d]
+    assert parts and all(isinstance(h, Handoff) and h.tensor is None and isinstance(h.ref, ray.ObjectRef)
+                         for h in parts)
+    rows = np.concatenate([ray.get(h.ref) for h in parts])
+    whole = llm.complete.remote(ARRequest("test-rows-2", prompt="a red fox", params=params)).result()
+    joined = whole["hidden_states"]
+    assert isinstance(joined, Handoff) and joined.tensor is None and joined.shape == list(rows.shape)
+    np.testing.assert_allclose(np.concatenate(ray.get(joined.refs)), rows, atol=1e-5)
+    tokenizer = checkpoint_layout(llm.info.remote().result()["path"]).load_tokenizer()
+    fed = tokenizer.encode("a red fox", add_special_tokens=True) + [t for d in deltas for t in d["token_ids"]][:-1]
+    enc = llm.encode.remote(ARRequest("test-rows-3", prompt=fed)).result()
+    np.testing.assert_allclose(ray.get(enc.ref), rows, atol=1e-5)
 
 
 def test_image_model_reaches_llm_conditioned_dit_through_its_pipeline(client):

@@ -142,6 +142,28 @@ def test_merge_deltas():
     assert m["prompt_logprobs"] == [None, {"id": 7}] and m["prompt_text"] == "xy"
 
 
+def test_merge_deltas_joins_hidden_state_rows():
+    """Rows of a ``return_hidden_states`` stream: tensors concatenate, Handoffs join (by reference: the refs in
+    order), positions and rope delta come from the first delta; nothing is dropped."""
+    import torch
+
+    from omni_ray.stages.requests import Handoff
+
+    def d(n, **kw):
+        return {"text": "", "token_ids": [n], "finished": False, "finish_reason": None, "num_prompt_tokens": 3,
+                "num_output_tokens": n} | kw
+
+    first = d(1, hidden_states=torch.ones(3, 2), prompt_positions=torch.zeros(3, 3), rope_delta=-2)
+    m = merge_deltas([first, d(2), d(3, hidden_states=torch.full((1, 2), 2.0))])
+    assert m["hidden_states"].tolist() == [[1.0, 1.0]] * 3 + [[2.0, 2.0]]
+    assert m["rope_delta"] == -2 and m["prompt_positions"].shape == (3, 3)
+    refs = [d(1, hidden_states=Handoff([3, 2], ref="r1", dtype="float32")),
+            d(2, hidden_states=Handoff([2, 2], ref=["r2", "r3"], dtype="float32"))]
+    h = merge_deltas(refs)["hidden_states"]
+    assert h.shape == [5, 2] and h.refs == ["r1", "r2", "r3"] and h.tensor is None
+    assert "rope_delta" not in merge_deltas(refs)
+
+
 def test_error_mapping():
     r = error_response(QueueFullError("busy", retry_after=2.4))
     assert r.status_code == 429 and r.headers["retry-after"] == "2"

@@ -82,6 +82,42 @@ def test_ar_stage_engine_generates_encodes_aborts():
     asyncio.run(main())
 
 
+def test_ar_stage_engine_streams_hidden_states():
+    """``params.return_hidden_states``: each delta carries the [n, H] rows new since the previous one; merged
+    deltas concatenate them; all of them equal the encoded prompt and fed reply. Offline (``OmniLLM``'s
+    local stage) each delta's rows come as a Handoff by value."""
+    from omni_ray.offline import _LocalAR
+    from omni_ray.stages.ar import merge_deltas
+
+    async def main():
+        eng = ARStageEngine(AR, LimitsConfig())
+        eng.start()
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, return_hidden_states=True)
+            deltas = [d async for d in eng.generate(ARRequest("h-1", prompt="the lighthouse", params=params))]
+            plain = [d async for d in eng.generate(ARRequest("h-2", prompt="the lighthouse"))]
+            local = [d async for d in _LocalAR(eng).generate(ARRequest("h-3", prompt="the lighthouse", params=params))]
+            ids = eng.tokenizer.encode("the lighthouse") + [t for d in deltas for t in d["token_ids"]][:-1]
+            return deltas, plain, local, await eng.encode(ARRequest("h-4", prompt=ids)), ids
+        finally:
+            await eng.shutdown()
+
+    deltas, plain, local, want, ids = asyncio.run(main())
+    rows = [d["hidden_states"] for d in deltas if "hidden_states" in d]
+    assert len(rows) > 1 and all(isinstance(r, torch.Tensor) and r.dtype == torch.float32 for r in rows)
+    torch.testing.assert_close(torch.cat(rows), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merge_deltas(deltas)["hidden_states"], want, atol=1e-5, rtol=0)
+    assert all("prompt_positions" not in d for d in deltas)                  # a text prompt: no M-RoPE positions
+    assert deltas[0]["prompt_token_ids"] == ids[:deltas[0]["num_prompt_tokens"]]    # whom the rows are of
+    assert all("prompt_token_ids" not in d for d in deltas[1:] + plain)
+    assert all("hidden_states" not in d for d in plain)                      # not asked: none
+    handoffs = [d["hidden_states"] for d in local if "hidden_states" in d]
+    assert all(isinstance(h, Handoff) and h.ref is None and h.shape == list(h.tensor.shape) for h in handoffs)
+    joined = merge_deltas(local)["hidden_states"]
+    assert isinstance(joined, Handoff) and joined.shape == list(want.shape)
+    torch.testing.assert_close(joined.tensor, want, atol=1e-5, rtol=0)
+
+
 def test_dit_stage_engine_generates_encodes_aborts():
     async def main():
         eng = DiTStageEngine(DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), device="cpu"))

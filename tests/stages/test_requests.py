@@ -17,7 +17,7 @@ from deployments.openai.protocol import (
     ImageGenerationRequest,
     PipelineRequest,
 )
-from omni_ray.ar.sampling_params import SAMPLING_RULES, SamplingParams
+from omni_ray.ar.sampling_params import ENGINE_ONLY_KEYS, SAMPLING_RULES, SamplingParams
 from omni_ray.dit.params import DIFFUSION_RULES, DiffusionParams, StepCacheParams, parse_size
 from omni_ray.errors import InvalidRequestError
 from omni_ray.runner import AR_STEP_KEYS, DIT_STEP_KEYS, StageArgs, step_kwargs
@@ -108,7 +108,10 @@ def test_size_is_parsed_in_one_place():
 
 
 def test_step_keys_come_from_the_params():
-    assert {f.name for f in dataclasses.fields(SamplingParams)} <= AR_STEP_KEYS
+    assert {f.name for f in dataclasses.fields(SamplingParams)} - ENGINE_ONLY_KEYS <= AR_STEP_KEYS
+    # what a pipeline wires (a thinker's hidden states for its talker) is no client's argument
+    assert error_of(lambda: step_kwargs("ar", {"return_hidden_states": True}, "stage_args.thinker.")).param == \
+        "stage_args.thinker.return_hidden_states"
     assert {f.name for f in dataclasses.fields(DiffusionParams) if f.init} <= DIT_STEP_KEYS
     assert error_of(lambda: step_kwargs("ar", {"bogus": 1}, "stage_args.llm.")).param == "stage_args.llm.bogus"
     assert step_kwargs("ar", {"stop_token_ids": [3], "skip_special_tokens": False}) == {

@@ -23,6 +23,7 @@ import logging
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 from omni_ray.ar.engine.detokenizer import StreamText
@@ -42,10 +43,14 @@ def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     lp = None if old.logprobs is None and new.logprobs is None else (old.logprobs or []) + (new.logprobs or [])
     top = None if old.top_logprobs is None and new.top_logprobs is None else \
         (old.top_logprobs or []) + (new.top_logprobs or [])
+    hidden = old.hidden_states if new.hidden_states is None else new.hidden_states if old.hidden_states is None \
+        else np.concatenate([old.hidden_states, new.hidden_states])      # rows in position order, none dropped
+    first = old if old.prompt_positions is not None else new
     return RequestOutput(new.request_id, old.text + new.text, old.token_ids + new.token_ids, lp, new.finished,
                          new.finish_reason, new.num_prompt_tokens, new.num_output_tokens,
                          old.context_ids if old.context_ids is not None else new.context_ids, top,
-                         old.prompt_logprobs if old.prompt_logprobs is not None else new.prompt_logprobs)
+                         old.prompt_logprobs if old.prompt_logprobs is not None else new.prompt_logprobs,
+                         hidden, first.prompt_positions, first.rope_delta)
 
 
 def _next_tick(now: float, interval: float) -> float:
@@ -133,7 +138,10 @@ class AsyncLLM:
     async def generate(self, prompt: str | list[int], params: SamplingParams | None, request_id: str,
                        interval: float | Callable[[], float] | None = None):
         """RequestOutputs with the text and tokens new since the previous one. ``interval`` (seconds,
-        or a callable giving them): at most one output per interval, the rest merged into it."""
+        or a callable giving them): at most one output per interval, the rest merged into it. With
+        ``params.return_hidden_states`` each carries ``hidden_states``: the [n, H] float32 CPU rows new since
+        the previous one (merged outputs: concatenated), and the first ``prompt_positions`` / ``rope_delta``
+        (M-RoPE prompts)."""
         params = params or SamplingParams()
         async for out in self._submit(prompt, params, request_id, stream_text=True, interval=interval):
             yield out
@@ -198,6 +206,10 @@ class AsyncLLM:
                 if stream.text is not None and isinstance(item, RequestOutput):
                     # decoded as the caller takes it: once per message, not once per engine step
                     item.text = stream.text.feed(item.context_ids, item.token_ids, final=finished)
+                if isinstance(item, RequestOutput) and item.hidden_states is not None:
+                    item.hidden_states = torch.from_numpy(item.hidden_states)        # no copy
+                if isinstance(item, RequestOutput) and item.prompt_positions is not None:
+                    item.prompt_positions = torch.from_numpy(item.prompt_positions)
                 yield item
                 if finished:
                     return

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import numpy as np
+import torch
 
 from omni_ray.ar.engine.detokenizer import stream_safe_len
 from omni_ray.ar.sequence import Sequence
@@ -60,6 +61,12 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None   # params.logprobs > 0: each new token's top k
     # prompt_logprobs set, first output only: the prompt's ids, each token's (logprob, top k) (the first: None)
     prompt_logprobs: tuple[list[int], list] | None = None
+    # params.return_hidden_states: the final hidden states [n, H] float32 of the positions fed since the previous
+    # output (the prompt's, then one per generated token but the last); numpy from the core, a CPU tensor
+    # from AsyncLLM. With the first rows of a prompt that had M-RoPE positions (media): those [3, L] and the delta
+    hidden_states: np.ndarray | torch.Tensor | None = None
+    prompt_positions: np.ndarray | torch.Tensor | None = None
+    rope_delta: int | None = None
 
 
 class CoreLoop:
@@ -113,7 +120,7 @@ class CoreLoop:
             safe = stream_safe_len(seq, seq.params.stop)
             text = seq.output_text[seq.sent_chars:safe]
             seq.sent_chars = max(seq.sent_chars, safe)
-        if not new_ids and not text and not seq.is_finished:
+        if not new_ids and not text and not seq.is_finished and not seq.hidden_rows:
             return None
         p = seq.params
         lp = seq.logprobs[seq.sent_tokens:] if p.logprobs is not None else None
@@ -123,8 +130,14 @@ class CoreLoop:
             seq.sent_prompt_logprobs = True
             prompt_lp = (seq.token_ids[:seq.num_prompt_tokens], list(seq.prompt_logprobs))
         seq.sent_tokens += len(new_ids)
-        return (seq.request_id, RequestOutput(seq.request_id, text, new_ids, lp, seq.is_finished, seq.finish_reason,
-                                              seq.num_prompt_tokens, seq.num_output_tokens, context, top, prompt_lp))
+        out = RequestOutput(seq.request_id, text, new_ids, lp, seq.is_finished, seq.finish_reason,
+                            seq.num_prompt_tokens, seq.num_output_tokens, context, top, prompt_lp)
+        if seq.wants_hidden:          # numpy: pickled as one buffer across the child process's pipe
+            h = seq.take_hidden_output()
+            out.hidden_states = h["hidden_states"].numpy() if h["hidden_states"] is not None else None
+            out.prompt_positions = h["prompt_positions"].numpy() if h["prompt_positions"] is not None else None
+            out.rope_delta = h["rope_delta"]
+        return (seq.request_id, out)
 
 
 # ============================================================================ in-process

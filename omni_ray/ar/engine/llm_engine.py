@@ -485,6 +485,10 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new):
             if seq.is_finished:
                 continue
+            if seq.wants_hidden:         # rows of the positions computed now (a decode run: its first forward's)
+                seq.add_hidden(out.hidden[seq.seq_id][:n], seq.num_computed_tokens)
+                if seq.num_computed_tokens + n < len(seq):     # a prompt chunk: its rows go out now
+                    changed.append(seq)
             seq.num_computed_tokens += n
             if n == 1 and seq.num_output_tokens > 0:
                 s.decode_tokens += 1
@@ -551,6 +555,8 @@ class LLMEngine:
             for j, tok in enumerate(toks[1:], start=1):
                 if seq.is_finished:
                     break
+                if seq.wants_hidden:                     # forward j fed the token forward j - 1 sampled
+                    seq.add_hidden(out.hidden[seq.seq_id][j:j + 1], seq.num_computed_tokens)
                 seq.num_computed_tokens += 1
                 s.decode_tokens += 1
                 s.decode_context_tokens += seq.num_computed_tokens
@@ -608,6 +614,8 @@ class LLMEngine:
             text = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
         out = {"text": text, "token_ids": ids, "finish_reason": seq.finish_reason}
         out.update(logprobs_of(seq))
+        if seq.wants_hidden:
+            out.update(seq.take_hidden_output())
         return out
 
     def generate(self, prompts: list | str | dict, sampling_params=None, use_tqdm: bool = True) -> list[dict]:
@@ -615,7 +623,10 @@ class LLMEngine:
         one for all, or a list with one per prompt (``ValueError`` when the lengths differ). With
         ``logprobs=k``: ``"logprobs"`` (each token's) and, k > 0, ``"top_logprobs"`` ([{id: logprob}]
         per token, k most likely first); with ``prompt_logprobs=k``: ``"prompt_logprobs"`` (None for
-        the first prompt token, then {id: logprob} with the prompt token first, vLLM's shape)."""
+        the first prompt token, then {id: logprob} with the prompt token first, vLLM's shape); with
+        ``return_hidden_states``: ``"hidden_states"`` [L + n - 1, H] float32 (every fed position's final
+        row: the prompt's, then each output token's but the last), ``"prompt_positions"`` [3, L] and
+        ``"rope_delta"`` (M-RoPE prompts; else None)."""
         if isinstance(prompts, (str, dict, MultiModalInputs, InputEmbeds)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if isinstance(sampling_params, list):

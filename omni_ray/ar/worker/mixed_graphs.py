@@ -22,7 +22,8 @@ a grid of (T / M, S) launched, at T = 2048 and S = 512, 16 k programs per head a
 exit at once (a 1.5 k-token step took 13.9 ms, as long as eagerly; flat: 7.7 ms).
 
 The graph ends with the logits of the rows to sample, in the runner's ``g_logits``; the runner
-samples from them as from an eager step's.
+samples from them as from an eager step's. Every token's final hidden state is left in ``g_hidden``
+(the runner copies out the rows of sequences that asked for them).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class MixedStepGraphs:
         self.h_in = torch.zeros(n, dtype=torch.int32, pin_memory=dev.type == "cuda")
         self.h = self.h_in.numpy()
         self.g_in = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.g_hidden = torch.zeros(self.T, runner.arch.hidden_size, dtype=runner.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replays = 0
 
@@ -111,6 +113,7 @@ class MixedStepGraphs:
                             num_decodes=0, max_query_len=t, max_context_len=r.max_model_len,
                             q_blocks=g[self.o_qb:self.o_qb + self.nqb])
         hidden = r.model(ids, pos, meta)[0]                                  # [t, H]
+        self.g_hidden[:t] = hidden
         logits = r.model.compute_logits(hidden[g[self.o_rows:self.o_rows + s].long()])   # [s, V]
         r.g_logits[:s] = logits
 
@@ -145,6 +148,11 @@ class MixedStepGraphs:
         rows[len(sampled):] = 0
         self._fill_query_blocks(np.asarray(batch.num_new))
         return t, sampled
+
+    def span(self, j: int) -> tuple[int, int]:
+        """The token rows ``a, b`` of the filled batch's sequence ``j`` (in ``g_hidden`` after the replay)."""
+        o = self.o_cu + j
+        return int(self.h[o]), int(self.h[o + 1])
 
     def _fill_query_blocks(self, num_new: np.ndarray) -> None:
         """The prefill kernel's programs: sequence j's query blocks 0 .. ceil(n_j / M) - 1, then -1."""

@@ -2,7 +2,8 @@
 
 ``run(batch)`` turns a ScheduledBatch into flat tensors (tokens of all sequences back to back),
 runs one forward, samples the sequences whose prompt is complete, and returns hidden states
-for prompt-only (encode) requests.
+for prompt-only (encode) requests and for generating ones that asked (``return_hidden_states``:
+each computed position's final row, decode steps' included, read from the graphs' output buffers).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class StepOutput:
     token_ids: list[int]                     # one per sampled sequence (in batch order)
     logprobs: list[RowLogprobs] | None       # one per sampled sequence, when some asked
     sampled: list[Sequence]                  # sequences that got a token
-    hidden: dict[int, torch.Tensor]          # seq_id -> [n, H] hidden states of this step's rows
+    hidden: dict[int, torch.Tensor]          # seq_id -> [n, H] hidden states of this step's rows (decode runs:
+                                             # [num_steps, H], one per forward)
     multi: list[list[int]] | None = None     # multi-step decode: each sampled sequence's tokens
     multi_logprobs: list[list[RowLogprobs]] | None = None   # ... and their log-probabilities (when asked)
     prompt_logprobs: dict[int, list[RowLogprobs]] | None = None   # seq_id -> the prompt tokens this step scored
@@ -60,6 +62,7 @@ class DecodeLaunch(NamedTuple):
     buf: int                                 # which pinned host buffer its results go to
     tokens: torch.Tensor                     # [num_steps, n] pinned host view
     logprobs: tuple[torch.Tensor, torch.Tensor] | None   # ids, values [num_steps, n, 1 + k] pinned host views
+    hidden: tuple[list[int], torch.Tensor] | None = None   # rows that asked, their [num_steps, m, H] on the way
 
 
 def is_greedy(seqs: list[Sequence]) -> bool:
@@ -387,6 +390,8 @@ class ModelRunner:
         if scored:
             out.prompt_logprobs = {batch.seqs[i].seq_id: self._prompt_logprobs(batch.seqs[i], hidden[cu[i]:cu[i + 1]])
                                    for i in scored}
+        if want := [(batch.seqs[i], int(cu[i]), int(cu[i + 1])) for i, s in enumerate(batch.seqs) if s.wants_hidden]:
+            self._hidden_out(out, want, hidden)
         for i in encode:
             seq, layer = batch.seqs[i], self._layer_index(batch.seqs[i])
             src = hidden if layer == self.arch.num_layers else captured[layer]
@@ -399,9 +404,21 @@ class ModelRunner:
         t, idx = self.mixed.fill(batch)
         self.mixed.replay(t)
         out = StepOutput([], None, [batch.seqs[i] for i in idx], {})
+        if want := [(s, *self.mixed.span(j)) for j, s in enumerate(batch.seqs) if s.wants_hidden]:
+            self._hidden_out(out, want, self.mixed.g_hidden)
         if idx:
             self._sample(self.g_logits[:len(idx)], out)
         return out
+
+    @staticmethod
+    def _hidden_out(out: StepOutput, want: list[tuple[Sequence, int, int]], hidden: torch.Tensor) -> None:
+        """Rows ``a:b`` of ``hidden`` for each (sequence, a, b) that asked, float32 on the host (one copy)."""
+        idx = np.concatenate([np.arange(a, b) for _, a, b in want])
+        rows = hidden[torch.from_numpy(idx).to(hidden.device, non_blocking=True)].float().cpu()
+        k = 0
+        for seq, a, b in want:
+            out.hidden[seq.seq_id] = rows[k:k + b - a]
+            k += b - a
 
     def _forward(self, ids, pos, meta: AttnMetadata, layers: tuple[int, ...], rows: torch.Tensor | None,
                  embeds=None, add=None):
@@ -484,9 +501,13 @@ class ModelRunner:
                         self.h_lp[buf][:num_steps * n * w].view(num_steps, n, w))
             logprobs[0].copy_(self.g_lp_ids[:num_steps, :n, :w], non_blocking=True)
             logprobs[1].copy_(self.g_lp[:num_steps, :n, :w], non_blocking=True)
+        hidden = None
+        if want := [i for i, s in enumerate(seqs) if s.wants_hidden]:     # only rows that asked leave the device
+            rows = torch.as_tensor(want).to(self.device, non_blocking=True)
+            hidden = (want, self.g_hidden[:num_steps, rows].to("cpu", non_blocking=True))   # [num_steps, m, H]
         if self.device.type == "cuda":
             self.tok_ready[buf].record()
-        return DecodeLaunch(batch, num_steps, buf, tokens, logprobs)
+        return DecodeLaunch(batch, num_steps, buf, tokens, logprobs, hidden)
 
     def collect_decode(self, launched: DecodeLaunch) -> StepOutput:
         """The results of a ``launch_decode``: StepOutput.token_ids / .logprobs (first step) and
@@ -494,6 +515,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             self.tok_ready[launched.buf].synchronize()
         out = StepOutput(launched.tokens[0].tolist(), None, list(launched.batch.seqs), {})
+        if launched.hidden is not None:
+            want, rows = launched.hidden
+            rows = rows.float().transpose(0, 1).contiguous()              # [m, num_steps, H]
+            for j, i in enumerate(want):
+                out.hidden[launched.batch.seqs[i].seq_id] = rows[j]
         if launched.logprobs is not None:
             ids, vals = launched.logprobs
             out.logprobs = _rows(ids[0], vals[0])
@@ -574,7 +600,8 @@ class ModelRunner:
         g_in rows: [token, KV index, context length, rope delta, block table ...] (int32; the rope
         position is the KV index + delta, which only M-RoPE prompts make non-zero), filled from a pinned
         host copy in one transfer; g_tokens[step, row]: each step's token (the argmax, or
-        what was sampled), g_lp_ids / g_lp[step, row, :1 + k] its id and top-k ids / their
+        what was sampled), g_hidden[step, row]: its final hidden state (copied to the host only for
+        sequences that asked, ``return_hidden_states``), g_lp_ids / g_lp[step, row, :1 + k] its id and top-k ids / their
         log-probabilities when asked (k up to MAX_LOGPROBS; only the asked columns are written and read)."""
         mb = self.max_graph_bs = max(self.graph_sizes) if self.graph_sizes else self.cfg.scheduler.max_num_seqs
         dev, cuda = self.device, self.device.type == "cuda"
@@ -584,6 +611,7 @@ class ModelRunner:
         self.g_in = torch.zeros(mb, cols, dtype=torch.int32, device=dev)
         steps = self.cfg.decode_steps
         self.g_tokens = torch.zeros(steps, mb, dtype=torch.int64, device=dev)
+        self.g_hidden = torch.zeros(steps, mb, self.arch.hidden_size, dtype=self.dtype, device=dev)
         self.h_tok = [torch.zeros(steps * mb, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
         w = 1 + MAX_LOGPROBS
         self.g_lp = torch.zeros(steps, mb, w, dtype=torch.float32, device=dev)   # sampled runs' log-probs
@@ -616,6 +644,7 @@ class ModelRunner:
         hidden = self.model(ids, pos + inp[:, 3], meta)[0]             # rope position: + M-RoPE delta
         logits = self.model.compute_logits(hidden)
         self.g_logits[:bs] = logits
+        self.g_hidden[:, :bs].index_copy_(0, self.g_step, hidden.unsqueeze(0))
         nxt = logits.argmax(-1)                                           # greedy token [bs]
         self.g_tokens[:, :bs].index_copy_(0, self.g_step, nxt.unsqueeze(0))
         self.g_step.add_(1)

@@ -39,6 +39,8 @@ def test_tp2_equals_tp1(ray_local, model, kv_per_rank):
     want_fast = ref.generate(PROMPTS, fast, use_tqdm=False)
     want_seeded = ref.generate(PROMPTS, seeded, use_tqdm=False)
     want_hidden = ref.encode(PROMPTS[:2])
+    streamed = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, return_hidden_states=True)
+    want_rows = ref.generate(PROMPTS[:2], streamed, use_tqdm=False)
     llm = LLM(model, tensor_parallel_size=2, **KW)
     try:
         got = llm.generate(PROMPTS, greedy(), use_tqdm=False)
@@ -53,6 +55,9 @@ def test_tp2_equals_tp1(ray_local, model, kv_per_rank):
         assert llm.stats.forwards - forwards > llm.stats.steps - steps         # in multi-step runs
         for w, g in zip(want_hidden, llm.encode(PROMPTS[:2])):          # every prompt row, all features
             assert g.shape == w.shape and (g - w).abs().max() < 1e-4
+        for w, g in zip(want_rows, llm.generate(PROMPTS[:2], streamed, use_tqdm=False)):   # rank 0's decode rows
+            assert g["hidden_states"].shape == w["hidden_states"].shape
+            assert (g["hidden_states"] - w["hidden_states"]).abs().max() < 1e-4
         assert llm.stats.steps > 0 and llm.engine_stats()["num_free_blocks"] == 128
         info = llm.runner.rank_info()
         assert [i["rank"] for i in info] == [0, 1]

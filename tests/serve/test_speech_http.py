@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-pytestmark = pytest.mark.ray
+from tests.serve.conftest import app_config
+
+pytestmark = [pytest.mark.ray,
+              pytest.mark.skipif("omni-talker" not in app_config()["stages"],
+                                 reason="serve_config.yaml has no Qwen2.5-Omni speech stages")]
 
 MODEL = "tiny-qwen2.5-omni"
 STAGES = ("omni", "omni-talker", "omni-token2wav")

@@ -230,8 +230,9 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
         return ctx, torch.tensor(lengths, device=ctx.device), None
 
     def _block_diff(self, B: int, T: int, lengths: torch.Tensor | None) -> torch.Tensor:
-        """The reference's block distances [B, heads, T, T] (key block - query block); a real query's
-        padded keys get a distance no layer attends over."""
+        """The reference's block distances [B, 1, T, T] (key block - query block; the reference expands
+        them over the heads, the attention broadcasts them); a real query's padded keys get a distance
+        no layer attends over."""
         blocks = torch.arange(T, device=self.device) // self.block_size
         diff = (blocks[None, :] - blocks[:, None]).expand(B, T, T)
         if lengths is not None:
@@ -239,7 +240,7 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
             pad_key = pos[None, None, :] >= lengths[:, None, None]
             real_query = pos[None, :, None] < lengths[:, None, None]
             diff = diff.masked_fill(pad_key & real_query, _FAR)
-        return diff[:, None].expand(B, self.heads, T, T)
+        return diff[:, None]
 
     # ------------------------------------------------------------------ transformer
     @property
@@ -271,6 +272,14 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
     def run_block(self, i: int, st: BlockState) -> None:
         st.x = self.block_fns[i](st.x, st.temb, position_embeddings=(st.ctx[:, 0], st.ctx[:, 1]),
                                  block_diff=st.ctx_bias)
+
+    def forward(self, x, t, ctx, lengths) -> torch.Tensor:
+        """One whole forward (what the runner's embed / blocks / final compute): the flow [B, T, mel].
+        ``lengths`` [B]: real frames per row, or None when all are T (omni_ray/dit/token2wav_graphs.py)."""
+        st = self.embed(x, t, ctx, lengths, None)
+        for i in range(len(self.block_fns)):
+            self.run_block(i, st)
+        return self.final(st)
 
     def modulated_input(self, st: BlockState) -> torch.Tensor:
         raise NotImplementedError("token2wav has no step cache")

@@ -83,6 +83,24 @@ def test_padded_stream_windows_equal_unpadded(engine):
         assert abs(p - q).max() < 3e-5                      # waveforms: the vocoder amplifies mel rounding
 
 
+def test_bf16_precision_near_fp32(engine):
+    """token2wav_precision bf16 (autocast) on the CPU: the mel stays float32 and within relative rms 1e-2
+    of fp32 (measured ~3.3e-3 on this checkpoint, 2 layers x 8 forwards)."""
+    speech = [SpeechInput(_codes(n, n), "Ethan") for n in (10, 23)]
+    fp32 = _mels(engine, speech, [1, 2])
+    runner = engine.runner
+    saved = runner.graphs
+    runner.graphs = Token2WavGraphs(engine.family, max_rows=32, capture=False, precision="bf16")
+    try:
+        bf16 = _mels(engine, speech, [1, 2])
+    finally:
+        runner.graphs = saved
+    for a, b in zip(bf16, fp32):
+        assert a.dtype == torch.float32
+        rel = float(((a - b).pow(2).mean() / b.pow(2).mean()).sqrt())
+        assert 1e-5 < rel < 1e-2, rel                       # bf16 did run (not fp32) and stays close
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 def _cuda_engine(ckpt, **kw) -> DiTEngine:
     return DiTEngine(DiTEngineConfig(model=ModelConfig(path=str(ckpt)), device="cuda", **kw))
@@ -121,12 +139,12 @@ def test_cuda_graphs_equal_eager(ckpt):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_mels_near_fp32(ckpt):
-    """token2wav_precision bf16 (graphed) against fp32: relative rms of the mel difference below 3e-2
-    (bfloat16 keeps 8 bits of mantissa: ~4e-3 per op, accumulated over 2 layers x 8 forwards)."""
+    """token2wav_precision bf16 (graphed) against fp32: relative rms of the mel difference below 1e-2
+    (~3.3e-3 measured on the CPU: bfloat16 keeps 8 bits of mantissa, over 2 layers x 8 forwards)."""
     bf16, fp32 = _cuda_engine(ckpt, token2wav_precision="bf16"), _cuda_engine(ckpt)
     speech, seeds = _gpu_cases()
     for a, b in zip(_mels(bf16, speech, seeds), _mels(fp32, speech, seeds)):
         assert a.dtype == torch.float32
         rel = ((a - b).pow(2).mean() / b.pow(2).mean()).sqrt()
-        assert rel < 3e-2, rel
+        assert rel < 1e-2, rel
     assert bf16.engine_stats()["cuda_graph_replays"] > 0

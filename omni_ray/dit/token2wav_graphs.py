@@ -74,7 +74,7 @@ class Token2WavGraphs:
 
     def _forward(self, x, t, ctx, lengths) -> torch.Tensor:
         with self._autocast():
-            return self.family.forward(x, t, ctx, lengths).float()
+            return self.family.forward(x, t, ctx, lengths, None).float()    # ctx_bias: the rows' lengths
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, lengths: torch.Tensor | None,

@@ -273,14 +273,6 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
         st.x = self.block_fns[i](st.x, st.temb, position_embeddings=(st.ctx[:, 0], st.ctx[:, 1]),
                                  block_diff=st.ctx_bias)
 
-    def forward(self, x, t, ctx, lengths) -> torch.Tensor:
-        """One whole forward (what the runner's embed / blocks / final compute): the flow [B, T, mel].
-        ``lengths`` [B]: real frames per row, or None when all are T (omni_ray/dit/token2wav_graphs.py)."""
-        st = self.embed(x, t, ctx, lengths, None)
-        for i in range(len(self.block_fns)):
-            self.run_block(i, st)
-        return self.final(st)
-
     def modulated_input(self, st: BlockState) -> torch.Tensor:
         raise NotImplementedError("token2wav has no step cache")
 

@@ -83,6 +83,21 @@ def test_padded_stream_windows_equal_unpadded(engine):
         assert abs(p - q).max() < 3e-5                      # waveforms: the vocoder amplifies mel rounding
 
 
+def test_a_failed_capture_falls_back_to_the_padded_eager_forward(engine):
+    """Capture on the CPU fails (no CUDA): logged once per shape, then that shape runs padded and eagerly."""
+    speech = [SpeechInput(_codes(10, 1), "Ethan")]
+    plain = _mels(engine, speech, [3])[0]
+    runner = engine.runner
+    saved = runner.graphs
+    runner.graphs = g = Token2WavGraphs(engine.family, max_rows=32, capture=True)
+    try:
+        mel = _mels(engine, speech, [3])[0]
+    finally:
+        runner.graphs = saved
+    assert g.failed == {(2, 48)} and not g.graphs and g.replays == 0 and g.padded_eager == 4 * (STEPS - 1)
+    assert (mel - plain).abs().max() < TOL
+
+
 def test_bf16_precision_near_fp32(engine):
     """token2wav_precision bf16 (autocast) on the CPU: the mel stays float32 and within relative rms 1e-2
     of fp32 (measured ~3.3e-3 on this checkpoint, 2 layers x 8 forwards)."""

@@ -8,7 +8,7 @@ random float32 weights built on the GPU (the reference runs token2wav in float32
     python benchmarks/bench_token2wav.py --shape tiny --device cpu      # a smoke run of the script
 
 Per engine mode (``eager``: ``cuda_graphs: false``; ``graphs``: whole-forward CUDA graphs per (row bucket,
-frame bucket), omni_ray/dit/token2wav_graphs.py; ``bf16``: graphs with ``token2wav_precision: bf16``), each
+frame bucket), omni_ray/dit/token2wav_graphs.py; ``tf32`` / ``bf16``: graphs with ``token2wav_precision``), each
 workload run once to capture its shapes, then timed:
 
 1. whole utterances at each concurrency (the engine batches their forwards): wall time, RTF per utterance
@@ -82,13 +82,14 @@ def streamed(engine, codes: list, n: int, params) -> tuple[float, float]:
     fam = engine.family
     streams = [SpeechStream(fam, "Chelsie", seed=5 + i) for i in range(n)]
     with Timer() as t_first:
-        first = [s.push(codes[i][:48])[0] for i, s in enumerate(streams)]
+        first = [s.push(codes[i][:48], finished=len(codes[i]) <= 48)[0] for i, s in enumerate(streams)]
         mels = engine.generate(params=[params(5 + i) for i in range(n)], speech=[w.speech for w in first],
                                output_type="latent", use_tqdm=False)
         for s, w, m in zip(streams, first, mels):
             s.audio(w, m)
     with Timer() as t_rest:
-        rest = [(s, w, i) for i, s in enumerate(streams) for w in s.push(codes[i][48:], finished=True)]
+        rest = [(s, w, i) for i, s in enumerate(streams) if not s.finished
+                for w in s.push(codes[i][48:], finished=True)]
         if rest:
             mels = engine.generate(params=[params(5 + i) for _, _, i in rest], speech=[w.speech for _, w, _ in rest],
                                    output_type="latent", use_tqdm=False)
@@ -104,7 +105,8 @@ def main() -> None:
     ap.add_argument("--codes", type=int, default=200)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--modes", nargs="+", choices=["eager", "graphs", "bf16"], default=["eager", "graphs", "bf16"])
+    ap.add_argument("--modes", nargs="+", choices=["eager", "graphs", "tf32", "bf16"],
+                    default=["eager", "graphs", "tf32", "bf16"])
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' rows")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -122,7 +124,8 @@ def main() -> None:
     baseline = None
     for mode in args.modes:
         cfg = DiTEngineConfig(model=ModelConfig(path="in-memory"), device=args.device, max_batch_size=top,
-                              cuda_graphs=mode != "eager", token2wav_precision="bf16" if mode == "bf16" else "fp32")
+                              cuda_graphs=mode != "eager",
+                              token2wav_precision=mode if mode in ("tf32", "bf16") else "fp32")
         engine = DiTEngine(cfg, family=fam)
         res = result["modes"][mode] = {}
         for n in args.concurrency:

@@ -12,7 +12,7 @@ other op is per frame), so padded frames and padded rows are computed and droppe
 Longer inputs than ``MAX_GRAPH_FRAMES`` (compute-bound anyway), a shape whose capture fails, and
 engines without CUDA graphs run eagerly; with ``pad`` the eager path pads as the graphs do (the CPU
 tests check that it equals the unpadded forward). ``precision`` "bf16" runs the forward under
-bfloat16 autocast (the mel stays float32); "fp32" is the reference.
+bfloat16 autocast (the mel stays float32), "tf32" with TF32 float32 matmuls; "fp32" is the reference.
 """
 
 from __future__ import annotations
@@ -28,6 +28,20 @@ from omni_ray.dit.cuda_graphs import row_bucket
 log = logging.getLogger(__name__)
 
 MAX_GRAPH_FRAMES = 4096        # mel frames (~41 s of audio); longer forwards run eagerly
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    """TF32 float32 matmuls while the forward runs or is captured (a graph keeps the kernels it captured).
+    torch's switch is process-wide: a float32 CUDA matmul of another thread in this window uses TF32 too
+    (the AR engines run bf16 / fp16, which it does not touch)."""
+    m = torch.backends.cuda.matmul
+    prev = m.allow_tf32
+    m.allow_tf32 = True
+    try:
+        yield
+    finally:
+        m.allow_tf32 = prev
 
 
 def frame_bucket(frames: int, block_size: int) -> int:
@@ -67,13 +81,15 @@ class Token2WavGraphs:
         self.replays = 0                 # graph replays
         self.padded_eager = 0            # padded forwards run eagerly (capture off, failed or too long)
 
-    def _autocast(self):
+    def _precision(self):
         if self.precision == "bf16":
             return torch.autocast(self.family.device.type, dtype=torch.bfloat16, cache_enabled=False)
+        if self.precision == "tf32":
+            return _tf32_matmuls()
         return contextlib.nullcontext()
 
     def _forward(self, x, t, ctx, lengths) -> torch.Tensor:
-        with self._autocast():
+        with self._precision():
             return self.family.forward(x, t, ctx, lengths, None).float()    # ctx_bias: the rows' lengths
 
     @torch.no_grad()

@@ -124,6 +124,10 @@ class Token2WavGraphs:
         self.replays += 1
         return g.out[:rows, :T].clone()          # the next replay overwrites g.out
 
+    def run(self, st, lo: int, hi: int) -> bool:
+        """Block-run graphs (``GraphedBlocks``' hook): none here, whole forwards only."""
+        return False
+
     def _io(self, R: int, Tp: int, x: torch.Tensor, ctx: torch.Tensor) -> _IO:
         dev = x.device
         io = _IO(x=torch.zeros(R, Tp, x.shape[2], dtype=x.dtype, device=dev),

@@ -3,16 +3,21 @@
 ``Qwen2_5OmniDiTConfig`` / ``Qwen2_5OmniBigVGANConfig``: DiT 22 layers x 1024, BigVGAN 1536 channels),
 random float32 weights built on the GPU (the reference runs token2wav in float32), two random voices.
 
-    python benchmarks/bench_token2wav.py                    # 200 codes (8 s of audio), 10 time points
-    python benchmarks/bench_token2wav.py --codes 100 --concurrency 1 4 16
+    python benchmarks/bench_token2wav.py                    # 200 codes (4 s of audio), 10 time points
+    python benchmarks/bench_token2wav.py --modes eager graphs --concurrency 1 4 16
     python benchmarks/bench_token2wav.py --shape tiny --device cpu      # a smoke run of the script
 
-1. one utterance: transformers ``token2wav(...)`` vs the engine, wall time and real-time factor (seconds of
-   compute per second of audio); max |diff| of the waveforms (same seed, same noise);
-2. N utterances at once (the engine batches their forwards; transformers decodes them one by one, as
-   ``generate(return_audio=True)`` does): aggregate RTF and utterances/s;
-3. chunked (streamed) synthesis: time from the first window's codes (48 codes) to its audio (the stage's
-   first-audio latency once the talker has produced them), and RTF of the whole chunked utterance.
+Per engine mode (``eager``: ``cuda_graphs: false``; ``graphs``: whole-forward CUDA graphs per (row bucket,
+frame bucket), omni_ray/dit/token2wav_graphs.py; ``tf32`` / ``bf16``: graphs with ``token2wav_precision``), each
+workload run once to capture its shapes, then timed:
+
+1. whole utterances at each concurrency (the engine batches their forwards): wall time, RTF per utterance
+   (wall seconds per second of one utterance's audio) and aggregate (per second of all the audio);
+2. streamed (chunked) synthesis of N utterances at once, as the token2wav stage runs it: the first
+   windows' audio once their 48 codes exist (the stage's first-audio latency once the talker has produced
+   them), and the whole streams' RTF;
+3. transformers' ``token2wav(...)`` on one utterance and N one by one (as ``generate(return_audio=True)``
+   decodes them), and each mode's max |diff| of the whole-utterance waveform against the eager engine's.
 Results: benchmarks/results/token2wav_<device>.json.
 """
 
@@ -65,6 +70,34 @@ def reference(model, voices, codes: torch.Tensor, voice: str, seed: int, steps: 
                      num_steps=steps).reshape(-1)
 
 
+def whole(engine, codes: list, n: int, params) -> tuple[float, list]:
+    with Timer() as t:
+        waves = engine.generate(params=[params(i) for i in range(n)],
+                                speech=[SpeechInput(codes[i], "Ethan") for i in range(n)], use_tqdm=False)
+    return t.s, waves
+
+
+def streamed(engine, codes: list, n: int, params) -> tuple[float, float]:
+    """(seconds to the first windows' audio of n streams, seconds to the end of all n streams)."""
+    fam = engine.family
+    streams = [SpeechStream(fam, "Chelsie", seed=5 + i) for i in range(n)]
+    with Timer() as t_first:
+        first = [s.push(codes[i][:48], finished=len(codes[i]) <= 48)[0] for i, s in enumerate(streams)]
+        mels = engine.generate(params=[params(5 + i) for i in range(n)], speech=[w.speech for w in first],
+                               output_type="latent", use_tqdm=False)
+        for s, w, m in zip(streams, first, mels):
+            s.audio(w, m)
+    with Timer() as t_rest:
+        rest = [(s, w, i) for i, s in enumerate(streams) if not s.finished
+                for w in s.push(codes[i][48:], finished=True)]
+        if rest:
+            mels = engine.generate(params=[params(5 + i) for _, _, i in rest], speech=[w.speech for _, w, _ in rest],
+                                   output_type="latent", use_tqdm=False)
+            for (s, w, _), m in zip(rest, mels):
+                s.audio(w, m)
+    return t_first.s, t_first.s + t_rest.s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=["7b", "tiny"], default="7b")
@@ -72,67 +105,68 @@ def main() -> None:
     ap.add_argument("--codes", type=int, default=200)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--modes", nargs="+", choices=["eager", "graphs", "tf32", "bf16"],
+                    default=["eager", "graphs", "tf32", "bf16"])
+    ap.add_argument("--no-transformers", action="store_true", help="skip transformers' rows")
     args = ap.parse_args()
     dev = torch.device(args.device)
     model, voices = build(args.shape, args.device)
     fam = Qwen2_5OmniToken2WavFamily({"token2wav": model, "voices": voices}, dev, torch.float32, None)
-    engine = DiTEngine(DiTEngineConfig(model=ModelConfig(path="in-memory"), device=args.device,
-                                       max_batch_size=max(args.concurrency)), family=fam)
     g = torch.Generator().manual_seed(1)
     vocab = fam.num_codes - 1
-    codes = [torch.randint(0, vocab, (args.codes,), generator=g) for _ in range(max(args.concurrency))]
+    top = max(args.concurrency)
+    codes = [torch.randint(0, vocab, (args.codes,), generator=g) for _ in range(top)]
     audio_s = args.codes * fam.repeats / 100              # 100 mel frames per second of audio
     params = lambda seed: DiffusionParams(seed=seed, num_inference_steps=args.steps)  # noqa: E731
 
-    # warm-up (kernels, allocator) on both sides
-    reference(model, voices, codes[0][:24], "Chelsie", 0, 2)
-    engine.generate(params=params(0), speech=SpeechInput(codes[0][:24], "Chelsie"), use_tqdm=False)
+    rows, result = [], {"shape": args.shape, "codes": args.codes, "audio_s": audio_s, "steps": args.steps,
+                        "modes": {}}
+    baseline = None
+    for mode in args.modes:
+        cfg = DiTEngineConfig(model=ModelConfig(path="in-memory"), device=args.device, max_batch_size=top,
+                              cuda_graphs=mode != "eager",
+                              token2wav_precision=mode if mode in ("tf32", "bf16") else "fp32")
+        engine = DiTEngine(cfg, family=fam)
+        res = result["modes"][mode] = {}
+        for n in args.concurrency:
+            whole(engine, codes, n, params)                   # capture / warm up this workload's shapes
+            streamed(engine, codes, n, params)
+            t_whole, waves = whole(engine, codes, n, params)
+            t_first, t_stream = streamed(engine, codes, n, params)
+            if n == 1:
+                if baseline is None:
+                    baseline = waves[0]
+                res["max_abs_diff_vs_first_mode"] = float(np.abs(waves[0] - baseline).max())
+            res[f"concurrency_{n}"] = {"whole_s": t_whole, "whole_rtf": t_whole / audio_s,
+                                       "stream_first_audio_s": t_first, "stream_s": t_stream,
+                                       "stream_rtf": t_stream / audio_s}
+            rows.append({"mode": mode, "n": n, "whole s": t_whole, "whole RTF": t_whole / audio_s,
+                         "aggregate RTF": t_whole / (n * audio_s), "stream first audio ms": 1000 * t_first,
+                         "stream RTF": t_stream / audio_s})
+        stats = engine.engine_stats()
+        res["cuda_graphs"], res["cuda_graph_replays"] = stats["cuda_graphs"], stats["cuda_graph_replays"]
+        del engine
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
-    rows, result = [], {"shape": args.shape, "codes": args.codes, "audio_s": audio_s, "steps": args.steps}
-    with Timer() as t_ref:
-        ref = reference(model, voices, codes[0], "Chelsie", 3, args.steps)
-    with Timer() as t_eng:
-        ours = engine.generate(params=params(3), speech=SpeechInput(codes[0], "Chelsie"), use_tqdm=False)[0]
-    diff = float(np.abs(ours - ref.float().cpu().numpy()).max())
-    rows += [{"run": "transformers, 1 utterance", "s": t_ref.s, "RTF": t_ref.s / audio_s},
-             {"run": "engine, 1 utterance", "s": t_eng.s, "RTF": t_eng.s / audio_s}]
-    result["single"] = {"transformers_s": t_ref.s, "engine_s": t_eng.s, "max_abs_diff": diff}
-
-    for n in args.concurrency:
-        if n == 1:
-            continue
-        with Timer() as t_r:
-            for i in range(n):
-                reference(model, voices, codes[i], "Ethan", i, args.steps)
-        with Timer() as t_e:
-            engine.generate(params=[params(i) for i in range(n)],
-                            speech=[SpeechInput(codes[i], "Ethan") for i in range(n)], use_tqdm=False)
-        rows += [{"run": f"transformers, {n} one by one", "s": t_r.s, "RTF": t_r.s / (n * audio_s)},
-                 {"run": f"engine, {n} batched", "s": t_e.s, "RTF": t_e.s / (n * audio_s)}]
-        result[f"concurrency_{n}"] = {"transformers_s": t_r.s, "engine_s": t_e.s,
-                                      "engine_max_batch": engine.engine_stats()["max_batch_size"]}
-
-    # chunked: the first window's audio once its 48 codes exist, then the rest
-    stream = SpeechStream(fam, "Chelsie", seed=5)
-    with Timer() as t_first:
-        first = stream.push(codes[0][:48])
-        mel = engine.generate(params=params(5), speech=first[0].speech, output_type="latent", use_tqdm=False)[0]
-        stream.audio(first[0], mel)
-    with Timer() as t_rest:
-        rest = stream.push(codes[0][48:], finished=True)
-        if rest:
-            mels = engine.generate(params=params(5), speech=[w.speech for w in rest], output_type="latent",
-                                   use_tqdm=False)
-            for w, m in zip(rest, mels):
-                stream.audio(w, m)
-    rows.append({"run": "engine, chunked: first window", "s": t_first.s, "RTF": ""})
-    rows.append({"run": "engine, chunked: whole utterance", "s": t_first.s + t_rest.s,
-                 "RTF": (t_first.s + t_rest.s) / audio_s})
-    result["chunked"] = {"first_audio_s": t_first.s, "total_s": t_first.s + t_rest.s}
+    if not args.no_transformers:
+        reference(model, voices, codes[0][:24], "Chelsie", 0, 2)       # warm-up
+        ref_rows = {}
+        for n in args.concurrency:
+            with Timer() as t_r:
+                for i in range(n):
+                    reference(model, voices, codes[i], "Ethan", i, args.steps)
+            ref_rows[f"concurrency_{n}"] = t_r.s
+            rows.append({"mode": "transformers, one by one", "n": n, "whole s": t_r.s, "whole RTF": t_r.s / audio_s,
+                         "aggregate RTF": t_r.s / (n * audio_s), "stream first audio ms": "", "stream RTF": ""})
+        result["transformers_s"] = ref_rows
 
     print(f"token2wav {args.shape} on {device_name()}: {args.codes} codes = {audio_s:.1f} s of audio, "
-          f"{args.steps} time points ({4 * (args.steps - 1)} forwards); engine vs transformers max |diff| {diff:.2e}")
-    print(table(rows, ["run", "s", "RTF"]))
+          f"{args.steps} time points ({4 * (args.steps - 1)} forwards); RTF: wall s per s of one utterance's audio")
+    print(table(rows, ["mode", "n", "whole s", "whole RTF", "aggregate RTF", "stream first audio ms", "stream RTF"]))
+    for mode, res in result["modes"].items():
+        print(f"{mode}: {res['cuda_graphs']} graphs, {res['cuda_graph_replays']} replays, max |diff| vs "
+              f"{args.modes[0]} {res.get('max_abs_diff_vs_first_mode', float('nan')):.2e}")
     path = write_result(f"token2wav_{dev.type}{'_tiny' if args.shape == 'tiny' else ''}.json", result)
     print(f"-> {path}")
 

@@ -244,6 +244,10 @@ class DiTEngineConfig(Strict):
                                    "helpers (layer norm + modulation, gated residual) into fused kernels")
     cuda_graphs: bool = Field(True, description="on CUDA, capture runs of transformer blocks as CUDA graphs "
                               "(per row / caption-length bucket and resolution) and replay them")
+    token2wav_precision: Literal["fp32", "tf32", "bf16"] = Field("fp32", description=
+        "speech models (Qwen2.5-Omni token2wav): the DiT's matmul precision; fp32: the reference's, tf32: TF32 "
+        "matmuls on CUDA (torch's process-wide switch, set while the forward runs), bf16: bfloat16 autocast "
+        "(mels within the GPU tests' stated tolerance of fp32)")
     max_sequence_length: int | None = Field(
         None, ge=1, description="caption tokens per prompt (text-encoder truncation and prompt_embeds limit); "
         "None = the family's default (PixArt 300, LLM-conditioned PixArt 1024, SD3 256 T5 tokens)")

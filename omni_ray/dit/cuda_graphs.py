@@ -60,6 +60,10 @@ class GraphedBlocks:
         self.pool = None
         self.replays = 0
 
+    def forward(self, x, t, ctx, bias, pooled, shapes) -> None:
+        """Whole-forward graphs: none here (block runs only; see token2wav_graphs.py for one that has them)."""
+        return None
+
     def run(self, st: BlockState, lo: int, hi: int) -> bool:
         """Run blocks ``[lo, hi)`` on ``st`` in place through a graph; False: the caller runs them."""
         rows, T = st.x.shape[0], st.ctx.shape[1]

@@ -80,7 +80,8 @@ class DiTRunner:
         key = tuple(r.arrival for r in reqs)      # arrival numbers are unique per engine (ids get reused)
         if key != self._cond_key:                   # membership changed: restack the captions
             self._cond_key, self._cond = key, self.family.batch_cond(conds)
-        t = torch.tensor(ts, dtype=torch.float32).to(self.device, non_blocking=True)
+        pin = self.device.type == "cuda"             # a pinned source: the copy never waits for the GPU
+        t = torch.tensor(ts, dtype=torch.float32, pin_memory=pin).to(self.device, non_blocking=True)
         self._shapes = reqs[0].shapes                 # equal within a batch (part of the batching key)
         return (self.family.stack_latents(xs), t, *self._cond)
 
@@ -101,13 +102,18 @@ class DiTRunner:
         fam, s = self.family, self.stats
         n_blocks = len(fam.blocks)
         s.block_evals_full += n_blocks * x.shape[0]
-        st = fam.embed(x, t, ctx, bias, pooled, self._shapes)
         if all(r.cache is None for r in reqs):
-            self._blocks(st, 0, n_blocks)
+            # whole-forward graphs (speech families) where the graphs hold them, else block runs
+            out = self.graphs.forward(x, t, ctx, bias, pooled, self._shapes) if self.graphs is not None else None
+            if out is None:
+                st = fam.embed(x, t, ctx, bias, pooled, self._shapes)
+                self._blocks(st, 0, n_blocks)
+                out = fam.final(st)
             for r in reqs:
                 r.block_evals += n_blocks
             s.block_evals += n_blocks * x.shape[0]
-            return fam.final(st)
+            return out
+        st = fam.embed(x, t, ctx, bias, pooled, self._shapes)
         st.x = self._cached_blocks(reqs, st)
         return fam.final(st)
 

@@ -73,19 +73,27 @@ class ChunkSplicer:
     def add(self, i: int, window_mel: torch.Tensor, start: int, last: bool) -> np.ndarray:
         """Chunk ``i``'s window mel [T_window, mel] (its window starting at frame ``start``) -> its
         waveform piece (float32). Chunks come in order."""
+        return self.trim(i, last, self.fam.decode(self.vocoder_input(i, window_mel, start, last)[None])[0])
+
+    def vocoder_input(self, i: int, window_mel: torch.Tensor, start: int, last: bool) -> torch.Tensor:
+        """The mel [T, mel] chunk ``i``'s audio is vocoded from: its own frames after the previous chunk's
+        last ``2 * overlap`` (chunks in order; ``add`` without the vocoder, for callers that batch it)."""
         if i != self.next_index:
             raise ValueError(f"chunk {i} came before chunk {self.next_index}")
         p, m = self.plan, window_mel.float()
         a = i * p.chunk - start                          # the chunk's own frames in its window
         own = m[a:] if last else m[a:a + p.chunk]        # (the reference: [past:-future] of a full window)
         mel = own if i == 0 else torch.cat([self.prev[-2 * p.overlap:], own])
-        audio = self.fam.decode(mel[None])[0]
-        cut = p.overlap * p.hop
+        self.prev, self.next_index = mel, i + 1
+        return mel
+
+    def trim(self, i: int, last: bool, audio: torch.Tensor) -> np.ndarray:
+        """Chunk ``i``'s vocoded samples -> its piece: ``overlap`` frames' worth cut at each inner edge."""
+        cut = self.plan.overlap * self.plan.hop
         if i > 0:
             audio = audio[cut:]
         if not last:
             audio = audio[:-cut]
-        self.prev, self.next_index = mel, i + 1
         return audio.numpy()
 
 
@@ -140,6 +148,15 @@ class SpeechStream:
     def audio(self, window: "ChunkWindow", mel: torch.Tensor) -> np.ndarray:
         """The window's mel [T_window, mel] -> its waveform piece (windows in order)."""
         return self.splicer.add(window.index, mel, window.start, window.last)
+
+    def vocoder_input(self, window: "ChunkWindow", mel: torch.Tensor) -> torch.Tensor:
+        """``audio`` in two halves, for a caller that vocodes many streams' mels together
+        (omni_ray/dit/vocoder_batch.py): the mel to vocode (windows in order), then ``trim``."""
+        return self.splicer.vocoder_input(window.index, mel, window.start, window.last)
+
+    def trim(self, window: "ChunkWindow", audio: torch.Tensor) -> np.ndarray:
+        """The vocoded samples of ``vocoder_input(window, ...)`` -> the window's waveform piece."""
+        return self.splicer.trim(window.index, window.last, audio)
 
 
 @dataclass

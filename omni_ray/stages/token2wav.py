@@ -9,7 +9,8 @@ running the checkpoint's token2wav, fed the talker's codec tokens as they come, 
 
 Each window that becomes computable is one speech request of the engine (``<rid>-w<i>``, mel out) started at
 once, so the windows of all streams (and several of one stream, when codes come faster than synthesis)
-share forwards; its mel is vocoded between engine steps and yielded in chunk order. ``seed`` draws the
+share forwards; its mel is vocoded between engine steps (the windows of all streams that finish together in
+one vocoder batch per length: ``VocoderBatcher``) and yielded in chunk order. ``seed`` draws the
 stream's noise as the reference draws its initial state (``randn`` after ``manual_seed(seed)``). An
 utterance with no codes yields one empty, finished chunk.
 
@@ -40,6 +41,7 @@ class Token2WavStageEngine(EngineStage):
         self.engine = engine
         self._feeds: dict[str, asyncio.Queue] = {}
         self._windows: dict[str, set[str]] = {}       # request id -> its windows' engine request ids in flight
+        self._vocoder = None                          # VocoderBatcher: the streams' windows vocoded together
 
     def start(self) -> None:
         if self.engine is None:
@@ -59,6 +61,12 @@ class Token2WavStageEngine(EngineStage):
     @property
     def sample_rate(self) -> int:
         return self.family.sample_rate
+
+    def _vocoder_batcher(self):
+        if self._vocoder is None:
+            from omni_ray.dit.vocoder_batch import VocoderBatcher
+            self._vocoder = VocoderBatcher(self.engine, self.config.vae_batch_size)
+        return self._vocoder
 
     def _queue(self, request_id: str) -> asyncio.Queue:
         q = self._feeds.get(request_id)
@@ -119,7 +127,8 @@ class Token2WavStageEngine(EngineStage):
                 while pending and pending[0][1].done():
                     w, task = pending.popleft()
                     windows.discard(f"{rid}-w{w.index}")
-                    pcm = await self.engine.run_between_steps(stream.audio, w, task.result())
+                    audio = await self._vocoder_batcher().decode(stream.vocoder_input(w, task.result()))
+                    pcm = stream.trim(w, audio)
                     yield {"pcm": pcm, "sample_rate": self.sample_rate, "finished": w.last}
                     if w.last:
                         return

@@ -100,3 +100,37 @@ def test_a_stream_on_the_async_engine(engine):
     offline = synthesize_chunked(engine, codes, "Chelsie", params, stream.noise)
     assert [len(p) for p in pieces] == [len(p) for p in offline] == [52 * 240, 68 * 240]
     assert all(np.abs(p - q).max() < 3e-5 for p, q in zip(pieces, offline))
+
+
+def test_the_stage_vocodes_streams_windows_together(engine):
+    """Three streams fed at once through Token2WavStageEngine: windows that finish in the same engine step
+    are vocoded in one batch per mel length (fewer vocoder calls than windows), and each stream's pieces
+    equal its offline chunked synthesis."""
+    import asyncio
+
+    from omni_ray.dit import AsyncDiTEngine
+    from omni_ray.stages.requests import SpeechRequest
+    from omni_ray.stages.token2wav import Token2WavStageEngine
+
+    codes = [torch.randint(0, 64, (60,), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    params = DiffusionParams(seed=0, num_inference_steps=2)
+
+    async def one(stage, i):
+        req = SpeechRequest(f"v-{i}", "Ethan", DiffusionParams(seed=20 + i, num_inference_steps=2))
+        await stage.feed(req.request_id, codes[i].tolist(), True)
+        return [d["pcm"] async for d in stage.generate(req)]
+
+    async def run():
+        stage = Token2WavStageEngine(engine.config, engine=AsyncDiTEngine(engine.config, family=engine.family))
+        stage.start()
+        try:
+            return await asyncio.gather(*(one(stage, i) for i in range(3))), stage._vocoder
+        finally:
+            await stage.engine.shutdown()
+
+    streams, vocoder = asyncio.run(run())
+    assert vocoder.mels == 6 and vocoder.calls < 6, (vocoder.calls, vocoder.mels)    # 3 streams x 2 windows
+    for i, pieces in enumerate(streams):
+        offline = synthesize_chunked(engine, codes[i], "Ethan", params, stream_noise(engine.family, 20 + i))
+        assert [len(p) for p in pieces] == [len(p) for p in offline] == [52 * 240, 68 * 240]
+        assert all(np.abs(p - q).max() < 3e-5 for p, q in zip(pieces, offline))

@@ -230,8 +230,9 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
         return ctx, torch.tensor(lengths, device=ctx.device), None
 
     def _block_diff(self, B: int, T: int, lengths: torch.Tensor | None) -> torch.Tensor:
-        """The reference's block distances [B, heads, T, T] (key block - query block); a real query's
-        padded keys get a distance no layer attends over."""
+        """The reference's block distances [B, 1, T, T] (key block - query block; the reference expands
+        them over the heads, the attention broadcasts them); a real query's padded keys get a distance
+        no layer attends over."""
         blocks = torch.arange(T, device=self.device) // self.block_size
         diff = (blocks[None, :] - blocks[:, None]).expand(B, T, T)
         if lengths is not None:
@@ -239,7 +240,7 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
             pad_key = pos[None, None, :] >= lengths[:, None, None]
             real_query = pos[None, :, None] < lengths[:, None, None]
             diff = diff.masked_fill(pad_key & real_query, _FAR)
-        return diff[:, None].expand(B, self.heads, T, T)
+        return diff[:, None]
 
     # ------------------------------------------------------------------ transformer
     @property

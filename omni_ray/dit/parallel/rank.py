@@ -208,7 +208,11 @@ def prepare_family(fam: DiTFamily, cfg: DiTEngineConfig, layout: Layout):
         fam.fuse_elementwise()
     if cfg.compile:
         fam.compile()
-    if cfg.cuda_graphs and cuda and layout.sp == 1 and not fam.produces_audio:   # speech: rows of any length
+    if fam.produces_audio:               # speech: whole forwards, graphed per (rows, frames) bucket on CUDA
+        from omni_ray.dit.token2wav_graphs import Token2WavGraphs
+        graphed = cfg.cuda_graphs and cuda
+        return Token2WavGraphs(fam, 2 * cfg.max_batch_size, capture=graphed, precision=cfg.token2wav_precision)
+    if cfg.cuda_graphs and cuda and layout.sp == 1:
         from omni_ray.dit.cuda_graphs import GraphedBlocks
         return GraphedBlocks(fam, max_rows=2 * cfg.max_batch_size)
     return None

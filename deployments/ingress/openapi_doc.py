@@ -72,11 +72,24 @@ def apply_config(doc: dict, config) -> dict:
     bound(image, "n", "integer", maximum=lim.max_images)
     bound(image, "num_inference_steps", "integer", maximum=lim.max_steps)
     _prompt_bounds(schemas, lim)
+    if not any(p.steps and p.steps[-1].output == "audio" for p in config.pipelines.values()):
+        _no_audio_out(schemas)
     for op in doc.get("paths", {}).get("/v1/pipelines/{name}", {}).values():
         for param in op.get("parameters", []):
             if param.get("name") == "name" and param.get("in") == "path":
                 param["schema"]["enum"] = sorted(set(config.pipelines) | {"run"})
     return doc
+
+
+def _no_audio_out(schemas: dict) -> None:
+    """An app without a speech pipeline answers every chat request asking for audio out with a 400: its
+    document offers ``modalities: ["text"]`` only and no ``audio`` / ``stage_args`` (speech stages' arguments)."""
+    chat = schemas.get("ChatCompletionRequest", {}).get("properties", {})
+    for field in ("audio", "stage_args"):
+        chat.pop(field, None)
+    for alt in chat.get("modalities", {}).get("anyOf", []):
+        if alt.get("type") == "array":
+            alt["items"] = {"type": "string", "enum": ["text"]}
 
 
 def _prompt_bounds(schemas: dict, lim=None) -> None:

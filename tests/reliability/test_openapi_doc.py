@@ -49,3 +49,20 @@ def test_openapi_document_states_the_apps_limits_and_pipelines():
     (name,) = doc["paths"]["/v1/pipelines/{name}"]["post"]["parameters"]
     assert name["schema"]["enum"] == sorted([*cfg.pipelines, "run"])
     assert "maximum" not in ingress_app.openapi()["components"]["schemas"]["CompletionRequest"]["properties"]["n"]
+
+
+def test_audio_out_is_documented_only_where_a_model_speaks():
+    from deployments.ingress.ingress import app as ingress_app
+    from deployments.ingress.openapi_doc import apply_config
+
+    cfg = omni_config()
+    speech = [n for n, p in cfg.pipelines.items() if p.steps[-1].output == "audio"]
+    assert speech, "the default app has a speech pipeline"
+    chat = apply_config(copy.deepcopy(ingress_app.openapi()), cfg)["components"]["schemas"]["ChatCompletionRequest"]
+    assert {"audio", "stage_args"} <= set(chat["properties"])
+    for name in speech:
+        del cfg.pipelines[name]
+    chat = apply_config(copy.deepcopy(ingress_app.openapi()), cfg)["components"]["schemas"]["ChatCompletionRequest"]
+    assert not {"audio", "stage_args"} & set(chat["properties"])
+    arrays = [a for a in chat["properties"]["modalities"]["anyOf"] if a.get("type") == "array"]
+    assert [a["items"]["enum"] for a in arrays] == [["text"]]

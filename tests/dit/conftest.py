@@ -68,3 +68,10 @@ def max_diff(a, b) -> float:
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="session")
+def token2wav_ckpt(tmp_path_factory):
+    """tiny:qwen2.5-omni's token2wav with spread weights (tests/dit/omni_token2wav_utils.py), built once."""
+    from tests.dit.omni_token2wav_utils import spread_checkpoint
+    return spread_checkpoint(tmp_path_factory.mktemp("token2wav"))

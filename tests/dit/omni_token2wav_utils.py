@@ -11,6 +11,11 @@ from omni_ray.dit.families.qwen2_5_omni_token2wav import read_weights
 from omni_ray.testing import resolve_model
 
 
+def random_codes(n: int, seed: int) -> torch.Tensor:
+    """``n`` speech codes of the tiny checkpoint's codebook, seeded."""
+    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
+
+
 def spread_checkpoint(out: Path, seed: int = 0) -> Path:
     """tiny:qwen2.5-omni's config.json and spk_dict.pt with its ``token2wav.*`` tensors redrawn: matrices
     with std 1/sqrt(fan_in), vectors (biases, the vocoder's log-scale snake parameters) with std 0.1,

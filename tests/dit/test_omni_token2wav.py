@@ -18,20 +18,16 @@ from omni_ray.dit.rk4 import RK4FlowScheduler
 from omni_ray.errors import InvalidRequestError
 from omni_ray.testing import resolve_model
 from tests.dit.conftest import make_engine
-from tests.dit.omni_token2wav_utils import reference_speech, reference_token2wav, spread_checkpoint
+from tests.dit.omni_token2wav_utils import random_codes, reference_speech, reference_token2wav
 
 TOL = 1e-5
 WAVE_TOL = 3e-5
 STEPS = 3                      # time points: 2 RK4 intervals, 8 forwards (the reference's default is 10)
 
 
-def _codes(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return spread_checkpoint(tmp_path_factory.mktemp("token2wav"))
+def ckpt(token2wav_ckpt):
+    return token2wav_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +56,7 @@ def test_rk4_stepper_equals_reference_solver():
 
 
 def test_bad_requests_are_refused_and_the_engine_keeps_working(engine):
-    codes = _codes(5, 0)
+    codes = random_codes(5, 0)
     cases = [
         (dict(speech=SpeechInput(codes, voice="Nobody")), "voice"),
         (dict(speech=SpeechInput([1, 2, 65])), "codes"),                  # the codec has 64 + 1 rows: 0..64
@@ -96,7 +92,7 @@ def test_mel_and_waveform_equal_transformers_batched(engine, reference):
     requests in each forward (padded to the longest)."""
     model, voices = reference
     cases = [(n, voice, 10 * n + k) for n in (8, 14) for k, voice in enumerate(("Chelsie", "Ethan"))]
-    speech = [SpeechInput(_codes(n, seed), voice) for n, voice, seed in cases]
+    speech = [SpeechInput(random_codes(n, seed), voice) for n, voice, seed in cases]
     params = [DiffusionParams(seed=seed, num_inference_steps=STEPS) for _, _, seed in cases]
     forwards = engine.engine_stats()["steps"]
     mels = engine.generate(params=params, speech=speech, output_type="latent", use_tqdm=False)
@@ -116,7 +112,7 @@ def test_mel_and_waveform_equal_transformers_batched(engine, reference):
 
 
 def test_batched_equals_alone(engine):
-    short, long_ = SpeechInput(_codes(6, 1), "Ethan"), SpeechInput(_codes(14, 2), "Chelsie")
+    short, long_ = SpeechInput(random_codes(6, 1), "Ethan"), SpeechInput(random_codes(14, 2), "Chelsie")
     params = DiffusionParams(seed=5, num_inference_steps=STEPS)
     together = engine.generate(params=params, speech=[short, long_], use_tqdm=False)
     assert engine.engine_stats()["max_batch_size"] >= 2
@@ -127,7 +123,7 @@ def test_batched_equals_alone(engine):
 def test_without_guidance_and_sway(engine, reference):
     """guidance_scale below 1e-5: no CFG half (the reference's other branch); sway None: a uniform grid."""
     model, voices = reference
-    codes = _codes(10, 3)
+    codes = random_codes(10, 3)
     forwards = engine.engine_stats()["steps"]
     mel = engine.generate(params=DiffusionParams(seed=1, num_inference_steps=STEPS, guidance_scale=0.0),
                           speech=SpeechInput(codes, "Ethan", sway_coefficient=None), output_type="latent",
@@ -150,7 +146,7 @@ def test_loads_the_omni_checkpoint_as_transformers_does():
     eng = make_engine(str(path))
     omni = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
     assert sorted(omni.speaker_map) == eng.family.voices
-    codes = _codes(12, 4)
+    codes = random_codes(12, 4)
     mel = eng.generate(params=DiffusionParams(seed=2, num_inference_steps=2), speech=SpeechInput(codes, "Ethan"),
                        output_type="latent", use_tqdm=False)[0]
     ref_mel, _ = reference_speech(omni.token2wav, omni.speaker_map, codes, "Ethan", 2, 2)
@@ -186,7 +182,7 @@ def test_cuda_equals_transformers_on_cuda(ckpt):
     model, voices = reference_token2wav(ckpt)
     model = model.cuda()
     voices = {k: {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in v.items()} for k, v in voices.items()}
-    speech = [SpeechInput(_codes(n, n), "Ethan") for n in (8, 14)]
+    speech = [SpeechInput(random_codes(n, n), "Ethan") for n in (8, 14)]
     waves = eng.generate(params=DiffusionParams(seed=4, num_inference_steps=STEPS), speech=speech, use_tqdm=False)
     for s, wave in zip(speech, waves):
         _, ref = reference_speech(model, voices, s.codes.cuda(), "Ethan", 4, STEPS)

@@ -14,19 +14,15 @@ from omni_ray.dit import DiffusionParams, DiTEngine, SpeechInput
 from omni_ray.dit.token2wav_chunks import stream_noise, synthesize_chunked
 from omni_ray.dit.token2wav_graphs import Token2WavGraphs, frame_bucket
 from tests.dit.conftest import make_engine
-from tests.dit.omni_token2wav_utils import spread_checkpoint
+from tests.dit.omni_token2wav_utils import random_codes
 
 STEPS = 3
 TOL = 1e-5
 
 
-def _codes(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return spread_checkpoint(tmp_path_factory.mktemp("token2wav"))
+def ckpt(token2wav_ckpt):
+    return token2wav_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def test_frame_buckets():
 def test_padded_forwards_equal_unpadded(engine):
     """Three requests (10, 23 and 37 codes: 20, 46 and 74 frames) padded to 4 x 96 frames (CFG: 6 rows
     -> the 8-row bucket, 74 frames -> 96), against the same requests unpadded, alone and together."""
-    speech = [SpeechInput(_codes(n, n), v) for n, v in ((10, "Ethan"), (23, "Chelsie"), (37, "Ethan"))]
+    speech = [SpeechInput(random_codes(n, n), v) for n, v in ((10, "Ethan"), (23, "Chelsie"), (37, "Ethan"))]
     seeds = [1, 2, 3]
     plain = _mels(engine, speech, seeds)
     alone = [_mels(engine, [s], [seed])[0] for s, seed in zip(speech, seeds)]
@@ -66,7 +62,7 @@ def test_padded_forwards_equal_unpadded(engine):
 
 def test_padded_stream_windows_equal_unpadded(engine):
     """A streamed utterance's windows (96 and 76 frames: 2 rows each with CFG) padded to 96 frames."""
-    codes = _codes(50, 4)
+    codes = random_codes(50, 4)
     params = DiffusionParams(seed=0, num_inference_steps=STEPS)
     noise = stream_noise(engine.family, 7, 100)
     plain = synthesize_chunked(engine, codes, "Ethan", params, noise)
@@ -85,7 +81,7 @@ def test_padded_stream_windows_equal_unpadded(engine):
 
 def test_a_failed_capture_falls_back_to_the_padded_eager_forward(engine):
     """Capture on the CPU fails (no CUDA): logged once per shape, then that shape runs padded and eagerly."""
-    speech = [SpeechInput(_codes(10, 1), "Ethan")]
+    speech = [SpeechInput(random_codes(10, 1), "Ethan")]
     plain = _mels(engine, speech, [3])[0]
     runner = engine.runner
     saved = runner.graphs
@@ -101,7 +97,7 @@ def test_a_failed_capture_falls_back_to_the_padded_eager_forward(engine):
 def test_bf16_precision_near_fp32(engine):
     """token2wav_precision bf16 (autocast) on the CPU: the mel stays float32 and within relative rms 1e-2
     of fp32 (measured ~3.3e-3 on this checkpoint, 2 layers x 8 forwards)."""
-    speech = [SpeechInput(_codes(n, n), "Ethan") for n in (10, 23)]
+    speech = [SpeechInput(random_codes(n, n), "Ethan") for n in (10, 23)]
     fp32 = _mels(engine, speech, [1, 2])
     runner = engine.runner
     saved = runner.graphs
@@ -122,7 +118,8 @@ def _cuda_engine(ckpt, **kw) -> DiTEngine:
 
 
 def _gpu_cases():
-    speech = [SpeechInput(_codes(n, n), v) for n, v in ((10, "Ethan"), (23, "Chelsie"), (37, "Ethan"), (72, "Ethan"))]
+    cases = ((10, "Ethan"), (23, "Chelsie"), (37, "Ethan"), (72, "Ethan"))
+    speech = [SpeechInput(random_codes(n, n), v) for n, v in cases]
     return speech, [1, 2, 3, 4]
 
 
@@ -141,7 +138,7 @@ def test_cuda_graphs_equal_eager(ckpt):
     assert stats["cuda_graphs"] >= 2 and stats["cuda_graph_replays"] >= 2 * 4 * (STEPS - 1)
     assert eager.engine_stats()["cuda_graph_replays"] == 0
 
-    codes = _codes(150, 9)
+    codes = random_codes(150, 9)
     params = DiffusionParams(seed=0, num_inference_steps=STEPS)
     noise = stream_noise(graphed.family, 7, 300)
     before = graphed.engine_stats()["cuda_graph_replays"]

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_dit import PROMPTS, embed_prompts, make_pipeline, psnr  # noqa: E402
-from benchmarks.common import Timer, table, write_result  # noqa: E402
+from benchmarks.common import table, time_denoise_runs, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 
@@ -49,18 +49,8 @@ def run(engine: DiTEngine, cond: dict, a, steps: int, output_type: str):
 
 
 def measure(engine: DiTEngine, cond: dict, a) -> dict:
-    run(engine, cond, a, 3, "np")                       # warm up: compile, CUDA graphs, negative prompt
-    image = run(engine, cond, a, a.steps, "np")
-    lat, den = [], []
-    for _ in range(a.reps):
-        with Timer() as t:
-            run(engine, cond, a, a.steps, "np")
-        lat.append(t.s)
-        with Timer() as t:
-            run(engine, cond, a, a.steps, "latent")
-        den.append(t.s)
-    return {"latency_s": min(lat), "latent_s": min(den), "step_ms": 1e3 * min(den) / a.steps,
-            "latency_all_s": lat, "image": np.asarray(image)}
+    r = time_denoise_runs(lambda steps, out: run(engine, cond, a, steps, out), a.steps, a.reps, warm_steps=3)
+    return r | {"image": np.asarray(r.pop("output"))}
 
 
 def main() -> None:

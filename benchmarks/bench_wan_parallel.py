@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, psnr, table, write_result  # noqa: E402
+from benchmarks.common import psnr, table, time_denoise_runs, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 
@@ -88,18 +88,9 @@ def run(engine: DiTEngine, cond: dict, a, steps: int, output_type: str):
 
 
 def measure(engine: DiTEngine, cond: dict, a) -> dict:
-    run(engine, cond, a, 2, "np")                       # warm up: SDPA choice, CUDA graphs, VAE
-    video = run(engine, cond, a, a.steps, "np")
-    lat, den = [], []
-    for _ in range(a.reps):
-        with Timer() as t:
-            run(engine, cond, a, a.steps, "np")
-        lat.append(t.s)
-        with Timer() as t:
-            run(engine, cond, a, a.steps, "latent")
-        den.append(t.s)
-    return {"latency_s": min(lat), "latent_s": min(den), "step_ms": 1e3 * min(den) / a.steps,
-            "latency_all_s": lat, "video": np.asarray(video, np.float64) / (255 if video.dtype == np.uint8 else 1)}
+    r = time_denoise_runs(lambda steps, out: run(engine, cond, a, steps, out), a.steps, a.reps)
+    video = r.pop("output")
+    return r | {"video": np.asarray(video, np.float64) / (255 if video.dtype == np.uint8 else 1)}
 
 
 def main() -> None:

@@ -74,6 +74,24 @@ class Timer:
         self.s = time.perf_counter() - self.t0
 
 
+def time_denoise_runs(run, steps: int, reps: int, warm_steps: int = 2) -> dict:
+    """A DiT bench's timing of ``run(steps, output_type)``: one warm-up run of ``warm_steps`` (compile, CUDA
+    graphs, kernel choice), one kept output, then ``reps`` times the whole run and the denoising alone
+    (``output_type="latent"``), best of each."""
+    run(warm_steps, "np")
+    out = run(steps, "np")
+    lat, den = [], []
+    for _ in range(reps):
+        with Timer() as t:
+            run(steps, "np")
+        lat.append(t.s)
+        with Timer() as t:
+            run(steps, "latent")
+        den.append(t.s)
+    return {"latency_s": min(lat), "latent_s": min(den), "step_ms": 1e3 * min(den) / steps, "latency_all_s": lat,
+            "output": out}
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86'})"
 

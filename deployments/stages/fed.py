@@ -13,9 +13,9 @@ a feed that comes after the end, is left behind.
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
-from deployments.stages.replica import errors_as_values
+from deployments.stages.replica import StageReplica, errors_as_values
 from omni_ray.config import ARStageConfig, DiTStageConfig, OmniConfig
 
 
@@ -39,3 +39,31 @@ async def fed_stream(replica: str, request_id: str, engine, items: AsyncIterator
             yield item
     finally:
         engine.abort(request_id)
+
+
+class FedStageReplica(StageReplica):
+    """What the talker and token2wav replicas share: a request's engine stream under the replica's metrics,
+    abort by id, and ``info``. Subclasses set ``kind`` and have ``stage``, ``config``, ``engine`` (with
+    ``voices``) and ``metrics``."""
+
+    kind: str
+
+    async def tracked(self, request_id: str, what: str, start: Callable[[], Awaitable[AsyncIterator[dict]]]):
+        """The engine stream ``await start()`` makes, item by item, counted in the metrics as ``what``; the
+        stream is closed however this one ends."""
+        with self.metrics.track(request_id, what):
+            items = await start()
+            try:
+                async for d in items:
+                    yield d
+            finally:
+                await items.aclose()
+
+    def abort(self, request_ids: list[str], replica: str | None = None) -> None:
+        for rid in request_ids:
+            self.engine.abort(rid)
+
+    def info(self) -> dict:
+        m = self.config.engine.model
+        return {"stage": self.stage, "kind": self.kind, "model": m.served_name, "path": m.path,
+                "device": self.config.engine.device, "voices": list(self.engine.voices)}

@@ -21,8 +21,8 @@ from typing import AsyncIterator
 from ray import serve
 
 from deployments.services import CapacityReporter, replica_id
-from deployments.stages.fed import fed_stream
-from deployments.stages.replica import StageReplica, error_as_value
+from deployments.stages.fed import FedStageReplica, fed_stream
+from deployments.stages.replica import error_as_value
 from deployments.streams import OpenStreams
 from omni_ray.config import ARStageConfig, LimitsConfig, validate
 from omni_ray.errors import OmniError
@@ -49,7 +49,9 @@ def merge_codes(items: list[dict]) -> dict:
 
 
 @serve.deployment
-class TalkerDeployment(StageReplica):
+class TalkerDeployment(FedStageReplica):
+    kind = "talker"
+
     def __init__(self, stage: str, config: dict, limits: dict | None = None, services: dict | None = None):
         self.stage, self.replica = stage, replica_id()
         self.config: ARStageConfig = validate(ARStageConfig, config)       # model.submodel: talker
@@ -69,15 +71,10 @@ class TalkerDeployment(StageReplica):
         async for item in fed_stream(self.replica, req.request_id, self.engine, codes):
             yield item
 
-    async def _codes(self, req: TalkerRequest) -> AsyncIterator[dict]:
-        with self.metrics.track(req.request_id, "codes"):
-            req = dataclasses.replace(req, prompt_hidden=await by_value(req.prompt_hidden))
-            codes = self.engine.generate(req)
-            try:
-                async for d in codes:
-                    yield d
-            finally:
-                await codes.aclose()
+    def _codes(self, req: TalkerRequest) -> AsyncIterator[dict]:
+        async def start():
+            return self.engine.generate(dataclasses.replace(req, prompt_hidden=await by_value(req.prompt_hidden)))
+        return self.tracked(req.request_id, "codes", start)
 
     async def feed(self, request_id: str, rows: ThinkerRows, replica: str | None = None) -> OmniError | None:
         """The thinker's next rows for ``request_id`` (``replica``: routes this call to its stream's replica)."""
@@ -85,12 +82,3 @@ class TalkerDeployment(StageReplica):
 
     async def _feed(self, request_id: str, rows: ThinkerRows) -> None:
         await self.engine.feed(request_id, dataclasses.replace(rows, hidden=await by_value(rows.hidden)))
-
-    def abort(self, request_ids: list[str], replica: str | None = None) -> None:
-        for rid in request_ids:
-            self.engine.abort(rid)
-
-    def info(self) -> dict:
-        m = self.config.engine.model
-        return {"stage": self.stage, "kind": "talker", "model": m.served_name, "path": m.path,
-                "device": self.config.engine.device, "voices": list(self.engine.voices)}

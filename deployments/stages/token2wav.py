@@ -19,8 +19,8 @@ from typing import AsyncIterator
 from ray import serve
 
 from deployments.services import CapacityReporter, replica_id
-from deployments.stages.fed import fed_stream
-from deployments.stages.replica import StageReplica, error_as_value
+from deployments.stages.fed import FedStageReplica, fed_stream
+from deployments.stages.replica import error_as_value
 from omni_ray.config import DiTStageConfig, validate
 from omni_ray.errors import OmniError
 from omni_ray.stages.requests import SpeechRequest
@@ -30,7 +30,9 @@ log = logging.getLogger("ray.serve")
 
 
 @serve.deployment
-class Token2WavDeployment(StageReplica):
+class Token2WavDeployment(FedStageReplica):
+    kind = "token2wav"
+
     def __init__(self, stage: str, config: dict, services: dict | None = None):
         self.stage, self.replica = stage, replica_id()
         self.config: DiTStageConfig = validate(DiTStageConfig, config)      # a Qwen2.5-Omni checkpoint
@@ -46,25 +48,12 @@ class Token2WavDeployment(StageReplica):
         async for item in fed_stream(self.replica, req.request_id, self.engine, self._chunks(req)):
             yield item
 
-    async def _chunks(self, req: SpeechRequest) -> AsyncIterator[dict]:
-        with self.metrics.track(req.request_id, "audio"):
-            chunks = self.engine.generate(req)
-            try:
-                async for d in chunks:
-                    yield d
-            finally:
-                await chunks.aclose()
+    def _chunks(self, req: SpeechRequest) -> AsyncIterator[dict]:
+        async def start():
+            return self.engine.generate(req)
+        return self.tracked(req.request_id, "audio", start)
 
     async def feed(self, request_id: str, codes: list[int], finished: bool,
                    replica: str | None = None) -> OmniError | None:
         """The talker's next codec tokens for ``request_id`` (``finished``: its last ones)."""
         return await error_as_value(self.engine.feed(request_id, list(codes), bool(finished)))
-
-    def abort(self, request_ids: list[str], replica: str | None = None) -> None:
-        for rid in request_ids:
-            self.engine.abort(rid)
-
-    def info(self) -> dict:
-        m = self.config.engine.model
-        return {"stage": self.stage, "kind": "token2wav", "model": m.served_name, "path": m.path,
-                "device": self.config.engine.device, "voices": list(self.engine.voices)}

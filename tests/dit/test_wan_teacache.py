@@ -33,6 +33,18 @@ def test_published_polynomial_per_checkpoint(cfg, experts, hw, poly):
     assert tc.wan_polynomial(cfg, experts, *hw) == poly
 
 
+def test_polynomials_apply_as_published_up_to_their_first_peak():
+    """The 1.3B fit dips near 0 before it rises: applied as published there (not cut at 0); past its first
+    peak a large change still counts as large. Qwen-Image's fit (rising from 0) keeps its cut."""
+    from omni_ray.dit.families import QwenImageFamily
+
+    for poly, d in [(tc.T2V_1_3B, 0.01), (tc.T2V_1_3B, 0.1), (tc.T2V_14B, 0.1), (tc.I2V_14B_480P, 0.3),
+                    (tc.I2V_14B_720P, 0.2)]:
+        assert rescale(d, poly) == pytest.approx(float(np.polyval(poly, d)))
+    assert float(np.polyval(tc.T2V_1_3B, 0.25)) < 0 < rescale(0.25, tc.T2V_1_3B)
+    assert rescale(0.4, QwenImageFamily.teacache_coefficients) >= 0.4
+
+
 def test_the_family_picks_it_from_its_transformer_config(t2v):
     """A family over the real 1.3B / I2V-14B transformer configs (meta weights) picks their fits; the tiny
     checkpoint (no published fit) gets none."""

@@ -7,7 +7,9 @@ image DiTs) but the **timestep embedding** ``e = time_embedding(sinusoidal(t))``
 consecutive steps to the predicted relative change of the model's output. These are the fits of the
 plain mode (TeaCache4Wan2.1 without ``--use_ret_steps``: the first and the last step always computed,
 as the engine's step cache does); the ``--use_ret_steps`` fits watch the projected ``e0`` [B, 6, dim]
-and compute the first 5 steps, so they are not used here.
+and compute the first 5 steps, so they are not used here. The engine applies a fit as published up to its
+first peak (``step_cache.rescale``: the 1.3B fit dips below its value at 0 first; the 14B and I2V fits are
+negative for small distances, as published); past that peak a large change still counts as large.
 
 Which fit: chosen from the transformer's config (width, depth, FFN, input channels, CLIP image width),
 single-expert Wan2.1 checkpoints only (Wan2.2's A14B experts share the 14B config but not its weights;

@@ -103,6 +103,18 @@ def test_alone_equals_in_a_mixed_batch(ti2v, first_frame):
         assert (r.images[0] - ref).abs().max() < 1e-5
 
 
+def test_lean_block_equals_the_diffusers_block(ti2v, first_frame, monkeypatch):
+    """The engine's blocks (two modulation segments) give what diffusers' blocks give on per-token tables."""
+    from omni_ray.dit.families import wan
+
+    monkeypatch.setattr(wan, "supported", lambda block: False)
+    plain = make_engine("tiny:wan2.2-ti2v")
+    assert all(type(f).__name__ == "DiffusersBlock" for f in plain.family.block_fns)
+    kw = dict(SIZE, num_inference_steps=2, seed=9)
+    a, b = (gen(e, "a heron", "latent", image=first_frame, **kw) for e in (ti2v, plain))
+    assert (a - b).abs().max() < 1e-5
+
+
 def test_bad_input(ti2v):
     with pytest.raises(InvalidRequestError) as e:
         ti2v.add_request("a fox", DiffusionParams(**SIZE), image=np.zeros((8, 8, 3)))

@@ -20,6 +20,9 @@ image-to-video (``WanImageToVideoPipeline``), as the diffusers pipelines run the
   part of a request's batch key (``DiTRequest.batch_key``), so one forward never mixes them, and of
   the state's ``grid`` ``(F', H', W', expert)``, so CUDA graphs never replay one expert's blocks for
   the other.
+* Per-token timesteps ``t`` [B, 2] (Wan2.2 TI2V, ``wan_ti2v.py``): the first latent frame's tokens are
+  modulated with the first timestep's projections, the others with the second's (``head_tokens``).
+* TeaCache watches the timestep embedding, with TeaCache4Wan2.1's fits where published (``wan_teacache.py``).
 * Scheduler: the checkpoint's own (UniPC with flow sigmas and shift, in the hub's Wan2.1 files),
   one per request. Decode: latents * std + mean, then ``AutoencoderKLWan`` (see
   ``omni_ray/dit/video_decode.py`` for the chunked decode the engine runs between steps).

@@ -1,10 +1,12 @@
-"""Wan2.1 text-to-video on the DiT engine vs diffusers' WanPipeline, at the real 1.3B and 14B shapes
-with random bf16 weights built directly on the GPU (transformer and VAE; nothing is written to disk).
+"""Wan text-to-video on the DiT engine vs diffusers' WanPipeline, at the real Wan2.1 1.3B and 14B shapes
+(480x832) and Wan2.2 TI2V-5B's (704x1280: its Wan2.2 VAE, expand_timesteps) with random bf16 weights built
+directly on the GPU (transformer and VAE; nothing is written to disk).
 The text encoder is out of the timing: both sides get the same random UMT5 states [512, 4096].
 
     python benchmarks/bench_wan.py                 # 1.3B and 14B, 480x832, 33 and 81 frames, 20 steps
     python benchmarks/bench_wan.py --quick         # 1.3B, 33 frames, 4 steps (< 5 minutes)
     python benchmarks/bench_wan.py --models 1.3b --frames 81
+    python benchmarks/bench_wan.py --models 5b --frames 33 121    # Wan2.2 TI2V-5B at 704x1280
     python benchmarks/bench_wan.py --compile       # + torch.compile'd blocks in the engine
 
 1. peak: a large bf16 torch.mm, the measured matmul roofline.
@@ -16,7 +18,8 @@ The text encoder is out of the timing: both sides get the same random UMT5 state
    only) against the measured peak; FLOPs per row and block: self-attention projections 8 N D^2,
    attention 4 N^2 D, cross-attention 4 N D^2 + 4 L D^2 + 4 N L D (L = 512 text tokens), MLP
    4 N D F.
-5. step caching (TeaCache, first-block cache): speedup and PSNR of the frames against uncached ones.
+5. step caching (TeaCache with TeaCache4Wan2.1's 1.3B polynomial on the time embedding, first-block
+   cache), 1.3B only: speedup and PSNR of the frames against uncached ones.
 Results: benchmarks/results/wan_cuda.json (``--quick``: wan_cuda_quick.json).
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +39,44 @@ from benchmarks.common import Timer, device_name, matmul_peak, psnr, table, writ
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 from omni_ray.dit.families.wan_attention import time_backends  # noqa: E402
-from omni_ray.testing.tiny_wan import WAN21_T2V_1_3B, WAN21_T2V_14B, WAN_SCHEDULER, WAN_VAE  # noqa: E402
+from omni_ray.testing.tiny_wan import (  # noqa: E402
+    WAN21_T2V_1_3B,
+    WAN21_T2V_14B,
+    WAN22_TI2V_5B,
+    WAN22_TI2V_FLOW_SHIFT,
+    WAN22_VAE,
+    WAN_SCHEDULER,
+    WAN_VAE,
+)
 
-MODELS = {"1.3b": WAN21_T2V_1_3B, "14b": WAN21_T2V_14B}
+
+@dataclass(frozen=True)
+class Shape:
+    """A checkpoint's transformer and VAE configs, its default size and its pipeline settings."""
+
+    cfg: dict
+    vae: dict
+    height: int
+    width: int
+    scheduler: dict
+    expand_timesteps: bool = False      # Wan2.2 TI2V
+
+    @property
+    def scale(self) -> int:
+        return self.vae["scale_factor_spatial"] if "scale_factor_spatial" in self.vae else 8
+
+
+MODELS = {"1.3b": Shape(WAN21_T2V_1_3B, WAN_VAE, 480, 832, WAN_SCHEDULER),
+          "14b": Shape(WAN21_T2V_14B, WAN_VAE, 480, 832, WAN_SCHEDULER),
+          "5b": Shape(WAN22_TI2V_5B, WAN22_VAE, 704, 1280, WAN_SCHEDULER | {"flow_shift": WAN22_TI2V_FLOW_SHIFT},
+                      expand_timesteps=True)}
 GUIDANCE = 5.0
-HEIGHT, WIDTH = 480, 832
 TEXT_LEN = 512
 DEVICE = "cuda"
 
 
 # ----------------------------------------------------------------------------- model in memory
-def build_components(cfg: dict, device: str = DEVICE) -> dict:
+def build_components(shape: Shape, device: str = DEVICE) -> dict:
     """Random weights in bf16 on the device, with the modules diffusers keeps in float32 (norms, time
     embedder, modulation tables, RoPE) in float32, as ``from_pretrained(torch_dtype=bf16)`` loads them."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
@@ -55,8 +86,8 @@ def build_components(cfg: dict, device: str = DEVICE) -> dict:
     torch.set_default_dtype(torch.bfloat16)              # created in bf16: no fp32 copy of 14B parameters
     try:
         with torch.device(device):
-            tr = WanTransformer3DModel(**cfg)
-            vae = AutoencoderKLWan(**WAN_VAE)
+            tr = WanTransformer3DModel(**shape.cfg)
+            vae = AutoencoderKLWan(**shape.vae)
     finally:
         torch.set_default_dtype(prev)
     keep = WanTransformer3DModel._keep_in_fp32_modules
@@ -67,14 +98,14 @@ def build_components(cfg: dict, device: str = DEVICE) -> dict:
     r = tr.rope
     tr.rope = WanRotaryPosEmbed(r.attention_head_dim, r.patch_size, r.max_seq_len).to(device)
     return {"transformer": tr.eval().requires_grad_(False), "vae": vae.eval().requires_grad_(False),
-            "scheduler": UniPCMultistepScheduler(**WAN_SCHEDULER)}
+            "scheduler": UniPCMultistepScheduler(**shape.scheduler), "expand_timesteps": shape.expand_timesteps}
 
 
-def make_pipeline(comps: dict):
+def make_pipeline(comps: dict, shape: Shape):
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=comps["vae"], transformer=comps["transformer"],
-                       scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER))
+                       scheduler=UniPCMultistepScheduler(**shape.scheduler), expand_timesteps=shape.expand_timesteps)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -91,37 +122,39 @@ def random_states(n: int, seed: int, dim: int) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- runs
-def run_engine(engine: DiTEngine, pos: list, neg: list, frames: int, steps: int, seeds: list[int], cache=None,
-               output_type: str = "np") -> list:
-    params = [DiffusionParams(height=HEIGHT, width=WIDTH, num_frames=frames, num_inference_steps=steps,
+def run_engine(engine: DiTEngine, shape: Shape, pos: list, neg: list, frames: int, steps: int, seeds: list[int],
+               cache=None, output_type: str = "np") -> list:
+    params = [DiffusionParams(height=shape.height, width=shape.width, num_frames=frames, num_inference_steps=steps,
                               guidance_scale=GUIDANCE, seed=s, cache=cache) for s in seeds]
     return engine.generate(None, params, prompt_embeds=pos[:len(seeds)], negative_prompt_embeds=neg[:len(seeds)],
                            use_tqdm=False, output_type=output_type)
 
 
-def run_pipeline(pipe, pos: torch.Tensor, neg: torch.Tensor, frames: int, steps: int, seed: int) -> np.ndarray:
+def run_pipeline(pipe, shape: Shape, pos: torch.Tensor, neg: torch.Tensor, frames: int, steps: int,
+                 seed: int) -> np.ndarray:
     gen = torch.Generator(DEVICE).manual_seed(seed)
-    return pipe(prompt_embeds=pos[None], negative_prompt_embeds=neg[None], height=HEIGHT, width=WIDTH,
+    return pipe(prompt_embeds=pos[None], negative_prompt_embeds=neg[None], height=shape.height, width=shape.width,
                 num_frames=frames, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=gen,
                 output_type="np").frames[0]
 
 
-def tokens(cfg: dict, frames: int) -> int:
-    pt, ph, pw = cfg["patch_size"]
-    return ((frames - 1) // 4 + 1) // pt * (HEIGHT // 8 // ph) * (WIDTH // 8 // pw)
+def tokens(shape: Shape, frames: int) -> int:
+    pt, ph, pw = shape.cfg["patch_size"]
+    return ((frames - 1) // 4 + 1) // pt * (shape.height // shape.scale // ph) * (shape.width // shape.scale // pw)
 
 
-def forward_flops(cfg: dict, frames: int, rows: int) -> float:
-    d, f, n, L = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], tokens(cfg, frames), TEXT_LEN
+def forward_flops(shape: Shape, frames: int, rows: int) -> float:
+    cfg = shape.cfg
+    d, f, n, L = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], tokens(shape, frames), TEXT_LEN
     block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * d + 4 * L * d * d + 4 * n * L * d + 4 * n * d * f
     return rows * cfg["num_layers"] * block
 
 
 # ----------------------------------------------------------------------------- sections
-def bench_sdpa(model: str, cfg: dict, frames_list: list[int]) -> list[dict]:
-    rows = []
+def bench_sdpa(model: str, shape: Shape, frames_list: list[int]) -> list[dict]:
+    rows, cfg = [], shape.cfg
     for frames in frames_list:
-        n = tokens(cfg, frames)
+        n = tokens(shape, frames)
         ms = time_backends(2, cfg["num_attention_heads"], n, cfg["attention_head_dim"])
         flops = 4 * 2 * cfg["num_attention_heads"] * n * n * cfg["attention_head_dim"]
         best = min(ms, key=ms.get)
@@ -133,15 +166,15 @@ def bench_sdpa(model: str, cfg: dict, frames_list: list[int]) -> list[dict]:
     return rows
 
 
-def bench_latency(model, engine, pipe, pos, neg, frames_list, steps) -> list[dict]:
+def bench_latency(model, engine, pipe, shape, pos, neg, frames_list, steps) -> list[dict]:
     rows = []
     for frames in frames_list:
-        run_engine(engine, pos, neg, frames, 2, [0])           # warm up: SDPA choice, graph capture, VAE
-        run_pipeline(pipe, pos[0], neg[0], frames, 2, 0)
+        run_engine(engine, shape, pos, neg, frames, 2, [0])           # warm up: SDPA choice, graph capture, VAE
+        run_pipeline(pipe, shape, pos[0], neg[0], frames, 2, 0)
         with Timer() as te:
-            ours = run_engine(engine, pos, neg, frames, steps, [7])[0]
+            ours = run_engine(engine, shape, pos, neg, frames, steps, [7])[0]
         with Timer() as td:
-            ref = run_pipeline(pipe, pos[0], neg[0], frames, steps, 7)
+            ref = run_pipeline(pipe, shape, pos[0], neg[0], frames, steps, 7)
         rows.append({"model": model, "frames": frames, "steps": steps, "engine_s": te.s, "diffusers_s": td.s,
                      "ratio": te.s / td.s, "psnr_vs_diffusers": psnr(ours, ref)})
         print(f"latency {model} {frames} frames: engine {te.s:.2f} s, diffusers {td.s:.2f} s ({te.s / td.s:.2f}x), "
@@ -149,15 +182,15 @@ def bench_latency(model, engine, pipe, pos, neg, frames_list, steps) -> list[dic
     return rows
 
 
-def bench_concurrent(model, engine, cfg, pos, neg, frames_list, steps, peak, latency, n=4) -> list[dict]:
+def bench_concurrent(model, engine, shape, pos, neg, frames_list, steps, peak, latency, n=4) -> list[dict]:
     rows = []
     for frames in frames_list:
         seeds = list(range(n))
         with Timer() as t_lat:                        # denoising only: the transformer's FLOP rate
-            run_engine(engine, pos, neg, frames, steps, seeds, output_type="latent")
+            run_engine(engine, shape, pos, neg, frames, steps, seeds, output_type="latent")
         with Timer() as t_vid:
-            run_engine(engine, pos, neg, frames, steps, seeds)
-        flops = forward_flops(cfg, frames, 2 * n) * steps
+            run_engine(engine, shape, pos, neg, frames, steps, seeds)
+        flops = forward_flops(shape, frames, 2 * n) * steps
         single = next((r for r in latency if r["frames"] == frames), None)
         rows.append({"model": model, "frames": frames, "videos": n, "steps": steps, "seconds": t_vid.s,
                      "videos_per_hour": n / t_vid.s * 3600,
@@ -169,12 +202,13 @@ def bench_concurrent(model, engine, cfg, pos, neg, frames_list, steps, peak, lat
 
 
 @torch.no_grad()
-def bench_diffusers_transformer(model, pipe, cfg, pos, neg, frames, peak) -> dict:
-    """diffusers' transformer alone, the pipeline's two forwards (cond, uncond) of one step."""
-    tr = pipe.transformer
-    x = torch.randn(1, cfg["in_channels"], (frames - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8, device=DEVICE,
-                    dtype=torch.bfloat16)
-    t = torch.full((1,), 500.0, device=DEVICE)
+def bench_diffusers_transformer(model, pipe, shape, pos, neg, frames, peak) -> dict:
+    """diffusers' transformer alone, the pipeline's two forwards (cond, uncond) of one step (TI2V: with the
+    per-token timesteps [1, N] the pipeline passes)."""
+    tr, cfg = pipe.transformer, shape.cfg
+    x = torch.randn(1, cfg["in_channels"], (frames - 1) // 4 + 1, shape.height // shape.scale,
+                    shape.width // shape.scale, device=DEVICE, dtype=torch.bfloat16)
+    t = torch.full((1, tokens(shape, frames)) if shape.expand_timesteps else (1,), 500.0, device=DEVICE)
     for _ in range(2):
         tr(hidden_states=x, timestep=t, encoder_hidden_states=pos[0][None], return_dict=False)
     reps = 2
@@ -182,20 +216,20 @@ def bench_diffusers_transformer(model, pipe, cfg, pos, neg, frames, peak) -> dic
         for _ in range(reps):
             tr(hidden_states=x, timestep=t, encoder_hidden_states=pos[0][None], return_dict=False)
             tr(hidden_states=x, timestep=t, encoder_hidden_states=neg[0][None], return_dict=False)
-    flops = forward_flops(cfg, frames, 2) * reps
+    flops = forward_flops(shape, frames, 2) * reps
     return {"model": model, "frames": frames, "step_ms": tm.s / reps * 1e3, "tflops": flops / tm.s / 1e12,
             "frac_of_peak": flops / tm.s / peak}
 
 
-def bench_cache(model, engine, pos, neg, frames, steps, methods) -> list[dict]:
+def bench_cache(model, engine, shape, pos, neg, frames, steps, methods) -> list[dict]:
     with Timer() as t0:
-        base = run_engine(engine, pos, neg, frames, steps, [11])[0]
+        base = run_engine(engine, shape, pos, neg, frames, steps, [11])[0]
     rows = [{"model": model, "method": "off", "threshold": 0.0, "seconds": t0.s, "speedup": 1.0, "block_frac": 1.0,
              "psnr_db": float("inf")}]
     for method, th in methods:
         s0 = engine.engine_stats()
         with Timer() as t:
-            vid = run_engine(engine, pos, neg, frames, steps, [11], cache={"method": method, "threshold": th})[0]
+            vid = run_engine(engine, shape, pos, neg, frames, steps, [11], cache={"method": method, "threshold": th})[0]
         s1 = engine.engine_stats()
         frac = (s1["block_evals"] - s0["block_evals"]) / max(1, s1["block_evals_without_cache"]
                                                               - s0["block_evals_without_cache"])
@@ -221,31 +255,33 @@ def main() -> None:
     peak = matmul_peak()
     print(f"bf16 matmul peak (8192^3 torch.mm): {peak / 1e12:.0f} TFLOP/s", flush=True)
     result: dict = {"device": device_name(), "dtype": "bfloat16", "compile": a.compile, "cuda_graphs": not a.no_graphs,
-                    "steps": steps, "guidance_scale": GUIDANCE, "size": f"{WIDTH}x{HEIGHT}", "frames": frames_list,
+                    "steps": steps, "guidance_scale": GUIDANCE,
+                    "size": {m: f"{MODELS[m].width}x{MODELS[m].height}" for m in models}, "frames": frames_list,
                     "peak_tflops": peak / 1e12, "sdpa": [], "latency": [], "concurrent": [],
                     "diffusers_transformer": [],
                     "step_cache": []}
     for model in models:
-        cfg = MODELS[model]
-        result["sdpa"] += bench_sdpa(model, cfg, frames_list)
+        shape = MODELS[model]
+        cfg = shape.cfg
+        result["sdpa"] += bench_sdpa(model, shape, frames_list)
         with Timer() as tb:
-            comps = build_components(cfg)
-        print(f"built Wan2.1 {model} transformer + VAE in memory: {tb.s:.1f} s, "
+            comps = build_components(shape)
+        print(f"built Wan {model} transformer + VAE in memory: {tb.s:.1f} s, "
               f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
         ecfg = DiTEngineConfig(model=ModelConfig(path=f"shape:wan2.1-t2v-{model}", dtype="bfloat16"), device=DEVICE,
                                max_batch_size=4, compile=a.compile, cuda_graphs=not a.no_graphs)
         engine = DiTEngine.from_components("WanPipeline", comps, ecfg)
-        pipe = make_pipeline(comps)
+        pipe = make_pipeline(comps, shape)
         pos, neg = random_states(4, 1, cfg["text_dim"]), random_states(4, 2, cfg["text_dim"])
-        lat = bench_latency(model, engine, pipe, pos, neg, frames_list, steps)
+        lat = bench_latency(model, engine, pipe, shape, pos, neg, frames_list, steps)
         result["latency"] += lat
-        result["diffusers_transformer"] += [bench_diffusers_transformer(model, pipe, cfg, pos, neg, f, peak)
+        result["diffusers_transformer"] += [bench_diffusers_transformer(model, pipe, shape, pos, neg, f, peak)
                                             for f in frames_list]
-        result["concurrent"] += bench_concurrent(model, engine, cfg, pos, neg, frames_list, steps, peak, lat)
-        if model == "1.3b":
-            methods = [("teacache", 0.2), ("fbcache", 0.1)] if a.quick else \
-                [("teacache", 0.1), ("teacache", 0.2), ("teacache", 0.4), ("fbcache", 0.05), ("fbcache", 0.1)]
-            result["step_cache"] += bench_cache(model, engine, pos, neg, frames_list[0], steps, methods)
+        result["concurrent"] += bench_concurrent(model, engine, shape, pos, neg, frames_list, steps, peak, lat)
+        if model == "1.3b":            # TeaCache: the 1.3B polynomial (TeaCache4Wan2.1 suggests 0.05 - 0.08)
+            methods = [("teacache", 0.08), ("fbcache", 0.1)] if a.quick else \
+                [("teacache", 0.05), ("teacache", 0.08), ("teacache", 0.2), ("fbcache", 0.05), ("fbcache", 0.1)]
+            result["step_cache"] += bench_cache(model, engine, shape, pos, neg, frames_list[0], steps, methods)
         result.setdefault("sdpa_picked", {})[model] = {str(k): v for k, v in engine.family.sdpa.picked.items()}
         result.setdefault("engine_stats", {})[model] = {k: v for k, v in engine.engine_stats().items()
                                                         if isinstance(v, (int, float))}
@@ -253,7 +289,8 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    print(f"\n## Wan2.1 T2V shapes, random bf16 weights, {device_name()}, {WIDTH}x{HEIGHT}, {steps} steps, "
+    sizes = ", ".join(f"{m} {MODELS[m].width}x{MODELS[m].height}" for m in models)
+    print(f"\n## Wan T2V shapes, random bf16 weights, {device_name()}, {sizes}, {steps} steps, "
           f"CFG {GUIDANCE}{', compiled' if a.compile else ''}\n")
     print(table(result["sdpa"], ["model", "frames", "tokens", "flash_ms", "cudnn_ms", "efficient_ms", "fastest"]))
     print()

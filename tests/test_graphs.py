@@ -66,6 +66,15 @@ def test_text_to_image_with_and_without_its_own_text_encoder():
     assert graph_for("tiny:sd3").roles == ("denoiser",)
 
 
+def test_wan_graphs_take_the_first_frame_their_checkpoint_takes():
+    """Wan2.1 I2V needs an image, T2V takes none, Wan2.2 TI2V (expand_timesteps) takes one or none."""
+    for spec, inputs, requires in [("tiny:wan2.1-t2v", {"text"}, {"text"}),
+                                   ("tiny:wan2.1-i2v", {"text", "image"}, {"text", "image"}),
+                                   ("tiny:wan2.2-ti2v", {"text", "image"}, {"text"})]:
+        g = graph_for(spec)
+        assert (g.roles, g.inputs, g.requires, g.outputs) == (("denoiser",), inputs, requires, {"video"}), spec
+
+
 def test_the_default_apps_graph_pipelines_expand_to_their_steps():
     cfg = load_app_config("serve_config.yaml")
     assert cfg.pipelines["chat"].graph is not None and not cfg.pipelines["chat"].steps

@@ -92,13 +92,13 @@ class DiTEngine:
         """An engine over components already in memory (``{"transformer", "vae", "scheduler", ...}`` as
         ``load_components`` returns them), e.g. a benchmark's random weights built on the GPU: no
         checkpoint is written or read. ``pipeline_class`` picks the family (model_index.json's name)."""
-        from omni_ray.dit.families import FAMILIES
+        from omni_ray.dit.families import FAMILIES, family_class
 
         if pipeline_class not in FAMILIES:
             raise ConfigError(f"pipeline {pipeline_class!r} is not supported; omni-ray runs {sorted(FAMILIES)}")
         tr = components["transformer"]
         p = next(tr.parameters())
-        family = FAMILIES[pipeline_class](components, p.device, p.dtype, config.max_sequence_length)
+        family = family_class(pipeline_class, components)(components, p.device, p.dtype, config.max_sequence_length)
         return cls(config, family=family)
 
     @property

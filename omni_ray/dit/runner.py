@@ -66,17 +66,20 @@ class DiTRunner:
 
     def _inputs(self, reqs: list[DiTRequest]):
         xs, ts, conds = [], [], []
+        fam = self.family
         for r in reqs:
             lat = r.latents
             t = r.timesteps[r.step_idx]
             if hasattr(r.scheduler, "scale_model_input"):
                 lat = r.scheduler.scale_model_input(lat, t)
-            if r.cond_latents is not None:            # an edit's input-image tokens after the noise tokens
-                lat = torch.cat([lat, r.cond_latents], dim=1)     # (Wan I2V: the first frame's channels)
+            lat = fam.model_input(r, lat)             # an input image's latents joined (edit, Wan I2V / TI2V)
             lat = torch.cat([lat, lat]) if r.do_cfg else lat
             xs.append(lat)
-            ts += [float(t)] * lat.shape[0]
+            ts += [fam.row_timestep(r, t)] * lat.shape[0]
             conds += ([r.neg_cond] * r.num_images if r.do_cfg else []) + [r.cond] * r.num_images
+        if any(isinstance(v, tuple) for v in ts):   # per-token timesteps in some rows: [B, S] for all
+            n = max(len(v) for v in ts if isinstance(v, tuple))
+            ts = [v if isinstance(v, tuple) else (v,) * n for v in ts]
         key = tuple(r.arrival for r in reqs)      # arrival numbers are unique per engine (ids get reused)
         if key != self._cond_key:                   # membership changed: restack the captions
             self._cond_key, self._cond = key, self.family.batch_cond(conds)
@@ -96,6 +99,8 @@ class DiTRunner:
             t = r.timesteps[r.step_idx]
             r.latents = r.scheduler.step(out, t, r.latents, **fam.step_kwargs(r.generator), return_dict=False)[0]
             r.step_idx += 1
+            if r.is_done:
+                r.latents = fam.final_latents(r)
 
     # ------------------------------------------------------------------ transformer with step caching
     def _transformer(self, reqs, x, t, ctx, bias, pooled) -> torch.Tensor:
@@ -124,15 +129,15 @@ class DiTRunner:
         spans = _spans(reqs)
         for r in reqs:
             if r.cache is not None and r.cache_state is None:
-                r.cache_state = StepCacheState(r.cache, fam.teacache_coefficients)
+                r.cache_state = StepCacheState(r.cache, fam.teacache_polynomial(r))
         forced = [r.cache is not None and r.cache_state.forced(r.step_idx, r.total_steps) for r in reqs]
         x_in = st.x                                               # [B, N, D] before block 0
 
-        # TeaCache: decide before block 0 from the modulated input
+        # TeaCache: decide before block 0 from the family's signal (the modulated input, Wan: the time embedding)
         skip_all = [False] * len(reqs)
         tea = [j for j, r in enumerate(reqs) if r.cache is not None and r.cache.method == "teacache"]
         if tea:
-            mod = fam.modulated_input(st)
+            mod = fam.teacache_signal(st)
             dec = decide([reqs[j].cache_state for j in tea], [mod[slice(*spans[j])] for j in tea],
                          [forced[j] for j in tea])
             for j, d in zip(tea, dec):

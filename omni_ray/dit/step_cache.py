@@ -55,21 +55,23 @@ def _poly(coefficients: tuple, d: float) -> float:
 
 @functools.lru_cache(maxsize=16)
 def _rising_until(coefficients: tuple) -> float:
-    """Where the polynomial first stops rising on [0, 1] (a fit is only meaningful on that part)."""
-    prev = _poly(coefficients, 0.0)
-    for i in range(1, 1001):
-        cur = _poly(coefficients, i / 1000)
-        if cur < prev:
-            return (i - 1) / 1000
-        prev = cur
-    return 1.0
+    """Where the polynomial stops rising on [0, 1] after its first minimum (a fit is only meaningful up to
+    there; one may dip first near 0, as TeaCache's Wan2.1 1.3B fit does)."""
+    vals = [_poly(coefficients, i / 1000) for i in range(1001)]
+    i = 0
+    while i < 1000 and vals[i + 1] < vals[i]:       # the descent to the first minimum (none for most fits)
+        i += 1
+    while i < 1000 and vals[i + 1] >= vals[i]:      # the rise to the first peak
+        i += 1
+    return i / 1000
 
 
 def rescale(d: float, coefficients: tuple | None) -> float:
     """TeaCache's rescaled distance: the family's polynomial (numpy order, highest power first) of the
-    relative L1 of the modulated input, fitted to predict the relative L1 of the model's output. Past
-    the polynomial's rising part (a quartic fit turns down, even negative, for large distances) the
-    larger of its peak and the raw distance counts, so a big change never reads as a small one."""
+    relative L1 of its signal (the modulated input; Wan: the time embedding), fitted to predict the relative
+    L1 of the model's output, as published up to its first peak. Past it (a quartic fit turns down, even
+    negative, for large distances) the larger of its peak and the raw distance counts, so a big change never
+    reads as a small one."""
     if coefficients is None:
         return d
     top = _rising_until(coefficients)

@@ -74,11 +74,11 @@ def qwen_image(cfg: dict) -> StageGraph:
 @register("WanPipeline", "WanImageToVideoPipeline")
 def wan_video(cfg: dict) -> StageGraph:
     """Wan2.1 / Wan2.2 text- and image-to-video: one DiT stage (its UMT5 text encoder, and for I2V its
-    CLIP image encoder, run inside it). Videos are long jobs: the video API (``/v1/videos``) calls the
-    stage itself; a pipeline of this graph (``output: videos``) streams the denoising progress and ends
-    with the MP4."""
+    CLIP image encoder, run inside it); Wan2.2 TI2V (``expand_timesteps``) takes an optional first frame.
+    Videos are long jobs: the video API (``/v1/videos``) calls the stage itself; a pipeline of this graph
+    (``output: videos``) streams the denoising progress and ends with the MP4."""
     arch = cfg["_class_name"]
-    i2v = arch == "WanImageToVideoPipeline"
-    need = frozenset({"text", "image"} if i2v else {"text"})
-    return StageGraph(arch, (StageNode("denoiser", "dit", "prompt", "video"),), inputs=need,
-                      outputs=frozenset({"video"}), requires=need)
+    ti2v = bool(cfg.get("expand_timesteps"))        # Wan2.2 TI2V: text, or an image's first frame + text
+    need = frozenset({"text", "image"} if arch == "WanImageToVideoPipeline" and not ti2v else {"text"})
+    return StageGraph(arch, (StageNode("denoiser", "dit", "prompt", "video"),), outputs=frozenset({"video"}),
+                      inputs=frozenset({"text", "image"}) if ti2v else need, requires=need)

@@ -71,6 +71,12 @@ class DiTFamily(ABC):
     produces_audio: bool = False         # speech: requests carry codec tokens (speech.py), outputs are waveforms
     extra_components: frozenset = frozenset()   # components the loader skips unless asked (image_encoder)
 
+    @classmethod
+    def variant(cls, settings: dict) -> "type[DiTFamily]":
+        """The class that runs a checkpoint of this pipeline class, given its model_index.json settings
+        (Wan: ``expand_timesteps`` picks the TI2V family)."""
+        return cls
+
     def __init__(self, comps: dict, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None):
         self.device, self.dtype = device, dtype
         self.transformer: nn.Module = comps["transformer"]
@@ -240,6 +246,21 @@ class DiTFamily(ABC):
         """The part of the transformer's output the scheduler takes (drops a learned variance)."""
         return pred
 
+    def model_input(self, r, latents: torch.Tensor) -> torch.Tensor:
+        """A request's (scaled) latents -> its rows of the transformer's input: an input image's
+        ``cond_latents`` joined after them on dim 1 (an edit's tokens; Wan I2V's channels)."""
+        return latents if r.cond_latents is None else torch.cat([latents, r.cond_latents], dim=1)
+
+    def row_timestep(self, r, t) -> float | tuple[float, ...]:
+        """A request's rows' timestep at step ``t``: one float, or per-token timesteps as one float per
+        token segment (the family defines the segments; Wan2.2 TI2V: the first latent frame, the rest).
+        A batch where some rows give segments gives ``embed`` timesteps [B, S], a plain row's repeated."""
+        return float(t)
+
+    def final_latents(self, r) -> torch.Tensor:
+        """A request's latents after its last step (Wan2.2 TI2V image-to-video: the first frame's put back)."""
+        return r.latents
+
     # ------------------------------------------------------------------ transformer
     @abstractmethod
     def embed(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, ctx_bias: torch.Tensor | None,
@@ -253,7 +274,16 @@ class DiTFamily(ABC):
 
     @abstractmethod
     def modulated_input(self, st: BlockState) -> torch.Tensor:
-        """Block 0's timestep-modulated input [B, N, D] (what TeaCache watches)."""
+        """Block 0's timestep-modulated input [B, N, D] (what TeaCache watches by default)."""
+
+    def teacache_signal(self, st: BlockState) -> torch.Tensor:
+        """What TeaCache compares step to step, one leading row per transformer row: the quantity the
+        family's polynomial was fitted on (TeaCache's default: block 0's modulated input)."""
+        return self.modulated_input(st)
+
+    def teacache_polynomial(self, r) -> tuple | None:
+        """The rescaling polynomial for request ``r`` (families whose fits depend on the resolution override)."""
+        return self.teacache_coefficients
 
     @abstractmethod
     def final(self, st: BlockState) -> torch.Tensor:

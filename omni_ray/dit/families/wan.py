@@ -20,6 +20,9 @@ image-to-video (``WanImageToVideoPipeline``), as the diffusers pipelines run the
   part of a request's batch key (``DiTRequest.batch_key``), so one forward never mixes them, and of
   the state's ``grid`` ``(F', H', W', expert)``, so CUDA graphs never replay one expert's blocks for
   the other.
+* Per-token timesteps ``t`` [B, 2] (Wan2.2 TI2V, ``wan_ti2v.py``): the first latent frame's tokens are
+  modulated with the first timestep's projections, the others with the second's (``head_tokens``).
+* TeaCache watches the timestep embedding, with TeaCache4Wan2.1's fits where published (``wan_teacache.py``).
 * Scheduler: the checkpoint's own (UniPC with flow sigmas and shift, in the hub's Wan2.1 files),
   one per request. Decode: latents * std + mean, then ``AutoencoderKLWan`` (see
   ``omni_ray/dit/video_decode.py`` for the chunked decode the engine runs between steps).
@@ -35,7 +38,7 @@ import torch
 
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
 from omni_ray.dit.families.wan_attention import SdpaChoice
-from omni_ray.dit.families.wan_block import DiffusersBlock, Kernels, WanBlock, supported
+from omni_ray.dit.families.wan_block import DiffusersBlock, Kernels, WanBlock, per_segment, segments, supported
 from omni_ray.errors import ConfigError, InvalidRequestError
 
 
@@ -62,14 +65,23 @@ class WanFamily(DiTFamily):
     default_num_frames = 81
     supports_caption_mask = False
     produces_video = True
+    expand_timesteps = False         # Wan2.2 TI2V: per-token timesteps (wan_ti2v.py)
+
+    @classmethod
+    def variant(cls, settings: dict) -> type[DiTFamily]:
+        if settings.get("expand_timesteps"):
+            from omni_ray.dit.families.wan_ti2v import WanTI2VFamily
+            return WanTI2VFamily
+        return cls
 
     def __init__(self, comps: dict, device, dtype, max_sequence_length):     # (not the base one: a 3-D VAE)
         self.device, self.dtype = device, dtype
         self.experts = [m for m in (comps.get("transformer"), comps.get("transformer_2")) if m is not None]
         if not self.experts:
             raise ConfigError("a Wan model needs transformer/ (and Wan2.2: transformer_2/)")
-        if comps.get("expand_timesteps"):
-            raise ConfigError("Wan2.2 TI2V (expand_timesteps: per-token timesteps) is not supported yet")
+        if bool(comps.get("expand_timesteps")) != self.expand_timesteps:      # (family_class picks the class)
+            raise ConfigError(f"{type(self).__name__} runs {'' if self.expand_timesteps else 'no '}checkpoints with "
+                              "expand_timesteps (Wan2.2 TI2V): build the family with family_class()")
         self.transformer = self.experts[0]
         self.vae = comps["vae"]
         self.base_scheduler = comps["scheduler"]
@@ -239,11 +251,23 @@ class WanFamily(DiTFamily):
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
         tokens = tr.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).contiguous()     # [B, N, D]
         self.sdpa.prepare(tokens.shape[0], tokens.shape[1])      # measured once per token count (CUDA, auto)
-        temb, tproj, ctx, img = tr.condition_embedder(t, ctx.to(self.dtype), pooled)
+        # t [B], or per-token timesteps [B, S] (one per token segment, head_tokens): temb [B, (S,) D]
+        seq = t.shape[1] if t.dim() == 2 else None
+        temb, tproj, ctx, img = tr.condition_embedder(t.flatten(), ctx.to(self.dtype), pooled, timestep_seq_len=seq)
         if img is not None:
             ctx = torch.cat([img, ctx], dim=1)                   # image states in front of the text
-        return BlockState(x=tokens, ctx=ctx, ctx_bias=None, temb=tproj.unflatten(1, (6, -1)), emb=temb,
+        return BlockState(x=tokens, ctx=ctx, ctx_bias=None, temb=tproj.unflatten(-1, (6, -1)), emb=temb,
                           grid=(*grid, e), shapes=shapes)
+
+    def head_tokens(self, st: BlockState) -> int:
+        """Per-token timesteps [B, 2] (Wan2.2 TI2V): the first latent frame's tokens take the first, the
+        others the second; how many of this state's tokens (a shard under sequence parallel) are the first
+        frame's. 0 for one timestep per row."""
+        if st.temb.dim() != 4:
+            return 0
+        f, h, w = st.grid[:3]
+        lo = sum(self.sp.counts[:self.sp.index]) if self.sp is not None and self.sp.active else 0
+        return max(0, min(h * w - lo, st.x.shape[1]))
 
     def run_block(self, i: int, st: BlockState) -> None:
         f, h, w, e = st.grid
@@ -252,12 +276,24 @@ class WanFamily(DiTFamily):
             lo, n = sum(self.sp.counts[:self.sp.index]), self.sp.counts[self.sp.index]
             rope = (rope[0][lo:lo + n], rope[1][lo:lo + n], *rope[2:])
         with self.sdpa.context(f * h * w):                   # self-attention runs over all f*h*w tokens
-            st.x = self.expert_fns[e][i](st.x, st.ctx, st.temb, rope)
+            st.x = self.expert_fns[e][i](st.x, st.ctx, st.temb, rope, self.head_tokens(st))
 
     def modulated_input(self, st: BlockState) -> torch.Tensor:
         b = self.experts[st.grid[3]].blocks[0]
-        shift, scale = (b.scale_shift_table + st.temb.float()).chunk(6, dim=1)[:2]
-        return (b.norm1(st.x.float()) * (1 + scale) + shift).type_as(st.x)
+
+        def mod(x, temb):
+            shift, scale = (b.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+            return (b.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        return segments(st.x, self.head_tokens(st), per_segment(st.temb, 3), mod)
+
+    def teacache_signal(self, st: BlockState) -> torch.Tensor:
+        """The timestep embedding [B, D] (the other frames' under per-token timesteps): what TeaCache's Wan
+        polynomials were fitted on (wan_teacache.py)."""
+        return st.emb[:, -1] if st.emb.dim() == 3 else st.emb
+
+    def teacache_polynomial(self, r) -> tuple | None:
+        from omni_ray.dit.families.wan_teacache import wan_polynomial
+        return wan_polynomial(self.transformer.config, len(self.experts), r.height, r.width)
 
     def final(self, st: BlockState) -> torch.Tensor:
         return self.assemble(self.final_tokens(st), st.grid)                              # [B, C, F', H', W']
@@ -266,8 +302,11 @@ class WanFamily(DiTFamily):
         """The output norm and projection, token-wise: [B, n, D] -> [B, n, pt*ph*pw*C] (a token shard
         under sequence parallel)."""
         tr = self.experts[st.grid[3]]
-        shift, scale = (tr.scale_shift_table + st.emb.unsqueeze(1)).chunk(2, dim=1)
-        return tr.proj_out((tr.norm_out(st.x.float()) * (1 + scale) + shift).type_as(st.x))
+
+        def out(x, emb):
+            shift, scale = (tr.scale_shift_table + emb.unsqueeze(1)).chunk(2, dim=1)
+            return tr.proj_out((tr.norm_out(x.float()) * (1 + scale) + shift).type_as(x))
+        return segments(st.x, self.head_tokens(st), per_segment(st.emb, 2), out)
 
     def assemble(self, tokens: torch.Tensor, grid: tuple) -> torch.Tensor:
         """Every token's ``final_tokens`` [B, f*h*w, pt*ph*pw*C] -> the prediction [B, C, F', H', W']."""

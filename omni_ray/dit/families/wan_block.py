@@ -47,6 +47,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return o.transpose(1, 2).flatten(2).type_as(q)
 
 
+def per_segment(v: torch.Tensor, plain_dim: int) -> tuple[torch.Tensor, ...]:
+    """A row conditioning with a token-segment axis ([B, S, ...], per-token timesteps) -> its S parts;
+    one without (``plain_dim`` dims) -> (v,)."""
+    return v.unbind(1) if v.dim() > plain_dim else (v,)
+
+
+def segments(xs: torch.Tensor | tuple, head: int, parts: tuple, fn) -> torch.Tensor:
+    """``fn(*tokens, part)`` with ``parts[0]`` on the first ``head`` tokens of each of ``xs`` [B, n, *] and
+    ``parts[-1]`` on the others (Wan2.2 TI2V's per-token timesteps: the first latent frame, the rest); one
+    part, or tokens wholly on one side: one call, no copy."""
+    xs = xs if isinstance(xs, tuple) else (xs,)
+    if len(parts) == 1 or head <= 0:
+        return fn(*xs, parts[-1])
+    if head >= xs[0].shape[1]:
+        return fn(*xs, parts[0])
+    return torch.cat([fn(*(x[:, :head] for x in xs), parts[0]), fn(*(x[:, head:] for x in xs), parts[-1])], dim=1)
+
+
 class Kernels:
     """The elementwise helpers a block calls: eager, or compiled into fused kernels."""
 
@@ -60,13 +78,18 @@ class Kernels:
 
 
 class DiffusersBlock(nn.Module):
-    """A block ``WanBlock`` does not cover, run as diffusers runs it (same call as ``WanBlock``)."""
+    """A block ``WanBlock`` does not cover, run as diffusers runs it (same call as ``WanBlock``; per-token
+    timesteps expanded to diffusers' [B, n, 6, D])."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x, ctx, temb, rope):
+    def forward(self, x, ctx, temb, rope, head: int = 0):
+        if temb.dim() == 4:
+            n = x.shape[1]
+            temb = torch.cat([temb[:, :1].expand(-1, min(head, n), -1, -1),
+                              temb[:, -1:].expand(-1, n - min(head, n), -1, -1)], dim=1)
         return self.block(x, ctx, temb, rope[2:])
 
 
@@ -78,8 +101,9 @@ def supported(block: nn.Module) -> bool:
 
 
 class WanBlock(nn.Module):
-    """``WanBlock(block, kernels)(x, ctx, temb, rope) -> x``: temb [B, 6, D] (the block's timestep
-    projection), ctx [B, T_img + 512, D] (projected image states first on I2V), rope = (cos, sin)
+    """``WanBlock(block, kernels)(x, ctx, temb, rope, head=0) -> x``: temb [B, 6, D] (the block's timestep
+    projection; per-token timesteps: [B, 2, 6, D], the first for the first ``head`` tokens, the second for
+    the rest), ctx [B, T_img + 512, D] (projected image states first on I2V), rope = (cos, sin)
     [N, d/2] fp32, then diffusers' full tables (unused here). Sequence parallel: x holds this rank's
     token shard and cos / sin its rows; only self-attention needs the other shards (Ulysses), the
     cross-attention reads the whole (replicated) context and the rest is token-wise."""
@@ -95,18 +119,26 @@ class WanBlock(nn.Module):
         self.self_attention = attention     # sequence parallel swaps in Ulysses (parallel/ulysses.py)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor], head: int = 0) -> torch.Tensor:
         blk, k = self.block, self.k
         a1, a2, H = blk.attn1, blk.attn2, self.heads
-        sh1, sc1, g1, sh2, sc2, g2 = (blk.scale_shift_table + temb.float()).chunk(6, dim=1)   # [B, 1, D] fp32
+        # per segment: (shift, 1 + scale, gate) of self-attention, then of the feed-forward, [B, 1, D] fp32
+        mods = [(m[0], 1 + m[1], m[2], m[3], 1 + m[4], m[5])
+                for m in ((blk.scale_shift_table + te.float()).chunk(6, dim=1) for te in per_segment(temb, 3))]
         cos, sin = rope[:2]
 
+        def modulated(x, eps, i):          # LayerNorm(x) * (1 + scale) + shift: i = 0 (attention), 3 (MLP)
+            return segments(x, head, mods, lambda xs, m: k.modulate(xs, eps, m[i + 1], m[i]))
+
+        def gated(x, y, i):                 # x + y * gate: i = 2 (attention), 5 (MLP)
+            return segments((x, y), head, mods, lambda xs, ys, m: k.gated_residual(xs, ys, m[i]))
+
         # self-attention
-        h = k.modulate(x, blk.norm1.eps, 1 + sc1, sh1)
+        h = modulated(x, blk.norm1.eps, 0)
         q, kk, v = F.linear(h, self.qkv_w, self.qkv_b).chunk(3, dim=-1)
         q = k.rms_rope(q, a1.norm_q.weight, a1.norm_q.eps, H, cos, sin)
         kk = k.rms_rope(kk, a1.norm_k.weight, a1.norm_k.eps, H, cos, sin)
-        x = k.gated_residual(x, a1.to_out[0](self.self_attention(q, kk, v.unflatten(2, (H, -1)))), g1)
+        x = gated(x, a1.to_out[0](self.self_attention(q, kk, v.unflatten(2, (H, -1)))), 2)
 
         # cross-attention (text; I2V: the image states too, through their own k / v)
         h = blk.norm2(x.float()).type_as(x) if isinstance(blk.norm2, nn.LayerNorm) else x
@@ -122,4 +154,4 @@ class WanBlock(nn.Module):
         x = x + a2.to_out[0](o)
 
         # feed-forward
-        return k.gated_residual(x, blk.ffn(k.modulate(x, blk.norm3.eps, 1 + sc2, sh2)), g2)
+        return gated(x, blk.ffn(modulated(x, blk.norm3.eps, 3)), 5)

@@ -82,7 +82,7 @@ def check_blocks(family, layout: Layout) -> None:
     if name == "PixArtFamily" and not all(getattr(f, "fast", False) for f in family.block_fns):
         raise ConfigError("sequence parallel needs PixArt blocks of the plain ada_norm_single layout; "
                           "this transformer's blocks are not supported")
-    if name in ("WanFamily", "WanI2VFamily"):
+    if name in ("WanFamily", "WanI2VFamily", "WanTI2VFamily"):
         from omni_ray.dit.families.wan_block import WanBlock
         if not all(isinstance(f, WanBlock) for fns in family.expert_fns for f in fns):
             raise ConfigError("sequence parallel needs Wan blocks with RMS q/k norms across heads and a tanh-GELU "

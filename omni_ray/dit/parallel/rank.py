@@ -177,7 +177,7 @@ def load_worker_family(path: Path, device: torch.device, dtype: torch.dtype, cfg
     (PixArt's T5, SD3's T5, Wan's UMT5) or Wan I2V's CLIP, and with the VAE on the CPU (only its config
     is read). Pipeline settings (Wan2.2's ``boundary_ratio``) pass through as the family reads them;
     ``_denoiser_only`` tells the family that the encoders are left out on purpose."""
-    from omni_ray.dit.families import FAMILIES
+    from omni_ray.dit.families import FAMILIES, family_class
     from omni_ray.dit.loader import load_component, read_model_index
 
     index = read_model_index(path)
@@ -196,7 +196,7 @@ def load_worker_family(path: Path, device: torch.device, dtype: torch.dtype, cfg
             continue
         dev = torch.device("cpu") if name == "vae" else device
         comps[name] = load_component(path, name, library, cls_name, dev, dtype, cfg.model.allow_pickle)
-    return FAMILIES[pipeline](comps, device, dtype, cfg.max_sequence_length)
+    return family_class(pipeline, index)(comps, device, dtype, cfg.max_sequence_length)
 
 
 def prepare_family(fam: DiTFamily, cfg: DiTEngineConfig, layout: Layout):

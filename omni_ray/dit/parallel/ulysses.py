@@ -200,7 +200,7 @@ def install(family, sp: SPGroup) -> None:
         install_sd3(family, sp)
     elif name in ("QwenImageFamily", "QwenImageEditFamily"):
         install_qwen_image(family, sp)
-    elif name in ("WanFamily", "WanI2VFamily"):
+    elif name in ("WanFamily", "WanI2VFamily", "WanTI2VFamily"):
         install_wan(family, sp)
     else:
         from omni_ray.errors import ConfigError

@@ -145,7 +145,9 @@ def test_cuda_graphs_equal_eager(ckpt):
     pieces = synthesize_chunked(graphed, codes, "Ethan", params, noise)
     assert graphed.engine_stats()["cuda_graph_replays"] > before
     for p, q in zip(pieces, synthesize_chunked(eager, codes, "Ethan", params, noise)):
-        assert abs(p - q).max() < 3e-4                      # waveforms (the vocoder amplifies mel differences)
+        # waveforms: the vocoder amplifies mel rounding (its cuDNN convolutions run TF32, torch's default for
+        # convolutions); measured 2.3e-3 at most on an H100 (samples in [-1, 1]), the mels within 1e-4
+        assert abs(p - q).max() < 5e-3
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 
 from omni_ray.config import Token2WavStreamConfig
 from omni_ray.dit import DiffusionParams, SpeechInput
@@ -123,3 +124,23 @@ def test_a_stream_hands_out_the_first_window_early(engine):
     assert [(w.index, w.start, w.last, len(w.speech.codes)) for w in first] == [(0, 0, False, 12)]
     assert stream.push(random_codes(35, 7)) == []                       # 47 codes: chunk 1 needs 48
     assert [w.index for w in stream.push(random_codes(1, 8))] == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_first_chunk_on_cuda_graphs(token2wav_ckpt):
+    """The low-latency plan's windows (a 24-frame first window among longer ones) replayed as CUDA graphs
+    equal the eager forward's (waveforms: the vocoder amplifies mel differences, as in
+    test_omni_token2wav_graphs.py)."""
+    from omni_ray.config import DiTEngineConfig, ModelConfig
+    from omni_ray.dit import DiTEngine
+
+    engines = [DiTEngine(DiTEngineConfig(model=ModelConfig(path=str(token2wav_ckpt)), device="cuda", cuda_graphs=g))
+               for g in (True, False)]
+    plan = ChunkPlan.for_family(engines[0].family, LOW)
+    codes, noise = random_codes(150, 9), stream_noise(engines[0].family, 7, 300)
+    params = DiffusionParams(seed=0, num_inference_steps=3)
+    graphed, eager = (synthesize_chunked(e, codes, "Ethan", params, noise, plan=plan) for e in engines)
+    assert engines[0].engine_stats()["cuda_graph_replays"] > 0
+    assert [len(p) // HOP for p in graphed] == [len(p) // HOP for p in eager] == [4, 48, 72, 72, 72, 32]
+    assert all(np.abs(p - q).max() < 3e-4 for p, q in zip(graphed, eager))

@@ -9,6 +9,13 @@ utterance, the seconds of audio, and the real-time factor RTF = seconds of compu
 per second of audio; at concurrency 1 and 16 (the requests submitted together, batched by every stage).
 Goal (issue #26): first audio <= 150 ms and RTF <= 0.1 at concurrency 1 on one GPU.
 
+Per token2wav chunk plan (``--first-chunk-frames``: ``ref``, Qwen's streaming plan, 72 mel frames with 24 of
+look-ahead, and first chunks of N mel frames with ``--first-lookahead-frames``; one token2wav stage and pipeline
+each, the thinker and talker shared), where the first audio waits: the mean time from the request to the
+thinker's first token, the talker's first code, the code that makes token2wav's first window computable, that
+window handed to the DiT engine, its mel done, and the first pcm out (benchmarks/speech_timing.py); and
+``stall_ms``, the time a player starting at the first audio waits for later pieces. Per request in the JSON.
+
 The model: ``shape:qwen2.5-omni-7b`` (the 7B checkpoint's dimensions, random bf16 weights, built once into
 the cache folder, ~22 GB; the talker's codec head rows of its special tokens are zero so that it speaks
 real codes for as long as asked). The thinker answers ``--text-tokens`` tokens (EOS ignored); the talker
@@ -19,6 +26,7 @@ utterances end early; the columns say how many codes and seconds of audio each e
 
     python benchmarks/bench_omni_speech.py                 # GPU: 7B shape, concurrency 1 and 16, vs transformers
     python benchmarks/bench_omni_speech.py --tiny          # CPU smoke run: tiny:qwen2.5-omni, few tokens
+    python benchmarks/bench_omni_speech.py --first-chunk-frames ref 24 48 --concurrency 1 --no-transformers
 """
 
 from __future__ import annotations
@@ -36,16 +44,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, sync, table, write_result  # noqa: E402
+from benchmarks.speech_timing import FirstEvents, playback_stall  # noqa: E402
 
 CODEC_HZ = 50                       # Qwen2.5-Omni codec tokens per second of audio
 VOICE = "Chelsie"
 PROMPT = "Tell me a short story about a lighthouse keeper who finds a message in a bottle."
+MARKS = ("thinker_first_token", "talker_first_code", "first_window_codes", "first_window_ready", "first_window_mel")
 
 
-def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int) -> dict:
-    """Three stages on one checkpoint and the graph pipeline through them. On the GPU the KV caches are
-    sized for ``concurrency`` requests (not a share of the GPU's memory: the stages and transformers'
-    model share the card)."""
+def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
+                lookahead: int) -> dict:
+    """The thinker and talker stages on one checkpoint, a token2wav stage per chunk plan (``plans``: None, the
+    reference's, or the first chunk's mel frames) and a graph pipeline through each (``speech-<plan>``). On
+    the GPU the KV caches are sized for ``concurrency`` requests (not a share of the GPU's memory: the stages
+    and transformers' model share the card)."""
     ar = {"device": "cuda" if gpu else "cpu", "enforce_eager": not gpu}
 
     def sized(n_len: int) -> dict:
@@ -58,47 +70,63 @@ def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len
     stages = {
         "thinker": {"kind": "ar", "engine": {"model": {"path": path}} | ar | sized(max_len)},
         "talker": {"kind": "ar", "engine": {"model": {"path": path, "submodel": "talker"}} | ar | sized(talker_len)},
-        "t2w": {"kind": "dit", "engine": {"model": {"path": path}, "device": ar["device"]}},
     }
-    graph = {"model": "thinker", "stages": {"talker": "talker", "token2wav": "t2w"}}
-    return {"stages": stages, "pipelines": {"speech": {"graph": graph}}}
+    pipelines = {}
+    for plan in plans:
+        stream = {} if plan is None else {"token2wav_stream": {"first_chunk_frames": plan,
+                                                               "first_lookahead_frames": lookahead}}
+        stages[f"t2w-{label(plan)}"] = {"kind": "dit", "engine": {"model": {"path": path}, "device": ar["device"]}
+                                        | stream}
+        graph = {"model": "thinker", "stages": {"talker": "talker", "token2wav": f"t2w-{label(plan)}"}}
+        pipelines[f"speech-{label(plan)}"] = {"graph": graph}
+    return {"stages": stages, "pipelines": pipelines}
+
+
+def label(plan: int | None) -> str:
+    return "ref" if plan is None else str(plan)
 
 
 def _messages(i: int | None = None) -> list[dict]:
     return [{"role": "user", "content": PROMPT if i is None else f"{PROMPT} ({i})"}]
 
 
-async def _one(pipe, backends, kinds, args, messages: list[dict]) -> dict:
-    """One speech request through the pipeline's events: first audio chunk, end, audio seconds, codes."""
+async def _one(pipe, backends, kinds, args, messages: list[dict], marks: FirstEvents) -> dict:
+    """One speech request through the pipeline's events: first audio chunk, end, audio seconds, codes, and
+    the first events of its stages (ms from the request)."""
     from omni_ray.runner import run_pipeline
 
+    rid = f"bench-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
-    first, audio, stages = None, None, None
-    async for ev in run_pipeline(pipe, backends, kinds, None, f"bench-{uuid.uuid4().hex[:8]}", args,
-                                 messages=messages, audio={"voice": VOICE}):
-        if ev["type"] == "audio" and first is None and len(ev["pcm"]):
-            first = time.perf_counter() - t0
+    first, audio, stages, pieces = None, None, None, []
+    async for ev in run_pipeline(pipe, backends, kinds, None, rid, args, messages=messages, audio={"voice": VOICE}):
+        if ev["type"] == "audio" and len(ev["pcm"]):
+            pieces.append((time.perf_counter(), len(ev["pcm"]) / ev["sample_rate"]))
+            first = first or pieces[0][0] - t0
         elif ev["type"] == "result":
             audio, stages = ev["audio"], ev["stages"]
     total = time.perf_counter() - t0
     seconds = len(audio["samples"]) / audio["sample_rate"]
+    got = marks.of(rid)
     return dict(first_audio_ms=1e3 * first, total_s=total, audio_s=seconds, rtf=total / seconds,
-                codes=stages[1].get("num_codes"), text_tokens=stages[0].get("num_output_tokens"))
+                codes=stages[1].get("num_codes"), text_tokens=stages[0].get("num_output_tokens"),
+                stall_ms=1e3 * playback_stall(pieces[0][0], pieces), pieces=len(pieces),
+                **{f"{k}_ms": 1e3 * (got[k] - t0) if k in got else None for k in MARKS})
 
 
-def run_omni_ray(llm, n: int, text_tokens: int, codes: int, seed: int) -> dict:
+def run_omni_ray(llm, n: int, text_tokens: int, codes: int, seed: int, pipeline: str) -> dict:
     """``n`` requests at once (the pipeline's own coroutine per request, on the OmniLLM's engine loop, as
     ``OmniLLM.generate`` runs them, but watching each request's events for its first audio chunk)."""
     from omni_ray.runner import StageArgs
 
     args = StageArgs.from_kwargs(dict(max_tokens=text_tokens, ignore_eos=True, seed=seed,
                                       stage_args={"talker": {"max_tokens": codes, "ignore_eos": True}}))
-    pipe, kinds = llm.config.pipelines["speech"], llm._kinds()
-    args.validate("speech", pipe, kinds)
-    backends = {s.stage: llm._backend(s.stage) for s in pipe.steps}
+    pipe, kinds = llm.config.pipelines[pipeline], llm._kinds()
+    args.validate(pipeline, pipe, kinds)
+    marks = FirstEvents()
+    backends = marks.wrap({s.stage: llm._backend(s.stage) for s in pipe.steps}, [s.stage for s in pipe.steps])
 
     async def burst():
-        return await asyncio.gather(*(_one(pipe, backends, kinds, args, _messages(i)) for i in range(n)))
+        return await asyncio.gather(*(_one(pipe, backends, kinds, args, _messages(i), marks) for i in range(n)))
 
     sync()
     t0 = time.perf_counter()
@@ -106,9 +134,16 @@ def run_omni_ray(llm, n: int, text_tokens: int, codes: int, seed: int) -> dict:
     wall = time.perf_counter() - t0
     ttfa = sorted(r["first_audio_ms"] for r in reqs)
     audio = sum(r["audio_s"] for r in reqs)
+    mean = {f"{k}_ms": _mean([r[f"{k}_ms"] for r in reqs]) for k in MARKS}
     return dict(first_audio_ms=statistics.mean(ttfa), first_audio_p90_ms=ttfa[math.ceil(0.9 * len(ttfa)) - 1],
                 rtf=statistics.mean(r["rtf"] for r in reqs), audio_s=audio / n, codes=reqs[0]["codes"],
-                text_tokens=reqs[0]["text_tokens"], wall_s=wall, audio_s_per_s=audio / wall)
+                text_tokens=reqs[0]["text_tokens"], wall_s=wall, audio_s_per_s=audio / wall,
+                stall_ms=statistics.mean(r["stall_ms"] for r in reqs), **mean, requests=reqs)
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
 
 
 def run_transformers(model, tokenizer, text_tokens: int, codes: int, seed: int) -> dict:
@@ -132,6 +167,11 @@ def run_transformers(model, tokenizer, text_tokens: int, codes: int, seed: int) 
                 codes=codes, text_tokens=text_tokens, wall_s=total, audio_s_per_s=seconds / total)
 
 
+COLUMNS = ["engine", "first_chunk", "concurrency", "first_audio_ms", "first_audio_p90_ms", "stall_ms", "rtf",
+           "audio_s", "wall_s", "audio_s_per_s", "codes", "text_tokens"]
+BREAKDOWN = ["first_chunk", "concurrency"] + [f"{k}_ms" for k in MARKS] + ["first_audio_ms", "stall_ms"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny:qwen2.5-omni on the CPU, few tokens (a smoke run)")
@@ -139,6 +179,10 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=None, help="thinker reply tokens (default 48; tiny 6)")
     ap.add_argument("--codes", type=int, default=None, help="codec tokens per request (default 200; tiny 60)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 16 (tiny: 1 2)")
+    ap.add_argument("--first-chunk-frames", nargs="+", default=["ref", "24"], metavar="N",
+                    help="token2wav chunk plans, a row each: ref (Qwen's streaming plan) or the first chunk's mel "
+                         "frames (default: ref 24)")
+    ap.add_argument("--first-lookahead-frames", type=int, default=0, help="the first chunks' look-ahead (default 0)")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -146,20 +190,26 @@ def main() -> None:
     text_tokens = args.text_tokens or (6 if args.tiny else 48)
     codes = args.codes or (60 if args.tiny else 200)
     levels = args.concurrency or ([1, 2] if args.tiny else [1, 16])
+    plans = [None if f == "ref" else int(f) for f in args.first_chunk_frames]
 
     from omni_ray.offline import OmniLLM
     from omni_ray.testing import resolve_model
 
     path = str(resolve_model(args.model or ("tiny:qwen2.5-omni" if args.tiny else "shape:qwen2.5-omni-7b")))
     t_build = time.perf_counter()
-    llm = OmniLLM(omni_config(path, gpu, max(levels), max_len=1024, talker_len=1024 + codes))
-    run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed)          # builds and warms the engines (a short one)
+    llm = OmniLLM(omni_config(path, gpu, max(levels), max_len=1024, talker_len=1024 + codes, plans=plans,
+                              lookahead=args.first_lookahead_frames))
+    for plan in plans:                                               # builds and warms the engines (a short one)
+        run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed, f"speech-{label(plan)}")
     print(f"engines up and warm in {time.perf_counter() - t_build:.1f} s")
     rows = []
-    for c in levels:
-        run_omni_ray(llm, c, text_tokens, codes, args.seed + 1)     # the batch sizes' first run: warm-up
-        rows.append(dict(engine="omni-ray", concurrency=c, **run_omni_ray(llm, c, text_tokens, codes, args.seed)))
-        print(table(rows[-1:], list(rows[-1])))
+    for plan in plans:
+        for c in levels:
+            pipe = f"speech-{label(plan)}"
+            run_omni_ray(llm, c, text_tokens, codes, args.seed + 1, pipe)     # the batch sizes' first run: warm-up
+            rows.append(dict(engine="omni-ray", first_chunk=label(plan), concurrency=c,
+                             **run_omni_ray(llm, c, text_tokens, codes, args.seed, pipe)))
+            print(table(rows[-1:], COLUMNS))
     stats = {k: v for k, v in llm.stats().items() if isinstance(v, dict)}
     llm.shutdown()
     if not args.no_transformers:
@@ -169,12 +219,14 @@ def main() -> None:
         hf = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=dtype).to("cuda" if gpu else "cpu").eval()
         tok = AutoTokenizer.from_pretrained(path)
         run_transformers(hf, tok, 2, 8, args.seed)                   # warm-up
-        rows.append(dict(engine="transformers", concurrency=1, **run_transformers(hf, tok, text_tokens, codes,
-                                                                                    args.seed)))
+        rows.append(dict(engine="transformers", first_chunk="", concurrency=1,
+                         **run_transformers(hf, tok, text_tokens, codes, args.seed)))
     print(f"Qwen2.5-Omni speech ({'tiny' if args.tiny else '7B shape'}), {device_name() if gpu else 'cpu'}, "
-          f"thinker {text_tokens} tokens, talker {codes} codes ({codes / CODEC_HZ:.1f} s of audio) per request")
-    print(table(rows, ["engine", "concurrency", "first_audio_ms", "first_audio_p90_ms", "rtf", "audio_s",
-                       "wall_s", "audio_s_per_s", "codes", "text_tokens"]))
+          f"thinker {text_tokens} tokens, talker {codes} codes ({codes / CODEC_HZ:.1f} s of audio) per request; "
+          f"first chunks' look-ahead {args.first_lookahead_frames} mel frames")
+    print(table(rows, COLUMNS))
+    print("where the first audio waits (mean ms from the request):")
+    print(table([r for r in rows if r["engine"] == "omni-ray"], BREAKDOWN))
     name = f"omni_speech_{'cuda' if gpu else 'cpu_quick'}.json"
     print(write_result(name, dict(args=vars(args), model=path, rows=rows, stage_stats=stats)))
 

@@ -6,6 +6,7 @@ random float32 weights built on the GPU (the reference runs token2wav in float32
     python benchmarks/bench_token2wav.py                    # 200 codes (4 s of audio), 10 time points
     python benchmarks/bench_token2wav.py --modes eager graphs --concurrency 1 4 16
     python benchmarks/bench_token2wav.py --shape tiny --device cpu      # a smoke run of the script
+    python benchmarks/bench_token2wav.py --modes graphs --concurrency 1 --first-chunk-frames ref 24 48
 
 Per engine mode (``eager``: ``cuda_graphs: false``; ``graphs``: whole-forward CUDA graphs per (row bucket,
 frame bucket), omni_ray/dit/token2wav_graphs.py; ``tf32`` / ``bf16``: graphs with ``token2wav_precision``), each
@@ -13,9 +14,12 @@ workload run once to capture its shapes, then timed:
 
 1. whole utterances at each concurrency (the engine batches their forwards): wall time, RTF per utterance
    (wall seconds per second of one utterance's audio) and aggregate (per second of all the audio);
-2. streamed (chunked) synthesis of N utterances at once, as the token2wav stage runs it: the first
-   windows' audio once their 48 codes exist (the stage's first-audio latency once the talker has produced
-   them), and the whole streams' RTF;
+2. streamed (chunked) synthesis of N utterances at once, as the token2wav stage runs it, per chunk plan
+   (``--first-chunk-frames``: ``ref``, Qwen's streaming plan, whose first window needs 48 codes, and first
+   chunks of N mel frames with ``--first-lookahead-frames``, ``token2wav_stream`` in the engine config): the
+   first windows' audio once their codes exist (the stage's first-audio latency once the talker has produced
+   them), the whole streams' RTF, and (one stream) the streamed waveform's max |diff| and relative rms
+   difference to the whole-utterance synthesis;
 3. transformers' ``token2wav(...)`` on one utterance and N one by one (as ``generate(return_audio=True)``
    decodes them), and each mode's max |diff| of the whole-utterance waveform against the eager engine's.
 Results: benchmarks/results/token2wav_<device>.json.
@@ -32,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import Timer, device_name, table, write_result  # noqa: E402
-from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
+from omni_ray.config import DiTEngineConfig, ModelConfig, Token2WavStreamConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine, SpeechInput  # noqa: E402
 from omni_ray.dit.families.qwen2_5_omni_token2wav import Qwen2_5OmniToken2WavFamily  # noqa: E402
-from omni_ray.dit.token2wav_chunks import SpeechStream  # noqa: E402
+from omni_ray.dit.token2wav_chunks import ChunkPlan, SpeechStream  # noqa: E402
 
 TINY_DIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ff_mult=2, emb_dim=16, head_dim=16,
                 look_ahead_layers=[1], look_backward_layers=[0], num_embeds=64, mel_dim=80, enc_emb_dim=16,
@@ -77,25 +81,36 @@ def whole(engine, codes: list, n: int, params) -> tuple[float, list]:
     return t.s, waves
 
 
-def streamed(engine, codes: list, n: int, params) -> tuple[float, float]:
-    """(seconds to the first windows' audio of n streams, seconds to the end of all n streams)."""
-    fam = engine.family
-    streams = [SpeechStream(fam, "Chelsie", seed=5 + i) for i in range(n)]
+def streamed(engine, codes: list, n: int, params, plan: ChunkPlan) -> tuple[float, float, np.ndarray]:
+    """(seconds to the first windows' audio of n streams, seconds to the end of all n streams, the first
+    stream's waveform): each stream gets the codes its first window needs, then the rest at once."""
+    fam, k = engine.family, plan.codes_needed(0)
+    streams = [SpeechStream(fam, "Chelsie", seed=5 + i, plan=plan) for i in range(n)]
+    pieces: list[list] = [[] for _ in range(n)]
     with Timer() as t_first:
-        first = [s.push(codes[i][:48], finished=len(codes[i]) <= 48)[0] for i, s in enumerate(streams)]
+        first = [s.push(codes[i][:k], finished=len(codes[i]) <= k)[0] for i, s in enumerate(streams)]
         mels = engine.generate(params=[params(5 + i) for i in range(n)], speech=[w.speech for w in first],
                                output_type="latent", use_tqdm=False)
-        for s, w, m in zip(streams, first, mels):
-            s.audio(w, m)
+        for i, (s, w, m) in enumerate(zip(streams, first, mels)):
+            pieces[i].append(s.audio(w, m))
     with Timer() as t_rest:
         rest = [(s, w, i) for i, s in enumerate(streams) if not s.finished
-                for w in s.push(codes[i][48:], finished=True)]
+                for w in s.push(codes[i][k:], finished=True)]
         if rest:
             mels = engine.generate(params=[params(5 + i) for _, _, i in rest], speech=[w.speech for _, w, _ in rest],
                                    output_type="latent", use_tqdm=False)
-            for (s, w, _), m in zip(rest, mels):
-                s.audio(w, m)
-    return t_first.s, t_first.s + t_rest.s
+            for (s, w, i), m in zip(rest, mels):
+                pieces[i].append(s.audio(w, m))
+    return t_first.s, t_first.s + t_rest.s, np.concatenate(pieces[0])
+
+
+def vs_whole(engine, codes, stream_wave: np.ndarray, params, plan: ChunkPlan) -> dict:
+    """The first stream's waveform against the whole utterance synthesized from the same noise."""
+    noise = SpeechStream(engine.family, "Chelsie", seed=5, plan=plan).noise[:len(codes) * engine.family.repeats]
+    whole = engine.generate(params=params(5), speech=SpeechInput(codes, "Chelsie", noise=noise), use_tqdm=False)[0]
+    diff = stream_wave - whole
+    return {"max_abs_diff": float(np.abs(diff).max()),
+            "rel_rms_diff": float(np.sqrt((diff ** 2).mean() / (whole ** 2).mean()))}
 
 
 def main() -> None:
@@ -107,6 +122,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--modes", nargs="+", choices=["eager", "graphs", "tf32", "bf16"],
                     default=["eager", "graphs", "tf32", "bf16"])
+    ap.add_argument("--first-chunk-frames", nargs="+", default=["ref", "24"], metavar="N",
+                    help="chunk plans of the streamed rows: ref (Qwen's streaming plan) or the first chunk's mel "
+                         "frames (default: ref 24)")
+    ap.add_argument("--first-lookahead-frames", type=int, default=0, help="the first chunks' look-ahead (default 0)")
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' rows")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -118,6 +137,9 @@ def main() -> None:
     codes = [torch.randint(0, vocab, (args.codes,), generator=g) for _ in range(top)]
     audio_s = args.codes * fam.repeats / 100              # 100 mel frames per second of audio
     params = lambda seed: DiffusionParams(seed=seed, num_inference_steps=args.steps)  # noqa: E731
+    plans = {f: ChunkPlan.for_family(fam, None if f == "ref" else Token2WavStreamConfig(
+        first_chunk_frames=int(f), first_lookahead_frames=args.first_lookahead_frames))
+        for f in args.first_chunk_frames}
 
     rows, result = [], {"shape": args.shape, "codes": args.codes, "audio_s": audio_s, "steps": args.steps,
                         "modes": {}}
@@ -130,19 +152,24 @@ def main() -> None:
         res = result["modes"][mode] = {}
         for n in args.concurrency:
             whole(engine, codes, n, params)                   # capture / warm up this workload's shapes
-            streamed(engine, codes, n, params)
             t_whole, waves = whole(engine, codes, n, params)
-            t_first, t_stream = streamed(engine, codes, n, params)
             if n == 1:
                 if baseline is None:
                     baseline = waves[0]
                 res["max_abs_diff_vs_first_mode"] = float(np.abs(waves[0] - baseline).max())
-            res[f"concurrency_{n}"] = {"whole_s": t_whole, "whole_rtf": t_whole / audio_s,
-                                       "stream_first_audio_s": t_first, "stream_s": t_stream,
-                                       "stream_rtf": t_stream / audio_s}
-            rows.append({"mode": mode, "n": n, "whole s": t_whole, "whole RTF": t_whole / audio_s,
-                         "aggregate RTF": t_whole / (n * audio_s), "stream first audio ms": 1000 * t_first,
-                         "stream RTF": t_stream / audio_s})
+            res[f"concurrency_{n}"] = {"whole_s": t_whole, "whole_rtf": t_whole / audio_s, "streams": {}}
+            for name, plan in plans.items():
+                streamed(engine, codes, n, params, plan)      # capture / warm up the plan's window shapes
+                t_first, t_stream, wave = streamed(engine, codes, n, params, plan)
+                quality = vs_whole(engine, codes[0], wave, params, plan) if n == 1 else {}
+                res[f"concurrency_{n}"]["streams"][name] = {
+                    "first_window_codes": plan.codes_needed(0), "first_audio_s": t_first, "stream_s": t_stream,
+                    "stream_rtf": t_stream / audio_s} | quality
+                rows.append({"mode": mode, "n": n, "whole s": t_whole, "whole RTF": t_whole / audio_s,
+                             "aggregate RTF": t_whole / (n * audio_s), "first chunk": name,
+                             "first window codes": plan.codes_needed(0), "stream first audio ms": 1000 * t_first,
+                             "stream RTF": t_stream / audio_s, "max |diff| vs whole": quality.get("max_abs_diff", ""),
+                             "rel rms diff vs whole": quality.get("rel_rms_diff", "")})
         stats = engine.engine_stats()
         res["cuda_graphs"], res["cuda_graph_replays"] = stats["cuda_graphs"], stats["cuda_graph_replays"]
         del engine
@@ -158,12 +185,13 @@ def main() -> None:
                     reference(model, voices, codes[i], "Ethan", i, args.steps)
             ref_rows[f"concurrency_{n}"] = t_r.s
             rows.append({"mode": "transformers, one by one", "n": n, "whole s": t_r.s, "whole RTF": t_r.s / audio_s,
-                         "aggregate RTF": t_r.s / (n * audio_s), "stream first audio ms": "", "stream RTF": ""})
+                         "aggregate RTF": t_r.s / (n * audio_s)})
         result["transformers_s"] = ref_rows
 
     print(f"token2wav {args.shape} on {device_name()}: {args.codes} codes = {audio_s:.1f} s of audio, "
           f"{args.steps} time points ({4 * (args.steps - 1)} forwards); RTF: wall s per s of one utterance's audio")
-    print(table(rows, ["mode", "n", "whole s", "whole RTF", "aggregate RTF", "stream first audio ms", "stream RTF"]))
+    print(table(rows, ["mode", "n", "whole s", "whole RTF", "aggregate RTF", "first chunk", "first window codes",
+                       "stream first audio ms", "stream RTF", "max |diff| vs whole", "rel rms diff vs whole"]))
     for mode, res in result["modes"].items():
         print(f"{mode}: {res['cuda_graphs']} graphs, {res['cuda_graph_replays']} replays, max |diff| vs "
               f"{args.modes[0]} {res.get('max_abs_diff_vs_first_mode', float('nan')):.2e}")

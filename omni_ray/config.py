@@ -217,6 +217,20 @@ class DiTParallelConfig(RankGroupConfig):
     sequence_parallel_size: int = Field(1, ge=1, description="Ulysses all-to-all over heads")
 
 
+class Token2WavStreamConfig(Strict):
+    """Speech models: the streamed token2wav's first chunk (Qwen's streaming plan: chunks of 72 mel frames, 24
+    frames of look-ahead, 48 of look-back; 2 mel frames per codec token). A smaller first chunk starts the audio
+    after fewer codes; the chunks after it grow to the reference's."""
+
+    first_chunk_frames: int = Field(ge=1, description=
+        "mel frames (100 per second of audio, 2 per codec token) the first chunk owns; more than the vocoder "
+        "overlap (20); chunk 1 then ends on the reference's next chunk boundary (a multiple of 72 at least one "
+        "24-frame block past it), later chunks are the reference's")
+    first_lookahead_frames: int = Field(0, ge=0, description=
+        "mel frames of right context the first chunk's ODE window has (the reference: 24); its window runs once "
+        "(first_chunk_frames + first_lookahead_frames) / 2 codes exist")
+
+
 class DiTEngineConfig(Strict):
     """A DiT (image) engine: model, device, batching and resolution limits, CUDA graphs."""
 
@@ -248,6 +262,9 @@ class DiTEngineConfig(Strict):
         "speech models (Qwen2.5-Omni token2wav): the DiT's matmul precision; fp32: the reference's, tf32: TF32 "
         "matmuls on CUDA (torch's process-wide switch, set while the forward runs), bf16: bfloat16 autocast "
         "(mels within the GPU tests' stated tolerance of fp32)")
+    token2wav_stream: Token2WavStreamConfig | None = Field(None, description=
+        "speech models: the streamed token2wav's first chunk (None: Qwen's streaming plan as it is, 72 mel frames "
+        "with 24 of look-ahead: the first audio after 48 codes)")
     max_sequence_length: int | None = Field(
         None, ge=1, description="caption tokens per prompt (text-encoder truncation and prompt_embeds limit); "
         "None = the family's default (PixArt 300, LLM-conditioned PixArt 1024, SD3 256 T5 tokens)")

@@ -12,6 +12,15 @@ worth of samples are cut at each inner edge, so the pieces join without a seam.
 50 Hz codes (``repeats`` 2): chunk 72 mel frames (3 DiT blocks of 24), past 48 (2 blocks: the
 look-back of the checkpoint's layers), future 24 (1 block: its look-ahead), overlap 20.
 
+A low-latency first chunk (``token2wav_stream`` in the DiT engine config, as streaming TTS servers start
+with a small initial chunk): chunk 0 owns ``[0, first)`` with a look-ahead of ``first_future`` (possibly 0),
+so its window runs once ``(first + first_future) / repeats`` codes exist; chunk 1 owns the frames up to the
+reference's next chunk boundary (the first multiple of ``chunk`` at least one DiT block past ``first``) and
+every later chunk is the reference's (72 frames, 48 back, 24 ahead). From the chunk whose window and vocoder
+input no longer reach chunk 0's frames, the windows and audio are the reference plan's. Windows start on
+a DiT block boundary of the utterance (the block mask counts blocks from a window's start), and a first
+chunk must own more frames than the vocoder overlap its piece is cut by (else ``ConfigError``).
+
 The windows are not exact: each of the ``4 * (num_steps - 1)`` evaluations of the flow lets a frame
 see one more block of context each way, so frames near a window's edge miss context the
 whole-utterance ODE has. The difference to ``generate`` on the whole utterance is measured by
@@ -28,37 +37,91 @@ import torch
 
 from omni_ray.dit.params import DiffusionParams
 from omni_ray.dit.speech import SpeechInput
+from omni_ray.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
     repeats: int          # mel frames per codec token
-    chunk: int            # mel frames a chunk owns
+    chunk: int            # mel frames a chunk owns (after the first)
     past: int             # left context (mel frames)
     future: int           # right context (mel frames)
     overlap: int          # vocoder overlap (mel frames) at each inner edge
     hop: int              # waveform samples per mel frame
+    block: int = 24       # the DiT's attention block (mel frames): windows start on its multiples
+    first: int | None = None          # mel frames the first chunk owns (None: ``chunk``, the reference)
+    first_future: int | None = None   # the first chunk's right context (None: ``future``)
+
+    def __post_init__(self):
+        first, fut = self.first_frames, self.first_lookahead
+        if first % self.repeats or fut % self.repeats:
+            raise ConfigError(f"token2wav_stream: first_chunk_frames ({first}) and first_lookahead_frames ({fut}) "
+                              f"must be multiples of {self.repeats} (mel frames per codec token)")
+        if first <= self.overlap:
+            raise ConfigError(f"token2wav_stream.first_chunk_frames must exceed the vocoder overlap ({self.overlap} "
+                              f"mel frames cut at each inner edge), got {first}: its audio would be empty or "
+                              "joined with a seam")
+        if fut < 0:
+            raise ConfigError(f"token2wav_stream.first_lookahead_frames must be >= 0, got {fut}")
 
     @classmethod
-    def for_family(cls, fam) -> "ChunkPlan":
-        """The reference's constants for the family's code rate (50 Hz: repeats 2; else 200 Hz-style)."""
+    def for_family(cls, fam, stream=None) -> "ChunkPlan":
+        """The reference's constants for the family's code rate (50 Hz: repeats 2; else 200 Hz-style);
+        ``stream`` (the engine config's ``token2wav_stream``, None: the reference's plan): its first chunk."""
         block = 24 if fam.repeats == 2 else 32
         hop = math.prod(fam.vae.config.upsample_rates)
-        return cls(fam.repeats, 3 * block, block * fam.repeats, block, 20 if fam.repeats == 2 else 13, hop)
+        first = fut = None
+        if stream is not None:
+            first, fut = stream.first_chunk_frames, stream.first_lookahead_frames
+        return cls(fam.repeats, 3 * block, block * fam.repeats, block, 20 if fam.repeats == 2 else 13, hop,
+                   getattr(fam, "block_size", block), first, fut)
+
+    @property
+    def first_frames(self) -> int:
+        return self.chunk if self.first is None else self.first
+
+    @property
+    def first_lookahead(self) -> int:
+        return self.future if self.first_future is None else self.first_future
+
+    @property
+    def second_end(self) -> int:
+        """Where chunk 1 ends: the first multiple of ``chunk`` at least one block past the first chunk."""
+        return -(-(self.first_frames + self.block) // self.chunk) * self.chunk
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        """Mel frames [start, end) chunk ``i`` owns (before clipping to the utterance)."""
+        if i == 0:
+            return 0, self.first_frames
+        end = self.second_end + (i - 1) * self.chunk
+        return (self.first_frames if i == 1 else end - self.chunk), end
 
     def num_chunks(self, frames: int) -> int:
-        return max(1, -(-frames // self.chunk))
+        if frames <= self.first_frames:
+            return 1
+        return 2 + max(0, -(-(frames - self.second_end) // self.chunk))
 
     def window(self, i: int, frames: int) -> tuple[int, int]:
         """Mel frames [start, end) of chunk ``i``'s ODE window in an utterance of ``frames``."""
-        return max(i * self.chunk - self.past, 0), min((i + 1) * self.chunk + self.future, frames)
+        a, b = self.bounds(i)
+        start = max(a - self.past, 0) // self.block * self.block
+        return start, min(b + (self.first_lookahead if i == 0 else self.future), frames)
 
     def ready(self, i: int, num_codes: int, finished: bool) -> bool:
         """Whether chunk ``i`` can run once ``num_codes`` codes are known (all of them when ``finished``)."""
-        return finished or (i + 1) * self.chunk + self.future <= num_codes * self.repeats
+        return finished or self.codes_needed(i) <= num_codes
+
+    def codes_needed(self, i: int) -> int:
+        """Codes that make chunk ``i``'s window computable before the utterance ends."""
+        b = self.bounds(i)[1] + (self.first_lookahead if i == 0 else self.future)
+        return -(-b // self.repeats)
 
     def is_last(self, i: int, frames: int) -> bool:
         return i == self.num_chunks(frames) - 1
+
+    def head_cut(self, i: int) -> int:
+        """Mel frames of the previous chunks chunk ``i`` is vocoded after (up to ``2 * overlap``)."""
+        return 0 if i == 0 else min(2 * self.overlap, self.bounds(i)[0])
 
 
 class ChunkSplicer:
@@ -81,17 +144,18 @@ class ChunkSplicer:
         if i != self.next_index:
             raise ValueError(f"chunk {i} came before chunk {self.next_index}")
         p, m = self.plan, window_mel.float()
-        a = i * p.chunk - start                          # the chunk's own frames in its window
-        own = m[a:] if last else m[a:a + p.chunk]        # (the reference: [past:-future] of a full window)
-        mel = own if i == 0 else torch.cat([self.prev[-2 * p.overlap:], own])
+        s, e = p.bounds(i)
+        own = m[s - start:] if last else m[s - start:e - start]     # (the reference: [past:-future] of a window)
+        mel = own if i == 0 else torch.cat([self.prev[len(self.prev) - p.head_cut(i):], own])
         self.prev, self.next_index = mel, i + 1
         return mel
 
     def trim(self, i: int, last: bool, audio: torch.Tensor) -> np.ndarray:
-        """Chunk ``i``'s vocoded samples -> its piece: ``overlap`` frames' worth cut at each inner edge."""
+        """Chunk ``i``'s vocoded samples -> its piece: ``overlap`` frames' worth cut at each inner edge (at
+        its start: what it was vocoded after, less ``overlap``)."""
         cut = self.plan.overlap * self.plan.hop
         if i > 0:
-            audio = audio[cut:]
+            audio = audio[(self.plan.head_cut(i) - self.plan.overlap) * self.plan.hop:]
         if not last:
             audio = audio[:-cut]
         return audio.numpy()
@@ -115,8 +179,8 @@ class SpeechStream:
     """
 
     def __init__(self, fam, voice: str | None = None, seed: int = 0, sway_coefficient: float | None = -1.0,
-                 noise: torch.Tensor | None = None):
-        self.fam, self.plan = fam, ChunkPlan.for_family(fam)
+                 noise: torch.Tensor | None = None, plan: ChunkPlan | None = None):
+        self.fam, self.plan = fam, plan or ChunkPlan.for_family(fam)
         self.voice, self.sway = fam.resolve_voice(voice), sway_coefficient     # InvalidRequestError(param="voice")
         self.noise = stream_noise(fam, seed) if noise is None else noise
         self.codes = torch.zeros(0, dtype=torch.long)
@@ -168,10 +232,11 @@ class ChunkWindow:
 
 
 def synthesize_chunked(engine, codes, voice: str | None, params: DiffusionParams, noise: torch.Tensor,
-                       sway_coefficient: float | None = -1.0) -> list[np.ndarray]:
+                       sway_coefficient: float | None = -1.0, plan: ChunkPlan | None = None) -> list[np.ndarray]:
     """A whole utterance chunk by chunk on ``engine`` (all windows in one batch): the waveform pieces,
-    in order. ``noise``: the stream's ``y_all`` (at least ``len(codes) * repeats`` frames)."""
-    stream = SpeechStream(engine.family, voice, sway_coefficient=sway_coefficient, noise=noise)
+    in order. ``noise``: the stream's ``y_all`` (at least ``len(codes) * repeats`` frames); ``plan``: None,
+    the reference's chunks."""
+    stream = SpeechStream(engine.family, voice, sway_coefficient=sway_coefficient, noise=noise, plan=plan)
     windows = stream.push(codes, finished=True)
     mels = engine.generate(params=params, speech=[w.speech for w in windows], output_type="latent", use_tqdm=False)
     return [stream.audio(w, mel) for w, mel in zip(windows, mels)]

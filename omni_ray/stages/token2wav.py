@@ -4,7 +4,8 @@ running the checkpoint's token2wav, fed the talker's codec tokens as they come, 
 
     stage = Token2WavStageEngine(DiTEngineConfig(model=ModelConfig(path=omni_dir))); stage.start()
     async for d in stage.generate(SpeechRequest(rid, "Chelsie", DiffusionParams(seed=0))):
-        d == {"pcm": np.ndarray float32 [n] in [-1, 1], "sample_rate": 24000, "finished": bool}
+        d == {"pcm": np.ndarray float32 [n] in [-1, 1], "sample_rate": 24000, "finished": bool,
+              "chunk": i, "times": {"ready": t, "mel": t}}   # when its window became computable, its mel done
     await stage.feed(rid, codes, finished)       # from another task, any time after generate was entered
 
 Each window that becomes computable is one speech request of the engine (``<rid>-w<i>``, mel out) started at
@@ -12,7 +13,9 @@ once, so the windows of all streams (and several of one stream, when codes come 
 share forwards; its mel is vocoded between engine steps (the windows of all streams that finish together in
 one vocoder batch per length: ``VocoderBatcher``) and yielded in chunk order. ``seed`` draws the
 stream's noise as the reference draws its initial state (``randn`` after ``manual_seed(seed)``). An
-utterance with no codes yields one empty, finished chunk.
+utterance with no codes yields one empty, finished chunk. The chunks are the config's ``token2wav_stream``
+plan (None: the reference's; omni_ray/dit/token2wav_chunks.py); ``times`` are ``time.perf_counter()`` values
+of this process (where the first audio's latency goes: bench_omni_speech.py).
 
 ``kind = "token2wav"``: a DiT engine whose requests are ``SpeechRequest``s.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import time
 from typing import AsyncIterator
 
 import numpy as np
@@ -42,6 +46,7 @@ class Token2WavStageEngine(EngineStage):
         self._feeds: dict[str, asyncio.Queue] = {}
         self._windows: dict[str, set[str]] = {}       # request id -> its windows' engine request ids in flight
         self._vocoder = None                          # VocoderBatcher: the streams' windows vocoded together
+        self.plan = None                              # ChunkPlan: the config's token2wav_stream (start())
 
     def start(self) -> None:
         if self.engine is None:
@@ -49,6 +54,8 @@ class Token2WavStageEngine(EngineStage):
             self.engine = AsyncDiTEngine(self.config)
         if not getattr(self.family, "produces_audio", False):
             raise ConfigError(f"{self.config.model.path}: not a speech model (no token2wav)")
+        from omni_ray.dit.token2wav_chunks import ChunkPlan
+        self.plan = ChunkPlan.for_family(self.family, self.config.token2wav_stream)     # ConfigError
 
     @property
     def family(self):
@@ -99,14 +106,14 @@ class Token2WavStageEngine(EngineStage):
         try:
             p = req.params
             seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            stream = SpeechStream(self.family, req.voice, seed=seed)        # InvalidRequestError(param="voice")
+            stream = SpeechStream(self.family, req.voice, seed=seed, plan=self.plan)   # InvalidRequestError("voice")
             params = DiffusionParams(num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
                                      seed=seed)
             fed_all = False
             while True:
                 if not fed_all and get is None:
                     get = loop.create_task(queue.get())
-                waits = [t for t in (get, pending[0][1] if pending else None) if t is not None]
+                waits = [t for t in (get, pending[0][2] if pending else None) if t is not None]
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if get is not None and get.done():
                     item, get = get.result(), None
@@ -120,22 +127,24 @@ class Token2WavStageEngine(EngineStage):
                     for w in new:
                         wid = f"{rid}-w{w.index}"
                         windows.add(wid)
-                        pending.append((w, loop.create_task(self._mel(wid, w, params))))
+                        pending.append((w, time.perf_counter(), loop.create_task(self._mel(wid, w, params))))
                     if fed_all and not new and stream.next_chunk == 0:       # no codes at all
                         yield {"pcm": np.zeros(0, np.float32), "sample_rate": self.sample_rate, "finished": True}
                         return
-                while pending and pending[0][1].done():
-                    w, task = pending.popleft()
+                while pending and pending[0][2].done():
+                    w, ready, task = pending.popleft()
                     windows.discard(f"{rid}-w{w.index}")
-                    audio = await self._vocoder_batcher().decode(stream.vocoder_input(w, task.result()))
+                    mel, mel_at = task.result()
+                    audio = await self._vocoder_batcher().decode(stream.vocoder_input(w, mel))
                     pcm = stream.trim(w, audio)
-                    yield {"pcm": pcm, "sample_rate": self.sample_rate, "finished": w.last}
+                    yield {"pcm": pcm, "sample_rate": self.sample_rate, "finished": w.last, "chunk": w.index,
+                           "times": {"ready": ready, "mel": mel_at}}
                     if w.last:
                         return
         finally:
             if get is not None:
                 get.cancel()
-            for _, task in pending:
+            for *_, task in pending:
                 task.cancel()
             for wid in windows:
                 self.engine.abort(wid)
@@ -147,4 +156,4 @@ class Token2WavStageEngine(EngineStage):
         ev = None
         async for ev in self.engine.generate(None, params, wid, speech=window.speech, output_type="latent"):
             pass
-        return ev.images[0]
+        return ev.images[0], time.perf_counter()

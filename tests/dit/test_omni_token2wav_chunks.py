@@ -14,12 +14,11 @@ import torch
 from omni_ray.dit import DiffusionParams, SpeechInput
 from omni_ray.dit.token2wav_chunks import ChunkPlan, stream_noise, synthesize_chunked
 from tests.dit.conftest import make_engine
-from tests.dit.omni_token2wav_utils import spread_checkpoint
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return make_engine(str(spread_checkpoint(tmp_path_factory.mktemp("token2wav"))))
+def engine(token2wav_ckpt):
+    return make_engine(str(token2wav_ckpt))
 
 
 def test_plan_is_the_references(engine):

@@ -53,7 +53,7 @@ MARKS = ("thinker_first_token", "talker_first_code", "first_window_codes", "firs
 
 
 def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
-                lookahead: int) -> dict:
+                lookahead: int, precision: str = "fp32") -> dict:
     """The thinker and talker stages on one checkpoint, a token2wav stage per chunk plan (``plans``: None, the
     reference's, or the first chunk's mel frames) and a graph pipeline through each (``speech-<plan>``). On
     the GPU the KV caches are sized for ``concurrency`` requests (not a share of the GPU's memory: the stages
@@ -75,8 +75,8 @@ def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len
     for plan in plans:
         stream = {} if plan is None else {"token2wav_stream": {"first_chunk_frames": plan,
                                                                "first_lookahead_frames": lookahead}}
-        stages[f"t2w-{label(plan)}"] = {"kind": "dit", "engine": {"model": {"path": path}, "device": ar["device"]}
-                                        | stream}
+        stages[f"t2w-{label(plan)}"] = {"kind": "dit", "engine": {"model": {"path": path}, "device": ar["device"],
+                                                                  "token2wav_precision": precision} | stream}
         graph = {"model": "thinker", "stages": {"talker": "talker", "token2wav": f"t2w-{label(plan)}"}}
         pipelines[f"speech-{label(plan)}"] = {"graph": graph}
     return {"stages": stages, "pipelines": pipelines}
@@ -183,6 +183,8 @@ def main() -> None:
                     help="token2wav chunk plans, a row each: ref (Qwen's streaming plan) or the first chunk's mel "
                          "frames (default: ref 24)")
     ap.add_argument("--first-lookahead-frames", type=int, default=0, help="the first chunks' look-ahead (default 0)")
+    ap.add_argument("--token2wav-precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                    help="token2wav's DiT matmuls (fp32: the reference's)")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -198,7 +200,7 @@ def main() -> None:
     path = str(resolve_model(args.model or ("tiny:qwen2.5-omni" if args.tiny else "shape:qwen2.5-omni-7b")))
     t_build = time.perf_counter()
     llm = OmniLLM(omni_config(path, gpu, max(levels), max_len=1024, talker_len=1024 + codes, plans=plans,
-                              lookahead=args.first_lookahead_frames))
+                              lookahead=args.first_lookahead_frames, precision=args.token2wav_precision))
     for plan in plans:                                               # builds and warms the engines (a short one)
         run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed, f"speech-{label(plan)}")
     print(f"engines up and warm in {time.perf_counter() - t_build:.1f} s")

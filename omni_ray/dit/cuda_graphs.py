@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omni_ray.capture_lock import capture_lock
 from omni_ray.dit.families.base import BlockState, DiTFamily
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ class GraphedBlocks:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: other threads' CUDA work (an AR engine in the same process) stays legal
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), torch.no_grad():
+            with capture_lock(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), \
+                    torch.no_grad():
                 x, ctx = body()
         except Exception as err:                # this shape stays eager
             log.warning("CUDA graph capture failed for %s, running it eagerly: %r", key, err)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omni_ray.capture_lock import capture_lock
 from omni_ray.dit.cuda_graphs import row_bucket
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class Token2WavGraphs:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: other threads' CUDA work (an AR engine in the same process) stays legal
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with capture_lock(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = self._forward(io.x, io.t, io.ctx, io.lengths)
         except Exception as err:                # this shape stays eager (padded)
             log.warning("token2wav CUDA graph capture failed for (rows, frames) %s, running it eagerly: %r", key, err)

@@ -40,6 +40,7 @@ import torch
 
 from omni_ray.ar.engine.detokenizer import stream_safe_len
 from omni_ray.ar.sequence import Sequence
+from omni_ray.capture_lock import capture_lock
 from omni_ray.config import AREngineConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
 
@@ -95,7 +96,9 @@ class CoreLoop:
 
     def step(self) -> list[tuple]:
         t0 = time.perf_counter()
-        out = [x for seq in self.engine.step_seqs() if (x := self.output(seq)) is not None]
+        with capture_lock():             # no CUDA graph capture of another thread while this step samples
+            seqs = self.engine.step_seqs()
+        out = [x for seq in seqs if (x := self.output(seq)) is not None]
         dt = time.perf_counter() - t0
         if dt > SLOW_STEP_S:
             seqs, decodes, tokens, k = getattr(self.engine, "last_step", (0, 0, 0, 0))

@@ -11,6 +11,8 @@ import logging
 
 import torch
 
+from omni_ray.capture_lock import capture_lock
+
 log = logging.getLogger(__name__)
 
 
@@ -35,7 +37,7 @@ def capture_decode_graphs(runner):
             runner.g_step.zero_()
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            with capture_lock(), torch.cuda.graph(g, pool=pool):
                 runner._decode_body(bs, meta)
             pool = g.pool()
             runner.graphs[bs] = g

@@ -36,6 +36,7 @@ import torch
 from omni_ray.ar.batch import ScheduledBatch
 from omni_ray.ar.kernels.tiling import prefill_block_m
 from omni_ray.ar.layers.attention import AttnMetadata
+from omni_ray.capture_lock import capture_lock
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class MixedStepGraphs:
                 self._body(t)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            with capture_lock(), torch.cuda.graph(g, pool=pool):
                 self._body(t)
             pool = g.pool()
             self.graphs[t] = g

@@ -45,7 +45,10 @@ def load_family(path: Path, device: torch.device, dtype: torch.dtype, max_sequen
 def family_class(pipeline: str, settings: dict) -> type[DiTFamily]:
     """The family that runs ``pipeline`` with these model_index.json settings (or components that carry
     them): Wan's ``WanPipeline`` with ``expand_timesteps`` is Wan2.2 TI2V."""
-    return FAMILIES[pipeline].variant(settings)
+    fam = FAMILIES[pipeline]
+    if settings.get("expand_timesteps") and issubclass(fam, WanFamily):    # per-token timesteps
+        return WanTI2VFamily
+    return fam
 
 
 __all__ = ["FAMILIES", "HF_FAMILIES", "BlockState", "Cond", "DiTFamily", "PixArtFamily", "Qwen2_5OmniToken2WavFamily",

@@ -71,12 +71,6 @@ class DiTFamily(ABC):
     produces_audio: bool = False         # speech: requests carry codec tokens (speech.py), outputs are waveforms
     extra_components: frozenset = frozenset()   # components the loader skips unless asked (image_encoder)
 
-    @classmethod
-    def variant(cls, settings: dict) -> "type[DiTFamily]":
-        """The class that runs a checkpoint of this pipeline class, given its model_index.json settings
-        (Wan: ``expand_timesteps`` picks the TI2V family)."""
-        return cls
-
     def __init__(self, comps: dict, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None):
         self.device, self.dtype = device, dtype
         self.transformer: nn.Module = comps["transformer"]

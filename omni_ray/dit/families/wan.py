@@ -67,13 +67,6 @@ class WanFamily(DiTFamily):
     produces_video = True
     expand_timesteps = False         # Wan2.2 TI2V: per-token timesteps (wan_ti2v.py)
 
-    @classmethod
-    def variant(cls, settings: dict) -> type[DiTFamily]:
-        if settings.get("expand_timesteps"):
-            from omni_ray.dit.families.wan_ti2v import WanTI2VFamily
-            return WanTI2VFamily
-        return cls
-
     def __init__(self, comps: dict, device, dtype, max_sequence_length):     # (not the base one: a 3-D VAE)
         self.device, self.dtype = device, dtype
         self.experts = [m for m in (comps.get("transformer"), comps.get("transformer_2")) if m is not None]

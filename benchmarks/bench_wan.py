@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import Timer, device_name, matmul_peak, psnr, table, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
-from omni_ray.dit.families.wan_attention import time_backends  # noqa: E402
+from omni_ray.dit.families.sdpa_choice import time_backends  # noqa: E402
 from omni_ray.testing.tiny_wan import (  # noqa: E402
     WAN21_T2V_1_3B,
     WAN21_T2V_14B,

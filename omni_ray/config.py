@@ -248,8 +248,8 @@ class DiTEngineConfig(Strict):
     max_images_per_prompt: int = Field(4, ge=1, description="num_images_per_prompt limit per request")
     max_frames: int = Field(129, ge=1, description="video models: num_frames limit per video")
     attention_backend: Literal["auto", "default", "flash", "cudnn", "efficient", "math"] = Field(
-        "auto", description="video models on CUDA: the SDPA kernel of the attention (auto: the fastest, "
-        "measured once per token count; default: torch's own order)")
+        "auto", description="Wan and Qwen-Image on CUDA: the SDPA kernel of the attention (auto: the fastest, "
+        "measured once per token count and mask; default: torch's own order)")
     vae_decode_chunk: int = Field(2, ge=1, description="video models: latent frames VAE-decoded per engine "
                                   "step while other requests denoise (all at once when none does)")
     compile: bool = Field(False, description="torch.compile the transformer")

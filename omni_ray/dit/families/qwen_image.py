@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
 from omni_ray.dit.families.qwen_image_block import Kernels, QwenImageBlock, supported
+from omni_ray.dit.families.sdpa_choice import SdpaChoice
 from omni_ray.errors import ConfigError, InvalidRequestError
 
 MASKED = -10000.0             # additive bias of a padded caption token (exp underflows to exactly 0)
@@ -75,6 +76,7 @@ class QwenImageFamily(DiTFamily):
             raise ConfigError("Qwen-Image adapter: a transformer block of an unexpected layout")
         self.kernels = Kernels()
         self.block_fns = [QwenImageBlock(b, self.kernels) for b in self.blocks]
+        self.sdpa = SdpaChoice(cfg.num_attention_heads, cfg.attention_head_dim, device, dtype)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None        # RoPE cos / sin per position
         self._vid_freqs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
@@ -190,6 +192,7 @@ class QwenImageFamily(DiTFamily):
     def embed(self, x, t, ctx, ctx_bias, pooled, shapes=()) -> BlockState:
         tr = self.transformer
         h = tr.img_in(x)                                                        # [B, N, D]
+        self.sdpa.prepare(h.shape[0], ctx.shape[1] + h.shape[1], ctx_bias is not None)   # once per shape (CUDA)
         temb = tr.time_text_embed(t.to(h.dtype) / 1000, h)       # the pipeline passes t / 1000
         return BlockState(x=h, ctx=ctx, ctx_bias=ctx_bias, temb=temb, emb=temb, grid=tuple(shapes[0][1:]),
                           shapes=shapes)
@@ -200,7 +203,13 @@ class QwenImageFamily(DiTFamily):
             lo = sum(self.sp.counts[:self.sp.index])
             n = self.sp.counts[self.sp.index]
             rope = (rope[0][lo:lo + n], rope[1][lo:lo + n], *rope[2:])
-        st.x, st.ctx = self.block_fns[i](st.x, st.ctx, st.ctx_bias, st.temb, rope)
+        # the joint [text | image] attention's kernel, as measured in embed (a sequence-parallel shard of the
+        # image rows finds no measurement: torch's own order)
+        with self.sdpa.context(st.ctx.shape[1] + st.x.shape[1], st.ctx_bias is not None):
+            st.x, st.ctx = self.block_fns[i](st.x, st.ctx, st.ctx_bias, st.temb, rope)
+
+    def set_attention_backend(self, name: str) -> None:
+        self.sdpa.mode = name
 
     def modulated_input(self, st: BlockState) -> torch.Tensor:
         blk = self.blocks[0]

@@ -37,7 +37,7 @@ import re
 import torch
 
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
-from omni_ray.dit.families.wan_attention import SdpaChoice
+from omni_ray.dit.families.sdpa_choice import SdpaChoice
 from omni_ray.dit.families.wan_block import DiffusersBlock, Kernels, WanBlock, per_segment, segments, supported
 from omni_ray.errors import ConfigError, InvalidRequestError
 

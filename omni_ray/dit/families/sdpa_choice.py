@@ -1,0 +1,88 @@
+"""Which of torch's SDPA kernels runs a DiT family's attention (Wan, Qwen-Image): measured on the GPU, not
+assumed.
+
+Video attention is where a Wan step's time goes (14 k tokens at 480p x 33 frames, 33 k at 81 frames);
+Qwen-Image's joint attention runs under an additive caption mask whenever a batch holds captions of
+different lengths. torch ships several fused kernels for ``scaled_dot_product_attention``
+(FlashAttention-2, cuDNN's fused attention, memory-efficient attention) and its default pick is not
+always the fastest on a given GPU and shape: flash takes no mask, so a masked call falls to the
+memory-efficient kernel (on an H100, 16 rows x 1,152 tokens with a caption mask: efficient 129 TFLOP/s,
+cuDNN 398; unmasked: flash 356, cuDNN 660). ``SdpaChoice`` times each candidate once per (token count,
+masked) on the model's own self-attention shape ``[rows, heads, N, head_dim]`` (a few ms, the first time
+a shape is seen) and runs the blocks under ``sdpa_kernel`` with the fastest first (the others stay
+behind it as fallbacks for shapes it cannot take, such as Wan's 512-key cross-attention).
+``attention_backend`` in the engine config forces one (``"default"``: torch's own order).
+``benchmarks/bench_wan.py`` prints the same measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger(__name__)
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+CANDIDATES = ("flash", "cudnn", "efficient")
+
+
+@torch.no_grad()
+def time_backends(rows: int, heads: int, tokens: int, head_dim: int, dtype=torch.bfloat16, device="cuda",
+                  names=CANDIDATES, reps: int = 5, masked: bool = False) -> dict[str, float]:
+    """Milliseconds per self-attention call for each backend that takes the shape (others: inf); ``masked``:
+    under an additive key mask [rows, 1, 1, N] (a caption's padded keys at -inf)."""
+    q, k, v = (torch.randn(rows, heads, tokens, head_dim, dtype=dtype, device=device) for _ in range(3))
+    mask = None
+    if masked:
+        mask = torch.zeros(rows, 1, 1, tokens, dtype=dtype, device=device)
+        mask[..., :max(1, tokens // 16)] = float("-inf")
+    out: dict[str, float] = {}
+    for name in names:
+        try:
+            with sdpa_kernel(BACKENDS[name]):
+                for _ in range(2):
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(reps):
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                end.record()
+                end.synchronize()
+            out[name] = start.elapsed_time(end) / reps
+        except RuntimeError:                  # this backend cannot take the shape / dtype / GPU
+            out[name] = float("inf")
+    return out
+
+
+class SdpaChoice:
+    """The SDPA backend order for a family's blocks, per self-attention token count (and whether a mask is
+    applied)."""
+
+    def __init__(self, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype, mode: str = "auto"):
+        self.heads, self.head_dim, self.device, self.dtype, self.mode = heads, head_dim, device, dtype, mode
+        self.picked: dict[tuple[int, bool], str] = {}      # (tokens, masked) -> backend name
+        self.timings: dict[tuple[int, bool], dict[str, float]] = {}
+
+    def prepare(self, rows: int, tokens: int, masked: bool = False) -> None:
+        """Measure for this token count if not yet (call outside CUDA graph capture)."""
+        key = (tokens, masked)
+        if self.mode != "auto" or self.device.type != "cuda" or key in self.picked:
+            return
+        ms = time_backends(min(rows, 2), self.heads, tokens, self.head_dim, self.dtype, self.device, masked=masked)
+        best = min(ms, key=ms.get)
+        self.picked[key], self.timings[key] = best, ms
+        log.info("SDPA for %d tokens x %d heads%s: %s (%s)", tokens, self.heads, " (masked)" if masked else "",
+                 best, ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+
+    def context(self, tokens: int, masked: bool = False):
+        if self.device.type != "cuda" or self.mode == "default":
+            return contextlib.nullcontext()
+        first = self.mode if self.mode != "auto" else self.picked.get((tokens, masked))
+        if first is None:
+            return contextlib.nullcontext()
+        order = [BACKENDS[first]] + [BACKENDS[n] for n in (*CANDIDATES, "math") if n != first]
+        return sdpa_kernel(order, set_priority=True)

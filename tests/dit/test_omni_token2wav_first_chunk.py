@@ -143,4 +143,5 @@ def test_the_first_chunk_on_cuda_graphs(token2wav_ckpt):
     graphed, eager = (synthesize_chunked(e, codes, "Ethan", params, noise, plan=plan) for e in engines)
     assert engines[0].engine_stats()["cuda_graph_replays"] > 0
     assert [len(p) // HOP for p in graphed] == [len(p) // HOP for p in eager] == [4, 48, 72, 72, 72, 32]
-    assert all(np.abs(p - q).max() < 5e-3 for p, q in zip(graphed, eager))   # measured on an H100 (test_omni_token2wav_graphs)
+    # bound as measured on an H100 (test_omni_token2wav_graphs: the vocoder amplifies mel rounding)
+    assert all(np.abs(p - q).max() < 5e-3 for p, q in zip(graphed, eager))

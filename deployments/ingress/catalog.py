@@ -19,6 +19,7 @@ class Catalog:
         self.created = int(time.time())
         self._tool_parsers: dict[str, str | None] = {}
         self._modalities: dict[str, dict | None] = {}
+        self._requires: dict[str, frozenset | None] = {}
         self._voices: dict[str, list[str] | None] = {}
 
     def model_card(self, key: str) -> dict:
@@ -44,9 +45,16 @@ class Catalog:
                 if self.kinds[key] == "ar" and self._speaks(key):
                     out = sorted({*out, "audio"})
                 self._modalities[key] = {"input": sorted(g.inputs), "output": out}
+                self._requires[key] = g.requires
             except ConfigError:
-                self._modalities[key] = None
+                self._modalities[key] = self._requires[key] = None
         return self._modalities[key]
+
+    def requires(self, key: str) -> frozenset | None:
+        """The inputs the stage's checkpoint cannot go without (a subset of ``modalities``' input: Wan2.2
+        TI2V takes an image, and makes a video from text alone too). None when not readable here."""
+        self.modalities(key)
+        return self._requires[key]
 
     def model_cards(self) -> list[dict]:
         return [self.model_card(k) for k in self.kinds if k not in self.inner]

@@ -167,13 +167,13 @@ class VideoJobs:
 
     async def _first_frame(self, stage: str, body: VideoGenerationRequest):
         param, source = body.first_frame()
-        needs = "image" in ((self.catalog.modalities(stage) or {}).get("input") or [])
+        takes = "image" in ((self.catalog.modalities(stage) or {}).get("input") or [])
         if source is None:
-            if needs:
+            if "image" in (self.catalog.requires(stage) or ()):
                 raise InvalidRequestError(f"model {self.catalog.names[stage]!r} makes a video from an image: give "
                                           "its first frame as input_reference", param="input_reference")
             return None
-        if not needs:
+        if not takes:
             raise InvalidRequestError(f"model {self.catalog.names[stage]!r} takes no input image", param=param)
         return await input_image(source, self.config.app.media, param)
 

@@ -33,3 +33,17 @@ def test_bad_fields_name_themselves(kw, param):
         body.first_frame()
         body.frames(body.frame_rate(16), 4)
     assert e.value.param == param
+
+
+def test_the_catalog_tells_an_optional_first_frame_from_a_required_one():
+    """/v1/videos asks for input_reference only where the checkpoint requires an image (Wan2.1 I2V), not where
+    it only takes one (Wan2.2 TI2V: text alone, or an image's first frame)."""
+    from deployments.ingress.catalog import Catalog
+    from omni_ray.config import OmniConfig
+
+    cfg = OmniConfig.model_validate({"stages": {
+        k: {"kind": "dit", "engine": {"model": {"path": f"tiny:{m}"}}}
+        for k, m in (("t2v", "wan2.1-t2v"), ("i2v", "wan2.1-i2v"), ("ti2v", "wan2.2-ti2v"))}})
+    cat = Catalog(cfg)
+    assert [("image" in cat.modalities(k)["input"], "image" in cat.requires(k)) for k in ("t2v", "i2v", "ti2v")] \
+        == [(False, False), (True, True), (True, False)]

@@ -86,12 +86,12 @@ def test_wan_sequence_parallel_refuses_heads_it_cannot_split():
 
 
 # ----------------------------------------------------------------------------- on Ray
-# T2V under each layout; I2V (36 latent channels, CLIP states in the caption rows) and Wan2.2 (the
-# high- and low-noise experts, switched on every rank at once) under cfg 2 x sequence 2, which runs
-# both kinds of split in one forward (each engine start costs CI ~10 s of worker start-up)
-CASES = [("tiny:wan2.1-t2v", "cfg2"), ("tiny:wan2.1-t2v", "sp2"), ("tiny:wan2.1-t2v", "cfg2xsp2"),
-         ("tiny:wan2.1-i2v", "sp2"), ("tiny:wan2.2-t2v", "sp2"),  # the 4-rank layout once (CI time)
-         ("tiny:wan2.2-ti2v", "sp2")]
+# T2V under CFG parallel and under cfg 2 x sequence 2 (both kinds of split in one forward; the 4-rank
+# layout once, CI time); sequence parallel alone on I2V (36 latent channels, CLIP states in the caption
+# rows), Wan2.2 (the high- and low-noise experts, switched on every rank at once) and TI2V (per-token
+# timesteps split with the shards). Each engine start costs CI ~10 s of worker start-up.
+CASES = [("tiny:wan2.1-t2v", "cfg2"), ("tiny:wan2.1-t2v", "cfg2xsp2"), ("tiny:wan2.1-i2v", "sp2"),
+         ("tiny:wan2.2-t2v", "sp2"), ("tiny:wan2.2-ti2v", "sp2")]
 
 
 @pytest.mark.ray

@@ -475,6 +475,8 @@ class DiTEngine:
             "vae_batches": self.counts["vae_batches"],
             "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs else 0,
             "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
+            "ode_graphs": len(ode.graphs) if (ode := getattr(self.runner.graphs, "ode", None)) else 0,
+            "ode_graph_replays": ode.replays if ode else 0,
             "parallel_ranks": self.parallel.layout.world if self.parallel is not None else 1,
             **({"parallel": self.parallel.describe()} if self.parallel is not None else {}),
         }

@@ -97,15 +97,15 @@ class Token2WavODE:
         number of evaluations (forwards) it ran."""
         fam, first = self.family, reqs[0]
         n, T = len(reqs), max(r.latents.shape[1] for r in reqs)
-        pad = self.forwards.pad
-        Rq = row_bucket(n, self.forwards.max_rows) if pad else None
-        Rq, Tp = (Rq, frame_bucket(T, fam.block_size)) if Rq is not None else (n, T)
+        Rq = row_bucket(n, self.forwards.max_rows) if self.forwards.pad else None
+        padded = Rq is not None
+        Rq, Tp = (Rq, frame_bucket(T, fam.block_size)) if padded else (n, T)
         shape = ODEShape(Rq, Tp, first.num_steps, first.speech.sway_coefficient,
                          first.guidance_scale if first.do_cfg else 0.0, first.do_cfg)
-        io = self._io(shape, first.timesteps, cache=pad)
+        io = self._io(shape, first.timesteps, cache=padded)
         self._fill(io, shape, reqs)
         g = None
-        if self.forwards.capture and pad and shape not in self.failed:
+        if self.forwards.capture and padded and shape not in self.failed:
             g = self.graphs.get(shape) or self._capture(shape, io)
         if g is not None:
             g.graph.replay()

@@ -3,7 +3,8 @@
 CPU: the whole-ODE function (run eagerly, unpadded and padded to the graphs' buckets) equals the step-by-step
 path (``token2wav_whole_ode: false``) within 1e-5 on the mel (fp32): several requests of different lengths
 together with CFG, stream windows of the reference plan and of the low-latency first chunk, groups of different
-(num_steps, guidance) in one engine step; a batch finishes in one engine step; a failed capture falls back.
+(num_steps, guidance) in one engine step, inputs past the graphs' limit beside them on the step path; a batch
+finishes in one engine step; a failed capture falls back.
 GPU (run by the lead): the captured whole ODE equals the eager one within 1e-4, the replay counter moved; bf16 /
 tf32 within the stated tolerance of fp32.
 """
@@ -94,6 +95,31 @@ def test_a_batch_finishes_in_one_engine_step(whole):
     for r, s, p in zip(reqs, speech, params):
         alone = _mels(whole, [s], [p])[0]
         assert (r.images[0] - alone).abs().max() < TOL
+
+
+def test_longer_inputs_than_the_graph_limit_take_the_step_path(whole, stepwise, monkeypatch):
+    """With the graphs' limit at 48 frames, the 74-frame request steps one evaluation per engine step beside the
+    two shorter ones' whole ODE (first step); all three equal the step path."""
+    import omni_ray.dit.token2wav_ode as ode_module
+
+    monkeypatch.setattr(ode_module, "MAX_GRAPH_FRAMES", 48)
+    speech, params = _requests()
+    ref = _mels(stepwise, speech, params)
+    saved = whole.runner.graphs
+    try:
+        ode = _padded(whole)
+        reqs = [whole.add_request(None, p, speech=s, output_type="latent") for s, p in zip(speech, params)]
+        whole.step()
+        assert [r.is_finished for r in reqs] == [True, True, False] and reqs[2].step_idx == 1
+        steps = 1
+        while not reqs[2].is_finished:
+            whole.step()
+            steps += 1
+    finally:
+        whole.runner.graphs = saved
+    assert steps == 4 * (STEPS - 1) and ode.eager_runs == 1
+    assert set(ode.ios) == {ODEShape(2, 48, STEPS, -1.0, 0.5, True)}
+    _close([r.images[0] for r in reqs], ref)
 
 
 def test_stream_windows_equal_the_step_path(whole, stepwise):

@@ -5,12 +5,18 @@ random float32 weights built on the GPU (the reference runs token2wav in float32
 
     python benchmarks/bench_token2wav.py                    # 200 codes (4 s of audio), 10 time points
     python benchmarks/bench_token2wav.py --modes eager graphs --concurrency 1 4 16
+    python benchmarks/bench_token2wav.py --modes graphs forward-graphs bf16 --concurrency 1 16 --window-frames 24 96 144
     python benchmarks/bench_token2wav.py --shape tiny --device cpu      # a smoke run of the script
     python benchmarks/bench_token2wav.py --modes graphs --concurrency 1 --first-chunk-frames ref 24 48
 
-Per engine mode (``eager``: ``cuda_graphs: false``; ``graphs``: whole-forward CUDA graphs per (row bucket,
-frame bucket), omni_ray/dit/token2wav_graphs.py; ``tf32`` / ``bf16``: graphs with ``token2wav_precision``), each
-workload run once to capture its shapes, then timed:
+Per engine mode (``eager``: ``cuda_graphs: false``, each batch's whole ODE run eagerly; ``graphs``: each batch's
+whole ODE as one CUDA graph per (row bucket, frame bucket, steps, sway, guidance), omni_ray/dit/token2wav_ode.py;
+``forward-graphs``: one RK4 evaluation per engine step, whole forwards as CUDA graphs per (row bucket, frame
+bucket), omni_ray/dit/token2wav_graphs.py (``token2wav_whole_ode: false``); ``tf32`` / ``bf16``: ``graphs`` with
+``token2wav_precision``), each workload run once to capture its shapes, then timed:
+
+0. one streamed window's ODE (``--window-frames`` mel frames, N windows at once, the mel only: no vocoder), the
+   median of ``--repeats`` runs: the DiT's share of a stream's first audio;
 
 1. whole utterances at each concurrency (the engine batches their forwards): wall time, RTF per utterance
    (wall seconds per second of one utterance's audio) and aggregate (per second of all the audio);
@@ -74,6 +80,25 @@ def reference(model, voices, codes: torch.Tensor, voice: str, seed: int, steps: 
                      num_steps=steps).reshape(-1)
 
 
+MODES = {"eager": {"cuda_graphs": False}, "graphs": {}, "forward-graphs": {"token2wav_whole_ode": False},
+         "tf32": {"token2wav_precision": "tf32"}, "bf16": {"token2wav_precision": "bf16"}}
+
+
+def window_ode(engine, codes: list, frames: int, n: int, params, repeats: int) -> float:
+    """Median seconds of n stream windows of ``frames`` mel frames synthesized together, to the mel (no vocoder);
+    a first run captures the shape."""
+    fam = engine.family
+    speech = [SpeechInput(codes[i][:frames // fam.repeats], "Chelsie",
+                          noise=torch.randn(frames, fam.mel_dim, generator=torch.Generator().manual_seed(i)))
+              for i in range(n)]
+    times = []
+    for _ in range(repeats + 1):
+        with Timer() as t:
+            engine.generate(params=[params(i) for i in range(n)], speech=speech, output_type="latent", use_tqdm=False)
+        times.append(t.s)
+    return float(np.median(times[1:]))
+
+
 def whole(engine, codes: list, n: int, params) -> tuple[float, list]:
     with Timer() as t:
         waves = engine.generate(params=[params(i) for i in range(n)],
@@ -120,8 +145,10 @@ def main() -> None:
     ap.add_argument("--codes", type=int, default=200)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--modes", nargs="+", choices=["eager", "graphs", "tf32", "bf16"],
-                    default=["eager", "graphs", "tf32", "bf16"])
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=["eager", "graphs", "forward-graphs", "bf16"])
+    ap.add_argument("--window-frames", type=int, nargs="+", default=[24, 96, 144],
+                    help="mel frames of the timed stream windows (default: 24 96 144)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per window shape (median)")
     ap.add_argument("--first-chunk-frames", nargs="+", default=["ref", "24"], metavar="N",
                     help="chunk plans of the streamed rows: ref (Qwen's streaming plan) or the first chunk's mel "
                          "frames (default: ref 24)")
@@ -141,16 +168,20 @@ def main() -> None:
         first_chunk_frames=int(f), first_lookahead_frames=args.first_lookahead_frames))
         for f in args.first_chunk_frames}
 
-    rows, result = [], {"shape": args.shape, "codes": args.codes, "audio_s": audio_s, "steps": args.steps,
+    rows, win_rows, result = [], [], {"shape": args.shape, "codes": args.codes, "audio_s": audio_s, "steps": args.steps,
                         "modes": {}}
     baseline = None
     for mode in args.modes:
         cfg = DiTEngineConfig(model=ModelConfig(path="in-memory"), device=args.device, max_batch_size=top,
-                              cuda_graphs=mode != "eager",
-                              token2wav_precision=mode if mode in ("tf32", "bf16") else "fp32")
+                              **MODES[mode])
         engine = DiTEngine(cfg, family=fam)
         res = result["modes"][mode] = {}
         for n in args.concurrency:
+            for frames in [f for f in args.window_frames if f <= args.codes * fam.repeats]:
+                ms = 1000 * window_ode(engine, codes, frames, n, params, args.repeats)
+                res.setdefault("window_ode_ms", {}).setdefault(f"concurrency_{n}", {})[frames] = ms
+                win_rows.append({"mode": mode, "n": n, "window frames": frames, "window ODE ms": ms,
+                                 "ms per forward": ms / (4 * (args.steps - 1))})
             whole(engine, codes, n, params)                   # capture / warm up this workload's shapes
             t_whole, waves = whole(engine, codes, n, params)
             if n == 1:
@@ -171,7 +202,8 @@ def main() -> None:
                              "stream RTF": t_stream / audio_s, "max |diff| vs whole": quality.get("max_abs_diff", ""),
                              "rel rms diff vs whole": quality.get("rel_rms_diff", "")})
         stats = engine.engine_stats()
-        res["cuda_graphs"], res["cuda_graph_replays"] = stats["cuda_graphs"], stats["cuda_graph_replays"]
+        for k in ("cuda_graphs", "cuda_graph_replays", "ode_graphs", "ode_graph_replays"):
+            res[k] = stats.get(k, 0)
         del engine
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -190,10 +222,12 @@ def main() -> None:
 
     print(f"token2wav {args.shape} on {device_name()}: {args.codes} codes = {audio_s:.1f} s of audio, "
           f"{args.steps} time points ({4 * (args.steps - 1)} forwards); RTF: wall s per s of one utterance's audio")
+    print(table(win_rows, ["mode", "n", "window frames", "window ODE ms", "ms per forward"]))
     print(table(rows, ["mode", "n", "whole s", "whole RTF", "aggregate RTF", "first chunk", "first window codes",
                        "stream first audio ms", "stream RTF", "max |diff| vs whole", "rel rms diff vs whole"]))
     for mode, res in result["modes"].items():
-        print(f"{mode}: {res['cuda_graphs']} graphs, {res['cuda_graph_replays']} replays, max |diff| vs "
+        print(f"{mode}: {res['ode_graphs']} whole-ODE graphs ({res['ode_graph_replays']} replays), "
+              f"{res['cuda_graphs']} forward graphs ({res['cuda_graph_replays']} replays), max |diff| vs "
               f"{args.modes[0]} {res.get('max_abs_diff_vs_first_mode', float('nan')):.2e}")
     path = write_result(f"token2wav_{dev.type}{'_tiny' if args.shape == 'tiny' else ''}.json", result)
     print(f"-> {path}")

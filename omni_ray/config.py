@@ -262,6 +262,10 @@ class DiTEngineConfig(Strict):
         "speech models (Qwen2.5-Omni token2wav): the DiT's matmul precision; fp32: the reference's, tf32: TF32 "
         "matmuls on CUDA (torch's process-wide switch, set while the forward runs), bf16: bfloat16 autocast "
         "(mels within the GPU tests' stated tolerance of fp32)")
+    token2wav_whole_ode: bool = Field(True, description=
+        "speech models: requests at their first evaluation that share num_inference_steps, sway and guidance run "
+        "their whole ODE in one engine step (on CUDA with cuda_graphs: one CUDA graph per shape); false: one RK4 "
+        "evaluation per engine step (whole-forward graphs)")
     token2wav_stream: Token2WavStreamConfig | None = Field(None, description=
         "speech models: the streamed token2wav's first chunk (None: Qwen's streaming plan as it is, 72 mel frames "
         "with 24 of look-ahead: the first audio after 48 codes)")

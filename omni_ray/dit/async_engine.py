@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
@@ -160,8 +161,12 @@ class AsyncDiTEngine:
                     await self._wake.wait()
                     continue
                 events = await loop.run_in_executor(self._executor, self.engine.step)
+                steps = Counter(req for req, kind in events if kind == "progress")     # several: a whole ODE
                 for req, kind in events:
-                    self._emit(req, kind)
+                    step = req.step_idx - steps[req] + 1
+                    if kind == "progress":
+                        steps[req] -= 1
+                    self._emit(req, kind, step)
         except asyncio.CancelledError:
             raise
         except BaseException as err:   # the engine is broken: fail everyone, report unhealthy
@@ -172,12 +177,12 @@ class AsyncDiTEngine:
                 queue.put_nowait(exc)
             self._queues.clear()
 
-    def _emit(self, req: DiTRequest, kind: str) -> None:
+    def _emit(self, req: DiTRequest, kind: str, step: int) -> None:
         queue = self._queues.get(req.request_id)
         if queue is None:
             return
         if kind == "progress":
-            queue.put_nowait(DiTEvent("progress", step=req.step_idx, total=req.total_steps,
+            queue.put_nowait(DiTEvent("progress", step=step, total=req.total_steps,
                                       request_id=req.request_id))
         else:
             queue.put_nowait(DiTEvent("done", step=req.total_steps, total=req.total_steps, images=req.images,

@@ -316,13 +316,15 @@ class DiTEngine:
 
     def _denoise(self, batch: list[DiTRequest]) -> list[tuple[DiTRequest, str]]:
         try:
+            before = {r: r.step_idx for r in batch}
             self.runner.step(batch)
             with self._lock:
                 live = [r for r in batch if r.status is Status.RUNNING]
                 done = [r for r in live if r.is_done]
                 for r in done:
                     self.batcher.remove(r)
-            events = [(r, "progress") for r in live]
+            # one per evaluation: a speech batch's whole ODE (omni_ray/dit/token2wav_ode.py) makes many in a step
+            events = [(r, "progress") for r in live for _ in range(r.step_idx - before[r])]
             videos = [r for r in done if self.family.produces_video and r.output_type != "latent"]
             done = [r for r in done if r not in videos]
             for r in videos:                     # decoded chunk by chunk, from this step on
@@ -475,6 +477,8 @@ class DiTEngine:
             "vae_batches": self.counts["vae_batches"],
             "cuda_graphs": len(self.runner.graphs.graphs) if self.runner.graphs else 0,
             "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
+            "ode_graphs": len(ode.graphs) if (ode := getattr(self.runner.graphs, "ode", None)) else 0,
+            "ode_graph_replays": ode.replays if ode else 0,
             "parallel_ranks": self.parallel.layout.world if self.parallel is not None else 1,
             **({"parallel": self.parallel.describe()} if self.parallel is not None else {}),
         }

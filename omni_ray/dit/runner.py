@@ -53,6 +53,13 @@ class DiTRunner:
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def step(self, reqs: list[DiTRequest]) -> None:
+        ode = getattr(self.graphs, "ode", None)       # speech families: whole ODEs (omni_ray/dit/token2wav_ode.py)
+        if ode is not None:
+            groups, reqs = ode.partition(reqs)
+            for group in groups:
+                self._whole_ode(ode, group)
+            if not reqs:
+                return
         x, t, ctx, bias, pooled = self._inputs(reqs)
         pred = self._transformer(reqs, x, t, ctx, bias, pooled)
         self._scheduler_steps(reqs, pred)
@@ -61,6 +68,21 @@ class DiTRunner:
         s.forwards += 1
         s.rows += rows
         s.images += images
+        s.last_batch_images, s.last_batch_rows, s.last_batch_requests = images, rows, len(reqs)
+        s.max_batch_images = max(s.max_batch_images, images)
+
+    def _whole_ode(self, ode, reqs: list[DiTRequest]) -> None:
+        """Requests at their first evaluation run to their end at once; counted as the forwards they replace."""
+        evals = ode.run(reqs)
+        s, n_blocks = self.stats, len(self.family.blocks)
+        rows, images = sum(r.num_rows for r in reqs), sum(r.num_images for r in reqs)
+        for r in reqs:
+            r.block_evals += n_blocks * evals
+        s.forwards += evals
+        s.rows += rows * evals
+        s.images += images * evals
+        s.block_evals += n_blocks * rows * evals
+        s.block_evals_full += n_blocks * rows * evals
         s.last_batch_images, s.last_batch_rows, s.last_batch_requests = images, rows, len(reqs)
         s.max_batch_images = max(s.max_batch_images, images)
 

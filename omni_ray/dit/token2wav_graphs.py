@@ -81,6 +81,7 @@ class Token2WavGraphs:
         self.pool = None
         self.replays = 0                 # graph replays
         self.padded_eager = 0            # padded forwards run eagerly (capture off, failed or too long)
+        self.ode = None                  # Token2WavODE: whole ODEs in one engine step (omni_ray/dit/token2wav_ode.py)
 
     def _precision(self):
         if self.precision == "bf16":

@@ -168,6 +168,7 @@ def test_async_engine_streams_progress_then_the_waveform(ckpt):
             await eng.shutdown()
     events = asyncio.run(run())
     assert [e.kind for e in events] == ["progress"] * 4 + ["done"]
+    assert [e.step for e in events] == [1, 2, 3, 4, 4]           # one engine step: the whole ODE (token2wav_ode.py)
     assert events[-1].images[0].shape == (6 * 240,)
 
 

@@ -114,7 +114,8 @@ def test_bf16_precision_near_fp32(engine):
 
 # ----------------------------------------------------------------------------------------------- GPU
 def _cuda_engine(ckpt, **kw) -> DiTEngine:
-    return DiTEngine(DiTEngineConfig(model=ModelConfig(path=str(ckpt)), device="cuda", **kw))
+    """One RK4 evaluation per engine step, so the per-forward graphs run (whole ODEs: test_omni_token2wav_ode.py)."""
+    return DiTEngine(DiTEngineConfig(model=ModelConfig(path=str(ckpt)), device="cuda", token2wav_whole_ode=False, **kw))
 
 
 def _gpu_cases():

@@ -210,8 +210,11 @@ def prepare_family(fam: DiTFamily, cfg: DiTEngineConfig, layout: Layout):
         fam.compile()
     if fam.produces_audio:               # speech: whole forwards, graphed per (rows, frames) bucket on CUDA
         from omni_ray.dit.token2wav_graphs import Token2WavGraphs
+        from omni_ray.dit.token2wav_ode import Token2WavODE
         graphed = cfg.cuda_graphs and cuda
-        return Token2WavGraphs(fam, 2 * cfg.max_batch_size, capture=graphed, precision=cfg.token2wav_precision)
+        graphs = Token2WavGraphs(fam, 2 * cfg.max_batch_size, capture=graphed, precision=cfg.token2wav_precision)
+        graphs.ode = Token2WavODE(graphs) if cfg.token2wav_whole_ode else None     # whole ODEs per engine step
+        return graphs
     if cfg.cuda_graphs and cuda and layout.sp == 1:
         from omni_ray.dit.cuda_graphs import GraphedBlocks
         return GraphedBlocks(fam, max_rows=2 * cfg.max_batch_size)

@@ -235,3 +235,19 @@ def test_lean_block_equals_the_diffusers_block(t2v, monkeypatch):
     kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=9, negative_prompt="dull")
     a, b = (gen(e, "a heron", "latent", **kw)[0] for e in (t2v, plain))
     assert (a - b).abs().max() < 1e-5
+
+
+def test_sdpa_choice_falls_back_to_the_nearest_measured_shape():
+    """A CUDA graph pads a caption to its bucket after the kernels were measured on the unpadded length: the
+    choice for the nearest measured token count under the same masking applies; a forced backend always."""
+    from omni_ray.dit.families.sdpa_choice import SdpaChoice
+
+    c = SdpaChoice(24, 128, torch.device("cpu"), torch.bfloat16)
+    assert c.first(1152, True) is None                              # nothing measured: torch's own order
+    c.picked = {(1136, True): "cudnn", (1136, False): "flash", (4200, True): "efficient"}
+    assert [c.first(n, m) for n, m in ((1136, True), (1152, True), (4224, True), (1152, False))] == \
+        ["cudnn", "cudnn", "efficient", "flash"]
+    c.mode = "math"
+    assert c.first(1152, True) == "math"
+    c.mode = "default"
+    assert c.first(1152, True) is None

@@ -192,7 +192,8 @@ class QwenImageFamily(DiTFamily):
     def embed(self, x, t, ctx, ctx_bias, pooled, shapes=()) -> BlockState:
         tr = self.transformer
         h = tr.img_in(x)                                                        # [B, N, D]
-        self.sdpa.prepare(h.shape[0], ctx.shape[1] + h.shape[1], ctx_bias is not None)   # once per shape (CUDA)
+        for masked in {ctx_bias is not None, True}:     # (CUDA graphs pad captions to a bucket under a mask)
+            self.sdpa.prepare(h.shape[0], ctx.shape[1] + h.shape[1], masked)     # once per shape (CUDA)
         temb = tr.time_text_embed(t.to(h.dtype) / 1000, h)       # the pipeline passes t / 1000
         return BlockState(x=h, ctx=ctx, ctx_bias=ctx_bias, temb=temb, emb=temb, grid=tuple(shapes[0][1:]),
                           shapes=shapes)

@@ -78,10 +78,21 @@ class SdpaChoice:
         log.info("SDPA for %d tokens x %d heads%s: %s (%s)", tokens, self.heads, " (masked)" if masked else "",
                  best, ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
 
+    def first(self, tokens: int, masked: bool = False) -> str | None:
+        """The backend to try first: the forced one, the one measured for this shape, else the one measured
+        for the nearest token count under the same masking (a CUDA graph's caption bucket pads the text
+        past the length measured before the capture); None: torch's own order."""
+        if self.mode != "auto":
+            return None if self.mode == "default" else self.mode
+        if (tokens, masked) in self.picked:
+            return self.picked[(tokens, masked)]
+        near = [n for n, m in self.picked if m == masked]
+        return self.picked[(min(near, key=lambda n: abs(n - tokens)), masked)] if near else None
+
     def context(self, tokens: int, masked: bool = False):
         if self.device.type != "cuda" or self.mode == "default":
             return contextlib.nullcontext()
-        first = self.mode if self.mode != "auto" else self.picked.get((tokens, masked))
+        first = self.first(tokens, masked)
         if first is None:
             return contextlib.nullcontext()
         order = [BACKENDS[first]] + [BACKENDS[n] for n in (*CANDIDATES, "math") if n != first]

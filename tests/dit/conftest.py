@@ -75,3 +75,22 @@ def token2wav_ckpt(tmp_path_factory):
     """tiny:qwen2.5-omni's token2wav with spread weights (tests/dit/omni_token2wav_utils.py), built once."""
     from tests.dit.omni_token2wav_utils import spread_checkpoint
     return spread_checkpoint(tmp_path_factory.mktemp("token2wav"))
+
+
+def tiled_decode_pair(vae, z: torch.Tensor, tile: int, stride: int, frames_per_step: int):
+    """(VideoDecode's chunked tiled decode of latents ``z``, the VAE's own ``tiled_decode``) with the VAE's
+    tiles set to ``tile`` / ``stride`` pixels for the call (restored after)."""
+    from omni_ray.dit.video_decode import VideoDecode
+
+    saved = (vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
+             vae.tile_sample_stride_width)
+    try:
+        vae.tile_sample_min_height = vae.tile_sample_min_width = tile
+        vae.tile_sample_stride_height = vae.tile_sample_stride_width = stride
+        job = VideoDecode(vae, z, untiled_max_pixels=32 * 32)
+        while not job.finished:
+            job.step(frames_per_step)
+        return job, vae.tiled_decode(z, return_dict=False)[0]
+    finally:
+        (vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
+         vae.tile_sample_stride_width) = saved

@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 
 from omni_ray.dit import DiffusionParams
-from omni_ray.dit.video_decode import VideoDecode
 from omni_ray.errors import InvalidRequestError
-from tests.dit.conftest import fresh_scheduler, make_engine
+from tests.dit.conftest import fresh_scheduler, make_engine, tiled_decode_pair
 
 TOL = 1e-4        # on [0, 1] frames
 
@@ -176,20 +175,8 @@ def test_abort_while_decoding_frees_it(t2v):
 
 
 def test_tiled_decode_equals_vae(t2v):
-    vae = t2v.family.vae
-    saved = (vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
-             vae.tile_sample_stride_width)
     z = torch.randn(1, 16, 2, 8, 10, generator=torch.Generator().manual_seed(0))   # 2 latent frames: 5 frames
-    try:
-        vae.tile_sample_min_height = vae.tile_sample_min_width = 32
-        vae.tile_sample_stride_height = vae.tile_sample_stride_width = 16
-        job = VideoDecode(vae, z, untiled_max_pixels=32 * 32)
-        while not job.finished:
-            job.step(2)
-        ref = vae.tiled_decode(z, return_dict=False)[0]
-    finally:
-        (vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
-         vae.tile_sample_stride_width) = saved
+    job, ref = tiled_decode_pair(t2v.family.vae, z, tile=32, stride=16, frames_per_step=2)
     assert job.tiled and len(job.grid) * len(job.grid[0]) == 20
     assert job.result().shape == ref.shape == (1, 3, 5, 64, 80) and torch.equal(job.result(), ref)
 

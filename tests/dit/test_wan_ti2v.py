@@ -10,7 +10,7 @@ from PIL import Image
 
 from omni_ray.dit import DiffusionParams
 from omni_ray.errors import InvalidRequestError
-from tests.dit.conftest import fresh_scheduler, make_engine
+from tests.dit.conftest import fresh_scheduler, make_engine, tiled_decode_pair
 
 TOL = 1e-4        # on [0, 1] frames
 SIZE = dict(height=64, width=96, num_frames=5)
@@ -117,22 +117,9 @@ def test_lean_block_equals_the_diffusers_block(ti2v, first_frame, monkeypatch):
 
 def test_tiled_decode_equals_the_wan22_vae(ti2v):
     """Sizes above 480p (its 704 x 1280 default) decode in tiles: with the Wan2.2 VAE's 2 x 2 patches too."""
-    from omni_ray.dit.video_decode import VideoDecode
-
     vae = ti2v.family.vae
-    saved = (vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
-             vae.tile_sample_stride_width)
     z = torch.randn(1, vae.config.z_dim, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    try:
-        vae.tile_sample_min_height = vae.tile_sample_min_width = 64
-        vae.tile_sample_stride_height = vae.tile_sample_stride_width = 32
-        job = VideoDecode(vae, z, untiled_max_pixels=32 * 32)
-        while not job.finished:
-            job.step(1)
-        ref = vae.tiled_decode(z, return_dict=False)[0]
-    finally:
-        (vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
-         vae.tile_sample_stride_width) = saved
+    job, ref = tiled_decode_pair(vae, z, tile=64, stride=32, frames_per_step=1)
     assert job.tiled and len(job.grid) * len(job.grid[0]) == 4
     assert job.result().shape == ref.shape == (1, 3, 5, 64, 64) and torch.equal(job.result(), ref)
 

@@ -53,7 +53,7 @@ MARKS = ("thinker_first_token", "talker_first_code", "first_window_codes", "firs
 
 
 def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
-                lookahead: int, precision: str = "fp32") -> dict:
+                lookahead: int, precision: str = "fp32", thinker_core: str = "off") -> dict:
     """The thinker and talker stages on one checkpoint, a token2wav stage per chunk plan (``plans``: None, the
     reference's, or the first chunk's mel frames) and a graph pipeline through each (``speech-<plan>``). On
     the GPU the KV caches are sized for ``concurrency`` requests (not a share of the GPU's memory: the stages
@@ -68,7 +68,8 @@ def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len
                 "scheduler": {"max_num_seqs": max(32, concurrency), "max_model_len": n_len}}
 
     stages = {
-        "thinker": {"kind": "ar", "engine": {"model": {"path": path}} | ar | sized(max_len)},
+        "thinker": {"kind": "ar", "engine": {"model": {"path": path}, "core_process": thinker_core} | ar
+                    | sized(max_len)},
         "talker": {"kind": "ar", "engine": {"model": {"path": path, "submodel": "talker"}} | ar | sized(talker_len)},
     }
     pipelines = {}
@@ -185,6 +186,9 @@ def main() -> None:
     ap.add_argument("--first-lookahead-frames", type=int, default=0, help="the first chunks' look-ahead (default 0)")
     ap.add_argument("--token2wav-precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                     help="token2wav's DiT matmuls (fp32: the reference's)")
+    ap.add_argument("--thinker-core-process", choices=["off", "on"], default="off",
+                    help="step the thinker's engine in a child process (its own interpreter, not a thread of "
+                         "this one; the talker's core stays a thread: fed rows go straight into its requests)")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -200,7 +204,8 @@ def main() -> None:
     path = str(resolve_model(args.model or ("tiny:qwen2.5-omni" if args.tiny else "shape:qwen2.5-omni-7b")))
     t_build = time.perf_counter()
     llm = OmniLLM(omni_config(path, gpu, max(levels), max_len=1024, talker_len=1024 + codes, plans=plans,
-                              lookahead=args.first_lookahead_frames, precision=args.token2wav_precision))
+                              lookahead=args.first_lookahead_frames, precision=args.token2wav_precision,
+                              thinker_core=args.thinker_core_process))
     for plan in plans:                                               # builds and warms the engines (a short one)
         run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed, f"speech-{label(plan)}")
     print(f"engines up and warm in {time.perf_counter() - t_build:.1f} s")

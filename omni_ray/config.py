@@ -488,9 +488,10 @@ class PipelineConfig(Strict):
     steps: list[PipelineStep] = Field(default_factory=list, description="the stages in order")
     graph: PipelineGraph | None = Field(None, description="the stage graph of a stage's checkpoint, instead of steps")
     description: str = Field("", description="shown by GET /v1/pipelines")
-    image: Literal["none", "required"] = Field("none", description=(
-        "the request's input image (image edit): required goes to every step of the pipeline (the AR text "
-        "encoder's vision tower, the DiT's VAE); none refuses one. A graph pipeline: its checkpoint's"))
+    image: Literal["none", "optional", "required"] = Field("none", description=(
+        "the request's input image (image edit, image-to-video): required goes to every step of the pipeline "
+        "(the AR text encoder's vision tower, the DiT's VAE); optional: taken when given (Wan2.2 TI2V: a first "
+        "frame, or text alone); none refuses one. A graph pipeline: its checkpoint's"))
 
     @model_validator(mode="after")
     def _steps_or_graph(self):

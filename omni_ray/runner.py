@@ -184,7 +184,8 @@ def negative_prompt_for(i: int, pipeline: PipelineConfig, kinds: Mapping[str, st
 
 
 def check_image(name: str, pipeline: PipelineConfig, image: Any) -> None:
-    """A pipeline that needs an input image gets one; one that takes none gets none (400 naming ``image``)."""
+    """A pipeline that needs an input image gets one; one that takes none gets none; optional: either (400 naming
+    ``image``)."""
     if pipeline.image == "required" and image is None:
         raise InvalidRequestError(f"{name} edits an image: give the input image (POST /v1/images/edits, "
                                   "or `image` of a pipeline request)", param="image")

@@ -73,6 +73,27 @@ def test_wan_graphs_take_the_first_frame_their_checkpoint_takes():
                                    ("tiny:wan2.2-ti2v", {"text", "image"}, {"text"})]:
         g = graph_for(spec)
         assert (g.roles, g.inputs, g.requires, g.outputs) == (("denoiser",), inputs, requires, {"video"}), spec
+    # their pipelines: the image required, refused, or taken when given
+    assert [graph_for(s).pipeline({"denoiser": "v"}).image for s in ("tiny:wan2.1-t2v", "tiny:wan2.1-i2v",
+                                                                     "tiny:wan2.2-ti2v")] == \
+        ["none", "required", "optional"]
+
+
+def test_a_pipeline_checks_its_input_image():
+    from omni_ray.config import PipelineConfig, PipelineStep
+    from omni_ray.errors import InvalidRequestError
+    from omni_ray.runner import check_image
+
+    step = [PipelineStep(stage="v", input="prompt", output="videos")]
+    for image, ok in (("none", (False,)), ("optional", (False, True)), ("required", (True,))):
+        for given in (False, True):
+            pipe = PipelineConfig(steps=step, image=image)
+            if given in ok:
+                check_image("p", pipe, object() if given else None)
+            else:
+                with pytest.raises(InvalidRequestError) as err:
+                    check_image("p", pipe, object() if given else None)
+                assert err.value.param == "image"
 
 
 def test_the_default_apps_graph_pipelines_expand_to_their_steps():

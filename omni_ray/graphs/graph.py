@@ -60,8 +60,11 @@ class StageGraph:
                 raise ConfigError(f"{self.architecture}: stage {n.role} hands over {n.takes} -> {n.gives}, "
                                   "which the pipeline runner does not carry yet")
             steps.append(PipelineStep(stage=stages[n.role], input=n.takes, output=gives, encoding=n.encoding))
-        # the runner carries a request's image to every step: only for graphs that need one (edit);
-        # a VL model's optional images come through chat content parts, not pipelines
-        return PipelineConfig(steps=steps, image="required" if "image" in self.requires else "none",
+        # the runner carries a request's image to every step: for graphs that need one (edit, Wan2.1 I2V), or
+        # take one in their DiT alone (Wan2.2 TI2V's first frame); a VL model's optional images come through
+        # chat content parts, not pipelines
+        image = "required" if "image" in self.requires else \
+            "optional" if "image" in self.inputs and all(n.engine == "dit" for n in self.nodes) else "none"
+        return PipelineConfig(steps=steps, image=image,
                               description=description or f"{self.architecture}: "
                               + " -> ".join(f"{n.role} ({n.engine})" for n in self.nodes))

@@ -26,18 +26,13 @@ STEPS = 3                      # time points: 2 RK4 intervals, 8 forwards (the r
 
 
 @pytest.fixture(scope="module")
-def ckpt(token2wav_ckpt):
-    return token2wav_ckpt
+def engine(token2wav_ckpt):
+    return make_engine(str(token2wav_ckpt))
 
 
 @pytest.fixture(scope="module")
-def engine(ckpt):
-    return make_engine(str(ckpt))
-
-
-@pytest.fixture(scope="module")
-def reference(ckpt):
-    return reference_token2wav(ckpt)
+def reference(token2wav_ckpt):
+    return reference_token2wav(token2wav_ckpt)
 
 
 def test_rk4_stepper_equals_reference_solver():
@@ -153,9 +148,9 @@ def test_loads_the_omni_checkpoint_as_transformers_does():
     assert (mel - ref_mel).abs().max() < TOL
 
 
-def test_async_engine_streams_progress_then_the_waveform(ckpt):
+def test_async_engine_streams_progress_then_the_waveform(token2wav_ckpt):
     async def run():
-        eng = AsyncDiTEngine(str(ckpt), device="cpu")
+        eng = AsyncDiTEngine(str(token2wav_ckpt), device="cpu")
         try:
             events = [ev async for ev in eng.generate(None, DiffusionParams(seed=0, num_inference_steps=2), "sp-1",
                                                       speech=SpeechInput([1, 2, 3], "Chelsie"))]
@@ -174,13 +169,13 @@ def test_async_engine_streams_progress_then_the_waveform(ckpt):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_equals_transformers_on_cuda(ckpt):
+def test_cuda_equals_transformers_on_cuda(token2wav_ckpt):
     """The same on the GPU (float32 both sides; tolerance 1e-4: cuDNN / SDPA kernels of other batch shapes)."""
     from omni_ray.config import DiTEngineConfig, ModelConfig
     from omni_ray.dit import DiTEngine
 
-    eng = DiTEngine(DiTEngineConfig(model=ModelConfig(path=str(ckpt)), device="cuda"))
-    model, voices = reference_token2wav(ckpt)
+    eng = DiTEngine(DiTEngineConfig(model=ModelConfig(path=str(token2wav_ckpt)), device="cuda"))
+    model, voices = reference_token2wav(token2wav_ckpt)
     model = model.cuda()
     voices = {k: {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in v.items()} for k, v in voices.items()}
     speech = [SpeechInput(random_codes(n, n), "Ethan") for n in (8, 14)]

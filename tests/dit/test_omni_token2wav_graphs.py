@@ -21,13 +21,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def ckpt(token2wav_ckpt):
-    return token2wav_ckpt
-
-
-@pytest.fixture(scope="module")
-def engine(ckpt):
-    return make_engine(str(ckpt))
+def engine(token2wav_ckpt):
+    return make_engine(str(token2wav_ckpt))
 
 
 def _mels(engine, speech, seeds):
@@ -115,7 +110,8 @@ def test_bf16_precision_near_fp32(engine):
 # ----------------------------------------------------------------------------------------------- GPU
 def _cuda_engine(ckpt, **kw) -> DiTEngine:
     """One RK4 evaluation per engine step, so the per-forward graphs run (whole ODEs: test_omni_token2wav_ode.py)."""
-    return DiTEngine(DiTEngineConfig(model=ModelConfig(path=str(ckpt)), device="cuda", token2wav_whole_ode=False, **kw))
+    return DiTEngine(DiTEngineConfig(model=ModelConfig(path=str(ckpt)), device="cuda", token2wav_whole_ode=False,
+                                     **kw))
 
 
 def _gpu_cases():
@@ -126,9 +122,9 @@ def _gpu_cases():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_equal_eager(ckpt):
+def test_cuda_graphs_equal_eager(token2wav_ckpt):
     """Whole utterances (4 requests batched, and one alone) and stream windows: graphs vs eager on CUDA."""
-    graphed, eager = _cuda_engine(ckpt), _cuda_engine(ckpt, cuda_graphs=False)
+    graphed, eager = _cuda_engine(token2wav_ckpt), _cuda_engine(token2wav_ckpt, cuda_graphs=False)
     speech, seeds = _gpu_cases()
     for n in (len(speech), 1):
         g = _mels(graphed, speech[:n], seeds[:n])
@@ -154,10 +150,10 @@ def test_cuda_graphs_equal_eager(ckpt):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
-def test_lower_precision_mels_near_fp32(ckpt, precision):
+def test_lower_precision_mels_near_fp32(token2wav_ckpt, precision):
     """token2wav_precision bf16 / tf32 (graphed) against fp32: relative rms of the mel difference below 1e-2
     (bf16: ~3.3e-3 measured on the CPU, 8 bits of mantissa over 2 layers x 8 forwards; TF32 keeps 11)."""
-    low, fp32 = _cuda_engine(ckpt, token2wav_precision=precision), _cuda_engine(ckpt)
+    low, fp32 = _cuda_engine(token2wav_ckpt, token2wav_precision=precision), _cuda_engine(token2wav_ckpt)
     speech, seeds = _gpu_cases()
     for a, b in zip(_mels(low, speech, seeds), _mels(fp32, speech, seeds)):
         assert a.dtype == torch.float32

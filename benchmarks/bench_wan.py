@@ -121,6 +121,9 @@ def random_states(n: int, seed: int, dim: int) -> list[torch.Tensor]:
     return out
 
 
+SECTIONS = ("sdpa", "latency", "diffusers", "concurrent", "cache")
+
+
 # ----------------------------------------------------------------------------- runs
 def run_engine(engine: DiTEngine, shape: Shape, pos: list, neg: list, frames: int, steps: int, seeds: list[int],
                cache=None, output_type: str = "np") -> list:
@@ -186,6 +189,7 @@ def bench_concurrent(model, engine, shape, pos, neg, frames_list, steps, peak, l
     rows = []
     for frames in frames_list:
         seeds = list(range(n))
+        run_engine(engine, shape, pos, neg, frames, 2, seeds, output_type="latent")   # warm up: this batch's graphs
         with Timer() as t_lat:                        # denoising only: the transformer's FLOP rate
             run_engine(engine, shape, pos, neg, frames, steps, seeds, output_type="latent")
         with Timer() as t_vid:
@@ -247,6 +251,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's transformer blocks")
     ap.add_argument("--no-graphs", action="store_true", help="run the engine's blocks without CUDA graphs")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                    help="what to run (default: all; latency is what 'concurrent' compares with diffusers)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_wan needs a CUDA GPU")
@@ -263,7 +269,8 @@ def main() -> None:
     for model in models:
         shape = MODELS[model]
         cfg = shape.cfg
-        result["sdpa"] += bench_sdpa(model, shape, frames_list)
+        if "sdpa" in a.sections:
+            result["sdpa"] += bench_sdpa(model, shape, frames_list)
         with Timer() as tb:
             comps = build_components(shape)
         print(f"built Wan {model} transformer + VAE in memory: {tb.s:.1f} s, "
@@ -273,12 +280,14 @@ def main() -> None:
         engine = DiTEngine.from_components("WanPipeline", comps, ecfg)
         pipe = make_pipeline(comps, shape)
         pos, neg = random_states(4, 1, cfg["text_dim"]), random_states(4, 2, cfg["text_dim"])
-        lat = bench_latency(model, engine, pipe, shape, pos, neg, frames_list, steps)
+        lat = bench_latency(model, engine, pipe, shape, pos, neg, frames_list, steps) if "latency" in a.sections else []
         result["latency"] += lat
-        result["diffusers_transformer"] += [bench_diffusers_transformer(model, pipe, shape, pos, neg, f, peak)
-                                            for f in frames_list]
-        result["concurrent"] += bench_concurrent(model, engine, shape, pos, neg, frames_list, steps, peak, lat)
-        if model == "1.3b":            # TeaCache: the 1.3B polynomial (TeaCache4Wan2.1 suggests 0.05 - 0.08)
+        if "diffusers" in a.sections:
+            result["diffusers_transformer"] += [bench_diffusers_transformer(model, pipe, shape, pos, neg, f, peak)
+                                                for f in frames_list]
+        if "concurrent" in a.sections:
+            result["concurrent"] += bench_concurrent(model, engine, shape, pos, neg, frames_list, steps, peak, lat)
+        if model == "1.3b" and "cache" in a.sections:   # TeaCache4Wan2.1 suggests 0.05 - 0.08 for 1.3B
             methods = [("teacache", 0.08), ("fbcache", 0.1)] if a.quick else \
                 [("teacache", 0.05), ("teacache", 0.08), ("teacache", 0.2), ("fbcache", 0.05), ("fbcache", 0.1)]
             result["step_cache"] += bench_cache(model, engine, shape, pos, neg, frames_list[0], steps, methods)

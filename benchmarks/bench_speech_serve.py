@@ -41,8 +41,10 @@ STAGES = ("thinker", "talker", "t2w")
 PIPE = "speech"
 
 
-def omni_config(path: str, gpu: bool, concurrency: int, text_tokens: int, codes: int) -> dict:
-    """The three stages on one checkpoint, each one deployment (one replica), and the graph pipeline."""
+def omni_config(path: str, gpu: bool, concurrency: int, text_tokens: int, codes: int, first_chunk: int | None = None,
+                precision: str = "fp32") -> dict:
+    """The three stages on one checkpoint, each one deployment (one replica), and the graph pipeline; token2wav's
+    first chunk (``first_chunk`` mel frames, None: Qwen's plan) and forward precision as given."""
     ar: dict = {"device": "cuda" if gpu else "cpu", "enforce_eager": not gpu}
 
     def sized(n_len: int) -> dict:
@@ -58,7 +60,9 @@ def omni_config(path: str, gpu: bool, concurrency: int, text_tokens: int, codes:
         "talker": {"kind": "ar", "engine": {"model": {"path": path, "submodel": "talker"}} | ar
                    | sized(prompt_len + codes + 8)},
         "t2w": {"kind": "dit", "engine": {"model": {"path": path}, "device": ar["device"],
-                                          "max_batch_size": max(8, concurrency)}},
+                                          "max_batch_size": max(8, concurrency), "token2wav_precision": precision}
+                | ({"token2wav_stream": {"first_chunk_frames": first_chunk, "first_lookahead_frames": 0}}
+                   if first_chunk else {})},
     }
     for k, s in stages.items():
         s["deployment"] = dep | ({"num_gpus": share[k]} if gpu else {})
@@ -183,6 +187,11 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 16 (tiny 1 2)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--first-chunk-frames", default="24", metavar="N",
+                   help="token2wav's first chunk in mel frames, or 'ref' for Qwen's plan (default 24, as "
+                        "serve_config.gpu.yaml)")
+    p.add_argument("--token2wav-precision", choices=["fp32", "tf32", "bf16"], default=None,
+                   help="token2wav's forward precision (default: bf16 on the GPU as serve_config.gpu.yaml, fp32 tiny)")
     a = p.parse_args()
     a.model = a.model or ("tiny:qwen2.5-omni" if a.tiny else "shape:qwen2.5-omni-7b")
     a.text_tokens = a.text_tokens or (8 if a.tiny else 64)
@@ -191,7 +200,9 @@ def main() -> None:
     a.concurrency = a.concurrency or ([1, 2] if a.tiny else [1, 16])
     if a.tiny:
         a.repeats = min(a.repeats, 2)
-    cfg = omni_config(a.model, not a.tiny, max(a.concurrency), a.text_tokens, a.codes)
+    a.token2wav_precision = a.token2wav_precision or ("fp32" if a.tiny else "bf16")
+    first = None if a.first_chunk_frames == "ref" else int(a.first_chunk_frames)
+    cfg = omni_config(a.model, not a.tiny, max(a.concurrency), a.text_tokens, a.codes, first, a.token2wav_precision)
 
     rows = serve_rows(cfg, a)
     if not a.skip_offline:
@@ -200,6 +211,7 @@ def main() -> None:
     name = "speech_serve_cpu_tiny.json" if a.tiny else "speech_serve_gpu.json"
     path = write_result(name, {"model": a.model,
                                "text_tokens": a.text_tokens, "codes": a.codes, "steps": a.steps,
+                               "first_chunk_frames": a.first_chunk_frames, "token2wav_precision": a.token2wav_precision,
                                "codec_hz": CODEC_HZ, "rows": rows})
     print(f"wrote {path}")
 

@@ -27,6 +27,7 @@ import torch
 from omni_ray.config import ARStageConfig, EncoderStageConfig, OmniConfig, load_app_config
 from omni_ray.errors import EngineError, InvalidRequestError, ModelNotFoundError
 from omni_ray.graphs import architecture_of, expand_pipelines
+from omni_ray.heap import freeze_startup_heap
 from omni_ray.media.images import load_image
 from omni_ray.rules import check_text
 from omni_ray.runner import StageArgs, check_image, run_pipeline
@@ -188,6 +189,7 @@ class _Stages:
                     from omni_ray.stages.dit import DiTStageEngine
                     stage = DiTStageEngine(cfg.engine)
                 stage.start()
+                freeze_startup_heap()             # its modules: no full collection walks them mid-request
                 self._stages[name] = stage
             return self._stages[name]
 

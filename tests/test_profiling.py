@@ -53,3 +53,13 @@ def test_busy_share_counts_overlapping_runs_once(tmp_path):
     path.write_text("\n".join(json.dumps(step | {"t": 100 + t, "dt": dt}) for t, dt in spans))
     tl = engine_timeline(str(path), 100.0, 2, 100.05)
     assert tl["busy_share"] == round(0.028 / 0.040, 3) and tl["steps"] == 3
+
+
+def test_frozen_startup_heap_is_skipped_by_full_collections():
+    from omni_ray.heap import freeze_startup_heap
+
+    built = [[i] for i in range(20_000)]          # a start-up heap's tracked objects
+    before = gc.get_freeze_count()
+    freeze_startup_heap()                          # (left frozen: what every engine process does)
+    assert gc.get_freeze_count() >= before + len(built)
+    assert not any(x is built for x in gc.get_objects(generation=2))     # out of the oldest generation

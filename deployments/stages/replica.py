@@ -21,6 +21,7 @@ from typing import AsyncIterator, Awaitable, TypeVar
 
 from omni_ray.config import MetricsConfig, validate
 from omni_ray.errors import OmniError, is_client_error
+from omni_ray.heap import freeze_startup_heap
 from omni_ray.logs import install_request_id_filter
 from omni_ray.metrics import StageMetrics
 
@@ -77,6 +78,7 @@ class StageReplica:
         install_quiet_probes()
         self.metrics = StageMetrics(self.stage, model, replica_id(), cfg)
         self.metrics.start_sampling(self.engine.stats)
+        freeze_startup_heap()                     # the replica is built: its engine's heap stays out of collections
         return self.metrics
 
     def stats(self) -> dict:

@@ -20,7 +20,6 @@ keeps the engine in-process (CPU, tensor parallelism, whose Ray worker actors ra
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import pickle
@@ -43,6 +42,7 @@ from omni_ray.ar.sequence import Sequence
 from omni_ray.capture_lock import capture_lock
 from omni_ray.config import AREngineConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
+from omni_ray.heap import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 SLOW_STEP_S = 0.2          # a step slower than this is logged (a compile, an allocation, a stuck host)
@@ -416,8 +416,7 @@ def _serve_child(fd: int) -> None:
         send(("failed", err if isinstance(err, OmniError) else repr(err)))
         return
     core = CoreLoop(engine)
-    gc.collect()
-    gc.freeze()             # the start-up heap (torch, the model): never walked again by a full collection
+    freeze_startup_heap()           # torch, the model: never walked again by a full collection
     send(("ready", engine.engine_stats(), engine.max_model_len))
     emit, done = _sender(send) if config.core_send_thread else (send, lambda: None)
     try:

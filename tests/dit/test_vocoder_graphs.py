@@ -82,8 +82,9 @@ def test_cpu_engine_vocodes_eagerly_as_before(engine):
     runs = voc.eager_runs
     waves = engine.generate(params=params, speech=speech, use_tqdm=False)
     assert voc.eager_runs == runs + 2                       # one batch per mel length (20 and 26 frames)
-    for w, m in zip(waves, mels):
-        assert torch.equal(torch.from_numpy(w), fam.vae(m.T[None]).reshape(-1))
+    pair = fam.vae(torch.stack(mels[:2]).permute(0, 2, 1))              # today's decode: the batch of equal lengths
+    for w, ref in zip(waves, [*pair, fam.vae(mels[2].T[None])]):
+        assert torch.equal(torch.from_numpy(w), ref.reshape(-1))
     batched = VocoderBatcher(SimpleNamespace(engine=engine), max_batch=8)._decode_all(mels)
     assert voc.eager_runs == runs + 4
     for b, w in zip(batched, waves):
@@ -100,7 +101,6 @@ def test_shape_budget():
     for n in range(b.max_seen + 1):                                                 # sightings are bounded
         b.sight((1, 1000 + n), held=False)
     assert len(b.seen) == b.max_seen and (2, 112) not in b.seen
-    assert not ShapeBudget(max_graphs=0).sight((1, 1), held=False) or True
     zero = ShapeBudget(max_graphs=0)
     assert not zero.sight((1, 1), held=False) and not zero.sight((1, 1), held=False)
 
@@ -113,35 +113,35 @@ def test_padded_rows_exact_lengths_and_lru(engine):
     voc = CPUGraphs(fam, max_rows=8, capture=True, max_graphs=2)
     saved, fam.vocoder_graphs = fam.vocoder_graphs, voc
     try:
-        a, b = _mels(3, 20, 1), _mels(3, 20, 2)
+        a, b = _mels(3, 8, 1), _mels(3, 8, 2)
         first = fam.decode(a)                                # seen once: eager
         assert voc.eager_runs == 1 and not voc.graphs
         second = fam.decode(a)                               # seen twice: captured (4-row bucket) and replayed
-        assert list(voc.graphs) == [(4, 20)] and voc.replays == 1 and voc.captures == 1
+        assert list(voc.graphs) == [(4, 8)] and voc.replays == 1 and voc.captures == 1
         alone = _alone(fam, a)
         assert (second - alone).abs().max() < 1e-5 and (first - alone).abs().max() < 1e-5
         other = fam.decode(b)
         assert voc.replays == 2 and (other - _alone(fam, b)).abs().max() < 1e-5
         assert torch.equal(second, fam.decode(a))            # unchanged by the replay of b
-        assert voc.graphs[(4, 20)].mel[3].abs().max() == 0   # the padded row: zeros
+        assert voc.graphs[(4, 8)].mel[3].abs().max() == 0    # the padded row: zeros
 
-        c = _mels(1, 21, 3)                                  # one frame longer: a shape of its own (never padded)
+        c = _mels(1, 9, 3)                                  # one frame longer: a shape of its own (never padded)
         fam.decode(c)
         assert (fam.decode(c) - _alone(fam, c)).abs().max() < 1e-5
-        assert list(voc.graphs) == [(4, 20), (1, 21)]
-        fam.decode(a)                                        # (4, 20) most recently used
-        d = _mels(5, 20, 4)                                  # 8-row bucket: captured, drops (1, 21)
+        assert list(voc.graphs) == [(4, 8), (1, 9)]
+        fam.decode(a)                                        # (4, 8) most recently used
+        d = _mels(5, 8, 4)                                   # 8-row bucket: captured, drops (1, 9)
         fam.decode(d)
         fam.decode(d)
-        assert list(voc.graphs) == [(4, 20), (8, 20)] and voc.captures == 3
+        assert list(voc.graphs) == [(4, 8), (8, 8)] and voc.captures == 3
         stats = engine.engine_stats()
         assert stats["vocoder_graphs"] == 2 and stats["vocoder_graph_replays"] == voc.replays == 6
 
-        eager = voc.eager_runs
-        for m in (_mels(9, 4, 5), _mels(1, MAX_GRAPH_FRAMES + 1, 6)):   # past the rows' bucket / the length bound
-            fam.decode(m)
-            fam.decode(m)
-        assert voc.eager_runs == eager + 4 and voc.captures == 3
+        assert voc.key(9, 4) is None and voc.key(1, MAX_GRAPH_FRAMES + 1) is None   # past the bucket / length bound
+        assert voc.key(8, MAX_GRAPH_FRAMES) == (8, MAX_GRAPH_FRAMES)
+        eager, m = voc.eager_runs, _mels(9, 4, 5)
+        assert (fam.decode(m) - fam.decode(m)).abs().max() == 0
+        assert voc.eager_runs == eager + 2 and voc.captures == 3
     finally:
         fam.vocoder_graphs = saved
 
@@ -168,10 +168,10 @@ def test_warmup_captures_the_plans_lengths(engine):
 def test_a_failed_capture_runs_eagerly(engine, caplog):
     fam = engine.family
     voc = FailingGraphs(fam, max_rows=8, capture=True)
-    mel = _mels(2, 30, 8)
+    mel = _mels(2, 6, 8)
     with caplog.at_level(logging.WARNING, logger="omni_ray.dit.vocoder_graphs"):
         outs = [voc.decode(mel) for _ in range(3)]
-    assert voc.failed == {(2, 30)} and not voc.graphs and voc.replays == 0 and voc.eager_runs == 3
+    assert voc.failed == {(2, 6)} and not voc.graphs and voc.replays == 0 and voc.eager_runs == 3
     assert len([r for r in caplog.records if "capture failed" in r.getMessage()]) == 1     # tried once
     for o in outs:
         assert torch.equal(o, fam.vae(mel.permute(0, 2, 1)).reshape(2, -1))
@@ -181,7 +181,7 @@ def test_bf16_vocoder_runs_in_bf16(engine):
     """``token2wav_vocoder_precision: bf16`` on the CPU: float32 samples, measurably not fp32's (relative rms
     ~6e-2 on this checkpoint's spread weights: why fp32 stays the default)."""
     fam = engine.family
-    mel = _mels(2, 40, 9)
+    mel = _mels(1, 12, 9)
     fp32 = _alone(fam, mel)
     bf16 = VocoderGraphs(fam, max_rows=8, capture=False, precision="bf16").decode(mel)
     rel = float(((bf16 - fp32).pow(2).mean() / fp32.pow(2).mean()).sqrt())

@@ -163,6 +163,8 @@ def test_warmup_captures_the_plans_lengths(engine):
     mel = _mels(1, 112, 7)
     assert (voc.decode(mel) - _alone(fam, mel)).abs().max() < 1e-5 and voc.replays == 1 and voc.eager_runs == 0
     assert VocoderGraphs(fam, max_rows=8, capture=False).warmup([24]) == 0          # the CPU engine's: eager
+    off = CPUGraphs(fam, max_rows=8, capture=True, max_graphs=0)                    # token2wav_vocoder_graphs: 0
+    assert off.warmup([24]) == 0 and off.key(1, 24) is None
 
 
 def test_a_failed_capture_runs_eagerly(engine, caplog):

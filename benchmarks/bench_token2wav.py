@@ -8,6 +8,13 @@ random float32 weights built on the GPU (the reference runs token2wav in float32
     python benchmarks/bench_token2wav.py --modes graphs forward-graphs bf16 --concurrency 1 16 --window-frames 24 96 144
     python benchmarks/bench_token2wav.py --shape tiny --device cpu      # a smoke run of the script
     python benchmarks/bench_token2wav.py --modes graphs --concurrency 1 --first-chunk-frames ref 24 48
+    python benchmarks/bench_token2wav.py --vocoder-only --vocoder-batch 1 4 8      # the vocoder section alone
+
+V. the vocoder (BigVGAN) alone, first (quick: < 1 minute on an H100): per mel length (``--vocoder-frames``; default:
+   the lengths the chunk plans of ``--first-chunk-frames`` vocode every non-last chunk at, e.g. 24 72 112) and batch
+   size (``--vocoder-batch``), eager (transformers' forward) vs CUDA graphs (omni_ray/dit/vocoder_graphs.py) in fp32
+   and bf16: ms per call and per mel, the capture's time, the graphs' max |diff| to eager and bf16's relative rms
+   to fp32 (benchmarks/token2wav_vocoder.py); ``--no-vocoder`` skips it, ``--vocoder-only`` runs it alone.
 
 Per engine mode (``eager``: ``cuda_graphs: false``, each batch's whole ODE run eagerly; ``graphs``: each batch's
 whole ODE as one CUDA graph per (row bucket, frame bucket, steps, sway, guidance), omni_ray/dit/token2wav_ode.py;
@@ -28,13 +35,16 @@ bucket), omni_ray/dit/token2wav_graphs.py (``token2wav_whole_ode: false``); ``tf
    difference to the whole-utterance synthesis;
 3. transformers' ``token2wav(...)`` on one utterance and N one by one (as ``generate(return_audio=True)``
    decodes them), and each mode's max |diff| of the whole-utterance waveform against the eager engine's.
-Results: benchmarks/results/token2wav_<device>.json.
+Results: benchmarks/results/token2wav_<device>.json, written after each section (a failing section is printed,
+recorded under ``errors`` and the next one runs). The engine modes capture the chunk plans' vocoder lengths when
+they start, as the token2wav stage does, so a stream's first audio replays a vocoder graph in the graphed modes.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import Timer, device_name, table, write_result  # noqa: E402
+from benchmarks.token2wav_vocoder import VOCODER_COLUMNS, vocoder_rows  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig, Token2WavStreamConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine, SpeechInput  # noqa: E402
 from omni_ray.dit.families.qwen2_5_omni_token2wav import Qwen2_5OmniToken2WavFamily  # noqa: E402
@@ -154,6 +165,12 @@ def main() -> None:
                          "frames (default: ref 24)")
     ap.add_argument("--first-lookahead-frames", type=int, default=0, help="the first chunks' look-ahead (default 0)")
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' rows")
+    ap.add_argument("--vocoder-frames", type=int, nargs="+", default=None,
+                    help="mel lengths of the vocoder section (default: the chunk plans' recurring vocoder lengths)")
+    ap.add_argument("--vocoder-batch", type=int, nargs="+", default=[1, 4], help="vocoder batch sizes (default 1 4)")
+    ap.add_argument("--vocoder-repeats", type=int, default=10, help="timed vocoder calls per shape (median)")
+    ap.add_argument("--no-vocoder", action="store_true", help="skip the vocoder section")
+    ap.add_argument("--vocoder-only", action="store_true", help="run the vocoder section alone")
     args = ap.parse_args()
     dev = torch.device(args.device)
     model, voices = build(args.shape, args.device)
@@ -169,12 +186,36 @@ def main() -> None:
         for f in args.first_chunk_frames}
 
     rows, win_rows, result = [], [], {"shape": args.shape, "codes": args.codes, "audio_s": audio_s, "steps": args.steps,
-                        "modes": {}}
+                                      "modes": {}, "errors": {}}
+    suffix = ("_tiny" if args.shape == "tiny" else "") + ("_vocoder" if args.vocoder_only else "")
+    out_name = f"token2wav_{dev.type}{suffix}.json"
+    vocoder_lengths = sorted({n for plan in plans.values() for n in plan.vocoder_lengths()})
+
+    def section(name: str, fn) -> None:
+        """Run one section; its failure is printed and recorded, and the JSON is written either way."""
+        try:
+            fn()
+        except Exception as err:                      # noqa: BLE001 - the next sections still run
+            traceback.print_exc()
+            result["errors"][name] = repr(err)
+        finally:
+            write_result(out_name, result)
+
+    def vocoder() -> None:
+        frames = args.vocoder_frames or vocoder_lengths
+        voc_rows, result["vocoder"] = vocoder_rows(fam, frames, args.vocoder_batch, args.vocoder_repeats)
+        print(f"vocoder (BigVGAN, {args.shape}) on {device_name()}: eager (transformers' forward, fp32) vs CUDA "
+              f"graphs, host mels in, host waveforms out; median of {args.vocoder_repeats} calls")
+        print(table(voc_rows, VOCODER_COLUMNS))
+
     baseline = None
-    for mode in args.modes:
+
+    def engine_mode(mode: str) -> None:
+        nonlocal baseline
         cfg = DiTEngineConfig(model=ModelConfig(path="in-memory"), device=args.device, max_batch_size=top,
                               **MODES[mode])
         engine = DiTEngine(cfg, family=fam)
+        fam.vocoder_graphs.warmup(vocoder_lengths)        # as the token2wav stage does when it starts
         res = result["modes"][mode] = {}
         for n in args.concurrency:
             for frames in [f for f in args.window_frames if f <= args.codes * fam.repeats]:
@@ -182,7 +223,8 @@ def main() -> None:
                 res.setdefault("window_ode_ms", {}).setdefault(f"concurrency_{n}", {})[frames] = ms
                 win_rows.append({"mode": mode, "n": n, "window frames": frames, "window ODE ms": ms,
                                  "ms per forward": ms / (4 * (args.steps - 1))})
-            whole(engine, codes, n, params)                   # capture / warm up this workload's shapes
+            for _ in range(2):                                # capture / warm up this workload's shapes (the
+                whole(engine, codes, n, params)               # vocoder's: on their second sighting)
             t_whole, waves = whole(engine, codes, n, params)
             if n == 1:
                 if baseline is None:
@@ -190,7 +232,8 @@ def main() -> None:
                 res["max_abs_diff_vs_first_mode"] = float(np.abs(waves[0] - baseline).max())
             res[f"concurrency_{n}"] = {"whole_s": t_whole, "whole_rtf": t_whole / audio_s, "streams": {}}
             for name, plan in plans.items():
-                streamed(engine, codes, n, params, plan)      # capture / warm up the plan's window shapes
+                for _ in range(2):                            # capture / warm up the plan's window shapes
+                    streamed(engine, codes, n, params, plan)
                 t_first, t_stream, wave = streamed(engine, codes, n, params, plan)
                 quality = vs_whole(engine, codes[0], wave, params, plan) if n == 1 else {}
                 res[f"concurrency_{n}"]["streams"][name] = {
@@ -202,13 +245,15 @@ def main() -> None:
                              "stream RTF": t_stream / audio_s, "max |diff| vs whole": quality.get("max_abs_diff", ""),
                              "rel rms diff vs whole": quality.get("rel_rms_diff", "")})
         stats = engine.engine_stats()
-        for k in ("cuda_graphs", "cuda_graph_replays", "ode_graphs", "ode_graph_replays"):
+        for k in ("cuda_graphs", "cuda_graph_replays", "ode_graphs", "ode_graph_replays", "vocoder_graphs",
+                  "vocoder_graph_replays"):
             res[k] = stats.get(k, 0)
         del engine
+        fam.vocoder_graphs = None
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
-    if not args.no_transformers:
+    def transformers_rows() -> None:
         reference(model, voices, codes[0][:24], "Chelsie", 0, 2)       # warm-up
         ref_rows = {}
         for n in args.concurrency:
@@ -220,16 +265,26 @@ def main() -> None:
                          "aggregate RTF": t_r.s / (n * audio_s)})
         result["transformers_s"] = ref_rows
 
-    print(f"token2wav {args.shape} on {device_name()}: {args.codes} codes = {audio_s:.1f} s of audio, "
-          f"{args.steps} time points ({4 * (args.steps - 1)} forwards); RTF: wall s per s of one utterance's audio")
-    print(table(win_rows, ["mode", "n", "window frames", "window ODE ms", "ms per forward"]))
-    print(table(rows, ["mode", "n", "whole s", "whole RTF", "aggregate RTF", "first chunk", "first window codes",
-                       "stream first audio ms", "stream RTF", "max |diff| vs whole", "rel rms diff vs whole"]))
-    for mode, res in result["modes"].items():
-        print(f"{mode}: {res['ode_graphs']} whole-ODE graphs ({res['ode_graph_replays']} replays), "
-              f"{res['cuda_graphs']} forward graphs ({res['cuda_graph_replays']} replays), max |diff| vs "
-              f"{args.modes[0]} {res.get('max_abs_diff_vs_first_mode', float('nan')):.2e}")
-    path = write_result(f"token2wav_{dev.type}{'_tiny' if args.shape == 'tiny' else ''}.json", result)
+    if not args.no_vocoder:
+        section("vocoder", vocoder)
+    if not args.vocoder_only:
+        for mode in args.modes:
+            section(mode, lambda mode=mode: engine_mode(mode))
+        if not args.no_transformers:
+            section("transformers", transformers_rows)
+        print(f"token2wav {args.shape} on {device_name()}: {args.codes} codes = {audio_s:.1f} s of audio, "
+              f"{args.steps} time points ({4 * (args.steps - 1)} forwards); RTF: wall s per s of one utterance's audio")
+        print(table(win_rows, ["mode", "n", "window frames", "window ODE ms", "ms per forward"]))
+        print(table(rows, ["mode", "n", "whole s", "whole RTF", "aggregate RTF", "first chunk", "first window codes",
+                           "stream first audio ms", "stream RTF", "max |diff| vs whole", "rel rms diff vs whole"]))
+        for mode, res in result["modes"].items():
+            print(f"{mode}: {res.get('ode_graphs', 0)} whole-ODE graphs ({res.get('ode_graph_replays', 0)} replays), "
+                  f"{res.get('cuda_graphs', 0)} forward graphs ({res.get('cuda_graph_replays', 0)} replays), "
+                  f"{res.get('vocoder_graphs', 0)} vocoder graphs ({res.get('vocoder_graph_replays', 0)} replays), "
+                  f"max |diff| vs {args.modes[0]} {res.get('max_abs_diff_vs_first_mode', float('nan')):.2e}")
+    if result["errors"]:
+        print(f"sections that failed: {result['errors']}")
+    path = write_result(out_name, result)
     print(f"-> {path}")
 
 

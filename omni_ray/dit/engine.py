@@ -479,6 +479,8 @@ class DiTEngine:
             "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
             "ode_graphs": len(ode.graphs) if (ode := getattr(self.runner.graphs, "ode", None)) else 0,
             "ode_graph_replays": ode.replays if ode else 0,
+            "vocoder_graphs": len(voc.graphs) if (voc := getattr(self.family, "vocoder_graphs", None)) else 0,
+            "vocoder_graph_replays": voc.replays if voc else 0,
             "parallel_ranks": self.parallel.layout.world if self.parallel is not None else 1,
             **({"parallel": self.parallel.describe()} if self.parallel is not None else {}),
         }

@@ -123,6 +123,16 @@ class ChunkPlan:
         """Mel frames of the previous chunks chunk ``i`` is vocoded after (up to ``2 * overlap``)."""
         return 0 if i == 0 else min(2 * self.overlap, self.bounds(i)[0])
 
+    def vocoder_frames(self, i: int) -> int:
+        """Mel frames chunk ``i`` (not the last) is vocoded from: its own after ``head_cut(i)`` of the previous."""
+        a, b = self.bounds(i)
+        return self.head_cut(i) + b - a
+
+    def vocoder_lengths(self) -> list[int]:
+        """The vocoder input lengths every utterance long enough repeats: chunks 0, 1 and the middle ones
+        (the reference's plan: 72 and 112; a 24-frame first chunk: 24, 72, 112). Only the last chunk differs."""
+        return sorted({self.vocoder_frames(i) for i in range(3)})
+
 
 class ChunkSplicer:
     """One stream's vocoder state: window mels in chunk order -> waveform pieces that concatenate."""

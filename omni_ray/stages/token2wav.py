@@ -56,6 +56,9 @@ class Token2WavStageEngine(EngineStage):
             raise ConfigError(f"{self.config.model.path}: not a speech model (no token2wav)")
         from omni_ray.dit.token2wav_chunks import ChunkPlan
         self.plan = ChunkPlan.for_family(self.family, self.config.token2wav_stream)     # ConfigError
+        vocoder = getattr(self.family, "vocoder_graphs", None)
+        if vocoder is not None:                          # the plan's recurring vocoder shapes as CUDA graphs now,
+            vocoder.warmup(self.plan.vocoder_lengths())  # so the first stream's first audio replays one (no-op on CPU)
 
     @property
     def family(self):

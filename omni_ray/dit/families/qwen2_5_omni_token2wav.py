@@ -21,7 +21,8 @@ How the engine drives it (``Qwen2_5OmniToken2WavDiTModel.sample`` split into eng
   attention keeps the reference's block mask (look-back / look-ahead blocks per layer) and drops the
   padded keys for real queries (every other op is per frame), so a padded row computes what it
   computes alone (up to the rounding of a longer reduction);
-* decode: the BigVGAN vocoder, per equal-length group (omni_ray/dit/speech.py ``audio_outputs``).
+* decode: the BigVGAN vocoder, per equal-length group (omni_ray/dit/speech.py ``audio_outputs``), as CUDA graphs
+  per (row bucket, mel length) where the engine runs them (omni_ray/dit/vocoder_graphs.py).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
             self._voices[name] = {"cond": v["cond"].float().reshape(1, -1).to(device),
                                   "ref_mel": v["ref_mel"].float().reshape(1, -1, self.mel_dim).to(device)}
         self._speaker: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}    # voice -> speaker encoder outputs
+        self.vocoder_graphs = None           # VocoderGraphs (omni_ray/dit/vocoder_graphs.py): set by the engine
 
     @classmethod
     def load(cls, path: Path, device: torch.device, dtype: torch.dtype, max_sequence_length: int | None = None):
@@ -282,7 +284,11 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
     # ------------------------------------------------------------------ vocoder
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Mels [B, T, mel] -> waveforms [B, T * hop] float32 on the CPU (in [-1, 1])."""
+        """Mels [B, T, mel] -> waveforms [B, T * hop] float32 on the CPU (in [-1, 1]). Through ``vocoder_graphs``
+        where the engine set one (omni_ray/dit/vocoder_graphs.py: CUDA graphs per (row bucket, mel length) on
+        CUDA, the eager forward otherwise), else transformers' forward."""
+        if self.vocoder_graphs is not None:
+            return self.vocoder_graphs.decode(latents)
         mel = latents.to(self.device, torch.float32).permute(0, 2, 1)   # streamed windows' mels come from the host
         wave = self.vae(mel)                                    # the vocoder squeezes: [samples] when B == 1
         return wave.reshape(latents.shape[0], -1).float().cpu()

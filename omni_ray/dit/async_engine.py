@@ -23,7 +23,6 @@ from typing import AsyncIterator
 import torch
 
 from omni_ray.config import DiTEngineConfig
-from omni_ray.devices import catch_up, engine_stream
 from omni_ray.dit.engine import DiTEngine
 from omni_ray.dit.params import DiffusionParams, DiTEvent
 from omni_ray.dit.request import DiTRequest
@@ -32,20 +31,12 @@ from omni_ray.errors import EngineError, InvalidRequestError, OmniError, Request
 log = logging.getLogger(__name__)
 
 
-def _use_stream(stream) -> None:
-    """The worker thread's device work on the engine's stream (``omni_ray.devices.engine_stream``)."""
-    if stream is not None:
-        torch.cuda.set_stream(stream)
-
-
 class AsyncDiTEngine:
     def __init__(self, config: DiTEngineConfig | str, **kwargs):
         self.engine = DiTEngine(config, **kwargs)
-        self.stream = engine_stream(self.engine.device)    # its own, beside other engines of the process
         self._queues: dict[str, asyncio.Queue] = {}
         self._to_add: list[DiTRequest] = []          # applied by the loop between steps
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="omni-dit-step", initializer=_use_stream,
-                                            initargs=(self.stream,))
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="omni-dit-step")
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._error: BaseException | None = None
@@ -77,10 +68,9 @@ class AsyncDiTEngine:
             raise EngineError("the DiT engine is shut down")
         if request_id in self._queues:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        with torch.cuda.stream(self.stream):            # its tensors made on the stream that steps it
-            req = self.engine.make_request(prompt, params, request_id, prompt_embeds, prompt_mask, output_type,
-                                           negative_prompt_embeds=negative_prompt_embeds,
-                                           negative_prompt_mask=negative_prompt_mask, image=image, speech=speech)
+        req = self.engine.make_request(prompt, params, request_id, prompt_embeds, prompt_mask, output_type,
+                                       negative_prompt_embeds=negative_prompt_embeds,
+                                       negative_prompt_mask=negative_prompt_mask, image=image, speech=speech)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._to_add.append(req)
@@ -155,10 +145,6 @@ class AsyncDiTEngine:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def _step(self) -> list:
-        catch_up(self.stream)                          # inputs other threads queued on the default stream
-        return self.engine.step()
-
     def _apply_pending(self) -> None:
         adds, self._to_add = self._to_add, []
         for req in adds:
@@ -174,7 +160,7 @@ class AsyncDiTEngine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                events = await loop.run_in_executor(self._executor, self._step)
+                events = await loop.run_in_executor(self._executor, self.engine.step)
                 steps = Counter(req for req, kind in events if kind == "progress")     # several: a whole ODE
                 for req, kind in events:
                     step = req.step_idx - steps[req] + 1

@@ -41,7 +41,6 @@ from omni_ray.ar.engine.detokenizer import stream_safe_len
 from omni_ray.ar.sequence import Sequence
 from omni_ray.capture_lock import capture_lock
 from omni_ray.config import AREngineConfig
-from omni_ray.devices import catch_up, engine_stream
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
 from omni_ray.heap import freeze_startup_heap
 
@@ -155,7 +154,6 @@ class ThreadCore:
         self.tokenizer, self.layout = self.engine.tokenizer, self.engine.layout
         self.model_name, self.max_model_len = self.engine.model_name, self.engine.max_model_len
         self._core = CoreLoop(self.engine)
-        self.stream = engine_stream(getattr(self.engine.runner, "device", None))   # its own, beside other engines
         self._lock = threading.Lock()                 # guards the two lists (never held over a step)
         self._adds: list[tuple] = []
         self._aborts: list[str] = []
@@ -246,14 +244,11 @@ class ThreadCore:
         self.engine.shutdown()
 
     def _run(self) -> None:
-        if self.stream is not None:
-            torch.cuda.set_stream(self.stream)        # this thread's device work
         try:
             while not self._stop:
                 with self._lock:
                     adds, self._adds = self._adds, []
                     aborts, self._aborts = self._aborts, []
-                catch_up(self.stream)                     # inputs other threads queued on the default stream
                 items = self._core.apply(adds, aborts)
                 busy = not self.engine.is_finished()
                 if busy:

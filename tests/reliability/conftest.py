@@ -86,7 +86,7 @@ class App:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.25)
         raise RuntimeError(f"app {self.name} not healthy after {timeout_s}s")
 
     def stats(self, headers: dict | None = None) -> dict:

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 import yaml
 from ray import serve
 
 from omni_ray.config import load_config
-from tests.helpers import free_port
 
 pytestmark = pytest.mark.ray
 
@@ -48,25 +46,17 @@ def autoscaling_config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def app_url():
-    """Its own app on its own route prefix; shares a Ray cluster and Serve instance that other
-    tests of the session already started (and leaves them running), or starts and stops its own."""
-    from ray.serve.context import _get_global_client
-
+def app_url(ray_session):
+    """Its own app on its own route prefix, on the session's Ray cluster and the Serve instance other
+    tests of the session already started (left running), or a Serve instance of its own."""
     from deployments.app import build_app
+    from tests.helpers import local_serve
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})   # no-op if Serve runs
-    port = ray.get(_get_global_client()._controller.get_http_config.remote()).port
-    cfg = autoscaling_config()
-    serve.run(build_app({"config": cfg}), name=APP, route_prefix=f"/{APP}")
-    yield f"http://127.0.0.1:{port}/{APP}", cfg["stages"]["llm"]["engine"]["model"]["name"]
-    serve.delete(APP)
-    if started:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve() as port:
+        cfg = autoscaling_config()
+        serve.run(build_app({"config": cfg}), name=APP, route_prefix=f"/{APP}")
+        yield f"http://127.0.0.1:{port}/{APP}", cfg["stages"]["llm"]["engine"]["model"]["name"]
+        serve.delete(APP)
 
 
 def running_replicas(deployment: str = "llm") -> int:

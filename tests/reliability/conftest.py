@@ -2,8 +2,8 @@
 
 Each app (its own name, route prefix, scheduler and cache actors) is built from serve_config.yaml's
 default app with tighter settings, so faults injected here (killed replicas and actors, redeploys)
-never touch the session app of tests/serve. The package shares one Ray cluster and Serve
-instance: the one a previous test package left running, or its own (stopped at the end).
+never touch the session app of tests/serve. The package runs on the session's Ray cluster
+(tests/conftest.py) and shares one Serve instance: one that runs already, or its own (stopped at the end).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
-from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 420
@@ -53,20 +51,12 @@ def small_stages(cfg: dict, keep: tuple[str, ...]) -> dict:
 
 
 @pytest.fixture(scope="package")
-def serve_port():
-    """A running Serve instance (shared if one is up); yields its HTTP port."""
-    import ray
-    from ray import serve
-    from ray.serve.context import _get_global_client
+def serve_port(ray_session):
+    """A running Serve instance on the session's Ray cluster (shared if one is up); yields its HTTP port."""
+    from tests.helpers import local_serve
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    yield ray.get(_get_global_client()._controller.get_http_config.remote()).port
-    if started:
-        serve.shutdown()
-        ray.shutdown()
+    with local_serve() as port:
+        yield port
 
 
 class App:
@@ -96,7 +86,7 @@ class App:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.25)
         raise RuntimeError(f"app {self.name} not healthy after {timeout_s}s")
 
     def stats(self, headers: dict | None = None) -> dict:

@@ -1,6 +1,6 @@
 """One omni app per test session, started the way users start it: ``serve run serve_config.yaml``.
 
-The test process owns a local Ray cluster (``ray.init``; gone when pytest exits); the CLI runs
+The test process owns a local Ray cluster (the session's ``ray_session``; gone when pytest exits); the CLI runs
 in a subprocess against that cluster with a copy of serve_config.yaml whose HTTP port is free.
 Tests talk HTTP to it and use ``serve.get_app_handle`` from this process.
 """
@@ -31,12 +31,9 @@ def app_config() -> dict:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve", log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def ray_cluster(ray_session):
+    """The session's local Ray cluster (tests/conftest.py); yields its GCS address."""
+    return ray_session
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +69,7 @@ def omni_url(ray_cluster, tmp_path_factory):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"omni app not healthy after {STARTUP_TIMEOUT_S}s:\n"
                                    f"{(tmp / 'serve_run.log').read_text()[-4000:]}")
-            time.sleep(1.0)
+            time.sleep(0.25)
         yield url
     finally:
         proc.send_signal(signal.SIGINT)          # serve run shuts Serve down on Ctrl-C

@@ -47,7 +47,7 @@ def enc_url(omni_url):
     deadline = time.monotonic() + 300
     while httpx.get(url + "/health", timeout=10).status_code != 200:
         assert time.monotonic() < deadline, "the encoder-stage app did not become healthy"
-        time.sleep(0.5)
+        time.sleep(0.25)
     yield url
     serve.delete(APP)
     kill_scheduler(APP)

@@ -59,7 +59,15 @@ def scrape_until(url: str, done) -> dict[str, list[dict]]:
             got = {}
         if done(got) or time.monotonic() > deadline:
             return got
-        time.sleep(2.0)
+        time.sleep(0.5)
+
+
+def replica_ids(app: str, deployment: str) -> set[str]:
+    """The ids of ``app``'s ``deployment`` replicas (the ``replica`` label of their metrics)."""
+    from ray.serve.context import _get_global_client
+
+    deps = _get_global_client().get_serve_details()["applications"][app]["deployments"]
+    return {r["replica_id"] for r in deps[deployment]["replicas"]}
 
 
 def series(got: dict, spec_name: str, **labels) -> list[dict]:
@@ -126,7 +134,11 @@ def test_metrics_endpoint_has_every_metric_with_labels(traffic):
     # the 400 raised in the AR replica: a client error there, not a failure
     assert series(got, "omni_client_errors_total", stage="llm", kind="invalid_request_error")
     assert series(got, "omni_requests_total", stage="llm", status="client_error")
-    assert not series(got, "omni_requests_total", stage="llm", status="failed")
+    # (the session's Ray cluster exports the series of every app it ran: the reliability apps' killed
+    # replicas failed requests on purpose; the replica label tells this app's own llm replicas)
+    failed = [s for s in series(got, "omni_requests_total", stage="llm", status="failed")
+              if s["replica"] in replica_ids("omni", "llm")]
+    assert not failed, failed
     assert not series(got, "omni_errors_total", kind="invalid_request_error")
     # values that the traffic must have made positive
     hits = series(got, "omni_prefix_cache_hit_tokens_total", stage="llm")
@@ -151,7 +163,7 @@ def test_request_id_in_logs_of_ingress_and_stage(traffic):
 
     deadline = time.monotonic() + 30
     while not ({"Ingress", "llm"} <= {f.split("_")[2] for f in files_with_id()}) and time.monotonic() < deadline:
-        time.sleep(1.0)
+        time.sleep(0.25)
     found = files_with_id()
     assert any(f.startswith("replica_omni_Ingress_") for f in found), (rid, found)
     assert any(f.startswith("replica_omni_llm_") for f in found), (rid, found)
@@ -175,7 +187,7 @@ def test_a_400_inside_the_stage_is_one_log_line_not_a_traceback(traffic):
         return "client_error 400 invalid_request_error" in x and BAD_ID in x
 
     while not any(ours(line) for line in lines()) and time.monotonic() < deadline:
-        time.sleep(1.0)
+        time.sleep(0.25)
     text = lines()
     (line,) = [x for x in text if ours(x)]
     assert line.startswith("INFO") and "the limit is 8192 (param prompt)" in line, line
@@ -199,5 +211,5 @@ def test_the_scheduler_counts_the_400_as_a_client_error(traffic):
     deadline = time.monotonic() + 30
     while (st := ray.get(actor.get_status.remote(), timeout=30))["processed"]["client_error"] < 1 \
             and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert st["processed"]["client_error"] >= 1, st["processed"]

@@ -43,8 +43,6 @@ class MultiModalProcessor:
         """From a model path or its ``CheckpointLayout`` (``omni_ray.ar.models.checkpoint``: the config in
         the weights folder, the image processor settings in the processor folder); None for a text-only
         family, and for a diffusers pipeline that ships no image processor (Qwen-Image: text only)."""
-        from transformers import AutoFeatureExtractor, AutoImageProcessor
-
         from omni_ray.ar.models.checkpoint import CheckpointLayout, checkpoint_layout
         from omni_ray.ar.models.loader import read_hf_config
 
@@ -52,6 +50,9 @@ class MultiModalProcessor:
         spec = MRopeSpec.from_hf(read_hf_config(layout.weights))
         if spec is None:
             return None
+        # only now: importing transformers' processor modules takes ~2 s of CPU, wasted on a text-only model
+        from transformers import AutoFeatureExtractor, AutoImageProcessor
+
         folder = layout.processor
         if not (folder / "preprocessor_config.json").is_file():
             if layout.pipeline is not None:

@@ -1,5 +1,5 @@
-"""One local Ray cluster for the tests of this package (4 logical CPUs: rank-0 driver + workers +
-a Serve replica), shut down after them unless someone else started it."""
+"""The session's local Ray cluster for the tests of this package (rank-0 driver + workers + a Serve
+replica; tests/conftest.py's ``ray_session``)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import time
 import pytest
 import ray
 
-from tests.helpers import local_ray
-
 
 @pytest.fixture(scope="package")
-def ray_local():
-    with local_ray():
-        yield
+def ray_local(ray_session):
+    yield
 
 
 def kill_worker_mid_decode(llm, prompts, max_tokens: int, match: str) -> float:

@@ -25,9 +25,11 @@ ENGINE = {"model": {"path": "tiny:qwen3"}, "device": "cpu", "enforce_eager": Tru
 @pytest.fixture(scope="module")
 def serve_local(ray_local):
     from ray import serve
-    serve.start(http_options={"port": 0})
-    yield serve
-    serve.shutdown()
+
+    from tests.helpers import local_serve
+
+    with local_serve():
+        yield serve
 
 
 def test_tp_replica_serves_then_is_replaced_when_a_worker_dies(serve_local):

@@ -5,6 +5,7 @@ text encoder out of the timing: both sides get the same random prompt embeds [T,
     python benchmarks/bench_qwen_image.py            # 512 and 1024 px, 20 steps
     python benchmarks/bench_qwen_image.py --quick    # 512 px only, 8 steps (< 5 minutes)
     python benchmarks/bench_qwen_image.py --compile  # + torch.compile'd blocks in the engine
+    python benchmarks/bench_qwen_image.py --quick --profile   # + the 8-concurrent steps' top CUDA kernels
 
 1. peak: a large bf16 torch.mm, the measured matmul roofline.
 2. latency: one image (+ VAE), with and without a negative prompt (true CFG), engine vs diffusers;
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, device_name, matmul_peak, psnr, table, write_result  # noqa: E402
+from benchmarks.common import Timer, device_name, kernel_profile, matmul_peak, psnr, table, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 from omni_ray.testing.tiny_qwen_image import QWEN_IMAGE_SCHEDULER, QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_VAE  # noqa: E402
@@ -114,7 +115,7 @@ def bench_latency(engine, pipe, pos, neg, sizes, steps) -> list[dict]:
     return rows
 
 
-def bench_concurrent(engine, pos, neg, cfg, size, steps, peak, n=8) -> list[dict]:
+def bench_concurrent(engine, pos, neg, cfg, size, steps, peak, n=8, profile=False) -> list[dict]:
     rows = []
     for negative in (True, False):
         negs = neg[:n] if negative else None
@@ -125,9 +126,14 @@ def bench_concurrent(engine, pos, neg, cfg, size, steps, peak, n=8) -> list[dict
             run_engine(engine, pos[:n], negs, size, steps, list(range(n)))
         lens = [p.shape[0] for p in pos[:n]] + ([x.shape[0] for x in negs] if negative else [])
         flops = forward_flops(cfg, size, lens) * steps
+        kernels = None
+        if profile:                                    # where two of these steps' device time goes, by kernel
+            kernels = kernel_profile(lambda: run_engine(engine, pos[:n], negs, size, 2, list(range(n)),
+                                                        output_type="latent"))
+            print(table(kernels, ["kernel", "ms", "share", "calls"]), flush=True)
         rows.append({"size": size, "requests": n, "negative": negative, "steps": steps, "seconds": t_img.s,
                      "images_per_s": n / t_img.s, "denoise_s": t_lat.s, "tflops": flops / t_lat.s / 1e12,
-                     "frac_of_peak": flops / t_lat.s / peak})
+                     "frac_of_peak": flops / t_lat.s / peak} | ({"kernels": kernels} if kernels else {}))
         print(f"{n} concurrent {size}px negative={negative}: {n / t_img.s:.2f} img/s, "
               f"{flops / t_lat.s / 1e12:.0f} TFLOP/s ({flops / t_lat.s / peak:.0%} of peak)", flush=True)
     return rows
@@ -178,6 +184,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's transformer blocks")
     ap.add_argument("--no-graphs", action="store_true", help="run the engine's blocks without CUDA graphs")
+    ap.add_argument("--profile", action="store_true", help="print where 8 concurrent requests' steps go, by kernel")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_qwen_image needs a CUDA GPU (the real Qwen-Image shape is 20B parameters)")
@@ -204,7 +211,8 @@ def main() -> None:
                     "quick": a.quick, "steps": steps, "true_cfg_scale": TRUE_CFG, "peak_tflops": peak / 1e12,
                     "prompt_tokens": [p.shape[0] for p in pos], "negative_tokens": [x.shape[0] for x in neg]}
     result["latency"] = bench_latency(engine, pipe, pos, neg, sizes, steps)
-    result["concurrent"] = [r for s in sizes for r in bench_concurrent(engine, pos, neg, tcfg, s, steps, peak)]
+    result["concurrent"] = [r for s in sizes for r in bench_concurrent(engine, pos, neg, tcfg, s, steps, peak,
+                                                                           profile=a.profile)]
     result["diffusers_static_batch"] = [bench_diffusers_static(pipe, pos, tcfg, s, peak) for s in sizes]
     methods = [("teacache", 0.4), ("fbcache", 0.08)] if a.quick else \
         [("teacache", 0.2), ("teacache", 0.4), ("teacache", 0.8), ("fbcache", 0.05), ("fbcache", 0.1)]

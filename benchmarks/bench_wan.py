@@ -20,6 +20,8 @@ The text encoder is out of the timing: both sides get the same random UMT5 state
    4 N D F.
 5. step caching (TeaCache with TeaCache4Wan2.1's 1.3B polynomial on the time embedding, first-block
    cache), 1.3B only: speedup and PSNR of the frames against uncached ones.
+6. ``--sections profile`` (not in the default run): torch.profiler's top CUDA kernels over two steps of the
+   4-video batch (where the rest of the peak goes).
 Results: benchmarks/results/wan_cuda.json (``--quick``: wan_cuda_quick.json).
 """
 
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, device_name, matmul_peak, psnr, table, write_result  # noqa: E402
+from benchmarks.common import Timer, device_name, kernel_profile, matmul_peak, psnr, table, write_result  # noqa: E402
 from omni_ray.config import DiTEngineConfig, ModelConfig  # noqa: E402
 from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 from omni_ray.dit.families.sdpa_choice import time_backends  # noqa: E402
@@ -121,7 +123,7 @@ def random_states(n: int, seed: int, dim: int) -> list[torch.Tensor]:
     return out
 
 
-SECTIONS = ("sdpa", "latency", "diffusers", "concurrent", "cache")
+SECTIONS = ("sdpa", "latency", "diffusers", "concurrent", "cache", "profile")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -225,6 +227,14 @@ def bench_diffusers_transformer(model, pipe, shape, pos, neg, frames, peak) -> d
             "frac_of_peak": flops / tm.s / peak}
 
 
+def bench_profile(engine, shape, pos, neg, frames, n=4) -> list[dict]:
+    seeds = list(range(n))
+    run_engine(engine, shape, pos, neg, frames, 2, seeds, output_type="latent")       # warm up: this batch's graphs
+    rows = kernel_profile(lambda: run_engine(engine, shape, pos, neg, frames, 2, seeds, output_type="latent"))
+    print(table(rows, ["kernel", "ms", "share", "calls"]), flush=True)
+    return rows
+
+
 def bench_cache(model, engine, shape, pos, neg, frames, steps, methods) -> list[dict]:
     with Timer() as t0:
         base = run_engine(engine, shape, pos, neg, frames, steps, [11])[0]
@@ -251,7 +261,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's transformer blocks")
     ap.add_argument("--no-graphs", action="store_true", help="run the engine's blocks without CUDA graphs")
-    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=[x for x in SECTIONS if x != "profile"],
                     help="what to run (default: all; latency is what 'concurrent' compares with diffusers)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -287,6 +297,8 @@ def main() -> None:
                                                 for f in frames_list]
         if "concurrent" in a.sections:
             result["concurrent"] += bench_concurrent(model, engine, shape, pos, neg, frames_list, steps, peak, lat)
+        if "profile" in a.sections:                    # where 4 videos' steps go, by kernel (2 steps, 1st frames)
+            result.setdefault("profile", {})[model] = bench_profile(engine, shape, pos, neg, frames_list[0])
         if model == "1.3b" and "cache" in a.sections:   # TeaCache4Wan2.1 suggests 0.05 - 0.08 for 1.3B
             methods = [("teacache", 0.08), ("fbcache", 0.1)] if a.quick else \
                 [("teacache", 0.05), ("teacache", 0.08), ("teacache", 0.2), ("fbcache", 0.05), ("fbcache", 0.1)]

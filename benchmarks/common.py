@@ -115,3 +115,21 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
     return str(v)
+
+
+def kernel_profile(run, top: int = 20) -> list[dict]:
+    """Where ``run()``'s device time goes: torch.profiler over one call, the ``top`` kernels by total time
+    (CUDA kernels on a GPU, CPU ops elsewhere) as rows {kernel, ms, share, calls}, sorted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in events) or 1.0
+    rows = [{"kernel": e.key[:120], "ms": own(e) / 1e3, "share": own(e) / total, "calls": e.count}
+            for e in events if own(e) > 0]
+    return sorted(rows, key=lambda r: -r["ms"])[:top]

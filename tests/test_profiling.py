@@ -63,3 +63,15 @@ def test_frozen_startup_heap_is_skipped_by_full_collections():
     freeze_startup_heap()                          # (left frozen: what every engine process does)
     assert gc.get_freeze_count() >= before + len(built)
     assert not any(x is built for x in gc.get_objects(generation=2))     # out of the oldest generation
+
+
+def test_kernel_profile_ranks_where_the_time_goes():
+    import torch
+
+    from benchmarks.common import kernel_profile
+
+    a = torch.randn(256, 256)
+    rows = kernel_profile(lambda: [a @ a for _ in range(20)] + [a + 1], top=5)
+    assert rows and rows[0]["ms"] >= rows[-1]["ms"]
+    assert "mm" in rows[0]["kernel"] and rows[0]["calls"] == 20
+    assert 0 < sum(r["share"] for r in rows) <= 1.0 + 1e-9

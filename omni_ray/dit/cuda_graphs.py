@@ -27,6 +27,25 @@ log = logging.getLogger(__name__)
 CAPTION_MULTIPLE = 64
 
 
+def record_graph(body, pool=None, warm=None, warmups: int = 2):
+    """``body()`` captured as a CUDA graph: (the graph, what ``body`` returned: its static outputs). First
+    ``warmups`` runs of ``warm`` (default ``body``) on a side stream, so autotuning, cuDNN's algorithm choice
+    and allocations happen outside the capture; then the capture under the process's capture lock, in
+    thread-local mode (other threads' CUDA work, an AR engine in the same process, stays legal), in ``pool``
+    (None: a new one, ``graph.pool()``). Raises what a failed capture raises."""
+    warm = warm or body
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(warmups):
+            warm()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with capture_lock(), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), torch.no_grad():
+        out = body()
+    return graph, out
+
+
 def row_bucket(rows: int, max_rows: int) -> int | None:
     for b in (1, 2, 4, 8):
         if rows <= b:
@@ -118,17 +137,7 @@ class GraphedBlocks:
             return s.x, s.ctx
 
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(2):              # compile / autotune / allocate outside the capture
-                    body()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads' CUDA work (an AR engine in the same process) stays legal
-            with capture_lock(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), \
-                    torch.no_grad():
-                x, ctx = body()
+            graph, (x, ctx) = record_graph(body, self.pool)
         except Exception as err:                # this shape stays eager
             log.warning("CUDA graph capture failed for %s, running it eagerly: %r", key, err)
             self.failed.add(key)

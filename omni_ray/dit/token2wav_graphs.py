@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omni_ray.capture_lock import capture_lock
-from omni_ray.dit.cuda_graphs import row_bucket
+from omni_ray.dit.cuda_graphs import record_graph, row_bucket
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +140,7 @@ class Token2WavGraphs:
 
     def _capture(self, key: tuple, io: _IO) -> _Graph | None:
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):              # autotune / allocate outside the capture
-                    self._forward(io.x, io.t, io.ctx, io.lengths)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads' CUDA work (an AR engine in the same process) stays legal
-            with capture_lock(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self._forward(io.x, io.t, io.ctx, io.lengths)
+            graph, out = record_graph(lambda: self._forward(io.x, io.t, io.ctx, io.lengths), self.pool)
         except Exception as err:                # this shape stays eager (padded)
             log.warning("token2wav CUDA graph capture failed for (rows, frames) %s, running it eagerly: %r", key, err)
             self.failed.add(key)

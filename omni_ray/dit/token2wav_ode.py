@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omni_ray.capture_lock import capture_lock
-from omni_ray.dit.cuda_graphs import row_bucket
+from omni_ray.dit.cuda_graphs import record_graph, row_bucket
 from omni_ray.dit.request import DiTRequest
 from omni_ray.dit.rk4 import RK4FlowScheduler
 from omni_ray.dit.token2wav_graphs import MAX_GRAPH_FRAMES, Token2WavGraphs, frame_bucket
@@ -172,16 +171,8 @@ class Token2WavODE:
     def _capture(self, shape: ODEShape, io: _IO) -> _Graph | None:
         try:
             x = torch.cat([io.y0, io.y0]) if shape.cfg else io.y0
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):                        # autotune / allocate outside the capture
-                    self.forwards._forward(x, io.t[0], io.ctx, io.lengths)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads' CUDA work (an AR engine in the same process) stays legal
-            with capture_lock(), torch.cuda.graph(graph, pool=self.forwards.pool, capture_error_mode="thread_local"):
-                out = self._integrate(io, shape)
+            graph, out = record_graph(lambda: self._integrate(io, shape), self.forwards.pool,   # warmed: one forward
+                                      warm=lambda: self.forwards._forward(x, io.t[0], io.ctx, io.lengths))
         except Exception as err:                          # this shape runs the same function eagerly
             self.failed.add(shape)
             if not self._warned:

@@ -51,8 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omni_ray.capture_lock import capture_lock
-from omni_ray.dit.cuda_graphs import row_bucket
+from omni_ray.dit.cuda_graphs import record_graph, row_bucket
 
 log = logging.getLogger(__name__)
 
@@ -203,16 +202,7 @@ class VocoderGraphs:
     def _record(self, mel: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """(the vocoder captured on the static input ``mel``, its static output)."""
         pool_owner = self.forwards if self.forwards is not None else self
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):                              # cuDNN's algorithm choice / allocations outside
-                self._vocode(mel)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads' CUDA work (the AR engines in the same process) stays legal
-        with capture_lock(), torch.cuda.graph(graph, pool=pool_owner.pool, capture_error_mode="thread_local"):
-            out = self._vocode(mel)
+        graph, out = record_graph(lambda: self._vocode(mel), pool_owner.pool)
         if pool_owner.pool is None:
             pool_owner.pool = graph.pool()                  # one pool for every token2wav graph
         return graph, out

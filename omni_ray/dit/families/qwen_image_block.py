@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_ray.dit.families.pixart_block import _fuse, gated_add, ln_modulate
+from omni_ray.dit.families.pixart_block import _fuse, gated_add, ln_modulate, mlp
 
 
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
@@ -43,19 +43,6 @@ def joint_qk(txt: torch.Tensor, img: torch.Tensor, w_txt: torch.Tensor | None, w
     img_cos, img_sin, txt_cos, txt_sin = rope
     return torch.cat([qk_norm_rope(txt, w_txt, eps_txt, txt_cos, txt_sin),
                       qk_norm_rope(img, w_img, eps_img, img_cos, img_sin)], dim=1)
-
-
-def mlp(ff: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``FeedForward`` (Linear -> GELU(tanh) -> Linear); on CUDA the GELU runs in the first
-    GEMM's epilogue (cuBLASLt), saving a pass over the 4x-wide activations."""
-    act = ff.net[0]
-    proj = act.proj
-    if h.is_cuda and act.approximate == "tanh" and proj.bias is not None:
-        y = torch._addmm_activation(proj.bias, h.reshape(-1, h.shape[-1]), proj.weight.t(), use_gelu=True)
-        y = y.view(*h.shape[:-1], -1)
-    else:
-        y = F.gelu(proj(h), approximate=act.approximate)
-    return ff.net[2](y)
 
 
 class Kernels:

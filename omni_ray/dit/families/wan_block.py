@@ -5,7 +5,8 @@ residuals, RMS norm of q / k across heads, Wan's interleaved RoPE in fp32): one 
 for self-attention and one k/v projection for the cross-attention (the block's own linears become views
 into the fused weights, so nothing is stored twice and the diffusers module still runs unchanged),
 RoPE on precomputed half-width cos / sin written as one ``stack`` instead of diffusers' strided stores,
-and ``fuse_elementwise()`` compiles the small helpers (layer norm + modulation, RMS norm + RoPE, gated
+the feed-forward's GELU in its first GEMM's epilogue on CUDA, and ``fuse_elementwise()`` compiles the
+small helpers (layer norm + modulation, the cross-attention's fp32 layer norm, RMS norm + RoPE, gated
 residual) into fused kernels without compiling the GEMMs or the attention. Video tokens make every
 elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost real bandwidth: fusing them matters.
 """
@@ -16,12 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_ray.dit.families.pixart_block import _fuse
+from omni_ray.dit.families.pixart_block import _fuse, mlp
 
 
 def modulate(x: torch.Tensor, eps: float, scale1: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """(LayerNorm(x) in fp32 * scale1 + shift) in x's dtype; scale1 / shift [B, 1, D] fp32."""
     return (F.layer_norm(x.float(), x.shape[-1:], None, None, eps) * scale1 + shift).type_as(x)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """diffusers' ``FP32LayerNorm`` (the cross-attention's ``norm2``): LayerNorm in fp32, back in x's dtype."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), x.shape[-1:], w, b, eps).type_as(x)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -70,9 +78,11 @@ class Kernels:
 
     def __init__(self):
         self.modulate, self.gated_residual, self.rms_rope = modulate, gated_residual, rms_rope
+        self.layer_norm = layer_norm
 
     def fuse(self) -> None:
         self.modulate = torch.compile(modulate)
+        self.layer_norm = torch.compile(layer_norm)
         self.gated_residual = torch.compile(gated_residual)
         self.rms_rope = torch.compile(rms_rope)
 
@@ -141,7 +151,8 @@ class WanBlock(nn.Module):
         x = gated(x, a1.to_out[0](self.self_attention(q, kk, v.unflatten(2, (H, -1)))), 2)
 
         # cross-attention (text; I2V: the image states too, through their own k / v)
-        h = blk.norm2(x.float()).type_as(x) if isinstance(blk.norm2, nn.LayerNorm) else x
+        n2 = blk.norm2
+        h = k.layer_norm(x, n2.weight, n2.bias, n2.eps) if isinstance(n2, nn.LayerNorm) else x
         img_len = ctx.shape[1] - 512 if self.img else 0
         q = k.rms_rope(a2.to_q(h), a2.norm_q.weight, a2.norm_q.eps, H, None, None)
         ck, cv = F.linear(ctx[:, img_len:], self.kv_w, self.kv_b).chunk(2, dim=-1)
@@ -154,4 +165,4 @@ class WanBlock(nn.Module):
         x = x + a2.to_out[0](o)
 
         # feed-forward
-        return gated(x, blk.ffn(modulated(x, blk.norm3.eps, 3)), 5)
+        return gated(x, mlp(blk.ffn, modulated(x, blk.norm3.eps, 3)), 5)

@@ -417,6 +417,15 @@ def test_speech_on_cuda_equals_transformers(ckpt, reference):
     """On CUDA (float32 thinker and talker with their CUDA graphs, token2wav in float32): the reference's thinker
     tokens and talker codes, the waveform within the chunking bound, and two requests batched as alone."""
     tokens, codes, wav = reference
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False          # float32 convolutions (torch's default lets cuDNN use TF32)
+    try:
+        _speech_on_cuda(ckpt, tokens, codes, wav)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _speech_on_cuda(ckpt, tokens, codes, wav):
     with OmniLLM(speech_config(str(ckpt), "cuda")) as o:
         record_codes(o)
         out = o.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)

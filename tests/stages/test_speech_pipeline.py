@@ -286,16 +286,25 @@ def test_cancelling_aborts_all_three_stages(omni):
             if ev["type"] == kind:
                 break
         await gen.aclose()
-        await asyncio.sleep(0.05)                              # the engines' loops take the aborts
 
+    def idle(s) -> bool:
+        st = s.stats()
+        return st["num_running"] == st["num_waiting"] == 0 and st["num_free_blocks"] == st["num_blocks"]
+
+    async def settled(deadline_s: float = 30.0) -> None:     # the engines' threads take the aborts in their own turn
+        end = time.monotonic() + deadline_s
+        while not (idle(thinker) and idle(talker) and t2w.stats()["active_requests"] == 0) and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+
+    thinker, talker, t2w = (omni.stage(s) for s in ("thinker", "talker", "token2wav"))
     for kind in ("text", "audio"):
         aborted.clear()
         omni._run(leave_at(kind, f"cancel-{kind}"))
         assert sorted(aborted) == [f"cancel-{kind}-{i}" for i in range(3)]
-        thinker, talker, t2w = (omni.stage(s) for s in ("thinker", "talker", "token2wav"))
+        omni._run(settled())
         for s in (thinker, talker):
             st = s.stats()
-            assert st["num_running"] == st["num_waiting"] == 0 and st["num_free_blocks"] == st["num_blocks"]
+            assert st["num_running"] == st["num_waiting"] == 0 and st["num_free_blocks"] == st["num_blocks"], st
         assert t2w.stats()["active_requests"] == 0 and not t2w._feeds and not talker._feeds
     out = omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
     assert out.stages[1]["num_codes"] == TALKER_NEW

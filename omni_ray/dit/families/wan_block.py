@@ -5,10 +5,12 @@ residuals, RMS norm of q / k across heads, Wan's interleaved RoPE in fp32): one 
 for self-attention and one k/v projection for the cross-attention (the block's own linears become views
 into the fused weights, so nothing is stored twice and the diffusers module still runs unchanged),
 RoPE on precomputed half-width cos / sin written as one ``stack`` instead of diffusers' strided stores,
-the feed-forward's GELU in its first GEMM's epilogue on CUDA, and ``fuse_elementwise()`` compiles the
-small helpers (layer norm + modulation, the cross-attention's fp32 layer norm, RMS norm + RoPE, gated
-residual) into fused kernels without compiling the GEMMs or the attention. Video tokens make every
-elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost real bandwidth: fusing them matters.
+and ``fuse_elementwise()`` compiles the small helpers (layer norm + modulation, the cross-attention's
+fp32 layer norm, RMS norm + RoPE, gated residual) into fused kernels without compiling the GEMMs or the
+attention. Video tokens make every elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost real
+bandwidth: fusing them matters. The feed-forward's GELU stays a kernel of its own: in cuBLASLt's
+epilogue (as the Qwen-Image block runs it) the 14B shape's first GEMM lost more time than the GELU
+pass costs (docs/benchmarks.md, Wan).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_ray.dit.families.pixart_block import _fuse, mlp
+from omni_ray.dit.families.pixart_block import _fuse
 
 
 def modulate(x: torch.Tensor, eps: float, scale1: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -165,4 +167,4 @@ class WanBlock(nn.Module):
         x = x + a2.to_out[0](o)
 
         # feed-forward
-        return gated(x, mlp(blk.ffn, modulated(x, blk.norm3.eps, 3)), 5)
+        return gated(x, blk.ffn(modulated(x, blk.norm3.eps, 3)), 5)      # GELU in its own kernel: see below

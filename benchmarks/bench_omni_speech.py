@@ -27,12 +27,14 @@ utterances end early; the columns say how many codes and seconds of audio each e
     python benchmarks/bench_omni_speech.py                 # GPU: 7B shape, concurrency 1 and 16, vs transformers
     python benchmarks/bench_omni_speech.py --tiny          # CPU smoke run: tiny:qwen2.5-omni, few tokens
     python benchmarks/bench_omni_speech.py --first-chunk-frames ref 24 48 --concurrency 1 --no-transformers
+    python benchmarks/bench_omni_speech.py --first-chunk-frames 24 --concurrency 1 --no-transformers --timeline
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import statistics
 import sys
@@ -45,11 +47,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, sync, table, write_result  # noqa: E402
 from benchmarks.speech_timing import FirstEvents, playback_stall  # noqa: E402
+from benchmarks.speech_trace import EngineTrace  # noqa: E402
 
 CODEC_HZ = 50                       # Qwen2.5-Omni codec tokens per second of audio
 VOICE = "Chelsie"
 PROMPT = "Tell me a short story about a lighthouse keeper who finds a message in a bottle."
 MARKS = ("thinker_first_token", "talker_first_code", "first_window_codes", "first_window_ready", "first_window_mel")
+LAST = ("thinker_last_token", "talker_last_code")
 
 
 def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
@@ -108,13 +112,15 @@ async def _one(pipe, backends, kinds, args, messages: list[dict], marks: FirstEv
     total = time.perf_counter() - t0
     seconds = len(audio["samples"]) / audio["sample_rate"]
     got = marks.of(rid)
+    chunks = [dict(chunk=c, ready_ms=1e3 * (r - t0), mel_ms=1e3 * (m - t0), out_ms=1e3 * (o - t0))
+              for c, r, m, o in marks.chunks.get(rid, [])]       # token2wav's windows: computable, mel, audio out
     return dict(first_audio_ms=1e3 * first, total_s=total, audio_s=seconds, rtf=total / seconds,
                 codes=stages[1].get("num_codes"), text_tokens=stages[0].get("num_output_tokens"),
                 stall_ms=1e3 * playback_stall(pieces[0][0], pieces), pieces=len(pieces),
-                **{f"{k}_ms": 1e3 * (got[k] - t0) if k in got else None for k in MARKS})
+                **{f"{k}_ms": 1e3 * (got[k] - t0) if k in got else None for k in MARKS + LAST}, chunks=chunks)
 
 
-def run_omni_ray(llm, n: int, text_tokens: int, codes: int, seed: int, pipeline: str) -> dict:
+def run_omni_ray(llm, n: int, text_tokens: int, codes: int, seed: int, pipeline: str, trace=None) -> dict:
     """``n`` requests at once (the pipeline's own coroutine per request, on the OmniLLM's engine loop, as
     ``OmniLLM.generate`` runs them, but watching each request's events for its first audio chunk)."""
     from omni_ray.runner import StageArgs
@@ -136,10 +142,27 @@ def run_omni_ray(llm, n: int, text_tokens: int, codes: int, seed: int, pipeline:
     ttfa = sorted(r["first_audio_ms"] for r in reqs)
     audio = sum(r["audio_s"] for r in reqs)
     mean = {f"{k}_ms": _mean([r[f"{k}_ms"] for r in reqs]) for k in MARKS}
-    return dict(first_audio_ms=statistics.mean(ttfa), first_audio_p90_ms=ttfa[math.ceil(0.9 * len(ttfa)) - 1],
-                rtf=statistics.mean(r["rtf"] for r in reqs), audio_s=audio / n, codes=reqs[0]["codes"],
-                text_tokens=reqs[0]["text_tokens"], wall_s=wall, audio_s_per_s=audio / wall,
-                stall_ms=statistics.mean(r["stall_ms"] for r in reqs), **mean, requests=reqs)
+    out = dict(first_audio_ms=statistics.mean(ttfa), first_audio_p90_ms=ttfa[math.ceil(0.9 * len(ttfa)) - 1],
+               rtf=statistics.mean(r["rtf"] for r in reqs), audio_s=audio / n, codes=reqs[0]["codes"],
+               text_tokens=reqs[0]["text_tokens"], wall_s=wall, audio_s_per_s=audio / wall,
+               stall_ms=statistics.mean(r["stall_ms"] for r in reqs), **mean, requests=reqs)
+    if trace is not None:                              # what each engine did during the burst
+        out["timeline"] = trace.summary(t0, t0 + wall)
+    return out
+
+
+def print_timeline(row: dict) -> None:
+    """Where the first request of a run spent its time: the stages' last outputs, each token2wav window
+    (computable, mel done, audio out), each engine's steps, the DiT steps and vocoder batches one by one."""
+    req = row["requests"][0]
+    print(f"timeline (first chunk {row['first_chunk']}, concurrency {row['concurrency']}, request 0, ms from its "
+          f"start): thinker's last token {req['thinker_last_token_ms']:.0f}, talker's last code "
+          f"{req['talker_last_code_ms']:.0f}, done {1e3 * req['total_s']:.0f}")
+    print(table(req["chunks"], ["chunk", "ready_ms", "mel_ms", "out_ms"]))
+    tl = row["timeline"]
+    print(table([dict(engine=k, **v) for k, v in tl["engines"].items()],
+                ["engine", "steps", "busy_ms", "first_ms", "last_end_ms", "p50_ms", "p90_ms", "max_ms"]))
+    print(table(tl["dit_and_vocoder"][:40], ["engine", "start_ms", "ms", "items"]))
 
 
 def _mean(xs: list) -> float | None:
@@ -189,6 +212,12 @@ def main() -> None:
     ap.add_argument("--thinker-core-process", choices=["off", "on"], default="off",
                     help="step the thinker's engine in a child process (its own interpreter, not a thread of "
                          "this one; the talker's core stays a thread: fed rows go straight into its requests)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="trace every engine step and vocoder batch (benchmarks/speech_trace.py) and print where one "
+                         "request's time goes (the first concurrency level's run)")
+    ap.add_argument("--switch-interval", type=float, default=None, metavar="MS",
+                    help="the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): "
+                         "the engines' threads and the event loop share one interpreter here")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -198,6 +227,8 @@ def main() -> None:
     levels = args.concurrency or ([1, 2] if args.tiny else [1, 16])
     plans = [None if f == "ref" else int(f) for f in args.first_chunk_frames]
 
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval / 1e3)
     from omni_ray.offline import OmniLLM
     from omni_ray.testing import resolve_model
 
@@ -210,13 +241,17 @@ def main() -> None:
         run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed, f"speech-{label(plan)}")
     print(f"engines up and warm in {time.perf_counter() - t_build:.1f} s")
     rows = []
-    for plan in plans:
-        for c in levels:
-            pipe = f"speech-{label(plan)}"
-            run_omni_ray(llm, c, text_tokens, codes, args.seed + 1, pipe)     # the batch sizes' first run: warm-up
-            rows.append(dict(engine="omni-ray", first_chunk=label(plan), concurrency=c,
-                             **run_omni_ray(llm, c, text_tokens, codes, args.seed, pipe)))
-            print(table(rows[-1:], COLUMNS))
+    with EngineTrace() if args.timeline else contextlib.nullcontext() as trace:
+        for plan in plans:
+            for c in levels:
+                pipe = f"speech-{label(plan)}"
+                run_omni_ray(llm, c, text_tokens, codes, args.seed + 1, pipe)     # the batch sizes' first run: warm-up
+                rows.append(dict(engine="omni-ray", first_chunk=label(plan), concurrency=c,
+                                 **run_omni_ray(llm, c, text_tokens, codes, args.seed, pipe,
+                                                trace if c == levels[0] else None)))
+                print(table(rows[-1:], COLUMNS))
+                if "timeline" in rows[-1]:
+                    print_timeline(rows[-1])
     stats = {k: v for k, v in llm.stats().items() if isinstance(v, dict)}
     llm.shutdown()
     if not args.no_transformers:

@@ -5,7 +5,7 @@ first events are stamped (``time.perf_counter()``), for benchmarks/bench_omni_sp
     backends = marks.wrap(backends, names)     # names: the thinker, talker and token2wav stages, in order
     ... run_pipeline(..., request_id=rid) ...
     marks.of(rid)  -> {"thinker_first_token": t, "talker_first_code": t, "first_window_codes": t,
-                       "first_window_ready": t, "first_window_mel": t}
+                       "first_window_ready": t, "first_window_mel": t, "thinker_last_token": t, "talker_last_code": t}
 
 ``first_window_codes``: the talker's code that makes token2wav's first window computable was fed (its plan's
 ``codes_needed(0)``, or the utterance ended); ``first_window_ready`` / ``first_window_mel``: the token2wav
@@ -26,10 +26,15 @@ def request_of(stage_request_id: str) -> str:
 class FirstEvents:
     def __init__(self):
         self.marks: dict[str, dict[str, float]] = {}
+        self.chunks: dict[str, list[tuple]] = {}     # request -> (chunk, ready, mel, out) per token2wav window
 
     def mark(self, stage_request_id: str, key: str, t: float | None = None) -> None:
         self.marks.setdefault(request_of(stage_request_id), {}).setdefault(key, time.perf_counter() if t is None
                                                                            else t)
+
+    def last(self, stage_request_id: str, key: str) -> None:
+        """``key`` stamped now, over any earlier stamp (the last event of its kind)."""
+        self.marks.setdefault(request_of(stage_request_id), {})[key] = time.perf_counter()
 
     def of(self, request_id: str) -> dict[str, float]:
         return self.marks.get(request_id, {})
@@ -53,6 +58,7 @@ class _Thinker(_Timed):
         async for d in self.inner.generate(req):
             if d.get("token_ids"):
                 self.marks.mark(req.request_id, "thinker_first_token")
+                self.marks.last(req.request_id, "thinker_last_token")
             yield d
 
 
@@ -61,6 +67,7 @@ class _Talker(_Timed):
         async for d in self.inner.generate(req):
             if d.get("codes"):
                 self.marks.mark(req.request_id, "talker_first_code")
+                self.marks.last(req.request_id, "talker_last_code")
             yield d
 
 
@@ -81,9 +88,13 @@ class _Token2Wav(_Timed):
 
     async def generate(self, req) -> AsyncIterator[dict]:
         async for d in self.inner.generate(req):
-            if d.get("chunk") == 0 and "times" in d:
-                self.marks.mark(req.request_id, "first_window_ready", d["times"]["ready"])
-                self.marks.mark(req.request_id, "first_window_mel", d["times"]["mel"])
+            if "times" in d:
+                tm = d["times"]
+                self.marks.chunks.setdefault(request_of(req.request_id), []).append(
+                    (d.get("chunk"), tm["ready"], tm["mel"], time.perf_counter()))
+                if d.get("chunk") == 0:
+                    self.marks.mark(req.request_id, "first_window_ready", tm["ready"])
+                    self.marks.mark(req.request_id, "first_window_mel", tm["mel"])
             yield d
 
 

@@ -444,3 +444,25 @@ def _speech_on_cuda(ckpt, tokens, codes, wav):
         both = o.generate("omni", [PROMPT, "The lighthouse"], audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
         assert both[0].text == out.text and np.abs(both[0].audio - out.audio).max() < 1e-4
         assert o.stage("talker").stats()["max_batch_size"] >= 2
+
+
+def test_engine_trace_sees_every_engine_and_restores_them(omni):
+    """benchmarks/speech_trace.py (``bench_omni_speech.py --timeline``): one request's steps on the thinker, the
+    talker, token2wav's DiT engine and its vocoder, stamped in order; the engines' methods back as they were."""
+    from benchmarks.speech_trace import EngineTrace
+    from omni_ray.ar.engine.engine_core import CoreLoop
+    from omni_ray.dit.engine import DiTEngine
+
+    step, dit_step = CoreLoop.step, DiTEngine.step
+    with EngineTrace() as trace:
+        t0 = time.perf_counter()
+        out = omni.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
+        t1 = time.perf_counter()
+    assert CoreLoop.step is step and DiTEngine.step is dit_step
+    summary = trace.summary(t0, t1)
+    engines = summary["engines"]
+    assert set(engines) == {"thinker", "talker", "dit", "vocoder"}, engines
+    assert engines["talker"]["steps"] >= out.stages[1]["num_codes"] // 8 and engines["dit"]["steps"] >= 1
+    spans = summary["dit_and_vocoder"]
+    assert [s["start_ms"] for s in spans] == sorted(s["start_ms"] for s in spans)
+    assert all(0 <= s["start_ms"] and s["ms"] > 0 for s in spans) and spans[-1]["engine"] == "vocoder"

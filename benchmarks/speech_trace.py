@@ -1,0 +1,74 @@
+"""Where a speech request's time goes inside one ``OmniLLM`` process, engine by engine: every AR engine step
+(the thinker's and the talker's, each on its engine thread), every DiT engine step (token2wav's windows, on its
+worker thread) and every vocoder batch, stamped with ``time.perf_counter()`` (host time: a step's span includes
+its wait for the device), for ``bench_omni_speech.py --timeline``.
+
+    with EngineTrace() as trace:
+        ... run requests ...
+    trace.summary(t0, t1)   # what ran between t0 and t1: per engine, step count, busy ms, step ms p50 / p90 / max;
+                            # the DiT steps and vocoder batches one by one (start ms from t0, ms, items)
+
+The engines' step methods are wrapped for the ``with`` block only (class attributes, restored on exit): a
+benchmark's instrument, never on in serving.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+def _who(loop) -> str:
+    """An AR engine's role: its model's submodel (``talker``), else ``thinker``."""
+    model = getattr(getattr(loop.engine, "config", None), "model", None)
+    return getattr(model, "submodel", None) or "thinker"
+
+
+class EngineTrace:
+    def __init__(self):
+        self.events: list[tuple[str, float, float, int]] = []     # (engine, start, end, items)
+        self._lock = threading.Lock()
+        self._saved: list[tuple[type, str, object]] = []
+
+    def _wrap(self, cls: type, name: str, who, count) -> None:
+        inner = getattr(cls, name)
+        events, lock = self.events, self._lock
+
+        def timed(obj, *args, **kwargs):
+            t = time.perf_counter()
+            out = inner(obj, *args, **kwargs)
+            with lock:
+                events.append((who(obj), t, time.perf_counter(), count(out, args)))
+            return out
+
+        self._saved.append((cls, name, inner))
+        setattr(cls, name, timed)
+
+    def __enter__(self) -> EngineTrace:
+        from omni_ray.ar.engine.engine_core import CoreLoop
+        from omni_ray.dit.engine import DiTEngine
+        from omni_ray.dit.vocoder_batch import VocoderBatcher
+
+        self._wrap(CoreLoop, "step", _who, lambda out, args: len(out))
+        self._wrap(DiTEngine, "step", lambda eng: "dit", lambda out, args: len(out))
+        self._wrap(VocoderBatcher, "_decode_all", lambda v: "vocoder", lambda out, args: len(args[0]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls, name, inner in reversed(self._saved):
+            setattr(cls, name, inner)
+        self._saved.clear()
+
+    def summary(self, t0: float, t1: float) -> dict:
+        with self._lock:
+            events = [e for e in self.events if t0 <= e[1] <= t1]
+        engines: dict[str, dict] = {}
+        for who in sorted({e[0] for e in events}):
+            spans = sorted(1e3 * (e[2] - e[1]) for e in events if e[0] == who)
+            mine = [e for e in events if e[0] == who]
+            engines[who] = dict(steps=len(spans), busy_ms=sum(spans), first_ms=1e3 * (mine[0][1] - t0),
+                                last_end_ms=1e3 * (max(e[2] for e in mine) - t0),
+                                p50_ms=spans[len(spans) // 2], p90_ms=spans[(9 * len(spans)) // 10], max_ms=spans[-1])
+        spans = [dict(engine=e[0], start_ms=1e3 * (e[1] - t0), ms=1e3 * (e[2] - e[1]), items=e[3])
+                 for e in sorted(events, key=lambda e: e[1]) if e[0] in ("dit", "vocoder")]
+        return dict(engines=engines, dit_and_vocoder=spans)

@@ -39,7 +39,7 @@ import torch
 
 from omni_ray.ar.engine.detokenizer import stream_safe_len
 from omni_ray.ar.sequence import Sequence
-from omni_ray.capture_lock import capture_lock
+from omni_ray.capture_lock import step_lock
 from omni_ray.config import AREngineConfig
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
 from omni_ray.heap import freeze_startup_heap
@@ -96,7 +96,7 @@ class CoreLoop:
 
     def step(self) -> list[tuple]:
         t0 = time.perf_counter()
-        with capture_lock():             # no CUDA graph capture of another thread while this step samples
+        with step_lock():                # beside other engines' steps, never during another thread's graph capture
             seqs = self.engine.step_seqs()
         out = [x for seq in seqs if (x := self.output(seq)) is not None]
         dt = time.perf_counter() - t0

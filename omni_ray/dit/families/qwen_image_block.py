@@ -5,7 +5,9 @@ one fused q/k/v projection per stream (the block's own linears become views into
 so nothing is stored twice and the diffusers module still runs unchanged), RoPE in real arithmetic
 on precomputed cos / sin (the complex product of ``apply_rotary_emb_qwen``, written out, in fp32),
 ``addcmul`` for the gated residuals, one SDPA over [text | image] with an additive caption mask only
-when the batch has one, the MLPs' GELU in the GEMM epilogue on CUDA. ``fuse_elementwise()`` compiles
+when the batch has one, the MLPs' GELU in the GEMM epilogue on CUDA. Fused on CUDA, the joint q / k / v
+(both streams' norms, RoPE and the concatenation) come from one Triton kernel per stream
+(``qwen_image_kernels.py``). ``fuse_elementwise()`` compiles
 the small helpers (layer norm + modulation, q/k RMS norm + RoPE + the joint concatenation, gated
 residual) into fused kernels without compiling the whole block.
 """
@@ -50,8 +52,12 @@ class Kernels:
 
     def __init__(self):
         self.ln_modulate, self.gated_add, self.joint_qk = ln_modulate, gated_add, joint_qk
+        self.joint_qkv = None               # fused: q, k, v of the joint sequence in one Triton kernel per stream
 
     def fuse(self) -> None:
+        from omni_ray.dit.families import qwen_image_kernels
+
+        self.joint_qkv = qwen_image_kernels
         self.ln_modulate = torch.compile(ln_modulate)
         self.gated_add = torch.compile(gated_add)
         self.joint_qk = torch.compile(joint_qk)
@@ -96,11 +102,14 @@ class QwenImageBlock(nn.Module):
             x = k.gated_add(x, i_g1, a.to_out[0](img_o))
             ctx = k.gated_add(ctx, t_g1, a.to_add_out(txt_o))
             return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)
-        q = k.joint_qk(cqkv[:, :, 0], qkv[:, :, 0], a.norm_added_q.weight, a.norm_q.weight, a.norm_added_q.eps,
-                       a.norm_q.eps, rope).transpose(1, 2)                            # [B, H, T + N, d]
-        kk = k.joint_qk(cqkv[:, :, 1], qkv[:, :, 1], a.norm_added_k.weight, a.norm_k.weight, a.norm_added_k.eps,
-                        a.norm_k.eps, rope).transpose(1, 2)
-        v = torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], dim=1).transpose(1, 2)
+        if k.joint_qkv is not None and qkv.is_cuda and k.joint_qkv.applies(cqkv, qkv, a):
+            q, kk, v = k.joint_qkv.joint_qkv(cqkv, qkv, a, rope)                     # [B, H, T + N, d] each
+        else:
+            q = k.joint_qk(cqkv[:, :, 0], qkv[:, :, 0], a.norm_added_q.weight, a.norm_q.weight,
+                           a.norm_added_q.eps, a.norm_q.eps, rope).transpose(1, 2)    # [B, H, T + N, d]
+            kk = k.joint_qk(cqkv[:, :, 1], qkv[:, :, 1], a.norm_added_k.weight, a.norm_k.weight,
+                            a.norm_added_k.eps, a.norm_k.eps, rope).transpose(1, 2)
+            v = torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], dim=1).transpose(1, 2)
         mask = None if ctx_bias is None else F.pad(ctx_bias, (0, N))[:, None]         # [B, 1, 1, T + N]
         o = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2)   # [B, T + N, H, d]
         x = k.gated_add(x, i_g1, a.to_out[0](o[:, T:].reshape(B, N, D)))

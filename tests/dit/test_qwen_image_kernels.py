@@ -47,3 +47,21 @@ def test_cuda_kernel_equals_the_eager_helpers(dtype):
     assert ((q.transpose(1, 2).float() - rq.float()).abs() / scale).max() <= (2.0 if dtype == torch.bfloat16 else 1e-5)
     assert ((k.transpose(1, 2).float() - rk.float()).abs() / scale).max() <= (2.0 if dtype == torch.bfloat16 else 1e-5)
     assert torch.equal(v.transpose(1, 2), torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], dim=1))
+
+
+def test_a_kernel_that_cannot_run_falls_back_for_good(caplog):
+    """The fused block's first joint q/k/v call: a compile or launch error leaves the compiled helpers in charge."""
+    from omni_ray.dit.families.qwen_image_block import Kernels
+
+    class Broken:
+        calls = 0
+
+        @classmethod
+        def joint_qkv(cls, *args):
+            cls.calls += 1
+            raise RuntimeError("no kernel image for this device")
+
+    kernels = Kernels()
+    kernels.joint_qkv = Broken
+    assert kernels.run_joint_qkv(None, None, None, None) is None
+    assert kernels.joint_qkv is None and Broken.calls == 1 and "joint q/k/v kernel unavailable" in caplog.text

@@ -14,11 +14,15 @@ residual) into fused kernels without compiling the whole block.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from omni_ray.dit.families.pixart_block import _fuse, gated_add, ln_modulate, mlp
+
+log = logging.getLogger(__name__)
 
 
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
@@ -54,6 +58,8 @@ class Kernels:
         self.ln_modulate, self.gated_add, self.joint_qk = ln_modulate, gated_add, joint_qk
         self.joint_qkv = None               # fused: q, k, v of the joint sequence in one Triton kernel per stream
 
+        self._joint_qkv_ran = False
+
     def fuse(self) -> None:
         from omni_ray.dit.families import qwen_image_kernels
 
@@ -61,6 +67,20 @@ class Kernels:
         self.ln_modulate = torch.compile(ln_modulate)
         self.gated_add = torch.compile(gated_add)
         self.joint_qk = torch.compile(joint_qk)
+
+    def run_joint_qkv(self, cqkv, qkv, attn, rope):
+        """The Triton kernel's (q, k, v); its first call (the engine's warm-up, before any CUDA graph capture)
+        falls back to the compiled helpers for good if the kernel cannot compile or launch on this device."""
+        if self._joint_qkv_ran:
+            return self.joint_qkv.joint_qkv(cqkv, qkv, attn, rope)
+        try:
+            out = self.joint_qkv.joint_qkv(cqkv, qkv, attn, rope)
+        except Exception as err:          # noqa: BLE001 - a compiler or driver error: keep serving without it
+            log.warning("Qwen-Image joint q/k/v kernel unavailable (%r): using the compiled helpers", err)
+            self.joint_qkv = None
+            return None
+        self._joint_qkv_ran = True
+        return out
 
 
 def supported(block: nn.Module) -> bool:
@@ -102,8 +122,11 @@ class QwenImageBlock(nn.Module):
             x = k.gated_add(x, i_g1, a.to_out[0](img_o))
             ctx = k.gated_add(ctx, t_g1, a.to_add_out(txt_o))
             return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)
-        if k.joint_qkv is not None and qkv.is_cuda and k.joint_qkv.applies(cqkv, qkv, a):
-            q, kk, v = k.joint_qkv.joint_qkv(cqkv, qkv, a, rope)                     # [B, H, T + N, d] each
+        fused = k.joint_qkv is not None and qkv.is_cuda and k.joint_qkv.applies(cqkv, qkv, a)
+        if fused:
+            fused = k.run_joint_qkv(cqkv, qkv, a, rope)                            # [B, H, T + N, d] each
+        if fused:
+            q, kk, v = fused
         else:
             q = k.joint_qk(cqkv[:, :, 0], qkv[:, :, 0], a.norm_added_q.weight, a.norm_q.weight,
                            a.norm_added_q.eps, a.norm_q.eps, rope).transpose(1, 2)    # [B, H, T + N, d]

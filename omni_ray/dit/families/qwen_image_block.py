@@ -5,11 +5,11 @@ one fused q/k/v projection per stream (the block's own linears become views into
 so nothing is stored twice and the diffusers module still runs unchanged), RoPE in real arithmetic
 on precomputed cos / sin (the complex product of ``apply_rotary_emb_qwen``, written out, in fp32),
 ``addcmul`` for the gated residuals, one SDPA over [text | image] with an additive caption mask only
-when the batch has one, the MLPs' GELU in the GEMM epilogue on CUDA. Fused on CUDA, the joint q / k / v
-(both streams' norms, RoPE and the concatenation) come from one Triton kernel per stream
-(``qwen_image_kernels.py``). ``fuse_elementwise()`` compiles
-the small helpers (layer norm + modulation, q/k RMS norm + RoPE + the joint concatenation, gated
-residual) into fused kernels without compiling the whole block.
+when the batch has one, the MLPs' GELU in the GEMM epilogue on CUDA, the output projections' biases
+in the gated residuals. ``fuse_elementwise()`` compiles the small helpers (layer norm + modulation,
+q/k RMS norm + RoPE + the joint concatenation, gated residual) into fused kernels without compiling
+the whole block; fused on CUDA, the joint q / k / v (both streams' norms, RoPE and the concatenation)
+come from one Triton kernel per stream (``qwen_image_kernels.py``).
 """
 
 from __future__ import annotations
@@ -51,11 +51,25 @@ def joint_qk(txt: torch.Tensor, img: torch.Tensor, w_txt: torch.Tensor | None, w
                       qk_norm_rope(img, w_img, eps_img, img_cos, img_sin)], dim=1)
 
 
+def gated_add_bias(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x + gate * (y + bias): an output projection's bias folded into the gated residual (one kernel fused)."""
+    return torch.addcmul(x, gate, y + bias)
+
+
+def projected_residual(k, x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """x + gate * linear(o). On a strided ``o`` (a stream's half of the joint attention output) ``F.linear``
+    runs a matmul and a separate bias add; here the bias goes into the gated residual instead."""
+    if o.is_contiguous() or linear.bias is None:
+        return k.gated_add(x, gate, linear(o))
+    return k.gated_add_bias(x, gate, torch.matmul(o, linear.weight.t()), linear.bias)
+
+
 class Kernels:
     """The elementwise helpers a block calls: eager, or compiled into fused kernels."""
 
     def __init__(self):
         self.ln_modulate, self.gated_add, self.joint_qk = ln_modulate, gated_add, joint_qk
+        self.gated_add_bias = gated_add_bias
         self.joint_qkv = None               # fused: q, k, v of the joint sequence in one Triton kernel per stream
 
         self._joint_qkv_ran = False
@@ -66,6 +80,7 @@ class Kernels:
         self.joint_qkv = qwen_image_kernels
         self.ln_modulate = torch.compile(ln_modulate)
         self.gated_add = torch.compile(gated_add)
+        self.gated_add_bias = torch.compile(gated_add_bias)
         self.joint_qk = torch.compile(joint_qk)
 
     def run_joint_qkv(self, cqkv, qkv, attn, rope):
@@ -135,8 +150,8 @@ class QwenImageBlock(nn.Module):
             v = torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], dim=1).transpose(1, 2)
         mask = None if ctx_bias is None else F.pad(ctx_bias, (0, N))[:, None]         # [B, 1, 1, T + N]
         o = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2)   # [B, T + N, H, d]
-        x = k.gated_add(x, i_g1, a.to_out[0](o[:, T:].reshape(B, N, D)))
-        ctx = k.gated_add(ctx, t_g1, a.to_add_out(o[:, :T].reshape(B, T, D)))
+        x = projected_residual(k, x, i_g1, o[:, T:].reshape(B, N, D), a.to_out[0])
+        ctx = projected_residual(k, ctx, t_g1, o[:, :T].reshape(B, T, D), a.to_add_out)
 
         return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)
 

@@ -131,4 +131,6 @@ class PixArtBlock:
 
         # feed-forward
         h = k.ln_modulate(x, n2.weight, n2.bias, n2.eps, 1 + scale_mlp, shift_mlp)
-        return k.gated_add(x, gate_mlp, mlp(blk.ff, h))
+        ff0 = blk.ff.net[0]                 # GELU as its own kernel (the epilogue form, ``mlp``, untimed here)
+        h = F.gelu(ff0.proj(h), approximate=ff0.approximate)
+        return k.gated_add(x, gate_mlp, blk.ff.net[2](h))

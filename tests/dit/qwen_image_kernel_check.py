@@ -11,12 +11,13 @@ from omni_ray.dit.families.qwen_image_block import joint_qk
 
 
 class Attn(torch.nn.Module):
-    def __init__(self, d, dtype, affine):
+    def __init__(self, d, dtype, affine, seed=1):
         super().__init__()
+        g = torch.Generator().manual_seed(seed)
         for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
             n = RMSNorm(d, eps=1e-6, elementwise_affine=affine)
             if affine:
-                n.weight.data = (torch.rand(d) + 0.5).to(dtype)
+                n.weight.data = (torch.rand(d, generator=g) + 0.5).to(dtype)
             setattr(self, name, n)
 
 
@@ -33,8 +34,10 @@ def check(dtype, affine, B=2, T=5, N=7, H=3, d=16):
     rk = joint_qk(cqkv[:, :, 1], qkv[:, :, 1], a.norm_added_k.weight, a.norm_k.weight, 1e-6, 1e-6, rope).transpose(1, 2)
     rv = torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], dim=1).transpose(1, 2)
     assert q.shape == rq.shape == (B, H, T + N, d) and q.dtype == rq.dtype
-    # bf16: in ulps at each head row's largest value (Triton's interpreter rounds to bf16 by truncation, the GPU
-    # to nearest: up to one ulp per rounding, and the rotation's differences carry its inputs' errors); fp32: absolute
+    # bf16: in ulps at each head row's largest value. Triton's interpreter rounds to bf16 by truncation (the GPU and
+    # torch to nearest): up to one ulp more per rounding (three in a row, the last after the rotation mixes two
+    # rounded values), so the interpreter's bf16 bound is loose (8) and only catches a rounding at the wrong place or
+    # a wrong pair; fp32 checks the arithmetic itself (absolute), the GPU test bf16 within 2 ulps
     scale = (rq.float().abs().amax(-1, keepdim=True) * 2.0 ** -7) if dtype == torch.bfloat16 else 1.0
     diffs = [((x.float() - y.float()).abs() / scale).max().item() for x, y in ((q, rq), (k, rk), (v, rv))]
     print(f"{dtype} affine={affine} q {diffs[0]:.3g} k {diffs[1]:.3g} v {diffs[2]:.3g}")
@@ -46,5 +49,5 @@ if __name__ == "__main__":
     for dtype in (torch.float32, torch.bfloat16):
         for affine in (True, False):
             worst[(dtype, affine)] = max(check(dtype, affine))
-    ok = all(w <= (1e-5 if dt == torch.float32 else 4.0) for (dt, _), w in worst.items())
+    ok = all(w <= (1e-5 if dt == torch.float32 else 8.0) for (dt, _), w in worst.items())
     sys.exit(0 if ok else 1)

@@ -75,7 +75,7 @@ class Kernels:
         self._joint_qkv_ran = False
 
     def fuse(self) -> None:
-        from omni_ray.dit.families import qwen_image_kernels
+        import omni_ray.dit.families.qwen_image_kernels as qwen_image_kernels  # Triton: imported when fused
 
         self.joint_qkv = qwen_image_kernels
         self.ln_modulate = torch.compile(ln_modulate)

@@ -56,12 +56,17 @@ def test_a_kernel_that_cannot_run_falls_back_for_good(caplog):
     class Broken:
         calls = 0
 
+        @staticmethod
+        def applies(*args):
+            return True
+
         @classmethod
         def joint_qkv(cls, *args):
             cls.calls += 1
             raise RuntimeError("no kernel image for this device")
 
     kernels = Kernels()
-    kernels.joint_qkv = Broken
-    assert kernels.run_joint_qkv(None, None, None, None) is None
-    assert kernels.joint_qkv is None and Broken.calls == 1 and "joint q/k/v kernel unavailable" in caplog.text
+    kernels._qkv_kernel = Broken
+    assert kernels.fused_qkv(None, None, None, None) is None
+    assert kernels._qkv_kernel is None and Broken.calls == 1 and "joint q/k/v kernel unavailable" in caplog.text
+    assert kernels.fused_qkv(None, None, None, None) is None and Broken.calls == 1      # never tried again

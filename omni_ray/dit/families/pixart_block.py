@@ -51,19 +51,6 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return torch.addcmul(x, gate, y)
 
 
-def mlp(ff: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``FeedForward`` (Linear -> GELU(tanh) -> Linear); on CUDA the GELU runs in the first
-    GEMM's epilogue (cuBLASLt), saving a pass over the 4x-wide activations."""
-    act = ff.net[0]
-    proj = act.proj
-    if h.is_cuda and act.approximate == "tanh" and proj.bias is not None:
-        y = torch._addmm_activation(proj.bias, h.reshape(-1, h.shape[-1]), proj.weight.t(), use_gelu=True)
-        y = y.view(*h.shape[:-1], -1)
-    else:
-        y = F.gelu(proj(h), approximate=act.approximate)
-    return ff.net[2](y)
-
-
 class Kernels:
     """The elementwise helpers a block calls: eager, or compiled into fused kernels."""
 
@@ -131,6 +118,6 @@ class PixArtBlock:
 
         # feed-forward
         h = k.ln_modulate(x, n2.weight, n2.bias, n2.eps, 1 + scale_mlp, shift_mlp)
-        ff0 = blk.ff.net[0]                 # GELU as its own kernel (the epilogue form, ``mlp``, untimed here)
+        ff0 = blk.ff.net[0]
         h = F.gelu(ff0.proj(h), approximate=ff0.approximate)
         return k.gated_add(x, gate_mlp, blk.ff.net[2](h))

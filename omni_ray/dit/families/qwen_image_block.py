@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_ray.dit.families.pixart_block import _fuse, gated_add, ln_modulate, mlp
+from omni_ray.dit.families.pixart_block import _fuse, gated_add, ln_modulate
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,19 @@ def joint_qk(txt: torch.Tensor, img: torch.Tensor, w_txt: torch.Tensor | None, w
                       qk_norm_rope(img, w_img, eps_img, img_cos, img_sin)], dim=1)
 
 
+def mlp(ff: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``FeedForward`` (Linear -> GELU(tanh) -> Linear); on CUDA the GELU runs in the first
+    GEMM's epilogue (cuBLASLt), saving a pass over the 4x-wide activations."""
+    act = ff.net[0]
+    proj = act.proj
+    if h.is_cuda and act.approximate == "tanh" and proj.bias is not None:
+        y = torch._addmm_activation(proj.bias, h.reshape(-1, h.shape[-1]), proj.weight.t(), use_gelu=True)
+        y = y.view(*h.shape[:-1], -1)
+    else:
+        y = F.gelu(proj(h), approximate=act.approximate)
+    return ff.net[2](y)
+
+
 def gated_add_bias(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x + gate * (y + bias): an output projection's bias folded into the gated residual (one kernel fused)."""
     return torch.addcmul(x, gate, y + bias)
@@ -70,31 +83,34 @@ class Kernels:
     def __init__(self):
         self.ln_modulate, self.gated_add, self.joint_qk = ln_modulate, gated_add, joint_qk
         self.gated_add_bias = gated_add_bias
-        self.joint_qkv = None               # fused: q, k, v of the joint sequence in one Triton kernel per stream
-
-        self._joint_qkv_ran = False
+        self._qkv_kernel = None             # fused: q, k, v of the joint sequence in one Triton kernel per stream
+        self._qkv_kernel_ran = False
 
     def fuse(self) -> None:
         import omni_ray.dit.families.qwen_image_kernels as qwen_image_kernels  # Triton: imported when fused
 
-        self.joint_qkv = qwen_image_kernels
+        self._qkv_kernel = qwen_image_kernels
         self.ln_modulate = torch.compile(ln_modulate)
         self.gated_add = torch.compile(gated_add)
         self.gated_add_bias = torch.compile(gated_add_bias)
         self.joint_qk = torch.compile(joint_qk)
 
-    def run_joint_qkv(self, cqkv, qkv, attn, rope):
-        """The Triton kernel's (q, k, v); its first call (the engine's warm-up, before any CUDA graph capture)
-        falls back to the compiled helpers for good if the kernel cannot compile or launch on this device."""
-        if self._joint_qkv_ran:
-            return self.joint_qkv.joint_qkv(cqkv, qkv, attn, rope)
+    def fused_qkv(self, cqkv, qkv, attn, rope):
+        """(q, k, v) [B, H, T + N, d] from the Triton kernel (CUDA tensors), or None: not fused, a call the
+        kernel does not take, or a kernel that cannot compile or launch on this device (found on its first
+        call, in the engine's warm-up before any CUDA graph capture: the compiled helpers from then on)."""
+        kernel = self._qkv_kernel
+        if kernel is None or not kernel.applies(cqkv, qkv, attn):
+            return None
+        if self._qkv_kernel_ran:
+            return kernel.joint_qkv(cqkv, qkv, attn, rope)
         try:
-            out = self.joint_qkv.joint_qkv(cqkv, qkv, attn, rope)
+            out = kernel.joint_qkv(cqkv, qkv, attn, rope)
         except Exception as err:          # noqa: BLE001 - a compiler or driver error: keep serving without it
             log.warning("Qwen-Image joint q/k/v kernel unavailable (%r): using the compiled helpers", err)
-            self.joint_qkv = None
+            self._qkv_kernel = None
             return None
-        self._joint_qkv_ran = True
+        self._qkv_kernel_ran = True
         return out
 
 
@@ -137,11 +153,9 @@ class QwenImageBlock(nn.Module):
             x = k.gated_add(x, i_g1, a.to_out[0](img_o))
             ctx = k.gated_add(ctx, t_g1, a.to_add_out(txt_o))
             return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)
-        fused = k.joint_qkv is not None and qkv.is_cuda and k.joint_qkv.applies(cqkv, qkv, a)
-        if fused:
-            fused = k.run_joint_qkv(cqkv, qkv, a, rope)                            # [B, H, T + N, d] each
-        if fused:
-            q, kk, v = fused
+        fused = k.fused_qkv(cqkv, qkv, a, rope) if qkv.is_cuda else None
+        if fused is not None:
+            q, kk, v = fused                                                          # [B, H, T + N, d] each
         else:
             q = k.joint_qk(cqkv[:, :, 0], qkv[:, :, 0], a.norm_added_q.weight, a.norm_q.weight,
                            a.norm_added_q.eps, a.norm_q.eps, rope).transpose(1, 2)    # [B, H, T + N, d]

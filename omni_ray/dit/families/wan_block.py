@@ -167,4 +167,4 @@ class WanBlock(nn.Module):
         x = x + a2.to_out[0](o)
 
         # feed-forward
-        return gated(x, blk.ffn(modulated(x, blk.norm3.eps, 3)), 5)      # GELU in its own kernel: see below
+        return gated(x, blk.ffn(modulated(x, blk.norm3.eps, 3)), 5)      # GELU: its own kernel (module docstring)

@@ -14,7 +14,7 @@ The text encoder is out of the timing: both sides get the same random UMT5 state
    the engine's ``attention_backend: auto`` picks the fastest the same way, per token count.
 3. latency of one video (transformer + VAE, CFG 5.0 with a negative prompt's states), engine vs
    diffusers, same weights, same seed; PSNR of the engine's frames against diffusers'.
-4. 4 videos at once: videos/hour (with the VAE) and the transformer's achieved TFLOP/s (denoising
+4. 4 videos at once (``--videos``): videos/hour (with the VAE) and the transformer's achieved TFLOP/s (denoising
    only) against the measured peak; FLOPs per row and block: self-attention projections 8 N D^2,
    attention 4 N^2 D, cross-attention 4 N D^2 + 4 L D^2 + 4 N L D (L = 512 text tokens), MLP
    4 N D F.
@@ -261,6 +261,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's transformer blocks")
     ap.add_argument("--no-graphs", action="store_true", help="run the engine's blocks without CUDA graphs")
+    ap.add_argument("--videos", type=int, default=4, help="videos at once in the concurrent section (default 4)")
+    ap.add_argument("--concurrent-steps", type=int, default=None,
+                    help="steps of the concurrent section's runs (default: --steps; its TFLOP/s does not depend on it)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=[x for x in SECTIONS if x != "profile"],
                     help="what to run (default: all; latency is what 'concurrent' compares with diffusers)")
     a = ap.parse_args()
@@ -286,17 +289,18 @@ def main() -> None:
         print(f"built Wan {model} transformer + VAE in memory: {tb.s:.1f} s, "
               f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
         ecfg = DiTEngineConfig(model=ModelConfig(path=f"shape:wan2.1-t2v-{model}", dtype="bfloat16"), device=DEVICE,
-                               max_batch_size=4, compile=a.compile, cuda_graphs=not a.no_graphs)
+                               max_batch_size=max(4, a.videos), compile=a.compile, cuda_graphs=not a.no_graphs)
         engine = DiTEngine.from_components("WanPipeline", comps, ecfg)
         pipe = make_pipeline(comps, shape)
-        pos, neg = random_states(4, 1, cfg["text_dim"]), random_states(4, 2, cfg["text_dim"])
+        pos, neg = (random_states(max(4, a.videos), s, cfg["text_dim"]) for s in (1, 2))
         lat = bench_latency(model, engine, pipe, shape, pos, neg, frames_list, steps) if "latency" in a.sections else []
         result["latency"] += lat
         if "diffusers" in a.sections:
             result["diffusers_transformer"] += [bench_diffusers_transformer(model, pipe, shape, pos, neg, f, peak)
                                                 for f in frames_list]
         if "concurrent" in a.sections:
-            result["concurrent"] += bench_concurrent(model, engine, shape, pos, neg, frames_list, steps, peak, lat)
+            result["concurrent"] += bench_concurrent(model, engine, shape, pos, neg, frames_list,
+                                                     a.concurrent_steps or steps, peak, lat, n=a.videos)
         if "profile" in a.sections:                    # where 4 videos' steps go, by kernel (2 steps, 1st frames)
             result.setdefault("profile", {})[model] = bench_profile(engine, shape, pos, neg, frames_list[0])
         if model == "1.3b" and "cache" in a.sections:   # TeaCache4Wan2.1 suggests 0.05 - 0.08 for 1.3B

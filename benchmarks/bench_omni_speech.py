@@ -57,7 +57,7 @@ LAST = ("thinker_last_token", "talker_last_code")
 
 
 def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
-                lookahead: int, precision: str = "fp32", thinker_core: str = "off") -> dict:
+                lookahead: int, precision: str = "fp32", thinker_core: str = "off", t2w_compile: bool = False) -> dict:
     """The thinker and talker stages on one checkpoint, a token2wav stage per chunk plan (``plans``: None, the
     reference's, or the first chunk's mel frames) and a graph pipeline through each (``speech-<plan>``). On
     the GPU the KV caches are sized for ``concurrency`` requests (not a share of the GPU's memory: the stages
@@ -81,7 +81,8 @@ def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len
         stream = {} if plan is None else {"token2wav_stream": {"first_chunk_frames": plan,
                                                                "first_lookahead_frames": lookahead}}
         stages[f"t2w-{label(plan)}"] = {"kind": "dit", "engine": {"model": {"path": path}, "device": ar["device"],
-                                                                  "token2wav_precision": precision} | stream}
+                                                                  "token2wav_precision": precision,
+                                                                  "compile": t2w_compile} | stream}
         graph = {"model": "thinker", "stages": {"talker": "talker", "token2wav": f"t2w-{label(plan)}"}}
         pipelines[f"speech-{label(plan)}"] = {"graph": graph}
     return {"stages": stages, "pipelines": pipelines}
@@ -209,6 +210,8 @@ def main() -> None:
     ap.add_argument("--first-lookahead-frames", type=int, default=0, help="the first chunks' look-ahead (default 0)")
     ap.add_argument("--token2wav-precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                     help="token2wav's DiT matmuls (fp32: the reference's)")
+    ap.add_argument("--token2wav-compile", action="store_true",
+                    help="torch.compile token2wav's DiT blocks (fused elementwise kernels inside its CUDA graphs)")
     ap.add_argument("--thinker-core-process", choices=["off", "on"], default="off",
                     help="step the thinker's engine in a child process (its own interpreter, not a thread of "
                          "this one; the talker's core stays a thread: fed rows go straight into its requests)")
@@ -236,7 +239,7 @@ def main() -> None:
     t_build = time.perf_counter()
     llm = OmniLLM(omni_config(path, gpu, max(levels), max_len=1024, talker_len=1024 + codes, plans=plans,
                               lookahead=args.first_lookahead_frames, precision=args.token2wav_precision,
-                              thinker_core=args.thinker_core_process))
+                              thinker_core=args.thinker_core_process, t2w_compile=args.token2wav_compile))
     for plan in plans:                                               # builds and warms the engines (a short one)
         run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed, f"speech-{label(plan)}")
     print(f"engines up and warm in {time.perf_counter() - t_build:.1f} s")

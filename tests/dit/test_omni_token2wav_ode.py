@@ -219,3 +219,46 @@ def test_lower_precision_ode_graphs_near_fp32(token2wav_ckpt, precision):
             assert rel > 1e-5, rel
     assert low.engine_stats()["ode_graph_replays"] > 0
     assert not torch.backends.cuda.matmul.allow_tf32          # the switch is restored after the capture
+
+
+def test_the_stage_warms_every_ode_shape_its_windows_take(token2wav_ckpt):
+    """``Token2WavStageEngine.warm_ode`` (at start) visits each whole-ODE shape the plan's windows can take: every
+    row bucket up to the engine's batch size x every frame bucket up to the longest window, at the engine's
+    default steps. Streams of several lengths fed at once (windows batched every way) then meet no shape it did
+    not visit, so no capture falls inside serving. On the CPU the captures are forced on: each fails and its shape
+    lands in ``failed``, the set of shapes tried (on CUDA they land in ``graphs``)."""
+    import asyncio
+
+    from omni_ray.dit import AsyncDiTEngine
+    from omni_ray.stages.requests import SpeechRequest
+    from omni_ray.stages.token2wav import Token2WavStageEngine
+
+    config = make_engine(str(token2wav_ckpt)).config.model_copy(
+        update={"max_batch_size": 4, "default_steps": STEPS, "token2wav_stream": LOW})
+    lengths = (7, 61, 100)                                   # codes: 1, 3 and 4 windows
+
+    async def run():
+        stage = Token2WavStageEngine(config, engine=AsyncDiTEngine(config))
+        ode = _padded(stage.engine.engine, capture=True)
+        stage.start()                                        # warms
+        tried = set(ode.failed)
+        reqs = [SpeechRequest(f"w-{n}", "Ethan", DiffusionParams(seed=n)) for n in lengths]
+        outs = [stage.generate(r) for r in reqs]
+        try:
+            firsts = [asyncio.ensure_future(anext(o)) for o in outs]
+            for r, n in zip(reqs, lengths):
+                await stage.feed(r.request_id, random_codes(n, n).tolist(), True)
+            got = [[await f] + [d async for d in o] for f, o in zip(firsts, outs)]
+        finally:
+            for o in outs:
+                await o.aclose()
+            await stage.engine.shutdown()
+        return ode, tried, got
+
+    ode, tried, got = asyncio.run(run())
+    assert [len(d) for d in got] == [1, 3, 4] and all(d[-1]["finished"] for d in got)
+    # the plan's windows: [0, 24), [0, 96), then 144 frames (48 back, 72 own, 24 ahead): frame buckets 48, 96, 144
+    assert {(s.requests, s.frames, s.num_steps) for s in tried} == {(r, t, STEPS) for r in (1, 2, 4)
+                                                                    for t in (48, 96, 144)}
+    assert len(tried) == 9 and ode.eager_runs > 9                # the streams ran whole ODEs too
+    assert ode.failed == tried and not ode.graphs             # the streams met no shape the warm-up had not tried

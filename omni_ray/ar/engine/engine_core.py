@@ -97,13 +97,15 @@ class CoreLoop:
     def step(self) -> list[tuple]:
         t0 = time.perf_counter()
         with step_lock():                # beside other engines' steps, never during another thread's graph capture
+            t1 = time.perf_counter()
             seqs = self.engine.step_seqs()
         out = [x for seq in seqs if (x := self.output(seq)) is not None]
         dt = time.perf_counter() - t0
         if dt > SLOW_STEP_S:
             seqs, decodes, tokens, k = getattr(self.engine, "last_step", (0, 0, 0, 0))
-            log.warning("slow engine step: %.0f ms (%d sequences, %d of them decodes, %d tokens, %d forwards)",
-                        1000 * dt, seqs, decodes, tokens, k)
+            log.warning("slow engine step: %.0f ms (%d sequences, %d of them decodes, %d tokens, %d forwards; "
+                        "%.0f ms of it waiting for another thread's graph capture)",
+                        1000 * dt, seqs, decodes, tokens, k, 1000 * (t1 - t0))
         return out
 
     def output(self, seq: Sequence):

@@ -12,12 +12,14 @@ other op is per frame), so padded frames and padded rows are computed and droppe
 Longer inputs than ``MAX_GRAPH_FRAMES`` (compute-bound anyway), a shape whose capture fails, and
 engines without CUDA graphs run eagerly; with ``pad`` the eager path pads as the graphs do (the CPU
 tests check that it equals the unpadded forward). ``precision`` "bf16" runs the forward under
-bfloat16 autocast (the mel stays float32), "tf32" with TF32 float32 matmuls; "fp32" is the reference.
+bfloat16 autocast (the mel stays float32) on a copy of the transformer with bf16 linears
+(``bf16_linears``), "tf32" with TF32 float32 matmuls; "fp32" is the reference.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -65,11 +67,29 @@ class _Graph:
     out: torch.Tensor                # [R, Tp, mel]  the prediction
 
 
+def bf16_linears(family):
+    """The family as ``precision: bf16`` runs it: a shallow copy whose transformer is a copy with every
+    ``nn.Linear`` in bfloat16 (norms, embeddings and the rest as loaded). Under bf16 autocast a float32 linear
+    casts its weight and bias on every call, two copy kernels per layer per forward (~36 forwards per window's
+    ODE); these weights are the same casts, made once. The loaded family is not touched (engines of other
+    precisions may share it); its compiled blocks are compiled again over the copy."""
+    fam = copy.copy(family)
+    fam.transformer = copy.deepcopy(family.transformer)
+    for m in fam.transformer.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.to(torch.bfloat16)
+    fam.block_fns = list(fam.transformer.transformer_blocks)
+    if any(not isinstance(f, torch.nn.Module) for f in family.block_fns):      # family.compile() ran
+        fam.compile()
+    return fam
+
+
 class Token2WavGraphs:
     """The DiT runner's whole-forward hook for speech families (``DiTRunner`` calls ``forward``)."""
 
     def __init__(self, family, max_rows: int, capture: bool, pad: bool | None = None, precision: str = "fp32"):
         self.family = family
+        self.forward_family = bf16_linears(family) if precision == "bf16" else family    # what _forward runs
         self.max_rows = max_rows
         self.capture = capture
         self.pad = capture if pad is None else pad
@@ -91,7 +111,7 @@ class Token2WavGraphs:
 
     def _forward(self, x, t, ctx, lengths) -> torch.Tensor:
         with self._precision():
-            return self.family.forward(x, t, ctx, lengths, None).float()    # ctx_bias: the rows' lengths
+            return self.forward_family.forward(x, t, ctx, lengths, None).float()    # ctx_bias: the rows' lengths
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, lengths: torch.Tensor | None,

@@ -107,6 +107,27 @@ def test_bf16_precision_near_fp32(engine):
         assert 1e-5 < rel < 1e-2, rel                       # bf16 did run (not fp32) and stays close
 
 
+def test_bf16_runs_on_bf16_linears_equal_to_autocasting_the_loaded_ones(engine):
+    """precision bf16's forward runs on a copy of the transformer with bf16 linears (``bf16_linears``: autocast's
+    per-call weight casts made once): the same as autocasting the loaded float32 module, to the bit; the loaded
+    family keeps its float32 weights (fp32 engines may share it)."""
+    from omni_ray.dit.token2wav_graphs import bf16_linears
+
+    fam = engine.family
+    g = Token2WavGraphs(fam, max_rows=32, capture=False, precision="bf16")
+    lin = [m for m in g.forward_family.transformer.modules() if isinstance(m, torch.nn.Linear)]
+    assert lin and all(m.weight.dtype == torch.bfloat16 for m in lin)
+    assert all(p.dtype == torch.float32 for p in fam.transformer.parameters())
+    assert g.forward_family.transformer is not fam.transformer
+    assert bf16_linears(fam).block_fns[0] is not fam.block_fns[0]
+    torch.manual_seed(0)
+    x, ctx = torch.randn(2, 48, fam.mel_dim), torch.randn(2, 48, fam.caption_dim)
+    t, lengths = torch.tensor([0.3, 0.7]), torch.tensor([48, 30])
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), torch.no_grad():
+        ref = fam.forward(x, t, ctx, lengths, None).float()
+    assert torch.equal(g._forward(x, t, ctx, lengths), ref)
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 def _cuda_engine(ckpt, **kw) -> DiTEngine:
     """One RK4 evaluation per engine step, so the per-forward graphs run (whole ODEs: test_omni_token2wav_ode.py)."""

@@ -79,8 +79,8 @@ def bf16_linears(family):
         if isinstance(m, torch.nn.Linear):
             m.to(torch.bfloat16)
     fam.block_fns = list(fam.transformer.transformer_blocks)
-    if any(not isinstance(f, torch.nn.Module) for f in family.block_fns):      # family.compile() ran
-        fam.compile()
+    if any(f is not b for f, b in zip(family.block_fns, family.transformer.transformer_blocks)):
+        fam.compile()                                      # family.compile() ran: compile the copy's blocks too
     return fam
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from omni_ray.devices import to_device
+
 
 @dataclass
 class SamplingTensors:
@@ -64,9 +66,9 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], token_ids: l
     tokens in its ``token_ids`` (prompt and output so far) divided by its penalty where positive,
     multiplied where negative."""
     width = max(len(ids) for ids in token_ids)
-    ids = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for t in token_ids], device=logits.device)
-    r = torch.as_tensor(rows, device=logits.device)
-    p = torch.tensor(penalties, dtype=logits.dtype, device=logits.device)[:, None]
+    ids = to_device([list(t) + [t[-1]] * (width - len(t)) for t in token_ids], logits.device)
+    r = to_device(rows, logits.device)
+    p = to_device(penalties, logits.device, logits.dtype)[:, None]
     score = logits[r].gather(1, ids)
     score = torch.where(score < 0, score * p, score / p)
     logits[r] = logits[r].scatter(1, ids, score)

@@ -33,7 +33,7 @@ from omni_ray.ar.worker.mixed_graphs import MixedStepGraphs
 from omni_ray.ar.worker.seen_tokens import SeenTokens, has_penalty
 from omni_ray.ar.worker.step_rows import StepRows
 from omni_ray.config import AREngineConfig
-from omni_ray.devices import resolve_device, resolve_dtype
+from omni_ray.devices import resolve_device, resolve_dtype, to_device
 from omni_ray.errors import ConfigError, InvalidRequestError, ResourceError
 
 log = logging.getLogger(__name__)
@@ -292,12 +292,12 @@ class ModelRunner:
         cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
         np.cumsum(q_lens, out=cu[1:])
         dev = self.device
-        t = lambda x, dt: torch.as_tensor(np.asarray(x), dtype=dt).to(dev, non_blocking=True)  # noqa: E731
+        t = lambda x, dt: to_device(np.asarray(x), dev, dt)  # noqa: E731
         if any(s.has_mrope_positions for s in batch.seqs):
             pos = self._mm_positions(batch, pos, cu)                  # [3, N] rope positions
         meta = AttnMetadata(
             slot_mapping=t(slots, torch.int64), context_lens=t(ctx_lens, torch.int32),
-            block_tables=torch.from_numpy(table).to(dev, non_blocking=True), cu_seqlens_q=t(cu, torch.int32),
+            block_tables=to_device(table, dev), cu_seqlens_q=t(cu, torch.int32),
             num_decodes=batch.num_decodes, max_query_len=max(q_lens), max_context_len=max(ctx_lens),
             q_lens=q_lens, ctx_lens=ctx_lens)
         meta.decode_splits = self._splits(batch.num_decodes, meta.max_context_len)
@@ -343,12 +343,12 @@ class ModelRunner:
             return media, None
         dev, dt = self.device, self.dtype
         if rep_i:
-            rows = torch.as_tensor(rep_i, dtype=torch.long).to(dev)
-            vals = torch.cat(rep_v).to(dev, dt)
+            rows = to_device(rep_i, dev, torch.long)
+            vals = to_device(torch.cat(rep_v), dev).to(dt)
             if media is not None:
                 rows, vals = torch.cat([media[0], rows]), torch.cat([media[1].to(dt), vals])
             media = (rows, vals)
-        add = (torch.as_tensor(add_i, dtype=torch.long).to(dev), torch.cat(add_v).to(dev, dt)) if add_i else None
+        add = (to_device(add_i, dev, torch.long), to_device(torch.cat(add_v), dev).to(dt)) if add_i else None
         return media, add
 
     def _seen_tokens(self) -> SeenTokens:
@@ -360,10 +360,10 @@ class ModelRunner:
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         ps = [s.params for s in seqs]
         dev = self.device
-        temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([max(p.top_k, 0) for p in ps], dtype=torch.int64, device=dev)
-        top_p = torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev)
-        min_p = torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=dev)
+        temp = to_device([p.temperature for p in ps], dev, torch.float32)
+        top_k = to_device([max(p.top_k, 0) for p in ps], dev, torch.int64)
+        top_p = to_device([p.top_p for p in ps], dev, torch.float32)
+        min_p = to_device([p.min_p for p in ps], dev, torch.float32)
         return SamplingTensors(
             temp, top_k, top_p, min_p, [s.generator for s in seqs],
             need_topk_topp=any(p.top_k > 0 or p.top_p < 1.0 for p in ps if p.temperature > 0),
@@ -393,7 +393,7 @@ class ModelRunner:
         # rows that produce a token: sequences whose known tokens are all computed after this step
         sampled = [i for i, (s, k) in enumerate(zip(batch.seqs, batch.num_new))
                    if not s.is_encode and s.num_computed_tokens + k == len(s)]
-        rows = torch.as_tensor(cu[1:][sampled] - 1, device=self.device) if sampled else None
+        rows = to_device(cu[1:][sampled] - 1, self.device) if sampled else None
         if self.peers is not None:
             self.peers.forward(ids, pos, meta, rows)
         hidden, captured, logits = self._forward(ids, pos, meta, layers, rows, embeds, add)
@@ -520,7 +520,7 @@ class ModelRunner:
             logprobs[1].copy_(self.g_lp[:num_steps, :n, :w], non_blocking=True)
         hidden = None
         if want := [i for i, s in enumerate(seqs) if s.wants_hidden]:     # only rows that asked leave the device
-            rows = torch.as_tensor(want).to(self.device, non_blocking=True)
+            rows = to_device(want, self.device)
             hidden = (want, self.g_hidden[:num_steps, rows].to("cpu", non_blocking=True))   # [num_steps, m, H]
         if self.device.type == "cuda":
             self.tok_ready[buf].record()

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omni_ray.devices import to_device
 from omni_ray.dit.cuda_graphs import record_graph, row_bucket
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class VocoderGraphs:
 
     def _eager(self, latents: torch.Tensor) -> torch.Tensor:
         self.eager_runs += 1
-        mel = latents.to(self.family.device, torch.float32).permute(0, 2, 1)
+        mel = to_device(latents, self.family.device, torch.float32).permute(0, 2, 1)
         if self.precision == "fp32":
             wave = self.vae(mel)                           # transformers' forward: [samples] when B == 1, on the CPU
             return wave.reshape(latents.shape[0], -1).float().cpu()
@@ -167,7 +168,7 @@ class VocoderGraphs:
     @staticmethod
     def _fill(buf: torch.Tensor, latents: torch.Tensor) -> None:
         rows = latents.shape[0]
-        buf[:rows].copy_(latents.permute(0, 2, 1))
+        buf[:rows].copy_(to_device(latents, buf.device).permute(0, 2, 1))     # streamed mels come from the host
         buf[rows:].zero_()
 
     # ------------------------------------------------------------------ the body

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from omni_ray.devices import to_device
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
 from omni_ray.dit.rk4 import RK4FlowScheduler
 from omni_ray.errors import ConfigError, InvalidRequestError
@@ -189,7 +190,7 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
     def prepare_request(self, r) -> None:
         """Admission: conditioning of both CFG halves, the RK4 scheduler, the initial noise."""
         sp = r.speech
-        codes = sp.codes.to(self.device)[None]                           # [1, N]
+        codes = to_device(sp.codes, self.device)[None]                   # [1, N]
         frames = codes.shape[1] * self.repeats
         enc, enc_null = self._speaker_states(sp.voice)
         spk = self._voices[sp.voice]["cond"][0]
@@ -200,7 +201,7 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
         r.scheduler = RK4FlowScheduler(r.num_steps, sp.sway_coefficient)
         r.timesteps = r.scheduler.timesteps
         if sp.noise is not None:
-            r.latents = sp.noise.to(self.device, torch.float32).reshape(1, frames, self.mel_dim).clone()
+            r.latents = to_device(sp.noise, self.device, torch.float32).reshape(1, frames, self.mel_dim).clone()
         else:
             r.latents = torch.randn([1, frames, self.mel_dim], generator=r.generator, device=self.device,
                                     dtype=torch.float32)
@@ -229,7 +230,7 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
         if all(n == T for n in lengths):
             return torch.stack([c.tokens for c in conds]), None, None
         ctx = torch.stack([torch.nn.functional.pad(c.tokens, (0, 0, 0, T - c.tokens.shape[0])) for c in conds])
-        return ctx, torch.tensor(lengths, device=ctx.device), None
+        return ctx, to_device(lengths, ctx.device), None
 
     def _block_diff(self, B: int, T: int, lengths: torch.Tensor | None) -> torch.Tensor:
         """The reference's block distances [B, 1, T, T] (key block - query block; the reference expands
@@ -289,6 +290,6 @@ class Qwen2_5OmniToken2WavFamily(DiTFamily):
         CUDA, the eager forward otherwise), else transformers' forward."""
         if self.vocoder_graphs is not None:
             return self.vocoder_graphs.decode(latents)
-        mel = latents.to(self.device, torch.float32).permute(0, 2, 1)   # streamed windows' mels come from the host
+        mel = to_device(latents, self.device, torch.float32).permute(0, 2, 1)   # streamed windows' mels: from the host
         wave = self.vae(mel)                                    # the vocoder squeezes: [samples] when B == 1
         return wave.reshape(latents.shape[0], -1).float().cpu()

@@ -117,6 +117,10 @@ class AREngineConfig(Strict):
 
     model: ModelConfig
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU")
+    cuda_stream: bool = Field(False, description=
+        "on CUDA, this engine's device work on a stream of its own instead of the process's default stream: where "
+        "engines share a process (OmniLLM's speech stages), another engine's queued work (a decode run, a "
+        "token2wav ODE replay) then never holds up this one's steps")
     enforce_eager: bool = Field(False, description="no CUDA graphs and no torch.compile (debugging, CPU)")
     seed: int = Field(0, description="torch seed at engine start (per-request sampling seeds are separate)")
     cache: KVCacheConfig = KVCacheConfig()
@@ -236,6 +240,10 @@ class DiTEngineConfig(Strict):
 
     model: ModelConfig
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU")
+    cuda_stream: bool = Field(False, description=
+        "on CUDA, this engine's device work on a stream of its own instead of the process's default stream: where "
+        "engines share a process (OmniLLM's speech stages), another engine's queued work (a decode run, a "
+        "token2wav ODE replay) then never holds up this one's steps")
     max_batch_size: int = Field(16, ge=1, description="requests (before CFG doubling) per transformer forward")
     vae_batch_size: int = Field(8, ge=1, description="finished images VAE-decoded together")
     max_pixels: int = Field(1024 * 1024, ge=64, description="height*width limit per image")

@@ -36,3 +36,15 @@ def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torc
     if device.type != "cuda" or t.device.type == "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def own_stream(device: torch.device):
+    """The calling thread's device work from now on goes to a new CUDA stream of its own (ordered after what is
+    queued on the thread's current stream); returns it, or None off CUDA. An engine's thread calls it when the
+    config asks for ``cuda_stream``."""
+    if device.type != "cuda":
+        return None
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    torch.cuda.set_stream(s)                   # the current stream is per thread
+    return s

@@ -23,6 +23,7 @@ from typing import AsyncIterator
 import torch
 
 from omni_ray.config import DiTEngineConfig
+from omni_ray.devices import own_stream
 from omni_ray.dit.engine import DiTEngine
 from omni_ray.dit.params import DiffusionParams, DiTEvent
 from omni_ray.dit.request import DiTRequest
@@ -49,7 +50,9 @@ class AsyncDiTEngine:
         self.engine = DiTEngine(config, **kwargs)
         self._queues: dict[str, asyncio.Queue] = {}
         self._to_add: list[DiTRequest] = []          # applied by the loop between steps
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="omni-dit-step")
+        stream = self.engine.config.cuda_stream and self.engine.device.type == "cuda"
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="omni-dit-step",       # its steps, on its stream
+                                            initializer=own_stream if stream else None, initargs=(self.engine.device,))
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._error: BaseException | None = None

@@ -425,20 +425,25 @@ def test_a_failing_stage_aborts_the_others(omni):
 
 
 @pytest.mark.gpu
-def test_speech_on_cuda_equals_transformers(ckpt, reference):
+@pytest.mark.parametrize("streams", [False, True], ids=["default-stream", "engine-streams"])
+def test_speech_on_cuda_equals_transformers(ckpt, reference, streams):
     """On CUDA (float32 thinker and talker with their CUDA graphs, token2wav in float32): the reference's thinker
-    tokens and talker codes, the waveform within the chunking bound, and two requests batched as alone."""
+    tokens and talker codes, the waveform within the chunking bound, and two requests batched as alone; the same
+    with each engine on a CUDA stream of its own (``cuda_stream``)."""
     tokens, codes, wav = reference
+    cfg = speech_config(str(ckpt), "cuda")
+    for stage in cfg["stages"].values():
+        stage["engine"]["cuda_stream"] = streams
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False          # float32 convolutions (torch's default lets cuDNN use TF32)
     try:
-        _speech_on_cuda(ckpt, tokens, codes, wav)
+        _speech_on_cuda(cfg, tokens, codes, wav)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _speech_on_cuda(ckpt, tokens, codes, wav):
-    with OmniLLM(speech_config(str(ckpt), "cuda")) as o:
+def _speech_on_cuda(cfg, tokens, codes, wav):
+    with OmniLLM(cfg) as o:
         record_codes(o)
         out = o.generate("omni", PROMPT, audio={"voice": "Chelsie"}, use_tqdm=False, **SPEECH)
         assert out.text == o.stage("thinker").tokenizer.decode(tokens)

@@ -247,6 +247,9 @@ class ThreadCore:
 
     def _run(self) -> None:
         try:
+            if self.engine.config.cuda_stream:
+                from omni_ray.devices import own_stream, resolve_device
+                own_stream(resolve_device(self.engine.config.device))
             while not self._stop:
                 with self._lock:
                     adds, self._adds = self._adds, []

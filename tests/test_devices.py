@@ -1,0 +1,86 @@
+"""``omni_ray.devices``: host values onto a device without the host waiting for queued device work (``to_device``),
+an engine thread's own CUDA stream (``own_stream``, the engines' ``cuda_stream``)."""
+
+import numpy as np
+import pytest
+import torch
+
+from omni_ray.devices import own_stream, to_device
+
+
+def test_values_and_dtypes_on_the_cpu():
+    cpu = torch.device("cpu")
+    assert torch.equal(to_device([1, 2, 3], cpu, torch.int32), torch.tensor([1, 2, 3], dtype=torch.int32))
+    a = np.arange(6, dtype=np.int64).reshape(2, 3)
+    t = to_device(a, torch.device("cpu"))
+    assert t.dtype == torch.int64 and torch.equal(t, torch.from_numpy(a))
+    x = torch.randn(4)
+    assert torch.equal(to_device(x, torch.device("cpu"), torch.float64), x.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_copy_does_not_wait_for_queued_work():
+    """With a long kernel queued, the copy returns while the stream is still busy (a pageable copy waits for it
+    first); the values arrive in stream order."""
+    dev = torch.device("cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)                  # ~1 s of GPU time queued ahead of the copy
+    t = to_device(np.arange(1000, dtype=np.int64), dev, torch.int32)
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert busy
+    assert t.device.type == "cuda" and t.dtype == torch.int32
+    assert torch.equal(t.cpu(), torch.arange(1000, dtype=torch.int32))
+
+
+def test_own_stream_is_nothing_off_cuda_and_engines_take_the_option():
+    """Off CUDA ``own_stream`` changes nothing; an AR engine's thread and a DiT engine's worker with
+    ``cuda_stream`` on generate as without it."""
+    import asyncio
+
+    from omni_ray.ar import AsyncLLM
+    from omni_ray.ar.sampling_params import SamplingParams
+    from omni_ray.config import AREngineConfig, DiTEngineConfig, ModelConfig
+    from omni_ray.dit import AsyncDiTEngine, DiffusionParams
+
+    assert own_stream(torch.device("cpu")) is None
+    ar = AREngineConfig(model=ModelConfig(path="tiny:qwen3"), device="cpu", enforce_eager=True, core_process="off",
+                        cuda_stream=True)
+    dit = DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), device="cpu", cuda_stream=True)
+
+    async def run():
+        llm, img = AsyncLLM(ar), AsyncDiTEngine(dit)
+        try:
+            outs = [o async for o in llm.generate("a lighthouse", SamplingParams(max_tokens=3, ignore_eos=True), "s-1")]
+            evs = [e async for e in img.generate("a fox", DiffusionParams(seed=0, num_inference_steps=2,
+                                                                          height=64, width=64), "i-1")]
+            return outs, evs
+        finally:
+            await img.shutdown()
+            llm.shutdown()
+
+    outs, evs = asyncio.run(run())
+    assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == 3 and evs[-1].kind == "done"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_own_stream_is_the_calling_threads_alone():
+    """The thread that calls it works on its new stream from then on; other threads keep theirs."""
+    import threading
+
+    dev = torch.device("cuda")
+    main = torch.cuda.current_stream(dev)
+    got = {}
+
+    def worker():
+        s = own_stream(dev)
+        got["same"] = torch.cuda.current_stream(dev) == s and s != main
+        x = torch.arange(10, device=dev) * 2
+        got["ok"] = torch.equal(x.cpu(), torch.arange(10) * 2)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert got == {"same": True, "ok": True} and torch.cuda.current_stream(dev) == main

@@ -58,7 +58,7 @@ def test_own_stream_is_nothing_off_cuda_and_engines_take_the_option():
             return outs, evs
         finally:
             await img.shutdown()
-            llm.shutdown()
+            await llm.shutdown()
 
     outs, evs = asyncio.run(run())
     assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == 3 and evs[-1].kind == "done"

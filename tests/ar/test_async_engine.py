@@ -125,7 +125,9 @@ def test_hidden_states_stream_and_merge(engine, offline):
                    for o in outs)
         torch.testing.assert_close(torch.cat([o.hidden_states for o in outs]), w["hidden_states"], atol=1e-5, rtol=0)
         assert [t for o in outs for t in o.token_ids] == w["token_ids"]
-    assert max(len(o) for o in each) > 2 and all(len(o) == 2 for o in merged)   # merged: the first, then the rest
+    # paced (interval inf): the first output, then the rest merged; unpaced: at least that (a caller slower than the
+    # engine gets what it has not taken yet merged, by design, so how many depends on the machine's load)
+    assert all(len(o) >= 2 for o in each) and all(len(o) == 2 for o in merged)
     assert all(o.hidden_states is None and o.prompt_positions is None for o in off)
 
 

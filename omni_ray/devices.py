@@ -32,10 +32,13 @@ def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torc
     all work queued on the stream, and the engines of one process (thinker, talker, token2wav) queue on the same
     one: a talker step's few small copies each waited for the thinker's queued decode run or a token2wav ODE
     (~260 ms of a talker prefill on an H100, by py-spy). Elsewhere a plain ``.to(device)``."""
-    t = torch.as_tensor(x, dtype=dtype)
-    if device.type != "cuda" or t.device.type == "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    if device.type != "cuda" or (isinstance(x, torch.Tensor) and x.device.type == "cuda"):
+        return torch.as_tensor(x, dtype=dtype).to(device)
+    if isinstance(x, torch.Tensor):
+        pinned = (x if dtype is None else x.to(dtype)).pin_memory()
+    else:
+        pinned = torch.tensor(x, dtype=dtype, pin_memory=True)
+    return pinned.to(device, non_blocking=True)                 # one host copy, into pinned memory
 
 
 def own_stream(device: torch.device):

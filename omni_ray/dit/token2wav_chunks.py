@@ -107,6 +107,10 @@ class ChunkPlan:
         start = max(a - self.past, 0) // self.block * self.block
         return start, min(b + (self.first_lookahead if i == 0 else self.future), frames)
 
+    def longest_window(self, frames: int) -> int:
+        """The longest ODE window (mel frames) of an utterance of at most ``frames``: chunk 2's on are all alike."""
+        return max(b - a for a, b in (self.window(i, frames) for i in range(3)))
+
     def ready(self, i: int, num_codes: int, finished: bool) -> bool:
         """Whether chunk ``i`` can run once ``num_codes`` codes are known (all of them when ``finished``)."""
         return finished or self.codes_needed(i) <= num_codes

@@ -74,6 +74,30 @@ class Token2WavODE:
         self.eager_runs = 0               # whole ODEs run eagerly (capture off or failed)
         self._warned = False
 
+    # ------------------------------------------------------------------ warm-up
+    def warmup(self, engine, longest: int) -> int:
+        """Capture now the graph of every shape windows of up to ``longest`` mel frames can take, at the engine's
+        default steps: each row bucket up to its ``max_batch_size`` x each frame bucket (``engine``: the
+        ``DiTEngine`` this runs in; n silent requests of T frames through ``generate`` meet each shape). A capture
+        records every forward of the ODE (~2 s at the 7B shape) under the process's capture lock, so one met
+        while serving stalls that window and every engine of the process. No-op without padded captures.
+        Returns the number of shapes visited."""
+        from omni_ray.dit.params import DiffusionParams
+        from omni_ray.dit.speech import SpeechInput
+
+        if not self.forwards.capture or not self.forwards.pad:
+            return 0
+        fam = self.family
+        frames = sorted({frame_bucket(f, fam.block_size) for f in range(fam.repeats, longest + 1, fam.repeats)})
+        rows = sorted({b for n in range(1, engine.config.max_batch_size + 1)
+                       if (b := row_bucket(n, self.forwards.max_rows)) is not None})
+        for n in rows:
+            for T in frames:
+                codes = torch.zeros(T // fam.repeats, dtype=torch.long)
+                engine.generate(params=[DiffusionParams(seed=i) for i in range(n)],
+                                speech=[SpeechInput(codes) for _ in range(n)], output_type="latent", use_tqdm=False)
+        return len(rows) * len(frames)
+
     # ------------------------------------------------------------------ which requests
     def partition(self, reqs: list[DiTRequest]) -> tuple[list[list[DiTRequest]], list[DiTRequest]]:
         """(groups whose whole ODE runs now, the requests that take one step-by-step evaluation)."""

@@ -59,35 +59,9 @@ class Token2WavStageEngine(EngineStage):
         vocoder = getattr(self.family, "vocoder_graphs", None)
         if vocoder is not None:                          # the plan's recurring vocoder shapes as CUDA graphs now,
             vocoder.warmup(self.plan.vocoder_lengths())  # so the first stream's first audio replays one (no-op on CPU)
-        self.warm_ode()
-
-    def warm_ode(self) -> int:
-        """Capture now the whole-ODE CUDA graph of every shape the plan's windows can take (each row bucket up
-        to the engine's batch size x each frame bucket up to the longest window; omni_ray/dit/token2wav_ode.py):
-        a capture records every forward of the ODE (~2 s at the 7B shape) and holds the process's capture lock,
-        so one met while serving stalls that window and every engine of the process. No-op without CUDA graphs.
-        Returns the number of shapes visited."""
-        import torch
-
-        from omni_ray.dit.cuda_graphs import row_bucket
-        from omni_ray.dit.speech import SpeechInput
-        from omni_ray.dit.token2wav_graphs import frame_bucket
-
-        eng = self.engine.engine
-        ode = getattr(eng.runner.graphs, "ode", None)
-        if ode is None or not ode.forwards.capture or not ode.forwards.pad:
-            return 0
-        fam, plan = self.family, self.plan
-        longest = max(b - a for a, b in (plan.window(i, fam.max_sequence_length) for i in range(3)))
-        frames = sorted({frame_bucket(f, fam.block_size) for f in range(fam.repeats, longest + 1, fam.repeats)})
-        rows = sorted({b for n in range(1, eng.config.max_batch_size + 1)
-                       if (b := row_bucket(n, ode.forwards.max_rows)) is not None})
-        for n in rows:
-            for T in frames:                               # n requests of T frames: one ODE of that shape
-                codes = torch.zeros(T // fam.repeats, dtype=torch.long)
-                eng.generate(params=[DiffusionParams(seed=i) for i in range(n)],
-                             speech=[SpeechInput(codes) for _ in range(n)], output_type="latent", use_tqdm=False)
-        return len(rows) * len(frames)
+        ode = getattr(self.engine.engine.runner.graphs, "ode", None)
+        if ode is not None:                              # every whole-ODE shape the plan's windows can take, now
+            ode.warmup(self.engine.engine, self.plan.longest_window(self.family.max_sequence_length))
 
     @property
     def family(self):

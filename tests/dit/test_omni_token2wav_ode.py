@@ -222,8 +222,8 @@ def test_lower_precision_ode_graphs_near_fp32(token2wav_ckpt, precision):
 
 
 def test_the_stage_warms_every_ode_shape_its_windows_take(token2wav_ckpt):
-    """``Token2WavStageEngine.warm_ode`` (at start) visits each whole-ODE shape the plan's windows can take: every
-    row bucket up to the engine's batch size x every frame bucket up to the longest window, at the engine's
+    """``Token2WavODE.warmup`` (the token2wav stage's start) visits each whole-ODE shape the plan's windows can
+    take: every row bucket up to the engine's batch size x every frame bucket up to the longest window, at the engine's
     default steps. Streams of several lengths fed at once (windows batched every way) then meet no shape it did
     not visit, so no capture falls inside serving. On the CPU the captures are forced on: each fails and its shape
     lands in ``failed``, the set of shapes tried (on CUDA they land in ``graphs``)."""

@@ -41,6 +41,7 @@ from omni_ray.ar.engine.detokenizer import stream_safe_len
 from omni_ray.ar.sequence import Sequence
 from omni_ray.capture_lock import step_lock
 from omni_ray.config import AREngineConfig
+from omni_ray.devices import own_stream, resolve_device
 from omni_ray.errors import EngineError, InvalidRequestError, OmniError
 from omni_ray.heap import freeze_startup_heap
 
@@ -248,7 +249,6 @@ class ThreadCore:
     def _run(self) -> None:
         try:
             if self.engine.config.cuda_stream:
-                from omni_ray.devices import own_stream, resolve_device
                 own_stream(resolve_device(self.engine.config.device))
             while not self._stop:
                 with self._lock:

@@ -276,6 +276,10 @@ class DiTEngineConfig(Strict):
     token2wav_vocoder_precision: Literal["fp32", "bf16"] = Field("fp32", description=
         "speech models: the vocoder's precision (independent of token2wav_precision); fp32: the reference's, bf16: "
         "bfloat16 autocast (its error goes straight into the waveform: see the GPU tests)")
+    token2wav_fused_forward: bool = Field(True, description=
+        "speech models: token2wav's DiT forward with stacked weights (every block's modulation in one GEMM, q/k/v in "
+        "one, the columns' projection, rotary and masks once per ODE; with compile, each block's residual fused "
+        "into the next one's norm); false: layer by layer as transformers runs it")
     token2wav_whole_ode: bool = Field(True, description=
         "speech models: requests at their first evaluation that share num_inference_steps, sway and guidance run "
         "their whole ODE in one engine step (on CUDA with cuda_graphs: one CUDA graph per shape); false: one RK4 "

@@ -13,7 +13,9 @@ Longer inputs than ``MAX_GRAPH_FRAMES`` (compute-bound anyway), a shape whose ca
 engines without CUDA graphs run eagerly; with ``pad`` the eager path pads as the graphs do (the CPU
 tests check that it equals the unpadded forward). ``precision`` "bf16" runs the forward under
 bfloat16 autocast (the mel stays float32) on a copy of the transformer with bf16 linears
-(``bf16_linears``), "tf32" with TF32 float32 matmuls; "fp32" is the reference.
+(``bf16_linears``), "tf32" with TF32 float32 matmuls; "fp32" is the reference. ``fused`` runs the forward as
+``Token2WavBlocks`` (stacked weights, fewer kernels per block: families/qwen2_5_omni_token2wav_block.py), else
+layer by layer as transformers' model does.
 """
 
 from __future__ import annotations
@@ -87,9 +89,14 @@ def bf16_linears(family):
 class Token2WavGraphs:
     """The DiT runner's whole-forward hook for speech families (``DiTRunner`` calls ``forward``)."""
 
-    def __init__(self, family, max_rows: int, capture: bool, pad: bool | None = None, precision: str = "fp32"):
+    def __init__(self, family, max_rows: int, capture: bool, pad: bool | None = None, precision: str = "fp32",
+                 fused: bool = True, compile: bool = False):
         self.family = family
         self.forward_family = bf16_linears(family) if precision == "bf16" else family    # what _forward runs
+        self.blocks = None               # Token2WavBlocks: the forward with stacked weights (``fused``)
+        if fused:
+            from omni_ray.dit.families.qwen2_5_omni_token2wav_block import Token2WavBlocks
+            self.blocks = Token2WavBlocks(self.forward_family.transformer, family._block_diff, compile=compile)
         self.max_rows = max_rows
         self.capture = capture
         self.pad = capture if pad is None else pad
@@ -109,8 +116,18 @@ class Token2WavGraphs:
             return _tf32_matmuls()
         return contextlib.nullcontext()
 
-    def _forward(self, x, t, ctx, lengths) -> torch.Tensor:
+    def prepare(self, ctx: torch.Tensor, lengths: torch.Tensor | None):
+        """What every forward over these columns shares (``Token2WavBlocks.prepare``; None when not fused)."""
+        if self.blocks is None:
+            return None
         with self._precision():
+            return self.blocks.prepare(ctx, lengths)
+
+    def _forward(self, x, t, ctx, lengths, prepared=None) -> torch.Tensor:
+        """One forward (``prepared``: ``prepare(ctx, lengths)`` already made for these columns)."""
+        with self._precision():
+            if self.blocks is not None:
+                return self.blocks.forward(x, t, prepared or self.blocks.prepare(ctx, lengths))
             return self.forward_family.forward(x, t, ctx, lengths, None).float()    # ctx_bias: the rows' lengths
 
     @torch.no_grad()

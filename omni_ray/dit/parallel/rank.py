@@ -213,7 +213,8 @@ def prepare_family(fam: DiTFamily, cfg: DiTEngineConfig, layout: Layout):
         from omni_ray.dit.token2wav_ode import Token2WavODE
         from omni_ray.dit.vocoder_graphs import VocoderGraphs
         graphed = cfg.cuda_graphs and cuda
-        graphs = Token2WavGraphs(fam, 2 * cfg.max_batch_size, capture=graphed, precision=cfg.token2wav_precision)
+        graphs = Token2WavGraphs(fam, 2 * cfg.max_batch_size, capture=graphed, precision=cfg.token2wav_precision,
+                                 fused=cfg.token2wav_fused_forward, compile=cfg.compile and cuda)
         graphs.ode = Token2WavODE(graphs) if cfg.token2wav_whole_ode else None     # whole ODEs per engine step
         fam.vocoder_graphs = VocoderGraphs(fam, cfg.vae_batch_size, capture=graphed, forwards=graphs,
                                            max_graphs=cfg.token2wav_vocoder_graphs,

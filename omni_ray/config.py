@@ -270,9 +270,10 @@ class DiTEngineConfig(Strict):
         "speech models (Qwen2.5-Omni token2wav): the DiT's matmul precision; fp32: the reference's, tf32: TF32 "
         "matmuls on CUDA (torch's process-wide switch, set while the forward runs), bf16: bfloat16 autocast "
         "(mels within the GPU tests' stated tolerance of fp32)")
-    token2wav_vocoder_graphs: int = Field(16, ge=0, description=
+    token2wav_vocoder_graphs: int = Field(64, ge=0, description=
         "speech models on CUDA with cuda_graphs: the vocoder's (BigVGAN) CUDA graphs kept, one per (row bucket, mel "
-        "length) seen twice, the least recently used dropped; 0: the vocoder runs eagerly")
+        "length): the chunk plan's lengths captured when the stage starts (a last chunk's included), others once "
+        "seen twice, the least recently used dropped; 0: the vocoder runs eagerly")
     token2wav_vocoder_precision: Literal["fp32", "bf16"] = Field("fp32", description=
         "speech models: the vocoder's precision (independent of token2wav_precision); fp32: the reference's, bf16: "
         "bfloat16 autocast (its error goes straight into the waveform: see the GPU tests)")

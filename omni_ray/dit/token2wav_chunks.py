@@ -137,6 +137,15 @@ class ChunkPlan:
         (the reference's plan: 72 and 112; a 24-frame first chunk: 24, 72, 112). Only the last chunk differs."""
         return sorted({self.vocoder_frames(i) for i in range(3)})
 
+    def last_vocoder_lengths(self) -> list[int]:
+        """Every vocoder input length a LAST chunk can have (its own frames, any multiple of ``repeats`` up to
+        what the chunk owns, after ``head_cut``): chunk 0 of a short utterance, chunk 1, a later one."""
+        out = set()
+        for i in range(3):
+            a, b = self.bounds(i)
+            out.update(self.head_cut(i) + r for r in range(self.repeats, b - a + 1, self.repeats))
+        return sorted(out)
+
 
 class ChunkSplicer:
     """One stream's vocoder state: window mels in chunk order -> waveform pieces that concatenate."""

@@ -19,7 +19,10 @@ last 40 = 112; the last chunk: any length) and ``VocoderBatcher`` already groups
   replayed one (its memory goes back to the shared pool). Sightings are remembered for the last
   ``max(64, 4 * max_graphs)`` shapes. ``warmup(lengths)`` captures given lengths for one row at once: the
   token2wav stage passes its chunk plan's recurring lengths when it starts, so even the first stream's first
-  audio replays a graph. Mels longer than ``MAX_GRAPH_FRAMES`` (whole utterances: compute-bound, rarely twice
+  audio replays a graph, then every length a last chunk can take (``ChunkPlan.last_vocoder_lengths``: 56 for a
+  24-frame first chunk, as many as ``max_graphs`` leaves room for): a capture met while serving holds the
+  process's capture lock (~110-240 ms at the 7B shape, every engine of the process waits), an utterance's
+  last chunk would otherwise meet one the second time its length recurs. Mels longer than ``MAX_GRAPH_FRAMES`` (whole utterances: compute-bound, rarely twice
   the same length, large activations), more rows than the largest bucket, the CPU, ``cuda_graphs: false`` and
   ``token2wav_vocoder_graphs: 0`` run eagerly (transformers' forward, as before).
 * Capture follows the project's pattern (token2wav_graphs.py / token2wav_ode.py): two warm-up runs on a side
@@ -141,14 +144,17 @@ class VocoderGraphs:
 
     @torch.no_grad()
     def warmup(self, lengths, rows: int = 1) -> int:
-        """Capture the shapes of ``rows`` mels of each of ``lengths`` frames now (the token2wav stage: its chunk
-        plan's recurring lengths, when it starts); returns the number of graphs captured."""
+        """Capture the shapes of ``rows`` mels of each of ``lengths`` frames now, in the given order, while the
+        graphs kept stay within ``max_graphs`` (none dropped for it); returns the number captured. The token2wav
+        stage, when it starts: its chunk plan's recurring lengths, then every length a last chunk can take."""
         n = 0
         with self._lock:
-            for T in sorted(set(lengths)):
+            for T in dict.fromkeys(lengths):
                 key = self.key(rows, T)
                 if key is None or key in self.graphs or key in self.failed:
                     continue
+                if len(self.graphs) >= self.budget.max_graphs:
+                    break
                 mel = torch.zeros(rows, T, self.family.mel_dim, device=self.family.device)
                 n += self._capture(key, mel) is not None
         return n

@@ -158,8 +158,17 @@ def test_warmup_captures_the_plans_lengths(engine):
         windows = stream.push(random_codes(200, 0), finished=True)
         lengths = [stream.vocoder_input(w, torch.zeros(w.speech.noise.shape)).shape[0] for w in windows]
         assert set(lengths[:-1]) == set(p.vocoder_lengths()) and len(windows) > 4
+        last = set()
+        for n in range(1, 200):                                  # utterances of every length: their last chunk's
+            stream = SpeechStream(fam, "Ethan", plan=p)
+            mels = [stream.vocoder_input(w, torch.zeros(w.speech.noise.shape))
+                    for w in stream.push(random_codes(n, n), finished=True)]
+            last.add(mels[-1].shape[0])
+        assert last == set(p.last_vocoder_lengths()) == set(range(2, 113, 2))
     voc = CPUGraphs(fam, max_rows=8, capture=True)
     assert voc.warmup(small.vocoder_lengths()) == 3 and set(voc.graphs) == {(1, 24), (1, 72), (1, 112)}
+    capped = CPUGraphs(fam, max_rows=8, capture=True, max_graphs=4)       # within max_graphs, in the given order
+    assert capped.warmup([112, 72, 112, 24, 30, 40]) == 4 and list(capped.graphs) == [(1, n) for n in (112, 72, 24, 30)]
     mel = _mels(1, 112, 7)
     assert (voc.decode(mel) - _alone(fam, mel)).abs().max() < 1e-5 and voc.replays == 1 and voc.eager_runs == 0
     assert VocoderGraphs(fam, max_rows=8, capture=False).warmup([24]) == 0          # the CPU engine's: eager
@@ -260,7 +269,7 @@ def test_cuda_engine_streams_replay_vocoder_graphs(token2wav_ckpt):
     stage = Token2WavStageEngine(cfg, engine=AsyncDiTEngine(cfg))
     stage.start()
     voc = stage.family.vocoder_graphs
-    assert set(voc.graphs) == {(1, n) for n in stage.plan.vocoder_lengths()}
+    assert set(voc.graphs) == {(1, n) for n in stage.plan.vocoder_lengths() + stage.plan.last_vocoder_lengths()}
 
 
 @pytest.mark.gpu

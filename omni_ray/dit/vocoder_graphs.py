@@ -22,7 +22,8 @@ last 40 = 112; the last chunk: any length) and ``VocoderBatcher`` already groups
   audio replays a graph, then every length a last chunk can take (``ChunkPlan.last_vocoder_lengths``: 56 for a
   24-frame first chunk, as many as ``max_graphs`` leaves room for): a capture met while serving holds the
   process's capture lock (~110-240 ms at the 7B shape, every engine of the process waits), an utterance's
-  last chunk would otherwise meet one the second time its length recurs. Mels longer than ``MAX_GRAPH_FRAMES`` (whole utterances: compute-bound, rarely twice
+  last chunk would otherwise meet one the second time its length recurs.
+  Mels longer than ``MAX_GRAPH_FRAMES`` (whole utterances: compute-bound, rarely twice
   the same length, large activations), more rows than the largest bucket, the CPU, ``cuda_graphs: false`` and
   ``token2wav_vocoder_graphs: 0`` run eagerly (transformers' forward, as before).
 * Capture follows the project's pattern (token2wav_graphs.py / token2wav_ode.py): two warm-up runs on a side

@@ -6,6 +6,7 @@ text encoder out of the timing: both sides get the same random prompt embeds [T,
     python benchmarks/bench_qwen_image.py --quick    # 512 px only, 8 steps (< 5 minutes)
     python benchmarks/bench_qwen_image.py --compile  # + torch.compile'd blocks in the engine
     python benchmarks/bench_qwen_image.py --quick --profile   # + the 8-concurrent steps' top CUDA kernels
+    python benchmarks/bench_qwen_image.py --sizes 1024 --sections concurrent   # one part, one size
 
 1. peak: a large bf16 torch.mm, the measured matmul roofline.
 2. latency: one image (+ VAE), with and without a negative prompt (true CFG), engine vs diffusers;
@@ -33,6 +34,7 @@ from omni_ray.dit import DiffusionParams, DiTEngine  # noqa: E402
 from omni_ray.testing.tiny_qwen_image import QWEN_IMAGE_SCHEDULER, QWEN_IMAGE_TRANSFORMER, QWEN_IMAGE_VAE  # noqa: E402
 
 TRUE_CFG = 4.0
+SECTIONS = ("latency", "concurrent", "static", "cache")     # static: diffusers' transformer on a static batch
 
 
 # ----------------------------------------------------------------------------- model in memory
@@ -185,12 +187,16 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's transformer blocks")
     ap.add_argument("--no-graphs", action="store_true", help="run the engine's blocks without CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="print where 8 concurrent requests' steps go, by kernel")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default 512 1024; quick: 512)")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                    help="parts to run (default all)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_qwen_image needs a CUDA GPU (the real Qwen-Image shape is 20B parameters)")
     torch.backends.cuda.matmul.allow_tf32 = True
     steps = 8 if a.quick else a.steps
-    sizes = [512] if a.quick else [512, 1024]
+    sizes = a.sizes or ([512] if a.quick else [512, 1024])
+    on = set(a.sections)
     dtype = torch.bfloat16
 
     peak = matmul_peak()
@@ -202,7 +208,7 @@ def main() -> None:
     cfg = DiTEngineConfig(model=ModelConfig(path="shape:qwen-image", dtype="bfloat16"), device="cuda",
                           max_batch_size=16, compile=a.compile, cuda_graphs=not a.no_graphs, max_pixels=1024 * 1024)
     engine = DiTEngine.from_components("QwenImagePipeline", comps, cfg)
-    pipe = make_pipeline(comps)
+    pipe = make_pipeline(comps) if on & {"latency", "static"} else None
     tcfg = dict(comps["transformer"].config)
     pos = random_embeds(8, tcfg["joint_attention_dim"], "cuda", dtype)
     neg = random_embeds(8, tcfg["joint_attention_dim"], "cuda", dtype, lengths=(12, 14, 10, 16, 12, 18, 11, 13))
@@ -210,13 +216,15 @@ def main() -> None:
     result: dict = {"device": device_name(), "dtype": "bfloat16", "compile": a.compile, "cuda_graphs": not a.no_graphs,
                     "quick": a.quick, "steps": steps, "true_cfg_scale": TRUE_CFG, "peak_tflops": peak / 1e12,
                     "prompt_tokens": [p.shape[0] for p in pos], "negative_tokens": [x.shape[0] for x in neg]}
-    result["latency"] = bench_latency(engine, pipe, pos, neg, sizes, steps)
+    result["latency"] = bench_latency(engine, pipe, pos, neg, sizes, steps) if "latency" in on else []
     result["concurrent"] = [r for s in sizes for r in bench_concurrent(engine, pos, neg, tcfg, s, steps, peak,
-                                                                           profile=a.profile)]
-    result["diffusers_static_batch"] = [bench_diffusers_static(pipe, pos, tcfg, s, peak) for s in sizes]
+                                                                           profile=a.profile)] \
+        if "concurrent" in on else []
+    result["diffusers_static_batch"] = [bench_diffusers_static(pipe, pos, tcfg, s, peak) for s in sizes] \
+        if "static" in on else []
     methods = [("teacache", 0.4), ("fbcache", 0.08)] if a.quick else \
         [("teacache", 0.2), ("teacache", 0.4), ("teacache", 0.8), ("fbcache", 0.05), ("fbcache", 0.1)]
-    result["step_cache"] = bench_cache(engine, pos, neg, 512, steps, methods)
+    result["step_cache"] = bench_cache(engine, pos, neg, 512, steps, methods) if "cache" in on else []
     result["engine_stats"] = {k: v for k, v in engine.engine_stats().items() if isinstance(v, (int, float))}
 
     print(f"\n## Qwen-Image shape, random bf16 weights, {device_name()}, {steps} steps, "

@@ -71,6 +71,23 @@ def test_fused_whole_odes_equal_the_layered_ones(token2wav_ckpt, family):
         assert p.shape == q.shape and (p - q).abs().max() < 1e-5 and q.abs().max() > 0.1
 
 
+def test_a_failing_compile_runs_the_block_eagerly(family, caplog):
+    fam = family
+    blocks = Token2WavBlocks(fam.transformer, fam._block_diff)
+    failing = Token2WavBlocks(fam.transformer, fam._block_diff)
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    failing.compiled = broken
+    x, ctx, lens = _inputs(fam, [48, 30], 48, seed=3)
+    t = torch.tensor([0.4, 0.8])
+    with caplog.at_level("WARNING"):
+        got = failing.forward(x, t, failing.prepare(ctx, lens))
+    assert failing.compiled is None and torch.equal(got, blocks.forward(x, t, blocks.prepare(ctx, lens)))
+    assert len([r for r in caplog.records if "torch.compile of the DiT block failed" in r.message]) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_fused_near_fp32_and_compiled_equals_eager(token2wav_ckpt):

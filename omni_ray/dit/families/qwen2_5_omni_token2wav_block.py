@@ -19,10 +19,13 @@ forward within float32 rounding (tests/dit/test_omni_token2wav_block.py).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,7 +94,18 @@ class Token2WavBlocks:
         self.in_x_w = proj.weight.detach()[:, :mel].contiguous()               # [D, mel]
         self.in_c_w = proj.weight.detach()[:, mel:].contiguous()               # [D, C]
         self.in_b = proj.bias.detach()
-        self.block = torch.compile(_block, dynamic=True) if compile else _block
+        self.compiled = torch.compile(_block, dynamic=True) if compile else None
+
+    def block(self, *args):
+        """``_block``, compiled when asked; a compilation that fails is logged once and the block runs eagerly
+        from then on (the first forwards run before any CUDA graph capture: the graphs' warm-up)."""
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as err:                          # Inductor / Triton unavailable or failing here
+                log.warning("token2wav: torch.compile of the DiT block failed, running it eagerly: %r", err)
+                self.compiled = None
+        return _block(*args)
 
     @torch.no_grad()
     def prepare(self, ctx: torch.Tensor, lengths: torch.Tensor | None) -> Prepared:

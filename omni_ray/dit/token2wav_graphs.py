@@ -116,18 +116,20 @@ class Token2WavGraphs:
             return _tf32_matmuls()
         return contextlib.nullcontext()
 
-    def prepare(self, ctx: torch.Tensor, lengths: torch.Tensor | None):
-        """What every forward over these columns shares (``Token2WavBlocks.prepare``; None when not fused)."""
+    def prepare(self, ctx: torch.Tensor, lengths: torch.Tensor | None, times: torch.Tensor | None = None):
+        """What every forward over these columns shares (``Token2WavBlocks.prepare``; ``times`` [E, R]: every
+        evaluation's; None when not fused)."""
         if self.blocks is None:
             return None
         with self._precision():
-            return self.blocks.prepare(ctx, lengths)
+            return self.blocks.prepare(ctx, lengths, times)
 
-    def _forward(self, x, t, ctx, lengths, prepared=None) -> torch.Tensor:
-        """One forward (``prepared``: ``prepare(ctx, lengths)`` already made for these columns)."""
+    def _forward(self, x, t, ctx, lengths, prepared=None, step: int | None = None) -> torch.Tensor:
+        """One forward (``prepared``: ``prepare(ctx, lengths, times)`` already made for these columns; ``step``:
+        which of its times ``t`` is)."""
         with self._precision():
             if self.blocks is not None:
-                return self.blocks.forward(x, t, prepared or self.blocks.prepare(ctx, lengths))
+                return self.blocks.forward(x, t, prepared or self.blocks.prepare(ctx, lengths), step)
             return self.forward_family.forward(x, t, ctx, lengths, None).float()    # ctx_bias: the rows' lengths
 
     @torch.no_grad()

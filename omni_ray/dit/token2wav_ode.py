@@ -181,12 +181,12 @@ class Token2WavODE:
         frames = torch.arange(shape.frames, device=io.y0.device)
         real = (frames[None, :] < io.lengths[-shape.requests:, None])[..., None]     # [Rq, Tp, 1]
         y = io.y0
-        prepared = self.forwards.prepare(io.ctx, io.lengths)     # what the forwards share (fused forward)
+        prepared = self.forwards.prepare(io.ctx, io.lengths, io.t)     # what the forwards share (fused forward)
         for e in range(len(sched.timesteps)):
             x = torch.where(real, y, 0.0)                 # padded frames enter each forward as zeros
             if shape.cfg:
                 x = torch.cat([x, x])                     # the null halves' rows, then the requests' own
-            pred = self.forwards._forward(x, io.t[e], io.ctx, io.lengths, prepared)
+            pred = self.forwards._forward(x, io.t[e], io.ctx, io.lengths, prepared, e)
             if shape.cfg:
                 uncond, cond = pred.chunk(2)
                 pred = fam.combine_cfg(uncond, cond, shape.guidance)

@@ -49,6 +49,20 @@ def test_fused_forward_equals_the_layers(family):
         assert ref[:3].abs().max() > 0.1                                    # a prediction, not zeros
 
 
+def test_modulations_made_once_per_ode_equal_per_forward_ones(family):
+    """``prepare`` given every evaluation's times makes their modulations at once (``forward(..., step=e)``),
+    equal to making them per forward; past ``max_mod_bytes`` it leaves them to the forwards."""
+    fam = family
+    blocks = Token2WavBlocks(fam.transformer, fam._block_diff)
+    x, ctx, lens = _inputs(fam, [48, 40, 48], 48, seed=4)
+    times = torch.rand(5, 3)
+    once, per = blocks.prepare(ctx, lens, times), blocks.prepare(ctx, lens)
+    assert once.mods.shape[:2] == (5, 3) and per.mods is None
+    for e in range(5):
+        assert (blocks.forward(x, times[e], once, e) - blocks.forward(x, times[e], per)).abs().max() < 1e-5
+    assert blocks.prepare(ctx, lens, times, max_mod_bytes=1024).mods is None
+
+
 def test_fused_forward_without_lengths(family):
     fam = family
     blocks = Token2WavBlocks(fam.transformer, fam._block_diff)

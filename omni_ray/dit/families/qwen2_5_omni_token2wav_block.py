@@ -6,8 +6,10 @@ modulation and projection), with what does not change over one ODE done once and
 - per ODE (``prepare``): the conditioning columns' share of the input projection (only the mel's changes
   between evaluations), the rotary cos / sin, one boolean attention mask per distinct (look-back,
   look-ahead) of the layers (the reference derives the mask in every layer of every forward);
-- per forward: the time embedding, then every block's adaLN modulation and the final one in ONE GEMM
-  (the blocks' ``attn_norm.linear`` weights stacked, L+1 small GEMMs and SiLUs in the reference);
+- the time embedding, then every block's adaLN modulation and the final one in ONE GEMM (the blocks'
+  ``attn_norm.linear`` weights stacked, L+1 small GEMMs and SiLUs per forward in the reference): for every
+  evaluation of the ODE at once when ``prepare`` is given the times and the result is small (its weights,
+  ~280 MB at the 7B shape in bf16, then stream through once per ODE, not once per forward), else per forward;
 - per block: q / k / v in one GEMM (stacked weights); the block's last gated residual is added at the start
   of the next block (``_block``'s ``ff`` / ``gate``), so with ``compile`` it fuses into that block's layer norm.
 
@@ -35,6 +37,7 @@ class Prepared:
     cos: torch.Tensor                          # [R, 1, T, hd]
     sin: torch.Tensor                          # [R, 1, T, hd]
     masks: dict[tuple[int, int], torch.Tensor]  # (back, ahead) -> [R, 1, T, T] bool: key attended
+    mods: torch.Tensor | None = None           # [E, R, (6L + 2) D]  every evaluation's modulations (``times`` given)
 
 
 def _rope_head0(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -107,22 +110,33 @@ class Token2WavBlocks:
                 self.compiled = None
         return _block(*args)
 
+    def modulations(self, t: torch.Tensor) -> torch.Tensor:
+        """Times [N] -> every block's and the final modulation [N, (6L + 2) D] (the linears' output dtype)."""
+        return F.linear(F.silu(self.dit.time_embed(t)), self.mod_w, self.mod_b)
+
     @torch.no_grad()
-    def prepare(self, ctx: torch.Tensor, lengths: torch.Tensor | None) -> Prepared:
-        """ctx [R, T, C] conditioning columns, lengths [R] real frames per row (None: all T)."""
+    def prepare(self, ctx: torch.Tensor, lengths: torch.Tensor | None, times: torch.Tensor | None = None,
+                max_mod_bytes: int = 192 << 20) -> Prepared:
+        """ctx [R, T, C] conditioning columns, lengths [R] real frames per row (None: all T); ``times`` [E, R]:
+        every evaluation's times, whose modulations are then made here when they take at most
+        ``max_mod_bytes`` (``forward(..., step=e)`` reads them)."""
         R, T = ctx.shape[:2]
         c = F.linear(ctx, self.in_c_w, self.in_b).float()
         pos = torch.arange(T, device=ctx.device)[None].expand(R, T)
         cos, sin = self.dit.rotary_embed(c, pos)                               # [R, T, hd] float32
         diff = self.block_diff(R, T, lengths)
         masks = {w: (diff >= -w[0]) & (diff <= w[1]) for w in set(self.windows)}
-        return Prepared(c, cos[:, None], sin[:, None], masks)
+        mods = None
+        if times is not None and times.numel() * self.mod_w.shape[0] * 4 <= max_mod_bytes:
+            mods = self.modulations(times.reshape(-1)).view(*times.shape, -1)
+        return Prepared(c, cos[:, None], sin[:, None], masks, mods)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, t: torch.Tensor, p: Prepared) -> torch.Tensor:
-        """x [R, T, mel] noisy mels, t [R] times -> the prediction [R, T, mel] float32."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, p: Prepared, step: int | None = None) -> torch.Tensor:
+        """x [R, T, mel] noisy mels, t [R] times (evaluation ``step`` of ``prepare``'s ``times``) -> the
+        prediction [R, T, mel] float32."""
         R, L, D = x.shape[0], self.layers, self.in_b.shape[0]
-        mods = F.linear(F.silu(self.dit.time_embed(t)), self.mod_w, self.mod_b).float()
+        mods = (p.mods[step] if step is not None and p.mods is not None else self.modulations(t)).float()
         block_mods, (scale, shift) = mods[:, :6 * L * D].view(R, L, 6, D), mods[:, 6 * L * D:].view(R, 2, D).unbind(1)
         h = F.linear(x, self.in_x_w).float() + p.ctx
         ff = gate = None

@@ -34,10 +34,8 @@ def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torc
     (~260 ms of a talker prefill on an H100, by py-spy). Elsewhere a plain ``.to(device)``."""
     if device.type != "cuda" or (isinstance(x, torch.Tensor) and x.device.type == "cuda"):
         return torch.as_tensor(x, dtype=dtype).to(device)
-    if isinstance(x, torch.Tensor):
-        pinned = (x if dtype is None else x.to(dtype)).pin_memory()
-    else:
-        pinned = torch.tensor(x, dtype=dtype, pin_memory=True)
+    src = torch.as_tensor(x, dtype=dtype)                  # a view where it can (numpy arrays' memory can't be pinned)
+    pinned = torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
     return pinned.to(device, non_blocking=True)                 # one host copy, into pinned memory
 
 

@@ -34,6 +34,22 @@ def test_the_copy_does_not_wait_for_queued_work():
     assert torch.equal(t.cpu(), torch.arange(1000, dtype=torch.int32))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_host_value_kind_reaches_the_device():
+    """Lists, numpy arrays, tensors over numpy memory (which cannot be pinned in place: the engines' step inputs
+    made with ``torch.from_numpy`` failed so on the first GPU run) and plain CPU tensors, with and without a dtype."""
+    dev = torch.device("cuda")
+    a = np.arange(12, dtype=np.int64).reshape(3, 4)
+    ref = torch.arange(12).reshape(3, 4)
+    for x in (a.tolist(), a, torch.from_numpy(a), ref.clone(), torch.from_numpy(a)[:, 1:]):
+        want = torch.as_tensor(x)
+        for dtype in (None, torch.int32, torch.float32):
+            t = to_device(x, dev, dtype)
+            assert t.device.type == "cuda" and t.dtype == (dtype or want.dtype)
+            assert torch.equal(t.cpu(), want.to(t.dtype))
+
+
 def test_own_stream_is_nothing_off_cuda_and_engines_take_the_option():
     """Off CUDA ``own_stream`` changes nothing; an AR engine's thread and a DiT engine's worker with
     ``cuda_stream`` on generate as without it."""

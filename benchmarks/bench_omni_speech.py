@@ -58,7 +58,7 @@ LAST = ("thinker_last_token", "talker_last_code")
 
 def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
                 lookahead: int, precision: str = "fp32", thinker_core: str = "off", t2w_compile: bool = False,
-                streams: bool = False, fused: bool = True) -> dict:
+                streams: bool = False, fused: bool = True, t2w_priority: str = "normal") -> dict:
     """The thinker and talker stages on one checkpoint, a token2wav stage per chunk plan (``plans``: None, the
     reference's, or the first chunk's mel frames) and a graph pipeline through each (``speech-<plan>``). On
     the GPU the KV caches are sized for ``concurrency`` requests (not a share of the GPU's memory: the stages
@@ -84,7 +84,8 @@ def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len
         stages[f"t2w-{label(plan)}"] = {"kind": "dit", "engine": {"model": {"path": path}, "device": ar["device"],
                                                                   "token2wav_precision": precision,
                                                                   "compile": t2w_compile, "cuda_stream": streams,
-                                                                  "token2wav_fused_forward": fused}
+                                                                  "token2wav_fused_forward": fused,
+                                                                  "cuda_stream_priority": t2w_priority}
                                                                  | stream}
         graph = {"model": "thinker", "stages": {"talker": "talker", "token2wav": f"t2w-{label(plan)}"}}
         pipelines[f"speech-{label(plan)}"] = {"graph": graph}
@@ -219,6 +220,8 @@ def main() -> None:
                     help="token2wav's DiT layer by layer as transformers runs it (token2wav_fused_forward: false)")
     ap.add_argument("--engine-streams", action="store_true",
                     help="each engine's device work on a CUDA stream of its own (the engines' cuda_stream)")
+    ap.add_argument("--token2wav-high-priority", action="store_true",
+                    help="with --engine-streams: token2wav's stream at the highest priority (cuda_stream_priority)")
     ap.add_argument("--thinker-core-process", choices=["off", "on"], default="off",
                     help="step the thinker's engine in a child process (its own interpreter, not a thread of "
                          "this one; the talker's core stays a thread: fed rows go straight into its requests)")
@@ -247,7 +250,8 @@ def main() -> None:
     llm = OmniLLM(omni_config(path, gpu, max(levels), max_len=1024, talker_len=1024 + codes, plans=plans,
                               lookahead=args.first_lookahead_frames, precision=args.token2wav_precision,
                               thinker_core=args.thinker_core_process, t2w_compile=args.token2wav_compile,
-                              streams=args.engine_streams, fused=not args.token2wav_layered))
+                              streams=args.engine_streams, fused=not args.token2wav_layered,
+                              t2w_priority="high" if args.token2wav_high_priority else "normal"))
     for plan in plans:                                               # builds and warms the engines (a short one)
         run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed, f"speech-{label(plan)}")
     print(f"engines up and warm in {time.perf_counter() - t_build:.1f} s")

@@ -244,6 +244,10 @@ class DiTEngineConfig(Strict):
         "on CUDA, this engine's device work on a stream of its own instead of the process's default stream: where "
         "engines share a process (OmniLLM's speech stages), another engine's queued work (a decode run, a "
         "token2wav ODE replay) then never holds up this one's steps")
+    cuda_stream_priority: Literal["normal", "high"] = Field("normal", description=
+        "with cuda_stream: the stream's priority; high: the GPU schedules this engine's pending kernels ahead of "
+        "normal streams' (a streamed token2wav window is on the first audio's critical path; the AR engines' next "
+        "codes have a chunk of audio as slack)")
     max_batch_size: int = Field(16, ge=1, description="requests (before CFG doubling) per transformer forward")
     vae_batch_size: int = Field(8, ge=1, description="finished images VAE-decoded together")
     max_pixels: int = Field(1024 * 1024, ge=64, description="height*width limit per image")
@@ -291,6 +295,12 @@ class DiTEngineConfig(Strict):
     max_sequence_length: int | None = Field(
         None, ge=1, description="caption tokens per prompt (text-encoder truncation and prompt_embeds limit); "
         "None = the family's default (PixArt 300, LLM-conditioned PixArt 1024, SD3 256 T5 tokens)")
+
+    @model_validator(mode="after")
+    def _check_stream(self):
+        if self.cuda_stream_priority != "normal" and not self.cuda_stream:
+            raise ValueError("cuda_stream_priority is the priority of the engine's own stream: set cuda_stream: true")
+        return self
 
 
 # ----------------------------------------------------------------------------- cluster services

@@ -39,13 +39,14 @@ def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torc
     return pinned.to(device, non_blocking=True)                 # one host copy, into pinned memory
 
 
-def own_stream(device: torch.device):
+def own_stream(device: torch.device, high_priority: bool = False):
     """The calling thread's device work from now on goes to a new CUDA stream of its own (ordered after what is
     queued on the thread's current stream); returns it, or None off CUDA. An engine's thread calls it when the
-    config asks for ``cuda_stream``."""
+    config asks for ``cuda_stream``; ``high_priority`` (``cuda_stream_priority: high``): the device's highest stream
+    priority, whose pending kernels are scheduled before those of normal streams."""
     if device.type != "cuda":
         return None
-    s = torch.cuda.Stream(device)
+    s = torch.cuda.Stream(device, priority=-100 if high_priority else 0)    # out of range: the highest one
     s.wait_stream(torch.cuda.current_stream(device))
     torch.cuda.set_stream(s)                   # the current stream is per thread
     return s

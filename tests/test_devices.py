@@ -60,10 +60,13 @@ def test_own_stream_is_nothing_off_cuda_and_engines_take_the_option():
     from omni_ray.config import AREngineConfig, DiTEngineConfig, ModelConfig
     from omni_ray.dit import AsyncDiTEngine, DiffusionParams
 
-    assert own_stream(torch.device("cpu")) is None
+    assert own_stream(torch.device("cpu")) is None and own_stream(torch.device("cpu"), high_priority=True) is None
+    with pytest.raises(ValueError, match="set cuda_stream: true"):
+        DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), cuda_stream_priority="high")
     ar = AREngineConfig(model=ModelConfig(path="tiny:qwen3"), device="cpu", enforce_eager=True, core_process="off",
                         cuda_stream=True)
-    dit = DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), device="cpu", cuda_stream=True)
+    dit = DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), device="cpu", cuda_stream=True,
+                          cuda_stream_priority="high")
 
     async def run():
         llm, img = AsyncLLM(ar), AsyncDiTEngine(dit)
@@ -100,3 +103,20 @@ def test_own_stream_is_the_calling_threads_alone():
     t.start()
     t.join()
     assert got == {"same": True, "ok": True} and torch.cuda.current_stream(dev) == main
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_high_priority_stream_has_the_devices_highest_priority():
+    import threading
+
+    got = {}
+
+    def worker(high):
+        got[high] = own_stream(torch.device("cuda"), high_priority=high).priority
+
+    for high in (False, True):
+        t = threading.Thread(target=worker, args=(high,))
+        t.start()
+        t.join()
+    assert got[False] == 0 and got[True] < 0

@@ -52,7 +52,9 @@ class AsyncDiTEngine:
         self._to_add: list[DiTRequest] = []          # applied by the loop between steps
         stream = self.engine.config.cuda_stream and self.engine.device.type == "cuda"
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="omni-dit-step",       # its steps, on its stream
-                                            initializer=own_stream if stream else None, initargs=(self.engine.device,))
+                                            initializer=own_stream if stream else None,
+                                            initargs=(self.engine.device,
+                                                      self.engine.config.cuda_stream_priority == "high"))
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._error: BaseException | None = None

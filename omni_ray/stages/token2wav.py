@@ -57,9 +57,10 @@ class Token2WavStageEngine(EngineStage):
         from omni_ray.dit.token2wav_chunks import ChunkPlan
         self.plan = ChunkPlan.for_family(self.family, self.config.token2wav_stream)     # ConfigError
         vocoder = getattr(self.family, "vocoder_graphs", None)
-        if vocoder is not None:                          # the plan's vocoder shapes as CUDA graphs now (no-op on
-            vocoder.warmup(self.plan.vocoder_lengths() + self.plan.last_vocoder_lengths())   # the CPU): recurring
-            #                                              ones first, then the last chunks' (no capture while serving)
+        if vocoder is not None:
+            # every vocoder length the plan's chunks take, as CUDA graphs now (no-op on the CPU): the recurring ones
+            # first (the first stream's first audio replays one), then a last chunk's (none captured while serving)
+            vocoder.warmup(self.plan.vocoder_lengths() + self.plan.last_vocoder_lengths())
         ode = getattr(self.engine.engine.runner.graphs, "ode", None)
         if ode is not None:                              # every whole-ODE shape the plan's windows can take, now
             ode.warmup(self.engine.engine, self.plan.longest_window(self.family.max_sequence_length))

@@ -8,6 +8,8 @@ random float32 weights built on the GPU (the reference runs token2wav in float32
     python benchmarks/bench_token2wav.py --modes graphs forward-graphs bf16 --concurrency 1 16 --window-frames 24 96 144
     python benchmarks/bench_token2wav.py --shape tiny --device cpu      # a smoke run of the script
     python benchmarks/bench_token2wav.py --modes graphs --concurrency 1 --first-chunk-frames ref 24 48
+    python benchmarks/bench_token2wav.py --modes bf16-layered bf16 bf16-compile bf16-layered-compile \
+        --concurrency 1 --window-frames 24 96 --no-vocoder --no-transformers     # the fused forward vs layered
     python benchmarks/bench_token2wav.py --vocoder-only --vocoder-batch 1 4 8      # the vocoder section alone
 
 V. the vocoder (BigVGAN) alone, first (quick: < 1 minute on an H100): per mel length (``--vocoder-frames``; default:
@@ -20,7 +22,9 @@ Per engine mode (``eager``: ``cuda_graphs: false``, each batch's whole ODE run e
 whole ODE as one CUDA graph per (row bucket, frame bucket, steps, sway, guidance), omni_ray/dit/token2wav_ode.py;
 ``forward-graphs``: one RK4 evaluation per engine step, whole forwards as CUDA graphs per (row bucket, frame
 bucket), omni_ray/dit/token2wav_graphs.py (``token2wav_whole_ode: false``); ``tf32`` / ``bf16``: ``graphs`` with
-``token2wav_precision``), each workload run once to capture its shapes, then timed:
+``token2wav_precision``; ``bf16-layered``: ``bf16`` layer by layer (``token2wav_fused_forward: false``);
+``-compile``: with ``compile: true``, which compiles the shared family's layer-by-layer blocks for every later
+mode too, so list those modes last), each workload run once to capture its shapes, then timed:
 
 0. one streamed window's ODE (``--window-frames`` mel frames, N windows at once, the mel only: no vocoder), the
    median of ``--repeats`` runs: the DiT's share of a stream's first audio;
@@ -92,7 +96,10 @@ def reference(model, voices, codes: torch.Tensor, voice: str, seed: int, steps: 
 
 
 MODES = {"eager": {"cuda_graphs": False}, "graphs": {}, "forward-graphs": {"token2wav_whole_ode": False},
-         "tf32": {"token2wav_precision": "tf32"}, "bf16": {"token2wav_precision": "bf16"}}
+         "tf32": {"token2wav_precision": "tf32"}, "bf16": {"token2wav_precision": "bf16"},
+         "bf16-layered": {"token2wav_precision": "bf16", "token2wav_fused_forward": False},
+         "bf16-compile": {"token2wav_precision": "bf16", "compile": True},
+         "bf16-layered-compile": {"token2wav_precision": "bf16", "token2wav_fused_forward": False, "compile": True}}
 
 
 def window_ode(engine, codes: list, frames: int, n: int, params, repeats: int) -> float:

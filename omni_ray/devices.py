@@ -34,9 +34,9 @@ def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torc
     (~260 ms of a talker prefill on an H100, by py-spy). Elsewhere a plain ``.to(device)``."""
     if device.type != "cuda" or (isinstance(x, torch.Tensor) and x.device.type == "cuda"):
         return torch.as_tensor(x, dtype=dtype).to(device)
-    src = torch.as_tensor(x, dtype=dtype)                  # a view where it can (numpy arrays' memory can't be pinned)
-    pinned = torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
-    return pinned.to(device, non_blocking=True)                 # one host copy, into pinned memory
+    src = x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=dtype)     # numpy: a view (its memory can't
+    pinned = torch.empty(src.shape, dtype=dtype or src.dtype, pin_memory=True)      # be pinned in place)
+    return pinned.copy_(src).to(device, non_blocking=True)      # one host copy (and cast), into pinned memory
 
 
 def own_stream(device: torch.device, high_priority: bool = False):

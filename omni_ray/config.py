@@ -250,6 +250,10 @@ class DiTEngineConfig(Strict):
         "codes have a chunk of audio as slack)")
     max_batch_size: int = Field(16, ge=1, description="requests (before CFG doubling) per transformer forward")
     vae_batch_size: int = Field(8, ge=1, description="finished images VAE-decoded together")
+    vae_batch_pixels: int = Field(8 * 512 * 512, ge=1, description=
+        "images VAE-decoded together hold at most this many pixels (one image always decodes alone): the "
+        "decoder's full-resolution activations grow with it (8 Qwen-Image images at 1024x1024 need > 10 GiB "
+        "beside the 20B transformer)")
     max_pixels: int = Field(1024 * 1024, ge=64, description="height*width limit per image")
     max_steps: int = Field(100, ge=1, description="num_inference_steps limit per request")
     default_steps: int | None = Field(None, ge=1, description=
@@ -259,9 +263,10 @@ class DiTEngineConfig(Strict):
         "scaled down to max_pixels where needed)")
     max_images_per_prompt: int = Field(4, ge=1, description="num_images_per_prompt limit per request")
     max_frames: int = Field(129, ge=1, description="video models: num_frames limit per video")
-    attention_backend: Literal["auto", "default", "flash", "cudnn", "efficient", "math"] = Field(
+    attention_backend: Literal["auto", "default", "flash", "cudnn", "efficient", "math", "split"] = Field(
         "auto", description="Wan and Qwen-Image on CUDA: the SDPA kernel of the attention (auto: the fastest, "
-        "measured once per token count and mask; default: torch's own order)")
+        "measured once per token count and mask; default: torch's own order; split: Qwen-Image's masked joint "
+        "attention as cuDNN over the image keys and over the caption keys, merged by log-sum-exp)")
     vae_decode_chunk: int = Field(2, ge=1, description="video models: latent frames VAE-decoded per engine "
                                   "step while other requests denoise (all at once when none does)")
     compile: bool = Field(False, description="torch.compile the transformer")

@@ -330,8 +330,11 @@ class DiTEngine:
             for r in videos:                     # decoded chunk by chunk, from this step on
                 self._decoding.append((r, VideoDecode(self.family.vae, self.family.denormalize(r.latents))))
             if done:
-                decode = audio_outputs if self.family.produces_audio else decode_outputs
-                self.counts["vae_batches"] += decode(self.family, done, self.config.vae_batch_size)
+                cfg = self.config
+                self.counts["vae_batches"] += (audio_outputs(self.family, done, cfg.vae_batch_size)
+                                               if self.family.produces_audio else
+                                               decode_outputs(self.family, done, cfg.vae_batch_size,
+                                                              cfg.vae_batch_pixels))
                 with self._lock:
                     done = [r for r in done if r.status is Status.RUNNING]     # not aborted meanwhile
                     for r in done:

@@ -11,15 +11,19 @@ from omni_ray.dit.request import DiTRequest
 
 
 @torch.no_grad()
-def decode_outputs(family: DiTFamily, reqs: list[DiTRequest], vae_batch_size: int) -> int:
-    """Set ``r.images`` for each finished request; returns the number of VAE batches run."""
+def decode_outputs(family: DiTFamily, reqs: list[DiTRequest], vae_batch_size: int,
+                   vae_batch_pixels: int | None = None) -> int:
+    """Set ``r.images`` for each finished request; returns the number of VAE batches run. A batch holds at
+    most ``vae_batch_size`` images and ``vae_batch_pixels`` pixels, all of one size; a request's images
+    stay in one batch."""
     for r in reqs:
         if r.output_type == "latent":
             r.images = list(r.latents.float().cpu())
     batches, chunk = 0, []
     for r in (r for r in reqs if r.output_type != "latent"):     # one image size per batch
-        if chunk and (sum(c.num_images for c in chunk) + r.num_images > vae_batch_size
-                      or (chunk[0].height, chunk[0].width) != (r.height, r.width)):
+        n = sum(c.num_images for c in chunk) + r.num_images
+        if chunk and (n > vae_batch_size or (chunk[0].height, chunk[0].width) != (r.height, r.width)
+                      or (vae_batch_pixels is not None and n * r.height * r.width > vae_batch_pixels)):
             _decode(family, chunk)
             batches, chunk = batches + 1, []
         chunk.append(r)

@@ -1,6 +1,7 @@
 """Step-level continuous batching: requests join and leave between steps, each with its own
 scheduler state; a request's image does not depend on its batchmates."""
 
+import numpy as np
 import pytest
 
 from omni_ray.dit import DiffusionParams
@@ -91,3 +92,18 @@ def test_vae_decodes_in_batches():
     n0 = eng.counts["vae_batches"]
     imgs = eng.generate([f"p{i}" for i in range(4)], P(num_inference_steps=2, seed=0), use_tqdm=False)
     assert len(imgs) == 4 and eng.counts["vae_batches"] - n0 == 2          # 3 + 1
+
+
+def test_vae_batches_bounded_by_pixels():
+    """Larger images decode in smaller batches (the decoder's activations grow with the pixels); the
+    images are the same as decoded together."""
+    size = 32
+    eng = make_engine("tiny:pixart", vae_batch_size=8, vae_batch_pixels=2 * size * size)
+    n0 = eng.counts["vae_batches"]
+    params = P(num_inference_steps=2, seed=0, height=size, width=size)
+    imgs = eng.generate([f"p{i}" for i in range(5)], params, use_tqdm=False)
+    assert len(imgs) == 5 and eng.counts["vae_batches"] - n0 == 3          # 2 + 2 + 1
+    together = make_engine("tiny:pixart", vae_batch_size=8).generate([f"p{i}" for i in range(5)], params,
+                                                                       use_tqdm=False)
+    for a, b in zip(imgs, together):
+        assert (np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)) <= 1).all()

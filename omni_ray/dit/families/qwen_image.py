@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
 from omni_ray.dit.families.qwen_image_block import Kernels, QwenImageBlock, supported
 from omni_ray.dit.families.sdpa_choice import SdpaChoice
+from omni_ray.dit.families.split_attention import split_caption_attention
 from omni_ray.errors import ConfigError, InvalidRequestError
 
 MASKED = -10000.0             # additive bias of a padded caption token (exp underflows to exactly 0)
@@ -76,7 +77,8 @@ class QwenImageFamily(DiTFamily):
             raise ConfigError("Qwen-Image adapter: a transformer block of an unexpected layout")
         self.kernels = Kernels()
         self.block_fns = [QwenImageBlock(b, self.kernels) for b in self.blocks]
-        self.sdpa = SdpaChoice(cfg.num_attention_heads, cfg.attention_head_dim, device, dtype)
+        self.sdpa = SdpaChoice(cfg.num_attention_heads, cfg.attention_head_dim, device, dtype,
+                               split=self._split_attention)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None        # RoPE cos / sin per position
         self._vid_freqs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
@@ -193,7 +195,7 @@ class QwenImageFamily(DiTFamily):
         tr = self.transformer
         h = tr.img_in(x)                                                        # [B, N, D]
         for masked in {ctx_bias is not None, True}:     # (CUDA graphs pad captions to a bucket under a mask)
-            self.sdpa.prepare(h.shape[0], ctx.shape[1] + h.shape[1], masked)     # once per shape (CUDA)
+            self.sdpa.prepare(h.shape[0], ctx.shape[1] + h.shape[1], masked, prefix=ctx.shape[1])   # once per shape
         temb = tr.time_text_embed(t.to(h.dtype) / 1000, h)       # the pipeline passes t / 1000
         return BlockState(x=h, ctx=ctx, ctx_bias=ctx_bias, temb=temb, emb=temb, grid=tuple(shapes[0][1:]),
                           shapes=shapes)
@@ -206,8 +208,13 @@ class QwenImageFamily(DiTFamily):
             rope = (rope[0][lo:lo + n], rope[1][lo:lo + n], *rope[2:])
         # the joint [text | image] attention's kernel, as measured in embed (a sequence-parallel shard of the
         # image rows finds no measurement: torch's own order)
-        with self.sdpa.context(st.ctx.shape[1] + st.x.shape[1], st.ctx_bias is not None):
+        tokens, masked = st.ctx.shape[1] + st.x.shape[1], st.ctx_bias is not None
+        self.kernels.split = self.sdpa.splits(tokens, masked)    # the caption mask's split attention, if faster
+        with self.sdpa.context(tokens, masked):
             st.x, st.ctx = self.block_fns[i](st.x, st.ctx, st.ctx_bias, st.temb, rope)
+
+    def _split_attention(self, q, k, v, text_bias, text_len):
+        return split_caption_attention(q, k, v, text_bias, text_len, self.kernels.merge)
 
     def set_attention_backend(self, name: str) -> None:
         self.sdpa.mode = name

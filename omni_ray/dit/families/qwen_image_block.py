@@ -5,11 +5,12 @@ one fused q/k/v projection per stream (the block's own linears become views into
 so nothing is stored twice and the diffusers module still runs unchanged), RoPE in real arithmetic
 on precomputed cos / sin (the complex product of ``apply_rotary_emb_qwen``, written out, in fp32),
 ``addcmul`` for the gated residuals, one SDPA over [text | image] with an additive caption mask only
-when the batch has one, the MLPs' GELU in the GEMM epilogue on CUDA, the output projections' biases
-in the gated residuals. ``fuse_elementwise()`` compiles the small helpers (layer norm + modulation,
-q/k RMS norm + RoPE + the joint concatenation, gated residual) into fused kernels without compiling
-the whole block; fused on CUDA, the joint q / k / v (both streams' norms, RoPE and the concatenation)
-come from one Triton kernel per stream (``qwen_image_kernels.py``).
+when the batch has one (or, where measured faster, the split of ``split_attention.py``), the MLPs' GELU
+in the GEMM epilogue on CUDA, the output projections' biases in the gated residuals.
+``fuse_elementwise()`` compiles the small helpers (layer norm + modulation, q/k RMS norm + RoPE + the
+joint concatenation, gated residual) into fused kernels without compiling the whole block; fused on
+CUDA, the joint q / k / v (both streams' norms, RoPE and the concatenation) come from
+one Triton kernel per stream (``qwen_image_kernels.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_ray.dit.families.pixart_block import _fuse, gated_add, ln_modulate
+from omni_ray.dit.families.split_attention import merge, split_caption_attention
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class Kernels:
     def __init__(self):
         self.ln_modulate, self.gated_add, self.joint_qk = ln_modulate, gated_add, joint_qk
         self.gated_add_bias = gated_add_bias
+        self.merge = merge                  # split attention's log-sum-exp merge
+        self.split = False                  # set per call by the family: run the caption mask's split attention
         self._qkv_kernel = None             # fused: q, k, v of the joint sequence in one Triton kernel per stream
         self._qkv_kernel_ran = False
 
@@ -94,6 +98,7 @@ class Kernels:
         self.gated_add = torch.compile(gated_add)
         self.gated_add_bias = torch.compile(gated_add_bias)
         self.joint_qk = torch.compile(joint_qk)
+        self.merge = torch.compile(merge)
 
     def fused_qkv(self, cqkv, qkv, attn, rope):
         """(q, k, v) [B, H, T + N, d] from the Triton kernel (CUDA tensors), or None: not fused, a call the
@@ -162,8 +167,11 @@ class QwenImageBlock(nn.Module):
             kk = k.joint_qk(cqkv[:, :, 1], qkv[:, :, 1], a.norm_added_k.weight, a.norm_k.weight,
                             a.norm_added_k.eps, a.norm_k.eps, rope).transpose(1, 2)
             v = torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], dim=1).transpose(1, 2)
-        mask = None if ctx_bias is None else F.pad(ctx_bias, (0, N))[:, None]         # [B, 1, 1, T + N]
-        o = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2)   # [B, T + N, H, d]
+        if ctx_bias is not None and k.split:        # unmasked over the image keys, masked over the text keys
+            o = split_caption_attention(q, kk, v, ctx_bias, T, k.merge).transpose(1, 2)
+        else:
+            mask = None if ctx_bias is None else F.pad(ctx_bias, (0, N))[:, None]     # [B, 1, 1, T + N]
+            o = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2)   # [B, T + N, H, d]
         x = projected_residual(k, x, i_g1, o[:, T:].reshape(B, N, D), a.to_out[0])
         ctx = projected_residual(k, ctx, t_g1, o[:, :T].reshape(B, T, D), a.to_add_out)
 

@@ -11,7 +11,10 @@ cuDNN 398; unmasked: flash 356, cuDNN 660). ``SdpaChoice`` times each candidate 
 masked) on the model's own self-attention shape ``[rows, heads, N, head_dim]`` (a few ms, the first time
 a shape is seen) and runs the blocks under ``sdpa_kernel`` with the fastest first (the others stay
 behind it as fallbacks for shapes it cannot take, such as Wan's 512-key cross-attention).
-``attention_backend`` in the engine config forces one (``"default"``: torch's own order).
+``attention_backend`` in the engine config forces one (``"default"``: torch's own order). A family whose
+mask covers only a key prefix (Qwen-Image's caption) also has ``"split"`` timed on masked shapes: the
+unmasked call over the other keys and a masked one over the prefix, merged by log-sum-exp
+(``split_attention.py``).
 ``benchmarks/bench_wan.py`` prints the same measurement.
 """
 
@@ -21,6 +24,7 @@ import contextlib
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
@@ -32,24 +36,35 @@ CANDIDATES = ("flash", "cudnn", "efficient")
 
 @torch.no_grad()
 def time_backends(rows: int, heads: int, tokens: int, head_dim: int, dtype=torch.bfloat16, device="cuda",
-                  names=CANDIDATES, reps: int = 5, masked: bool = False) -> dict[str, float]:
+                  names=CANDIDATES, reps: int = 5, masked: bool = False, prefix: int | None = None,
+                  split=None) -> dict[str, float]:
     """Milliseconds per self-attention call for each backend that takes the shape (others: inf); ``masked``:
-    under an additive key mask [rows, 1, 1, N] (a caption's padded keys at -inf)."""
+    under an additive key mask [rows, 1, 1, N] (a caption's padded keys at -inf: the last quarter of the
+    ``prefix`` keys, else the first N / 16); ``split``: also time ``split(q, k, v, bias [rows, 1, prefix],
+    prefix)`` as ``"split"`` (masked shapes with a prefix only)."""
     q, k, v = (torch.randn(rows, heads, tokens, head_dim, dtype=dtype, device=device) for _ in range(3))
     mask = None
     if masked:
         mask = torch.zeros(rows, 1, 1, tokens, dtype=dtype, device=device)
-        mask[..., :max(1, tokens // 16)] = float("-inf")
+        if prefix:
+            mask[..., prefix - max(1, prefix // 4):prefix] = float("-inf")
+        else:
+            mask[..., :max(1, tokens // 16)] = float("-inf")
+    calls = {name: (BACKENDS[name], lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+             for name in names}
+    if masked and prefix and split is not None:
+        bias = mask[:, 0, :, :prefix]                                                    # [rows, 1, prefix]
+        calls["split"] = (BACKENDS["cudnn"], lambda: split(q, k, v, bias, prefix))
     out: dict[str, float] = {}
-    for name in names:
+    for name, (backend, call) in calls.items():
         try:
-            with sdpa_kernel(BACKENDS[name]):
+            with sdpa_kernel(backend):
                 for _ in range(2):
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                    call()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 for _ in range(reps):
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                    call()
                 end.record()
                 end.synchronize()
             out[name] = start.elapsed_time(end) / reps
@@ -62,17 +77,21 @@ class SdpaChoice:
     """The SDPA backend order for a family's blocks, per self-attention token count (and whether a mask is
     applied)."""
 
-    def __init__(self, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype, mode: str = "auto"):
+    def __init__(self, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype, mode: str = "auto",
+                 split=None):
         self.heads, self.head_dim, self.device, self.dtype, self.mode = heads, head_dim, device, dtype, mode
+        self.split = split                                 # the family's split attention, timed as "split"
         self.picked: dict[tuple[int, bool], str] = {}      # (tokens, masked) -> backend name
         self.timings: dict[tuple[int, bool], dict[str, float]] = {}
 
-    def prepare(self, rows: int, tokens: int, masked: bool = False) -> None:
-        """Measure for this token count if not yet (call outside CUDA graph capture)."""
+    def prepare(self, rows: int, tokens: int, masked: bool = False, prefix: int | None = None) -> None:
+        """Measure for this token count if not yet (call outside CUDA graph capture); ``prefix``: the mask
+        covers only the first ``prefix`` keys (times ``"split"`` too, where the family has one)."""
         key = (tokens, masked)
         if self.mode != "auto" or self.device.type != "cuda" or key in self.picked:
             return
-        ms = time_backends(min(rows, 2), self.heads, tokens, self.head_dim, self.dtype, self.device, masked=masked)
+        ms = time_backends(min(rows, 2), self.heads, tokens, self.head_dim, self.dtype, self.device, masked=masked,
+                           prefix=prefix, split=self.split)
         best = min(ms, key=ms.get)
         self.picked[key], self.timings[key] = best, ms
         log.info("SDPA for %d tokens x %d heads%s: %s (%s)", tokens, self.heads, " (masked)" if masked else "",
@@ -89,11 +108,16 @@ class SdpaChoice:
         near = [n for n, m in self.picked if m == masked]
         return self.picked[(min(near, key=lambda n: abs(n - tokens)), masked)] if near else None
 
+    def splits(self, tokens: int, masked: bool) -> bool:
+        """Whether the family runs its split attention for this shape."""
+        return masked and self.split is not None and self.first(tokens, masked) == "split"
+
     def context(self, tokens: int, masked: bool = False):
         if self.device.type != "cuda" or self.mode == "default":
             return contextlib.nullcontext()
         first = self.first(tokens, masked)
         if first is None:
             return contextlib.nullcontext()
+        first = "cudnn" if first == "split" else first          # the split's two calls: cuDNN's kernel
         order = [BACKENDS[first]] + [BACKENDS[n] for n in (*CANDIDATES, "math") if n != first]
         return sdpa_kernel(order, set_priority=True)

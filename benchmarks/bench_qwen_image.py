@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's transformer blocks")
     ap.add_argument("--no-graphs", action="store_true", help="run the engine's blocks without CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="print where 8 concurrent requests' steps go, by kernel")
+    ap.add_argument("--attention-backend", default="auto", help="the engine's attention_backend (auto: measured, "
+                    "'split' among the candidates under a caption mask; cudnn: the single masked call)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default 512 1024; quick: 512)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                     help="parts to run (default all)")
@@ -206,7 +208,8 @@ def main() -> None:
     print(f"built the 20B transformer + VAE in memory: {tb.s:.1f} s, "
           f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
     cfg = DiTEngineConfig(model=ModelConfig(path="shape:qwen-image", dtype="bfloat16"), device="cuda",
-                          max_batch_size=16, compile=a.compile, cuda_graphs=not a.no_graphs, max_pixels=1024 * 1024)
+                          max_batch_size=16, compile=a.compile, cuda_graphs=not a.no_graphs, max_pixels=1024 * 1024,
+                          attention_backend=a.attention_backend)
     engine = DiTEngine.from_components("QwenImagePipeline", comps, cfg)
     pipe = make_pipeline(comps) if on & {"latency", "static"} else None
     tcfg = dict(comps["transformer"].config)
@@ -226,6 +229,9 @@ def main() -> None:
         [("teacache", 0.2), ("teacache", 0.4), ("teacache", 0.8), ("fbcache", 0.05), ("fbcache", 0.1)]
     result["step_cache"] = bench_cache(engine, pos, neg, 512, steps, methods) if "cache" in on else []
     result["engine_stats"] = {k: v for k, v in engine.engine_stats().items() if isinstance(v, (int, float))}
+    result["attention_backend"] = a.attention_backend
+    result["sdpa_timings_ms"] = [{"tokens": n, "masked": m, "picked": engine.family.sdpa.picked[(n, m)], **ms}
+                                 for (n, m), ms in engine.family.sdpa.timings.items()]
 
     print(f"\n## Qwen-Image shape, random bf16 weights, {device_name()}, {steps} steps, "
           f"true_cfg_scale {TRUE_CFG}{', compiled' if a.compile else ''}\n")
@@ -236,6 +242,8 @@ def main() -> None:
                "frac_of_peak": r["frac_of_peak"]} for r in result["diffusers_static_batch"]]
     print(table(result["concurrent"] + static, ["size", "requests", "negative", "images_per_s", "tflops",
                                                 "frac_of_peak"]))
+    print()
+    print(table(result["sdpa_timings_ms"], ["tokens", "masked", "picked", "flash", "cudnn", "efficient", "split"]))
     print()
     print(table(result["step_cache"], ["method", "threshold", "seconds", "speedup", "block_frac", "psnr_db"]))
     print(f"\npeak {peak / 1e12:.0f} TFLOP/s; wrote {write_result('qwen_image_cuda.json', result)}")

@@ -58,12 +58,14 @@ LAST = ("thinker_last_token", "talker_last_code")
 
 def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
                 lookahead: int, precision: str = "fp32", thinker_core: str = "off", t2w_compile: bool = False,
-                streams: bool = False, fused: bool = True, t2w_priority: str = "normal") -> dict:
+                streams: bool = False, fused: bool = True, t2w_priority: str = "normal",
+                ar_sms: int | None = None) -> dict:
     """The thinker and talker stages on one checkpoint, a token2wav stage per chunk plan (``plans``: None, the
     reference's, or the first chunk's mel frames) and a graph pipeline through each (``speech-<plan>``). On
     the GPU the KV caches are sized for ``concurrency`` requests (not a share of the GPU's memory: the stages
     and transformers' model share the card)."""
-    ar = {"device": "cuda" if gpu else "cpu", "enforce_eager": not gpu, "cuda_stream": streams}
+    ar = {"device": "cuda" if gpu else "cpu", "enforce_eager": not gpu, "cuda_stream": streams,
+          "cuda_stream_sms": ar_sms}
 
     def sized(n_len: int) -> dict:
         if not gpu:
@@ -222,6 +224,9 @@ def main() -> None:
                     help="each engine's device work on a CUDA stream of its own (the engines' cuda_stream)")
     ap.add_argument("--token2wav-high-priority", action="store_true",
                     help="with --engine-streams: token2wav's stream at the highest priority (cuda_stream_priority)")
+    ap.add_argument("--ar-sms", type=int, default=None,
+                    help="with --engine-streams: the thinker's and talker's streams on a green context of this many "
+                         "SMs (cuda_stream_sms), the rest of the GPU left to token2wav's window kernels")
     ap.add_argument("--thinker-core-process", choices=["off", "on"], default="off",
                     help="step the thinker's engine in a child process (its own interpreter, not a thread of "
                          "this one; the talker's core stays a thread: fed rows go straight into its requests)")
@@ -251,7 +256,8 @@ def main() -> None:
                               lookahead=args.first_lookahead_frames, precision=args.token2wav_precision,
                               thinker_core=args.thinker_core_process, t2w_compile=args.token2wav_compile,
                               streams=args.engine_streams, fused=not args.token2wav_layered,
-                              t2w_priority="high" if args.token2wav_high_priority else "normal"))
+                              t2w_priority="high" if args.token2wav_high_priority else "normal",
+                              ar_sms=args.ar_sms))
     for plan in plans:                                               # builds and warms the engines (a short one)
         run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed, f"speech-{label(plan)}")
     print(f"engines up and warm in {time.perf_counter() - t_build:.1f} s")

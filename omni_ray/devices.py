@@ -39,14 +39,46 @@ def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torc
     return pinned.copy_(src).to(device, non_blocking=True)      # one host copy (and cast), into pinned memory
 
 
-def own_stream(device: torch.device, high_priority: bool = False):
+_GREEN_CONTEXTS: list = []                     # kept alive while their streams are in use
+_GREEN_STREAMS: set[int] = set()               # their streams' handles
+
+
+def green_stream(device: torch.device, sms: int) -> torch.cuda.Stream:
+    """A stream of a CUDA green context of ``sms`` SMs: kernels launched on it run on those SMs only, so the
+    rest of the GPU stays free for other streams' kernels (torch.cuda.green_contexts, CUDA 12.4+)."""
+    from torch.cuda.green_contexts import SUPPORTED, GreenContext
+
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    if not SUPPORTED:
+        raise RuntimeError("cuda_stream_sms needs PyTorch built with CUDA green context support")
+    if not 0 < sms < total:
+        raise ValueError(f"cuda_stream_sms={sms}: the GPU has {total} SMs")
+    ctx = GreenContext.create(num_sms=sms, device_id=device.index if device.index is not None
+                              else torch.cuda.current_device())
+    _GREEN_CONTEXTS.append(ctx)
+    stream = ctx.Stream()
+    _GREEN_STREAMS.add(stream.cuda_stream)
+    return stream
+
+
+def capture_stream() -> torch.cuda.Stream | None:
+    """The stream a CUDA graph is captured on: the thread's current one where it is a green context's (its
+    kernels then carry the green context's SMs when replayed), else None (``torch.cuda.graph``'s own)."""
+    if not _GREEN_STREAMS or not torch.cuda.is_available():
+        return None
+    s = torch.cuda.current_stream()
+    return s if s.cuda_stream in _GREEN_STREAMS else None
+
+
+def own_stream(device: torch.device, high_priority: bool = False, sms: int | None = None):
     """The calling thread's device work from now on goes to a new CUDA stream of its own (ordered after what is
     queued on the thread's current stream); returns it, or None off CUDA. An engine's thread calls it when the
     config asks for ``cuda_stream``; ``high_priority`` (``cuda_stream_priority: high``): the device's highest stream
-    priority, whose pending kernels are scheduled before those of normal streams."""
+    priority, whose pending kernels are scheduled before those of normal streams; ``sms`` (``cuda_stream_sms``):
+    the stream of a green context of that many SMs."""
     if device.type != "cuda":
         return None
-    s = torch.cuda.Stream(device, priority=-100 if high_priority else 0)    # out of range: the highest one
+    s = green_stream(device, sms) if sms else torch.cuda.Stream(device, priority=-100 if high_priority else 0)
     s.wait_stream(torch.cuda.current_stream(device))
     torch.cuda.set_stream(s)                   # the current stream is per thread
     return s

@@ -63,6 +63,8 @@ def test_own_stream_is_nothing_off_cuda_and_engines_take_the_option():
     assert own_stream(torch.device("cpu")) is None and own_stream(torch.device("cpu"), high_priority=True) is None
     with pytest.raises(ValueError, match="set cuda_stream: true"):
         DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), cuda_stream_priority="high")
+    with pytest.raises(ValueError, match="set cuda_stream: true"):
+        AREngineConfig(model=ModelConfig(path="tiny:qwen3"), cuda_stream_sms=100)
     ar = AREngineConfig(model=ModelConfig(path="tiny:qwen3"), device="cpu", enforce_eager=True, core_process="off",
                         cuda_stream=True)
     dit = DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), device="cpu", cuda_stream=True,
@@ -120,3 +122,35 @@ def test_a_high_priority_stream_has_the_devices_highest_priority():
         t.start()
         t.join()
     assert got[False] == 0 and got[True] < 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_green_stream_computes_and_captures():
+    """``own_stream(sms=...)``: a green context's stream; work on it (eager and a graph captured on it, as the AR
+    engine's graphs are) gives the same results; asking for more SMs than the GPU has is refused."""
+    import threading
+
+    from omni_ray.devices import capture_stream
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    with pytest.raises(ValueError, match="SMs"):
+        own_stream(dev, sms=sms + 8)
+    got = {}
+
+    def worker():
+        s = own_stream(dev, sms=sms // 2)
+        got["capture_on_it"] = capture_stream() == s
+        x = torch.arange(1000, device=dev, dtype=torch.float32)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=capture_stream()):
+            y = x * 2 + 1
+        x.copy_(torch.arange(1000, device=dev, dtype=torch.float32) + 1)
+        g.replay()
+        got["ok"] = torch.equal(y.cpu(), (torch.arange(1000) + 1).float() * 2 + 1)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert got == {"capture_on_it": True, "ok": True}

@@ -249,7 +249,7 @@ class ThreadCore:
     def _run(self) -> None:
         try:
             if self.engine.config.cuda_stream:
-                own_stream(resolve_device(self.engine.config.device))
+                own_stream(resolve_device(self.engine.config.device), sms=self.engine.config.cuda_stream_sms)
             while not self._stop:
                 with self._lock:
                     adds, self._adds = self._adds, []

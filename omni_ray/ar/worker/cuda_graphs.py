@@ -12,6 +12,7 @@ import logging
 import torch
 
 from omni_ray.capture_lock import capture_lock
+from omni_ray.devices import capture_stream
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def capture_decode_graphs(runner):
             runner.g_step.zero_()
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
-            with capture_lock(), torch.cuda.graph(g, pool=pool):
+            with capture_lock(), torch.cuda.graph(g, pool=pool, stream=capture_stream()):
                 runner._decode_body(bs, meta)
             pool = g.pool()
             runner.graphs[bs] = g

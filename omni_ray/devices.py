@@ -70,15 +70,19 @@ def capture_stream() -> torch.cuda.Stream | None:
     return s if s.cuda_stream in _GREEN_STREAMS else None
 
 
-def own_stream(device: torch.device, high_priority: bool = False, sms: int | None = None):
+def own_stream(device: torch.device, high_priority: bool = False, sms: int | None = None,
+               stream: torch.cuda.Stream | None = None):
     """The calling thread's device work from now on goes to a new CUDA stream of its own (ordered after what is
     queued on the thread's current stream); returns it, or None off CUDA. An engine's thread calls it when the
     config asks for ``cuda_stream``; ``high_priority`` (``cuda_stream_priority: high``): the device's highest stream
     priority, whose pending kernels are scheduled before those of normal streams; ``sms`` (``cuda_stream_sms``):
-    the stream of a green context of that many SMs."""
+    the stream of a green context of that many SMs; ``stream``: that one (made before, e.g. to capture graphs on)."""
     if device.type != "cuda":
         return None
-    s = green_stream(device, sms) if sms else torch.cuda.Stream(device, priority=-100 if high_priority else 0)
+    if stream is not None:
+        s = stream
+    else:
+        s = green_stream(device, sms) if sms else torch.cuda.Stream(device, priority=-100 if high_priority else 0)
     s.wait_stream(torch.cuda.current_stream(device))
     torch.cuda.set_stream(s)                   # the current stream is per thread
     return s

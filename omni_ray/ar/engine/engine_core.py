@@ -248,8 +248,9 @@ class ThreadCore:
 
     def _run(self) -> None:
         try:
-            if self.engine.config.cuda_stream:
-                own_stream(resolve_device(self.engine.config.device), sms=self.engine.config.cuda_stream_sms)
+            if self.engine.config.cuda_stream:        # the runner's green stream (cuda_stream_sms), else a new one
+                green = getattr(self.engine.runner, "stream", None)
+                own_stream(resolve_device(self.engine.config.device), stream=green)
             while not self._stop:
                 with self._lock:
                     adds, self._adds = self._adds, []

@@ -8,6 +8,7 @@ each computed position's final row, decode steps' included, read from the graphs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from omni_ray.ar.worker.mixed_graphs import MixedStepGraphs
 from omni_ray.ar.worker.seen_tokens import SeenTokens, has_penalty
 from omni_ray.ar.worker.step_rows import StepRows
 from omni_ray.config import AREngineConfig
-from omni_ray.devices import resolve_device, resolve_dtype, to_device
+from omni_ray.devices import green_stream, resolve_device, resolve_dtype, to_device
 from omni_ray.errors import ConfigError, InvalidRequestError, ResourceError
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,16 @@ class ModelRunner:
                                    self.dtype, self.device) if arch.talker is not None and tp.size == 1 else None)
         self.seen: SeenTokens | None = None          # repetition penalty of decode runs (made on first use)
         self.mixed: MixedStepGraphs | None = None     # graphs of steps with prompt tokens (worker/mixed_graphs.py)
+        # cuda_stream_sms: the engine's stream is a green context's, and its graphs are captured on it (a graph
+        # captured elsewhere and replayed there runs on every SM: benchmarks/bench_sm_partition.py)
+        self.stream = (green_stream(self.device, cfg.cuda_stream_sms)
+                       if cuda and cfg.cuda_stream and cfg.cuda_stream_sms else None)
         if self.use_graphs:
-            pool = capture_decode_graphs(self)
-            if cfg.mixed_graph_tokens > 0 and self.backend == "triton" and tp.size == 1:
-                self.mixed = MixedStepGraphs(self, cfg.mixed_graph_tokens)
-                self.mixed.capture(pool)
+            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                pool = capture_decode_graphs(self)
+                if cfg.mixed_graph_tokens > 0 and self.backend == "triton" and tp.size == 1:
+                    self.mixed = MixedStepGraphs(self, cfg.mixed_graph_tokens)
+                    self.mixed.capture(pool)
 
     def _media_encoders(self, path: Path):
         """The vision / audio towers of a multimodal checkpoint (single-rank engines), else None."""

@@ -81,3 +81,11 @@ def test_split_on_cudnn_equals_masked_call(lengths, T, N):
     err, err_torch = (out - exact).abs().max().item(), (torch_bf16 - exact).abs().max().item()
     assert err <= 2 * err_torch + 1e-3, (err, err_torch)
     assert (compiled - out).abs().max().item() <= 2 * err_torch + 1e-3
+
+
+def test_kernels_are_timed_on_the_batchs_rows_within_a_budget():
+    from omni_ray.dit.families.sdpa_choice import timed_rows
+
+    assert timed_rows(16, 1152) == 16                 # 512 px, 8 requests with negatives: their own rows
+    assert timed_rows(16, 4224) == 15 and timed_rows(2, 4224) == 2
+    assert timed_rows(8, 32760) == 2 and timed_rows(4, 100_000) == 1

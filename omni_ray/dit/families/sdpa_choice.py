@@ -73,6 +73,13 @@ def time_backends(rows: int, heads: int, tokens: int, head_dim: int, dtype=torch
     return out
 
 
+def timed_rows(rows: int, tokens: int) -> int:
+    """Rows of the timing call: the batch's own up to ~64 k query tokens in all (its q / k / v stay ~1 GB).
+    Rankings move with the rows: the split attention's merge loses at 2 rows of 1,152 tokens and wins at 16
+    (``docs/benchmarks.md``)."""
+    return max(1, min(rows, (1 << 16) // tokens))
+
+
 class SdpaChoice:
     """The SDPA backend order for a family's blocks, per self-attention token count (and whether a mask is
     applied)."""
@@ -90,8 +97,8 @@ class SdpaChoice:
         key = (tokens, masked)
         if self.mode != "auto" or self.device.type != "cuda" or key in self.picked:
             return
-        ms = time_backends(min(rows, 2), self.heads, tokens, self.head_dim, self.dtype, self.device, masked=masked,
-                           prefix=prefix, split=self.split)
+        ms = time_backends(timed_rows(rows, tokens), self.heads, tokens, self.head_dim, self.dtype, self.device,
+                           masked=masked, prefix=prefix, split=self.split)
         best = min(ms, key=ms.get)
         self.picked[key], self.timings[key] = best, ms
         log.info("SDPA for %d tokens x %d heads%s: %s (%s)", tokens, self.heads, " (masked)" if masked else "",

@@ -131,6 +131,8 @@ class ModelRunner:
         # captured elsewhere and replayed there runs on every SM: benchmarks/bench_sm_partition.py)
         self.stream = (green_stream(self.device, cfg.cuda_stream_sms)
                        if cuda and cfg.cuda_stream and cfg.cuda_stream_sms else None)
+        if self.stream is not None:
+            log.info("engine stream on a CUDA green context: %d of %d SMs", cfg.cuda_stream_sms, self.num_sms)
         if self.use_graphs:
             with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
                 pool = capture_decode_graphs(self)

@@ -40,7 +40,6 @@ def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torc
 
 
 _GREEN_CONTEXTS: list = []                     # kept alive while their streams are in use
-_GREEN_STREAMS: set[int] = set()               # their streams' handles
 
 
 def green_stream(device: torch.device, sms: int) -> torch.cuda.Stream:
@@ -56,33 +55,18 @@ def green_stream(device: torch.device, sms: int) -> torch.cuda.Stream:
     ctx = GreenContext.create(num_sms=sms, device_id=device.index if device.index is not None
                               else torch.cuda.current_device())
     _GREEN_CONTEXTS.append(ctx)
-    stream = ctx.Stream()
-    _GREEN_STREAMS.add(stream.cuda_stream)
-    return stream
+    return ctx.Stream()
 
 
-def capture_stream() -> torch.cuda.Stream | None:
-    """The stream a CUDA graph is captured on: the thread's current one where it is a green context's (its
-    kernels then carry the green context's SMs when replayed), else None (``torch.cuda.graph``'s own)."""
-    if not _GREEN_STREAMS or not torch.cuda.is_available():
-        return None
-    s = torch.cuda.current_stream()
-    return s if s.cuda_stream in _GREEN_STREAMS else None
-
-
-def own_stream(device: torch.device, high_priority: bool = False, sms: int | None = None,
-               stream: torch.cuda.Stream | None = None):
+def own_stream(device: torch.device, high_priority: bool = False, stream: torch.cuda.Stream | None = None):
     """The calling thread's device work from now on goes to a new CUDA stream of its own (ordered after what is
     queued on the thread's current stream); returns it, or None off CUDA. An engine's thread calls it when the
     config asks for ``cuda_stream``; ``high_priority`` (``cuda_stream_priority: high``): the device's highest stream
-    priority, whose pending kernels are scheduled before those of normal streams; ``sms`` (``cuda_stream_sms``):
-    the stream of a green context of that many SMs; ``stream``: that one (made before, e.g. to capture graphs on)."""
+    priority, whose pending kernels are scheduled before those of normal streams; ``stream``: that one, made
+    before (an AR runner's green stream, ``cuda_stream_sms``, which its graphs were captured on)."""
     if device.type != "cuda":
         return None
-    if stream is not None:
-        s = stream
-    else:
-        s = green_stream(device, sms) if sms else torch.cuda.Stream(device, priority=-100 if high_priority else 0)
+    s = stream if stream is not None else torch.cuda.Stream(device, priority=-100 if high_priority else 0)
     s.wait_stream(torch.cuda.current_stream(device))
     torch.cuda.set_stream(s)                   # the current stream is per thread
     return s

@@ -127,24 +127,26 @@ def test_a_high_priority_stream_has_the_devices_highest_priority():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_green_stream_computes_and_captures():
-    """``own_stream(sms=...)``: a green context's stream; work on it (eager and a graph captured on it, as the AR
-    engine's graphs are) gives the same results; asking for more SMs than the GPU has is refused."""
+    """``green_stream``: a green context's stream, adopted by a thread (``own_stream(stream=...)``, as an AR engine's
+    core thread does); work on it (eager and a graph captured on it, as the AR runner's graphs are) gives the same
+    results; asking for more SMs than the GPU has is refused."""
     import threading
 
-    from omni_ray.devices import capture_stream
+    from omni_ray.devices import green_stream
 
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     with pytest.raises(ValueError, match="SMs"):
-        own_stream(dev, sms=sms + 8)
+        green_stream(dev, sms + 8)
     got = {}
 
     def worker():
-        s = own_stream(dev, sms=sms // 2)
-        got["capture_on_it"] = capture_stream() == s
+        green = green_stream(dev, sms // 2)
+        s = own_stream(dev, stream=green)
+        got["capture_on_it"] = s is green and torch.cuda.current_stream(dev) == green
         x = torch.arange(1000, device=dev, dtype=torch.float32)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=capture_stream()):
+        with torch.cuda.graph(g, stream=s):
             y = x * 2 + 1
         x.copy_(torch.arange(1000, device=dev, dtype=torch.float32) + 1)
         g.replay()

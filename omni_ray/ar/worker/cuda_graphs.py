@@ -12,7 +12,6 @@ import logging
 import torch
 
 from omni_ray.capture_lock import capture_lock
-from omni_ray.devices import capture_stream
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def capture_decode_graphs(runner):
             runner.g_step.zero_()
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
-            with capture_lock(), torch.cuda.graph(g, pool=pool, stream=capture_stream()):
+            with capture_lock(), torch.cuda.graph(g, pool=pool, stream=runner.stream):   # green (cuda_stream_sms)
                 runner._decode_body(bs, meta)
             pool = g.pool()
             runner.graphs[bs] = g

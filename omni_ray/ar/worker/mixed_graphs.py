@@ -37,7 +37,6 @@ from omni_ray.ar.batch import ScheduledBatch
 from omni_ray.ar.kernels.tiling import prefill_block_m
 from omni_ray.ar.layers.attention import AttnMetadata
 from omni_ray.capture_lock import capture_lock
-from omni_ray.devices import capture_stream
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class MixedStepGraphs:
                 self._body(t)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
-            with capture_lock(), torch.cuda.graph(g, pool=pool, stream=capture_stream()):
+            with capture_lock(), torch.cuda.graph(g, pool=pool, stream=self.r.stream):
                 self._body(t)
             pool = g.pool()
             self.graphs[t] = g

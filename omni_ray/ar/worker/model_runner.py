@@ -128,7 +128,8 @@ class ModelRunner:
         self.seen: SeenTokens | None = None          # repetition penalty of decode runs (made on first use)
         self.mixed: MixedStepGraphs | None = None     # graphs of steps with prompt tokens (worker/mixed_graphs.py)
         # cuda_stream_sms: the engine's stream is a green context's, and its graphs are captured on it (a graph
-        # captured elsewhere and replayed there runs on every SM: benchmarks/bench_sm_partition.py)
+        # captured elsewhere and replayed there runs on every SM: benchmarks/bench_sm_partition.py); the core
+        # thread adopts it (engine_core.py)
         self.stream = (green_stream(self.device, cfg.cuda_stream_sms)
                        if cuda and cfg.cuda_stream and cfg.cuda_stream_sms else None)
         if self.stream is not None:

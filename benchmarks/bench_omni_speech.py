@@ -59,7 +59,7 @@ LAST = ("thinker_last_token", "talker_last_code")
 def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
                 lookahead: int, precision: str = "fp32", thinker_core: str = "off", t2w_compile: bool = False,
                 streams: bool = False, fused: bool = True, t2w_priority: str = "normal",
-                ar_sms: int | None = None) -> dict:
+                ar_sms: int | None = None, t2w_sms: int | None = None) -> dict:
     """The thinker and talker stages on one checkpoint, a token2wav stage per chunk plan (``plans``: None, the
     reference's, or the first chunk's mel frames) and a graph pipeline through each (``speech-<plan>``). On
     the GPU the KV caches are sized for ``concurrency`` requests (not a share of the GPU's memory: the stages
@@ -87,7 +87,8 @@ def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len
                                                                   "token2wav_precision": precision,
                                                                   "compile": t2w_compile, "cuda_stream": streams,
                                                                   "token2wav_fused_forward": fused,
-                                                                  "cuda_stream_priority": t2w_priority}
+                                                                  "cuda_stream_priority": t2w_priority,
+                                                                  "cuda_stream_sms": t2w_sms}
                                                                  | stream}
         graph = {"model": "thinker", "stages": {"talker": "talker", "token2wav": f"t2w-{label(plan)}"}}
         pipelines[f"speech-{label(plan)}"] = {"graph": graph}
@@ -227,6 +228,9 @@ def main() -> None:
     ap.add_argument("--ar-sms", type=int, default=None,
                     help="with --engine-streams: the thinker's and talker's streams on a green context of this many "
                          "SMs (cuda_stream_sms), the rest of the GPU left to token2wav's window kernels")
+    ap.add_argument("--t2w-sms", type=int, default=None,
+                    help="with --engine-streams: token2wav's stream (and its graphs) on the GPU's last N SMs "
+                         "(cuda_stream_sms; with --ar-sms total - N, the two groups are disjoint)")
     ap.add_argument("--thinker-core-process", choices=["off", "on"], default="off",
                     help="step the thinker's engine in a child process (its own interpreter, not a thread of "
                          "this one; the talker's core stays a thread: fed rows go straight into its requests)")
@@ -257,7 +261,7 @@ def main() -> None:
                               thinker_core=args.thinker_core_process, t2w_compile=args.token2wav_compile,
                               streams=args.engine_streams, fused=not args.token2wav_layered,
                               t2w_priority="high" if args.token2wav_high_priority else "normal",
-                              ar_sms=args.ar_sms))
+                              ar_sms=args.ar_sms, t2w_sms=args.t2w_sms))
     for plan in plans:                                               # builds and warms the engines (a short one)
         run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed, f"speech-{label(plan)}")
     print(f"engines up and warm in {time.perf_counter() - t_build:.1f} s")

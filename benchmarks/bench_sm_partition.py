@@ -6,7 +6,8 @@ run on other streams; stream priority does not help (a running block is never pr
 stand-ins for both (a graph of GEMVs over 2.3 GB of weights; a graph of 2,400 small matmul + GELU
 kernels), the small chain is timed alone, beside the decode on a normal stream, and beside the decode on
 a green context's stream of ``--sms`` SMs (``cuda_stream_sms``; its graph captured on that stream, or
-captured normally and replayed there), and the decode's bandwidth in each case.
+captured normally and replayed there), then with the chain on the other SMs only (token2wav's
+``cuda_stream_sms`` on the GPU's last SMs: a disjoint split), and the decode's bandwidth in each case.
 
     python benchmarks/bench_sm_partition.py --sms 100 116 124
 """
@@ -106,6 +107,18 @@ def main() -> None:
         g_green = graph(decode, stream=gs)
         beside(gs, g_green, f"beside decode on {n} SMs (captured there)")
         beside(gs, g_dec, f"beside decode on {n} SMs (captured normally)")
+        rest = torch.cuda.get_device_properties(dev).multi_processor_count - n
+        last = green_stream(dev, rest, "last")                        # the chain on the other SMs only
+        g_ode_last = graph(ode, stream=last)
+        s_o, e_o = timed(last, g_ode_last, 5)
+        torch.cuda.synchronize()
+        rows.append({"case": f"chain alone on the last {rest} SMs", "chain_ms": s_o.elapsed_time(e_o) / 5})
+        s_d, e_d = timed(gs, g_green, 400)
+        s_o, e_o = timed(last, g_ode_last, 5)
+        torch.cuda.synchronize()
+        dec_ms = s_d.elapsed_time(e_d) / 400
+        rows.append({"case": f"chain on the last {rest} SMs beside decode on the first {n}",
+                     "chain_ms": s_o.elapsed_time(e_o) / 5, "decode_ms": dec_ms, "decode_gb_s": wbytes / dec_ms / 1e6})
     print(table(rows, ["case", "chain_ms", "decode_ms", "decode_gb_s"]))
     print(write_result("sm_partition_cuda.json", {"device": torch.cuda.get_device_name(), "rows": rows}))
 

@@ -125,6 +125,9 @@ class AREngineConfig(Strict):
         "with cuda_stream: the stream belongs to a CUDA green context of this many SMs, so this engine's kernels "
         "leave the rest of the GPU to other engines in the process (a speech pipeline's thinker and talker decode "
         "at nearly full memory bandwidth on most SMs while token2wav's small window kernels get the others)")
+    cuda_stream_sms_side: Literal["first", "last"] = Field("first", description=
+        "which SMs cuda_stream_sms counts: the GPU's first or its last; one process splits the SMs once per "
+        "boundary, so engines taking the first N and the last (total - N) get disjoint groups")
     enforce_eager: bool = Field(False, description="no CUDA graphs and no torch.compile (debugging, CPU)")
     seed: int = Field(0, description="torch seed at engine start (per-request sampling seeds are separate)")
     cache: KVCacheConfig = KVCacheConfig()
@@ -254,6 +257,12 @@ class DiTEngineConfig(Strict):
         "with cuda_stream: the stream's priority; high: the GPU schedules this engine's pending kernels ahead of "
         "normal streams' (a streamed token2wav window is on the first audio's critical path; the AR engines' next "
         "codes have a chunk of audio as slack)")
+    cuda_stream_sms: int | None = Field(None, ge=1, description=
+        "with cuda_stream: the stream belongs to a CUDA green context of this many SMs and this engine's CUDA "
+        "graphs are captured on it, so its kernels run there only (token2wav on the SMs its process's AR engines "
+        "leave: those take the first N, this the last total - N)")
+    cuda_stream_sms_side: Literal["first", "last"] = Field("last", description=
+        "which SMs cuda_stream_sms counts: the GPU's first or its last (the AR engines' default is first)")
     max_batch_size: int = Field(16, ge=1, description="requests (before CFG doubling) per transformer forward")
     vae_batch_size: int = Field(8, ge=1, description="finished images VAE-decoded together")
     vae_batch_pixels: int = Field(8 * 512 * 512, ge=1, description=
@@ -311,6 +320,8 @@ class DiTEngineConfig(Strict):
     def _check_stream(self):
         if self.cuda_stream_priority != "normal" and not self.cuda_stream:
             raise ValueError("cuda_stream_priority is the priority of the engine's own stream: set cuda_stream: true")
+        if self.cuda_stream_sms is not None and not self.cuda_stream:
+            raise ValueError("cuda_stream_sms is the SM share of the engine's own stream: set cuda_stream: true")
         return self
 
 

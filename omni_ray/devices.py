@@ -39,23 +39,21 @@ def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torc
     return pinned.copy_(src).to(device, non_blocking=True)      # one host copy (and cast), into pinned memory
 
 
-_GREEN_CONTEXTS: list = []                     # kept alive while their streams are in use
+def green_stream(device: torch.device, sms: int, side: str = "first", high_priority: bool = False) -> torch.cuda.Stream:
+    """A stream whose kernels (and the graphs captured on it) run on ``sms`` of the GPU's SMs only, leaving the rest
+    to other streams: ``side`` "first": the GPU's first ``sms`` SMs; "last": its last ``sms``. The process splits
+    the SMs once per boundary (``omni_ray.green_contexts``), so engines asking for 96 first and 36 last SMs of an
+    H100's 132 get disjoint groups; the driver rounds a group to its partition alignment."""
+    from omni_ray.green_contexts import split_for
 
-
-def green_stream(device: torch.device, sms: int) -> torch.cuda.Stream:
-    """A stream of a CUDA green context of ``sms`` SMs: kernels launched on it run on those SMs only, so the
-    rest of the GPU stays free for other streams' kernels (torch.cuda.green_contexts, CUDA 12.4+)."""
-    from torch.cuda.green_contexts import SUPPORTED, GreenContext
-
-    total = torch.cuda.get_device_properties(device).multi_processor_count
-    if not SUPPORTED:
-        raise RuntimeError("cuda_stream_sms needs PyTorch built with CUDA green context support")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).multi_processor_count
     if not 0 < sms < total:
         raise ValueError(f"cuda_stream_sms={sms}: the GPU has {total} SMs")
-    ctx = GreenContext.create(num_sms=sms, device_id=device.index if device.index is not None
-                              else torch.cuda.current_device())
-    _GREEN_CONTEXTS.append(ctx)
-    return ctx.Stream()
+    if side not in ("first", "last"):
+        raise ValueError(f"side must be first or last, not {side!r}")
+    split = split_for(index, sms if side == "first" else total - sms)
+    return split.stream(side, torch.device("cuda", index), high_priority)
 
 
 def own_stream(device: torch.device, high_priority: bool = False, stream: torch.cuda.Stream | None = None):

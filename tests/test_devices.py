@@ -65,6 +65,10 @@ def test_own_stream_is_nothing_off_cuda_and_engines_take_the_option():
         DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), cuda_stream_priority="high")
     with pytest.raises(ValueError, match="set cuda_stream: true"):
         AREngineConfig(model=ModelConfig(path="tiny:qwen3"), cuda_stream_sms=100)
+    with pytest.raises(ValueError, match="set cuda_stream: true"):
+        DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), cuda_stream_sms=36)
+    assert DiTEngineConfig(model=ModelConfig(path="tiny:pixart")).cuda_stream_sms_side == "last"
+    assert AREngineConfig(model=ModelConfig(path="tiny:qwen3")).cuda_stream_sms_side == "first"
     ar = AREngineConfig(model=ModelConfig(path="tiny:qwen3"), device="cpu", enforce_eager=True, core_process="off",
                         cuda_stream=True)
     dit = DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), device="cpu", cuda_stream=True,
@@ -156,3 +160,49 @@ def test_a_green_stream_computes_and_captures():
     t.start()
     t.join()
     assert got == {"capture_on_it": True, "ok": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_first_and_last_green_streams_run_on_disjoint_sms():
+    """An AR engine's ``cuda_stream_sms: N`` (the first N SMs) and token2wav's ``cuda_stream_sms: total - N`` on the
+    last SMs: one split of the GPU, so a kernel of many blocks on each stream runs on SMs (read from ``%smid``) the
+    other never uses, and together they cover at most the GPU; a graph captured on a green stream stays there."""
+    import triton
+    import triton.language as tl
+
+    from omni_ray.devices import green_stream
+
+    @triton.jit
+    def smid_kernel(out_ptr):
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        tl.store(out_ptr + tl.program_id(0), sm)
+
+    dev = torch.device("cuda")
+    total = torch.cuda.get_device_properties(dev).multi_processor_count
+    first_n = total * 3 // 4
+    first, last = green_stream(dev, first_n, "first"), green_stream(dev, total - first_n, "last")
+    blocks = total * 16
+
+    def sms_used(stream, graph=False):
+        out = torch.full((blocks,), -1, device=dev, dtype=torch.int32)
+        with torch.cuda.stream(stream):
+            if graph:
+                smid_kernel[(blocks,)](out)                   # compiled outside the capture
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=stream):
+                    smid_kernel[(blocks,)](out)
+                out.fill_(-1)
+                g.replay()
+            else:
+                smid_kernel[(blocks,)](out)
+        torch.cuda.synchronize()
+        return set(out.cpu().tolist())
+
+    a, b = sms_used(first), sms_used(last)
+    assert -1 not in a and -1 not in b
+    assert a.isdisjoint(b)
+    assert len(a) <= first_n + 8 and len(b) <= total - first_n      # the driver may round the first group up
+    assert len(a) + len(b) <= total
+    assert sms_used(last, graph=True) <= b
+    assert len(sms_used(torch.cuda.Stream())) > len(b)               # a normal stream spreads wider

@@ -23,7 +23,7 @@ from typing import AsyncIterator
 import torch
 
 from omni_ray.config import DiTEngineConfig
-from omni_ray.devices import own_stream
+from omni_ray.devices import green_stream, own_stream
 from omni_ray.dit.engine import DiTEngine
 from omni_ray.dit.params import DiffusionParams, DiTEvent
 from omni_ray.dit.request import DiTRequest
@@ -50,11 +50,15 @@ class AsyncDiTEngine:
         self.engine = DiTEngine(config, **kwargs)
         self._queues: dict[str, asyncio.Queue] = {}
         self._to_add: list[DiTRequest] = []          # applied by the loop between steps
-        stream = self.engine.config.cuda_stream and self.engine.device.type == "cuda"
+        cfg, device = self.engine.config, self.engine.device
+        stream = cfg.cuda_stream and device.type == "cuda"
+        high = cfg.cuda_stream_priority == "high"
+        # cuda_stream_sms: a green context's stream; the graphs the worker captures are captured on it (record_graph)
+        green = green_stream(device, cfg.cuda_stream_sms, cfg.cuda_stream_sms_side, high) if (
+            stream and cfg.cuda_stream_sms) else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="omni-dit-step",       # its steps, on its stream
                                             initializer=own_stream if stream else None,
-                                            initargs=(self.engine.device,
-                                                      self.engine.config.cuda_stream_priority == "high"))
+                                            initargs=(device, high, green))
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._error: BaseException | None = None
@@ -116,6 +120,11 @@ class AsyncDiTEngine:
         [B, T, H], mask [B, T]) on the CPU, to cache and pass back as prompt_embeds / prompt_mask."""
         self.check_health()
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.encode_prompt, prompts)
+
+    def run_on_worker(self, fn, *args):
+        """``fn(*args)`` on the engine's worker thread, waited for: set-up work that must run on the engine's stream
+        (graph captures at stage start: on a green context's stream they run on its SMs only)."""
+        return self._executor.submit(fn, *args).result()
 
     async def run_between_steps(self, fn, *args):
         """``fn(*args)`` on the engine's worker thread, between steps: device work outside the engine's

@@ -32,16 +32,21 @@ def record_graph(body, pool=None, warm=None, warmups: int = 2):
     ``warmups`` runs of ``warm`` (default ``body``) on a side stream, so autotuning, cuDNN's algorithm choice
     and allocations happen outside the capture; then the capture under the process's capture lock, in
     thread-local mode (other threads' CUDA work, an AR engine in the same process, stays legal), in ``pool``
-    (None: a new one, ``graph.pool()``). Raises what a failed capture raises."""
+    (None: a new one, ``graph.pool()``). Captured on the thread's current stream where that is an engine's own
+    (``cuda_stream``: a green context's stream keeps its graphs on its SMs; a graph captured elsewhere and replayed
+    there runs on every SM), else on torch's capture stream. Raises what a failed capture raises."""
     warm = warm or body
+    current = torch.cuda.current_stream()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side.wait_stream(current)
     with torch.cuda.stream(side), torch.no_grad():
         for _ in range(warmups):
             warm()
-    torch.cuda.current_stream().wait_stream(side)
+    current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with capture_lock(), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), torch.no_grad():
+    on = current if current != torch.cuda.default_stream() else None
+    with capture_lock(), torch.cuda.graph(graph, pool=pool, stream=on, capture_error_mode="thread_local"), \
+            torch.no_grad():
         out = body()
     return graph, out
 

@@ -60,10 +60,12 @@ class Token2WavStageEngine(EngineStage):
         if vocoder is not None:
             # every vocoder length the plan's chunks take, as CUDA graphs now (no-op on the CPU): the recurring ones
             # first (the first stream's first audio replays one), then a last chunk's (none captured while serving)
-            vocoder.warmup(self.plan.vocoder_lengths() + self.plan.last_vocoder_lengths())
+            # (on the engine's worker thread, like every capture: on its own stream, cuda_stream_sms's SMs)
+            self.engine.run_on_worker(vocoder.warmup, self.plan.vocoder_lengths() + self.plan.last_vocoder_lengths())
         ode = getattr(self.engine.engine.runner.graphs, "ode", None)
         if ode is not None:                              # every whole-ODE shape the plan's windows can take, now
-            ode.warmup(self.engine.engine, self.plan.longest_window(self.family.max_sequence_length))
+            self.engine.run_on_worker(ode.warmup, self.engine.engine,
+                                      self.plan.longest_window(self.family.max_sequence_length))
 
     @property
     def family(self):

@@ -47,6 +47,11 @@ def test_fused_forward_equals_the_layers(family):
             n = n or T                                                      # a padded row: computed alike
             assert (got[r, :n] - ref[r, :n]).abs().max() < 1e-5
         assert ref[:3].abs().max() > 0.1                                    # a prediction, not zeros
+    # the stacked weights are the transformer's own (its linears are views into them): nothing stored twice
+    first = fam.transformer.transformer_blocks[0]
+    assert first.attn_norm.linear.weight.data_ptr() == blocks.mod_w.data_ptr()
+    assert first.attn.to_q.weight.data_ptr() == blocks.weights[0][0].data_ptr()
+    assert first.attn.to_v.bias.data_ptr() > blocks.weights[0][1].data_ptr()
 
 
 def test_modulations_made_once_per_ode_equal_per_forward_ones(family):

@@ -13,9 +13,10 @@ modulation and projection), with what does not change over one ODE done once and
 - per block: q / k / v in one GEMM (stacked weights); the block's last gated residual is added at the start
   of the next block (``_block``'s ``ff`` / ``gate``), so with ``compile`` it fuses into that block's layer norm.
 
-The weights are stacked copies of the transformer's (its dtype: the bf16 copy under ``precision: bf16``); the
-transformer is not modified. Runs under the caller's precision context (bf16 autocast, TF32 matmuls or
-none), as the per-layer forward does; the residual stream stays float32. CPU tests: equal to the reference
+The stacked weights are the transformer's own (its dtype: the bf16 copy under ``precision: bf16``): its
+linears become views into them, so nothing is stored twice and the layer-by-layer forward still runs. Runs
+under the caller's precision context (bf16 autocast, TF32 matmuls or none), as the per-layer forward does; the
+residual stream stays float32. CPU tests: equal to the reference
 forward within float32 rounding (tests/dit/test_omni_token2wav_block.py).
 """
 
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from omni_ray.dit.families.pixart_block import _fuse
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +86,11 @@ class Token2WavBlocks:
         self.heads = dit.num_attention_heads
         self.layers = len(blocks)
         mel = dit.mel_dim
-        cat = lambda ts: torch.cat([t.detach() for t in ts]).contiguous()   # noqa: E731
-        norms = [b.attn_norm.linear for b in blocks] + [dit.norm_out.linear]
-        self.mod_w, self.mod_b = cat([m.weight for m in norms]), cat([m.bias for m in norms])   # [(6L+2)D, D]
+        self.mod_w, self.mod_b = _fuse([b.attn_norm.linear for b in blocks] + [dit.norm_out.linear])  # [(6L+2)D, D]
         self.weights = []
         for b in blocks:
             a, f = b.attn, b.ff.ff
-            self.weights.append((cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]),
-                                 cat([a.to_q.bias, a.to_k.bias, a.to_v.bias]),
+            self.weights.append((*_fuse([a.to_q, a.to_k, a.to_v]),
                                  a.to_out[0].weight, a.to_out[0].bias, f[0].weight, f[0].bias, f[3].weight, f[3].bias))
         self.windows = [(b.look_backward_block, b.look_ahead_block) for b in blocks]
         proj = dit.input_embed.proj

@@ -169,7 +169,8 @@ def print_timeline(row: dict) -> None:
     print(table(req["chunks"], ["chunk", "ready_ms", "mel_ms", "out_ms"]))
     tl = row["timeline"]
     print(table([dict(engine=k, **v) for k, v in tl["engines"].items()],
-                ["engine", "steps", "busy_ms", "first_ms", "last_end_ms", "p50_ms", "p90_ms", "max_ms"]))
+                ["engine", "steps", "busy_ms", "first_ms", "last_end_ms", "p50_ms", "p90_ms", "max_ms",
+                 "gpu_busy_ms", "gpu_p50_ms", "gpu_p90_ms", "gap_p50_ms"]))
     print(table(tl["dit_and_vocoder"][:40], ["engine", "start_ms", "ms", "items"]))
 
 

@@ -1,7 +1,11 @@
 """Where a speech request's time goes inside one ``OmniLLM`` process, engine by engine: every AR engine step
 (the thinker's and the talker's, each on its engine thread), every DiT engine step (token2wav's windows, on its
 worker thread) and every vocoder batch, stamped with ``time.perf_counter()`` (host time: a step's span includes
-its wait for the device), for ``bench_omni_speech.py --timeline``.
+its wait for the device), for ``bench_omni_speech.py --timeline``. On CUDA each step also records an event pair
+on the calling thread's current stream (the engine's own, with ``cuda_stream``): the device time from the step's
+first queued work to its last (``gpu_*``: a step slowed on the GPU by the other engines' kernels grows there), and
+the host gap from one step's end to the same engine's next start (``gap_p50_ms``: a thread waiting for the
+interpreter or for work grows there).
 
     with EngineTrace() as trace:
         ... run requests ...
@@ -17,6 +21,13 @@ from __future__ import annotations
 import threading
 import time
 
+import torch
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    """The q-quantile of sorted xs (None if empty)."""
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
 
 def _who(loop) -> str:
     """An AR engine's role: its model's submodel (``talker``), else ``thinker``."""
@@ -26,7 +37,7 @@ def _who(loop) -> str:
 
 class EngineTrace:
     def __init__(self):
-        self.events: list[tuple[str, float, float, int]] = []     # (engine, start, end, items)
+        self.events: list[tuple] = []     # (engine, start, end, items, CUDA start / end events or None)
         self._lock = threading.Lock()
         self._saved: list[tuple[type, str, object]] = []
 
@@ -34,11 +45,19 @@ class EngineTrace:
         inner = getattr(cls, name)
         events, lock = self.events, self._lock
 
+        cuda = torch.cuda.is_available()
+
         def timed(obj, *args, **kwargs):
+            marks = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
+            if marks:
+                marks[0].record()
             t = time.perf_counter()
             out = inner(obj, *args, **kwargs)
+            end = time.perf_counter()
+            if marks:
+                marks[1].record()
             with lock:
-                events.append((who(obj), t, time.perf_counter(), count(out, args)))
+                events.append((who(obj), t, end, count(out, args), marks))
             return out
 
         self._saved.append((cls, name, inner))
@@ -62,13 +81,19 @@ class EngineTrace:
     def summary(self, t0: float, t1: float) -> dict:
         with self._lock:
             events = [e for e in self.events if t0 <= e[1] <= t1]
+        if any(e[4] for e in events):
+            torch.cuda.synchronize()
         engines: dict[str, dict] = {}
         for who in sorted({e[0] for e in events}):
-            spans = sorted(1e3 * (e[2] - e[1]) for e in events if e[0] == who)
-            mine = [e for e in events if e[0] == who]
+            mine = sorted((e for e in events if e[0] == who), key=lambda e: e[1])
+            spans = sorted(1e3 * (e[2] - e[1]) for e in mine)
             engines[who] = dict(steps=len(spans), busy_ms=sum(spans), first_ms=1e3 * (mine[0][1] - t0),
                                 last_end_ms=1e3 * (max(e[2] for e in mine) - t0),
-                                p50_ms=spans[len(spans) // 2], p90_ms=spans[(9 * len(spans)) // 10], max_ms=spans[-1])
+                                p50_ms=_pct(spans, 0.5), p90_ms=_pct(spans, 0.9), max_ms=spans[-1],
+                                gap_p50_ms=_pct(sorted(1e3 * (b[1] - a[2]) for a, b in zip(mine, mine[1:])), 0.5))
+            if mine[0][4]:
+                gpu = sorted(e[4][0].elapsed_time(e[4][1]) for e in mine)
+                engines[who] |= dict(gpu_busy_ms=sum(gpu), gpu_p50_ms=_pct(gpu, 0.5), gpu_p90_ms=_pct(gpu, 0.9))
         spans = [dict(engine=e[0], start_ms=1e3 * (e[1] - t0), ms=1e3 * (e[2] - e[1]), items=e[3])
                  for e in sorted(events, key=lambda e: e[1]) if e[0] in ("dit", "vocoder")]
         return dict(engines=engines, dit_and_vocoder=spans)

@@ -471,6 +471,8 @@ def test_engine_trace_sees_every_engine_and_restores_them(omni):
     engines = summary["engines"]
     assert set(engines) == {"thinker", "talker", "dit", "vocoder"}, engines
     assert engines["talker"]["steps"] >= out.stages[1]["num_codes"] // 8 and engines["dit"]["steps"] >= 1
+    talker = engines["talker"]                          # host gaps between one engine's steps: >= 0, below its span
+    assert 0 <= talker["gap_p50_ms"] <= 1e3 * (t1 - t0) and ("gpu_p50_ms" in talker) == torch.cuda.is_available()
     spans = summary["dit_and_vocoder"]
     assert [s["start_ms"] for s in spans] == sorted(s["start_ms"] for s in spans)
     assert all(0 <= s["start_ms"] and s["ms"] > 0 for s in spans) and spans[-1]["engine"] == "vocoder"

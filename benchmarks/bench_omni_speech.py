@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import statistics
 import sys
 import time
@@ -241,9 +242,14 @@ def main() -> None:
     ap.add_argument("--switch-interval", type=float, default=None, metavar="MS",
                     help="the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): "
                          "the engines' threads and the event loop share one interpreter here")
+    ap.add_argument("--cuda-connections", type=int, default=None, metavar="N",
+                    help="CUDA_DEVICE_MAX_CONNECTIONS (the driver's default 8 hardware queues, which streams share "
+                         "round-robin: the engines' streams may land on one and serialize)")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.cuda_connections is not None:          # read when the CUDA context is made: before any CUDA call
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(args.cuda_connections)
     gpu = torch.cuda.is_available() and not args.tiny
     text_tokens = args.text_tokens or (6 if args.tiny else 48)
     codes = args.codes or (60 if args.tiny else 200)

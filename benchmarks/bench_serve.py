@@ -40,15 +40,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.step_log import engine_timeline, ms  # noqa: E402 - after the path above
+from benchmarks.common import pct  # noqa: E402,F401 - after the path above; other benchmarks import it from here
+from benchmarks.step_log import engine_timeline, ms  # noqa: E402
 
 WARM_TOKENS = 8          # each streaming part first runs the same burst with this many tokens (compile, autotune)
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
 def free_port() -> int:

@@ -92,6 +92,12 @@ def time_denoise_runs(run, steps: int, reps: int, warm_steps: int = 2) -> dict:
             "output": out}
 
 
+def pct(xs: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of xs: the nearest rank."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86'})"
 

@@ -23,10 +23,7 @@ import time
 
 import torch
 
-
-def _pct(xs: list[float], q: float) -> float | None:
-    """The q-quantile of sorted xs (None if empty)."""
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+from benchmarks.common import pct
 
 
 def _who(loop) -> str:
@@ -89,11 +86,12 @@ class EngineTrace:
             spans = sorted(1e3 * (e[2] - e[1]) for e in mine)
             engines[who] = dict(steps=len(spans), busy_ms=sum(spans), first_ms=1e3 * (mine[0][1] - t0),
                                 last_end_ms=1e3 * (max(e[2] for e in mine) - t0),
-                                p50_ms=_pct(spans, 0.5), p90_ms=_pct(spans, 0.9), max_ms=spans[-1],
-                                gap_p50_ms=_pct(sorted(1e3 * (b[1] - a[2]) for a, b in zip(mine, mine[1:])), 0.5))
+                                p50_ms=pct(spans, 50), p90_ms=pct(spans, 90), max_ms=spans[-1],
+                                gap_p50_ms=pct(gaps, 50) if (gaps := [1e3 * (b[1] - a[2])
+                                                                      for a, b in zip(mine, mine[1:])]) else None)
             if mine[0][4]:
-                gpu = sorted(e[4][0].elapsed_time(e[4][1]) for e in mine)
-                engines[who] |= dict(gpu_busy_ms=sum(gpu), gpu_p50_ms=_pct(gpu, 0.5), gpu_p90_ms=_pct(gpu, 0.9))
+                gpu = [e[4][0].elapsed_time(e[4][1]) for e in mine]
+                engines[who] |= dict(gpu_busy_ms=sum(gpu), gpu_p50_ms=pct(gpu, 50), gpu_p90_ms=pct(gpu, 90))
         spans = [dict(engine=e[0], start_ms=1e3 * (e[1] - t0), ms=1e3 * (e[2] - e[1]), items=e[3])
                  for e in sorted(events, key=lambda e: e[1]) if e[0] in ("dit", "vocoder")]
         return dict(engines=engines, dit_and_vocoder=spans)

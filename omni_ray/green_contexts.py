@@ -59,7 +59,7 @@ def _check(lib: ctypes.CDLL, result: int, call: str) -> None:
 
 class SmSplit:
     """A device's SMs split once into its first ``sms`` (rounded up to the driver's alignment) and the rest, with a
-    green context of each. Both live as long as the object (and their streams with them)."""
+    green context of each, kept for the process's life (as are the streams made in them)."""
 
     def __init__(self, index: int, sms: int):
         torch.cuda.init()                      # the driver and the device's primary context, as torch uses them
@@ -78,7 +78,6 @@ class SmSplit:
         if groups.value != 1 or self.counts["last"] == 0:
             raise GreenContextError(f"{sms} of {self.total} SMs leave no second group (driver: {self.counts})")
         self._contexts = {side: self._context(dev, res) for side, res in (("first", first), ("last", rest))}
-        self._streams: list[torch.cuda.ExternalStream] = []
 
     def _context(self, dev: ctypes.c_int, resource: _DevResource) -> ctypes.c_void_p:
         lib, desc, ctx = self._lib, ctypes.c_void_p(), ctypes.c_void_p()
@@ -94,9 +93,7 @@ class SmSplit:
         _check(self._lib, self._lib.cuGreenCtxStreamCreate(ctypes.byref(handle), self._contexts[side],
                                                            _STREAM_NON_BLOCKING, -100 if high_priority else 0),
                "cuGreenCtxStreamCreate")
-        s = torch.cuda.ExternalStream(handle.value, device=device)
-        self._streams.append(s)
-        return s
+        return torch.cuda.ExternalStream(handle.value, device=device)     # the stream lives as long as the process
 
 
 _SPLITS: dict[tuple[int, int], SmSplit] = {}   # per (device, first group's size): engines of one process share a

@@ -56,10 +56,11 @@ def ours(model: str, device: str, sizes: list[int], steps: int, repeats: int, co
 
     rows = []
     with OmniLLM(config(model, device, quick)) as omni:
-        for size in sizes:                               # warm-up: graphs, compiles, the template's prefix
+        for size in sizes:       # warm-up: every batch shape measured below (graphs, compiles, the template's prefix)
             for neg in (False, True):
-                omni.generate("qwen-image", [PROMPT] * max(concurrency), use_tqdm=False,
-                              **args_for(size, steps, neg, 0))
+                for c in sorted({1, *concurrency}):
+                    omni.generate("qwen-image", [f"{PROMPT} {i}" for i in range(c)], use_tqdm=False,
+                                  **args_for(size, steps, neg, 0))
         for size in sizes:
             for neg in (False, True):
                 lat, enc, den = [], [], []

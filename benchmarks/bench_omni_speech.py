@@ -279,8 +279,7 @@ def main() -> None:
                 pipe = f"speech-{label(plan)}"
                 run_omni_ray(llm, c, text_tokens, codes, args.seed + 1, pipe)     # the batch sizes' first run: warm-up
                 rows.append(dict(engine="omni-ray", first_chunk=label(plan), concurrency=c,
-                                 **run_omni_ray(llm, c, text_tokens, codes, args.seed, pipe,
-                                                trace if c == levels[0] else None)))
+                                 **run_omni_ray(llm, c, text_tokens, codes, args.seed, pipe, trace)))
                 print(table(rows[-1:], COLUMNS))
                 if "timeline" in rows[-1]:
                     print_timeline(rows[-1])

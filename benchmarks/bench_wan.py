@@ -28,6 +28,7 @@ Results: benchmarks/results/wan_cuda.json (``--quick``: wan_cuda_quick.json).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import sys
 from dataclasses import dataclass
@@ -260,6 +261,9 @@ def main() -> None:
     ap.add_argument("--frames", nargs="+", type=int, default=[33, 81])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's transformer blocks")
+    ap.add_argument("--lean-vae", action="store_true",
+                    help="the engine decodes with the lean VAE decoder (vae_lean_decoder: true; diffusers keeps "
+                         "its own copy of the VAE as loaded)")
     ap.add_argument("--no-graphs", action="store_true", help="run the engine's blocks without CUDA graphs")
     ap.add_argument("--videos", type=int, default=4, help="videos at once in the concurrent section (default 4)")
     ap.add_argument("--concurrent-steps", type=int, default=None,
@@ -289,9 +293,11 @@ def main() -> None:
         print(f"built Wan {model} transformer + VAE in memory: {tb.s:.1f} s, "
               f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
         ecfg = DiTEngineConfig(model=ModelConfig(path=f"shape:wan2.1-t2v-{model}", dtype="bfloat16"), device=DEVICE,
-                               max_batch_size=max(4, a.videos), compile=a.compile, cuda_graphs=not a.no_graphs)
+                               max_batch_size=max(4, a.videos), compile=a.compile, cuda_graphs=not a.no_graphs,
+                               vae_lean_decoder=a.lean_vae)
+        ref_vae = copy.deepcopy(comps["vae"])        # diffusers' own, as loaded (the engine makes its decoder lean)
         engine = DiTEngine.from_components("WanPipeline", comps, ecfg)
-        pipe = make_pipeline(comps, shape)
+        pipe = make_pipeline(comps | {"vae": ref_vae}, shape)
         pos, neg = (random_states(max(4, a.videos), s, cfg["text_dim"]) for s in (1, 2))
         lat = bench_latency(model, engine, pipe, shape, pos, neg, frames_list, steps) if "latency" in a.sections else []
         result["latency"] += lat

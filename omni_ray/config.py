@@ -285,6 +285,10 @@ class DiTEngineConfig(Strict):
     vae_decode_chunk: int = Field(2, ge=1, description="video models: latent frames VAE-decoded per engine "
                                   "step while other requests denoise (all at once when none does)")
     compile: bool = Field(False, description="torch.compile the transformer")
+    vae_lean_decoder: bool = Field(False, description="Wan on CUDA: the VAE decoder's RMS norm + SiLU as one "
+                                   "Triton kernel, its convolutions channels-last with the height / width padding "
+                                   "inside cuDNN (the VAE's modules changed in place; off: diffusers' as loaded; "
+                                   "CPU-tested, not yet timed on a GPU)")
     parallel: DiTParallelConfig = DiTParallelConfig()
     fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "
                                    "helpers (layer norm + modulation, gated residual) into fused kernels")

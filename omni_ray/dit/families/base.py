@@ -92,6 +92,9 @@ class DiTFamily(ABC):
     def fuse_elementwise(self) -> None:
         """Compile the family's small elementwise helpers into fused kernels (if it has any)."""
 
+    def lean_vae(self) -> None:
+        """The VAE's faster modules on CUDA (``DiTEngineConfig.vae_lean_decoder``; families that have them)."""
+
     def compile(self) -> None:
         """torch.compile each block's forward (dynamic batch size); the modules stay untouched,
         so a diffusers pipeline sharing them keeps running eagerly."""

@@ -120,6 +120,12 @@ class WanFamily(DiTFamily):
     def set_attention_backend(self, name: str) -> None:
         self.sdpa.mode = name
 
+    def lean_vae(self) -> None:
+        """The decoder's RMS norm + SiLU kernel, channels-last convolutions (wan_vae.py), on a CUDA VAE."""
+        if self.vae is not None and next(self.vae.parameters()).is_cuda:
+            from omni_ray.dit.families.wan_vae import lean_decoder
+            lean_decoder(self.vae)
+
     def compile(self) -> None:
         self.expert_fns = [[torch.compile(f, dynamic=True) for f in fns] for fns in self.expert_fns]
         self.block_fns = self.expert_fns[0]

@@ -208,6 +208,8 @@ def prepare_family(fam: DiTFamily, cfg: DiTEngineConfig, layout: Layout):
         fam.fuse_elementwise()
     if cfg.compile:
         fam.compile()
+    if cfg.vae_lean_decoder and cuda:
+        fam.lean_vae()
     if fam.produces_audio:               # speech: whole forwards, graphed per (rows, frames) bucket on CUDA
         from omni_ray.dit.token2wav_graphs import Token2WavGraphs
         from omni_ray.dit.token2wav_ode import Token2WavODE

@@ -60,7 +60,8 @@ LAST = ("thinker_last_token", "talker_last_code")
 def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
                 lookahead: int, precision: str = "fp32", thinker_core: str = "off", t2w_compile: bool = False,
                 streams: bool = False, fused: bool = True, t2w_priority: str = "normal",
-                ar_sms: int | None = None, t2w_sms: int | None = None) -> dict:
+                ar_sms: int | None = None, t2w_sms: int | None = None, thinker_decode_steps: int | None = None,
+                talker_decode_steps: int | None = None) -> dict:
     """The thinker and talker stages on one checkpoint, a token2wav stage per chunk plan (``plans``: None, the
     reference's, or the first chunk's mel frames) and a graph pipeline through each (``speech-<plan>``). On
     the GPU the KV caches are sized for ``concurrency`` requests (not a share of the GPU's memory: the stages
@@ -75,10 +76,14 @@ def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len
         return {"cache": {"num_blocks": concurrency * -(-n_len // block) + 8, "block_size": block},
                 "scheduler": {"max_num_seqs": max(32, concurrency), "max_model_len": n_len}}
 
+    def steps(n: int | None) -> dict:
+        return {} if n is None else {"decode_steps": n}
+
     stages = {
         "thinker": {"kind": "ar", "engine": {"model": {"path": path}, "core_process": thinker_core} | ar
-                    | sized(max_len)},
-        "talker": {"kind": "ar", "engine": {"model": {"path": path, "submodel": "talker"}} | ar | sized(talker_len)},
+                    | sized(max_len) | steps(thinker_decode_steps)},
+        "talker": {"kind": "ar", "engine": {"model": {"path": path, "submodel": "talker"}} | ar | sized(talker_len)
+                   | steps(talker_decode_steps)},
     }
     pipelines = {}
     for plan in plans:
@@ -233,6 +238,10 @@ def main() -> None:
     ap.add_argument("--t2w-sms", type=int, default=None,
                     help="with --engine-streams: token2wav's stream (and its graphs) on the GPU's last N SMs "
                          "(cuda_stream_sms; with --ar-sms total - N, the two groups are disjoint)")
+    ap.add_argument("--thinker-decode-steps", type=int, default=None,
+                    help="the thinker's decode_steps (default: the engine's, 4): its tokens' states reach the talker "
+                         "a run at a time")
+    ap.add_argument("--talker-decode-steps", type=int, default=None, help="the talker's decode_steps")
     ap.add_argument("--thinker-core-process", choices=["off", "on"], default="off",
                     help="step the thinker's engine in a child process (its own interpreter, not a thread of "
                          "this one; the talker's core stays a thread: fed rows go straight into its requests)")
@@ -268,7 +277,8 @@ def main() -> None:
                               thinker_core=args.thinker_core_process, t2w_compile=args.token2wav_compile,
                               streams=args.engine_streams, fused=not args.token2wav_layered,
                               t2w_priority="high" if args.token2wav_high_priority else "normal",
-                              ar_sms=args.ar_sms, t2w_sms=args.t2w_sms))
+                              ar_sms=args.ar_sms, t2w_sms=args.t2w_sms, thinker_decode_steps=args.thinker_decode_steps,
+                              talker_decode_steps=args.talker_decode_steps))
     for plan in plans:                                               # builds and warms the engines (a short one)
         run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed, f"speech-{label(plan)}")
     print(f"engines up and warm in {time.perf_counter() - t_build:.1f} s")

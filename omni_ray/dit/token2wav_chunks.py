@@ -192,6 +192,34 @@ def stream_noise(fam, seed: int, frames: int | None = None) -> torch.Tensor:
     return torch.randn([1, n, fam.mel_dim], generator=g, dtype=torch.float32)[0]
 
 
+class LazyNoise:
+    """``stream_noise(fam, seed)`` drawn as far as a stream's frames reach, not all at once: the whole draw is
+    ~2.6 M normals at the 7B shape (~10-20 ms of CPU on the event loop, per request: 16 requests at once
+    waited ~200 ms for it before their prompts reached the thinker). Torch's CPU normal sampler turns its
+    uniforms into normals in blocks of 16 values, in order, so draws of whole blocks in a row equal one draw
+    of them all (tests/dit/test_omni_token2wav_chunks.py checks it against ``stream_noise``); every draw but
+    the one that reaches the limit is a multiple of 16 frames, and none is shorter than 16 frames."""
+
+    MIN_FRAMES = 256
+
+    def __init__(self, fam, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.limit, self.mel_dim = fam.max_sequence_length, fam.mel_dim
+        self.drawn = torch.zeros(0, self.mel_dim)
+
+    def upto(self, frames: int) -> torch.Tensor:
+        """The noise's first ``frames`` frames or more [>= frames, mel] (drawing what is missing)."""
+        have = self.drawn.shape[0]
+        if frames > have:
+            want = max(frames, 2 * have, self.MIN_FRAMES)
+            want = min(-(-want // 16) * 16, self.limit)
+            if self.limit - want < 16:
+                want = self.limit
+            more = torch.randn([1, want - have, self.mel_dim], generator=self.gen, dtype=torch.float32)[0]
+            self.drawn = torch.cat([self.drawn, more])
+        return self.drawn
+
+
 class SpeechStream:
     """One utterance synthesized chunk by chunk while its codes arrive (the streamed token2wav stage).
 
@@ -205,7 +233,9 @@ class SpeechStream:
                  noise: torch.Tensor | None = None, plan: ChunkPlan | None = None):
         self.fam, self.plan = fam, plan or ChunkPlan.for_family(fam)
         self.voice, self.sway = fam.resolve_voice(voice), sway_coefficient     # InvalidRequestError(param="voice")
-        self.noise = stream_noise(fam, seed) if noise is None else noise
+        self.lazy = LazyNoise(fam, seed) if noise is None else None
+        self.noise = noise
+        self.noise_frames = fam.max_sequence_length if noise is None else noise.shape[0]
         self.codes = torch.zeros(0, dtype=torch.long)
         self.finished = False
         self.next_chunk = 0
@@ -219,8 +249,10 @@ class SpeechStream:
             self.codes = torch.cat([self.codes, self.fam.check_codes(codes)])
         self.finished = finished
         frames = self.codes.shape[0] * self.plan.repeats
-        if frames > self.noise.shape[0]:
-            raise ValueError(f"{frames} mel frames exceed the stream's noise ({self.noise.shape[0]} frames)")
+        if frames > self.noise_frames:
+            raise ValueError(f"{frames} mel frames exceed the stream's noise ({self.noise_frames} frames)")
+        if self.lazy is not None:
+            self.noise = self.lazy.upto(frames)
         out = []
         while frames and self.next_chunk < self.plan.num_chunks(frames) and \
                 self.plan.ready(self.next_chunk, self.codes.shape[0], finished):

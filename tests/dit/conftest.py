@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +99,14 @@ def tiled_decode_pair(vae, z: torch.Tensor, tile: int, stride: int, frames_per_s
     finally:
         (vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_sample_stride_height,
          vae.tile_sample_stride_width) = saved
+
+
+def run_interpreted(check: Path) -> str:
+    """Run the script ``check`` under Triton's interpreter (CPU tensors; a subprocess, since TRITON_INTERPRET is
+    read when a kernel is defined); its stdout, once it exits 0."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), str(check.parent)]))
+    run = subprocess.run([sys.executable, str(check)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout

@@ -29,6 +29,23 @@ def test_plan_is_the_references(engine):
     assert plan.ready(2, 50, True)
 
 
+@pytest.mark.parametrize("mel_dim, limit", [(80, 32768), (8, 1000), (3, 777)])
+def test_lazy_noise_equals_one_draw_of_it_all(mel_dim, limit):
+    """The stream's noise drawn as frames are needed equals ``stream_noise``'s one draw (the 7B's shape, and odd
+    ones whose blocks of 16 values do not align with frames), up to the position limit."""
+    from types import SimpleNamespace
+
+    from omni_ray.dit.token2wav_chunks import LazyNoise
+
+    fam = SimpleNamespace(max_sequence_length=limit, mel_dim=mel_dim)
+    whole = stream_noise(fam, 11)
+    lazy = LazyNoise(fam, 11)
+    for frames in (1, 24, 96, 300, 301, 700, limit - 5, limit):
+        got = lazy.upto(min(frames, limit))
+        assert got.shape[0] >= min(frames, limit) and torch.equal(got, whole[:got.shape[0]]), frames
+    assert lazy.drawn.shape[0] == limit
+
+
 def test_chunks_concatenate_to_the_whole_utterance(engine):
     params = DiffusionParams(seed=0, num_inference_steps=3)
     codes = torch.randint(0, 64, (80,), generator=torch.Generator().manual_seed(0))    # 160 frames: 3 chunks

@@ -4,24 +4,20 @@ kernel is defined), on CUDA as the fused block runs it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.dit.conftest import run_interpreted
+
 CHECK = Path(__file__).with_name("qwen_image_kernel_check.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_interpreted_kernel_equals_the_eager_helpers():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(CHECK.parent)]))
-    run = subprocess.run([sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "bfloat16 affine=True" in run.stdout and "float32 affine=False" in run.stdout
+    out = run_interpreted(CHECK)
+    assert "bfloat16 affine=True" in out and "float32 affine=False" in out
 
 
 @pytest.mark.gpu

@@ -5,9 +5,6 @@ decoder's torch path on the CPU, kernel and decoder on CUDA, and the engine's de
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from omni_ray.testing.tiny_wan import TINY_VAE, TINY_VAE22
+from tests.dit.conftest import run_interpreted
 
 CHECK = Path(__file__).with_name("wan_vae_kernel_check.py")
-ROOT = Path(__file__).resolve().parents[2]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -34,11 +31,8 @@ def _vaes(cfg, device="cpu", dtype=torch.float32):
 
 
 def test_interpreted_kernel_and_decoder_equal_diffusers():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(CHECK.parent)]))
-    run = subprocess.run([sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "decoder wan2.1" in run.stdout and "decoder wan2.2" in run.stdout
+    out = run_interpreted(CHECK)
+    assert "decoder wan2.1" in out and "decoder wan2.2" in out
 
 
 @pytest.mark.parametrize("cfg", [TINY_VAE, TINY_VAE22], ids=["wan2.1", "wan2.2"])

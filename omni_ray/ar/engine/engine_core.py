@@ -340,11 +340,12 @@ class ProcessCore:
         with self._outbox_lock:
             msgs, self._outbox, self._flush_due = self._outbox, [], False
         if msgs:
+            sent_at = time.time()                     # before the send: the core may take them at once
             self._send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
             if self._flush_log is not None:
                 adds = sum(m[0] == "add" for m in msgs)
                 if adds:
-                    self._flush_log.write(f'{{"t": {time.time():.6f}, "flush": {adds}}}\n')
+                    self._flush_log.write(f'{{"t": {sent_at:.6f}, "flush": {adds}}}\n')
 
     def stats(self) -> dict:
         return dict(self._stats)

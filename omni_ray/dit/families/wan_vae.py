@@ -24,13 +24,18 @@ diffusers its own copy).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    WanAttentionBlock,
+    WanCausalConv3d,
+    WanDecoder3d,
+    WanResidualBlock,
+)
 from torch import nn
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # the CPU tests run the kernel through the interpreter
@@ -97,32 +102,25 @@ class LeanRMSNorm(nn.Module):
         return F.silu(y) if self.silu else y
 
 
-@functools.cache
-def _lean_conv_class():
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+class LeanCausalConv3d(WanCausalConv3d):
+    """``WanCausalConv3d`` with the height / width zero padding inside the convolution; only the causal time
+    padding (the cached frames, else zeros) is a copy."""
 
-    class LeanCausalConv3d(WanCausalConv3d):
-        """``WanCausalConv3d`` with the height / width zero padding inside the convolution; only the causal time
-        padding (the cached frames, else zeros) is a copy."""
-
-        def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-            t = self.time_pad
-            if cache_x is not None and t > 0:
-                x = torch.cat([cache_x.to(x.device), x], dim=2)
-                t -= cache_x.shape[2]
-            if t > 0:
-                x = F.pad(x, (0, 0, 0, 0, t, 0))
-            return nn.Conv3d.forward(self, x)
-
-    return LeanCausalConv3d
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.time_pad
+        if cache_x is not None and t > 0:
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            t -= cache_x.shape[2]
+        if t > 0:
+            x = F.pad(x, (0, 0, 0, 0, t, 0))
+        return nn.Conv3d.forward(self, x)
 
 
 def lean_conv(conv: nn.Module) -> nn.Module:
     """A ``LeanCausalConv3d`` holding ``conv``'s parameters, weight channels-last."""
-    cls = _lean_conv_class()
     pw, _, ph, _, pt, _ = conv._padding                    # (w, w, h, h, 2 * t, 0)
     with torch.device("meta"):
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0)
+        new = LeanCausalConv3d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0)
     new.weight, new.bias = conv.weight, conv.bias
     new.weight.data = new.weight.data.contiguous(memory_format=torch.channels_last_3d)
     new.padding, new.time_pad = (0, ph, pw), pt
@@ -133,14 +131,6 @@ def lean_conv(conv: nn.Module) -> nn.Module:
 def lean_decoder(vae: nn.Module) -> int:
     """Make ``vae.decoder`` (and ``post_quant_conv``) lean in place; returns the number of modules replaced.
     A decoder made lean before is left as it is."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import (
-        WanAttentionBlock,
-        WanCausalConv3d,
-        WanDecoder3d,
-        WanResidualBlock,
-    )
-
-    cls = _lean_conv_class()
     n = 0
     for parent in list(vae.decoder.modules()):
         if isinstance(parent, (WanResidualBlock, WanDecoder3d)) and isinstance(parent.nonlinearity, nn.SiLU):
@@ -153,12 +143,12 @@ def lean_decoder(vae: nn.Module) -> int:
             parent.norm = LeanRMSNorm(parent.norm, silu=False)
             n += 1
         for name, child in list(parent.named_children()):
-            if isinstance(child, WanCausalConv3d) and not isinstance(child, cls):
+            if isinstance(child, WanCausalConv3d) and not isinstance(child, LeanCausalConv3d):
                 setattr(parent, name, lean_conv(child))
                 n += 1
             elif type(child) is nn.Conv2d:
                 child.weight.data = child.weight.data.contiguous(memory_format=torch.channels_last)
-    if isinstance(vae.post_quant_conv, WanCausalConv3d) and not isinstance(vae.post_quant_conv, cls):
+    if isinstance(vae.post_quant_conv, WanCausalConv3d) and not isinstance(vae.post_quant_conv, LeanCausalConv3d):
         vae.post_quant_conv = lean_conv(vae.post_quant_conv)
         n += 1
     return n

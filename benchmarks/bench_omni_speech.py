@@ -60,6 +60,7 @@ LAST = ("thinker_last_token", "talker_last_code")
 def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
                 lookahead: int, precision: str = "fp32", thinker_core: str = "off", t2w_compile: bool = False,
                 streams: bool = False, fused: bool = True, t2w_priority: str = "normal",
+                talker_priority: str = "normal",
                 ar_sms: int | None = None, t2w_sms: int | None = None, thinker_decode_steps: int | None = None,
                 talker_decode_steps: int | None = None) -> dict:
     """The thinker and talker stages on one checkpoint, a token2wav stage per chunk plan (``plans``: None, the
@@ -82,7 +83,8 @@ def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len
     stages = {
         "thinker": {"kind": "ar", "engine": {"model": {"path": path}, "core_process": thinker_core} | ar
                     | sized(max_len) | steps(thinker_decode_steps)},
-        "talker": {"kind": "ar", "engine": {"model": {"path": path, "submodel": "talker"}} | ar | sized(talker_len)
+        "talker": {"kind": "ar", "engine": {"model": {"path": path, "submodel": "talker"},
+                                            "cuda_stream_priority": talker_priority} | ar | sized(talker_len)
                    | steps(talker_decode_steps)},
     }
     pipelines = {}
@@ -178,6 +180,10 @@ def print_timeline(row: dict) -> None:
                 ["engine", "steps", "busy_ms", "first_ms", "last_end_ms", "p50_ms", "p90_ms", "max_ms",
                  "gpu_busy_ms", "gpu_p50_ms", "gpu_p90_ms", "gap_p50_ms"]))
     print(table(tl["dit_and_vocoder"][:40], ["engine", "start_ms", "ms", "items"]))
+    if tl.get("talker_after_thinker"):
+        print("talker steps after the thinker's last step:")
+        print(table([tl["talker_after_thinker"]], ["steps", "codes", "span_ms", "ms_per_code", "busy_ms", "gpu_busy_ms",
+                                                   "gap_ms"]))
 
 
 def _mean(xs: list) -> float | None:
@@ -232,6 +238,8 @@ def main() -> None:
                     help="each engine's device work on a CUDA stream of its own (the engines' cuda_stream)")
     ap.add_argument("--token2wav-high-priority", action="store_true",
                     help="with --engine-streams: token2wav's stream at the highest priority (cuda_stream_priority)")
+    ap.add_argument("--talker-high-priority", action="store_true",
+                    help="with --engine-streams: the talker's stream at the highest priority (cuda_stream_priority)")
     ap.add_argument("--ar-sms", type=int, default=None,
                     help="with --engine-streams: the thinker's and talker's streams on a green context of this many "
                          "SMs (cuda_stream_sms), the rest of the GPU left to token2wav's window kernels")
@@ -277,6 +285,7 @@ def main() -> None:
                               thinker_core=args.thinker_core_process, t2w_compile=args.token2wav_compile,
                               streams=args.engine_streams, fused=not args.token2wav_layered,
                               t2w_priority="high" if args.token2wav_high_priority else "normal",
+                              talker_priority="high" if args.talker_high_priority else "normal",
                               ar_sms=args.ar_sms, t2w_sms=args.t2w_sms, thinker_decode_steps=args.thinker_decode_steps,
                               talker_decode_steps=args.talker_decode_steps))
     for plan in plans:                                               # builds and warms the engines (a short one)

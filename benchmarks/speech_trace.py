@@ -32,13 +32,19 @@ def _who(loop) -> str:
     return getattr(model, "submodel", None) or "thinker"
 
 
+def _tokens(loop) -> int:
+    """Tokens an AR engine step made: each decode row ``k`` (a multi-step run), each prompt finished one."""
+    seqs, decodes, _, k = getattr(loop.engine, "last_step", (0, 0, 0, 0))
+    return decodes * max(k, 1) + (seqs - decodes)
+
+
 class EngineTrace:
     def __init__(self):
-        self.events: list[tuple] = []     # (engine, start, end, items, CUDA start / end events or None)
+        self.events: list[tuple] = []     # (engine, start, end, items, CUDA start / end events or None, tokens)
         self._lock = threading.Lock()
         self._saved: list[tuple[type, str, object]] = []
 
-    def _wrap(self, cls: type, name: str, who, count) -> None:
+    def _wrap(self, cls: type, name: str, who, count, tokens=lambda obj: 0) -> None:
         inner = getattr(cls, name)
         events, lock = self.events, self._lock
 
@@ -54,7 +60,7 @@ class EngineTrace:
             if marks:
                 marks[1].record()
             with lock:
-                events.append((who(obj), t, end, count(out, args), marks))
+                events.append((who(obj), t, end, count(out, args), marks, tokens(obj)))
             return out
 
         self._saved.append((cls, name, inner))
@@ -65,7 +71,7 @@ class EngineTrace:
         from omni_ray.dit.engine import DiTEngine
         from omni_ray.dit.vocoder_batch import VocoderBatcher
 
-        self._wrap(CoreLoop, "step", _who, lambda out, args: len(out))
+        self._wrap(CoreLoop, "step", _who, lambda out, args: len(out), _tokens)
         self._wrap(DiTEngine, "step", lambda eng: "dit", lambda out, args: len(out))
         self._wrap(VocoderBatcher, "_decode_all", lambda v: "vocoder", lambda out, args: len(args[0]))
         return self
@@ -94,4 +100,22 @@ class EngineTrace:
                 engines[who] |= dict(gpu_busy_ms=sum(gpu), gpu_p50_ms=pct(gpu, 50), gpu_p90_ms=pct(gpu, 90))
         spans = [dict(engine=e[0], start_ms=1e3 * (e[1] - t0), ms=1e3 * (e[2] - e[1]), items=e[3])
                  for e in sorted(events, key=lambda e: e[1]) if e[0] in ("dit", "vocoder")]
-        return dict(engines=engines, dit_and_vocoder=spans)
+        return dict(engines=engines, dit_and_vocoder=spans, talker_after_thinker=self._talker_alone(events, t0))
+
+    @staticmethod
+    def _talker_alone(events: list[tuple], t0: float) -> dict | None:
+        """The talker's steps that started after the thinker's last step ended (the thinker's decode no longer
+        beside them; token2wav's windows still are): their count, tokens, span, busy and device time, host gaps."""
+        thinker = [e for e in events if e[0] == "thinker"]
+        if not thinker:
+            return None
+        end = max(e[2] for e in thinker)
+        mine = sorted((e for e in events if e[0] == "talker" and e[1] >= end), key=lambda e: e[1])
+        if not mine:
+            return None
+        span = 1e3 * (mine[-1][2] - mine[0][1])
+        codes = sum(e[5] for e in mine)
+        return dict(steps=len(mine), codes=codes, span_ms=span, ms_per_code=span / codes if codes else None,
+                    busy_ms=sum(1e3 * (e[2] - e[1]) for e in mine),
+                    gpu_busy_ms=sum(e[4][0].elapsed_time(e[4][1]) for e in mine) if mine[0][4] else None,
+                    gap_ms=sum(1e3 * (b[1] - a[2]) for a, b in zip(mine, mine[1:])))

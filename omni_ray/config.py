@@ -121,6 +121,9 @@ class AREngineConfig(Strict):
         "on CUDA, this engine's device work on a stream of its own instead of the process's default stream: where "
         "engines share a process (OmniLLM's speech stages), another engine's queued work (a decode run, a "
         "token2wav ODE replay) then never holds up this one's steps")
+    cuda_stream_priority: Literal["normal", "high"] = Field("normal", description=
+        "with cuda_stream: the stream's priority; high: the GPU schedules this engine's pending kernels ahead of "
+        "normal streams' (a speech pipeline's talker, whose codes pace the audio, beside token2wav's window ODEs)")
     cuda_stream_sms: int | None = Field(None, ge=1, description=
         "with cuda_stream: the stream belongs to a CUDA green context of this many SMs, so this engine's kernels "
         "leave the rest of the GPU to other engines in the process (a speech pipeline's thinker and talker decode "
@@ -191,6 +194,8 @@ class AREngineConfig(Strict):
     def _check(self):
         if self.scheduler.max_num_batched_tokens < self.cache.block_size and not self.scheduler.enable_chunked_prefill:
             raise ValueError("max_num_batched_tokens must be >= block_size without chunked prefill")
+        if self.cuda_stream_priority != "normal" and not self.cuda_stream:
+            raise ValueError("cuda_stream_priority is the priority of the engine's own stream: set cuda_stream: true")
         if self.cuda_stream_sms is not None and not self.cuda_stream:
             raise ValueError("cuda_stream_sms is the SM share of the engine's own stream: set cuda_stream: true")
         return self

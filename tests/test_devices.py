@@ -66,11 +66,13 @@ def test_own_stream_is_nothing_off_cuda_and_engines_take_the_option():
     with pytest.raises(ValueError, match="set cuda_stream: true"):
         AREngineConfig(model=ModelConfig(path="tiny:qwen3"), cuda_stream_sms=100)
     with pytest.raises(ValueError, match="set cuda_stream: true"):
+        AREngineConfig(model=ModelConfig(path="tiny:qwen3"), cuda_stream_priority="high")
+    with pytest.raises(ValueError, match="set cuda_stream: true"):
         DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), cuda_stream_sms=36)
     assert DiTEngineConfig(model=ModelConfig(path="tiny:pixart")).cuda_stream_sms_side == "last"
     assert AREngineConfig(model=ModelConfig(path="tiny:qwen3")).cuda_stream_sms_side == "first"
     ar = AREngineConfig(model=ModelConfig(path="tiny:qwen3"), device="cpu", enforce_eager=True, core_process="off",
-                        cuda_stream=True)
+                        cuda_stream=True, cuda_stream_priority="high")
     dit = DiTEngineConfig(model=ModelConfig(path="tiny:pixart"), device="cpu", cuda_stream=True,
                           cuda_stream_priority="high")
 

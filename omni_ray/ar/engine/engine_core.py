@@ -250,7 +250,8 @@ class ThreadCore:
         try:
             if self.engine.config.cuda_stream:        # the runner's green stream (cuda_stream_sms), else a new one
                 green = getattr(self.engine.runner, "stream", None)
-                own_stream(resolve_device(self.engine.config.device), stream=green)
+                own_stream(resolve_device(self.engine.config.device),
+                           high_priority=self.engine.config.cuda_stream_priority == "high", stream=green)
             while not self._stop:
                 with self._lock:
                     adds, self._adds = self._adds, []

@@ -130,7 +130,8 @@ class ModelRunner:
         # cuda_stream_sms: the engine's stream is a green context's, and its graphs are captured on it (a graph
         # captured elsewhere and replayed there runs on every SM: benchmarks/bench_sm_partition.py); the core
         # thread adopts it (engine_core.py)
-        self.stream = (green_stream(self.device, cfg.cuda_stream_sms, cfg.cuda_stream_sms_side)
+        self.stream = (green_stream(self.device, cfg.cuda_stream_sms, cfg.cuda_stream_sms_side,
+                                    cfg.cuda_stream_priority == "high")
                        if cuda and cfg.cuda_stream and cfg.cuda_stream_sms else None)
         if self.stream is not None:
             log.info("engine stream on a CUDA green context: the %s %d of %d SMs", cfg.cuda_stream_sms_side,

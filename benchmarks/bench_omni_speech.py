@@ -253,6 +253,9 @@ def main() -> None:
     ap.add_argument("--thinker-core-process", choices=["off", "on"], default="off",
                     help="step the thinker's engine in a child process (its own interpreter, not a thread of "
                          "this one; the talker's core stays a thread: fed rows go straight into its requests)")
+    ap.add_argument("--timeline-gpu", action="store_true",
+                    help="with --timeline: CUDA events around each engine step (device time per step; they slow "
+                         "the run they measure: benchmarks/speech_trace.py)")
     ap.add_argument("--timeline", action="store_true",
                     help="trace every engine step and vocoder batch (benchmarks/speech_trace.py) and print where one "
                          "request's time goes (the first concurrency level's run)")
@@ -292,7 +295,7 @@ def main() -> None:
         run_omni_ray(llm, 1, 4, 2 * CODEC_HZ // 5, args.seed, f"speech-{label(plan)}")
     print(f"engines up and warm in {time.perf_counter() - t_build:.1f} s")
     rows = []
-    with EngineTrace() if args.timeline else contextlib.nullcontext() as trace:
+    with EngineTrace(args.timeline_gpu) if args.timeline else contextlib.nullcontext() as trace:
         for plan in plans:
             for c in levels:
                 pipe = f"speech-{label(plan)}"

@@ -261,9 +261,9 @@ def main() -> None:
     ap.add_argument("--frames", nargs="+", type=int, default=[33, 81])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's transformer blocks")
-    ap.add_argument("--lean-vae", action="store_true",
-                    help="the engine decodes with the lean VAE decoder (vae_lean_decoder: true; diffusers keeps "
-                         "its own copy of the VAE as loaded)")
+    ap.add_argument("--no-lean-vae", action="store_true",
+                    help="the engine decodes with diffusers' VAE modules (vae_lean_decoder: false); by default its "
+                         "lean decoder, diffusers keeping its own copy of the VAE as loaded")
     ap.add_argument("--no-graphs", action="store_true", help="run the engine's blocks without CUDA graphs")
     ap.add_argument("--videos", type=int, default=4, help="videos at once in the concurrent section (default 4)")
     ap.add_argument("--concurrent-steps", type=int, default=None,
@@ -294,7 +294,7 @@ def main() -> None:
               f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
         ecfg = DiTEngineConfig(model=ModelConfig(path=f"shape:wan2.1-t2v-{model}", dtype="bfloat16"), device=DEVICE,
                                max_batch_size=max(4, a.videos), compile=a.compile, cuda_graphs=not a.no_graphs,
-                               vae_lean_decoder=a.lean_vae)
+                               vae_lean_decoder=not a.no_lean_vae)
         ref_vae = copy.deepcopy(comps["vae"])        # diffusers' own, as loaded (the engine makes its decoder lean)
         engine = DiTEngine.from_components("WanPipeline", comps, ecfg)
         pipe = make_pipeline(comps | {"vae": ref_vae}, shape)

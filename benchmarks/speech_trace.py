@@ -1,11 +1,14 @@
 """Where a speech request's time goes inside one ``OmniLLM`` process, engine by engine: every AR engine step
 (the thinker's and the talker's, each on its engine thread), every DiT engine step (token2wav's windows, on its
 worker thread) and every vocoder batch, stamped with ``time.perf_counter()`` (host time: a step's span includes
-its wait for the device), for ``bench_omni_speech.py --timeline``. On CUDA each step also records an event pair
-on the calling thread's current stream (the engine's own, with ``cuda_stream``): the device time from the step's
-first queued work to its last (``gpu_*``: a step slowed on the GPU by the other engines' kernels grows there), and
-the host gap from one step's end to the same engine's next start (``gap_p50_ms``: a thread waiting for the
-interpreter or for work grows there).
+its wait for the device), for ``bench_omni_speech.py --timeline``, and the host gap from one step's end to the
+same engine's next start (``gap_p50_ms``: a thread waiting for the interpreter or for work grows there). With
+``gpu_events`` (``--timeline-gpu``) each step also records a CUDA event pair on the calling thread's current
+stream (the engine's own, with ``cuda_stream``): the device time from the step's first queued work to its last
+(``gpu_*``). Those events may disturb what they measure: on an H100 (py-spy, 2026-12-07) the talker's thread
+spent ~0.3 s of each 1.1 s request returning from the event record after its steps, and runs with them had the
+talker's last code at 977-1,030 ms against 746-772 ms in the same command's runs before they existed (other
+H100s, other days); so they are off unless asked for.
 
     with EngineTrace() as trace:
         ... run requests ...
@@ -39,7 +42,8 @@ def _tokens(loop) -> int:
 
 
 class EngineTrace:
-    def __init__(self):
+    def __init__(self, gpu_events: bool = False):
+        self.gpu_events = gpu_events
         self.events: list[tuple] = []     # (engine, start, end, items, CUDA start / end events or None, tokens)
         self._lock = threading.Lock()
         self._saved: list[tuple[type, str, object]] = []
@@ -48,7 +52,7 @@ class EngineTrace:
         inner = getattr(cls, name)
         events, lock = self.events, self._lock
 
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() and self.gpu_events
 
         def timed(obj, *args, **kwargs):
             marks = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None

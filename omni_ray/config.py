@@ -290,10 +290,11 @@ class DiTEngineConfig(Strict):
     vae_decode_chunk: int = Field(2, ge=1, description="video models: latent frames VAE-decoded per engine "
                                   "step while other requests denoise (all at once when none does)")
     compile: bool = Field(False, description="torch.compile the transformer")
-    vae_lean_decoder: bool = Field(False, description="Wan on CUDA: the VAE decoder's RMS norm + SiLU as one "
+    vae_lean_decoder: bool = Field(True, description="Wan on CUDA: the VAE decoder's RMS norm + SiLU as one "
                                    "Triton kernel, its convolutions channels-last with the height / width padding "
-                                   "inside cuDNN (the VAE's modules changed in place; off: diffusers' as loaded; "
-                                   "CPU-tested, not yet timed on a GPU)")
+                                   "inside cuDNN (the VAE's modules changed in place; an 81-frame 832x480 decode "
+                                   "1.16 s against 2.06 s on an H100, 46.8 dB from diffusers' bf16 frames); off: "
+                                   "diffusers' modules as loaded")
     parallel: DiTParallelConfig = DiTParallelConfig()
     fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "
                                    "helpers (layer norm + modulation, gated residual) into fused kernels")

@@ -130,5 +130,5 @@ def test_engine_makes_its_vae_lean_on_cuda():
         return any(isinstance(m, LeanRMSNorm) for m in eng.family.vae.decoder.modules())
 
     cfg = dict(model=ModelConfig(path="tiny:wan2.1-t2v", dtype="float32"), device="cuda")
-    assert has_lean(DiTEngine(DiTEngineConfig(**cfg, vae_lean_decoder=True)))
-    assert not has_lean(DiTEngine(DiTEngineConfig(**cfg)))
+    assert has_lean(DiTEngine(DiTEngineConfig(**cfg)))                   # the default
+    assert not has_lean(DiTEngine(DiTEngineConfig(**cfg, vae_lean_decoder=False)))

@@ -11,9 +11,10 @@ convolution pads its input with ``F.pad`` (a copy); cuDNN transposes every activ
   voxel's channels next to each other, one row of the kernel;
 - causal convolutions pad height and width inside the convolution; only the causal time padding is a copy.
 
-Measured so far (H100, the same video): channels-last weights alone, 1.86 s; the whole lean decoder is
-CPU-tested (the kernel through Triton's interpreter) and not yet timed on a GPU, so the engine's
-``vae_lean_decoder`` stays off by default.
+Measured (H100, the same video, bf16): channels-last weights alone, 1.86 s; the whole lean decoder 1.16 s,
+46.8 dB PSNR against diffusers' frames (the engine's ``vae_lean_decoder``, on by default). What is left of the
+1.16 s: the convolutions ~0.72 s (cuDNN's own pick: its benchmark mode picks the same), the causal padding and
+feature-cache copies ~0.15 s, nearest upsampling ~0.05 s, the norm kernel ~0.05 s.
 
 The arithmetic is diffusers' except where it rounds: the kernel computes the norm, its scale and the SiLU in
 fp32 and rounds once (diffusers rounds the normalized value, then each product). The feature caches, the

@@ -21,7 +21,7 @@ The text encoder is out of the timing: both sides get the same random UMT5 state
 5. step caching (TeaCache with TeaCache4Wan2.1's 1.3B polynomial on the time embedding, first-block
    cache), 1.3B only: speedup and PSNR of the frames against uncached ones.
 6. ``--sections profile`` (not in the default run): torch.profiler's top CUDA kernels over two steps of the
-   4-video batch (where the rest of the peak goes).
+   ``--videos`` batch (where the rest of the peak goes).
 Results: benchmarks/results/wan_cuda.json (``--quick``: wan_cuda_quick.json).
 """
 
@@ -307,8 +307,8 @@ def main() -> None:
         if "concurrent" in a.sections:
             result["concurrent"] += bench_concurrent(model, engine, shape, pos, neg, frames_list,
                                                      a.concurrent_steps or steps, peak, lat, n=a.videos)
-        if "profile" in a.sections:                    # where 4 videos' steps go, by kernel (2 steps, 1st frames)
-            result.setdefault("profile", {})[model] = bench_profile(engine, shape, pos, neg, frames_list[0])
+        if "profile" in a.sections:                    # the batch's steps by kernel (2 steps, 1st frames)
+            result.setdefault("profile", {})[model] = bench_profile(engine, shape, pos, neg, frames_list[0], a.videos)
         if model == "1.3b" and "cache" in a.sections:   # TeaCache4Wan2.1 suggests 0.05 - 0.08 for 1.3B
             methods = [("teacache", 0.08), ("fbcache", 0.1)] if a.quick else \
                 [("teacache", 0.05), ("teacache", 0.08), ("teacache", 0.2), ("fbcache", 0.05), ("fbcache", 0.1)]

@@ -167,6 +167,31 @@ def run_omni_ray(llm, n: int, text_tokens: int, codes: int, seed: int, pipeline:
     return out
 
 
+def kernel_trace(llm, n: int, text_tokens: int, codes: int, seed: int, pipeline: str, path: str) -> None:
+    """One more burst under torch.profiler (device kernels only): the chrome trace to ``path`` and, per CUDA
+    stream, its kernels beside the other streams' and alone (which engine a stream is shows in its first /
+    last kernel: the thinker's stream stops at its last token)."""
+    import gzip
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.stream_overlap import overlap_table
+
+    acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        run_omni_ray(llm, n, text_tokens, codes, seed, pipeline)
+    raw = Path(path).with_suffix(".tmp.json")
+    prof.export_chrome_trace(str(raw))
+    trace = json.loads(raw.read_text())
+    raw.unlink()
+    with gzip.open(path, "wt") as f:
+        json.dump(trace, f)
+    print(f"kernel trace of {n} request(s): {path}")
+    print(table(overlap_table(trace), ["stream", "kernels", "device_ms", "first_ms", "last_ms", "beside",
+                                       "beside_mean_us", "alone", "alone_mean_us"]))
+
+
 def print_timeline(row: dict) -> None:
     """Where the first request of a run spent its time: the stages' last outputs, each token2wav window
     (computable, mel done, audio out), each engine's steps, the DiT steps and vocoder batches one by one."""
@@ -256,6 +281,10 @@ def main() -> None:
     ap.add_argument("--timeline-gpu", action="store_true",
                     help="with --timeline: CUDA events around each engine step (device time per step; they slow "
                          "the run they measure: benchmarks/speech_trace.py)")
+    ap.add_argument("--kernel-trace", default=None, metavar="PATH",
+                    help="after the timed rows, one more run of the first plan and concurrency under torch.profiler: "
+                         "its chrome trace to PATH (.json.gz) and each CUDA stream's kernels beside / without the "
+                         "others' (benchmarks/stream_overlap.py)")
     ap.add_argument("--timeline", action="store_true",
                     help="trace every engine step and vocoder batch (benchmarks/speech_trace.py) and print where one "
                          "request's time goes (the first concurrency level's run)")
@@ -305,6 +334,8 @@ def main() -> None:
                 print(table(rows[-1:], COLUMNS))
                 if "timeline" in rows[-1]:
                     print_timeline(rows[-1])
+    if args.kernel_trace:
+        kernel_trace(llm, levels[0], text_tokens, codes, args.seed, f"speech-{label(plans[0])}", args.kernel_trace)
     stats = {k: v for k, v in llm.stats().items() if isinstance(v, dict)}
     llm.shutdown()
     if not args.no_transformers:

@@ -75,3 +75,26 @@ def test_kernel_profile_ranks_where_the_time_goes():
     assert rows and rows[0]["ms"] >= rows[-1]["ms"]
     assert "mm" in rows[0]["kernel"] and rows[0]["calls"] == 20
     assert 0 < sum(r["share"] for r in rows) <= 1.0 + 1e-9
+
+
+def test_stream_overlap_splits_kernels_beside_other_streams_from_alone(tmp_path):
+    """benchmarks/stream_overlap.py on a made-up chrome trace: stream 7's kernels at 0-10 and 40-50 us run alone,
+    its 20-30 us kernel inside stream 9's 15-35 us one; a kernel half covered counts as neither."""
+    import gzip
+    import json
+
+    from benchmarks.stream_overlap import load, overlap_table
+
+    def k(stream, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    trace = {"traceEvents": [k(7, 1000, 10), k(7, 1020, 10), k(7, 1040, 10), k(9, 1015, 20), k(9, 1045, 10),
+                             {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5, "args": {}}]}
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(trace, f)
+    rows = {r["stream"]: r for r in overlap_table(load(path))}
+    s7, s9 = rows[7], rows[9]
+    assert (s7["kernels"], s7["device_ms"], s7["first_ms"], s7["last_ms"]) == (3, 0.03, 0.0, 0.05)
+    assert (s7["beside"], s7["beside_mean_us"], s7["alone"], s7["alone_mean_us"]) == (1, 10.0, 1, 10.0)  # 40-50: half
+    assert (s9["beside"], s9["alone"], s9["alone_mean_us"]) == (0, 0, None)      # both kernels half beside stream 7

@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print where 8 concurrent requests' steps go, by kernel")
     ap.add_argument("--attention-backend", default="auto", help="the engine's attention_backend (auto: measured, "
                     "'split' among the candidates under a caption mask; cudnn: the single masked call)")
+    ap.add_argument("--caption-packing", action="store_true",
+                    help="the caption stream's GEMMs over real caption tokens only (caption_packing: true)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default 512 1024; quick: 512)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                     help="parts to run (default all)")
@@ -209,7 +211,7 @@ def main() -> None:
           f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
     cfg = DiTEngineConfig(model=ModelConfig(path="shape:qwen-image", dtype="bfloat16"), device="cuda",
                           max_batch_size=16, compile=a.compile, cuda_graphs=not a.no_graphs, max_pixels=1024 * 1024,
-                          attention_backend=a.attention_backend)
+                          attention_backend=a.attention_backend, caption_packing=a.caption_packing)
     engine = DiTEngine.from_components("QwenImagePipeline", comps, cfg)
     pipe = make_pipeline(comps) if on & {"latency", "static"} else None
     tcfg = dict(comps["transformer"].config)

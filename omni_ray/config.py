@@ -290,6 +290,10 @@ class DiTEngineConfig(Strict):
     vae_decode_chunk: int = Field(2, ge=1, description="video models: latent frames VAE-decoded per engine "
                                   "step while other requests denoise (all at once when none does)")
     compile: bool = Field(False, description="torch.compile the transformer")
+    caption_packing: bool = Field(False, description=
+        "Qwen-Image: the caption stream's projections and MLP run over the batch's real caption tokens only "
+        "(rows of a CFG batch pad short negative prompts to the longest prompt; the attention keeps the padded "
+        "layout); used where it drops at least a quarter of the caption rows (CPU-tested, not yet timed on a GPU)")
     vae_lean_decoder: bool = Field(True, description="Wan on CUDA: the VAE decoder's RMS norm + SiLU as one "
                                    "Triton kernel, its convolutions channels-last with the height / width padding "
                                    "inside cuDNN (the VAE's modules changed in place; an 81-frame 832x480 decode "

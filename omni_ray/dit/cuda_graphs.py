@@ -7,7 +7,9 @@ bucket, caption bucket, shapes) the first time it is seen, then replayed. Rows a
 bucket (1, 2, 4, 8, then multiples of 8) and, for families with caption masks, caption tokens
 up to a multiple of 64 (also for a family that masks only captions of differing lengths, so that
 one graph serves every prompt length); padded caption positions are masked out (-10000, as diffusers masks),
-padded rows are computed and dropped. Graphs of the same shapes share their input buffers and
+padded rows are computed and dropped. A family that packs its caption stream's GEMMs (``text_lens`` in the
+state: ``caption_pack.py``) gets the pack of the padded batch as a graph input, its size part of the key.
+Graphs of the same shapes share their input buffers and
 all graphs share one memory pool; outputs are copied out right after each replay. A shape whose
 capture fails runs eagerly from then on.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from omni_ray.capture_lock import capture_lock
+from omni_ray.dit.caption_pack import PACK_MULTIPLE, pack_positions
 from omni_ray.dit.families.base import BlockState, DiTFamily
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class _IO:
     ctx: torch.Tensor                # [R, T, D]
     bias: torch.Tensor | None        # [R, 1, T]
     temb: torch.Tensor               # [R, *]
+    pack: torch.Tensor | None = None     # [P] flat caption positions (caption packing)
 
 
 @dataclass
@@ -101,8 +105,10 @@ class GraphedBlocks:
             # mask rather than capture a graph per caption length
             bias = torch.zeros(rows, 1, T, dtype=st.x.dtype, device=st.x.device)
         Tp = -(-T // CAPTION_MULTIPLE) * CAPTION_MULTIPLE if bias is not None else T
+        pack = (pack_positions(st.text_lens, Tp, R, getattr(self.family, "pack_multiple", PACK_MULTIPLE))
+                if st.text_lens is not None and bias is not None else None)
         io_key = (R, Tp, *st.x.shape[1:], *st.ctx.shape[2:], *st.temb.shape[1:], bias is not None,
-                  st.grid, st.shapes)
+                  st.grid, st.shapes, None if pack is None else len(pack))
         key = (lo, hi, *io_key)
         if key in self.failed:
             return False
@@ -113,6 +119,8 @@ class GraphedBlocks:
         if io.bias is not None:
             io.bias[:rows, :, :T].copy_(bias)
             io.bias[:rows, :, T:].fill_(-10000.0)
+        if io.pack is not None:                      # a pinned source: the copy never waits for the GPU
+            io.pack.copy_(torch.tensor(pack, dtype=torch.long, pin_memory=io.pack.is_cuda), non_blocking=True)
         g = self.graphs.get(key) or self._capture(key, io, st.grid, st.shapes, lo, hi)
         if g is None:
             return False
@@ -128,7 +136,8 @@ class GraphedBlocks:
             return torch.zeros(shape, dtype=like.dtype, device=like.device)
         io = _IO(x=z((R, *st.x.shape[1:]), st.x), ctx=z((R, Tp, *st.ctx.shape[2:]), st.ctx),
                  bias=None if bias is None else z((R, 1, Tp), bias),
-                 temb=z((R, *st.temb.shape[1:]), st.temb))
+                 temb=z((R, *st.temb.shape[1:]), st.temb),
+                 pack=None if io_key[-1] is None else torch.zeros(io_key[-1], dtype=torch.long, device=st.x.device))
         self.ios[io_key] = io
         return io
 
@@ -136,7 +145,8 @@ class GraphedBlocks:
         fam = self.family
 
         def body():
-            s = BlockState(x=io.x, ctx=io.ctx, ctx_bias=io.bias, temb=io.temb, emb=io.temb, grid=grid, shapes=shapes)
+            s = BlockState(x=io.x, ctx=io.ctx, ctx_bias=io.bias, temb=io.temb, emb=io.temb, grid=grid, shapes=shapes,
+                           text_pack=io.pack)
             for i in range(lo, hi):
                 fam.run_block(i, s)
             return s.x, s.ctx

@@ -232,6 +232,6 @@ class DiTRunner:
     def _subset(self, st: BlockState, spans: list[tuple[int, int]], keep: list[int]) -> BlockState:
         """The rows of requests ``keep`` (indices into ``spans``) as a new state (or ``st`` if all)."""
         if len(keep) == len(spans):
-            return BlockState(st.x, st.ctx, st.ctx_bias, st.temb, st.emb, st.grid, st.shapes)
+            return BlockState(st.x, st.ctx, st.ctx_bias, st.temb, st.emb, st.grid, st.shapes, st.text_lens)
         rows = [i for k in keep for i in range(*spans[k])]
-        return st.select(torch.tensor(rows, dtype=torch.long, device=st.x.device))
+        return st.select(torch.tensor(rows, dtype=torch.long, device=st.x.device), rows)

@@ -37,13 +37,19 @@ class BlockState:
     grid: tuple[int, int]                # (h, w) in patches
     shapes: tuple = ()                   # the batch's hashable geometry, shared by its rows (Qwen-Image: the
                                          # (frame, h, w) patch grids of the noise and any condition image)
+    text_lens: tuple[int, ...] | None = None   # real caption tokens per row, where the family packs its caption
+                                               # stream's GEMMs (omni_ray/dit/caption_pack.py)
+    text_pack: torch.Tensor | None = None      # that pack, made for a CUDA graph's padded rows and captions
 
-    def select(self, idx: torch.Tensor) -> "BlockState":
-        """The rows ``idx`` (a LongTensor on the state's device), as a new state."""
+    def select(self, idx: torch.Tensor, rows: list[int] | None = None) -> "BlockState":
+        """The rows ``idx`` (a LongTensor on the state's device; ``rows``: the same on the host, for the
+        caption lengths), as a new state."""
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
             kw[f.name] = v.index_select(0, idx) if isinstance(v, torch.Tensor) else v
+        kw["text_pack"] = None
+        kw["text_lens"] = None if self.text_lens is None or rows is None else tuple(self.text_lens[r] for r in rows)
         return BlockState(**kw)
 
 
@@ -94,6 +100,10 @@ class DiTFamily(ABC):
 
     def lean_vae(self) -> None:
         """The VAE's faster modules on CUDA (``DiTEngineConfig.vae_lean_decoder``; families that have them)."""
+
+    def set_caption_packing(self, on: bool) -> None:
+        """The caption stream's GEMMs over real caption tokens only (``DiTEngineConfig.caption_packing``;
+        MMDiT families that pad captions)."""
 
     def compile(self) -> None:
         """torch.compile each block's forward (dynamic batch size); the modules stay untouched,

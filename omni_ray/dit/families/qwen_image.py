@@ -17,11 +17,13 @@ tokens' prediction reaches the scheduler.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omni_ray.dit.caption_pack import PACK_MULTIPLE, pack_positions
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
 from omni_ray.dit.families.qwen_image_block import Kernels, QwenImageBlock, supported
 from omni_ray.dit.families.sdpa_choice import SdpaChoice
@@ -83,6 +85,10 @@ class QwenImageFamily(DiTFamily):
         self._vid_freqs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.sp = None                      # the Ulysses group of a sequence-parallel rank
+        self.caption_packing = False        # DiTEngineConfig.caption_packing
+        self.pack_multiple = PACK_MULTIPLE  # packed caption rows are a multiple of this
+        self._text_lens: dict[int, tuple] = {}   # id of a batch's caption mask -> (a weak ref to it, its rows' lengths)
+        self._packs: dict[tuple, torch.Tensor | None] = {}  # (lengths, T) -> the eager path's pack
 
     def _vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.temperal_downsample)
@@ -127,6 +133,9 @@ class QwenImageFamily(DiTFamily):
             return ctx, None, None
         mask = torch.stack([F.pad(c.mask, (0, t_max - n)) for c, n in zip(conds, lens)])
         bias = ((1 - mask.to(self.dtype)) * MASKED).unsqueeze(1)                          # [B, 1, T]
+        if self.caption_packing:                     # the rows' lengths, kept on the host beside the mask
+            self._text_lens = {k: v for k, v in self._text_lens.items() if v[0]() is not None}
+            self._text_lens[id(bias)] = (weakref.ref(bias), tuple(lens))
         return ctx, bias, None
 
     # ------------------------------------------------------------------ sampling
@@ -167,6 +176,30 @@ class QwenImageFamily(DiTFamily):
     def fuse_elementwise(self) -> None:
         self.kernels.fuse()
 
+    def set_caption_packing(self, on: bool) -> None:
+        self.caption_packing = on
+
+    def _lens(self, ctx: torch.Tensor, ctx_bias: torch.Tensor | None) -> tuple[int, ...] | None:
+        """The rows' caption lengths where captions are packed (a batch whose captions differ, as
+        ``batch_cond`` made it; a sequence-parallel rank's broadcast copy has none)."""
+        if not self.caption_packing or ctx_bias is None or (self.sp is not None and self.sp.active):
+            return None
+        ref, lens = self._text_lens.get(id(ctx_bias), (None, None))
+        return lens if ref is not None and ref() is ctx_bias and len(lens) == ctx.shape[0] else None
+
+    def _pack(self, st: BlockState) -> torch.Tensor | None:
+        if st.text_pack is not None:
+            return st.text_pack
+        if st.text_lens is None:
+            return None
+        key = (st.text_lens, st.ctx.shape[1])
+        if key not in self._packs:
+            if len(self._packs) >= 64:              # batches' caption lengths change as requests come and go
+                self._packs.clear()
+            pos = pack_positions(st.text_lens, st.ctx.shape[1], multiple=self.pack_multiple)
+            self._packs[key] = None if pos is None else torch.tensor(pos, dtype=torch.long, device=self.device)
+        return self._packs[key]
+
     def _rope(self, shapes: tuple, text_len: int) -> tuple[torch.Tensor, ...]:
         """(image cos, image sin [N, d/2], text cos, text sin [T, d/2]) of a batch geometry, fp32, as the
         module's ``pos_embed`` gives them (complex): the image grids' frequencies, the text's from
@@ -198,6 +231,7 @@ class QwenImageFamily(DiTFamily):
             self.sdpa.prepare(h.shape[0], ctx.shape[1] + h.shape[1], masked, prefix=ctx.shape[1])   # once per shape
         temb = tr.time_text_embed(t.to(h.dtype) / 1000, h)       # the pipeline passes t / 1000
         return BlockState(x=h, ctx=ctx, ctx_bias=ctx_bias, temb=temb, emb=temb, grid=tuple(shapes[0][1:]),
+                          text_lens=self._lens(ctx, ctx_bias),
                           shapes=shapes)
 
     def run_block(self, i: int, st: BlockState) -> None:
@@ -211,7 +245,7 @@ class QwenImageFamily(DiTFamily):
         tokens, masked = st.ctx.shape[1] + st.x.shape[1], st.ctx_bias is not None
         self.kernels.split = self.sdpa.splits(tokens, masked)    # the caption mask's split attention, if faster
         with self.sdpa.context(tokens, masked):
-            st.x, st.ctx = self.block_fns[i](st.x, st.ctx, st.ctx_bias, st.temb, rope)
+            st.x, st.ctx = self.block_fns[i](st.x, st.ctx, st.ctx_bias, st.temb, rope, self._pack(st))
 
     def _split_attention(self, q, k, v, text_bias, text_len):
         return split_caption_attention(q, k, v, text_bias, text_len, self.kernels.merge)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_ray.dit.caption_pack import packed
 from omni_ray.dit.families.pixart_block import _fuse, gated_add, ln_modulate
 from omni_ray.dit.families.split_attention import merge, split_caption_attention
 
@@ -71,9 +72,13 @@ def gated_add_bias(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, bias: t
     return torch.addcmul(x, gate, y + bias)
 
 
-def projected_residual(k, x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+def projected_residual(k, x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, linear: nn.Linear,
+                       pack: torch.Tensor | None = None) -> torch.Tensor:
     """x + gate * linear(o). On a strided ``o`` (a stream's half of the joint attention output) ``F.linear``
-    runs a matmul and a separate bias add; here the bias goes into the gated residual instead."""
+    runs a matmul and a separate bias add; here the bias goes into the gated residual instead. ``pack``: the
+    projection over those positions of ``o`` only (caption packing)."""
+    if pack is not None:
+        return k.gated_add(x, gate, packed(linear, o, pack))
     if o.is_contiguous() or linear.bias is None:
         return k.gated_add(x, gate, linear(o))
     return k.gated_add_bias(x, gate, torch.matmul(o, linear.weight.t()), linear.bias)
@@ -126,8 +131,9 @@ def supported(block: nn.Module) -> bool:
 
 
 class QwenImageBlock(nn.Module):
-    """``QwenImageBlock(block, kernels)(x, ctx, ctx_bias, temb, rope) -> (x, ctx)``; ``rope`` =
-    (image cos, image sin, text cos, text sin), each [tokens, head_dim / 2] fp32."""
+    """``QwenImageBlock(block, kernels)(x, ctx, ctx_bias, temb, rope, pack) -> (x, ctx)``; ``rope`` =
+    (image cos, image sin, text cos, text sin), each [tokens, head_dim / 2] fp32; ``pack``: the caption
+    positions the text stream's GEMMs run on (``omni_ray/dit/caption_pack.py``), None: all of them."""
 
     def __init__(self, block: nn.Module, kernels: Kernels):
         super().__init__()
@@ -140,7 +146,7 @@ class QwenImageBlock(nn.Module):
         self.cqkv_w, self.cqkv_b = _fuse([a.add_q_proj, a.add_k_proj, a.add_v_proj])
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_bias: torch.Tensor | None, temb: torch.Tensor,
-                rope: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                rope: tuple[torch.Tensor, ...], pack: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         blk, k, a = self.block, self.k, self.block.attn
         B, N, D = x.shape
         T, H = ctx.shape[1], self.heads
@@ -151,13 +157,13 @@ class QwenImageBlock(nn.Module):
         h = k.ln_modulate(x, None, None, blk.img_norm1.eps, 1 + i_sc1, i_sh1)
         c = k.ln_modulate(ctx, None, None, blk.txt_norm1.eps, 1 + t_sc1, t_sh1)
         qkv = F.linear(h, self.qkv_w, self.qkv_b).view(B, N, 3, H, -1)
-        cqkv = F.linear(c, self.cqkv_w, self.cqkv_b).view(B, T, 3, H, -1)
+        cqkv = packed(lambda h: F.linear(h, self.cqkv_w, self.cqkv_b), c, pack).view(B, T, 3, H, -1)
         if self.sp is not None and self.sp.active:          # x holds this rank's shard of the image tokens
             from omni_ray.dit.parallel.ulysses import ulysses_qwen_attention
             img_o, txt_o = ulysses_qwen_attention(self.sp, a, qkv, cqkv, ctx_bias, rope, qk_norm_rope)
             x = k.gated_add(x, i_g1, a.to_out[0](img_o))
             ctx = k.gated_add(ctx, t_g1, a.to_add_out(txt_o))
-            return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)
+            return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2, pack)
         fused = k.fused_qkv(cqkv, qkv, a, rope) if qkv.is_cuda else None
         if fused is not None:
             q, kk, v = fused                                                          # [B, H, T + N, d] each
@@ -173,15 +179,15 @@ class QwenImageBlock(nn.Module):
             mask = None if ctx_bias is None else F.pad(ctx_bias, (0, N))[:, None]     # [B, 1, 1, T + N]
             o = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2)   # [B, T + N, H, d]
         x = projected_residual(k, x, i_g1, o[:, T:].reshape(B, N, D), a.to_out[0])
-        ctx = projected_residual(k, ctx, t_g1, o[:, :T].reshape(B, T, D), a.to_add_out)
+        ctx = projected_residual(k, ctx, t_g1, o[:, :T].reshape(B, T, D), a.to_add_out, pack)
 
-        return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2)
+        return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2, pack)
 
-    def _mlps(self, x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2):
+    def _mlps(self, x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2, pack=None):
         blk, k = self.block, self.k
         x = k.gated_add(x, i_g2, mlp(blk.img_mlp, k.ln_modulate(x, None, None, blk.img_norm2.eps, 1 + i_sc2, i_sh2)))
-        ctx = k.gated_add(ctx, t_g2, mlp(blk.txt_mlp, k.ln_modulate(ctx, None, None, blk.txt_norm2.eps, 1 + t_sc2,
-                                                                     t_sh2)))
+        h = k.ln_modulate(ctx, None, None, blk.txt_norm2.eps, 1 + t_sc2, t_sh2)
+        ctx = k.gated_add(ctx, t_g2, packed(lambda r: mlp(blk.txt_mlp, r), h, pack))
         if x.dtype == torch.float16:              # as the diffusers block: keep fp16 finite
             x, ctx = x.clip(-65504, 65504), ctx.clip(-65504, 65504)
         return x, ctx

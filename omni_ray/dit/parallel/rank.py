@@ -204,6 +204,7 @@ def prepare_family(fam: DiTFamily, cfg: DiTEngineConfig, layout: Layout):
     Sequence-parallel blocks hold collectives, so they are never graph-captured."""
     cuda = fam.device.type == "cuda"
     fam.set_attention_backend(cfg.attention_backend)
+    fam.set_caption_packing(cfg.caption_packing)
     if cfg.fuse_elementwise and cuda:
         fam.fuse_elementwise()
     if cfg.compile:

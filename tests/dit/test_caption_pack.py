@@ -82,35 +82,3 @@ def test_engine_with_packed_captions_gives_the_unpacked_latents(engines, cache):
     for a, b in zip(outs[True], outs[False]):
         assert float((a - b).abs().max() / b.abs().max()) < 1e-5
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_with_packed_captions_match_eager_unpacked():
-    """Graph replays with the pack as a graph input (its size part of the graph's key) give the eager,
-    unpacked engine's latents."""
-    from omni_ray.config import DiTEngineConfig, ModelConfig
-    from omni_ray.dit import DiffusionParams, DiTEngine
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    engines = []
-    for on in (True, False):
-        eng = DiTEngine(DiTEngineConfig(model=ModelConfig(path="tiny:qwen-image", dtype="float32"), device="cuda",
-                                        cuda_graphs=on, caption_packing=on))
-        eng.family.pack_multiple = 4
-        engines.append(eng)
-    g = torch.Generator().manual_seed(0)
-    dim = engines[0].family.caption_dim
-    embeds = [torch.randn(n, dim, generator=g) for n in (40, 52, 47)]
-    negs = [torch.randn(3, dim, generator=g), None, torch.randn(5, dim, generator=g)]
-    outs = []
-    for eng in engines:
-        reqs = [eng.add_request(None, DiffusionParams(height=32, width=48, num_inference_steps=n, seed=i),
-                                prompt_embeds=e, negative_prompt_embeds=ne, output_type="latent")
-                for i, (n, e, ne) in enumerate(zip((6, 4, 5), embeds, negs))]
-        while not all(r.is_finished for r in reqs):
-            eng.step()
-        outs.append([r.images[0] for r in reqs])
-    graphs = engines[0].runner.graphs
-    assert graphs.replays > 0 and any(io.pack is not None for io in graphs.ios.values())
-    for a, b in zip(*outs):
-        assert float((a - b).abs().max() / b.abs().max()) < 1e-3

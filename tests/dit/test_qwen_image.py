@@ -229,11 +229,15 @@ def test_edit_validates_the_image(edit):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("cache", [None, {"method": "fbcache", "threshold": 0.3},
                                    {"method": "teacache", "threshold": 0.5}])
-def test_cuda_graphs_match_eager(cache):
-    """Graph replays (captions padded to a bucket under a mask) give the eager engine's latents."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_cuda_graphs_match_eager(cache, packing):
+    """Graph replays (captions padded to a bucket under a mask; with caption packing, the pack a graph input)
+    give the eager, unpacked engine's latents."""
     torch.backends.cuda.matmul.allow_tf32 = False
     engines = [DiTEngine(DiTEngineConfig(model=ModelConfig(path="tiny:qwen-image", dtype="float32"), device="cuda",
-                                         cuda_graphs=graphs)) for graphs in (True, False)]
+                                         cuda_graphs=graphs, caption_packing=packing and graphs))
+               for graphs in (True, False)]
+    engines[0].family.pack_multiple = 4             # the tiny captions are a few tokens: pack them at that scale
     g = torch.Generator().manual_seed(0)
     dim = engines[0].family.caption_dim
     embeds = [torch.randn(n, dim, generator=g) for n in (7, 12, 9)]
@@ -246,7 +250,8 @@ def test_cuda_graphs_match_eager(cache):
         while not all(r.is_finished for r in reqs):
             eng.step()
         outs.append([r.images[0] for r in reqs])
-    assert engines[0].runner.graphs.replays > 0
+    graphs = engines[0].runner.graphs
+    assert graphs.replays > 0 and any(io.pack is not None for io in graphs.ios.values()) == packing
     for a, b in zip(*outs):
         assert _rel(a, b) < 1e-3
 

@@ -296,9 +296,9 @@ class DiTEngineConfig(Strict):
         "layout); used where it drops at least a quarter of the caption rows (CPU-tested, not yet timed on a GPU)")
     vae_lean_decoder: bool = Field(True, description="Wan on CUDA: the VAE decoder's RMS norm + SiLU as one "
                                    "Triton kernel, its convolutions channels-last with the height / width padding "
-                                   "inside cuDNN (the VAE's modules changed in place; an 81-frame 832x480 decode "
-                                   "1.16 s against 2.06 s on an H100, 46.8 dB from diffusers' bf16 frames); off: "
-                                   "diffusers' modules as loaded")
+                                   "inside cuDNN (the VAE's modules changed in place; its speed and its difference "
+                                   "from diffusers' frames: docs/benchmarks.md, Wan); off: diffusers' modules as "
+                                   "loaded")
     parallel: DiTParallelConfig = DiTParallelConfig()
     fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "
                                    "helpers (layer norm + modulation, gated residual) into fused kernels")

@@ -323,6 +323,11 @@ class DiTEngineConfig(Strict):
         "speech models: requests at their first evaluation that share num_inference_steps, sway and guidance run "
         "their whole ODE in one engine step (on CUDA with cuda_graphs: one CUDA graph per shape); false: one RK4 "
         "evaluation per engine step (whole-forward graphs)")
+    token2wav_hold_s: float | None = Field(None, ge=0.0, description=
+        "speech models, streamed: a computable window after the first is held until the audio already sent would "
+        "play out within this many seconds (played in real time from the first chunk), or until the utterance's "
+        "codes are all in; held windows then start together (one batched ODE), and meanwhile the GPU is the "
+        "talker's, whose codes pace the stream. None: every window starts once computable")
     token2wav_stream: Token2WavStreamConfig | None = Field(None, description=
         "speech models: the streamed token2wav's first chunk (None: Qwen's streaming plan as it is, 72 mel frames "
         "with 24 of look-ahead: the first audio after 48 codes)")

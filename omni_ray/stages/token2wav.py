@@ -9,9 +9,11 @@ running the checkpoint's token2wav, fed the talker's codec tokens as they come, 
     await stage.feed(rid, codes, finished)       # from another task, any time after generate was entered
 
 Each window that becomes computable is one speech request of the engine (``<rid>-w<i>``, mel out) started at
-once, so the windows of all streams (and several of one stream, when codes come faster than synthesis)
-share forwards; its mel is vocoded between engine steps (the windows of all streams that finish together in
-one vocoder batch per length: ``VocoderBatcher``) and yielded in chunk order. ``seed`` draws the
+once (with ``token2wav_hold_s``, a window after the first waits until the audio sent so far would play out within
+that many seconds, or until all codes are in), so the windows of all streams (and several of one stream, when
+codes come faster than synthesis or were held) share forwards; its mel is vocoded between engine steps (the
+windows of all streams that finish together in one vocoder batch per length: ``VocoderBatcher``) and yielded
+in chunk order. ``seed`` draws the
 stream's noise as the reference draws its initial state (``randn`` after ``manual_seed(seed)``). An
 utterance with no codes yields one empty, finished chunk. The chunks are the config's ``token2wav_stream``
 plan (None: the reference's; omni_ray/dit/token2wav_chunks.py); ``times`` are ``time.perf_counter()`` values
@@ -47,6 +49,7 @@ class Token2WavStageEngine(EngineStage):
         self._windows: dict[str, set[str]] = {}       # request id -> its windows' engine request ids in flight
         self._vocoder = None                          # VocoderBatcher: the streams' windows vocoded together
         self.plan = None                              # ChunkPlan: the config's token2wav_stream (start())
+        self.clock = time.perf_counter                # when windows become computable, are due, audio goes out
 
     def start(self) -> None:
         if self.engine is None:
@@ -120,11 +123,24 @@ class Token2WavStageEngine(EngineStage):
             params = DiffusionParams(num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
                                      seed=seed)
             fed_all = False
+            hold = self.config.token2wav_hold_s
+            held: list = []                      # (window, when it became computable): not started yet
+            played_from, audio_s = None, 0.0     # the first chunk's send time; seconds of audio sent
+
+            def release(ws: list) -> None:            # in chunk order, all at once: one batched ODE
+                for w, ready in ws:
+                    wid = f"{rid}-w{w.index}"
+                    windows.add(wid)
+                    pending.append((w, ready, loop.create_task(self._mel(wid, w, params))))
+                ws.clear()
+
             while True:
                 if not fed_all and get is None:
                     get = loop.create_task(queue.get())
                 waits = [t for t in (get, pending[0][2] if pending else None) if t is not None]
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                due = None if not held or played_from is None else played_from + audio_s - hold
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=None if due is None else max(0.0, due - self.clock()))
                 if get is not None and get.done():
                     item, get = get.result(), None
                     if isinstance(item, BaseException):
@@ -134,13 +150,15 @@ class Token2WavStageEngine(EngineStage):
                         new = stream.push(codes, fed_all)
                     except ValueError as err:                   # past the model's longest utterance
                         raise InvalidRequestError(str(err), param="codes") from None
-                    for w in new:
-                        wid = f"{rid}-w{w.index}"
-                        windows.add(wid)
-                        pending.append((w, time.perf_counter(), loop.create_task(self._mel(wid, w, params))))
+                    now = self.clock()
+                    held += [(w, now) for w in new]
+                    if held and (hold is None or fed_all or held[0][0].index == 0):     # the first is never held
+                        release(held)
                     if fed_all and not new and stream.next_chunk == 0:       # no codes at all
                         yield {"pcm": np.zeros(0, np.float32), "sample_rate": self.sample_rate, "finished": True}
                         return
+                if held and due is not None and self.clock() >= due:
+                    release(held)
                 while pending and pending[0][2].done():
                     w, ready, task = pending.popleft()
                     windows.discard(f"{rid}-w{w.index}")
@@ -149,6 +167,8 @@ class Token2WavStageEngine(EngineStage):
                     pcm = stream.trim(w, audio)
                     yield {"pcm": pcm, "sample_rate": self.sample_rate, "finished": w.last, "chunk": w.index,
                            "times": {"ready": ready, "mel": mel_at}}
+                    played_from = self.clock() if played_from is None else played_from
+                    audio_s += len(pcm) / self.sample_rate
                     if w.last:
                         return
         finally:
@@ -166,4 +186,4 @@ class Token2WavStageEngine(EngineStage):
         ev = None
         async for ev in self.engine.generate(None, params, wid, speech=window.speech, output_type="latent"):
             pass
-        return ev.images[0], time.perf_counter()
+        return ev.images[0], self.clock()

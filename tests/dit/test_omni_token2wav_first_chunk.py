@@ -116,6 +116,52 @@ def test_the_stage_starts_the_audio_after_the_first_chunks_codes(engine):
     assert all(np.abs(d["pcm"] - p).max() < 3e-5 for d, p in zip(got, offline))
 
 
+def test_held_windows_start_together_once_the_codes_are_in(engine):
+    """``token2wav_hold_s``: with the audio already sent not yet played out (a frozen clock), a computable window
+    after the first waits; when the last codes come, it starts with the next one (one batched engine step), and
+    the pieces are those of the stage without holding."""
+    from omni_ray.dit import AsyncDiTEngine
+    from omni_ray.stages.requests import SpeechRequest
+    from omni_ray.stages.token2wav import Token2WavStageEngine
+
+    codes = random_codes(60, 3)                                     # 120 frames: [0, 24), [24, 72), [72, 120)
+
+    async def run(hold):
+        config = engine.config.model_copy(update={"token2wav_stream": LOW, "token2wav_hold_s": hold})
+        stage = Token2WavStageEngine(config, engine=AsyncDiTEngine(config, family=engine.family))
+        stage.start()
+        stage.clock = lambda: 100.0                                 # the first piece never plays out
+        req = SpeechRequest(f"hold-{hold}", "Ethan", DiffusionParams(seed=4, num_inference_steps=2))
+        out = stage.generate(req)
+        got: list = []
+
+        async def collect():
+            async for d in out:
+                got.append(d)
+
+        task = asyncio.create_task(collect())
+        try:
+            await stage.feed(req.request_id, codes[:12].tolist(), False)
+            while not got:
+                await asyncio.sleep(0.01)
+            await stage.feed(req.request_id, codes[12:48].tolist(), False)     # chunk 1 computable (48 codes)
+            await asyncio.sleep(0.5)
+            started = stage.engine.stats()["requests_added"]
+            await stage.feed(req.request_id, codes[48:].tolist(), True)
+            await asyncio.wait_for(task, 120)
+            return got, started, stage.engine.stats()
+        finally:
+            task.cancel()
+            await stage.engine.shutdown()
+
+    held, started, stats = asyncio.run(run(0.0))
+    plain, started_plain, _ = asyncio.run(run(None))
+    assert started == 1 and started_plain == 2                      # held: only chunk 0 was started before the end
+    assert stats["max_batch_size"] >= 2                             # chunks 1 and 2 in one engine step
+    assert [d["chunk"] for d in held] == [0, 1, 2] and [d["finished"] for d in held] == [False, False, True]
+    assert all(np.abs(a["pcm"] - b["pcm"]).max() < 3e-5 for a, b in zip(held, plain))
+
+
 def test_a_stream_hands_out_the_first_window_early(engine):
     stream = SpeechStream(engine.family, "Ethan", noise=stream_noise(engine.family, 1, 200),
                           plan=ChunkPlan.for_family(engine.family, LOW))

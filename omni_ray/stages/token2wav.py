@@ -13,11 +13,10 @@ once (with ``token2wav_hold_s``, a window after the first waits until the audio 
 that many seconds, or until all codes are in), so the windows of all streams (and several of one stream, when
 codes come faster than synthesis or were held) share forwards; its mel is vocoded between engine steps (the
 windows of all streams that finish together in one vocoder batch per length: ``VocoderBatcher``) and yielded
-in chunk order. ``seed`` draws the
-stream's noise as the reference draws its initial state (``randn`` after ``manual_seed(seed)``). An
-utterance with no codes yields one empty, finished chunk. The chunks are the config's ``token2wav_stream``
-plan (None: the reference's; omni_ray/dit/token2wav_chunks.py); ``times`` are ``time.perf_counter()`` values
-of this process (where the first audio's latency goes: bench_omni_speech.py).
+in chunk order. ``seed`` draws the stream's noise as the reference draws its initial state (``randn`` after
+``manual_seed(seed)``). An utterance with no codes yields one empty, finished chunk. The chunks are the config's
+``token2wav_stream`` plan (None: the reference's; omni_ray/dit/token2wav_chunks.py); ``times`` are
+``time.perf_counter()`` values of this process (where the first audio's latency goes: bench_omni_speech.py).
 
 ``kind = "token2wav"``: a DiT engine whose requests are ``SpeechRequest``s.
 """

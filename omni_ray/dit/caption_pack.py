@@ -13,6 +13,8 @@ would not drop at least ``MIN_SAVING`` of the rows is not packed (the gather and
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 PACK_MULTIPLE = 128               # packed rows are a multiple of this (CUDA graphs: one graph per bucket)
@@ -32,6 +34,13 @@ def pack_positions(lens: tuple[int, ...] | list[int], T: int, rows: int | None =
     taken = set(real)
     fill = (p for p in range(total) if p not in taken)
     return real + [next(fill) for _ in range(size - len(real))]
+
+
+@functools.lru_cache(maxsize=256)
+def cached_positions(lens: tuple[int, ...], T: int, rows: int, multiple: int) -> list[int] | None:
+    """``pack_positions`` once per batch geometry (engine steps repeat it until requests come or go; never
+    mutate the list it returns)."""
+    return pack_positions(lens, T, rows, multiple)
 
 
 def packed(fn, h: torch.Tensor, pack: torch.Tensor | None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from omni_ray.capture_lock import capture_lock
-from omni_ray.dit.caption_pack import PACK_MULTIPLE, pack_positions
+from omni_ray.dit.caption_pack import cached_positions
 from omni_ray.dit.families.base import BlockState, DiTFamily
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class _IO:
     bias: torch.Tensor | None        # [R, 1, T]
     temb: torch.Tensor               # [R, *]
     pack: torch.Tensor | None = None     # [P] flat caption positions (caption packing)
+    pack_of: tuple | None = None         # the (lengths, T, rows, multiple) the pack holds now
 
 
 @dataclass
@@ -105,8 +106,8 @@ class GraphedBlocks:
             # mask rather than capture a graph per caption length
             bias = torch.zeros(rows, 1, T, dtype=st.x.dtype, device=st.x.device)
         Tp = -(-T // CAPTION_MULTIPLE) * CAPTION_MULTIPLE if bias is not None else T
-        pack = (pack_positions(st.text_lens, Tp, R, getattr(self.family, "pack_multiple", PACK_MULTIPLE))
-                if st.text_lens is not None and bias is not None else None)
+        pack_of = (st.text_lens, Tp, R, self.family.pack_multiple)
+        pack = cached_positions(*pack_of) if st.text_lens is not None and bias is not None else None
         io_key = (R, Tp, *st.x.shape[1:], *st.ctx.shape[2:], *st.temb.shape[1:], bias is not None,
                   st.grid, st.shapes, None if pack is None else len(pack))
         key = (lo, hi, *io_key)
@@ -119,8 +120,9 @@ class GraphedBlocks:
         if io.bias is not None:
             io.bias[:rows, :, :T].copy_(bias)
             io.bias[:rows, :, T:].fill_(-10000.0)
-        if io.pack is not None:                      # a pinned source: the copy never waits for the GPU
+        if io.pack is not None and io.pack_of != pack_of:   # a new batch geometry (a pinned source: no wait)
             io.pack.copy_(torch.tensor(pack, dtype=torch.long, pin_memory=io.pack.is_cuda), non_blocking=True)
+            io.pack_of = pack_of
         g = self.graphs.get(key) or self._capture(key, io, st.grid, st.shapes, lo, hi)
         if g is None:
             return False

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from omni_ray.dit.caption_pack import PACK_MULTIPLE
+
 
 @dataclass
 class Cond:
@@ -100,6 +102,8 @@ class DiTFamily(ABC):
 
     def lean_vae(self) -> None:
         """The VAE's faster modules on CUDA (``DiTEngineConfig.vae_lean_decoder``; families that have them)."""
+
+    pack_multiple = PACK_MULTIPLE           # caption packing: packed caption rows are a multiple of this
 
     def set_caption_packing(self, on: bool) -> None:
         """The caption stream's GEMMs over real caption tokens only (``DiTEngineConfig.caption_packing``;

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omni_ray.dit.caption_pack import PACK_MULTIPLE, pack_positions
+from omni_ray.dit.caption_pack import cached_positions
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
 from omni_ray.dit.families.qwen_image_block import Kernels, QwenImageBlock, supported
 from omni_ray.dit.families.sdpa_choice import SdpaChoice
@@ -86,7 +86,6 @@ class QwenImageFamily(DiTFamily):
         self._rope_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.sp = None                      # the Ulysses group of a sequence-parallel rank
         self.caption_packing = False        # DiTEngineConfig.caption_packing
-        self.pack_multiple = PACK_MULTIPLE  # packed caption rows are a multiple of this
         self._text_lens: dict[int, tuple] = {}   # id of a batch's caption mask -> (a weak ref to it, its rows' lengths)
         self._packs: dict[tuple, torch.Tensor | None] = {}  # (lengths, T) -> the eager path's pack
 
@@ -196,7 +195,7 @@ class QwenImageFamily(DiTFamily):
         if key not in self._packs:
             if len(self._packs) >= 64:              # batches' caption lengths change as requests come and go
                 self._packs.clear()
-            pos = pack_positions(st.text_lens, st.ctx.shape[1], multiple=self.pack_multiple)
+            pos = cached_positions(st.text_lens, st.ctx.shape[1], len(st.text_lens), self.pack_multiple)
             self._packs[key] = None if pos is None else torch.tensor(pos, dtype=torch.long, device=self.device)
         return self._packs[key]
 

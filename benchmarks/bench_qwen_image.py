@@ -189,8 +189,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print where 8 concurrent requests' steps go, by kernel")
     ap.add_argument("--attention-backend", default="auto", help="the engine's attention_backend (auto: measured, "
                     "'split' among the candidates under a caption mask; cudnn: the single masked call)")
-    ap.add_argument("--caption-packing", action="store_true",
-                    help="the caption stream's GEMMs over real caption tokens only (caption_packing: true)")
+    ap.add_argument("--caption-packing", action=argparse.BooleanOptionalAction, default=True,
+                    help="the caption stream's GEMMs over real caption tokens only (caption_packing; "
+                         "--no-caption-packing: every padded caption row)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default 512 1024; quick: 512)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                     help="parts to run (default all)")

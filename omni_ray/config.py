@@ -290,10 +290,10 @@ class DiTEngineConfig(Strict):
     vae_decode_chunk: int = Field(2, ge=1, description="video models: latent frames VAE-decoded per engine "
                                   "step while other requests denoise (all at once when none does)")
     compile: bool = Field(False, description="torch.compile the transformer")
-    caption_packing: bool = Field(False, description=
+    caption_packing: bool = Field(True, description=
         "Qwen-Image: the caption stream's projections and MLP run over the batch's real caption tokens only "
         "(rows of a CFG batch pad short negative prompts to the longest prompt; the attention keeps the padded "
-        "layout); used where it drops at least a quarter of the caption rows (CPU-tested, not yet timed on a GPU)")
+        "layout); used where it drops at least a quarter of the caption rows")
     vae_lean_decoder: bool = Field(True, description="Wan on CUDA: the VAE decoder's RMS norm + SiLU as one "
                                    "Triton kernel, its convolutions channels-last with the height / width padding "
                                    "inside cuDNN (the VAE's modules changed in place; its speed and its difference "
@@ -326,8 +326,8 @@ class DiTEngineConfig(Strict):
     token2wav_hold_s: float | None = Field(None, ge=0.0, description=
         "speech models, streamed: a computable window after the first is held until the audio already sent would "
         "play out within this many seconds (played in real time from the first chunk), or until the utterance's "
-        "codes are all in; held windows then start together (one batched ODE), and meanwhile the GPU is the "
-        "talker's, whose codes pace the stream. None: every window starts once computable")
+        "codes are all in; held windows then start together (one batched ODE), leaving the GPU to the talker "
+        "meanwhile. None: every window starts once computable")
     token2wav_stream: Token2WavStreamConfig | None = Field(None, description=
         "speech models: the streamed token2wav's first chunk (None: Qwen's streaming plan as it is, 72 mel frames "
         "with 24 of look-ahead: the first audio after 48 codes)")

@@ -62,7 +62,7 @@ def test_a_kernel_that_cannot_run_falls_back_for_good(caplog):
             raise RuntimeError("no kernel image for this device")
 
     kernels = Kernels()
-    kernels._qkv_kernel = Broken
+    kernels.qkv_kernel.module = Broken
     assert kernels.fused_qkv(None, None, None, None) is None
-    assert kernels._qkv_kernel is None and Broken.calls == 1 and "joint q/k/v kernel unavailable" in caplog.text
+    assert kernels.qkv_kernel.module is None and Broken.calls == 1 and "joint q/k/v kernel unavailable" in caplog.text
     assert kernels.fused_qkv(None, None, None, None) is None and Broken.calls == 1      # never tried again

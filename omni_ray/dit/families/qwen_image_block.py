@@ -15,17 +15,14 @@ one Triton kernel per stream (``qwen_image_kernels.py``).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from omni_ray.dit.caption_pack import packed
+from omni_ray.dit.families.optional_kernel import OptionalKernel
 from omni_ray.dit.families.pixart_block import _fuse, gated_add, ln_modulate
 from omni_ray.dit.families.split_attention import merge, split_caption_attention
-
-log = logging.getLogger(__name__)
 
 
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
@@ -92,13 +89,12 @@ class Kernels:
         self.gated_add_bias = gated_add_bias
         self.merge = merge                  # split attention's log-sum-exp merge
         self.split = False                  # set per call by the family: run the caption mask's split attention
-        self._qkv_kernel = None             # fused: q, k, v of the joint sequence in one Triton kernel per stream
-        self._qkv_kernel_ran = False
+        self.qkv_kernel = OptionalKernel("Qwen-Image joint q/k/v")  # fused: one Triton kernel per stream
 
     def fuse(self) -> None:
         import omni_ray.dit.families.qwen_image_kernels as qwen_image_kernels  # Triton: imported when fused
 
-        self._qkv_kernel = qwen_image_kernels
+        self.qkv_kernel.module = qwen_image_kernels
         self.ln_modulate = torch.compile(ln_modulate)
         self.gated_add = torch.compile(gated_add)
         self.gated_add_bias = torch.compile(gated_add_bias)
@@ -106,22 +102,8 @@ class Kernels:
         self.merge = torch.compile(merge)
 
     def fused_qkv(self, cqkv, qkv, attn, rope):
-        """(q, k, v) [B, H, T + N, d] from the Triton kernel (CUDA tensors), or None: not fused, a call the
-        kernel does not take, or a kernel that cannot compile or launch on this device (found on its first
-        call, in the engine's warm-up before any CUDA graph capture: the compiled helpers from then on)."""
-        kernel = self._qkv_kernel
-        if kernel is None or not kernel.applies(cqkv, qkv, attn):
-            return None
-        if self._qkv_kernel_ran:
-            return kernel.joint_qkv(cqkv, qkv, attn, rope)
-        try:
-            out = kernel.joint_qkv(cqkv, qkv, attn, rope)
-        except Exception as err:          # noqa: BLE001 - a compiler or driver error: keep serving without it
-            log.warning("Qwen-Image joint q/k/v kernel unavailable (%r): using the compiled helpers", err)
-            self._qkv_kernel = None
-            return None
-        self._qkv_kernel_ran = True
-        return out
+        """(q, k, v) [B, H, T + N, d] from the Triton kernel (CUDA tensors), or None (``OptionalKernel``)."""
+        return self.qkv_kernel.call((cqkv, qkv, attn), "joint_qkv", cqkv, qkv, attn, rope)
 
 
 def supported(block: nn.Module) -> bool:

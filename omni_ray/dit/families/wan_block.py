@@ -1,16 +1,16 @@
 """A lean forward for diffusers' ``WanTransformerBlock``, in fewer kernels than the diffusers block.
 
-The same math as the block and its ``WanAttnProcessor`` (fp32 layer norms and modulation, fp32 gated
-residuals, RMS norm of q / k across heads, Wan's interleaved RoPE in fp32): one fused q/k/v projection
-for self-attention and one k/v projection for the cross-attention (the block's own linears become views
-into the fused weights, so nothing is stored twice and the diffusers module still runs unchanged),
-RoPE on precomputed half-width cos / sin written as one ``stack`` instead of diffusers' strided stores,
-and ``fuse_elementwise()`` compiles the small helpers (layer norm + modulation, the cross-attention's
-fp32 layer norm, RMS norm + RoPE, gated residual) into fused kernels without compiling the GEMMs or the
-attention. Video tokens make every elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost real
-bandwidth: fusing them matters. The feed-forward's GELU stays a kernel of its own: in cuBLASLt's
-epilogue (as the Qwen-Image block runs it) the 14B shape's first GEMM lost more time than the GELU
-pass costs (docs/benchmarks.md, Wan).
+The same math as the block and its ``WanAttnProcessor`` (fp32 layer norms and modulation, fp32 gated residuals,
+RMS norm of q / k across heads, Wan's interleaved RoPE in fp32): one fused q/k/v projection for self-attention
+and one k/v projection for the cross-attention (the block's own linears become views into the fused weights, so
+nothing is stored twice and the diffusers module still runs unchanged), RoPE on precomputed half-width cos / sin
+written as one ``stack`` instead of diffusers' strided stores, and ``fuse_elementwise()`` compiles the small
+helpers (layer norm + modulation, the cross-attention's fp32 layer norm, RMS norm + RoPE, gated residual) into
+fused kernels without compiling the GEMMs or the attention; fused on CUDA, self-attention's q and k come from
+one Triton kernel (``wan_kernels.py``). Video tokens make every elementwise pass over ``[rows, 14k-33k, D]`` in
+fp32 cost real bandwidth: fusing them matters. The feed-forward's GELU stays a kernel of its own: in cuBLASLt's
+epilogue (as the Qwen-Image block runs it) the 14B shape's first GEMM lost more time than the GELU pass costs
+(docs/benchmarks.md, Wan).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_ray.dit.families.optional_kernel import OptionalKernel
 from omni_ray.dit.families.pixart_block import _fuse
 
 
@@ -81,12 +82,27 @@ class Kernels:
     def __init__(self):
         self.modulate, self.gated_residual, self.rms_rope = modulate, gated_residual, rms_rope
         self.layer_norm = layer_norm
+        self.qk_kernel = OptionalKernel("Wan self-attention q/k")  # fused: one Triton kernel (wan_kernels.py)
 
     def fuse(self) -> None:
+        import omni_ray.dit.families.wan_kernels as wan_kernels  # Triton: imported when fused
+
+        self.qk_kernel.module = wan_kernels
         self.modulate = torch.compile(modulate)
         self.layer_norm = torch.compile(layer_norm)
         self.gated_residual = torch.compile(gated_residual)
         self.rms_rope = torch.compile(rms_rope)
+
+    def self_qk(self, qkv: torch.Tensor, attn: nn.Module, heads: int, cos: torch.Tensor, sin: torch.Tensor):
+        """Self-attention's q, k [B, N, H, d] from the fused projection qkv [B, N, 3 * H * d]: RMS norm
+        across heads, then RoPE (the Triton kernel on CUDA when fused, else ``rms_rope`` twice)."""
+        qk = self.qk_kernel.call((qkv, attn.norm_q, attn.norm_k, cos), "qk_rms_rope", qkv, attn.norm_q,
+                                 attn.norm_k, heads, cos, sin) if qkv.is_cuda else None
+        if qk is not None:
+            return qk
+        q, k, _ = qkv.chunk(3, dim=-1)
+        return (self.rms_rope(q, attn.norm_q.weight, attn.norm_q.eps, heads, cos, sin),
+                self.rms_rope(k, attn.norm_k.weight, attn.norm_k.eps, heads, cos, sin))
 
 
 class DiffusersBlock(nn.Module):
@@ -147,10 +163,10 @@ class WanBlock(nn.Module):
 
         # self-attention
         h = modulated(x, blk.norm1.eps, 0)
-        q, kk, v = F.linear(h, self.qkv_w, self.qkv_b).chunk(3, dim=-1)
-        q = k.rms_rope(q, a1.norm_q.weight, a1.norm_q.eps, H, cos, sin)
-        kk = k.rms_rope(kk, a1.norm_k.weight, a1.norm_k.eps, H, cos, sin)
-        x = gated(x, a1.to_out[0](self.self_attention(q, kk, v.unflatten(2, (H, -1)))), 2)
+        qkv = F.linear(h, self.qkv_w, self.qkv_b)
+        q, kk = k.self_qk(qkv, a1, H, cos, sin)
+        v = qkv[..., 2 * qkv.shape[-1] // 3:].unflatten(2, (H, -1))
+        x = gated(x, a1.to_out[0](self.self_attention(q, kk, v)), 2)
 
         # cross-attention (text; I2V: the image states too, through their own k / v)
         n2 = blk.norm2

@@ -1,0 +1,57 @@
+"""The Triton q / k kernel of Wan's self-attention (omni_ray/dit/families/wan_kernels.py) against the block's
+eager ``rms_rope``: on the CPU through Triton's interpreter (a subprocess), on CUDA at the real models' widths."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dit.conftest import run_interpreted
+
+CHECK = Path(__file__).with_name("wan_kernel_check.py")
+
+
+def test_interpreted_kernel_equals_the_eager_helper():
+    out = run_interpreted(CHECK)
+    assert "torch.float32" in out and "torch.bfloat16" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("heads", [12, 40])           # Wan 1.3B (1536 wide), 14B (5120 wide): head dim 128
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_kernel_equals_the_eager_helper(heads, dtype):
+    sys.path.insert(0, str(CHECK.parent))
+    import wan_kernel_check as check
+
+    from omni_ray.dit.families import wan_kernels
+
+    qkv, cos, sin, a = check.inputs(2, 333, heads, 128, dtype, device="cuda")
+    assert wan_kernels.applies(qkv, a.norm_q, a.norm_k, cos)
+    worst = max(check.diffs(qkv, cos, sin, a, heads))
+    assert worst <= (2.0 if dtype == torch.bfloat16 else 1e-5), worst
+
+
+def test_the_block_uses_the_kernel_only_where_it_applies():
+    """CPU tensors, or a norm without a weight: the compiled helpers' path, the same q / k as ``rms_rope``."""
+    from omni_ray.dit.families.wan_block import Kernels, rms_rope
+
+    sys.path.insert(0, str(CHECK.parent))
+    import wan_kernel_check as check
+
+    class Never:
+        calls = 0
+
+        @staticmethod
+        def applies(*args):
+            return False
+
+    kernels = Kernels()
+    kernels.qk_kernel.module = Never
+    qkv, cos, sin, a = check.inputs(1, 4, 2, 8, torch.float32)
+    q, k = kernels.self_qk(qkv, a, 2, cos, sin)
+    assert torch.equal(q, rms_rope(qkv[..., :16], a.norm_q.weight, a.norm_q.eps, 2, cos, sin))
+    assert torch.equal(k, rms_rope(qkv[..., 16:32], a.norm_k.weight, a.norm_k.eps, 2, cos, sin))

@@ -55,3 +55,18 @@ def test_the_block_uses_the_kernel_only_where_it_applies():
     q, k = kernels.self_qk(qkv, a, 2, cos, sin)
     assert torch.equal(q, rms_rope(qkv[..., :16], a.norm_q.weight, a.norm_q.eps, 2, cos, sin))
     assert torch.equal(k, rms_rope(qkv[..., 16:32], a.norm_k.weight, a.norm_k.eps, 2, cos, sin))
+
+
+def test_the_kernel_is_used_only_when_configured():
+    """``DiTEngineConfig.qk_kernel`` (off by default): fusing the helpers attaches the Triton kernel only when on."""
+    pytest.importorskip("triton")
+    from omni_ray.config import DiTEngineConfig
+    from omni_ray.dit.families import wan_kernels
+    from omni_ray.dit.families.wan_block import Kernels
+
+    assert DiTEngineConfig.model_fields["qk_kernel"].default is False
+    off, on = Kernels(), Kernels()
+    on.use_qk_kernel = True
+    off.fuse()
+    on.fuse()
+    assert off.qk_kernel.module is None and on.qk_kernel.module is wan_kernels

@@ -103,6 +103,10 @@ class DiTFamily(ABC):
     def lean_vae(self) -> None:
         """The VAE's faster modules on CUDA (``DiTEngineConfig.vae_lean_decoder``; families that have them)."""
 
+    def set_qk_kernel(self, on: bool) -> None:
+        """Self-attention's q / k norm + RoPE as a hand-written kernel when fused (``DiTEngineConfig.qk_kernel``;
+        families that have one)."""
+
     pack_multiple = PACK_MULTIPLE           # caption packing: packed caption rows are a multiple of this
 
     def set_caption_packing(self, on: bool) -> None:

@@ -6,11 +6,11 @@ and one k/v projection for the cross-attention (the block's own linears become v
 nothing is stored twice and the diffusers module still runs unchanged), RoPE on precomputed half-width cos / sin
 written as one ``stack`` instead of diffusers' strided stores, and ``fuse_elementwise()`` compiles the small
 helpers (layer norm + modulation, the cross-attention's fp32 layer norm, RMS norm + RoPE, gated residual) into
-fused kernels without compiling the GEMMs or the attention; fused on CUDA, self-attention's q and k come from
-one Triton kernel (``wan_kernels.py``). Video tokens make every elementwise pass over ``[rows, 14k-33k, D]`` in
-fp32 cost real bandwidth: fusing them matters. The feed-forward's GELU stays a kernel of its own: in cuBLASLt's
-epilogue (as the Qwen-Image block runs it) the 14B shape's first GEMM lost more time than the GELU pass costs
-(docs/benchmarks.md, Wan).
+fused kernels without compiling the GEMMs or the attention; with ``qk_kernel`` on, self-attention's q and k come
+from one Triton kernel (``wan_kernels.py``). Video tokens make every elementwise pass over ``[rows, 14k-33k,
+D]`` in fp32 cost real bandwidth: fusing them matters. The feed-forward's GELU stays a kernel of its own: in
+cuBLASLt's epilogue (as the Qwen-Image block runs it) the 14B shape's first GEMM lost more time than the GELU
+pass costs (docs/benchmarks.md, Wan).
 """
 
 from __future__ import annotations
@@ -83,11 +83,13 @@ class Kernels:
         self.modulate, self.gated_residual, self.rms_rope = modulate, gated_residual, rms_rope
         self.layer_norm = layer_norm
         self.qk_kernel = OptionalKernel("Wan self-attention q/k")  # fused: one Triton kernel (wan_kernels.py)
+        self.use_qk_kernel = False          # DiTEngineConfig.qk_kernel
 
     def fuse(self) -> None:
-        import omni_ray.dit.families.wan_kernels as wan_kernels  # Triton: imported when fused
+        if self.use_qk_kernel:
+            import omni_ray.dit.families.wan_kernels as wan_kernels  # Triton: imported when used
 
-        self.qk_kernel.module = wan_kernels
+            self.qk_kernel.module = wan_kernels
         self.modulate = torch.compile(modulate)
         self.layer_norm = torch.compile(layer_norm)
         self.gated_residual = torch.compile(gated_residual)

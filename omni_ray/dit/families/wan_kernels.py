@@ -3,10 +3,10 @@
     the fused q/k/v projection [B, N, 3 * H * d]  ->  q, k [2, B, N, H, d] (each RMS-normed across all heads,
                                                        then Wan's RoPE on pairs (2i, 2i + 1) of each head)
 
-It replaces the block's compiled ``rms_rope`` helper, run once for q and once for k: on the 14B shape
-(H * d = 5120) Inductor splits it into a reduction and a pointwise kernel whose pass took ~6 ms a call at
-81 frames, ~8% of a step (docs/benchmarks.md, Wan). One program per (token, batch row) reads the token's q and
-k once and writes them once.
+It replaces the block's compiled ``rms_rope`` helper, run once for q and once for k (``DiTEngineConfig.qk_kernel``,
+off until timed on a GPU): on the 14B shape (H * d = 5120) Inductor splits that helper into a reduction and a
+pointwise kernel whose pass took ~6 ms a call at 81 frames, ~8% of a step (docs/benchmarks.md, Wan). One program
+per (token, batch row) reads the token's q and k once and writes them once.
 
 Numerics follow ``wan_block.rms_rope`` (``F.rms_norm``'s decomposition, then the RoPE): the mean of squares in
 fp32, the row times its reciprocal RMS times the weight in fp32, rounded once to the activation dtype; the

@@ -4,9 +4,10 @@
                                                        then Wan's RoPE on pairs (2i, 2i + 1) of each head)
 
 It replaces the block's compiled ``rms_rope`` helper, run once for q and once for k (``DiTEngineConfig.qk_kernel``,
-off until timed on a GPU): on the 14B shape (H * d = 5120) Inductor splits that helper into a reduction and a
-pointwise kernel whose pass took ~6 ms a call at 81 frames, ~8% of a step (docs/benchmarks.md, Wan). One program
-per (token, batch row) reads the token's q and k once and writes them once.
+off until timed on a GPU): Inductor's kernels for that helper ran at 0.2-1 TB/s on the 81-frame rows, and once the
+process has seen rows of another width they are recompiled with symbolic sizes (docs/benchmarks.md, Wan). One
+program per (token, batch row) reads the token's q and k once and writes them once, the row width a compile-time
+constant.
 
 Numerics follow ``wan_block.rms_rope`` (``F.rms_norm``'s decomposition, then the RoPE): the mean of squares in
 fp32, the row times its reciprocal RMS times the weight in fp32, rounded once to the activation dtype; the

@@ -322,6 +322,9 @@ def main() -> None:
         del engine, pipe, comps
         gc.collect()
         torch.cuda.empty_cache()
+        # the blocks' compiled helpers are one function per family: without a reset the next model's rows (another
+        # width) recompile them with symbolic sizes, not the kernels it gets in a process of its own
+        torch._dynamo.reset()
 
     sizes = ", ".join(f"{m} {MODELS[m].width}x{MODELS[m].height}" for m in models)
     print(f"\n## Wan T2V shapes, random bf16 weights, {device_name()}, {sizes}, {steps} steps, "

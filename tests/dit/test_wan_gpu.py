@@ -17,11 +17,11 @@ def cuda_engine(model="tiny:wan2.1-t2v", dtype="float32", **kw):
     return DiTEngine(DiTEngineConfig(model=ModelConfig(path=model, dtype=dtype), device="cuda", **kw))
 
 
-@pytest.mark.parametrize("qk_kernel", [False, True])
+@pytest.mark.parametrize("norm_kernels", [False, True])
 @pytest.mark.parametrize("model", ["tiny:wan2.1-t2v", "tiny:wan2.2-t2v"])
-def test_graphs_and_sdpa_choice_match_eager(model, qk_kernel):
+def test_graphs_and_sdpa_choice_match_eager(model, norm_kernels):
     torch.backends.cuda.matmul.allow_tf32 = False
-    fast = cuda_engine(model, qk_kernel=qk_kernel)
+    fast = cuda_engine(model, norm_kernels=norm_kernels)
     eager = cuda_engine(model, cuda_graphs=False, attention_backend="math")
     params = [DiffusionParams(height=32, width=48, num_frames=n, num_inference_steps=s, seed=i)
               for i, (n, s) in enumerate(((5, 4), (5, 3), (9, 4)))]
@@ -32,7 +32,8 @@ def test_graphs_and_sdpa_choice_match_eager(model, qk_kernel):
             eng.step()
         outs.append([r.images[0] for r in reqs])
     assert fast.runner.graphs.replays > 0 and fast.family.sdpa.picked
-    assert fast.family.kernels.qk_kernel.ran == qk_kernel      # the Triton q / k kernel ran (graphed) when asked
+    kernels = fast.family.kernels                              # the Triton kernels ran (graphed) when asked
+    assert kernels.qk_kernel.ran == kernels.ln_kernel.ran == norm_kernels
     for a, b in zip(*outs):
         assert rel_diff(a, b) < 1e-3
 

@@ -1,5 +1,6 @@
-"""The Triton q / k kernel of Wan's self-attention (omni_ray/dit/families/wan_kernels.py) against the block's
-eager ``rms_rope``: on the CPU through Triton's interpreter (a subprocess), on CUDA at the real models' widths."""
+"""The Wan block's Triton norm kernels (omni_ray/dit/families/wan_kernels.py: self-attention's q / k, layer norm +
+modulation) against the block's eager ``rms_rope`` and ``modulate``: on the CPU through Triton's interpreter (a
+subprocess), on CUDA at the real models' widths."""
 
 from __future__ import annotations
 
@@ -33,11 +34,15 @@ def test_cuda_kernel_equals_the_eager_helper(heads, dtype):
     assert wan_kernels.applies(qkv, a.norm_q, a.norm_k, cos)
     worst = max(check.diffs(qkv, cos, sin, a, heads))
     assert worst <= (2.0 if dtype == torch.bfloat16 else 1e-5), worst
+    x, scale1, shift = check.modulate_inputs(2, 333, heads * 128, dtype, device="cuda")
+    assert wan_kernels.ln_modulate_applies(x, scale1, shift)
+    worst = check.modulate_diff(x, scale1, shift)
+    assert worst <= (2.0 if dtype == torch.bfloat16 else 1e-4), worst
 
 
-def test_the_block_uses_the_kernel_only_where_it_applies():
-    """CPU tensors, or a norm without a weight: the compiled helpers' path, the same q / k as ``rms_rope``."""
-    from omni_ray.dit.families.wan_block import Kernels, rms_rope
+def test_the_block_uses_the_kernels_only_where_they_apply():
+    """A call a kernel does not take: the helpers' path, the same q / k as ``rms_rope``, the same modulation."""
+    from omni_ray.dit.families.wan_block import Kernels, modulate, rms_rope
 
     sys.path.insert(0, str(CHECK.parent))
     import wan_kernel_check as check
@@ -49,24 +54,30 @@ def test_the_block_uses_the_kernel_only_where_it_applies():
         def applies(*args):
             return False
 
+        ln_modulate_applies = applies
+
     kernels = Kernels()
     kernels.qk_kernel.module = Never
     qkv, cos, sin, a = check.inputs(1, 4, 2, 8, torch.float32)
     q, k = kernels.self_qk(qkv, a, 2, cos, sin)
     assert torch.equal(q, rms_rope(qkv[..., :16], a.norm_q.weight, a.norm_q.eps, 2, cos, sin))
     assert torch.equal(k, rms_rope(qkv[..., 16:32], a.norm_k.weight, a.norm_k.eps, 2, cos, sin))
+    kernels.ln_kernel.module = Never
+    x, scale1, shift = check.modulate_inputs(2, 5, 16, torch.float32)
+    assert torch.equal(kernels._modulate_kernel(modulate)(x, 1e-6, scale1, shift), modulate(x, 1e-6, scale1, shift))
 
 
 def test_the_kernel_is_used_only_when_configured():
-    """``DiTEngineConfig.qk_kernel`` (off by default): fusing the helpers attaches the Triton kernel only when on."""
+    """``DiTEngineConfig.norm_kernels`` (off by default): fusing the helpers attaches the Triton kernels only when on."""
     pytest.importorskip("triton")
     from omni_ray.config import DiTEngineConfig
     from omni_ray.dit.families import wan_kernels
     from omni_ray.dit.families.wan_block import Kernels
 
-    assert DiTEngineConfig.model_fields["qk_kernel"].default is False
+    assert DiTEngineConfig.model_fields["norm_kernels"].default is False
     off, on = Kernels(), Kernels()
-    on.use_qk_kernel = True
+    on.use_norm_kernels = True
     off.fuse()
     on.fuse()
-    assert off.qk_kernel.module is None and on.qk_kernel.module is wan_kernels
+    assert off.qk_kernel.module is None and off.ln_kernel.module is None
+    assert on.qk_kernel.module is wan_kernels and on.ln_kernel.module is wan_kernels

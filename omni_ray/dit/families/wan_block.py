@@ -6,11 +6,11 @@ and one k/v projection for the cross-attention (the block's own linears become v
 nothing is stored twice and the diffusers module still runs unchanged), RoPE on precomputed half-width cos / sin
 written as one ``stack`` instead of diffusers' strided stores, and ``fuse_elementwise()`` compiles the small
 helpers (layer norm + modulation, the cross-attention's fp32 layer norm, RMS norm + RoPE, gated residual) into
-fused kernels without compiling the GEMMs or the attention; with ``qk_kernel`` on, self-attention's q and k come
-from one Triton kernel (``wan_kernels.py``). Video tokens make every elementwise pass over ``[rows, 14k-33k,
-D]`` in fp32 cost real bandwidth: fusing them matters. The feed-forward's GELU stays a kernel of its own: in
-cuBLASLt's epilogue (as the Qwen-Image block runs it) the 14B shape's first GEMM lost more time than the GELU
-pass costs (docs/benchmarks.md, Wan).
+fused kernels without compiling the GEMMs or the attention; with ``norm_kernels`` on, self-attention's q and k
+(norm + RoPE) and the layer norm + modulation are Triton kernels (``wan_kernels.py``). Video tokens make every
+elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost real bandwidth: fusing them matters. The feed-
+forward's GELU stays a kernel of its own: in cuBLASLt's epilogue (as the Qwen-Image block runs it) the 14B
+shape's first GEMM lost more time than the GELU pass costs (docs/benchmarks.md, Wan).
 """
 
 from __future__ import annotations
@@ -82,18 +82,27 @@ class Kernels:
     def __init__(self):
         self.modulate, self.gated_residual, self.rms_rope = modulate, gated_residual, rms_rope
         self.layer_norm = layer_norm
-        self.qk_kernel = OptionalKernel("Wan self-attention q/k")  # fused: one Triton kernel (wan_kernels.py)
-        self.use_qk_kernel = False          # DiTEngineConfig.qk_kernel
+        # DiTEngineConfig.norm_kernels: the norms as Triton kernels (wan_kernels.py) when fused
+        self.use_norm_kernels = False
+        self.qk_kernel = OptionalKernel("Wan self-attention q/k")
+        self.ln_kernel = OptionalKernel("Wan layer norm + modulation", applies="ln_modulate_applies")
 
     def fuse(self) -> None:
-        if self.use_qk_kernel:
+        self.modulate = torch.compile(modulate)
+        if self.use_norm_kernels:
             import omni_ray.dit.families.wan_kernels as wan_kernels  # Triton: imported when used
 
-            self.qk_kernel.module = wan_kernels
-        self.modulate = torch.compile(modulate)
+            self.qk_kernel.module = self.ln_kernel.module = wan_kernels
+            self.modulate = self._modulate_kernel(self.modulate)
         self.layer_norm = torch.compile(layer_norm)
         self.gated_residual = torch.compile(gated_residual)
         self.rms_rope = torch.compile(rms_rope)
+
+    def _modulate_kernel(self, compiled):
+        def modulate_(x, eps, scale1, shift):
+            out = self.ln_kernel.call((x, scale1, shift), "ln_modulate", x, eps, scale1, shift)
+            return compiled(x, eps, scale1, shift) if out is None else out
+        return modulate_
 
     def self_qk(self, qkv: torch.Tensor, attn: nn.Module, heads: int, cos: torch.Tensor, sin: torch.Tensor):
         """Self-attention's q, k [B, N, H, d] from the fused projection qkv [B, N, 3 * H * d]: RMS norm

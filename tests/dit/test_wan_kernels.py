@@ -67,8 +67,8 @@ def test_the_block_uses_the_kernels_only_where_they_apply():
     assert torch.equal(kernels._modulate_kernel(modulate)(x, 1e-6, scale1, shift), modulate(x, 1e-6, scale1, shift))
 
 
-def test_the_kernel_is_used_only_when_configured():
-    """``DiTEngineConfig.norm_kernels`` (off by default): fusing the helpers attaches the Triton kernels only when on."""
+def test_the_kernels_are_used_only_when_configured():
+    """``DiTEngineConfig.norm_kernels`` (off by default): fused helpers get the Triton kernels only when it is on."""
     pytest.importorskip("triton")
     from omni_ray.config import DiTEngineConfig
     from omni_ray.dit.families import wan_kernels

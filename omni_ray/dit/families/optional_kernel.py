@@ -9,10 +9,10 @@ log = logging.getLogger(__name__)
 
 class OptionalKernel:
     """``OptionalKernel(what, applies="applies")``; ``module`` (set when the block's helpers are fused) has the
-    ``applies(*conds)`` function named and the kernel's entry points. ``call(conds, name, *args)`` returns the kernel's result, or None: not fused, a
-    call the kernel does not take, or a kernel that cannot compile or launch on this device. That last is
-    found on its first call (in the engine's warm-up, before any CUDA graph capture), and the block's compiled
-    helpers run from then on."""
+    ``applies(*conds)`` function named and the kernel's entry points. ``call(conds, name, *args)`` returns the
+    kernel's result, or None: not fused, a call the kernel does not take, or a kernel that cannot compile or
+    launch on this device. That last is found on its first call (in the engine's warm-up, before any CUDA graph
+    capture), and the block's compiled helpers run from then on."""
 
     def __init__(self, what: str, applies: str = "applies"):
         self.what, self.applies = what, applies

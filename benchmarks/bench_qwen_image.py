@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print where 8 concurrent requests' steps go, by kernel")
     ap.add_argument("--attention-backend", default="auto", help="the engine's attention_backend (auto: measured, "
                     "'split' among the candidates under a caption mask; cudnn: the single masked call)")
+    ap.add_argument("--norm-kernels", action="store_true",
+                    help="the blocks' layer norm + modulation as a Triton kernel (norm_kernels: true)")
     ap.add_argument("--caption-packing", action=argparse.BooleanOptionalAction, default=True,
                     help="the caption stream's GEMMs over real caption tokens only (caption_packing; "
                          "--no-caption-packing: every padded caption row)")
@@ -212,7 +214,8 @@ def main() -> None:
           f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
     cfg = DiTEngineConfig(model=ModelConfig(path="shape:qwen-image", dtype="bfloat16"), device="cuda",
                           max_batch_size=16, compile=a.compile, cuda_graphs=not a.no_graphs, max_pixels=1024 * 1024,
-                          attention_backend=a.attention_backend, caption_packing=a.caption_packing)
+                          attention_backend=a.attention_backend, caption_packing=a.caption_packing,
+                          norm_kernels=a.norm_kernels)
     engine = DiTEngine.from_components("QwenImagePipeline", comps, cfg)
     pipe = make_pipeline(comps) if on & {"latency", "static"} else None
     tcfg = dict(comps["transformer"].config)
@@ -233,6 +236,7 @@ def main() -> None:
     result["step_cache"] = bench_cache(engine, pos, neg, 512, steps, methods) if "cache" in on else []
     result["engine_stats"] = {k: v for k, v in engine.engine_stats().items() if isinstance(v, (int, float))}
     result["attention_backend"] = a.attention_backend
+    result["caption_packing"], result["norm_kernels"] = a.caption_packing, a.norm_kernels
     result["sdpa_timings_ms"] = [{"tokens": n, "masked": m, "picked": engine.family.sdpa.picked[(n, m)], **ms}
                                  for (n, m), ms in engine.family.sdpa.timings.items()]
 

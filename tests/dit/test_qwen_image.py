@@ -229,13 +229,14 @@ def test_edit_validates_the_image(edit):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("cache", [None, {"method": "fbcache", "threshold": 0.3},
                                    {"method": "teacache", "threshold": 0.5}])
-@pytest.mark.parametrize("packing", [False, True])
-def test_cuda_graphs_match_eager(cache, packing):
-    """Graph replays (captions padded to a bucket under a mask; with caption packing, the pack a graph input)
-    give the eager, unpacked engine's latents."""
+@pytest.mark.parametrize("packing,norm_kernels", [(False, False), (True, False), (True, True)])
+def test_cuda_graphs_match_eager(cache, packing, norm_kernels):
+    """Graph replays (captions padded to a bucket under a mask; with caption packing, the pack a graph input; with
+    the norm kernels, the layer norm + modulation in Triton) give the eager, unpacked engine's latents."""
     torch.backends.cuda.matmul.allow_tf32 = False
     engines = [DiTEngine(DiTEngineConfig(model=ModelConfig(path="tiny:qwen-image", dtype="float32"), device="cuda",
-                                         cuda_graphs=graphs, caption_packing=packing and graphs))
+                                         cuda_graphs=graphs, caption_packing=packing and graphs,
+                                         norm_kernels=norm_kernels and graphs))
                for graphs in (True, False)]
     engines[0].family.pack_multiple = 4             # the tiny captions are a few tokens: pack them at that scale
     g = torch.Generator().manual_seed(0)
@@ -252,6 +253,7 @@ def test_cuda_graphs_match_eager(cache, packing):
         outs.append([r.images[0] for r in reqs])
     graphs = engines[0].runner.graphs
     assert graphs.replays > 0 and any(io.pack is not None for io in graphs.ios.values()) == packing
+    assert engines[0].family.kernels.ln_kernel.ran == norm_kernels
     for a, b in zip(*outs):
         assert _rel(a, b) < 1e-3
 

@@ -90,6 +90,8 @@ class Kernels:
         self.merge = merge                  # split attention's log-sum-exp merge
         self.split = False                  # set per call by the family: run the caption mask's split attention
         self.qkv_kernel = OptionalKernel("Qwen-Image joint q/k/v")  # fused: one Triton kernel per stream
+        self.use_norm_kernels = False       # DiTEngineConfig.norm_kernels: layer norm + modulation in Triton when fused
+        self.ln_kernel = OptionalKernel("Qwen-Image layer norm + modulation", applies="ln_modulate_applies")
 
     def fuse(self) -> None:
         import omni_ray.dit.families.qwen_image_kernels as qwen_image_kernels  # Triton: imported when fused
@@ -100,6 +102,17 @@ class Kernels:
         self.gated_add_bias = torch.compile(gated_add_bias)
         self.joint_qk = torch.compile(joint_qk)
         self.merge = torch.compile(merge)
+        if self.use_norm_kernels:
+            import omni_ray.dit.families.ln_modulate_kernel as ln_modulate_kernel
+
+            self.ln_kernel.module = ln_modulate_kernel
+            self.ln_modulate = self._ln_modulate_kernel(self.ln_modulate)
+
+    def _ln_modulate_kernel(self, compiled):
+        def ln_modulate_(x, weight, bias, eps, scale1, shift):
+            out = self.ln_kernel.call((x, scale1, shift, weight, bias), "ln_modulate", x, eps, scale1, shift)
+            return compiled(x, weight, bias, eps, scale1, shift) if out is None else out
+        return ln_modulate_
 
     def fused_qkv(self, cqkv, qkv, attn, rope):
         """(q, k, v) [B, H, T + N, d] from the Triton kernel (CUDA tensors), or None (``OptionalKernel``)."""

@@ -7,10 +7,11 @@ nothing is stored twice and the diffusers module still runs unchanged), RoPE on 
 written as one ``stack`` instead of diffusers' strided stores, and ``fuse_elementwise()`` compiles the small
 helpers (layer norm + modulation, the cross-attention's fp32 layer norm, RMS norm + RoPE, gated residual) into
 fused kernels without compiling the GEMMs or the attention; with ``norm_kernels`` on, self-attention's q and k
-(norm + RoPE) and the layer norm + modulation are Triton kernels (``wan_kernels.py``). Video tokens make every
-elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost real bandwidth: fusing them matters. The feed-
-forward's GELU stays a kernel of its own: in cuBLASLt's epilogue (as the Qwen-Image block runs it) the 14B
-shape's first GEMM lost more time than the GELU pass costs (docs/benchmarks.md, Wan).
+(norm + RoPE) and the layer norm + modulation are Triton kernels (``wan_kernels.py``,
+``ln_modulate_kernel.py``). Video tokens make every elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost
+real bandwidth: fusing them matters. The feed- forward's GELU stays a kernel of its own: in cuBLASLt's epilogue
+(as the Qwen-Image block runs it) the 14B shape's first GEMM lost more time than the GELU pass costs
+(docs/benchmarks.md, Wan).
 """
 
 from __future__ import annotations
@@ -82,17 +83,18 @@ class Kernels:
     def __init__(self):
         self.modulate, self.gated_residual, self.rms_rope = modulate, gated_residual, rms_rope
         self.layer_norm = layer_norm
-        # DiTEngineConfig.norm_kernels: the norms as Triton kernels (wan_kernels.py) when fused
+        # DiTEngineConfig.norm_kernels: the norms as Triton kernels (wan_kernels.py, ln_modulate_kernel.py) when fused
         self.use_norm_kernels = False
         self.qk_kernel = OptionalKernel("Wan self-attention q/k")
         self.ln_kernel = OptionalKernel("Wan layer norm + modulation", applies="ln_modulate_applies")
 
     def fuse(self) -> None:
         self.modulate = torch.compile(modulate)
-        if self.use_norm_kernels:
-            import omni_ray.dit.families.wan_kernels as wan_kernels  # Triton: imported when used
+        if self.use_norm_kernels:           # Triton: imported when used
+            import omni_ray.dit.families.ln_modulate_kernel as ln_modulate_kernel
+            import omni_ray.dit.families.wan_kernels as wan_kernels
 
-            self.qk_kernel.module = self.ln_kernel.module = wan_kernels
+            self.qk_kernel.module, self.ln_kernel.module = wan_kernels, ln_modulate_kernel
             self.modulate = self._modulate_kernel(self.modulate)
         self.layer_norm = torch.compile(layer_norm)
         self.gated_residual = torch.compile(gated_residual)

@@ -1,19 +1,17 @@
-"""The Wan block's norms as Triton kernels (CUDA; ``DiTEngineConfig.norm_kernels``, off until timed on a GPU):
+"""Wan self-attention's q and k in one Triton kernel (CUDA; ``DiTEngineConfig.norm_kernels``, off until timed on a
+GPU; the layer norm + modulation kernel beside it: ``ln_modulate_kernel.py``):
 
-    qk_rms_rope:  the fused q/k/v projection [B, N, 3 * H * d]  ->  q, k [2, B, N, H, d] (each RMS-normed across
-                  all heads, then Wan's RoPE on pairs (2i, 2i + 1) of each head)
-    ln_modulate:  x [B, N, D]  ->  LayerNorm(x) * (1 + scale) + shift, the modulation [B, 1, D] fp32
+    the fused q/k/v projection [B, N, 3 * H * d]  ->  q, k [2, B, N, H, d] (each RMS-normed across all heads,
+                                                       then Wan's RoPE on pairs (2i, 2i + 1) of each head)
 
-They replace the block's compiled ``rms_rope`` (run once for q and once for k) and ``modulate`` helpers: Inductor's
-kernels for them ran at 0.2-1 TB/s on the 81-frame rows, and once the process has seen rows of another width they
-are recompiled with symbolic sizes (docs/benchmarks.md, Wan). One program per (token, batch row) reads the token's
-row once and writes it once, the row width a compile-time constant.
+It replaces the block's compiled ``rms_rope`` helper, run once for q and once for k: Inductor's kernels for it ran
+at 0.2-1 TB/s on the 81-frame rows, and once the process has seen rows of another width they are recompiled with
+symbolic sizes (docs/benchmarks.md, Wan). One program per (token, batch row) reads the token's q and k once and
+writes them once, the row width a compile-time constant.
 
-Numerics: ``qk_rms_rope`` follows ``wan_block.rms_rope`` (``F.rms_norm``'s decomposition, then the RoPE): the mean
-of squares in fp32, the row times its reciprocal RMS times the weight in fp32, rounded once to the activation
-dtype; the rotation in fp32 and one rounding at the end. ``ln_modulate`` follows ``wan_block.modulate``: the layer
-norm in fp32 (the variance from the centred row), the modulation in fp32, one rounding. ``applies`` /
-``ln_modulate_applies`` say when a kernel takes a call.
+Numerics follow ``wan_block.rms_rope`` (``F.rms_norm``'s decomposition, then the RoPE): the mean of squares in
+fp32, the row times its reciprocal RMS times the weight in fp32, rounded once to the activation dtype; the rotation
+in fp32 and one rounding at the end. ``applies`` says when the kernel takes a call.
 """
 
 from __future__ import annotations
@@ -76,37 +74,3 @@ def qk_rms_rope(qkv: torch.Tensor, norm_q, norm_k, heads: int, cos: torch.Tensor
     q, k = out.unflatten(3, (heads, -1))
     return q, k
 
-
-@triton.jit
-def _ln_modulate_kernel(X, s_xb, s_xn, SC, s_sc, SH, s_sh, OUT, n_tok, eps, D: tl.constexpr, BD: tl.constexpr):
-    t = tl.program_id(0)                       # a token
-    b = tl.program_id(1)                       # a batch row
-    c = tl.arange(0, BD)
-    m = c < D
-    x = tl.load(X + b * s_xb + t * s_xn + c, mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 0) / D
-    xc = tl.where(m, x - mean, 0.0)
-    h = xc * tl.rsqrt(tl.sum(xc * xc, 0) / D + eps)
-    sc = tl.load(SC + b * s_sc + c, mask=m, other=0.0)
-    sh = tl.load(SH + b * s_sh + c, mask=m, other=0.0)
-    tl.store(OUT + (b * n_tok + t) * D + c, (h * sc + sh).to(OUT.dtype.element_ty), mask=m)
-
-
-def ln_modulate_applies(x: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor) -> bool:
-    """The layer norm + modulation kernel's conditions: CUDA x [B, n, D] with contiguous rows, fp32 scale1 /
-    shift [B, 1, D] (or [1, 1, D]) with contiguous rows."""
-    return (x.is_cuda and x.dim() == 3 and x.stride(-1) == 1
-            and all(t.dtype == torch.float32 and t.dim() == 3 and t.shape[1] == 1 and t.shape[2] == x.shape[2]
-                    and t.shape[0] in (1, x.shape[0]) and t.stride(-1) == 1 for t in (scale1, shift)))
-
-
-def ln_modulate(x: torch.Tensor, eps: float, scale1: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``wan_block.modulate``: (LayerNorm(x) in fp32 * scale1 + shift) in x's dtype, [B, n, D] contiguous. The
-    mean and the variance of each row in fp32 (two passes over the row in registers), one rounding at the end."""
-    B, n, D = x.shape
-    out = torch.empty(B, n, D, dtype=x.dtype, device=x.device)
-    if B and n:
-        _ln_modulate_kernel[(n, B)](x, x.stride(0), x.stride(1), scale1, scale1.stride(0) if scale1.shape[0] > 1 else 0,
-                                    shift, shift.stride(0) if shift.shape[0] > 1 else 0, out, n, eps,
-                                    D=D, BD=triton.next_power_of_2(D), num_warps=8 if D > 2048 else 4)
-    return out

@@ -1,0 +1,52 @@
+"""The Triton layer norm + modulation kernel (omni_ray/dit/families/ln_modulate_kernel.py) against the helpers it
+replaces in Wan's and Qwen-Image's blocks: on the CPU through Triton's interpreter (a subprocess), on CUDA at the
+real models' widths; the Qwen-Image block uses it only when configured."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dit.conftest import run_interpreted
+
+CHECK = Path(__file__).with_name("ln_modulate_kernel_check.py")
+
+
+def test_interpreted_kernel_equals_the_eager_helpers():
+    out = run_interpreted(CHECK)
+    assert "torch.float32 modulation torch.float32" in out and "torch.bfloat16 modulation torch.bfloat16" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("width", [1536, 3072, 5120])          # Wan 1.3B, Qwen-Image, Wan 14B
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_kernel_equals_the_eager_helpers(width, dtype):
+    sys.path.insert(0, str(CHECK.parent))
+    import ln_modulate_kernel_check as check
+
+    from omni_ray.dit.families import ln_modulate_kernel
+
+    for mod_dtype in {torch.float32, dtype}:
+        x, scale1, shift = check.inputs(2, 333, width, dtype, mod_dtype, device="cuda")
+        assert ln_modulate_kernel.ln_modulate_applies(x, scale1, shift)
+        worst = check.diff(x, scale1, shift)
+        # bf16 against Qwen-Image's helper: it rounds after the norm, the product and the sum, the kernel once
+        bound = 1e-4 if dtype == torch.float32 else (2.0 if mod_dtype == torch.float32 else 3.0)
+        assert worst <= bound, (mod_dtype, worst)
+
+
+def test_qwen_image_block_uses_the_kernel_only_when_configured():
+    pytest.importorskip("triton")
+    from omni_ray.dit.families import ln_modulate_kernel
+    from omni_ray.dit.families.qwen_image_block import Kernels
+
+    off, on = Kernels(), Kernels()
+    on.use_norm_kernels = True
+    off.fuse()
+    on.fuse()
+    assert off.ln_kernel.module is None and on.ln_kernel.module is ln_modulate_kernel
+    assert not ln_modulate_kernel.ln_modulate_applies(torch.zeros(1, 2, 4), torch.ones(1, 1, 4), torch.zeros(1, 1, 4))

@@ -2,6 +2,9 @@
 --kernel-trace``): per stream, its kernels' count and device time, and their mean duration split by whether any
 other stream had a kernel running at the same time. A stream whose kernels take several times longer beside the
 others' than alone is slowed on the GPU by what runs beside it (SMs, memory bandwidth), not by its host thread.
+``busy_ms`` is the time its kernels cover (their union): below ``device_ms`` when the stream's own kernels overlap
+(programmatic dependent launch starts a kernel early, to wait on the device for the one before), where per-kernel
+durations include those waits; ``busy_beside_pct`` is the share of ``busy_ms`` with another stream's kernels running.
 
     python benchmarks/stream_overlap.py trace.json.gz      # a table per stream
 """
@@ -59,6 +62,9 @@ def overlap_table(trace: dict) -> list[dict]:
     rows = []
     for s, ks in sorted(per.items()):
         starts, ends = union([(a, b) for o, oks in per.items() if o != s for a, b, _ in oks])
+        own_starts, own_ends = union([(a, b) for a, b, _ in ks])
+        busy = sum(b - a for a, b in zip(own_starts, own_ends))
+        busy_beside = sum(covered(a, b, starts, ends) for a, b in zip(own_starts, own_ends))
         beside, alone = [], []
         for a, b, _ in ks:
             c = covered(a, b, starts, ends)
@@ -66,7 +72,8 @@ def overlap_table(trace: dict) -> list[dict]:
                 beside.append(b - a)
             elif c == 0.0:
                 alone.append(b - a)
-        rows.append(dict(stream=s, kernels=len(ks), device_ms=sum(b - a for a, b, _ in ks) / 1e3,
+        rows.append(dict(stream=s, kernels=len(ks), device_ms=sum(b - a for a, b, _ in ks) / 1e3, busy_ms=busy / 1e3,
+                         busy_beside_pct=100 * busy_beside / busy if busy else None,
                          first_ms=(ks[0][0] - t0) / 1e3, last_ms=(ks[-1][1] - t0) / 1e3,
                          beside=len(beside), beside_mean_us=sum(beside) / len(beside) if beside else None,
                          alone=len(alone), alone_mean_us=sum(alone) / len(alone) if alone else None))
@@ -83,5 +90,6 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks.common import table
 
-    print(table(overlap_table(load(sys.argv[1])), ["stream", "kernels", "device_ms", "first_ms", "last_ms", "beside",
-                                                   "beside_mean_us", "alone", "alone_mean_us"]))
+    print(table(overlap_table(load(sys.argv[1])), ["stream", "kernels", "device_ms", "busy_ms", "busy_beside_pct",
+                                                   "first_ms", "last_ms", "beside", "beside_mean_us", "alone",
+                                                   "alone_mean_us"]))

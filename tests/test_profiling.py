@@ -98,3 +98,11 @@ def test_stream_overlap_splits_kernels_beside_other_streams_from_alone(tmp_path)
     assert (s7["kernels"], s7["device_ms"], s7["first_ms"], s7["last_ms"]) == (3, 0.03, 0.0, 0.05)
     assert (s7["beside"], s7["beside_mean_us"], s7["alone"], s7["alone_mean_us"]) == (1, 10.0, 1, 10.0)  # 40-50: half
     assert (s9["beside"], s9["alone"], s9["alone_mean_us"]) == (0, 0, None)      # both kernels half beside stream 7
+    # busy: the union of a stream's kernels; stream 7 is busy 30 us, 15 of them beside stream 9 (20-30, 40-45)
+    assert s7["busy_ms"] == 0.03 and s7["busy_beside_pct"] == 50.0
+    # a stream whose kernels overlap each other (launched early, waiting on the device): busy below device time
+    trace["traceEvents"] += [k(11, 2000, 10), k(11, 2005, 10)]
+    with gzip.open(path, "wt") as f:
+        json.dump(trace, f)
+    s11 = {r["stream"]: r for r in overlap_table(load(path))}[11]
+    assert (s11["device_ms"], s11["busy_ms"], s11["busy_beside_pct"]) == (0.02, 0.015, 0.0)

@@ -8,7 +8,7 @@ import torch
 
 from omni_ray.dit.families import ln_modulate_kernel
 from omni_ray.dit.families.pixart_block import ln_modulate
-from omni_ray.dit.families.wan_block import modulate
+from omni_ray.dit.families.wan_block import layer_norm, modulate
 
 
 def ulps(x, r):
@@ -37,6 +37,17 @@ def diff(x, scale1, shift, eps=1e-6):
     return ulps(out, ref)
 
 
+def affine_diff(x, eps=1e-5):
+    """The kernel as Wan's cross-attention layer norm (``FP32LayerNorm`` with weight and bias): the weight and the
+    bias (the activations' dtype) as one modulation row in fp32."""
+    g = torch.Generator().manual_seed(3)
+    D = x.shape[-1]
+    w = (torch.rand(D, generator=g) + 0.5).to(x.dtype).to(x.device)
+    b = torch.randn(D, generator=g).to(x.dtype).to(x.device)
+    out = ln_modulate_kernel.ln_modulate(x, eps, w.float().view(1, 1, -1), b.float().view(1, 1, -1))
+    return ulps(out, layer_norm(x, w, b, eps))
+
+
 if __name__ == "__main__":
     worst = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -45,5 +56,8 @@ if __name__ == "__main__":
                 d = diff(*inputs(2, 5, 40, dtype, mod_dtype, shared_rows=shared))
                 worst[dtype] = max(worst.get(dtype, 0.0), d)
                 print(f"{dtype} modulation {mod_dtype} shared={shared} {d:.3g}")
+        d = affine_diff(inputs(2, 5, 40, dtype)[0])
+        worst[dtype] = max(worst[dtype], d)
+        print(f"{dtype} affine layer norm {d:.3g}")
     # the interpreter rounds bf16 by truncation (see qwen_image_kernel_check.py): a loose bound there
     sys.exit(0 if worst[torch.float32] <= 1e-5 and worst[torch.bfloat16] <= 8.0 else 1)

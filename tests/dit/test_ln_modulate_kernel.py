@@ -18,6 +18,7 @@ CHECK = Path(__file__).with_name("ln_modulate_kernel_check.py")
 def test_interpreted_kernel_equals_the_eager_helpers():
     out = run_interpreted(CHECK)
     assert "torch.float32 modulation torch.float32" in out and "torch.bfloat16 modulation torch.bfloat16" in out
+    assert "torch.bfloat16 affine layer norm" in out
 
 
 @pytest.mark.gpu
@@ -37,6 +38,7 @@ def test_cuda_kernel_equals_the_eager_helpers(width, dtype):
         # bf16 against Qwen-Image's helper: it rounds after the norm, the product and the sum, the kernel once
         bound = 1e-4 if dtype == torch.float32 else (2.0 if mod_dtype == torch.float32 else 3.0)
         assert worst <= bound, (mod_dtype, worst)
+    assert check.affine_diff(x) <= (1e-4 if dtype == torch.float32 else 2.0)      # Wan's cross-attention norm
 
 
 def test_qwen_image_block_uses_the_kernel_only_when_configured():

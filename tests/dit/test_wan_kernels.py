@@ -38,7 +38,7 @@ def test_cuda_kernel_equals_the_eager_helper(heads, dtype):
 
 def test_the_block_uses_the_kernels_only_where_they_apply():
     """A call a kernel does not take: the helpers' path, the same q / k as ``rms_rope``, the same modulation."""
-    from omni_ray.dit.families.wan_block import Kernels, modulate, rms_rope
+    from omni_ray.dit.families.wan_block import Kernels, layer_norm, modulate, rms_rope
 
     sys.path.insert(0, str(CHECK.parent))
     import wan_kernel_check as check
@@ -63,6 +63,9 @@ def test_the_block_uses_the_kernels_only_where_they_apply():
 
     x, scale1, shift = ln_modulate_kernel_check.inputs(2, 5, 16, torch.float32)
     assert torch.equal(kernels._modulate_kernel(modulate)(x, 1e-6, scale1, shift), modulate(x, 1e-6, scale1, shift))
+    w, b = torch.rand(16) + 0.5, torch.randn(16)
+    for args in ((w, b), (None, None)):              # the kernel not taking it; a norm without weight and bias
+        assert torch.equal(kernels._layer_norm_kernel(layer_norm)(x, *args, 1e-5), layer_norm(x, *args, 1e-5))
 
 
 def test_the_kernels_are_used_only_when_configured():

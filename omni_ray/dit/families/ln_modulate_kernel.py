@@ -3,7 +3,8 @@ until timed on a GPU), for the DiT blocks' adaptive norms:
 
     x [B, N, D]  ->  LayerNorm(x) * scale1 + shift, scale1 / shift [B, 1, D] (one row per batch row, or one for all)
 
-It replaces the blocks' compiled layer norm + modulation helpers (Wan's ``modulate``, Qwen-Image's ``ln_modulate``):
+It replaces the blocks' compiled layer norm + modulation helpers (Wan's ``modulate``, Qwen-Image's ``ln_modulate``;
+and Wan's cross-attention ``layer_norm``, its weight and bias as the one modulation row):
 one program per (token, batch row) reads the token's row once and writes it once, the row width a compile-time
 constant whatever other shapes the process has seen (Inductor's reductions recompile with symbolic sizes once a
 process has seen another width: docs/benchmarks.md, Wan). Numerics: Wan's ``modulate`` (the layer norm and the

@@ -96,6 +96,7 @@ class Kernels:
 
             self.qk_kernel.module, self.ln_kernel.module = wan_kernels, ln_modulate_kernel
             self.modulate = self._modulate_kernel(self.modulate)
+            self.layer_norm = self._layer_norm_kernel(self.layer_norm)
         self.layer_norm = torch.compile(layer_norm)
         self.gated_residual = torch.compile(gated_residual)
         self.rms_rope = torch.compile(rms_rope)
@@ -105,6 +106,16 @@ class Kernels:
             out = self.ln_kernel.call((x, scale1, shift), "ln_modulate", x, eps, scale1, shift)
             return compiled(x, eps, scale1, shift) if out is None else out
         return modulate_
+
+    def _layer_norm_kernel(self, compiled):
+        def layer_norm_(x, weight, bias, eps):       # LayerNorm(x) * weight + bias: the modulation kernel's math
+            if weight is not None and bias is not None:
+                w, b = weight.float().view(1, 1, -1), bias.float().view(1, 1, -1)
+                out = self.ln_kernel.call((x, w, b), "ln_modulate", x, eps, w, b)
+                if out is not None:
+                    return out
+            return compiled(x, weight, bias, eps)
+        return layer_norm_
 
     def self_qk(self, qkv: torch.Tensor, attn: nn.Module, heads: int, cos: torch.Tensor, sin: torch.Tensor):
         """Self-attention's q, k [B, N, H, d] from the fused projection qkv [B, N, 3 * H * d]: RMS norm

@@ -302,8 +302,7 @@ class DiTEngineConfig(Strict):
     norm_kernels: bool = Field(False, description="Wan and Qwen-Image on CUDA, with fuse_elementwise: the blocks' "
                                "norms as Triton kernels in place of the compiled helpers (layer norm + modulation; "
                                "Wan's cross-attention layer norm and self-attention q / k RMS norm + RoPE; tested on "
-                               "the CPU through Triton's "
-                               "interpreter, not yet run on a GPU)")
+                               "the CPU through Triton's interpreter, not yet run on a GPU)")
     parallel: DiTParallelConfig = DiTParallelConfig()
     fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "
                                    "helpers (layer norm + modulation, gated residual) into fused kernels")

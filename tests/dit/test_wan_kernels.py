@@ -82,3 +82,6 @@ def test_the_kernels_are_used_only_when_configured():
     on.fuse()
     assert off.qk_kernel.module is None and off.ln_kernel.module is None
     assert on.qk_kernel.module is wan_kernels and on.ln_kernel.module is ln_modulate_kernel
+    # both norms that the layer norm kernel serves go through it (wrapping the compiled helpers)
+    assert on.modulate.__name__ == "modulate_" and on.layer_norm.__name__ == "layer_norm_"
+    assert off.modulate.__name__ != "modulate_" and off.layer_norm.__name__ != "layer_norm_"

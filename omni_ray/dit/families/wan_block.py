@@ -9,7 +9,7 @@ helpers (layer norm + modulation, the cross-attention's fp32 layer norm, RMS nor
 fused kernels without compiling the GEMMs or the attention; with ``norm_kernels`` on, self-attention's q and k
 (norm + RoPE) and the layer norm + modulation are Triton kernels (``wan_kernels.py``,
 ``ln_modulate_kernel.py``). Video tokens make every elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost
-real bandwidth: fusing them matters. The feed- forward's GELU stays a kernel of its own: in cuBLASLt's epilogue
+real bandwidth: fusing them matters. The feed-forward's GELU stays a kernel of its own: in cuBLASLt's epilogue
 (as the Qwen-Image block runs it) the 14B shape's first GEMM lost more time than the GELU pass costs
 (docs/benchmarks.md, Wan).
 """
@@ -90,16 +90,16 @@ class Kernels:
 
     def fuse(self) -> None:
         self.modulate = torch.compile(modulate)
-        if self.use_norm_kernels:           # Triton: imported when used
+        self.layer_norm = torch.compile(layer_norm)
+        self.gated_residual = torch.compile(gated_residual)
+        self.rms_rope = torch.compile(rms_rope)
+        if self.use_norm_kernels:           # Triton: imported when used; the compiled helpers where they do not apply
             import omni_ray.dit.families.ln_modulate_kernel as ln_modulate_kernel
             import omni_ray.dit.families.wan_kernels as wan_kernels
 
             self.qk_kernel.module, self.ln_kernel.module = wan_kernels, ln_modulate_kernel
             self.modulate = self._modulate_kernel(self.modulate)
             self.layer_norm = self._layer_norm_kernel(self.layer_norm)
-        self.layer_norm = torch.compile(layer_norm)
-        self.gated_residual = torch.compile(gated_residual)
-        self.rms_rope = torch.compile(rms_rope)
 
     def _modulate_kernel(self, compiled):
         def modulate_(x, eps, scale1, shift):

@@ -52,3 +52,22 @@ def test_qwen_image_block_uses_the_kernel_only_when_configured():
     on.fuse()
     assert off.ln_kernel.module is None and on.ln_kernel.module is ln_modulate_kernel
     assert not ln_modulate_kernel.ln_modulate_applies(torch.zeros(1, 2, 4), torch.ones(1, 1, 4), torch.zeros(1, 1, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_offsets_past_2_31_elements():
+    """A batch of video rows holds more than 2^31 elements (4 videos of 81 frames at the 14B width: 8 rows x 32,760
+    tokens x 5,120): the last row's last tokens come out right (the kernel's offsets are 64-bit)."""
+    from omni_ray.dit.families import ln_modulate_kernel
+    from omni_ray.dit.families.wan_block import modulate
+
+    B, N, D = 2, (2**31) // 5120 // 2 + 64, 5120                 # the second row ends past 2^31
+    x = torch.empty(B, N, D, dtype=torch.bfloat16, device="cuda")
+    x[1, -8:] = torch.randn(8, D, device="cuda").to(torch.bfloat16)
+    scale1 = 1 + 0.1 * torch.randn(B, 1, D, device="cuda")
+    shift = torch.randn(B, 1, D, device="cuda")
+    out = ln_modulate_kernel.ln_modulate(x, 1e-6, scale1, shift)
+    ref = modulate(x[1:, -8:], 1e-6, scale1[1:], shift[1:])
+    assert B * N * D > 2**31
+    assert (out[1:, -8:].float() - ref.float()).abs().max() <= 2 * 2.0 ** -7 * ref.float().abs().max()

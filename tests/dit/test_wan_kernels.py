@@ -85,3 +85,30 @@ def test_the_kernels_are_used_only_when_configured():
     # both norms that the layer norm kernel serves go through it (wrapping the compiled helpers)
     assert on.modulate.__name__ == "modulate_" and on.layer_norm.__name__ == "layer_norm_"
     assert off.modulate.__name__ != "modulate_" and off.layer_norm.__name__ != "layer_norm_"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_offsets_past_2_31_elements():
+    """The fused projection of a large video batch holds more than 2^31 elements: the last row's last tokens come
+    out right (the kernel's offsets are 64-bit)."""
+    sys.path.insert(0, str(CHECK.parent))
+    import wan_kernel_check as check
+
+    from omni_ray.dit.families import wan_kernels
+    from omni_ray.dit.families.wan_block import rms_rope
+
+    heads, d = 40, 128
+    D = heads * d
+    B, N = 2, (2**31) // (3 * D) + 64                          # the second row starts past 2^31
+    qkv = torch.empty(B, N, 3 * D, dtype=torch.bfloat16, device="cuda")
+    qkv[1, -8:] = torch.randn(8, 3 * D, device="cuda").to(torch.bfloat16)
+    ang = torch.rand(N, d // 2, device="cuda") * 6
+    a = check.Attn(D, torch.bfloat16).cuda()
+    q, k = wan_kernels.qk_rms_rope(qkv, a.norm_q, a.norm_k, heads, ang.cos(), ang.sin())
+    tail = qkv[1:, -8:]
+    rq = rms_rope(tail[..., :D], a.norm_q.weight, a.norm_q.eps, heads, ang.cos()[-8:], ang.sin()[-8:])
+    rk = rms_rope(tail[..., D:2 * D], a.norm_k.weight, a.norm_k.eps, heads, ang.cos()[-8:], ang.sin()[-8:])
+    assert B * N * 3 * D > 2**31
+    for x, r in ((q[1:, -8:], rq), (k[1:, -8:], rk)):
+        assert (x.float() - r.float()).abs().max() <= 2 * 2.0 ** -7 * r.float().abs().max()

@@ -21,8 +21,8 @@ import triton.language as tl
 
 @triton.jit
 def _ln_modulate_kernel(X, s_xb, s_xn, SC, s_sc, SH, s_sh, OUT, n_tok, eps, D: tl.constexpr, BD: tl.constexpr):
-    t = tl.program_id(0)                       # a token
-    b = tl.program_id(1)                       # a batch row
+    t = tl.program_id(0).to(tl.int64)          # a token (offsets in int64: a video batch passes 2^31 elements)
+    b = tl.program_id(1).to(tl.int64)          # a batch row
     c = tl.arange(0, BD)
     m = c < D
     x = tl.load(X + b * s_xb + t * s_xn + c, mask=m, other=0.0).to(tl.float32)

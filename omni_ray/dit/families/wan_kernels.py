@@ -38,8 +38,8 @@ def _norm_rope_row(src, W, eps, cos, sin, dst, D: tl.constexpr, BD: tl.constexpr
 @triton.jit
 def _qk_kernel(SRC, s_b, s_n, QW, KW, COS, SIN, OUT, o_2, o_b, q_eps, k_eps,
                D: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr):
-    t = tl.program_id(0)                       # a token
-    b = tl.program_id(1)                       # a batch row
+    t = tl.program_id(0).to(tl.int64)          # a token (offsets in int64: a video batch passes 2^31 elements)
+    b = tl.program_id(1).to(tl.int64)          # a batch row
     p = tl.arange(0, BD // 2)                  # pairs across the row; each head's pairs use the same angles
     pm = p < D // 2
     cos = tl.load(COS + t * HALF + p % HALF, mask=pm, other=0.0)

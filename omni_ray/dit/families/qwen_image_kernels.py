@@ -37,8 +37,8 @@ def _norm_rope(x, W, eps, cos, sin, BH: tl.constexpr, D: tl.constexpr, HAS_W: tl
 @triton.jit
 def _joint_qkv_kernel(SRC, s_b, s_t, QW, KW, COS, SIN, OUT, o_3, o_b, offset, q_eps, k_eps,
                       H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, HAS_W: tl.constexpr):
-    t = tl.program_id(0)                       # a token of this stream
-    b = tl.program_id(1)                       # a batch row
+    t = tl.program_id(0).to(tl.int64)          # a token of this stream (64-bit offsets: large batches of big
+    b = tl.program_id(1).to(tl.int64)          # images pass 2^31 elements); a batch row
     rows = tl.arange(0, BH)[:, None]           # heads (padded to a power of two)
     cols = tl.arange(0, D)[None, :]
     m = rows < H

@@ -112,3 +112,19 @@ def test_cuda_offsets_past_2_31_elements():
     assert B * N * 3 * D > 2**31
     for x, r in ((q[1:, -8:], rq), (k[1:, -8:], rk)):
         assert (x.float() - r.float()).abs().max() <= 2 * 2.0 ** -7 * r.float().abs().max()
+
+
+def test_applies_only_to_what_the_kernel_takes():
+    """No RoPE tables, a head dim that is not a power of two, CPU tensors: the compiled helpers' calls."""
+    sys.path.insert(0, str(CHECK.parent))
+    import wan_kernel_check as check
+
+    from omni_ray.dit.families import wan_kernels
+
+    qkv, cos, sin, a = check.inputs(1, 4, 2, 8, torch.float32)
+    assert not wan_kernels.applies(qkv, a.norm_q, a.norm_k, cos)                  # on the CPU
+    assert not wan_kernels.applies(qkv, a.norm_q, a.norm_k, None)
+    if torch.cuda.is_available():
+        qkv, cos, sin, a = check.inputs(1, 4, 2, 8, torch.float32, device="cuda")
+        assert wan_kernels.applies(qkv, a.norm_q, a.norm_k, cos)
+        assert not wan_kernels.applies(qkv[..., :-6], a.norm_q, a.norm_k, cos[:, :3])  # head dim 6

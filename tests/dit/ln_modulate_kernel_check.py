@@ -39,12 +39,12 @@ def diff(x, scale1, shift, eps=1e-6):
 
 def affine_diff(x, eps=1e-5):
     """The kernel as Wan's cross-attention layer norm (``FP32LayerNorm`` with weight and bias): the weight and the
-    bias (the activations' dtype) as one modulation row in fp32."""
+    bias (the activations' dtype, read in fp32) as the one modulation row."""
     g = torch.Generator().manual_seed(3)
     D = x.shape[-1]
     w = (torch.rand(D, generator=g) + 0.5).to(x.dtype).to(x.device)
     b = torch.randn(D, generator=g).to(x.dtype).to(x.device)
-    out = ln_modulate_kernel.ln_modulate(x, eps, w.float().view(1, 1, -1), b.float().view(1, 1, -1))
+    out = ln_modulate_kernel.ln_modulate(x, eps, w.view(1, 1, -1), b.view(1, 1, -1))      # as the Wan block does
     return ulps(out, layer_norm(x, w, b, eps))
 
 

@@ -109,8 +109,8 @@ class Kernels:
 
     def _layer_norm_kernel(self, compiled):
         def layer_norm_(x, weight, bias, eps):       # LayerNorm(x) * weight + bias: the modulation kernel's math
-            if weight is not None and bias is not None:
-                w, b = weight.float().view(1, 1, -1), bias.float().view(1, 1, -1)
+            if weight is not None and bias is not None:  # (the kernel reads them in fp32: no cast per call)
+                w, b = weight.view(1, 1, -1), bias.view(1, 1, -1)
                 out = self.ln_kernel.call((x, w, b), "ln_modulate", x, eps, w, b)
                 if out is not None:
                     return out
@@ -121,7 +121,7 @@ class Kernels:
         """Self-attention's q, k [B, N, H, d] from the fused projection qkv [B, N, 3 * H * d]: RMS norm
         across heads, then RoPE (the Triton kernel on CUDA when fused, else ``rms_rope`` twice)."""
         qk = self.qk_kernel.call((qkv, attn.norm_q, attn.norm_k, cos), "qk_rms_rope", qkv, attn.norm_q,
-                                 attn.norm_k, heads, cos, sin) if qkv.is_cuda else None
+                                 attn.norm_k, heads, cos, sin)
         if qk is not None:
             return qk
         q, k, _ = qkv.chunk(3, dim=-1)

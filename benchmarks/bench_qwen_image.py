@@ -189,8 +189,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print where 8 concurrent requests' steps go, by kernel")
     ap.add_argument("--attention-backend", default="auto", help="the engine's attention_backend (auto: measured, "
                     "'split' among the candidates under a caption mask; cudnn: the single masked call)")
-    ap.add_argument("--norm-kernels", action="store_true",
-                    help="the blocks' layer norm + modulation as a Triton kernel (norm_kernels: true)")
+    ap.add_argument("--norm-kernels", action=argparse.BooleanOptionalAction, default=True,
+                    help="the blocks' layer norm + modulation as a Triton kernel (norm_kernels; --no-norm-kernels: "
+                         "the compiled helper)")
     ap.add_argument("--caption-packing", action=argparse.BooleanOptionalAction, default=True,
                     help="the caption stream's GEMMs over real caption tokens only (caption_packing; "
                          "--no-caption-packing: every padded caption row)")

@@ -265,8 +265,8 @@ def main() -> None:
                     help="the engine decodes with diffusers' VAE modules (vae_lean_decoder: false); by default its "
                          "lean decoder, diffusers keeping its own copy of the VAE as loaded")
     ap.add_argument("--no-graphs", action="store_true", help="run the engine's blocks without CUDA graphs")
-    ap.add_argument("--norm-kernels", action="store_true",
-                    help="the blocks' norms as Triton kernels (norm_kernels: true)")
+    ap.add_argument("--norm-kernels", action=argparse.BooleanOptionalAction, default=True,
+                    help="the blocks' norms as Triton kernels (norm_kernels; --no-norm-kernels: the compiled helpers)")
     ap.add_argument("--videos", type=int, default=4, help="videos at once in the concurrent section (default 4)")
     ap.add_argument("--concurrent-steps", type=int, default=None,
                     help="steps of the concurrent section's runs (default: --steps; its TFLOP/s does not depend on it)")

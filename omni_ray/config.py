@@ -299,10 +299,10 @@ class DiTEngineConfig(Strict):
                                    "inside cuDNN (the VAE's modules changed in place; its speed and its difference "
                                    "from diffusers' frames: docs/benchmarks.md, Wan); off: diffusers' modules as "
                                    "loaded")
-    norm_kernels: bool = Field(False, description="Wan and Qwen-Image on CUDA, with fuse_elementwise: the blocks' "
+    norm_kernels: bool = Field(True, description="Wan and Qwen-Image on CUDA, with fuse_elementwise: the blocks' "
                                "norms as Triton kernels in place of the compiled helpers (layer norm + modulation; "
-                               "Wan's cross-attention layer norm and self-attention q / k RMS norm + RoPE; tested on "
-                               "the CPU through Triton's interpreter, not yet run on a GPU)")
+                               "Wan's cross-attention layer norm and self-attention q / k RMS norm + RoPE); off: "
+                               "the compiled helpers (their speed against the kernels: docs/benchmarks.md)")
     parallel: DiTParallelConfig = DiTParallelConfig()
     fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "
                                    "helpers (layer norm + modulation, gated residual) into fused kernels")

@@ -1,5 +1,5 @@
-"""Layer norm (no weight, no bias) + modulation in one Triton kernel (CUDA; ``DiTEngineConfig.norm_kernels``, off
-until timed on a GPU), for the DiT blocks' adaptive norms:
+"""Layer norm (no weight, no bias) + modulation in one Triton kernel (CUDA; ``DiTEngineConfig.norm_kernels``, on by
+default), for the DiT blocks' adaptive norms:
 
     x [B, N, D]  ->  LayerNorm(x) * scale1 + shift, scale1 / shift [B, 1, D] (one row per batch row, or one for all)
 

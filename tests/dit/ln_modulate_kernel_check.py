@@ -8,7 +8,7 @@ import torch
 
 from omni_ray.dit.families import ln_modulate_kernel
 from omni_ray.dit.families.pixart_block import ln_modulate
-from omni_ray.dit.families.wan_block import layer_norm, modulate
+from omni_ray.dit.families.wan_block import gated_residual, layer_norm, modulate
 
 
 def ulps(x, r):
@@ -48,6 +48,18 @@ def affine_diff(x, eps=1e-5):
     return ulps(out, layer_norm(x, w, b, eps))
 
 
+def add_diff(x, scale1, shift, gated: bool, eps=1e-6):
+    """``add_ln_modulate`` against the helpers it stands for: Wan's gated residual (fp32 gate), or a plain add,
+    then Wan's ``modulate``; the new residual and the norm each."""
+    g = torch.Generator().manual_seed(4)
+    y = (torch.randn(x.shape, generator=g) * 3).to(x.dtype).to(x.device)
+    gate = (torch.randn(scale1.shape, generator=g)).to(x.device) if gated else None
+    r, out = ln_modulate_kernel.add_ln_modulate(x, y, gate, eps, scale1, shift)
+    ref_r = gated_residual(x, y, gate) if gated else x + y
+    assert r.shape == out.shape == x.shape and r.dtype == out.dtype == x.dtype
+    return max(ulps(r, ref_r), ulps(out, modulate(ref_r, eps, scale1, shift)))
+
+
 if __name__ == "__main__":
     worst = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -59,5 +71,9 @@ if __name__ == "__main__":
         d = affine_diff(inputs(2, 5, 40, dtype)[0])
         worst[dtype] = max(worst[dtype], d)
         print(f"{dtype} affine layer norm {d:.3g}")
+        for gated in (True, False):            # the residual before the norm: gated (fp32 gate) or a plain add
+            d = add_diff(*inputs(2, 5, 40, dtype), gated=gated)
+            worst[dtype] = max(worst[dtype], d)
+            print(f"{dtype} residual (gated={gated}) + norm {d:.3g}")
     # the interpreter rounds bf16 by truncation (see qwen_image_kernel_check.py): a loose bound there
     sys.exit(0 if worst[torch.float32] <= 1e-5 and worst[torch.bfloat16] <= 8.0 else 1)

@@ -19,6 +19,7 @@ def test_interpreted_kernel_equals_the_eager_helpers():
     out = run_interpreted(CHECK)
     assert "torch.float32 modulation torch.float32" in out and "torch.bfloat16 modulation torch.bfloat16" in out
     assert "torch.bfloat16 affine layer norm" in out
+    assert "torch.float32 residual (gated=True) + norm" in out and "torch.bfloat16 residual (gated=False) + norm" in out
 
 
 @pytest.mark.gpu
@@ -39,6 +40,9 @@ def test_cuda_kernel_equals_the_eager_helpers(width, dtype):
         bound = 1e-4 if dtype == torch.float32 else (2.0 if mod_dtype == torch.float32 else 3.0)
         assert worst <= bound, (mod_dtype, worst)
     assert check.affine_diff(x) <= (1e-4 if dtype == torch.float32 else 2.0)      # Wan's cross-attention norm
+    x, scale1, shift = check.inputs(2, 333, width, dtype, device="cuda")
+    for gated in (True, False):                      # a residual, then the norm: Wan's two places
+        assert check.add_diff(x, scale1, shift, gated) <= (1e-4 if dtype == torch.float32 else 2.0), gated
 
 
 def test_qwen_image_block_uses_the_kernel_only_when_configured():

@@ -33,7 +33,7 @@ def test_graphs_and_sdpa_choice_match_eager(model, norm_kernels):
         outs.append([r.images[0] for r in reqs])
     assert fast.runner.graphs.replays > 0 and fast.family.sdpa.picked
     kernels = fast.family.kernels                              # the Triton kernels ran (graphed) when asked
-    assert kernels.qk_kernel.ran == kernels.ln_kernel.ran == norm_kernels
+    assert kernels.qk_kernel.ran == kernels.ln_kernel.ran == kernels.add_ln_kernel.ran == norm_kernels
     for a, b in zip(*outs):
         assert rel_diff(a, b) < 1e-3
 

@@ -21,7 +21,7 @@ def cuda_engine(model="tiny:wan2.1-t2v", dtype="float32", **kw):
 @pytest.mark.parametrize("model", ["tiny:wan2.1-t2v", "tiny:wan2.2-t2v"])
 def test_graphs_and_sdpa_choice_match_eager(model, norm_kernels):
     torch.backends.cuda.matmul.allow_tf32 = False
-    fast = cuda_engine(model, norm_kernels=norm_kernels)
+    fast = cuda_engine(model, norm_kernels=norm_kernels, residual_norm_kernel=norm_kernels)
     eager = cuda_engine(model, cuda_graphs=False, attention_backend="math")
     params = [DiffusionParams(height=32, width=48, num_frames=n, num_inference_steps=s, seed=i)
               for i, (n, s) in enumerate(((5, 4), (5, 3), (9, 4)))]

@@ -87,8 +87,13 @@ def test_the_kernels_are_used_only_when_configured():
     off.fuse()
     on.fuse()
     assert off.qk_kernel.module is None and off.ln_kernel.module is None
-    assert on.qk_kernel.module is wan_kernels and on.ln_kernel.module is on.add_ln_kernel.module is ln_modulate_kernel
-    assert off.add_ln_kernel.module is None
+    assert on.qk_kernel.module is wan_kernels and on.ln_kernel.module is ln_modulate_kernel
+    assert off.add_ln_kernel.module is None and on.add_ln_kernel.module is None   # residual_norm_kernel: off
+    assert DiTEngineConfig.model_fields["residual_norm_kernel"].default is False
+    both = Kernels()
+    both.use_norm_kernels = both.use_residual_norm = True
+    both.fuse()
+    assert both.add_ln_kernel.module is ln_modulate_kernel
     # both norms that the layer norm kernel serves go through it (wrapping the compiled helpers)
     assert on.modulate.__name__ == "modulate_" and on.layer_norm.__name__ == "layer_norm_"
     assert off.modulate.__name__ != "modulate_" and off.layer_norm.__name__ != "layer_norm_"

@@ -8,7 +8,8 @@ written as one ``stack`` instead of diffusers' strided stores, and ``fuse_elemen
 helpers (layer norm + modulation, the cross-attention's fp32 layer norm, RMS norm + RoPE, gated residual) into
 fused kernels without compiling the GEMMs or the attention; with ``norm_kernels`` on, self-attention's q and k
 (norm + RoPE) and the layer norm + modulation are Triton kernels (``wan_kernels.py``,
-``ln_modulate_kernel.py``). Video tokens make every elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost
+``ln_modulate_kernel.py``), and with ``residual_norm_kernel`` too the residual before a norm goes into the norm's
+kernel (``add_ln_modulate``). Video tokens make every elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost
 real bandwidth: fusing them matters. The feed-forward's GELU stays a kernel of its own: in cuBLASLt's epilogue
 (as the Qwen-Image block runs it) the 14B shape's first GEMM lost more time than the GELU pass costs
 (docs/benchmarks.md, Wan).
@@ -85,6 +86,7 @@ class Kernels:
         self.layer_norm = layer_norm
         # DiTEngineConfig.norm_kernels: the norms as Triton kernels (wan_kernels.py, ln_modulate_kernel.py) when fused
         self.use_norm_kernels = False
+        self.use_residual_norm = False      # DiTEngineConfig.residual_norm_kernel: a residual + the next norm
         self.qk_kernel = OptionalKernel("Wan self-attention q/k")
         self.ln_kernel = OptionalKernel("Wan layer norm + modulation", applies="ln_modulate_applies")
         self.add_ln_kernel = OptionalKernel("Wan residual + layer norm", applies="add_ln_modulate_applies")
@@ -99,7 +101,8 @@ class Kernels:
             import omni_ray.dit.families.wan_kernels as wan_kernels
 
             self.qk_kernel.module, self.ln_kernel.module = wan_kernels, ln_modulate_kernel
-            self.add_ln_kernel.module = ln_modulate_kernel
+            if self.use_residual_norm:
+                self.add_ln_kernel.module = ln_modulate_kernel
             self.modulate = self._modulate_kernel(self.modulate)
             self.layer_norm = self._layer_norm_kernel(self.layer_norm)
 

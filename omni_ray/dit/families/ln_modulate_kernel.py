@@ -13,9 +13,11 @@ sum) it differs by those roundings.
 
 ``add_ln_modulate`` also takes the residual before the norm, where a block adds a branch's output and then
 normalizes the sum (Wan: self-attention's gated residual, then the cross-attention's layer norm; the
-cross-attention's residual, then the feed-forward's modulated norm):
+cross-attention's residual, then the feed-forward's modulated norm; Qwen-Image: the image stream's attention
+residual, then its MLP's modulated norm):
 
-    x, y [B, N, D], gate [B, 1, D] or None  ->  r = x + y * gate, LayerNorm(r) * scale1 + shift
+    x, y [B, N, D], gate [B, 1, D] or None, bias [D] or None  ->  r = x + (y + bias) * gate,
+                                                                  LayerNorm(r) * scale1 + shift
 
 one pass that reads x and y and writes both, instead of a residual kernel and a norm kernel that reads r again.
 """
@@ -50,14 +52,16 @@ def _ln_modulate_kernel(X, s_xb, s_xn, SC, s_sc, SH, s_sh, OUT, n_tok, eps, D: t
 
 
 @triton.jit
-def _add_ln_modulate_kernel(X, s_xb, s_xn, Y, s_yb, s_yn, G, s_g, SC, s_sc, SH, s_sh, XOUT, OUT, n_tok, eps,
-                            D: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr):
+def _add_ln_modulate_kernel(X, s_xb, s_xn, Y, s_yb, s_yn, G, s_g, BIAS, SC, s_sc, SH, s_sh, XOUT, OUT, n_tok, eps,
+                            D: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     c = tl.arange(0, BD)
     m = c < D
     x = tl.load(X + b * s_xb + t * s_xn + c, mask=m, other=0.0).to(tl.float32)
     y = tl.load(Y + b * s_yb + t * s_yn + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:                               # an output projection's bias, not added by its GEMM
+        y = y + tl.load(BIAS + c, mask=m, other=0.0).to(tl.float32)
     if GATED:
         y = y * tl.load(G + b * s_g + c, mask=m, other=0.0).to(tl.float32)
     r = (x + y).to(XOUT.dtype.element_ty)      # the new residual, rounded as the helpers round it
@@ -89,21 +93,24 @@ def ln_modulate(x: torch.Tensor, eps: float, scale1: torch.Tensor, shift: torch.
 
 
 def add_ln_modulate_applies(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, scale1: torch.Tensor,
-                            shift: torch.Tensor) -> bool:
+                            shift: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """``add_ln_modulate``'s conditions: those of ``ln_modulate`` for x, y x's shape and dtype with contiguous rows,
-    gate None or [B, 1, D] (or [1, 1, D]) as the modulation."""
+    gate None or [B, 1, D] (or [1, 1, D]) as the modulation, bias None or a contiguous [D]."""
     return (ln_modulate_applies(x, scale1, shift) and y.is_cuda and y.shape == x.shape and y.dtype == x.dtype
             and y.stride(-1) == 1
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == x.shape[2] and bias.is_contiguous()
+                                  and bias.dtype in (torch.float32, x.dtype)))
             and (gate is None or (gate.dtype in (torch.float32, x.dtype) and gate.dim() == 3 and gate.shape[1] == 1
                                   and gate.shape[2] == x.shape[2] and gate.shape[0] in (1, x.shape[0])
                                   and gate.stride(-1) == 1)))
 
 
 def add_ln_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, eps: float, scale1: torch.Tensor,
-                    shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    shift: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A block's residual and the next norm in one pass: (r, LayerNorm(r) * scale1 + shift) with r = x + y * gate
-    (gate None: x + y), both [B, n, D] in x's dtype. The sum in fp32, rounded once to x's dtype (the residual, as
-    the blocks' gated-residual helpers and a plain add round it); the norm of the rounded sum as ``ln_modulate``."""
+    (gate None: x + y; with ``bias``: x + (y + bias) * gate), both [B, n, D] in x's dtype. The sum in fp32, rounded
+    once to x's dtype (the residual, as the blocks' compiled residual helpers and a plain add round it); the norm of
+    the rounded sum as ``ln_modulate``."""
     B, n, D = x.shape
     r = torch.empty(B, n, D, dtype=x.dtype, device=x.device)
     out = torch.empty_like(r)
@@ -111,7 +118,8 @@ def add_ln_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None,
         g = y if gate is None else gate                 # a placeholder pointer when not gated
         row = lambda t: t.stride(0) if t.shape[0] > 1 else 0   # noqa: E731 - one modulation row for all, or one each
         _add_ln_modulate_kernel[(n, B)](x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), g,
-                                        0 if gate is None else row(gate), scale1, row(scale1), shift, row(shift),
-                                        r, out, n, eps, D=D, BD=triton.next_power_of_2(D), GATED=gate is not None,
-                                        num_warps=8 if D > 2048 else 4)
+                                        0 if gate is None else row(gate), y if bias is None else bias, scale1,
+                                        row(scale1), shift, row(shift), r, out, n, eps, D=D,
+                                        BD=triton.next_power_of_2(D), GATED=gate is not None,
+                                        HAS_BIAS=bias is not None, num_warps=8 if D > 2048 else 4)
     return r, out

@@ -176,7 +176,7 @@ class QwenImageFamily(DiTFamily):
         self.kernels.fuse()
 
     def set_norm_kernels(self, on: bool, residual: bool = False) -> None:
-        self.kernels.use_norm_kernels = on          # (no residual + norm kernel here yet)
+        self.kernels.use_norm_kernels, self.kernels.use_residual_norm = on, on and residual
 
     def set_caption_packing(self, on: bool) -> None:
         self.caption_packing = on

@@ -125,8 +125,8 @@ class Kernels:
     def residual_norm(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, eps: float,
                       scale1: torch.Tensor, shift: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """(r, the next norm of r) with r the residual x + y * gate (gate None: x + y) and the norm
-        LayerNorm(r) * scale1 + shift: one Triton kernel where it applies (norm_kernels, fused), else the residual
-        helper, then ``norm(r)`` (the block's own norm call)."""
+        LayerNorm(r) * scale1 + shift: one Triton kernel where it applies (residual_norm_kernel, fused), else the
+        residual helper, then ``norm(r)`` (the block's own norm call)."""
         out = self.add_ln_kernel.call((x, y, gate, scale1, shift), "add_ln_modulate", x, y, gate, eps, scale1, shift)
         if out is not None:
             return out

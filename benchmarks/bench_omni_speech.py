@@ -13,8 +13,10 @@ Per token2wav chunk plan (``--first-chunk-frames``: ``ref``, Qwen's streaming pl
 look-ahead, and first chunks of N mel frames with ``--first-lookahead-frames``; one token2wav stage and pipeline
 each, the thinker and talker shared), where the first audio waits: the mean time from the request to the
 thinker's first token, the talker's first code, the code that makes token2wav's first window computable, that
-window handed to the DiT engine, its mel done, and the first pcm out (benchmarks/speech_timing.py); and
-``stall_ms``, the time a player starting at the first audio waits for later pieces. Per request in the JSON.
+window handed to the DiT engine, its mel done, and the first pcm out (benchmarks/speech_timing.py);
+``stall_ms``, the time a player starting at the first audio waits for later pieces; and ``smooth_start_ms``, the
+earliest start from which a player plays the whole utterance without waiting (a small first chunk brings the
+first byte early, not this). Per request in the JSON.
 
 The model: ``shape:qwen2.5-omni-7b`` (the 7B checkpoint's dimensions, random bf16 weights, built once into
 the cache folder, ~22 GB; the talker's codec head rows of its special tokens are zero so that it speaks
@@ -47,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, sync, table, write_result  # noqa: E402
-from benchmarks.speech_timing import FirstEvents, playback_stall  # noqa: E402
+from benchmarks.speech_timing import FirstEvents, playback_stall, smooth_start  # noqa: E402
 from benchmarks.speech_trace import EngineTrace  # noqa: E402
 
 CODEC_HZ = 50                       # Qwen2.5-Omni codec tokens per second of audio
@@ -133,7 +135,8 @@ async def _one(pipe, backends, kinds, args, messages: list[dict], marks: FirstEv
               for c, r, m, o in marks.chunks.get(rid, [])]       # token2wav's windows: computable, mel, audio out
     return dict(first_audio_ms=1e3 * first, total_s=total, audio_s=seconds, rtf=total / seconds,
                 codes=stages[1].get("num_codes"), text_tokens=stages[0].get("num_output_tokens"),
-                stall_ms=1e3 * playback_stall(pieces[0][0], pieces), pieces=len(pieces),
+                stall_ms=1e3 * playback_stall(pieces[0][0], pieces),
+                smooth_start_ms=1e3 * (smooth_start(pieces) - t0), pieces=len(pieces),
                 **{f"{k}_ms": 1e3 * (got[k] - t0) if k in got else None for k in MARKS + LAST}, chunks=chunks)
 
 
@@ -162,7 +165,8 @@ def run_omni_ray(llm, n: int, text_tokens: int, codes: int, seed: int, pipeline:
     out = dict(first_audio_ms=statistics.mean(ttfa), first_audio_p90_ms=ttfa[math.ceil(0.9 * len(ttfa)) - 1],
                rtf=statistics.mean(r["rtf"] for r in reqs), audio_s=audio / n, codes=reqs[0]["codes"],
                text_tokens=reqs[0]["text_tokens"], wall_s=wall, audio_s_per_s=audio / wall,
-               stall_ms=statistics.mean(r["stall_ms"] for r in reqs), **mean, requests=reqs)
+               stall_ms=statistics.mean(r["stall_ms"] for r in reqs),
+               smooth_start_ms=statistics.mean(r["smooth_start_ms"] for r in reqs), **mean, requests=reqs)
     if trace is not None:                              # what each engine did during the burst
         out["timeline"] = trace.summary(t0, t0 + wall)
     return out
@@ -234,12 +238,13 @@ def run_transformers(model, tokenizer, text_tokens: int, codes: int, seed: int) 
     sync()
     total = time.perf_counter() - t0
     seconds = wav.reshape(-1).shape[0] / 24000
-    return dict(first_audio_ms=1e3 * total, first_audio_p90_ms=1e3 * total, rtf=total / seconds, audio_s=seconds,
+    return dict(first_audio_ms=1e3 * total, first_audio_p90_ms=1e3 * total, smooth_start_ms=1e3 * total,
+                rtf=total / seconds, audio_s=seconds,
                 codes=codes, text_tokens=text_tokens, wall_s=total, audio_s_per_s=seconds / total)
 
 
-COLUMNS = ["engine", "first_chunk", "concurrency", "first_audio_ms", "first_audio_p90_ms", "stall_ms", "rtf",
-           "audio_s", "wall_s", "audio_s_per_s", "codes", "text_tokens"]
+COLUMNS = ["engine", "first_chunk", "concurrency", "first_audio_ms", "first_audio_p90_ms", "stall_ms",
+           "smooth_start_ms", "rtf", "audio_s", "wall_s", "audio_s_per_s", "codes", "text_tokens"]
 BREAKDOWN = ["first_chunk", "concurrency"] + [f"{k}_ms" for k in MARKS] + ["first_audio_ms", "stall_ms"]
 
 

@@ -98,6 +98,16 @@ class _Token2Wav(_Timed):
             yield d
 
 
+def smooth_start(pieces: list[tuple[float, float]]) -> float:
+    """The earliest time a player can start the pieces ``(arrival time, seconds of audio)`` and play them to the
+    end without waiting: each piece must have arrived by the time the ones before it have played."""
+    start, played = pieces[0][0], 0.0
+    for at, dur in pieces:
+        start = max(start, at - played)
+        played += dur
+    return start
+
+
 def playback_stall(first: float, pieces: list[tuple[float, float]]) -> float:
     """Seconds a player that starts at the first audio and plays the pieces ``(arrival time, seconds of
     audio)`` in order waits for pieces that are not there yet."""

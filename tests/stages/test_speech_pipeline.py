@@ -494,3 +494,15 @@ def test_a_finished_windows_vocoder_runs_before_the_next_ode(omni):
     assert dit and voc and voc[0] > dit[0]
     if len(dit) > 1:
         assert voc[0] < dit[1], spans
+
+
+def test_playback_figures_of_streamed_pieces():
+    """benchmarks/speech_timing.py: a player's wait after the first piece, and the earliest start with no wait."""
+    from benchmarks.speech_timing import playback_stall, smooth_start
+
+    pieces = [(0.27, 0.04), (0.52, 0.48), (0.67, 0.72), (0.90, 0.72)]    # (arrival s, audio s): a small first piece
+    assert abs(playback_stall(0.27, pieces) - (0.52 - 0.31)) < 1e-9      # waits for the second piece only
+    assert abs(smooth_start(pieces) - 0.48) < 1e-9                        # the second piece arrives 0.04 s in
+    assert smooth_start([(0.1, 1.0), (0.5, 1.0)]) == 0.1                  # every piece in time: the first arrival
+    late = [(0.1, 0.2), (0.9, 1.0)]
+    assert abs(smooth_start(late) - 0.7) < 1e-9 and abs(playback_stall(0.1, late) - 0.6) < 1e-9

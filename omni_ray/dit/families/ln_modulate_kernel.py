@@ -75,9 +75,13 @@ def ln_modulate_applies(x: torch.Tensor, scale1: torch.Tensor, shift: torch.Tens
     """The kernel's conditions: CUDA x [B, n, D] with contiguous rows, scale1 / shift [B, 1, D] (or [1, 1, D]) in
     fp32 or x's dtype with contiguous rows, a layer norm without weight or bias."""
     return (x.is_cuda and x.dim() == 3 and x.stride(-1) == 1 and weight is None and bias is None
-            and all(t.dtype in (torch.float32, x.dtype) and t.dim() == 3 and t.shape[1] == 1
-                    and t.shape[2] == x.shape[2] and t.shape[0] in (1, x.shape[0]) and t.stride(-1) == 1
-                    for t in (scale1, shift)))
+            and _row(scale1, x) and _row(shift, x))
+
+
+def _row(t: torch.Tensor, x: torch.Tensor) -> bool:
+    """A modulation row the kernels read: [B, 1, D] or [1, 1, D] for x [B, n, D], fp32 or x's dtype, contiguous rows."""
+    return (t.dtype in (torch.float32, x.dtype) and t.dim() == 3 and t.shape[1] == 1 and t.shape[2] == x.shape[2]
+            and t.shape[0] in (1, x.shape[0]) and t.stride(-1) == 1)
 
 
 def ln_modulate(x: torch.Tensor, eps: float, scale1: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -100,9 +104,7 @@ def add_ln_modulate_applies(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
             and y.stride(-1) == 1
             and (bias is None or (bias.dim() == 1 and bias.shape[0] == x.shape[2] and bias.is_contiguous()
                                   and bias.dtype in (torch.float32, x.dtype)))
-            and (gate is None or (gate.dtype in (torch.float32, x.dtype) and gate.dim() == 3 and gate.shape[1] == 1
-                                  and gate.shape[2] == x.shape[2] and gate.shape[0] in (1, x.shape[0])
-                                  and gate.stride(-1) == 1)))
+            and (gate is None or _row(gate, x)))
 
 
 def add_ln_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, eps: float, scale1: torch.Tensor,

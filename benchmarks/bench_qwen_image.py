@@ -192,9 +192,6 @@ def main() -> None:
     ap.add_argument("--norm-kernels", action=argparse.BooleanOptionalAction, default=True,
                     help="the blocks' layer norm + modulation as a Triton kernel (norm_kernels; --no-norm-kernels: "
                          "the compiled helper)")
-    ap.add_argument("--residual-norm-kernel", action="store_true",
-                    help="with the norm kernels: the image stream's attention residual and its MLP norm in one kernel "
-                         "(residual_norm_kernel: true)")
     ap.add_argument("--caption-packing", action=argparse.BooleanOptionalAction, default=True,
                     help="the caption stream's GEMMs over real caption tokens only (caption_packing; "
                          "--no-caption-packing: every padded caption row)")
@@ -219,7 +216,7 @@ def main() -> None:
     cfg = DiTEngineConfig(model=ModelConfig(path="shape:qwen-image", dtype="bfloat16"), device="cuda",
                           max_batch_size=16, compile=a.compile, cuda_graphs=not a.no_graphs, max_pixels=1024 * 1024,
                           attention_backend=a.attention_backend, caption_packing=a.caption_packing,
-                          norm_kernels=a.norm_kernels, residual_norm_kernel=a.residual_norm_kernel)
+                          norm_kernels=a.norm_kernels)
     engine = DiTEngine.from_components("QwenImagePipeline", comps, cfg)
     pipe = make_pipeline(comps) if on & {"latency", "static"} else None
     tcfg = dict(comps["transformer"].config)
@@ -241,7 +238,6 @@ def main() -> None:
     result["engine_stats"] = {k: v for k, v in engine.engine_stats().items() if isinstance(v, (int, float))}
     result["attention_backend"] = a.attention_backend
     result["caption_packing"], result["norm_kernels"] = a.caption_packing, a.norm_kernels
-    result["residual_norm_kernel"] = a.residual_norm_kernel
     result["sdpa_timings_ms"] = [{"tokens": n, "masked": m, "picked": engine.family.sdpa.picked[(n, m)], **ms}
                                  for (n, m), ms in engine.family.sdpa.timings.items()]
 

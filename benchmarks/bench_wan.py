@@ -267,9 +267,6 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true", help="run the engine's blocks without CUDA graphs")
     ap.add_argument("--norm-kernels", action=argparse.BooleanOptionalAction, default=True,
                     help="the blocks' norms as Triton kernels (norm_kernels; --no-norm-kernels: the compiled helpers)")
-    ap.add_argument("--residual-norm-kernel", action="store_true",
-                    help="with the norm kernels: a block's residual and the norm after it in one kernel "
-                         "(residual_norm_kernel: true)")
     ap.add_argument("--videos", type=int, default=4, help="videos at once in the concurrent section (default 4)")
     ap.add_argument("--concurrent-steps", type=int, default=None,
                     help="steps of the concurrent section's runs (default: --steps; its TFLOP/s does not depend on it)")
@@ -283,7 +280,7 @@ def main() -> None:
     peak = matmul_peak()
     print(f"bf16 matmul peak (8192^3 torch.mm): {peak / 1e12:.0f} TFLOP/s", flush=True)
     result: dict = {"device": device_name(), "dtype": "bfloat16", "compile": a.compile, "cuda_graphs": not a.no_graphs,
-                    "norm_kernels": a.norm_kernels, "residual_norm_kernel": a.residual_norm_kernel,
+                    "norm_kernels": a.norm_kernels,
                     "steps": steps, "guidance_scale": GUIDANCE,
                     "size": {m: f"{MODELS[m].width}x{MODELS[m].height}" for m in models}, "frames": frames_list,
                     "peak_tflops": peak / 1e12, "sdpa": [], "latency": [], "concurrent": [],
@@ -300,8 +297,7 @@ def main() -> None:
               f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
         ecfg = DiTEngineConfig(model=ModelConfig(path=f"shape:wan2.1-t2v-{model}", dtype="bfloat16"), device=DEVICE,
                                max_batch_size=max(4, a.videos), compile=a.compile, cuda_graphs=not a.no_graphs,
-                               vae_lean_decoder=not a.no_lean_vae, norm_kernels=a.norm_kernels,
-                               residual_norm_kernel=a.residual_norm_kernel)
+                               vae_lean_decoder=not a.no_lean_vae, norm_kernels=a.norm_kernels)
         ref_vae = copy.deepcopy(comps["vae"])        # diffusers' own, as loaded (the engine makes its decoder lean)
         engine = DiTEngine.from_components("WanPipeline", comps, ecfg)
         pipe = make_pipeline(comps | {"vae": ref_vae}, shape)

@@ -303,11 +303,6 @@ class DiTEngineConfig(Strict):
                                "norms as Triton kernels in place of the compiled helpers (layer norm + modulation; "
                                "Wan's cross-attention layer norm and self-attention q / k RMS norm + RoPE); off: "
                                "the compiled helpers (their speed against the kernels: docs/benchmarks.md)")
-    residual_norm_kernel: bool = Field(False, description=
-        "Wan and Qwen-Image on CUDA, with norm_kernels: a block's residual and the norm after it in one Triton kernel "
-        "(Wan: self-attention's gated residual + the cross-attention's layer norm, the cross-attention's residual + "
-        "the feed-forward's modulated norm; Qwen-Image: the image stream's attention residual + its MLP's norm); "
-        "tested on the CPU through Triton's interpreter, not yet run on a GPU")
     parallel: DiTParallelConfig = DiTParallelConfig()
     fuse_elementwise: bool = Field(True, description="on CUDA, torch.compile the blocks' small elementwise "
                                    "helpers (layer norm + modulation, gated residual) into fused kernels")

@@ -19,8 +19,6 @@ def test_interpreted_kernel_equals_the_eager_helpers():
     out = run_interpreted(CHECK)
     assert "torch.float32 modulation torch.float32" in out and "torch.bfloat16 modulation torch.bfloat16" in out
     assert "torch.bfloat16 affine layer norm" in out
-    assert "torch.float32 residual (gated=True) + norm" in out and "torch.bfloat16 residual (gated=False) + norm" in out
-    assert "torch.bfloat16 Qwen-Image residual (bias=True) + norm" in out
 
 
 @pytest.mark.gpu
@@ -41,11 +39,6 @@ def test_cuda_kernel_equals_the_eager_helpers(width, dtype):
         bound = 1e-4 if dtype == torch.float32 else (2.0 if mod_dtype == torch.float32 else 3.0)
         assert worst <= bound, (mod_dtype, worst)
     assert check.affine_diff(x) <= (1e-4 if dtype == torch.float32 else 2.0)      # Wan's cross-attention norm
-    x, scale1, shift = check.inputs(2, 333, width, dtype, device="cuda")
-    for gated in (True, False):                      # a residual, then the norm: Wan's two places
-        assert check.add_diff(x, scale1, shift, gated) <= (1e-4 if dtype == torch.float32 else 2.0), gated
-    for with_bias in (True, False):                  # Qwen-Image's: its helpers round y + bias and the norm's steps
-        assert check.qwen_add_diff(x, with_bias) <= (1e-4 if dtype == torch.float32 else 4.0), with_bias
 
 
 def test_qwen_image_block_uses_the_kernel_only_when_configured():
@@ -53,34 +46,12 @@ def test_qwen_image_block_uses_the_kernel_only_when_configured():
     from omni_ray.dit.families import ln_modulate_kernel
     from omni_ray.dit.families.qwen_image_block import Kernels
 
-    off, on, both = Kernels(), Kernels(), Kernels()
-    on.use_norm_kernels = both.use_norm_kernels = both.use_residual_norm = True
-    for k in (off, on, both):
-        k.fuse()
+    off, on = Kernels(), Kernels()
+    on.use_norm_kernels = True
+    off.fuse()
+    on.fuse()
     assert off.ln_kernel.module is None and on.ln_kernel.module is ln_modulate_kernel
-    assert off.add_ln_kernel.module is None and on.add_ln_kernel.module is None          # residual_norm_kernel: off
-    assert both.add_ln_kernel.module is ln_modulate_kernel
     assert not ln_modulate_kernel.ln_modulate_applies(torch.zeros(1, 2, 4), torch.ones(1, 1, 4), torch.zeros(1, 1, 4))
-    x = torch.zeros(1, 2, 4)
-    assert not ln_modulate_kernel.add_ln_modulate_applies(x, x, None, torch.ones(1, 1, 4), x[:, :1])     # on the CPU
-
-
-def test_qwen_image_residual_norm_without_the_kernel_is_the_helpers():
-    """Where the residual + norm kernel does not run, the block's residual and its MLP norm are the helpers' (the
-    image stream's output projection with its bias in the GEMM, or added in the gated residual)."""
-    from omni_ray.dit.families.pixart_block import gated_add, ln_modulate
-    from omni_ray.dit.families.qwen_image_block import Kernels, gated_add_bias, projected_residual_norm
-
-    g = torch.Generator().manual_seed(0)
-    k, lin = Kernels(), torch.nn.Linear(8, 8)
-    x, gate = torch.randn(2, 3, 8, generator=g), torch.randn(2, 1, 8, generator=g)
-    scale1, shift = 1 + torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
-    joint = torch.randn(2, 5, 8, generator=g)
-    for o in (joint[:, 2:], joint[:, 2:].contiguous()):         # a stream's strided half of the joint output, or not
-        r, h = projected_residual_norm(k, x, gate, o, lin, 1e-6, scale1, shift)
-        ref = gated_add(x, gate, lin(o)) if o.is_contiguous() else \
-            gated_add_bias(x, gate, torch.matmul(o, lin.weight.t()), lin.bias)
-        assert torch.equal(r, ref) and torch.equal(h, ln_modulate(ref, None, None, 1e-6, scale1, shift))
 
 
 @pytest.mark.gpu

@@ -232,13 +232,11 @@ def test_edit_validates_the_image(edit):
 @pytest.mark.parametrize("packing,norm_kernels", [(False, False), (True, False), (True, True)])
 def test_cuda_graphs_match_eager(cache, packing, norm_kernels):
     """Graph replays (captions padded to a bucket under a mask; with caption packing, the pack a graph input; with
-    the norm kernels, the layer norm + modulation in Triton, and the image stream's residual + norm kernel) give the
-    eager, unpacked engine's latents."""
+    the norm kernels, the layer norm + modulation in Triton) give the eager, unpacked engine's latents."""
     torch.backends.cuda.matmul.allow_tf32 = False
     engines = [DiTEngine(DiTEngineConfig(model=ModelConfig(path="tiny:qwen-image", dtype="float32"), device="cuda",
                                          cuda_graphs=graphs, caption_packing=packing and graphs,
-                                         norm_kernels=norm_kernels and graphs,
-                                         residual_norm_kernel=norm_kernels and graphs))
+                                         norm_kernels=norm_kernels and graphs))
                for graphs in (True, False)]
     engines[0].family.pack_multiple = 4             # the tiny captions are a few tokens: pack them at that scale
     g = torch.Generator().manual_seed(0)
@@ -255,7 +253,7 @@ def test_cuda_graphs_match_eager(cache, packing, norm_kernels):
         outs.append([r.images[0] for r in reqs])
     graphs = engines[0].runner.graphs
     assert graphs.replays > 0 and any(io.pack is not None for io in graphs.ios.values()) == packing
-    assert engines[0].family.kernels.ln_kernel.ran == engines[0].family.kernels.add_ln_kernel.ran == norm_kernels
+    assert engines[0].family.kernels.ln_kernel.ran == norm_kernels
     for a, b in zip(*outs):
         assert _rel(a, b) < 1e-3
 

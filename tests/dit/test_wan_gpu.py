@@ -21,7 +21,7 @@ def cuda_engine(model="tiny:wan2.1-t2v", dtype="float32", **kw):
 @pytest.mark.parametrize("model", ["tiny:wan2.1-t2v", "tiny:wan2.2-t2v"])
 def test_graphs_and_sdpa_choice_match_eager(model, norm_kernels):
     torch.backends.cuda.matmul.allow_tf32 = False
-    fast = cuda_engine(model, norm_kernels=norm_kernels, residual_norm_kernel=norm_kernels)
+    fast = cuda_engine(model, norm_kernels=norm_kernels)
     eager = cuda_engine(model, cuda_graphs=False, attention_backend="math")
     params = [DiffusionParams(height=32, width=48, num_frames=n, num_inference_steps=s, seed=i)
               for i, (n, s) in enumerate(((5, 4), (5, 3), (9, 4)))]
@@ -33,7 +33,7 @@ def test_graphs_and_sdpa_choice_match_eager(model, norm_kernels):
         outs.append([r.images[0] for r in reqs])
     assert fast.runner.graphs.replays > 0 and fast.family.sdpa.picked
     kernels = fast.family.kernels                              # the Triton kernels ran (graphed) when asked
-    assert kernels.qk_kernel.ran == kernels.ln_kernel.ran == kernels.add_ln_kernel.ran == norm_kernels
+    assert kernels.qk_kernel.ran == kernels.ln_kernel.ran == norm_kernels
     for a, b in zip(*outs):
         assert rel_diff(a, b) < 1e-3
 

@@ -38,7 +38,7 @@ def test_cuda_kernel_equals_the_eager_helper(heads, d, dtype):
 
 def test_the_block_uses_the_kernels_only_where_they_apply():
     """A call a kernel does not take: the helpers' path, the same q / k as ``rms_rope``, the same modulation."""
-    from omni_ray.dit.families.wan_block import Kernels, gated_residual, layer_norm, modulate, rms_rope
+    from omni_ray.dit.families.wan_block import Kernels, layer_norm, modulate, rms_rope
 
     sys.path.insert(0, str(CHECK.parent))
     import wan_kernel_check as check
@@ -50,7 +50,7 @@ def test_the_block_uses_the_kernels_only_where_they_apply():
         def applies(*args):
             return False
 
-        ln_modulate_applies = add_ln_modulate_applies = applies
+        ln_modulate_applies = applies
 
     kernels = Kernels()
     kernels.qk_kernel.module = Never
@@ -66,12 +66,6 @@ def test_the_block_uses_the_kernels_only_where_they_apply():
     w, b = torch.rand(16) + 0.5, torch.randn(16)
     for args in ((w, b), (None, None)):              # the kernel not taking it; a norm without weight and bias
         assert torch.equal(kernels._layer_norm_kernel(layer_norm)(x, *args, 1e-5), layer_norm(x, *args, 1e-5))
-    kernels.add_ln_kernel.module = Never             # a residual and the norm after it: the helpers, one by one
-    y, gate = torch.randn_like(x), torch.randn_like(scale1)
-    norm = lambda r: modulate(r, 1e-6, scale1, shift)     # noqa: E731
-    for g, ref in ((gate, gated_residual(x, y, gate)), (None, x + y)):
-        r, h = kernels.residual_norm(x, y, g, 1e-6, scale1, shift, norm)
-        assert torch.equal(r, ref) and torch.equal(h, norm(ref))
 
 
 def test_the_kernels_are_used_only_when_configured():
@@ -88,12 +82,6 @@ def test_the_kernels_are_used_only_when_configured():
     on.fuse()
     assert off.qk_kernel.module is None and off.ln_kernel.module is None
     assert on.qk_kernel.module is wan_kernels and on.ln_kernel.module is ln_modulate_kernel
-    assert off.add_ln_kernel.module is None and on.add_ln_kernel.module is None   # residual_norm_kernel: off
-    assert DiTEngineConfig.model_fields["residual_norm_kernel"].default is False
-    both = Kernels()
-    both.use_norm_kernels = both.use_residual_norm = True
-    both.fuse()
-    assert both.add_ln_kernel.module is ln_modulate_kernel
     # both norms that the layer norm kernel serves go through it (wrapping the compiled helpers)
     assert on.modulate.__name__ == "modulate_" and on.layer_norm.__name__ == "layer_norm_"
     assert off.modulate.__name__ != "modulate_" and off.layer_norm.__name__ != "layer_norm_"

@@ -103,9 +103,9 @@ class DiTFamily(ABC):
     def lean_vae(self) -> None:
         """The VAE's faster modules on CUDA (``DiTEngineConfig.vae_lean_decoder``; families that have them)."""
 
-    def set_norm_kernels(self, on: bool, residual: bool = False) -> None:
+    def set_norm_kernels(self, on: bool) -> None:
         """The blocks' norms as hand-written kernels when fused (``DiTEngineConfig.norm_kernels``; families that
-        have them); ``residual``: with the residual before a norm in the same kernel (``residual_norm_kernel``)."""
+        have them)."""
 
     pack_multiple = PACK_MULTIPLE           # caption packing: packed caption rows are a multiple of this
 

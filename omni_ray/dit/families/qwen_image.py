@@ -175,8 +175,8 @@ class QwenImageFamily(DiTFamily):
     def fuse_elementwise(self) -> None:
         self.kernels.fuse()
 
-    def set_norm_kernels(self, on: bool, residual: bool = False) -> None:
-        self.kernels.use_norm_kernels, self.kernels.use_residual_norm = on, on and residual
+    def set_norm_kernels(self, on: bool) -> None:
+        self.kernels.use_norm_kernels = on
 
     def set_caption_packing(self, on: bool) -> None:
         self.caption_packing = on

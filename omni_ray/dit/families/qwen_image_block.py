@@ -81,15 +81,6 @@ def projected_residual(k, x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, 
     return k.gated_add_bias(x, gate, torch.matmul(o, linear.weight.t()), linear.bias)
 
 
-def projected_residual_norm(k, x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, linear: nn.Linear, eps: float,
-                            scale1: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``projected_residual``, then the next modulated layer norm of its result: (x', LayerNorm(x') * scale1 +
-    shift), the two in one kernel where ``k.residual_norm`` has it."""
-    if o.is_contiguous() or linear.bias is None:
-        return k.residual_norm(x, gate, linear(o), None, eps, scale1, shift)
-    return k.residual_norm(x, gate, torch.matmul(o, linear.weight.t()), linear.bias, eps, scale1, shift)
-
-
 class Kernels:
     """The elementwise helpers a block calls: eager, or compiled into fused kernels."""
 
@@ -100,9 +91,7 @@ class Kernels:
         self.split = False                  # set per call by the family: run the caption mask's split attention
         self.qkv_kernel = OptionalKernel("Qwen-Image joint q/k/v")  # fused: one Triton kernel per stream
         self.use_norm_kernels = False       # DiTEngineConfig.norm_kernels: layer norm + modulation in Triton when fused
-        self.use_residual_norm = False      # DiTEngineConfig.residual_norm_kernel: a residual + the next norm
         self.ln_kernel = OptionalKernel("Qwen-Image layer norm + modulation", applies="ln_modulate_applies")
-        self.add_ln_kernel = OptionalKernel("Qwen-Image residual + layer norm", applies="add_ln_modulate_applies")
 
     def fuse(self) -> None:
         import omni_ray.dit.families.qwen_image_kernels as qwen_image_kernels  # Triton: imported when fused
@@ -118,24 +107,12 @@ class Kernels:
 
             self.ln_kernel.module = ln_modulate_kernel
             self.ln_modulate = self._ln_modulate_kernel(self.ln_modulate)
-            if self.use_residual_norm:
-                self.add_ln_kernel.module = ln_modulate_kernel
 
     def _ln_modulate_kernel(self, compiled):
         def ln_modulate_(x, weight, bias, eps, scale1, shift):
             out = self.ln_kernel.call((x, scale1, shift, weight, bias), "ln_modulate", x, eps, scale1, shift)
             return compiled(x, weight, bias, eps, scale1, shift) if out is None else out
         return ln_modulate_
-
-    def residual_norm(self, x, gate, y, bias, eps, scale1, shift):
-        """(x', LayerNorm(x') * scale1 + shift) with x' = x + gate * (y + bias) (bias None: x + gate * y): one
-        Triton kernel where it applies (residual_norm_kernel, fused), else the gated-residual and norm helpers."""
-        out = self.add_ln_kernel.call((x, y, gate, scale1, shift, bias), "add_ln_modulate", x, y, gate, eps, scale1,
-                                      shift, bias)
-        if out is not None:
-            return out
-        r = self.gated_add(x, gate, y) if bias is None else self.gated_add_bias(x, gate, y, bias)
-        return r, self.ln_modulate(r, None, None, eps, scale1, shift)
 
     def fused_qkv(self, cqkv, qkv, attn, rope):
         """(q, k, v) [B, H, T + N, d] from the Triton kernel (CUDA tensors), or None (``OptionalKernel``)."""
@@ -196,19 +173,14 @@ class QwenImageBlock(nn.Module):
         else:
             mask = None if ctx_bias is None else F.pad(ctx_bias, (0, N))[:, None]     # [B, 1, 1, T + N]
             o = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2)   # [B, T + N, H, d]
-        # the image stream's residual with its MLP's norm (one kernel where it applies)
-        x, h = projected_residual_norm(k, x, i_g1, o[:, T:].reshape(B, N, D), a.to_out[0], blk.img_norm2.eps,
-                                       1 + i_sc2, i_sh2)
+        x = projected_residual(k, x, i_g1, o[:, T:].reshape(B, N, D), a.to_out[0])
         ctx = projected_residual(k, ctx, t_g1, o[:, :T].reshape(B, T, D), a.to_add_out, pack)
 
-        return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2, pack, h)
+        return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2, pack)
 
-    def _mlps(self, x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2, pack=None, h=None):
-        """The two MLPs; ``h``: the image stream's normed input when the caller has it."""
+    def _mlps(self, x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2, pack=None):
         blk, k = self.block, self.k
-        if h is None:
-            h = k.ln_modulate(x, None, None, blk.img_norm2.eps, 1 + i_sc2, i_sh2)
-        x = k.gated_add(x, i_g2, mlp(blk.img_mlp, h))
+        x = k.gated_add(x, i_g2, mlp(blk.img_mlp, k.ln_modulate(x, None, None, blk.img_norm2.eps, 1 + i_sc2, i_sh2)))
         h = k.ln_modulate(ctx, None, None, blk.txt_norm2.eps, 1 + t_sc2, t_sh2)
         ctx = k.gated_add(ctx, t_g2, packed(lambda r: mlp(blk.txt_mlp, r), h, pack))
         if x.dtype == torch.float16:              # as the diffusers block: keep fp16 finite

@@ -117,8 +117,8 @@ class WanFamily(DiTFamily):
     def fuse_elementwise(self) -> None:
         self.kernels.fuse()
 
-    def set_norm_kernels(self, on: bool, residual: bool = False) -> None:
-        self.kernels.use_norm_kernels, self.kernels.use_residual_norm = on, on and residual
+    def set_norm_kernels(self, on: bool) -> None:
+        self.kernels.use_norm_kernels = on
 
     def set_attention_backend(self, name: str) -> None:
         self.sdpa.mode = name

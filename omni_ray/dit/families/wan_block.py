@@ -8,8 +8,7 @@ written as one ``stack`` instead of diffusers' strided stores, and ``fuse_elemen
 helpers (layer norm + modulation, the cross-attention's fp32 layer norm, RMS norm + RoPE, gated residual) into
 fused kernels without compiling the GEMMs or the attention; with ``norm_kernels`` on, self-attention's q and k
 (norm + RoPE) and the layer norm + modulation are Triton kernels (``wan_kernels.py``,
-``ln_modulate_kernel.py``), and with ``residual_norm_kernel`` too the residual before a norm goes into the norm's
-kernel (``add_ln_modulate``). Video tokens make every elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost
+``ln_modulate_kernel.py``). Video tokens make every elementwise pass over ``[rows, 14k-33k, D]`` in fp32 cost
 real bandwidth: fusing them matters. The feed-forward's GELU stays a kernel of its own: in cuBLASLt's epilogue
 (as the Qwen-Image block runs it) the 14B shape's first GEMM lost more time than the GELU pass costs
 (docs/benchmarks.md, Wan).
@@ -86,10 +85,8 @@ class Kernels:
         self.layer_norm = layer_norm
         # DiTEngineConfig.norm_kernels: the norms as Triton kernels (wan_kernels.py, ln_modulate_kernel.py) when fused
         self.use_norm_kernels = False
-        self.use_residual_norm = False      # DiTEngineConfig.residual_norm_kernel: a residual + the next norm
         self.qk_kernel = OptionalKernel("Wan self-attention q/k")
         self.ln_kernel = OptionalKernel("Wan layer norm + modulation", applies="ln_modulate_applies")
-        self.add_ln_kernel = OptionalKernel("Wan residual + layer norm", applies="add_ln_modulate_applies")
 
     def fuse(self) -> None:
         self.modulate = torch.compile(modulate)
@@ -101,8 +98,6 @@ class Kernels:
             import omni_ray.dit.families.wan_kernels as wan_kernels
 
             self.qk_kernel.module, self.ln_kernel.module = wan_kernels, ln_modulate_kernel
-            if self.use_residual_norm:
-                self.add_ln_kernel.module = ln_modulate_kernel
             self.modulate = self._modulate_kernel(self.modulate)
             self.layer_norm = self._layer_norm_kernel(self.layer_norm)
 
@@ -121,17 +116,6 @@ class Kernels:
                     return out
             return compiled(x, weight, bias, eps)
         return layer_norm_
-
-    def residual_norm(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, eps: float,
-                      scale1: torch.Tensor, shift: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r, the next norm of r) with r the residual x + y * gate (gate None: x + y) and the norm
-        LayerNorm(r) * scale1 + shift: one Triton kernel where it applies (residual_norm_kernel, fused), else the
-        residual helper, then ``norm(r)`` (the block's own norm call)."""
-        out = self.add_ln_kernel.call((x, y, gate, scale1, shift), "add_ln_modulate", x, y, gate, eps, scale1, shift)
-        if out is not None:
-            return out
-        r = x + y if gate is None else self.gated_residual(x, y, gate)
-        return r, norm(r)
 
     def self_qk(self, qkv: torch.Tensor, attn: nn.Module, heads: int, cos: torch.Tensor, sin: torch.Tensor):
         """Self-attention's q, k [B, N, H, d] from the fused projection qkv [B, N, 3 * H * d]: RMS norm
@@ -206,19 +190,11 @@ class WanBlock(nn.Module):
         qkv = F.linear(h, self.qkv_w, self.qkv_b)
         q, kk = k.self_qk(qkv, a1, H, cos, sin)
         v = qkv[..., 2 * qkv.shape[-1] // 3:].unflatten(2, (H, -1))
-        y = a1.to_out[0](self.self_attention(q, kk, v))
+        x = gated(x, a1.to_out[0](self.self_attention(q, kk, v)), 2)
 
-        # cross-attention (text; I2V: the image states too, through their own k / v); its norm with the residual
-        # before it in one kernel where the whole row has one modulation (else: the residual per segment)
+        # cross-attention (text; I2V: the image states too, through their own k / v)
         n2 = blk.norm2
-        if not isinstance(n2, nn.LayerNorm):
-            x = h = gated(x, y, 2)
-        elif len(mods) == 1 and n2.weight is not None and n2.bias is not None:
-            x, h = k.residual_norm(x, y, mods[0][2], n2.eps, n2.weight.view(1, 1, -1), n2.bias.view(1, 1, -1),
-                                   lambda r: k.layer_norm(r, n2.weight, n2.bias, n2.eps))
-        else:
-            x = gated(x, y, 2)
-            h = k.layer_norm(x, n2.weight, n2.bias, n2.eps)
+        h = k.layer_norm(x, n2.weight, n2.bias, n2.eps) if isinstance(n2, nn.LayerNorm) else x
         img_len = ctx.shape[1] - 512 if self.img else 0
         q = k.rms_rope(a2.to_q(h), a2.norm_q.weight, a2.norm_q.eps, H, None, None)
         ck, cv = F.linear(ctx[:, img_len:], self.kv_w, self.kv_b).chunk(2, dim=-1)
@@ -228,13 +204,7 @@ class WanBlock(nn.Module):
             ik = a2.add_k_proj(c_img)
             ik = F.rms_norm(ik, ik.shape[-1:], a2.norm_added_k.weight, a2.norm_added_k.eps)
             o = o + attention(q, ik.unflatten(2, (H, -1)), a2.add_v_proj(c_img).unflatten(2, (H, -1)))
-        y = a2.to_out[0](o)
+        x = x + a2.to_out[0](o)
 
-        # feed-forward (its norm with the cross-attention's residual in one kernel where one modulation serves all)
-        if len(mods) == 1:
-            m, eps3 = mods[0], blk.norm3.eps
-            x, h = k.residual_norm(x, y, None, eps3, m[4], m[3], lambda r: k.modulate(r, eps3, m[4], m[3]))
-        else:
-            x = x + y
-            h = modulated(x, blk.norm3.eps, 3)
-        return gated(x, blk.ffn(h), 5)      # GELU: its own kernel (module docstring)
+        # feed-forward
+        return gated(x, blk.ffn(modulated(x, blk.norm3.eps, 3)), 5)      # GELU: its own kernel (module docstring)

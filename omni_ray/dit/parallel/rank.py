@@ -205,7 +205,7 @@ def prepare_family(fam: DiTFamily, cfg: DiTEngineConfig, layout: Layout):
     cuda = fam.device.type == "cuda"
     fam.set_attention_backend(cfg.attention_backend)
     fam.set_caption_packing(cfg.caption_packing)
-    fam.set_norm_kernels(cfg.norm_kernels, cfg.residual_norm_kernel)
+    fam.set_norm_kernels(cfg.norm_kernels)
     if cfg.fuse_elementwise and cuda:
         fam.fuse_elementwise()
     if cfg.compile:

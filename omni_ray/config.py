@@ -283,10 +283,11 @@ class DiTEngineConfig(Strict):
         "scaled down to max_pixels where needed)")
     max_images_per_prompt: int = Field(4, ge=1, description="num_images_per_prompt limit per request")
     max_frames: int = Field(129, ge=1, description="video models: num_frames limit per video")
-    attention_backend: Literal["auto", "default", "flash", "cudnn", "efficient", "math", "split"] = Field(
+    attention_backend: Literal["auto", "default", "flash", "cudnn", "efficient", "math", "split", "ragged"] = Field(
         "auto", description="Wan and Qwen-Image on CUDA: the SDPA kernel of the attention (auto: the fastest, "
         "measured once per token count and mask; default: torch's own order; split: Qwen-Image's masked joint "
-        "attention as cuDNN over the image keys and over the caption keys, merged by log-sum-exp)")
+        "attention as cuDNN over the image keys and over the caption keys, merged by log-sum-exp; ragged: the "
+        "same as cuDNN's variable-length attention over [image | caption] segments, no mask)")
     vae_decode_chunk: int = Field(2, ge=1, description="video models: latent frames VAE-decoded per engine "
                                   "step while other requests denoise (all at once when none does)")
     compile: bool = Field(False, description="torch.compile the transformer")

@@ -109,7 +109,7 @@ class GraphedBlocks:
         pack_of = (st.text_lens, Tp, R, self.family.pack_multiple)
         pack = cached_positions(*pack_of) if st.text_lens is not None and bias is not None else None
         io_key = (R, Tp, *st.x.shape[1:], *st.ctx.shape[2:], *st.temb.shape[1:], bias is not None,
-                  st.grid, st.shapes, None if pack is None else len(pack))
+                  st.grid, st.shapes, st.caption_holes, None if pack is None else len(pack))
         key = (lo, hi, *io_key)
         if key in self.failed:
             return False
@@ -123,7 +123,7 @@ class GraphedBlocks:
         if io.pack is not None and io.pack_of != pack_of:   # a new batch geometry (a pinned source: no wait)
             io.pack.copy_(torch.tensor(pack, dtype=torch.long, pin_memory=io.pack.is_cuda), non_blocking=True)
             io.pack_of = pack_of
-        g = self.graphs.get(key) or self._capture(key, io, st.grid, st.shapes, lo, hi)
+        g = self.graphs.get(key) or self._capture(key, io, st.grid, st.shapes, lo, hi, st.caption_holes)
         if g is None:
             return False
         g.graph.replay()
@@ -143,12 +143,12 @@ class GraphedBlocks:
         self.ios[io_key] = io
         return io
 
-    def _capture(self, key, io: _IO, grid, shapes, lo: int, hi: int) -> _Graph | None:
+    def _capture(self, key, io: _IO, grid, shapes, lo: int, hi: int, holes: bool = False) -> _Graph | None:
         fam = self.family
 
         def body():
             s = BlockState(x=io.x, ctx=io.ctx, ctx_bias=io.bias, temb=io.temb, emb=io.temb, grid=grid, shapes=shapes,
-                           text_pack=io.pack)
+                           text_pack=io.pack, caption_holes=holes)
             for i in range(lo, hi):
                 fam.run_block(i, s)
             return s.x, s.ctx

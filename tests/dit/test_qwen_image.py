@@ -229,14 +229,17 @@ def test_edit_validates_the_image(edit):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("cache", [None, {"method": "fbcache", "threshold": 0.3},
                                    {"method": "teacache", "threshold": 0.5}])
-@pytest.mark.parametrize("packing,norm_kernels", [(False, False), (True, False), (True, True)])
-def test_cuda_graphs_match_eager(cache, packing, norm_kernels):
+@pytest.mark.parametrize("packing,norm_kernels,backend", [(False, False, "auto"), (True, False, "auto"),
+                                                          (True, True, "auto"), (True, True, "ragged")])
+def test_cuda_graphs_match_eager(cache, packing, norm_kernels, backend):
     """Graph replays (captions padded to a bucket under a mask; with caption packing, the pack a graph input; with
-    the norm kernels, the layer norm + modulation in Triton) give the eager, unpacked engine's latents."""
+    the norm kernels, the layer norm + modulation in Triton; ``ragged``: the masked joint attention as cuDNN's
+    variable-length kernel over [image | text]) give the eager, unpacked engine's latents."""
     torch.backends.cuda.matmul.allow_tf32 = False
     engines = [DiTEngine(DiTEngineConfig(model=ModelConfig(path="tiny:qwen-image", dtype="float32"), device="cuda",
                                          cuda_graphs=graphs, caption_packing=packing and graphs,
-                                         norm_kernels=norm_kernels and graphs))
+                                         norm_kernels=norm_kernels and graphs,
+                                         attention_backend=backend if graphs else "auto"))
                for graphs in (True, False)]
     engines[0].family.pack_multiple = 4             # the tiny captions are a few tokens: pack them at that scale
     g = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ CHECK = Path(__file__).with_name("qwen_image_kernel_check.py")
 
 def test_interpreted_kernel_equals_the_eager_helpers():
     out = run_interpreted(CHECK)
-    assert "bfloat16 affine=True" in out and "float32 affine=False" in out
+    assert "bfloat16 affine=True" in out and "float32 affine=False image_first=True" in out
 
 
 @pytest.mark.gpu

@@ -42,6 +42,8 @@ class BlockState:
     text_lens: tuple[int, ...] | None = None   # real caption tokens per row, where the family packs its caption
                                                # stream's GEMMs (omni_ray/dit/caption_pack.py)
     text_pack: torch.Tensor | None = None      # that pack, made for a CUDA graph's padded rows and captions
+    caption_holes: bool = False                # a caption mask that is not each row's real tokens then padding
+                                               # (no ragged attention: omni_ray/dit/families/ragged_attention.py)
 
     def select(self, idx: torch.Tensor, rows: list[int] | None = None) -> "BlockState":
         """The rows ``idx`` (a LongTensor on the state's device; ``rows``: the same on the host, for the

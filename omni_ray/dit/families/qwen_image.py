@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from omni_ray.dit.caption_pack import cached_positions
 from omni_ray.dit.families.base import BlockState, Cond, DiTFamily
 from omni_ray.dit.families.qwen_image_block import Kernels, QwenImageBlock, supported
+from omni_ray.dit.families.ragged_attention import ragged_caption_attention
 from omni_ray.dit.families.sdpa_choice import SdpaChoice
 from omni_ray.dit.families.split_attention import split_caption_attention
 from omni_ray.errors import ConfigError, InvalidRequestError
@@ -80,13 +81,14 @@ class QwenImageFamily(DiTFamily):
         self.kernels = Kernels()
         self.block_fns = [QwenImageBlock(b, self.kernels) for b in self.blocks]
         self.sdpa = SdpaChoice(cfg.num_attention_heads, cfg.attention_head_dim, device, dtype,
-                               split=self._split_attention)
+                               split=self._split_attention, ragged=ragged_caption_attention)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None        # RoPE cos / sin per position
         self._vid_freqs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.sp = None                      # the Ulysses group of a sequence-parallel rank
         self.caption_packing = False        # DiTEngineConfig.caption_packing
         self._text_lens: dict[int, tuple] = {}   # id of a batch's caption mask -> (a weak ref to it, its rows' lengths)
+        self._prefix_masks: dict[int, weakref.ref] = {}   # ids of batch masks that are real tokens, then padding
         self._packs: dict[tuple, torch.Tensor | None] = {}  # (lengths, T) -> the eager path's pack
 
     def _vae_scale_factor(self) -> int:
@@ -132,6 +134,9 @@ class QwenImageFamily(DiTFamily):
             return ctx, None, None
         mask = torch.stack([F.pad(c.mask, (0, t_max - n)) for c, n in zip(conds, lens)])
         bias = ((1 - mask.to(self.dtype)) * MASKED).unsqueeze(1)                          # [B, 1, T]
+        self._prefix_masks = {k: v for k, v in self._prefix_masks.items() if v() is not None}
+        if not bool((mask[:, 1:] > mask[:, :-1]).any()):        # no real token after a masked one
+            self._prefix_masks[id(bias)] = weakref.ref(bias)
         if self.caption_packing:                     # the rows' lengths, kept on the host beside the mask
             self._text_lens = {k: v for k, v in self._text_lens.items() if v[0]() is not None}
             self._text_lens[id(bias)] = (weakref.ref(bias), tuple(lens))
@@ -232,9 +237,10 @@ class QwenImageFamily(DiTFamily):
         for masked in {ctx_bias is not None, True}:     # (CUDA graphs pad captions to a bucket under a mask)
             self.sdpa.prepare(h.shape[0], ctx.shape[1] + h.shape[1], masked, prefix=ctx.shape[1])   # once per shape
         temb = tr.time_text_embed(t.to(h.dtype) / 1000, h)       # the pipeline passes t / 1000
+        ref = self._prefix_masks.get(id(ctx_bias))     # a mask not known to be real tokens then padding: no ragged
+        holes = ctx_bias is not None and (ref is None or ref() is not ctx_bias)
         return BlockState(x=h, ctx=ctx, ctx_bias=ctx_bias, temb=temb, emb=temb, grid=tuple(shapes[0][1:]),
-                          text_lens=self._lens(ctx, ctx_bias),
-                          shapes=shapes)
+                          text_lens=self._lens(ctx, ctx_bias), shapes=shapes, caption_holes=holes)
 
     def run_block(self, i: int, st: BlockState) -> None:
         rope = self._rope(st.shapes, st.ctx.shape[1])
@@ -246,6 +252,7 @@ class QwenImageFamily(DiTFamily):
         # image rows finds no measurement: torch's own order)
         tokens, masked = st.ctx.shape[1] + st.x.shape[1], st.ctx_bias is not None
         self.kernels.split = self.sdpa.splits(tokens, masked)    # the caption mask's split attention, if faster
+        self.kernels.ragged = self.sdpa.runs("ragged", tokens, masked) and not st.caption_holes    # or ragged
         with self.sdpa.context(tokens, masked):
             st.x, st.ctx = self.block_fns[i](st.x, st.ctx, st.ctx_bias, st.temb, rope, self._pack(st))
 

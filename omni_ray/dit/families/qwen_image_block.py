@@ -5,7 +5,8 @@ one fused q/k/v projection per stream (the block's own linears become views into
 so nothing is stored twice and the diffusers module still runs unchanged), RoPE in real arithmetic
 on precomputed cos / sin (the complex product of ``apply_rotary_emb_qwen``, written out, in fp32),
 ``addcmul`` for the gated residuals, one SDPA over [text | image] with an additive caption mask only
-when the batch has one (or, where measured faster, the split of ``split_attention.py``), the MLPs' GELU
+when the batch has one (or, where measured faster, the split of ``split_attention.py`` or the ragged
+attention of ``ragged_attention.py`` over [image | text]), the MLPs' GELU
 in the GEMM epilogue on CUDA, the output projections' biases in the gated residuals.
 ``fuse_elementwise()`` compiles the small helpers (layer norm + modulation, q/k RMS norm + RoPE + the
 joint concatenation, gated residual) into fused kernels without compiling the whole block; fused on
@@ -22,6 +23,7 @@ from torch import nn
 from omni_ray.dit.caption_pack import packed
 from omni_ray.dit.families.optional_kernel import OptionalKernel
 from omni_ray.dit.families.pixart_block import _fuse, gated_add, ln_modulate
+from omni_ray.dit.families.ragged_attention import ragged_caption_attention
 from omni_ray.dit.families.split_attention import merge, split_caption_attention
 
 
@@ -43,12 +45,13 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
 
 
 def joint_qk(txt: torch.Tensor, img: torch.Tensor, w_txt: torch.Tensor | None, w_img: torch.Tensor | None,
-             eps_txt: float, eps_img: float, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The joint queries (or keys) [B, T + N, H, d]: [text | image], each stream RMS-normed with its own
-    weight and rotated (one fused kernel when compiled: the concatenation is written in place)."""
+             eps_txt: float, eps_img: float, rope: tuple[torch.Tensor, ...], image_first: bool = False) -> torch.Tensor:
+    """The joint queries (or keys) [B, T + N, H, d]: [text | image] (``image_first``: [image | text]), each
+    stream RMS-normed with its own weight and rotated (one fused kernel when compiled: the concatenation is
+    written in place)."""
     img_cos, img_sin, txt_cos, txt_sin = rope
-    return torch.cat([qk_norm_rope(txt, w_txt, eps_txt, txt_cos, txt_sin),
-                      qk_norm_rope(img, w_img, eps_img, img_cos, img_sin)], dim=1)
+    parts = [qk_norm_rope(txt, w_txt, eps_txt, txt_cos, txt_sin), qk_norm_rope(img, w_img, eps_img, img_cos, img_sin)]
+    return torch.cat(parts[::-1] if image_first else parts, dim=1)
 
 
 def mlp(ff: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -89,6 +92,7 @@ class Kernels:
         self.gated_add_bias = gated_add_bias
         self.merge = merge                  # split attention's log-sum-exp merge
         self.split = False                  # set per call by the family: run the caption mask's split attention
+        self.ragged = False                 # ... or its ragged attention over [image | text] (ragged_attention.py)
         self.qkv_kernel = OptionalKernel("Qwen-Image joint q/k/v")  # fused: one Triton kernel per stream
         self.use_norm_kernels = False       # DiTEngineConfig.norm_kernels: layer norm + modulation in Triton when fused
         self.ln_kernel = OptionalKernel("Qwen-Image layer norm + modulation", applies="ln_modulate_applies")
@@ -114,9 +118,9 @@ class Kernels:
             return compiled(x, weight, bias, eps, scale1, shift) if out is None else out
         return ln_modulate_
 
-    def fused_qkv(self, cqkv, qkv, attn, rope):
+    def fused_qkv(self, cqkv, qkv, attn, rope, image_first=False):
         """(q, k, v) [B, H, T + N, d] from the Triton kernel (CUDA tensors), or None (``OptionalKernel``)."""
-        return self.qkv_kernel.call((cqkv, qkv, attn), "joint_qkv", cqkv, qkv, attn, rope)
+        return self.qkv_kernel.call((cqkv, qkv, attn), "joint_qkv", cqkv, qkv, attn, rope, image_first)
 
 
 def supported(block: nn.Module) -> bool:
@@ -159,22 +163,27 @@ class QwenImageBlock(nn.Module):
             x = k.gated_add(x, i_g1, a.to_out[0](img_o))
             ctx = k.gated_add(ctx, t_g1, a.to_add_out(txt_o))
             return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2, pack)
-        fused = k.fused_qkv(cqkv, qkv, a, rope) if qkv.is_cuda else None
+        ragged = ctx_bias is not None and k.ragged  # the joint sequence as [image | text], attended ragged
+        fused = k.fused_qkv(cqkv, qkv, a, rope, ragged) if qkv.is_cuda else None
         if fused is not None:
             q, kk, v = fused                                                          # [B, H, T + N, d] each
         else:
             q = k.joint_qk(cqkv[:, :, 0], qkv[:, :, 0], a.norm_added_q.weight, a.norm_q.weight,
-                           a.norm_added_q.eps, a.norm_q.eps, rope).transpose(1, 2)    # [B, H, T + N, d]
+                           a.norm_added_q.eps, a.norm_q.eps, rope, ragged).transpose(1, 2)    # [B, H, T + N, d]
             kk = k.joint_qk(cqkv[:, :, 1], qkv[:, :, 1], a.norm_added_k.weight, a.norm_k.weight,
-                            a.norm_added_k.eps, a.norm_k.eps, rope).transpose(1, 2)
-            v = torch.cat([cqkv[:, :, 2], qkv[:, :, 2]], dim=1).transpose(1, 2)
-        if ctx_bias is not None and k.split:        # unmasked over the image keys, masked over the text keys
+                            a.norm_added_k.eps, a.norm_k.eps, rope, ragged).transpose(1, 2)
+            vs = [cqkv[:, :, 2], qkv[:, :, 2]]
+            v = torch.cat(vs[::-1] if ragged else vs, dim=1).transpose(1, 2)
+        if ragged:                                  # no mask: each row's real tokens one segment
+            o = ragged_caption_attention(q, kk, v, ctx_bias, T).transpose(1, 2)           # [B, N + T, H, d]
+        elif ctx_bias is not None and k.split:      # unmasked over the image keys, masked over the text keys
             o = split_caption_attention(q, kk, v, ctx_bias, T, k.merge).transpose(1, 2)
         else:
             mask = None if ctx_bias is None else F.pad(ctx_bias, (0, N))[:, None]     # [B, 1, 1, T + N]
             o = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2)   # [B, T + N, H, d]
-        x = projected_residual(k, x, i_g1, o[:, T:].reshape(B, N, D), a.to_out[0])
-        ctx = projected_residual(k, ctx, t_g1, o[:, :T].reshape(B, T, D), a.to_add_out, pack)
+        img_o, txt_o = (o[:, :N], o[:, N:]) if ragged else (o[:, T:], o[:, :T])
+        x = projected_residual(k, x, i_g1, img_o.reshape(B, N, D), a.to_out[0])
+        ctx = projected_residual(k, ctx, t_g1, txt_o.reshape(B, T, D), a.to_add_out, pack)
 
         return self._mlps(x, ctx, i_sh2, i_sc2, i_g2, t_sh2, t_sc2, t_g2, pack)
 

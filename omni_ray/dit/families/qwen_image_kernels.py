@@ -1,7 +1,8 @@
 """Qwen-Image's joint attention inputs in one Triton kernel per stream (CUDA):
 
     a stream's fused projection [B, n, 3, H, d]  ->  q, k, v of the joint sequence [3, B, T + N, H, d]
-                                                     (text at 0.., image at T..; q / k RMS-normed + rotated)
+                                                     (text at 0.., image at T..; or, ``image_first``, image
+                                                     at 0.., text at N..; q / k RMS-normed + rotated)
 
 It replaces what the block's compiled helpers ran on a step of 8 concurrent 512 px requests (H100): the q / k
 RMS norm + RoPE as an Inductor reduction, a second pass for their joint concatenation, and ``torch.cat`` of v
@@ -67,8 +68,9 @@ def applies(cqkv: torch.Tensor, qkv: torch.Tensor, attn) -> bool:
                     for t in (cqkv, qkv)))
 
 
-def joint_qkv(cqkv: torch.Tensor, qkv: torch.Tensor, attn, rope: tuple[torch.Tensor, ...]):
-    """(q, k, v) of the joint sequence, each [B, H, T + N, d] (views of one [3, B, T + N, H, d] tensor):
+def joint_qkv(cqkv: torch.Tensor, qkv: torch.Tensor, attn, rope: tuple[torch.Tensor, ...], image_first: bool = False):
+    """(q, k, v) of the joint sequence [text | image] (``image_first``: [image | text], the ragged attention's
+    layout), each [B, H, T + N, d] (views of one token-major [3, B, T + N, H, d] tensor):
     cqkv [B, T, 3, H, d] the text stream's fused projection, qkv [B, N, 3, H, d] the image stream's;
     ``rope`` = (image cos, image sin, text cos, text sin), each [tokens, d/2] fp32; ``attn`` the
     diffusers attention module (its four RMS norms)."""
@@ -78,8 +80,9 @@ def joint_qkv(cqkv: torch.Tensor, qkv: torch.Tensor, attn, rope: tuple[torch.Ten
     img_cos, img_sin, txt_cos, txt_sin = (t.contiguous() for t in rope)
     has_w = attn.norm_q.weight is not None
     bh = triton.next_power_of_2(H)
-    for src, n, off, (qn, kn), cos, sin in ((cqkv, T, 0, (attn.norm_added_q, attn.norm_added_k), txt_cos, txt_sin),
-                                            (qkv, N, T, (attn.norm_q, attn.norm_k), img_cos, img_sin)):
+    txt_at, img_at = (N, 0) if image_first else (0, T)
+    for src, n, off, (qn, kn), cos, sin in ((cqkv, T, txt_at, (attn.norm_added_q, attn.norm_added_k), txt_cos, txt_sin),
+                                            (qkv, N, img_at, (attn.norm_q, attn.norm_k), img_cos, img_sin)):
         if n == 0:
             continue
         _joint_qkv_kernel[(n, B)](src, src.stride(0), src.stride(1), qn.weight if has_w else src,

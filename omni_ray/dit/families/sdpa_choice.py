@@ -14,7 +14,8 @@ behind it as fallbacks for shapes it cannot take, such as Wan's 512-key cross-at
 ``attention_backend`` in the engine config forces one (``"default"``: torch's own order). A family whose
 mask covers only a key prefix (Qwen-Image's caption) also has ``"split"`` timed on masked shapes: the
 unmasked call over the other keys and a masked one over the prefix, merged by log-sum-exp
-(``split_attention.py``).
+(``split_attention.py``), and ``"ragged"``: the sequence laid out with the masked keys last and attended as
+variable-length segments without a mask (``ragged_attention.py``; picked only if it also matches the masked call).
 ``benchmarks/bench_wan.py`` prints the same measurement.
 """
 
@@ -37,12 +38,14 @@ CANDIDATES = ("flash", "cudnn", "efficient")
 @torch.no_grad()
 def time_backends(rows: int, heads: int, tokens: int, head_dim: int, dtype=torch.bfloat16, device="cuda",
                   names=CANDIDATES, reps: int = 5, masked: bool = False, prefix: int | None = None,
-                  split=None) -> dict[str, float]:
+                  split=None, ragged=None) -> dict[str, float]:
     """Milliseconds per self-attention call for each backend that takes the shape (others: inf); ``masked``:
     under an additive key mask [rows, 1, 1, N] (a caption's padded keys at -inf: the last quarter of the
     ``prefix`` keys, else the first N / 16); ``split``: also time ``split(q, k, v, bias [rows, 1, prefix],
-    prefix)`` as ``"split"`` (masked shapes with a prefix only)."""
+    prefix)`` as ``"split"`` (masked shapes with a prefix only); ``ragged``: ``ragged(q, k, v, bias, prefix)`` over
+    the same keys with the prefix moved last, as ``"ragged"`` (inf unless it matches the masked call)."""
     q, k, v = (torch.randn(rows, heads, tokens, head_dim, dtype=dtype, device=device) for _ in range(3))
+    out: dict[str, float] = {}
     mask = None
     if masked:
         mask = torch.zeros(rows, 1, 1, tokens, dtype=dtype, device=device)
@@ -55,7 +58,14 @@ def time_backends(rows: int, heads: int, tokens: int, head_dim: int, dtype=torch
     if masked and prefix and split is not None:
         bias = mask[:, 0, :, :prefix]                                                    # [rows, 1, prefix]
         calls["split"] = (BACKENDS["cudnn"], lambda: split(q, k, v, bias, prefix))
-    out: dict[str, float] = {}
+    if masked and prefix and ragged is not None:
+        bias = mask[:, 0, :, :prefix]
+        last = [torch.cat([t[:, :, prefix:], t[:, :, :prefix]], 2).transpose(1, 2).contiguous().transpose(1, 2)
+                for t in (q, k, v)]                     # [image | text], token-major as the q / k / v kernel writes it
+        if not _matches(ragged, last, bias, prefix):
+            out["ragged"] = float("inf")
+        else:
+            calls["ragged"] = (BACKENDS["cudnn"], lambda: ragged(*last, bias, prefix))
     for name, (backend, call) in calls.items():
         try:
             with sdpa_kernel(backend):
@@ -73,6 +83,23 @@ def time_backends(rows: int, heads: int, tokens: int, head_dim: int, dtype=torch
     return out
 
 
+def _matches(ragged, qkv: list[torch.Tensor], bias: torch.Tensor, prefix: int) -> bool:
+    """Whether ``ragged`` gives the masked call's output on the real tokens, within bf16's rounding (a backend
+    that runs but is wrong, or cannot take the call, is never picked)."""
+    from omni_ray.dit.families.ragged_attention import masked_reference
+
+    try:
+        got = ragged(*qkv, bias, prefix)
+    except (RuntimeError, AttributeError, NotImplementedError):      # no ragged cuDNN kernel in this torch / GPU
+        return False
+    ref = masked_reference(*qkv, bias, prefix)
+    n = qkv[0].shape[2] - prefix
+    real = torch.cat([torch.ones_like(bias[:, 0, :1].expand(-1, n), dtype=torch.bool), bias[:, 0] == 0], 1)
+    diff = (got - ref).abs().transpose(1, 2)[real]                                   # [real tokens, H, d]
+    return bool(torch.isfinite(got.transpose(1, 2)[real]).all()) and float(diff.max()) <= 0.02 * max(
+        1.0, float(ref.abs().max()))
+
+
 def timed_rows(rows: int, tokens: int) -> int:
     """Rows of the timing call: the batch's own up to ~64 k query tokens in all (its q / k / v stay ~1 GB).
     Rankings move with the rows: the split attention's merge loses at 2 rows of 1,152 tokens and wins at 16
@@ -85,9 +112,10 @@ class SdpaChoice:
     applied)."""
 
     def __init__(self, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype, mode: str = "auto",
-                 split=None):
+                 split=None, ragged=None):
         self.heads, self.head_dim, self.device, self.dtype, self.mode = heads, head_dim, device, dtype, mode
         self.split = split                                 # the family's split attention, timed as "split"
+        self.ragged = ragged                               # its ragged attention, timed as "ragged"
         self.picked: dict[tuple[int, bool], str] = {}      # (tokens, masked) -> backend name
         self.timings: dict[tuple[int, bool], dict[str, float]] = {}
 
@@ -98,7 +126,7 @@ class SdpaChoice:
         if self.mode != "auto" or self.device.type != "cuda" or key in self.picked:
             return
         ms = time_backends(timed_rows(rows, tokens), self.heads, tokens, self.head_dim, self.dtype, self.device,
-                           masked=masked, prefix=prefix, split=self.split)
+                           masked=masked, prefix=prefix, split=self.split, ragged=self.ragged)
         best = min(ms, key=ms.get)
         self.picked[key], self.timings[key] = best, ms
         log.info("SDPA for %d tokens x %d heads%s: %s (%s)", tokens, self.heads, " (masked)" if masked else "",
@@ -117,7 +145,11 @@ class SdpaChoice:
 
     def splits(self, tokens: int, masked: bool) -> bool:
         """Whether the family runs its split attention for this shape."""
-        return masked and self.split is not None and self.first(tokens, masked) == "split"
+        return self.runs("split", tokens, masked)
+
+    def runs(self, name: str, tokens: int, masked: bool) -> bool:
+        """Whether the family runs its own attention ``name`` ("split", "ragged") for this (masked) shape."""
+        return masked and getattr(self, name) is not None and self.first(tokens, masked) == name
 
     def context(self, tokens: int, masked: bool = False):
         if self.device.type != "cuda" or self.mode == "default":
@@ -125,6 +157,6 @@ class SdpaChoice:
         first = self.first(tokens, masked)
         if first is None:
             return contextlib.nullcontext()
-        first = "cudnn" if first == "split" else first          # the split's two calls: cuDNN's kernel
+        first = "cudnn" if first in ("split", "ragged") else first     # the family's own calls: cuDNN's kernels
         order = [BACKENDS[first]] + [BACKENDS[n] for n in (*CANDIDATES, "math") if n != first]
         return sdpa_kernel(order, set_priority=True)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import matmul_peak, write_result  # noqa: E402
+from benchmarks.common import cuda_seconds, matmul_peak, write_result  # noqa: E402
 
 # (name, rows, in, out)
 SHAPES = [("qwen-image 512 image q/k/v", 16384, 3072, 9216), ("qwen-image 512 image out", 16384, 3072, 3072),
@@ -32,28 +32,17 @@ SHAPES = [("qwen-image 512 image q/k/v", 16384, 3072, 9216), ("qwen-image 512 im
           ("wan 14b up", 65520, 5120, 13824), ("wan 14b down", 65520, 13824, 5120)]
 
 
-def seconds(fn, reps: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
-
-
 def rates(m: int, k: int, n: int, up: bool, gelu) -> dict:
     """TFLOP/s of one [m, k] x [k, n] GEMM, each way the blocks could run it."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     tflop = 2 * m * k * n / 1e12
-    out = dict(linear_bias=tflop / seconds(lambda: F.linear(x, w, b)), mm=tflop / seconds(lambda: x @ w.t()))
+    out = dict(linear_bias=tflop / cuda_seconds(lambda: F.linear(x, w, b), 30),
+               mm=tflop / cuda_seconds(lambda: x @ w.t(), 30))
     if up:
-        out["addmm_gelu"] = tflop / seconds(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
-        out["linear_compiled_gelu"] = tflop / seconds(lambda: gelu(F.linear(x, w, b)))
+        out["addmm_gelu"] = tflop / cuda_seconds(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True), 30)
+        out["linear_compiled_gelu"] = tflop / cuda_seconds(lambda: gelu(F.linear(x, w, b)), 30)
     return out
 
 

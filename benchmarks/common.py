@@ -35,19 +35,24 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * n * 2 / sorted(times)[len(times) // 2]
 
 
+def cuda_seconds(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Mean seconds per call of ``fn`` on the current CUDA stream: ``reps`` calls back to back after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def matmul_peak(n: int = 8192, reps: int = 20) -> float:
     """The measured bf16 matmul rate (FLOP/s) of an n x n x n GEMM: the peak compute-bound kernels are held to."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        a @ b
-    end.record()
-    end.synchronize()
-    return 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / cuda_seconds(lambda: a @ b, reps)
 
 
 def psnr(a, b) -> float:

@@ -8,7 +8,7 @@ Row layout: request after request; a request with classifier-free guidance has `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -232,6 +232,6 @@ class DiTRunner:
     def _subset(self, st: BlockState, spans: list[tuple[int, int]], keep: list[int]) -> BlockState:
         """The rows of requests ``keep`` (indices into ``spans``) as a new state (or ``st`` if all)."""
         if len(keep) == len(spans):
-            return BlockState(st.x, st.ctx, st.ctx_bias, st.temb, st.emb, st.grid, st.shapes, st.text_lens)
+            return replace(st, text_pack=None)
         rows = [i for k in keep for i in range(*spans[k])]
         return st.select(torch.tensor(rows, dtype=torch.long, device=st.x.device), rows)

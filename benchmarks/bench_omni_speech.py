@@ -213,7 +213,7 @@ def print_timeline(row: dict) -> None:
     if tl.get("talker_after_thinker"):
         print("talker steps after the thinker's last step:")
         print(table([tl["talker_after_thinker"]], ["steps", "codes", "span_ms", "ms_per_code", "busy_ms", "gpu_busy_ms",
-                                                   "gap_ms"]))
+                                                   "gap_ms", "solo_steps", "solo_ms_per_code", "beside_ms_per_code"]))
 
 
 def _mean(xs: list) -> float | None:

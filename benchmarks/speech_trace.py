@@ -109,7 +109,9 @@ class EngineTrace:
     @staticmethod
     def _talker_alone(events: list[tuple], t0: float) -> dict | None:
         """The talker's steps that started after the thinker's last step ended (the thinker's decode no longer
-        beside them; token2wav's windows still are): their count, tokens, span, busy and device time, host gaps."""
+        beside them; token2wav's windows still are): their count, tokens, span, busy and device time, host gaps;
+        and split by whether a DiT step or vocoder batch overlapped the step: the step time per code of those with
+        none beside them (``solo_ms_per_code``: the talker's own pace inside the pipeline) and of the others."""
         thinker = [e for e in events if e[0] == "thinker"]
         if not thinker:
             return None
@@ -119,7 +121,15 @@ class EngineTrace:
             return None
         span = 1e3 * (mine[-1][2] - mine[0][1])
         codes = sum(e[5] for e in mine)
+        others = [(e[1], e[2]) for e in events if e[0] in ("dit", "vocoder")]
+        solo = [e for e in mine if not any(a < e[2] and e[1] < b for a, b in others)]    # no window work beside
+
+        def rate(steps: list[tuple]) -> float | None:              # step ms per code made
+            n = sum(e[5] for e in steps)
+            return 1e3 * sum(e[2] - e[1] for e in steps) / n if n else None
         return dict(steps=len(mine), codes=codes, span_ms=span, ms_per_code=span / codes if codes else None,
                     busy_ms=sum(1e3 * (e[2] - e[1]) for e in mine),
                     gpu_busy_ms=sum(e[4][0].elapsed_time(e[4][1]) for e in mine) if mine[0][4] else None,
-                    gap_ms=sum(1e3 * (b[1] - a[2]) for a, b in zip(mine, mine[1:])))
+                    gap_ms=sum(1e3 * (b[1] - a[2]) for a, b in zip(mine, mine[1:])),
+                    solo_steps=len(solo), solo_ms_per_code=rate(solo),
+                    beside_ms_per_code=rate([e for e in mine if e not in solo]))

@@ -475,6 +475,8 @@ def test_engine_trace_sees_every_engine_and_restores_them(omni):
     assert 0 <= talker["gap_p50_ms"] <= 1e3 * (t1 - t0) and "gpu_p50_ms" not in talker   # CUDA events: asked for
     after = summary["talker_after_thinker"]             # the talker's steps once the thinker's last one ended
     assert after["steps"] >= 1 and after["codes"] >= after["steps"] and 0 <= after["gap_ms"] <= after["span_ms"]
+    assert 0 <= after["solo_steps"] <= after["steps"]   # steps with no window work beside them, and their pace
+    assert (after["solo_ms_per_code"] is None) == (after["solo_steps"] == 0)
     spans = summary["dit_and_vocoder"]
     assert [s["start_ms"] for s in spans] == sorted(s["start_ms"] for s in spans)
     assert all(0 <= s["start_ms"] and s["ms"] > 0 for s in spans) and spans[-1]["engine"] == "vocoder"

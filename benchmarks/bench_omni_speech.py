@@ -62,7 +62,7 @@ LAST = ("thinker_last_token", "talker_last_code")
 def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len: int, plans: list,
                 lookahead: int, precision: str = "fp32", thinker_core: str = "off", t2w_compile: bool = False,
                 streams: bool = False, fused: bool = True, t2w_priority: str = "normal",
-                talker_priority: str = "normal", t2w_hold: float | None = None,
+                talker_priority: str = "normal", t2w_hold: float | None = None, first_alone: bool = False,
                 ar_sms: int | None = None, t2w_sms: int | None = None, thinker_decode_steps: int | None = None,
                 talker_decode_steps: int | None = None) -> dict:
     """The thinker and talker stages on one checkpoint, a token2wav stage per chunk plan (``plans``: None, the
@@ -99,7 +99,8 @@ def omni_config(path: str, gpu: bool, concurrency: int, max_len: int, talker_len
                                                                   "token2wav_fused_forward": fused,
                                                                   "cuda_stream_priority": t2w_priority,
                                                                   "cuda_stream_sms": t2w_sms,
-                                                                  "token2wav_hold_s": t2w_hold}
+                                                                  "token2wav_hold_s": t2w_hold,
+                                                                  "token2wav_first_window_alone": first_alone}
                                                                  | stream}
         graph = {"model": "thinker", "stages": {"talker": "talker", "token2wav": f"t2w-{label(plan)}"}}
         pipelines[f"speech-{label(plan)}"] = {"graph": graph}
@@ -271,6 +272,8 @@ def main() -> None:
                     help="with --engine-streams: token2wav's stream at the highest priority (cuda_stream_priority)")
     ap.add_argument("--talker-high-priority", action="store_true",
                     help="with --engine-streams: the talker's stream at the highest priority (cuda_stream_priority)")
+    ap.add_argument("--first-window-alone", action="store_true",
+                    help="token2wav_first_window_alone: a stream's first window's ODE with the AR engines' steps held")
     ap.add_argument("--token2wav-hold", type=float, default=None, metavar="S",
                     help="token2wav_hold_s: windows after the first wait until the audio sent would play out within "
                          "S seconds or all codes are in (then start together)")
@@ -327,7 +330,7 @@ def main() -> None:
                               streams=args.engine_streams, fused=not args.token2wav_layered,
                               t2w_priority="high" if args.token2wav_high_priority else "normal",
                               talker_priority="high" if args.talker_high_priority else "normal",
-                              t2w_hold=args.token2wav_hold,
+                              t2w_hold=args.token2wav_hold, first_alone=args.first_window_alone,
                               ar_sms=args.ar_sms, t2w_sms=args.t2w_sms, thinker_decode_steps=args.thinker_decode_steps,
                               talker_decode_steps=args.talker_decode_steps))
     for plan in plans:                                               # builds and warms the engines (a short one)

@@ -93,6 +93,11 @@ def capture_lock():
     return _LOCK.capture()
 
 
+def exclusive_lock():
+    """Work that runs with no engine step beside it (a capture, a first speech window's ODE: Token2WavODE)."""
+    return _LOCK.capture()
+
+
 def step_lock():
     """An engine step that samples on the default CUDA generator: beside other steps, never during a capture."""
     return _LOCK.step()

@@ -333,6 +333,11 @@ class DiTEngineConfig(Strict):
         "play out within this many seconds (played in real time from the first chunk), or until the utterance's "
         "codes are all in; held windows then start together (one batched ODE), leaving the GPU to the talker "
         "meanwhile. None: every window starts once computable")
+    token2wav_first_window_alone: bool = Field(False, description=
+        "speech models, one process (OmniLLM): a stream's first window's ODE runs with the process's AR engine "
+        "steps held until its mel is done, so the first audio does not share the GPU with the thinker's and "
+        "talker's decode; their codes and tokens come that much later (by one window's ODE). false: the windows "
+        "share the GPU with them")
     token2wav_stream: Token2WavStreamConfig | None = Field(None, description=
         "speech models: the streamed token2wav's first chunk (None: Qwen's streaming plan as it is, 72 mel frames "
         "with 24 of look-ahead: the first audio after 48 codes)")

@@ -41,6 +41,7 @@ class SpeechInput:
     voice: str | None = None                     # None: the family's default voice
     sway_coefficient: float | None = -1.0        # the reference's time-grid sway (None: a uniform grid)
     noise: torch.Tensor | None = None
+    first: bool = False                          # a stream's first window (token2wav_first_window_alone)
 
 
 OUTPUT_TYPES = ("pil", "np", "latent")           # "pil" / "np": the waveform; "latent": the mel
@@ -92,7 +93,7 @@ def build_speech_request(fam, cfg: DiTEngineConfig, prompt, params: DiffusionPar
         request_id=request_id or uuid.uuid4().hex, prompt=None, height=frames, width=fam.mel_dim, num_steps=steps,
         guidance_scale=g, seed=seed, num_images=1, negative_prompt=None, cache=None, output_type=output_type,
         cfg=fam.cfg_enabled(g, False))
-    req.speech = SpeechInput(codes, voice, None if sway is None else float(sway), noise)
+    req.speech = SpeechInput(codes, voice, None if sway is None else float(sway), noise, bool(speech.first))
     return req
 
 

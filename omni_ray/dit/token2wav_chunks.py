@@ -260,7 +260,8 @@ class SpeechStream:
             a, b = self.plan.window(i, frames)
             r = self.plan.repeats
             out.append(ChunkWindow(i, a, finished and self.plan.is_last(i, frames),
-                                   SpeechInput(self.codes[a // r:b // r], self.voice, self.sway, self.noise[a:b])))
+                                   SpeechInput(self.codes[a // r:b // r], self.voice, self.sway, self.noise[a:b],
+                                               first=i == 0)))
             self.next_chunk += 1
         return out
 

@@ -19,11 +19,13 @@ and requests at mixed progress, take the step-by-step path (``partition``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 
+from omni_ray.capture_lock import exclusive_lock
 from omni_ray.dit.cuda_graphs import record_graph, row_bucket
 from omni_ray.dit.request import DiTRequest
 from omni_ray.dit.rk4 import RK4FlowScheduler
@@ -64,8 +66,10 @@ class _Graph:
 class Token2WavODE:
     """The DiT runner's whole-ODE hook for speech families (``DiTRunner.step`` calls ``partition`` / ``run``)."""
 
-    def __init__(self, graphs: Token2WavGraphs):
+    def __init__(self, graphs: Token2WavGraphs, first_alone: bool = False):
         self.forwards = graphs            # the forward (its precision), the padding rule, the shared graph pool
+        self.first_alone = first_alone    # token2wav_first_window_alone: a first window's ODE with AR steps held
+        self.alone_runs = 0               # ODEs run so (with a first window)
         self.family = graphs.family
         self.ios: dict[ODEShape, _IO] = {}
         self.graphs: dict[ODEShape, _Graph] = {}
@@ -130,13 +134,18 @@ class Token2WavODE:
         g = None
         if self.forwards.capture and padded and shape not in self.failed:
             g = self.graphs.get(shape) or self._capture(shape, io)
-        if g is not None:
-            g.graph.replay()
-            self.replays += 1
-            y = g.out
-        else:
-            y = self._integrate(io, shape)
-            self.eager_runs += 1
+        alone = self.first_alone and any(getattr(r.speech, "first", False) for r in reqs)
+        with exclusive_lock() if alone else contextlib.nullcontext():    # AR engine steps wait for this ODE
+            if g is not None:
+                g.graph.replay()
+                self.replays += 1
+                y = g.out
+            else:
+                y = self._integrate(io, shape)
+                self.eager_runs += 1
+            if alone and y.is_cuda:
+                torch.cuda.current_stream().synchronize()
+        self.alone_runs += alone
         for i, r in enumerate(reqs):
             r.latents = y[i:i + 1, :r.latents.shape[1]].clone()     # the next replay overwrites g.out
             r.step_idx = len(r.timesteps)

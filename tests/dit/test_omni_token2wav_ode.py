@@ -142,6 +142,34 @@ def test_stream_windows_equal_the_step_path(whole, stepwise):
         whole.runner.graphs = saved
 
 
+def test_a_first_window_runs_alone(token2wav_ckpt, whole, monkeypatch):
+    """``token2wav_first_window_alone``: an ODE whose batch holds a stream's first window runs under the process's
+    exclusive lock (AR engine steps wait for it), the later windows' ODEs do not; the mels are the same."""
+    import contextlib
+
+    import omni_ray.dit.token2wav_ode as ode_mod
+
+    held = []
+
+    @contextlib.contextmanager
+    def recorded():
+        held.append(1)
+        yield
+
+    monkeypatch.setattr(ode_mod, "exclusive_lock", recorded)
+    alone = make_engine(str(token2wav_ckpt), token2wav_first_window_alone=True)
+    fam = alone.family
+    windows = SpeechStream(fam, "Ethan", noise=stream_noise(fam, 7, 100),
+                           plan=ChunkPlan.for_family(fam, LOW)).push(random_codes(50, 4), finished=True)
+    assert [w.speech.first for w in windows] == [True] + [False] * (len(windows) - 1)
+    params = [DiffusionParams(seed=0, num_inference_steps=STEPS)]
+    for w in windows:
+        held.clear()
+        _close(_mels(alone, [w.speech], params), _mels(whole, [w.speech], params))
+        assert len(held) == w.speech.first
+    assert alone.runner.graphs.ode.alone_runs == 1 and whole.runner.graphs.ode.alone_runs == 0
+
+
 def test_a_failed_capture_falls_back_to_the_eager_ode(whole, stepwise, caplog):
     """Capture on the CPU fails (no CUDA): logged once, then each failed shape runs the whole ODE eagerly."""
     speech, params = _requests()

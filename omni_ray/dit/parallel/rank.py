@@ -219,7 +219,8 @@ def prepare_family(fam: DiTFamily, cfg: DiTEngineConfig, layout: Layout):
         graphed = cfg.cuda_graphs and cuda
         graphs = Token2WavGraphs(fam, 2 * cfg.max_batch_size, capture=graphed, precision=cfg.token2wav_precision,
                                  fused=cfg.token2wav_fused_forward, compile=cfg.compile and cuda)
-        graphs.ode = Token2WavODE(graphs) if cfg.token2wav_whole_ode else None     # whole ODEs per engine step
+        graphs.ode = (Token2WavODE(graphs, first_alone=cfg.token2wav_first_window_alone)
+                      if cfg.token2wav_whole_ode else None)                     # whole ODEs per engine step
         fam.vocoder_graphs = VocoderGraphs(fam, cfg.vae_batch_size, capture=graphed, forwards=graphs,
                                            max_graphs=cfg.token2wav_vocoder_graphs,
                                            precision=cfg.token2wav_vocoder_precision)     # the vocoder

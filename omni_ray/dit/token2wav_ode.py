@@ -69,7 +69,7 @@ class Token2WavODE:
     def __init__(self, graphs: Token2WavGraphs, first_alone: bool = False):
         self.forwards = graphs            # the forward (its precision), the padding rule, the shared graph pool
         self.first_alone = first_alone    # token2wav_first_window_alone: a first window's ODE with AR steps held
-        self.alone_runs = 0               # ODEs run so (with a first window)
+        self.alone_runs = 0               # ODEs run alone (their batch held a first window)
         self.family = graphs.family
         self.ios: dict[ODEShape, _IO] = {}
         self.graphs: dict[ODEShape, _Graph] = {}
@@ -134,7 +134,7 @@ class Token2WavODE:
         g = None
         if self.forwards.capture and padded and shape not in self.failed:
             g = self.graphs.get(shape) or self._capture(shape, io)
-        alone = self.first_alone and any(getattr(r.speech, "first", False) for r in reqs)
+        alone = self.first_alone and any(r.speech.first for r in reqs)
         with exclusive_lock() if alone else contextlib.nullcontext():    # AR engine steps wait for this ODE
             if g is not None:
                 g.graph.replay()

@@ -87,8 +87,9 @@ class QwenImageFamily(DiTFamily):
         self._rope_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.sp = None                      # the Ulysses group of a sequence-parallel rank
         self.caption_packing = False        # DiTEngineConfig.caption_packing
-        self._text_lens: dict[int, tuple] = {}   # id of a batch's caption mask -> (a weak ref to it, its rows' lengths)
-        self._prefix_masks: dict[int, weakref.ref] = {}   # ids of batch masks that are real tokens, then padding
+        # id of a batch's caption mask -> (a weak ref to it, its rows' lengths, whether each row is its real tokens
+        # then padding: no hole, so the ragged attention may run)
+        self._masks: dict[int, tuple] = {}
         self._packs: dict[tuple, torch.Tensor | None] = {}  # (lengths, T) -> the eager path's pack
 
     def _vae_scale_factor(self) -> int:
@@ -134,12 +135,8 @@ class QwenImageFamily(DiTFamily):
             return ctx, None, None
         mask = torch.stack([F.pad(c.mask, (0, t_max - n)) for c, n in zip(conds, lens)])
         bias = ((1 - mask.to(self.dtype)) * MASKED).unsqueeze(1)                          # [B, 1, T]
-        self._prefix_masks = {k: v for k, v in self._prefix_masks.items() if v() is not None}
-        if not bool((mask[:, 1:] > mask[:, :-1]).any()):        # no real token after a masked one
-            self._prefix_masks[id(bias)] = weakref.ref(bias)
-        if self.caption_packing:                     # the rows' lengths, kept on the host beside the mask
-            self._text_lens = {k: v for k, v in self._text_lens.items() if v[0]() is not None}
-            self._text_lens[id(bias)] = (weakref.ref(bias), tuple(lens))
+        self._masks = {k: v for k, v in self._masks.items() if v[0]() is not None}     # kept on the host
+        self._masks[id(bias)] = (weakref.ref(bias), tuple(lens), not bool((mask[:, 1:] > mask[:, :-1]).any()))
         return ctx, bias, None
 
     # ------------------------------------------------------------------ sampling
@@ -191,7 +188,7 @@ class QwenImageFamily(DiTFamily):
         ``batch_cond`` made it; a sequence-parallel rank's broadcast copy has none)."""
         if not self.caption_packing or ctx_bias is None or (self.sp is not None and self.sp.active):
             return None
-        ref, lens = self._text_lens.get(id(ctx_bias), (None, None))
+        ref, lens, _ = self._masks.get(id(ctx_bias), (None, None, None))
         return lens if ref is not None and ref() is ctx_bias and len(lens) == ctx.shape[0] else None
 
     def _pack(self, st: BlockState) -> torch.Tensor | None:
@@ -237,8 +234,8 @@ class QwenImageFamily(DiTFamily):
         for masked in {ctx_bias is not None, True}:     # (CUDA graphs pad captions to a bucket under a mask)
             self.sdpa.prepare(h.shape[0], ctx.shape[1] + h.shape[1], masked, prefix=ctx.shape[1])   # once per shape
         temb = tr.time_text_embed(t.to(h.dtype) / 1000, h)       # the pipeline passes t / 1000
-        ref = self._prefix_masks.get(id(ctx_bias))     # a mask not known to be real tokens then padding: no ragged
-        holes = ctx_bias is not None and (ref is None or ref() is not ctx_bias)
+        ref, _, prefix = self._masks.get(id(ctx_bias), (None, None, False))    # unknown: no ragged attention
+        holes = ctx_bias is not None and not (prefix and ref() is ctx_bias)
         return BlockState(x=h, ctx=ctx, ctx_bias=ctx_bias, temb=temb, emb=temb, grid=tuple(shapes[0][1:]),
                           text_lens=self._lens(ctx, ctx_bias), shapes=shapes, caption_holes=holes)
 
